@@ -1,0 +1,310 @@
+//! A loaded embedding model: backbone, head and text encoder, from a Hugging
+//! Face / sentence-transformers directory.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use ndarray::Array2;
+
+use crate::error::{Error, Result};
+use crate::head::EmbeddingHead;
+use crate::models::{Architecture, Backbone, LayerParameters, ModelConfig, ModelInput};
+use crate::pooling::Pooling;
+use crate::sentence_transformers::{SentenceConfig, Similarity};
+use crate::shape::ModelShape;
+use crate::text_encoder::{
+    tokenizer_max_length, EncodedText, PaddingSide, TextEncoder, TextEncoderSettings,
+};
+use crate::weights;
+
+/// Choices a caller may make when loading a model; `None` takes the model's own.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Maximum tokens per text (default: `sentence_bert_config.json`, then
+    /// `tokenizer_config.json`, then `max_position_embeddings`).
+    pub max_length: Option<usize>,
+    /// Pooling (default: `1_Pooling/config.json`, else mean for encoders and
+    /// last-token for decoders).
+    pub pooling: Option<Pooling>,
+    /// Append EOS to every text (default: yes for last-token pooling).
+    pub append_eos: Option<bool>,
+    pub padding_side: Option<PaddingSide>,
+}
+
+/// Where an embedding's prefix comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prompt {
+    /// The model's default prompt, if it declares one; else none.
+    Default,
+    /// A prompt the model declares by name (`query`, `document`, ...).
+    Named(String),
+    /// A literal prefix.
+    Prefix(String),
+    None,
+}
+
+/// Summary of a model's size.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ParameterReport {
+    pub embeddings: usize,
+    pub layers: Vec<LayerParameterReport>,
+    pub head: usize,
+    pub total: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct LayerParameterReport {
+    pub attention: usize,
+    /// 0 when the MLP is dropped.
+    pub mlp: usize,
+    pub mlp_width: Option<usize>,
+}
+
+/// An embedding model ready to encode text.
+pub struct Embedder {
+    dir: PathBuf,
+    config: ModelConfig,
+    shape: ModelShape,
+    sentence: SentenceConfig,
+    backbone: Backbone,
+    head: EmbeddingHead,
+    text: TextEncoder,
+    device: Device,
+}
+
+impl Embedder {
+    /// Loads the model in `dir` on the CPU.
+    pub fn load(dir: &Path, options: &LoadOptions) -> Result<Self> {
+        Self::load_on(dir, options, &Device::Cpu)
+    }
+
+    pub fn load_on(dir: &Path, options: &LoadOptions, device: &Device) -> Result<Self> {
+        let _span = tracing::info_span!("load", model = %dir.display()).entered();
+        if !dir.is_dir() {
+            return Err(Error::MissingFile {
+                path: dir.to_path_buf(),
+            });
+        }
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let shape = ModelShape::load_or(dir, config.uniform_shape())?;
+        let sentence = SentenceConfig::load(dir)?;
+        let arch = config.architecture();
+        let pooling = options
+            .pooling
+            .or(sentence.pooling)
+            .unwrap_or(if arch.is_decoder() {
+                Pooling::LastToken
+            } else {
+                Pooling::Mean
+            });
+
+        let position_limit = config.max_position_embeddings;
+        let max_length = match options.max_length {
+            Some(n) => n,
+            None => sentence
+                .max_seq_length
+                .or(tokenizer_max_length(dir)?)
+                .or(position_limit)
+                .unwrap_or(512),
+        };
+        if arch == Architecture::Bert {
+            if let Some(limit) = position_limit {
+                if max_length > limit {
+                    return Err(Error::InvalidArgument(format!(
+                        "max length {max_length} exceeds the model's {limit} position embeddings"
+                    )));
+                }
+            }
+        }
+        let mut text_settings = TextEncoderSettings {
+            max_length,
+            lowercase: sentence.do_lower_case,
+            append_eos: None,
+            padding_side: options.padding_side,
+            pad_id: config.special_tokens.pad_token_id.unwrap_or(0),
+            token_type_ids: arch == Architecture::Bert,
+        };
+        let append_eos = options.append_eos.unwrap_or(pooling == Pooling::LastToken);
+        let mut text = TextEncoder::load(dir, text_settings.clone())?;
+        if append_eos {
+            let eos = config
+                .special_tokens
+                .eos_token_ids
+                .first()
+                .copied()
+                .or_else(|| {
+                    ["</s>", "<|endoftext|>", "<eos>"]
+                        .iter()
+                        .find_map(|t| text.token_id(t))
+                })
+                .ok_or_else(|| {
+                    Error::config(
+                        &config.path,
+                        "EOS must be appended but no `eos_token_id` is set",
+                    )
+                })?;
+            text_settings.append_eos = Some(eos);
+            text = TextEncoder::load(dir, text_settings)?;
+        }
+
+        let files = weights::weight_files(dir)?;
+        let vb = weights::var_builder(&files, DType::F32, device)?;
+        let backbone = Backbone::load(vb, &config, &shape)?;
+        let head = EmbeddingHead::load(&sentence, pooling, backbone.hidden_size(), device)?;
+        tracing::info!(
+            architecture = %arch,
+            %pooling,
+            max_length,
+            dimension = head.dimension(),
+            "model loaded"
+        );
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config,
+            shape,
+            sentence,
+            backbone,
+            head,
+            text,
+            device: device.clone(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn architecture(&self) -> Architecture {
+        self.config.architecture()
+    }
+
+    pub fn shape(&self) -> &ModelShape {
+        &self.shape
+    }
+
+    pub fn sentence_config(&self) -> &SentenceConfig {
+        &self.sentence
+    }
+
+    pub fn text_encoder(&self) -> &TextEncoder {
+        &self.text
+    }
+
+    pub fn pooling(&self) -> Pooling {
+        self.head.pooling()
+    }
+
+    pub fn dimension(&self) -> usize {
+        self.head.dimension()
+    }
+
+    pub fn similarity(&self) -> Similarity {
+        self.sentence.similarity
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The text prepended to inputs for `prompt`.
+    pub fn prefix(&self, prompt: &Prompt) -> Result<String> {
+        Ok(match prompt {
+            Prompt::Default => match &self.sentence.default_prompt_name {
+                Some(name) => self.sentence.prompt(name)?.to_string(),
+                None => String::new(),
+            },
+            Prompt::Named(name) => self.sentence.prompt(name)?.to_string(),
+            Prompt::Prefix(prefix) => prefix.clone(),
+            Prompt::None => String::new(),
+        })
+    }
+
+    /// Tokenizes texts with `prefix` prepended.
+    pub fn encode_texts<S: AsRef<str>>(
+        &self,
+        texts: &[S],
+        prefix: &str,
+    ) -> Result<Vec<EncodedText>> {
+        self.text.encode(texts, prefix)
+    }
+
+    /// Pads encoded texts into one batch on the model's device.
+    pub fn batch(&self, texts: &[&EncodedText]) -> Result<ModelInput> {
+        self.text.batch(texts, &self.device)
+    }
+
+    /// Last hidden state of the backbone, `(B, T, H)`.
+    pub fn hidden_states(&self, input: &ModelInput) -> Result<Tensor> {
+        self.backbone.forward(input)
+    }
+
+    /// Embeddings of one batch, `(B, D)`.
+    pub fn embed_batch(&self, input: &ModelInput) -> Result<Tensor> {
+        let hidden = self.backbone.forward(input)?;
+        self.head.forward(&hidden, &input.attention_mask)
+    }
+
+    /// Embeds `texts` (with `prefix` prepended) in batches of `batch_size`
+    /// texts of similar length; `progress` is called with the number of texts
+    /// finished so far. Rows follow the order of `texts`.
+    pub fn embed<S: AsRef<str>>(
+        &self,
+        texts: &[S],
+        prefix: &str,
+        batch_size: usize,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Array2<f32>> {
+        if batch_size == 0 {
+            return Err(Error::InvalidArgument(
+                "batch size must be at least 1".into(),
+            ));
+        }
+        let _span = tracing::info_span!("embed", texts = texts.len()).entered();
+        let encoded = self.encode_texts(texts, prefix)?;
+        // Longest first: similar lengths share a batch (little padding) and
+        // the slowest batches come first, so progress estimates are honest.
+        let mut order: Vec<usize> = (0..encoded.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(encoded[i].len()));
+        let dim = self.dimension();
+        let mut out = Array2::<f32>::zeros((texts.len(), dim));
+        let mut done = 0;
+        for chunk in order.chunks(batch_size) {
+            let batch: Vec<&EncodedText> = chunk.iter().map(|&i| &encoded[i]).collect();
+            let input = self.batch(&batch)?;
+            let rows: Vec<Vec<f32>> = self.embed_batch(&input)?.to_vec2()?;
+            for (&i, row) in chunk.iter().zip(rows) {
+                out.row_mut(i)
+                    .assign(&ndarray::ArrayView1::from(row.as_slice()));
+            }
+            done += chunk.len();
+            progress(done);
+        }
+        Ok(out)
+    }
+
+    /// Parameter counts by component.
+    pub fn parameters(&self) -> ParameterReport {
+        let layers: Vec<LayerParameterReport> = self
+            .backbone
+            .layer_parameters()
+            .into_iter()
+            .zip(&self.shape.layers)
+            .map(
+                |(LayerParameters { attention, mlp }, shape)| LayerParameterReport {
+                    attention,
+                    mlp,
+                    mlp_width: shape.mlp.map(|m| m.intermediate_size),
+                },
+            )
+            .collect();
+        let embeddings = self.backbone.embedding_parameters();
+        let head = self.head.parameter_count();
+        let total = embeddings + head + layers.iter().map(|l| l.attention + l.mlp).sum::<usize>();
+        ParameterReport {
+            embeddings,
+            layers,
+            head,
+            total,
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! Errors of the effir pipeline library.
+//!
+//! Every variant that comes from a file names that file, so the CLI can print
+//! an error a user can act on without a backtrace.
+
+use std::path::PathBuf;
+
+/// Result alias used throughout the pipeline crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: file not found")]
+    MissingFile { path: PathBuf },
+
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{path}: malformed JSON: {source}")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+
+    #[error("{path}: unsupported model_type `{model_type}` (supported: {supported})")]
+    UnsupportedArchitecture {
+        path: PathBuf,
+        model_type: String,
+        supported: String,
+    },
+
+    #[error("{path}: {message}")]
+    InvalidConfig { path: PathBuf, message: String },
+
+    #[error("{path}: {what} is not supported")]
+    Unsupported { path: PathBuf, what: String },
+
+    #[error("{path}: invalid safetensors file: {message}")]
+    Safetensors { path: PathBuf, message: String },
+
+    #[error("{path}: cannot load weights: {source}")]
+    Weights {
+        path: PathBuf,
+        #[source]
+        source: candle_core::Error,
+    },
+
+    #[error("{path}: cannot load tokenizer: {message}")]
+    Tokenizer { path: PathBuf, message: String },
+
+    #[error("tokenization failed: {message}")]
+    Tokenization { message: String },
+
+    #[error("{path}:{line}: {message}")]
+    Input {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+
+    #[error("{path}: {message}")]
+    EmptyInput { path: PathBuf, message: String },
+
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        let path = path.into();
+        if source.kind() == std::io::ErrorKind::NotFound {
+            Error::MissingFile { path }
+        } else {
+            Error::Io { path, source }
+        }
+    }
+
+    pub(crate) fn config(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Error::InvalidConfig {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn unsupported(path: impl Into<PathBuf>, what: impl Into<String>) -> Self {
+        Error::Unsupported {
+            path: path.into(),
+            what: what.into(),
+        }
+    }
+}

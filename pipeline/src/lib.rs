@@ -1,0 +1,27 @@
+//! effir's pipeline library: retrieval models in candle (loading, embedding)
+//! and, as the pipeline grows, analysis, pruning, training and evaluation.
+//!
+//! The entry point is [`Embedder`]: it loads a Hugging Face /
+//! sentence-transformers directory (BERT, Gemma3, Llama, Mistral, Qwen2,
+//! Qwen3), including pruned ones whose [`ModelShape`] differs per layer, and
+//! embeds text.
+
+pub mod atomic_file;
+pub mod embedder;
+pub mod error;
+pub mod head;
+pub mod json_file;
+pub mod models;
+pub mod pooling;
+pub mod sentence_transformers;
+pub mod shape;
+pub mod text_encoder;
+pub mod weights;
+
+pub use embedder::{Embedder, LoadOptions, ParameterReport, Prompt};
+pub use error::{Error, Result};
+pub use models::Architecture;
+pub use pooling::Pooling;
+pub use shape::{LayerShape, MlpShape, ModelShape};
+pub mod npy;
+pub mod text_input;

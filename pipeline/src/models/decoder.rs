@@ -1,0 +1,354 @@
+//! The pre-norm transformer decoder stack shared by Llama, Mistral, Qwen2,
+//! Qwen3 and Gemma3, used as a text encoder (retriever).
+//!
+//! Each architecture file (`llama.rs`, `qwen2.rs`, ...) parses its own
+//! `config.json` and describes its quirks as a [`DecoderSpec`]: biases, q/k
+//! norms, Gemma's "sandwich" norms and `(1 + w)` RMSNorm, embedding scaling,
+//! per-layer rotary bases and sliding windows, causal or bidirectional
+//! attention. References: transformers `modeling_llama.py`,
+//! `modeling_qwen2.py`, `modeling_qwen3.py`, `modeling_mistral.py`,
+//! `modeling_gemma3.py`.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::layers::{
+    apply_rotary, attention_bias, merge_heads, scaled_dot_product_attention, split_heads,
+    Activation, AttentionPattern, RmsNorm, RopeScaling, Rotary,
+};
+use super::{LayerParameters, ModelInput};
+use crate::shape::{LayerShape, MlpShape, ModelShape};
+
+/// Rotary embedding parameters of one kind of layer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct RopeSpec {
+    pub theta: f64,
+    pub scaling: RopeScaling,
+}
+
+/// Attention of one layer: which keys it sees and how positions rotate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct LayerAttentionSpec {
+    pub pattern: AttentionPattern,
+    pub rope: RopeSpec,
+}
+
+/// How an architecture differs from plain Llama.
+#[derive(Debug, Clone)]
+pub(crate) struct DecoderSpec {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub norm_eps: f64,
+    /// Gemma: RMSNorm scales by `1 + w`.
+    pub norm_unit_offset: bool,
+    /// Gemma: embeddings multiplied by `sqrt(hidden_size)`.
+    pub embed_scale: Option<f64>,
+    /// Bias on q/k/v projections (Qwen2; Llama `attention_bias`).
+    pub qkv_bias: bool,
+    /// Bias on the output projection (Llama `attention_bias`).
+    pub o_bias: bool,
+    /// Bias on MLP projections (Llama `mlp_bias`).
+    pub mlp_bias: bool,
+    /// RMSNorm on each query and key head before RoPE (Qwen3, Gemma3).
+    pub qk_norm: bool,
+    /// Gemma: norms after attention and after the MLP, and the pre-MLP norm is
+    /// called `pre_feedforward_layernorm`.
+    pub sandwich_norms: bool,
+    pub hidden_act: Activation,
+    /// Multiplier of `q k^T` (usually `head_dim^-0.5`).
+    pub attention_scale: f64,
+    /// One entry per layer.
+    pub layers: Vec<LayerAttentionSpec>,
+}
+
+/// `self_attn.{q,k,v,o}_proj` and the optional `q_norm` / `k_norm`.
+struct Attention {
+    q_proj: super::layers::Linear,
+    k_proj: super::layers::Linear,
+    v_proj: super::layers::Linear,
+    o_proj: super::layers::Linear,
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    scale: f64,
+}
+
+impl Attention {
+    fn load(vb: VarBuilder, spec: &DecoderSpec, shape: &LayerShape) -> Result<Self> {
+        use super::layers::Linear;
+        let h = spec.hidden_size;
+        let q_dim = shape.num_heads * shape.head_dim;
+        let kv_dim = shape.num_kv_heads * shape.head_dim;
+        let qk_norm = if spec.qk_norm {
+            Some((
+                RmsNorm::load(
+                    vb.pp("q_norm"),
+                    shape.head_dim,
+                    spec.norm_eps,
+                    spec.norm_unit_offset,
+                )?,
+                RmsNorm::load(
+                    vb.pp("k_norm"),
+                    shape.head_dim,
+                    spec.norm_eps,
+                    spec.norm_unit_offset,
+                )?,
+            ))
+        } else {
+            None
+        };
+        Ok(Self {
+            q_proj: Linear::load(vb.pp("q_proj"), h, q_dim, spec.qkv_bias)?,
+            k_proj: Linear::load(vb.pp("k_proj"), h, kv_dim, spec.qkv_bias)?,
+            v_proj: Linear::load(vb.pp("v_proj"), h, kv_dim, spec.qkv_bias)?,
+            o_proj: Linear::load(vb.pp("o_proj"), q_dim, h, spec.o_bias)?,
+            qk_norm,
+            heads: shape.num_heads,
+            kv_heads: shape.num_kv_heads,
+            head_dim: shape.head_dim,
+            scale: spec.attention_scale,
+        })
+    }
+
+    /// `x`: `(B, T, H)`; `bias`: `(B, 1, T, T)`; `cos`/`sin`: `(T, D/2)`.
+    fn forward(&self, x: &Tensor, bias: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        // 1. Project and split heads: q (B, Hq, T, D), k/v (B, Hkv, T, D).
+        let mut q = split_heads(&self.q_proj.forward(x)?, self.heads, self.head_dim)?;
+        let mut k = split_heads(&self.k_proj.forward(x)?, self.kv_heads, self.head_dim)?;
+        let v = split_heads(&self.v_proj.forward(x)?, self.kv_heads, self.head_dim)?;
+        // 2. Per-head RMSNorm of q and k (Qwen3, Gemma3).
+        if let Some((q_norm, k_norm)) = &self.qk_norm {
+            q = q_norm.forward(&q)?;
+            k = k_norm.forward(&k)?;
+        }
+        // 3. Rotary position embedding.
+        let q = apply_rotary(&q, cos, sin)?;
+        let k = apply_rotary(&k, cos, sin)?;
+        // 4. Attention and output projection.
+        let context = scaled_dot_product_attention(&q, &k, &v, bias, self.scale)?;
+        self.o_proj.forward(&merge_heads(&context)?)
+    }
+
+    fn parameter_count(&self) -> usize {
+        let norms = self
+            .qk_norm
+            .as_ref()
+            .map_or(0, |(q, k)| q.parameter_count() + k.parameter_count());
+        self.q_proj.parameter_count()
+            + self.k_proj.parameter_count()
+            + self.v_proj.parameter_count()
+            + self.o_proj.parameter_count()
+            + norms
+    }
+}
+
+/// `mlp.{gate,up,down}_proj`: `down(act(gate(x)) * up(x))`.
+struct GatedMlp {
+    gate_proj: super::layers::Linear,
+    up_proj: super::layers::Linear,
+    down_proj: super::layers::Linear,
+    act: Activation,
+}
+
+impl GatedMlp {
+    fn load(vb: VarBuilder, spec: &DecoderSpec, mlp: MlpShape) -> Result<Self> {
+        use super::layers::Linear;
+        let (h, i) = (spec.hidden_size, mlp.intermediate_size);
+        Ok(Self {
+            gate_proj: Linear::load(vb.pp("gate_proj"), h, i, spec.mlp_bias)?,
+            up_proj: Linear::load(vb.pp("up_proj"), h, i, spec.mlp_bias)?,
+            down_proj: Linear::load(vb.pp("down_proj"), i, h, spec.mlp_bias)?,
+            act: spec.hidden_act,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.act.forward(&self.gate_proj.forward(x)?)?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    }
+
+    fn parameter_count(&self) -> usize {
+        self.gate_proj.parameter_count()
+            + self.up_proj.parameter_count()
+            + self.down_proj.parameter_count()
+    }
+}
+
+/// A residual sub-layer: `x + post_norm(f(pre_norm(x)))`.
+struct Residual<F> {
+    pre_norm: RmsNorm,
+    inner: F,
+    post_norm: Option<RmsNorm>,
+}
+
+impl<F> Residual<F> {
+    fn finish(&self, x: &Tensor, y: Tensor) -> Result<Tensor> {
+        let y = match &self.post_norm {
+            Some(norm) => norm.forward(&y)?,
+            None => y,
+        };
+        x + y
+    }
+
+    fn norm_parameters(&self) -> usize {
+        self.pre_norm.parameter_count()
+            + self.post_norm.as_ref().map_or(0, RmsNorm::parameter_count)
+    }
+}
+
+struct DecoderLayer {
+    attention: Residual<Attention>,
+    mlp: Option<Residual<GatedMlp>>,
+    /// Index into the per-forward masks.
+    mask: usize,
+    /// Index into the model's rotary tables.
+    rotary: usize,
+}
+
+/// A decoder stack whose layers may lack their MLP or have their own width.
+pub struct Model {
+    embed_tokens: Tensor,
+    embed_scale: Option<f64>,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    /// Distinct attention patterns; layers refer to them by index.
+    patterns: Vec<AttentionPattern>,
+    rotaries: Vec<Rotary>,
+    hidden_size: usize,
+}
+
+impl Model {
+    pub(crate) fn load(vb: VarBuilder, spec: &DecoderSpec, shape: &ModelShape) -> Result<Self> {
+        // `*ForCausalLM` checkpoints nest the stack under `model.`.
+        let vb = if vb.contains_tensor("model.embed_tokens.weight") {
+            vb.pp("model")
+        } else {
+            vb
+        };
+        let h = spec.hidden_size;
+        let norm = |vb: VarBuilder| RmsNorm::load(vb, h, spec.norm_eps, spec.norm_unit_offset);
+        let mut patterns: Vec<AttentionPattern> = Vec::new();
+        let mut ropes: Vec<(RopeSpec, usize)> = Vec::new();
+        let mut layers = Vec::with_capacity(shape.layers.len());
+        for (i, (layer_shape, attn_spec)) in shape.layers.iter().zip(&spec.layers).enumerate() {
+            let vb = vb.pp("layers").pp(i);
+            let mask = index_of_or_push(&mut patterns, attn_spec.pattern);
+            let rotary = index_of_or_push(&mut ropes, (attn_spec.rope, layer_shape.head_dim));
+            let attention = Residual {
+                pre_norm: norm(vb.pp("input_layernorm"))?,
+                inner: Attention::load(vb.pp("self_attn"), spec, layer_shape)?,
+                post_norm: if spec.sandwich_norms {
+                    Some(norm(vb.pp("post_attention_layernorm"))?)
+                } else {
+                    None
+                },
+            };
+            let mlp = match layer_shape.mlp {
+                None => None,
+                Some(mlp_shape) => Some(if spec.sandwich_norms {
+                    Residual {
+                        pre_norm: norm(vb.pp("pre_feedforward_layernorm"))?,
+                        inner: GatedMlp::load(vb.pp("mlp"), spec, mlp_shape)?,
+                        post_norm: Some(norm(vb.pp("post_feedforward_layernorm"))?),
+                    }
+                } else {
+                    Residual {
+                        pre_norm: norm(vb.pp("post_attention_layernorm"))?,
+                        inner: GatedMlp::load(vb.pp("mlp"), spec, mlp_shape)?,
+                        post_norm: None,
+                    }
+                }),
+            };
+            layers.push(DecoderLayer {
+                attention,
+                mlp,
+                mask,
+                rotary,
+            });
+        }
+        let rotaries = ropes
+            .iter()
+            .map(|(rope, head_dim)| Rotary::new(*head_dim, rope.theta, rope.scaling))
+            .collect();
+        Ok(Self {
+            embed_tokens: vb.get((spec.vocab_size, h), "embed_tokens.weight")?,
+            embed_scale: spec.embed_scale,
+            layers,
+            norm: norm(vb.pp("norm"))?,
+            patterns,
+            rotaries,
+            hidden_size: h,
+        })
+    }
+
+    /// Last hidden state (after the final norm), `(B, T, hidden_size)`.
+    /// Positions are `0..T` for every row, as in Hugging Face; with left
+    /// padding RoPE's relative form makes the result independent of the pad
+    /// count.
+    pub fn forward(&self, input: &ModelInput) -> Result<Tensor> {
+        let (b, t) = input.input_ids.dims2()?;
+        let device = input.input_ids.device();
+        let mut x = self
+            .embed_tokens
+            .index_select(&input.input_ids.flatten_all()?, 0)?
+            .reshape((b, t, self.hidden_size))?;
+        if let Some(scale) = self.embed_scale {
+            x = (x * scale)?;
+        }
+        let masks = self
+            .patterns
+            .iter()
+            .map(|p| attention_bias(&input.attention_mask, *p))
+            .collect::<Result<Vec<_>>>()?;
+        let cos_sin = self
+            .rotaries
+            .iter()
+            .map(|r| r.cos_sin(t, device))
+            .collect::<Result<Vec<_>>>()?;
+        for layer in &self.layers {
+            let (cos, sin) = &cos_sin[layer.rotary];
+            let attn = &layer.attention;
+            let y =
+                attn.inner
+                    .forward(&attn.pre_norm.forward(&x)?, &masks[layer.mask], cos, sin)?;
+            x = attn.finish(&x, y)?;
+            if let Some(mlp) = &layer.mlp {
+                let y = mlp.inner.forward(&mlp.pre_norm.forward(&x)?)?;
+                x = mlp.finish(&x, y)?;
+            }
+        }
+        self.norm.forward(&x)
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.hidden_size
+    }
+
+    pub fn embedding_parameters(&self) -> usize {
+        self.embed_tokens.elem_count() + self.norm.parameter_count()
+    }
+
+    pub fn layer_parameters(&self) -> Vec<LayerParameters> {
+        self.layers
+            .iter()
+            .map(|l| LayerParameters {
+                attention: l.attention.inner.parameter_count() + l.attention.norm_parameters(),
+                mlp: l
+                    .mlp
+                    .as_ref()
+                    .map_or(0, |m| m.inner.parameter_count() + m.norm_parameters()),
+            })
+            .collect()
+    }
+}
+
+fn index_of_or_push<T: PartialEq>(items: &mut Vec<T>, item: T) -> usize {
+    match items.iter().position(|x| *x == item) {
+        Some(i) => i,
+        None => {
+            items.push(item);
+            items.len() - 1
+        }
+    }
+}

@@ -1,0 +1,304 @@
+//! Building blocks shared by the architectures: linear layers, norms,
+//! activations, rotary position embeddings, attention masks and scaled
+//! dot-product attention.
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+/// `y = x W^T + b` on the last dimension, computed as one 2-D matmul over all
+/// leading dimensions (faster on CPU than a broadcast batched matmul).
+#[derive(Debug, Clone)]
+pub(crate) struct Linear {
+    /// `(out_features, in_features)`, as stored by PyTorch.
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+
+    pub fn parameter_count(&self) -> usize {
+        self.weight.elem_count() + self.bias.as_ref().map_or(0, Tensor::elem_count)
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let in_dim = dims[dims.len() - 1];
+        let rows = x.elem_count() / in_dim;
+        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("non-empty dims") = self.weight.dim(0)?;
+        y.reshape(out_dims)
+    }
+}
+
+/// LayerNorm with weight and bias (BERT).
+#[derive(Debug, Clone)]
+pub(crate) struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        // Old TF-converted checkpoints call them gamma/beta.
+        let (weight, bias) = if vb.contains_tensor("weight") {
+            (vb.get(dim, "weight")?, vb.get(dim, "bias")?)
+        } else {
+            (vb.get(dim, "gamma")?, vb.get(dim, "beta")?)
+        };
+        Ok(Self {
+            weight,
+            bias,
+            eps: eps as f32,
+        })
+    }
+
+    pub fn parameter_count(&self) -> usize {
+        self.weight.elem_count() + self.bias.elem_count()
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps)
+    }
+}
+
+/// RMSNorm. Gemma stores `w` and scales by `1 + w` (`unit_offset`); Llama
+/// stores the scale itself.
+#[derive(Debug, Clone)]
+pub(crate) struct RmsNorm {
+    /// The effective scale (already `1 + w` for Gemma).
+    scale: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    pub fn load(vb: VarBuilder, dim: usize, eps: f64, unit_offset: bool) -> Result<Self> {
+        let weight = vb.get(dim, "weight")?;
+        let scale = if unit_offset { (weight + 1.0)? } else { weight };
+        Ok(Self {
+            scale,
+            eps: eps as f32,
+        })
+    }
+
+    pub fn parameter_count(&self) -> usize {
+        self.scale.elem_count()
+    }
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::rms_norm(&x.contiguous()?, &self.scale, self.eps)
+    }
+}
+
+/// MLP activations, keyed by the names Hugging Face configs use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Activation {
+    /// Exact GELU, `x Φ(x)` (HF `gelu`).
+    GeluErf,
+    /// Tanh approximation of GELU (HF `gelu_new`, `gelu_pytorch_tanh`).
+    GeluTanh,
+    /// `x σ(x)` (HF `silu`, `swish`).
+    Silu,
+    Relu,
+}
+
+impl Activation {
+    /// Parses an HF `hidden_act`; `None` for names effir does not implement.
+    pub fn from_hf(name: &str) -> Option<Self> {
+        Some(match name {
+            "gelu" => Self::GeluErf,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Self::GeluTanh,
+            "silu" | "swish" => Self::Silu,
+            "relu" => Self::Relu,
+            _ => return None,
+        })
+    }
+}
+
+impl Module for Activation {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::GeluErf => x.gelu_erf(),
+            Self::GeluTanh => x.gelu(),
+            Self::Silu => x.silu(),
+            Self::Relu => x.relu(),
+        }
+    }
+}
+
+/// RoPE frequency scaling from `rope_scaling` / `rope_parameters`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum RopeScaling {
+    None,
+    /// Positions divided by `factor` (HF `linear`).
+    Linear {
+        factor: f64,
+    },
+}
+
+/// Precomputed inverse frequencies of rotary position embeddings in the
+/// half-rotation layout of Hugging Face (`rotate_half`).
+#[derive(Debug, Clone)]
+pub(crate) struct Rotary {
+    inv_freq: Vec<f32>,
+}
+
+impl Rotary {
+    pub fn new(head_dim: usize, theta: f64, scaling: RopeScaling) -> Self {
+        // As HF computes it: float32 `1 / base ** (arange(0, dim, 2) / dim)`.
+        let inv_freq = (0..head_dim)
+            .step_by(2)
+            .map(|i| {
+                let f = 1.0f32 / (theta as f32).powf(i as f32 / head_dim as f32);
+                match scaling {
+                    RopeScaling::None => f,
+                    RopeScaling::Linear { factor } => f / factor as f32,
+                }
+            })
+            .collect();
+        Self { inv_freq }
+    }
+
+    /// `(cos, sin)`, each `(seq_len, head_dim / 2)`, for positions `0..seq_len`.
+    pub fn cos_sin(&self, seq_len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(seq_len * half);
+        let mut sin = Vec::with_capacity(seq_len * half);
+        for pos in 0..seq_len {
+            for &f in &self.inv_freq {
+                let angle = pos as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (seq_len, half), device)?,
+            Tensor::from_vec(sin, (seq_len, half), device)?,
+        ))
+    }
+}
+
+/// Applies rotary embeddings to `x` of shape `(B, H, T, D)`.
+pub(crate) fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)
+}
+
+/// Value added to attention scores of masked positions. Finite, so that a row
+/// with every key masked (a padding query) stays finite instead of NaN.
+const MASKED: f32 = f32::MIN;
+
+/// Which key positions a query may attend to, besides padding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum AttentionPattern {
+    /// Every key (encoders, bidirectional decoders).
+    Bidirectional,
+    /// Keys at or before the query.
+    Causal,
+    /// Keys within `window` positions on either side: `|q - k| < window`.
+    BidirectionalWindow { window: usize },
+    /// Keys at or before the query and `q - k < window`.
+    CausalWindow { window: usize },
+}
+
+impl AttentionPattern {
+    fn allows(&self, q: usize, k: usize) -> bool {
+        match *self {
+            Self::Bidirectional => true,
+            Self::Causal => k <= q,
+            Self::BidirectionalWindow { window } => q.abs_diff(k) < window,
+            Self::CausalWindow { window } => k <= q && q - k < window,
+        }
+    }
+}
+
+/// Additive attention mask of shape `(B, 1, T, T)` combining key padding
+/// (`attention_mask`, `(B, T)`, 1 = token, 0 = padding) with `pattern`.
+pub(crate) fn attention_bias(attention_mask: &Tensor, pattern: AttentionPattern) -> Result<Tensor> {
+    let (b, t) = attention_mask.dims2()?;
+    let keys: Vec<Vec<u32>> = attention_mask.to_dtype(DType::U32)?.to_vec2()?;
+    let mut bias = vec![0f32; b * t * t];
+    for (row, keep) in keys.iter().enumerate() {
+        for q in 0..t {
+            let base = (row * t + q) * t;
+            for (k, &keep_k) in keep.iter().enumerate() {
+                if keep_k == 0 || !pattern.allows(q, k) {
+                    bias[base + k] = MASKED;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(bias, (b, 1, t, t), attention_mask.device())
+}
+
+/// Additive key-padding mask of shape `(B, 1, 1, T)` (bidirectional, no
+/// window): cheaper than [`attention_bias`] for encoders.
+pub(crate) fn padding_bias(attention_mask: &Tensor) -> Result<Tensor> {
+    let (b, t) = attention_mask.dims2()?;
+    let keep = attention_mask.to_dtype(DType::F32)?;
+    // (1 - keep) * MASKED
+    let bias = ((keep.ones_like()? - keep)? * MASKED as f64)?;
+    bias.reshape((b, 1, 1, t))
+}
+
+/// `(B, T, H*D)` -> `(B, H, T, D)`, contiguous.
+pub(crate) fn split_heads(x: &Tensor, heads: usize, head_dim: usize) -> Result<Tensor> {
+    let (b, t, _) = x.dims3()?;
+    x.reshape((b, t, heads, head_dim))?
+        .transpose(1, 2)?
+        .contiguous()
+}
+
+/// `(B, H, T, D)` -> `(B, T, H*D)`.
+pub(crate) fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, h, t, d) = x.dims4()?;
+    x.transpose(1, 2)?.contiguous()?.reshape((b, t, h * d))
+}
+
+/// Softmax attention. `q`: `(B, H, T, D)`; `k`, `v`: `(B, Hkv, T, D)` with
+/// `H` a multiple of `Hkv` (grouped-query attention); `bias` broadcastable to
+/// `(B, H, T, T)`. Returns `(B, H, T, D)`.
+pub(crate) fn scaled_dot_product_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, h, t, d) = q.dims4()?;
+    let kv_heads = k.dim(1)?;
+    let group = h / kv_heads;
+    if group == 1 {
+        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(bias)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        return probs.matmul(v);
+    }
+    // Fold the query heads of a group into the row dimension so every K/V
+    // head is used once, without materialising repeated K/V:
+    // q (B, Hkv, G*T, D) · k^T (B, Hkv, D, T) -> (B, Hkv, G*T, T).
+    let q = q.reshape((b, kv_heads, group * t, d))?;
+    let scores = (q.matmul(&k.t()?)? * scale)?.reshape((b, h, t, t))?;
+    let scores = scores.broadcast_add(bias)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let probs = probs.reshape((b, kv_heads, group * t, t))?;
+    probs.matmul(v)?.reshape((b, h, t, d))
+}

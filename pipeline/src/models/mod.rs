@@ -1,0 +1,283 @@
+//! Transformer backbones, one architecture per file, and the dispatch from a
+//! `config.json` `model_type` to them.
+//!
+//! Every backbone takes its per-layer widths from a [`ModelShape`], so layers
+//! may lack their MLP or have their own MLP width (EffiR compression).
+
+pub mod bert;
+pub(crate) mod decoder;
+pub mod decoder_config;
+pub mod gemma3;
+pub(crate) mod layers;
+pub mod llama;
+pub mod mistral;
+pub mod qwen2;
+pub mod qwen3;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::shape::ModelShape;
+
+/// The architectures effir implements, by Hugging Face `model_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    Bert,
+    Gemma3,
+    Llama,
+    Mistral,
+    Qwen2,
+    Qwen3,
+}
+
+impl Architecture {
+    pub const ALL: [Architecture; 6] = [
+        Self::Bert,
+        Self::Gemma3,
+        Self::Llama,
+        Self::Mistral,
+        Self::Qwen2,
+        Self::Qwen3,
+    ];
+
+    /// The `model_type` of `config.json`.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Self::Bert => "bert",
+            Self::Gemma3 => "gemma3_text",
+            Self::Llama => "llama",
+            Self::Mistral => "mistral",
+            Self::Qwen2 => "qwen2",
+            Self::Qwen3 => "qwen3",
+        }
+    }
+
+    pub fn from_model_type(model_type: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.model_type() == model_type)
+    }
+
+    /// Encoders read the whole sequence; decoders are causal language models
+    /// (EmbeddingGemma's Gemma3 is a decoder made bidirectional).
+    pub fn is_decoder(self) -> bool {
+        !matches!(self, Self::Bert)
+    }
+}
+
+impl std::fmt::Display for Architecture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.model_type())
+    }
+}
+
+/// A parsed `config.json`.
+#[derive(Debug, Clone)]
+pub enum ArchitectureConfig {
+    Bert(bert::Config),
+    Gemma3(gemma3::Config),
+    Llama(llama::Config),
+    Mistral(mistral::Config),
+    Qwen2(qwen2::Config),
+    Qwen3(qwen3::Config),
+}
+
+/// Token ids a config declares, read independently of the architecture.
+#[derive(Debug, Clone, Default)]
+pub struct SpecialTokens {
+    pub pad_token_id: Option<u32>,
+    /// `eos_token_id` may be one id or a list.
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// `config.json` of a model directory.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub path: PathBuf,
+    pub architecture: ArchitectureConfig,
+    pub special_tokens: SpecialTokens,
+    pub max_position_embeddings: Option<usize>,
+}
+
+impl ModelConfig {
+    /// Reads and validates `path` (a `config.json`).
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let value: Value = crate::json_file::read_json(path)?;
+        let model_type = value
+            .get("model_type")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Error::config(path, "no `model_type` string"))?;
+        let arch = Architecture::from_model_type(model_type).ok_or_else(|| {
+            Error::UnsupportedArchitecture {
+                path: path.to_path_buf(),
+                model_type: model_type.to_string(),
+                supported: Architecture::ALL
+                    .iter()
+                    .map(|a| a.model_type())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }
+        })?;
+        fn parse<T: DeserializeOwned>(path: &Path, value: &Value) -> Result<T> {
+            T::deserialize(value).map_err(|source| Error::Json {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+        let architecture = match arch {
+            Architecture::Bert => ArchitectureConfig::Bert(parse(path, &value)?),
+            Architecture::Gemma3 => ArchitectureConfig::Gemma3(parse(path, &value)?),
+            Architecture::Llama => ArchitectureConfig::Llama(parse(path, &value)?),
+            Architecture::Mistral => ArchitectureConfig::Mistral(parse(path, &value)?),
+            Architecture::Qwen2 => ArchitectureConfig::Qwen2(parse(path, &value)?),
+            Architecture::Qwen3 => ArchitectureConfig::Qwen3(parse(path, &value)?),
+        };
+        let token_ids = |key: &str| -> Vec<u32> {
+            match value.get(key) {
+                Some(Value::Number(n)) => n.as_u64().map(|n| n as u32).into_iter().collect(),
+                Some(Value::Array(ids)) => ids
+                    .iter()
+                    .filter_map(Value::as_u64)
+                    .map(|n| n as u32)
+                    .collect(),
+                _ => Vec::new(),
+            }
+        };
+        let config = Self {
+            path: path.to_path_buf(),
+            special_tokens: SpecialTokens {
+                pad_token_id: token_ids("pad_token_id").first().copied(),
+                eos_token_ids: token_ids("eos_token_id"),
+            },
+            max_position_embeddings: value
+                .get("max_position_embeddings")
+                .and_then(Value::as_u64)
+                .map(|n| n as usize),
+            architecture,
+        };
+        // Fail on unsupported settings now, not at weight loading.
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn architecture(&self) -> Architecture {
+        match &self.architecture {
+            ArchitectureConfig::Bert(_) => Architecture::Bert,
+            ArchitectureConfig::Gemma3(_) => Architecture::Gemma3,
+            ArchitectureConfig::Llama(_) => Architecture::Llama,
+            ArchitectureConfig::Mistral(_) => Architecture::Mistral,
+            ArchitectureConfig::Qwen2(_) => Architecture::Qwen2,
+            ArchitectureConfig::Qwen3(_) => Architecture::Qwen3,
+        }
+    }
+
+    /// The shape of the unpruned model `config.json` describes.
+    pub fn uniform_shape(&self) -> ModelShape {
+        let model_type = self.architecture().model_type();
+        match &self.architecture {
+            ArchitectureConfig::Bert(c) => c.uniform_shape(),
+            ArchitectureConfig::Gemma3(c) => c.uniform_shape(),
+            ArchitectureConfig::Llama(c) => c.base.uniform_shape(model_type),
+            ArchitectureConfig::Mistral(c) => c.base.uniform_shape(model_type),
+            ArchitectureConfig::Qwen2(c) => c.base.uniform_shape(model_type),
+            ArchitectureConfig::Qwen3(c) => c.base.uniform_shape(model_type),
+        }
+    }
+
+    /// Rejects settings effir does not implement, before any weight is read.
+    fn validate(&self) -> Result<()> {
+        let path = &self.path;
+        match &self.architecture {
+            ArchitectureConfig::Bert(c) => c.validate(path),
+            ArchitectureConfig::Gemma3(c) => c.spec(path).map(drop),
+            ArchitectureConfig::Llama(c) => c.spec(path).map(drop),
+            ArchitectureConfig::Mistral(c) => c.spec(path).map(drop),
+            ArchitectureConfig::Qwen2(c) => c.spec(path).map(drop),
+            ArchitectureConfig::Qwen3(c) => c.spec(path).map(drop),
+        }
+    }
+}
+
+/// One padded batch of token ids, as the backbones take it.
+#[derive(Debug, Clone)]
+pub struct ModelInput {
+    /// `(B, T)`, `u32`.
+    pub input_ids: Tensor,
+    /// `(B, T)`, `u32`: 1 for tokens, 0 for padding.
+    pub attention_mask: Tensor,
+    /// `(B, T)`, `u32`; BERT only.
+    pub token_type_ids: Option<Tensor>,
+}
+
+/// Parameter counts of one layer's sub-layers (norms included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerParameters {
+    pub attention: usize,
+    pub mlp: usize,
+}
+
+/// A loaded transformer stack.
+pub enum Backbone {
+    Bert(bert::Model),
+    Decoder(decoder::Model),
+}
+
+impl Backbone {
+    /// Loads the stack of `config` with the widths of `shape` from `vb`.
+    pub fn load(vb: VarBuilder, config: &ModelConfig, shape: &ModelShape) -> Result<Self> {
+        let weights_err = |source| Error::Weights {
+            path: config.path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            source,
+        };
+        tracing::info!(architecture = %config.architecture(), layers = shape.layers.len(), mlps = shape.mlp_count(), "loading backbone");
+        let decoder = |spec: decoder::DecoderSpec| -> Result<Self> {
+            Ok(Self::Decoder(
+                decoder::Model::load(vb.clone(), &spec, shape).map_err(weights_err)?,
+            ))
+        };
+        let path = &config.path;
+        match &config.architecture {
+            ArchitectureConfig::Bert(cfg) => Ok(Self::Bert(
+                bert::Model::load(vb.clone(), cfg, shape).map_err(weights_err)?,
+            )),
+            ArchitectureConfig::Gemma3(c) => decoder(c.spec(path)?),
+            ArchitectureConfig::Llama(c) => decoder(c.spec(path)?),
+            ArchitectureConfig::Mistral(c) => decoder(c.spec(path)?),
+            ArchitectureConfig::Qwen2(c) => decoder(c.spec(path)?),
+            ArchitectureConfig::Qwen3(c) => decoder(c.spec(path)?),
+        }
+    }
+
+    /// Last hidden state, `(B, T, hidden_size)`.
+    pub fn forward(&self, input: &ModelInput) -> Result<Tensor> {
+        Ok(match self {
+            Self::Bert(m) => m.forward(input)?,
+            Self::Decoder(m) => m.forward(input)?,
+        })
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        match self {
+            Self::Bert(m) => m.hidden_size(),
+            Self::Decoder(m) => m.hidden_size(),
+        }
+    }
+
+    /// Token (and position) embeddings and the final norm.
+    pub fn embedding_parameters(&self) -> usize {
+        match self {
+            Self::Bert(m) => m.embedding_parameters(),
+            Self::Decoder(m) => m.embedding_parameters(),
+        }
+    }
+
+    pub fn layer_parameters(&self) -> Vec<LayerParameters> {
+        match self {
+            Self::Bert(m) => m.layer_parameters(),
+            Self::Decoder(m) => m.layer_parameters(),
+        }
+    }
+}

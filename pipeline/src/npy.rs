@@ -1,0 +1,71 @@
+//! Writing `.npy` files (NumPy format 1.0, little-endian `f32`, C order).
+
+use std::path::Path;
+
+use ndarray::Array2;
+
+use crate::atomic_file::write_atomically;
+use crate::error::{Error, Result};
+
+/// Writes `array` to `path` as a `.npy` file, atomically.
+pub fn write_npy(path: &Path, array: &Array2<f32>) -> Result<()> {
+    let (rows, cols) = array.dim();
+    let mut header =
+        format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
+    // Magic (6) + version (2) + header length (2) + header, padded with
+    // spaces and ended by '\n' to a multiple of 64 bytes.
+    let unpadded = 10 + header.len() + 1;
+    header.push_str(&" ".repeat((64 - unpadded % 64) % 64));
+    header.push('\n');
+    let header_len = u16::try_from(header.len())
+        .map_err(|_| Error::InvalidArgument("npy header too long".into()))?;
+    write_atomically(path, |w| {
+        let io = |e| Error::io(path, e);
+        w.write_all(b"\x93NUMPY\x01\x00").map_err(io)?;
+        w.write_all(&header_len.to_le_bytes()).map_err(io)?;
+        w.write_all(header.as_bytes()).map_err(io)?;
+        for value in array.iter() {
+            w.write_all(&value.to_le_bytes()).map_err(io)?;
+        }
+        Ok(())
+    })
+}
+
+/// Writes one JSON line per row: `{"index": i, "embedding": [...]}`, atomically.
+pub fn write_jsonl(path: &Path, array: &Array2<f32>) -> Result<()> {
+    write_atomically(path, |w| {
+        for (i, row) in array.rows().into_iter().enumerate() {
+            let line = serde_json::json!({ "index": i, "embedding": row.to_vec() });
+            serde_json::to_writer(&mut *w, &line).map_err(|source| Error::Json {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            w.write_all(b"\n").map_err(|e| Error::io(path, e))?;
+        }
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn npy_header_is_64_byte_aligned_and_data_follows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.npy");
+        let array = Array2::from_shape_vec((2, 3), vec![1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap();
+        write_npy(&path, &array).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[..8], b"\x93NUMPY\x01\x00");
+        let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+        assert_eq!((10 + header_len) % 64, 0);
+        let header = std::str::from_utf8(&bytes[10..10 + header_len]).unwrap();
+        assert!(header.contains("'shape': (2, 3)"), "{header}");
+        let data: Vec<f32> = bytes[10 + header_len..]
+            .chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(data, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    }
+}

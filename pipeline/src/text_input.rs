@@ -1,0 +1,72 @@
+//! Reading texts to embed: JSONL (`{"text": ...}` per line) or plain lines.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// How an input file is laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputFormat {
+    /// One JSON object per line with a string field `text`; blank lines are skipped.
+    Jsonl,
+    /// One text per line (an empty line is an empty text).
+    Lines,
+}
+
+impl InputFormat {
+    /// `.jsonl` / `.json` / `.ndjson` files are JSONL, anything else plain lines.
+    pub fn from_extension(path: &Path) -> Self {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("jsonl" | "json" | "ndjson") => Self::Jsonl,
+            _ => Self::Lines,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct TextRecord {
+    text: String,
+}
+
+/// Reads the texts of `path`. Invalid UTF-8, malformed JSON and a missing
+/// `text` field are errors naming the line; a file with no text is an error.
+pub fn read_texts(path: &Path, format: InputFormat) -> Result<Vec<String>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let mut texts = Vec::new();
+    let body = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
+    if !bytes.is_empty() {
+        for (i, raw) in body.split(|&b| b == b'\n').enumerate() {
+            let line_no = i + 1;
+            let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+            let line = std::str::from_utf8(raw).map_err(|e| Error::Input {
+                path: path.to_path_buf(),
+                line: line_no,
+                message: format!("not valid UTF-8 ({e})"),
+            })?;
+            match format {
+                InputFormat::Lines => texts.push(line.to_string()),
+                InputFormat::Jsonl => {
+                    if line.trim().is_empty() {
+                        continue;
+                    }
+                    let record: TextRecord =
+                        serde_json::from_str(line).map_err(|e| Error::Input {
+                            path: path.to_path_buf(),
+                            line: line_no,
+                            message: format!("expected a JSON object with a string `text`: {e}"),
+                        })?;
+                    texts.push(record.text);
+                }
+            }
+        }
+    }
+    if texts.is_empty() {
+        return Err(Error::EmptyInput {
+            path: path.to_path_buf(),
+            message: "no text to embed".into(),
+        });
+    }
+    Ok(texts)
+}

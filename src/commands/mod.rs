@@ -1,0 +1,5 @@
+//! One module per `effir` subcommand.
+
+pub mod embed;
+pub mod inspect;
+pub mod model_options;

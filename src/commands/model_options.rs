@@ -1,0 +1,72 @@
+//! Flags shared by every command that loads a model.
+
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+use effir_pipeline::text_encoder::PaddingSide;
+use effir_pipeline::{LoadOptions, Pooling};
+use serde::Deserialize;
+
+/// Pooling choices on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PoolingArg {
+    Cls,
+    Mean,
+    Max,
+    MeanSqrtLen,
+    LastToken,
+}
+
+impl From<PoolingArg> for Pooling {
+    fn from(p: PoolingArg) -> Self {
+        match p {
+            PoolingArg::Cls => Pooling::Cls,
+            PoolingArg::Mean => Pooling::Mean,
+            PoolingArg::Max => Pooling::Max,
+            PoolingArg::MeanSqrtLen => Pooling::MeanSqrtLen,
+            PoolingArg::LastToken => Pooling::LastToken,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PaddingSideArg {
+    Left,
+    Right,
+}
+
+/// Where the model is and how to read it.
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// Model directory (Hugging Face / sentence-transformers layout).
+    #[arg(long, env = "EFFIR_MODEL")]
+    pub model: PathBuf,
+    /// Maximum tokens per text [default: the model's own].
+    #[arg(long)]
+    pub max_length: Option<usize>,
+    /// Pooling [default: the model's 1_Pooling, else mean (encoders) or last-token (decoders)].
+    #[arg(long, value_enum)]
+    pub pooling: Option<PoolingArg>,
+    /// Append EOS to every text [default: with last-token pooling].
+    #[arg(long)]
+    pub append_eos: Option<bool>,
+    /// Padding side [default: the tokenizer's].
+    #[arg(long, value_enum)]
+    pub padding_side: Option<PaddingSideArg>,
+}
+
+impl ModelArgs {
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            max_length: self.max_length,
+            pooling: self.pooling.map(Into::into),
+            append_eos: self.append_eos,
+            padding_side: self.padding_side.map(|p| match p {
+                PaddingSideArg::Left => PaddingSide::Left,
+                PaddingSideArg::Right => PaddingSide::Right,
+            }),
+        }
+    }
+}

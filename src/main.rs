@@ -1,0 +1,43 @@
+//! `effir`: make dense retrievers small and fast, and ship them as ONNX.
+
+mod commands;
+mod stage_config;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "effir", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Embed texts from a JSONL or plain-text file into .npy or JSONL.
+    Embed(commands::embed::EmbedArgs),
+    /// Show a model's architecture, per-layer sizes and parameter counts.
+    Inspect(commands::inspect::InspectArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("EFFIR_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Embed(args) => commands::embed::run(args),
+        Command::Inspect(args) => commands::inspect::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
