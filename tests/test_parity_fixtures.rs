@@ -70,31 +70,20 @@ fn check_parity(name: &str) {
         want_hidden.dims(),
         "{name}: hidden state shape"
     );
-    let (b, t, _) = hidden.dims3().unwrap();
     let mut got_tokens = Vec::new();
     let mut want_tokens = Vec::new();
-    for row in 0..b {
-        for pos in 0..t {
-            if want_mask[row][pos] == 1 {
-                got_tokens.push(
-                    hidden
-                        .get(row)
-                        .unwrap()
-                        .get(pos)
-                        .unwrap()
-                        .to_vec1::<f32>()
-                        .unwrap(),
-                );
-                want_tokens.push(
-                    want_hidden
-                        .get(row)
-                        .unwrap()
-                        .get(pos)
-                        .unwrap()
-                        .to_vec1::<f32>()
-                        .unwrap(),
-                );
-            }
+    for (row, mask) in want_mask.iter().enumerate() {
+        for (pos, _) in mask.iter().enumerate().filter(|(_, m)| **m == 1) {
+            let token = |t: &candle_core::Tensor| {
+                t.get(row)
+                    .unwrap()
+                    .get(pos)
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            got_tokens.push(token(&hidden));
+            want_tokens.push(token(want_hidden));
         }
     }
     assert_rows_match(&format!("{name} hidden states"), &got_tokens, &want_tokens);

@@ -13,18 +13,16 @@ pub enum Error {
     #[error("{path}: file not found")]
     MissingFile { path: PathBuf },
 
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 
-    #[error("{path}: malformed JSON: {source}")]
+    #[error("{path}: malformed JSON: {error}")]
     Json {
         path: PathBuf,
-        #[source]
-        source: serde_json::Error,
+        error: serde_json::Error,
     },
 
     #[error("{path}: unsupported model_type `{model_type}` (supported: {supported})")]
@@ -43,11 +41,10 @@ pub enum Error {
     #[error("{path}: invalid safetensors file: {message}")]
     Safetensors { path: PathBuf, message: String },
 
-    #[error("{path}: cannot load weights: {source}")]
+    #[error("{path}: cannot load weights: {error}")]
     Weights {
         path: PathBuf,
-        #[source]
-        source: candle_core::Error,
+        error: candle_core::Error,
     },
 
     #[error("{path}: cannot load tokenizer: {message}")]
@@ -79,7 +76,19 @@ impl Error {
         if source.kind() == std::io::ErrorKind::NotFound {
             Error::MissingFile { path }
         } else {
-            Error::Io { path, source }
+            Error::Io {
+                path,
+                error: source,
+            }
+        }
+    }
+
+    /// A weight-loading error, without the backtrace candle attaches when
+    /// `RUST_BACKTRACE` is set (it would be printed inside the message).
+    pub(crate) fn weights(path: impl Into<PathBuf>, error: candle_core::Error) -> Self {
+        Error::Weights {
+            path: path.into(),
+            error: strip_backtrace(error),
         }
     }
 
@@ -95,5 +104,21 @@ impl Error {
             path: path.into(),
             what: what.into(),
         }
+    }
+}
+
+fn strip_backtrace(error: candle_core::Error) -> candle_core::Error {
+    use candle_core::Error as E;
+    match error {
+        E::WithBacktrace { inner, .. } => strip_backtrace(*inner),
+        E::WithPath { inner, path } => E::WithPath {
+            inner: Box::new(strip_backtrace(*inner)),
+            path,
+        },
+        E::Context { inner, context } => E::Context {
+            inner: Box::new(strip_backtrace(*inner)),
+            context,
+        },
+        other => other,
     }
 }

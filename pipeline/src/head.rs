@@ -56,10 +56,7 @@ impl EmbeddingHead {
                         dense.out_features,
                         dense.bias,
                     )
-                    .map_err(|source| Error::Weights {
-                        path: files[0].clone(),
-                        source,
-                    })?;
+                    .map_err(|error| Error::weights(&files[0], error))?;
                     dimension = dense.out_features;
                     steps.push(Step::Dense {
                         linear,

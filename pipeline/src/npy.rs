@@ -36,9 +36,9 @@ pub fn write_jsonl(path: &Path, array: &Array2<f32>) -> Result<()> {
     write_atomically(path, |w| {
         for (i, row) in array.rows().into_iter().enumerate() {
             let line = serde_json::json!({ "index": i, "embedding": row.to_vec() });
-            serde_json::to_writer(&mut *w, &line).map_err(|source| Error::Json {
+            serde_json::to_writer(&mut *w, &line).map_err(|error| Error::Json {
                 path: path.to_path_buf(),
-                source,
+                error,
             })?;
             w.write_all(b"\n").map_err(|e| Error::io(path, e))?;
         }

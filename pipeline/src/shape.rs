@@ -128,9 +128,9 @@ impl ModelShape {
     pub fn save(&self, dir: &Path) -> Result<()> {
         let path = dir.join(SHAPE_FILE);
         crate::atomic_file::write_atomically(&path, |w| {
-            serde_json::to_writer_pretty(&mut *w, self).map_err(|source| Error::Json {
+            serde_json::to_writer_pretty(&mut *w, self).map_err(|error| Error::Json {
                 path: path.clone(),
-                source,
+                error,
             })
         })
     }

@@ -73,7 +73,7 @@ pub fn tokenizer_max_length(dir: &Path) -> Result<Option<usize>> {
         read_json_if_exists(&dir.join("tokenizer_config.json"))?;
     Ok(file
         .and_then(|f| f.model_max_length)
-        .filter(|&n| n >= 1.0 && n < 1e9)
+        .filter(|n| (1.0..1e9).contains(n))
         .map(|n| n as usize))
 }
 

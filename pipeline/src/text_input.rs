@@ -16,9 +16,12 @@ pub enum InputFormat {
 }
 
 impl InputFormat {
-    /// `.jsonl` / `.json` / `.ndjson` files are JSONL, anything else plain lines.
+    /// `.jsonl` / `.json` / `.ndjson` files (optionally `.gz`) are JSONL,
+    /// anything else plain lines.
     pub fn from_extension(path: &Path) -> Self {
-        match path.extension().and_then(|e| e.to_str()) {
+        let name = path.to_string_lossy();
+        let name = name.strip_suffix(".gz").unwrap_or(&name);
+        match Path::new(name).extension().and_then(|e| e.to_str()) {
             Some("jsonl" | "json" | "ndjson") => Self::Jsonl,
             _ => Self::Lines,
         }
@@ -33,7 +36,7 @@ struct TextRecord {
 /// Reads the texts of `path`. Invalid UTF-8, malformed JSON and a missing
 /// `text` field are errors naming the line; a file with no text is an error.
 pub fn read_texts(path: &Path, format: InputFormat) -> Result<Vec<String>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = read_maybe_gzip(path)?;
     let mut texts = Vec::new();
     let body = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
     if !bytes.is_empty() {
@@ -69,4 +72,21 @@ pub fn read_texts(path: &Path, format: InputFormat) -> Result<Vec<String>> {
         });
     }
     Ok(texts)
+}
+
+/// The bytes of `path`, decompressed when its name ends in `.gz`.
+pub fn read_maybe_gzip(path: &Path) -> Result<Vec<u8>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut bytes = Vec::new();
+    let mut reader: Box<dyn std::io::Read> = if path.extension().is_some_and(|e| e == "gz") {
+        Box::new(flate2::read::MultiGzDecoder::new(std::io::BufReader::new(
+            file,
+        )))
+    } else {
+        Box::new(std::io::BufReader::new(file))
+    };
+    reader
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    Ok(bytes)
 }

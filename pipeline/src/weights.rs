@@ -71,10 +71,6 @@ pub fn var_builder(
 ) -> Result<VarBuilder<'static>> {
     // SAFETY: the files were checked by `weight_files`; candle keeps the maps
     // alive as long as the builder. Modifying the files meanwhile is not supported.
-    unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }.map_err(|source| {
-        Error::Weights {
-            path: files.first().cloned().unwrap_or_default(),
-            source,
-        }
-    })
+    unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }
+        .map_err(|error| Error::weights(files.first().cloned().unwrap_or_default(), error))
 }

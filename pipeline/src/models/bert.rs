@@ -68,7 +68,9 @@ impl Config {
                 format!("hidden_act `{}`", self.hidden_act),
             ));
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return Err(Error::config(
                 path,
                 "hidden_size is not a multiple of num_attention_heads",

@@ -106,13 +106,13 @@ impl DecoderConfig {
         if self.num_attention_heads == 0 || self.num_kv_heads() == 0 {
             return Err(Error::config(path, "zero attention heads"));
         }
-        if self.num_attention_heads % self.num_kv_heads() != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_kv_heads()) {
             return Err(Error::config(
                 path,
                 "num_attention_heads is not a multiple of num_key_value_heads",
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(Error::config(
                 path,
                 "head_dim must be even for rotary embeddings",

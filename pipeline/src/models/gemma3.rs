@@ -111,7 +111,11 @@ impl Config {
         if self.attn_logit_softcapping.is_some() {
             return Err(Error::unsupported(path, "attn_logit_softcapping"));
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if self.num_key_value_heads == 0
+            || !self
+                .num_attention_heads
+                .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(Error::config(
                 path,
                 "num_attention_heads is not a multiple of num_key_value_heads",

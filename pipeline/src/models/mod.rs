@@ -122,9 +122,9 @@ impl ModelConfig {
             }
         })?;
         fn parse<T: DeserializeOwned>(path: &Path, value: &Value) -> Result<T> {
-            T::deserialize(value).map_err(|source| Error::Json {
+            T::deserialize(value).map_err(|error| Error::Json {
                 path: path.to_path_buf(),
-                source,
+                error,
             })
         }
         let architecture = match arch {
@@ -228,10 +228,8 @@ pub enum Backbone {
 impl Backbone {
     /// Loads the stack of `config` with the widths of `shape` from `vb`.
     pub fn load(vb: VarBuilder, config: &ModelConfig, shape: &ModelShape) -> Result<Self> {
-        let weights_err = |source| Error::Weights {
-            path: config.path.parent().unwrap_or(Path::new(".")).to_path_buf(),
-            source,
-        };
+        let weights_err =
+            |error| Error::weights(config.path.parent().unwrap_or(Path::new(".")), error);
         tracing::info!(architecture = %config.architecture(), layers = shape.layers.len(), mlps = shape.mlp_count(), "loading backbone");
         let decoder = |spec: decoder::DecoderSpec| -> Result<Self> {
             Ok(Self::Decoder(
