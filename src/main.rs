@@ -5,6 +5,12 @@ mod stage_config;
 
 use clap::{Parser, Subcommand};
 
+/// Model inference allocates and frees tensors of tens of megabytes per
+/// layer; glibc returns them to the kernel each time (page faults on every
+/// reuse), mimalloc keeps them.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "effir", version, about, long_about = None)]
 struct Cli {

@@ -175,8 +175,8 @@ impl AttentionBlock {
         })
     }
 
-    /// `x`: `(B, T, H)`; `bias`: `(B, 1, 1, T)`.
-    fn forward(&self, x: &Tensor, bias: &Tensor) -> CandleResult<Tensor> {
+    /// `x`: `(B, T, H)`; `bias`: `(B, 1, 1, T)`, `None` without padding.
+    fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> CandleResult<Tensor> {
         let q = split_heads(&self.query.forward(x)?, self.heads, self.head_dim)?;
         let k = split_heads(&self.key.forward(x)?, self.heads, self.head_dim)?;
         let v = split_heads(&self.value.forward(x)?, self.heads, self.head_dim)?;
@@ -284,7 +284,7 @@ impl Model {
         let bias = padding_bias(&input.attention_mask)?;
         let mut x = self.embeddings.forward(input)?;
         for layer in &self.layers {
-            x = layer.attention.forward(&x, &bias)?;
+            x = layer.attention.forward(&x, bias.as_ref())?;
             if let Some(mlp) = &layer.mlp {
                 x = mlp.forward(&x)?;
             }

@@ -126,7 +126,7 @@ impl Attention {
         let q = apply_rotary(&q, cos, sin)?;
         let k = apply_rotary(&k, cos, sin)?;
         // 4. Attention and output projection.
-        let context = scaled_dot_product_attention(&q, &k, &v, bias, self.scale)?;
+        let context = scaled_dot_product_attention(&q, &k, &v, Some(bias), self.scale)?;
         self.o_proj.forward(&merge_heads(&context)?)
     }
 
