@@ -22,6 +22,8 @@ struct Cli {
 enum Command {
     /// Embed texts from a JSONL or plain-text file into .npy or JSONL.
     Embed(commands::embed::EmbedArgs),
+    /// Retrieval quality (nDCG, recall, MRR, MAP, P) on a BEIR dataset.
+    Eval(commands::eval::EvalArgs),
     /// Show a model's architecture, per-layer sizes and parameter counts.
     Inspect(commands::inspect::InspectArgs),
 }
@@ -37,6 +39,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Embed(args) => commands::embed::run(args),
+        Command::Eval(args) => commands::eval::run(args),
         Command::Inspect(args) => commands::inspect::run(args),
     };
     match result {

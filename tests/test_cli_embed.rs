@@ -90,6 +90,28 @@ fn embeds_jsonl_into_npy_and_lines_into_jsonl() {
 }
 
 #[test]
+fn the_shipped_config_is_valid() {
+    let work = tempfile::tempdir().unwrap();
+    let input = write(work.path(), "in.txt", b"hello\n");
+    let output = work.path().join("out.npy");
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/embed.yaml");
+    let out = effir(&[
+        "embed",
+        "--quiet",
+        "--model",
+        fixture("bert").to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(output.exists());
+}
+
+#[test]
 fn inspect_reports_layers_and_parameters() {
     let out = effir(&[
         "inspect",

@@ -8,24 +8,8 @@
 
 mod common;
 
-use std::path::PathBuf;
-
-use common::{assert_rows_match, fixture, load_tensors, read_json};
+use common::{assert_rows_match, fixture, load_tensors, minilm_dir, read_json};
 use effir_pipeline::{Embedder, LoadOptions, Prompt};
-
-fn minilm_dir() -> PathBuf {
-    let dir = std::env::var_os("EFFIR_MINILM_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2")
-        });
-    assert!(
-        dir.join("model.safetensors").exists(),
-        "all-MiniLM-L6-v2 not found at {}: run `make models` (or set EFFIR_MINILM_DIR)",
-        dir.display()
-    );
-    dir
-}
 
 #[test]
 fn minilm_matches_sentence_transformers() {

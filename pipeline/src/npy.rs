@@ -46,6 +46,58 @@ pub fn write_jsonl(path: &Path, array: &Array2<f32>) -> Result<()> {
     })
 }
 
+/// Reads a 2-D little-endian `f32` `.npy` file (C order) as written by
+/// [`write_npy`] or NumPy.
+pub fn read_npy(path: &Path) -> Result<Array2<f32>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bad = |message: &str| Error::Input {
+        path: path.to_path_buf(),
+        line: 0,
+        message: format!("not a 2-D float32 .npy file: {message}"),
+    };
+    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+        return Err(bad("no NumPy magic"));
+    }
+    let (header_len, start) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        2 | 3 if bytes.len() >= 12 => (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        ),
+        _ => return Err(bad("unknown format version")),
+    };
+    let header = bytes
+        .get(start..start + header_len)
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .ok_or_else(|| bad("truncated header"))?;
+    if !header.contains("'descr': '<f4'") || header.contains("'fortran_order': True") {
+        return Err(bad("dtype is not <f4 in C order"));
+    }
+    let shape = header
+        .split("'shape': (")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .ok_or_else(|| bad("no shape"))?;
+    let dims: Vec<usize> = shape
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .map(|d| d.parse().map_err(|_| bad("bad shape")))
+        .collect::<Result<_>>()?;
+    let [rows, cols] = dims[..] else {
+        return Err(bad("not 2-D"));
+    };
+    let data = &bytes[start + header_len..];
+    if data.len() != rows * cols * 4 {
+        return Err(bad("data length does not match the shape"));
+    }
+    let values = data
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    Array2::from_shape_vec((rows, cols), values).map_err(|_| bad("bad shape"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,5 +119,8 @@ mod tests {
             .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
             .collect();
         assert_eq!(data, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        assert_eq!(read_npy(&path).unwrap(), array);
+        std::fs::write(&path, &bytes[..bytes.len() - 4]).unwrap();
+        assert!(read_npy(&path).is_err(), "a truncated file must not load");
     }
 }

@@ -84,3 +84,24 @@ pub fn edit_weights(dir: &Path, edit: impl FnOnce(&mut HashMap<String, Tensor>))
     edit(&mut tensors);
     candle_core::safetensors::save(&tensors, &path).unwrap();
 }
+
+/// The real all-MiniLM-L6-v2 directory: `$EFFIR_MINILM_DIR`, else
+/// `models/all-MiniLM-L6-v2` (fetched by `make models`).
+pub fn minilm_dir() -> PathBuf {
+    let dir = std::env::var_os("EFFIR_MINILM_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2"));
+    assert!(
+        dir.join("model.safetensors").exists(),
+        "all-MiniLM-L6-v2 not found at {}: run `make models` (or set EFFIR_MINILM_DIR)",
+        dir.display()
+    );
+    dir
+}
+
+/// A vendored BEIR dataset under `data/`.
+pub fn dataset(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("data")
+        .join(name)
+}

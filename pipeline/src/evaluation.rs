@@ -1,0 +1,310 @@
+//! `effir eval`: encode a BEIR dataset with a model, search exactly, and
+//! score the run with trec_eval semantics.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::atomic_file::write_atomically;
+use crate::beir::{Dataset, Document};
+use crate::embedder::{Embedder, Prompt};
+use crate::embedding_cache::{fingerprint_dir, fingerprint_file, CacheKey, EmbeddingCache};
+use crate::error::{Error, Result};
+use crate::metrics::{evaluate, trec_order, Evaluation, Run};
+use crate::search::{search, SearchOptions};
+
+/// How a corpus document becomes the text the model encodes. Placeholders:
+/// `{title}`, `{text}`, `{title_or_none}` (`none` for an empty title, as
+/// EmbeddingGemma's prompt expects) and `{prompt}` (the model's `document`
+/// prompt).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DocumentTemplate(pub String);
+
+impl DocumentTemplate {
+    /// BEIR / sentence-transformers: `title + " " + text`.
+    pub const TITLE_TEXT: &'static str = "{title} {text}";
+    /// EmbeddingGemma's document prompt with the real title.
+    pub const EMBEDDINGGEMMA: &'static str = "title: {title_or_none} | text: {text}";
+
+    /// The template a model's prompts call for.
+    pub fn for_model(embedder: &Embedder) -> Self {
+        match embedder.sentence_config().prompts.get("document") {
+            Some(p) if p.starts_with("title: none | text:") => Self(Self::EMBEDDINGGEMMA.into()),
+            Some(_) => Self("{prompt}{title} {text}".into()),
+            None => Self(Self::TITLE_TEXT.into()),
+        }
+    }
+
+    pub fn render(&self, doc: &Document, prompt: &str) -> String {
+        let title_or_none = if doc.title.trim().is_empty() {
+            "none"
+        } else {
+            doc.title.as_str()
+        };
+        self.0
+            .replace("{prompt}", prompt)
+            .replace("{title_or_none}", title_or_none)
+            .replace("{title}", &doc.title)
+            .replace("{text}", &doc.text)
+    }
+}
+
+/// Settings of one evaluation.
+#[derive(Debug, Clone)]
+pub struct EvalSettings {
+    /// Metric cut-offs, e.g. `[10, 100]`.
+    pub ks: Vec<usize>,
+    /// Documents kept per query in the run file.
+    pub run_depth: usize,
+    pub batch_size: usize,
+    pub ignore_identical_ids: bool,
+    /// `None`: the model's own (see [`DocumentTemplate::for_model`]).
+    pub document_template: Option<DocumentTemplate>,
+    /// Prompt of the queries (default: the model's `query` prompt if any).
+    pub query_prompt: Option<Prompt>,
+    /// `None` disables the corpus-embedding cache.
+    pub cache: Option<PathBuf>,
+    /// Tag of the run file's last column.
+    pub run_tag: String,
+}
+
+impl Default for EvalSettings {
+    fn default() -> Self {
+        Self {
+            ks: vec![10, 100],
+            run_depth: 1000,
+            batch_size: 32,
+            ignore_identical_ids: false,
+            document_template: None,
+            query_prompt: None,
+            cache: Some(EmbeddingCache::default_dir()),
+            run_tag: "effir".into(),
+        }
+    }
+}
+
+/// Wall times of an evaluation's phases.
+#[derive(Debug, Clone, Serialize)]
+pub struct Timings {
+    pub corpus_encode_seconds: f64,
+    /// `None` when the corpus came from the cache.
+    pub corpus_docs_per_second: Option<f64>,
+    pub corpus_from_cache: bool,
+    pub query_encode_seconds: f64,
+    pub search_seconds: f64,
+}
+
+/// Everything an evaluation produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    pub model: PathBuf,
+    pub dataset: PathBuf,
+    pub split: String,
+    pub num_documents: usize,
+    pub num_queries: usize,
+    pub document_template: DocumentTemplate,
+    pub query_prefix: String,
+    pub max_length: usize,
+    #[serde(flatten)]
+    pub evaluation: Evaluation,
+    pub timings: Timings,
+    #[serde(skip)]
+    pub run: Run,
+}
+
+/// Which phase progress is reported for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Corpus,
+    Queries,
+}
+
+/// Encodes, searches and scores `dataset` with `embedder`. `progress` gets
+/// `(phase, done, total)`.
+pub fn evaluate_model(
+    embedder: &Embedder,
+    dataset: &Dataset,
+    settings: &EvalSettings,
+    progress: &mut dyn FnMut(Phase, usize, usize),
+) -> Result<EvalReport> {
+    let _span =
+        tracing::info_span!("eval", model = %embedder.dir().display(), split = %dataset.split)
+            .entered();
+    if settings.ks.contains(&0) || settings.ks.is_empty() {
+        return Err(Error::InvalidArgument("every k must be at least 1".into()));
+    }
+    if settings.run_depth == 0 {
+        return Err(Error::InvalidArgument(
+            "run depth must be at least 1".into(),
+        ));
+    }
+    let template = settings
+        .document_template
+        .clone()
+        .unwrap_or_else(|| DocumentTemplate::for_model(embedder));
+    let doc_prompt = embedder
+        .sentence_config()
+        .prompts
+        .get("document")
+        .cloned()
+        .unwrap_or_default();
+    let query_prompt = settings.query_prompt.clone().unwrap_or_else(|| {
+        if embedder.sentence_config().prompts.contains_key("query") {
+            Prompt::Named("query".into())
+        } else {
+            Prompt::None
+        }
+    });
+    let query_prefix = embedder.prefix(&query_prompt)?;
+
+    // Corpus, from the cache when the same model, corpus and settings were seen.
+    let docs: Vec<String> = dataset
+        .corpus
+        .iter()
+        .map(|d| template.render(d, &doc_prompt))
+        .collect();
+    let n = docs.len();
+    let cache = match &settings.cache {
+        Some(dir) => {
+            let model = fingerprint_dir(embedder.dir())?;
+            let corpus_file = ["corpus.jsonl", "corpus.jsonl.gz"]
+                .iter()
+                .map(|f| dataset.dir.join(f))
+                .find(|p| p.exists())
+                .ok_or_else(|| Error::MissingFile {
+                    path: dataset.dir.join("corpus.jsonl"),
+                })?;
+            let corpus = fingerprint_file(&corpus_file)?;
+            let settings_text = format!(
+                "template={:?} prompt={doc_prompt:?} max_length={} pooling={} dim={}",
+                template.0,
+                embedder.text_encoder().max_length(),
+                embedder.pooling(),
+                embedder.dimension()
+            );
+            Some((
+                EmbeddingCache::new(dir),
+                CacheKey::new(&model, &corpus, &settings_text),
+            ))
+        }
+        None => None,
+    };
+    let start = Instant::now();
+    let cached = cache.as_ref().and_then(|(c, key)| c.get(key, n));
+    let corpus_from_cache = cached.is_some();
+    let corpus_embeddings = match cached {
+        Some(m) => {
+            tracing::info!("corpus embeddings read from the cache");
+            progress(Phase::Corpus, n, n);
+            m
+        }
+        None => {
+            let m = embedder.embed(&docs, "", settings.batch_size, &mut |done| {
+                progress(Phase::Corpus, done, n)
+            })?;
+            if let Some((c, key)) = &cache {
+                let path = c.put(key, &m)?;
+                tracing::info!(path = %path.display(), "corpus embeddings cached");
+            }
+            m
+        }
+    };
+    let corpus_encode_seconds = start.elapsed().as_secs_f64();
+
+    let start = Instant::now();
+    let query_texts: Vec<&str> = dataset.queries.iter().map(|q| q.text.as_str()).collect();
+    let nq = query_texts.len();
+    let query_embeddings = embedder.embed(
+        &query_texts,
+        &query_prefix,
+        settings.batch_size,
+        &mut |done| progress(Phase::Queries, done, nq),
+    )?;
+    let query_encode_seconds = start.elapsed().as_secs_f64();
+
+    let start = Instant::now();
+    let k = settings
+        .run_depth
+        .max(*settings.ks.iter().max().unwrap_or(&1));
+    let mut options = SearchOptions::new(k, embedder.similarity());
+    options.ignore_identical_ids = settings.ignore_identical_ids;
+    let query_ids: Vec<String> = dataset.queries.iter().map(|q| q.id.clone()).collect();
+    let doc_ids: Vec<String> = dataset.corpus.iter().map(|d| d.id.clone()).collect();
+    let hits = search(
+        query_embeddings.view(),
+        &query_ids,
+        corpus_embeddings.view(),
+        &doc_ids,
+        &options,
+    )?;
+    let search_seconds = start.elapsed().as_secs_f64();
+
+    // Scores go through f32 -> f64 exactly as a reader of run.trec sees them.
+    let run: Run = query_ids
+        .iter()
+        .zip(hits)
+        .map(|(qid, hits)| {
+            let list = hits
+                .into_iter()
+                .map(|h| (doc_ids[h.doc].clone(), h.score as f64))
+                .collect();
+            (qid.clone(), list)
+        })
+        .collect();
+    let evaluation = evaluate(&run, &dataset.qrels, &settings.ks)?;
+    Ok(EvalReport {
+        model: embedder.dir().to_path_buf(),
+        dataset: dataset.dir.clone(),
+        split: dataset.split.clone(),
+        num_documents: n,
+        num_queries: nq,
+        document_template: template,
+        query_prefix,
+        max_length: embedder.text_encoder().max_length(),
+        evaluation,
+        timings: Timings {
+            corpus_encode_seconds,
+            corpus_docs_per_second: (!corpus_from_cache).then(|| n as f64 / corpus_encode_seconds),
+            corpus_from_cache,
+            query_encode_seconds,
+            search_seconds,
+        },
+        run,
+    })
+}
+
+/// Writes `metrics.json` and `run.trec` (top `depth` per query) into `out`.
+pub fn write_report(report: &EvalReport, out: &Path, depth: usize, tag: &str) -> Result<()> {
+    let metrics_path = out.join("metrics.json");
+    write_atomically(&metrics_path, |w| {
+        serde_json::to_writer_pretty(&mut *w, report).map_err(|error| Error::Json {
+            path: metrics_path.clone(),
+            error,
+        })?;
+        w.write_all(b"\n").map_err(|e| Error::io(&metrics_path, e))
+    })?;
+    let run_path = out.join("run.trec");
+    write_atomically(&run_path, |w| {
+        for (qid, list) in &report.run {
+            let mut ranked = list.clone();
+            ranked.sort_by(trec_order);
+            for (rank, (doc, score)) in ranked.iter().take(depth).enumerate() {
+                // `{}` of f32 is the shortest text that parses back to the same value.
+                writeln!(w, "{qid} Q0 {doc} {} {} {tag}", rank + 1, *score as f32)
+                    .map_err(|e| Error::io(&run_path, e))?;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Mean metrics in a stable order, for printing.
+pub fn mean_table(evaluation: &Evaluation, ks: &[usize]) -> Vec<(String, f64)> {
+    let order: BTreeMap<&String, f64> = evaluation.mean.iter().map(|(k, v)| (k, *v)).collect();
+    crate::metrics::metric_names(ks)
+        .into_iter()
+        .filter_map(|name| order.get(&name).map(|v| (name.clone(), *v)))
+        .collect()
+}
