@@ -20,10 +20,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Importance of every attention and MLP sub-layer (1 - cos of the residual stream).
+    Analyze(commands::analyze::AnalyzeArgs),
+    /// Retrieval quality after dropping the k least important attention or MLP sub-layers.
+    DropStudy(commands::drop_study::DropStudyArgs),
     /// Embed texts from a JSONL or plain-text file into .npy or JSONL.
     Embed(commands::embed::EmbedArgs),
     /// Retrieval quality (nDCG, recall, MRR, MAP, P) on a BEIR dataset.
     Eval(commands::eval::EvalArgs),
+    /// Drop MLP sub-layers and narrow the rest into a new, smaller model directory.
+    Prune(commands::prune::PruneArgs),
     /// Show a model's architecture, per-layer sizes and parameter counts.
     Inspect(commands::inspect::InspectArgs),
 }
@@ -38,9 +44,12 @@ fn main() -> std::process::ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Analyze(args) => commands::analyze::run(args),
+        Command::DropStudy(args) => commands::drop_study::run(args),
         Command::Embed(args) => commands::embed::run(args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Inspect(args) => commands::inspect::run(args),
+        Command::Prune(args) => commands::prune::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

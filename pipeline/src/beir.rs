@@ -286,6 +286,39 @@ pub enum DanglingPolicy {
 }
 
 impl Dataset {
+    /// A fixed, seeded subset of the corpus: every judged document of the
+    /// split plus random others, `size` documents in all (or the whole corpus
+    /// when it is smaller). Encoding a large model over a full corpus can take
+    /// hours on a CPU; metrics on the subset are comparable between models.
+    pub fn with_document_sample(mut self, size: usize, seed: u64) -> Self {
+        if size >= self.corpus.len() {
+            return self;
+        }
+        let judged: HashSet<&str> = self
+            .qrels
+            .values()
+            .flat_map(|docs| docs.keys().map(String::as_str))
+            .collect();
+        let mut keep: Vec<bool> = self
+            .corpus
+            .iter()
+            .map(|d| judged.contains(d.id.as_str()))
+            .collect();
+        let mut kept = keep.iter().filter(|k| **k).count();
+        for i in crate::sampling::shuffled_indices(self.corpus.len(), seed) {
+            if kept >= size {
+                break;
+            }
+            if !keep[i] {
+                keep[i] = true;
+                kept += 1;
+            }
+        }
+        let mut flags = keep.into_iter();
+        self.corpus.retain(|_| flags.next().unwrap_or(false));
+        self
+    }
+
     /// Loads `split` of the BEIR dataset in `dir`.
     pub fn load(dir: &Path, split: &str, policy: DanglingPolicy) -> Result<Self> {
         let _span = tracing::info_span!("load_dataset", dir = %dir.display(), split).entered();

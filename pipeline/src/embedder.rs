@@ -8,7 +8,10 @@ use ndarray::Array2;
 
 use crate::error::{Error, Result};
 use crate::head::EmbeddingHead;
-use crate::models::{Architecture, Backbone, LayerParameters, ModelConfig, ModelInput};
+use crate::models::{
+    Architecture, Backbone, ForwardHooks, LayerParameters, ModelConfig, ModelInput,
+    SkippedSublayers, Sublayer,
+};
 use crate::pooling::Pooling;
 use crate::sentence_transformers::{SentenceConfig, Similarity};
 use crate::shape::ModelShape;
@@ -70,6 +73,8 @@ pub struct Embedder {
     head: EmbeddingHead,
     text: TextEncoder,
     device: Device,
+    /// Sub-layers bypassed at run time (drop studies); empty normally.
+    skipped: SkippedSublayers,
 }
 
 impl Embedder {
@@ -167,6 +172,7 @@ impl Embedder {
             head,
             text,
             device: device.clone(),
+            skipped: SkippedSublayers::default(),
         })
     }
 
@@ -233,14 +239,78 @@ impl Embedder {
         self.text.batch(texts, &self.device)
     }
 
+    /// Bypasses `skipped` sub-layers in every later forward pass, as if
+    /// they were removed (their residual blocks become the identity).
+    pub fn set_skipped(&mut self, skipped: SkippedSublayers) -> Result<()> {
+        let layers = self.shape.layers.len();
+        if let Some(i) = skipped
+            .attention
+            .iter()
+            .chain(&skipped.mlp)
+            .find(|i| **i >= layers)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "layer {i} does not exist (the model has {layers} layers)"
+            )));
+        }
+        self.skipped = skipped;
+        Ok(())
+    }
+
+    pub fn skipped(&self) -> &SkippedSublayers {
+        &self.skipped
+    }
+
     /// Last hidden state of the backbone, `(B, T, H)`.
     pub fn hidden_states(&self, input: &ModelInput) -> Result<Tensor> {
-        self.backbone.forward(input)
+        self.backbone
+            .forward_hooked(input, &mut self.skipped.clone())
+    }
+
+    /// Last hidden state with `hooks` observing (and skipping, in addition
+    /// to the embedder's own skipped sub-layers).
+    pub fn hidden_states_hooked(
+        &self,
+        input: &ModelInput,
+        hooks: &mut dyn ForwardHooks,
+    ) -> Result<Tensor> {
+        struct Both<'a> {
+            skipped: &'a SkippedSublayers,
+            hooks: &'a mut dyn ForwardHooks,
+        }
+        impl ForwardHooks for Both<'_> {
+            fn skip(&self, layer: usize, sublayer: Sublayer) -> bool {
+                self.skipped.skip(layer, sublayer) || self.hooks.skip(layer, sublayer)
+            }
+            fn observe(
+                &mut self,
+                layer: usize,
+                sublayer: Sublayer,
+                input: &Tensor,
+                output: &Tensor,
+            ) -> candle_core::Result<()> {
+                self.hooks.observe(layer, sublayer, input, output)
+            }
+            fn mlp_activation(
+                &mut self,
+                layer: usize,
+                activation: Tensor,
+            ) -> candle_core::Result<Tensor> {
+                self.hooks.mlp_activation(layer, activation)
+            }
+        }
+        self.backbone.forward_hooked(
+            input,
+            &mut Both {
+                skipped: &self.skipped,
+                hooks,
+            },
+        )
     }
 
     /// Embeddings of one batch, `(B, D)`.
     pub fn embed_batch(&self, input: &ModelInput) -> Result<Tensor> {
-        let hidden = self.backbone.forward(input)?;
+        let hidden = self.hidden_states(input)?;
         self.head.forward(&hidden, &input.attention_mask)
     }
 

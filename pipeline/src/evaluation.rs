@@ -51,6 +51,15 @@ impl DocumentTemplate {
     }
 }
 
+/// The model's `query` prompt if it declares one, else none.
+pub fn default_query_prompt(embedder: &Embedder) -> Prompt {
+    if embedder.sentence_config().prompts.contains_key("query") {
+        Prompt::Named("query".into())
+    } else {
+        Prompt::None
+    }
+}
+
 /// Settings of one evaluation.
 #[derive(Debug, Clone)]
 pub struct EvalSettings {
@@ -150,13 +159,10 @@ pub fn evaluate_model(
         .get("document")
         .cloned()
         .unwrap_or_default();
-    let query_prompt = settings.query_prompt.clone().unwrap_or_else(|| {
-        if embedder.sentence_config().prompts.contains_key("query") {
-            Prompt::Named("query".into())
-        } else {
-            Prompt::None
-        }
-    });
+    let query_prompt = settings
+        .query_prompt
+        .clone()
+        .unwrap_or_else(|| default_query_prompt(embedder));
     let query_prefix = embedder.prefix(&query_prompt)?;
 
     // Corpus, from the cache when the same model, corpus and settings were seen.
@@ -177,12 +183,20 @@ pub fn evaluate_model(
                     path: dataset.dir.join("corpus.jsonl"),
                 })?;
             let corpus = fingerprint_file(&corpus_file)?;
+            // The documents encoded (a sample of the corpus, or all of it).
+            let mut ids = blake3::Hasher::new();
+            for doc in &dataset.corpus {
+                ids.update(doc.id.as_bytes());
+                ids.update(&[0]);
+            }
             let settings_text = format!(
-                "template={:?} prompt={doc_prompt:?} max_length={} pooling={} dim={}",
+                "docs={} template={:?} prompt={doc_prompt:?} max_length={} pooling={} dim={} skipped={:?}",
+                ids.finalize().to_hex(),
                 template.0,
                 embedder.text_encoder().max_length(),
                 embedder.pooling(),
-                embedder.dimension()
+                embedder.dimension(),
+                embedder.skipped()
             );
             Some((
                 EmbeddingCache::new(dir),

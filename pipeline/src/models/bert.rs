@@ -16,7 +16,7 @@ use super::layers::{
     merge_heads, padding_bias, scaled_dot_product_attention, split_heads, Activation, LayerNorm,
     Linear,
 };
-use super::{LayerParameters, ModelInput};
+use super::{ForwardHooks, LayerParameters, ModelInput, Sublayer};
 use crate::error::{Error, Result};
 use crate::shape::{LayerShape, MlpShape, ModelShape};
 
@@ -219,10 +219,15 @@ impl MlpBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> CandleResult<Tensor> {
-        let y = self
-            .output
-            .forward(&self.act.forward(&self.intermediate.forward(x)?)?)?;
+    fn forward(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        hooks: &mut dyn ForwardHooks,
+    ) -> CandleResult<Tensor> {
+        let a = self.act.forward(&self.intermediate.forward(x)?)?;
+        let a = hooks.mlp_activation(layer, a)?;
+        let y = self.output.forward(&a)?;
         self.norm.forward(&(y + x)?)
     }
 
@@ -279,15 +284,28 @@ impl Model {
         })
     }
 
-    /// Last hidden state, `(B, T, hidden_size)`.
-    pub fn forward(&self, input: &ModelInput) -> CandleResult<Tensor> {
+    /// Last hidden state, `(B, T, hidden_size)`; `hooks` may skip
+    /// sub-layers and observe the residual stream around each.
+    pub fn forward(
+        &self,
+        input: &ModelInput,
+        hooks: &mut dyn ForwardHooks,
+    ) -> CandleResult<Tensor> {
         let bias = padding_bias(&input.attention_mask)?;
         let mut x = self.embeddings.forward(input)?;
-        for layer in &self.layers {
-            x = layer.attention.forward(&x, bias.as_ref())?;
-            if let Some(mlp) = &layer.mlp {
-                x = mlp.forward(&x)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let layer_in = x.clone();
+            if !hooks.skip(i, Sublayer::Attention) {
+                let out = layer.attention.forward(&x, bias.as_ref())?;
+                hooks.observe(i, Sublayer::Attention, &x, &out)?;
+                x = out;
             }
+            if let Some(mlp) = layer.mlp.as_ref().filter(|_| !hooks.skip(i, Sublayer::Mlp)) {
+                let out = mlp.forward(&x, i, hooks)?;
+                hooks.observe(i, Sublayer::Mlp, &x, &out)?;
+                x = out;
+            }
+            hooks.observe(i, Sublayer::Block, &layer_in, &x)?;
         }
         Ok(x)
     }

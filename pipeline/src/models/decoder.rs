@@ -16,7 +16,7 @@ use super::layers::{
     apply_rotary, attention_bias, merge_heads, scaled_dot_product_attention, split_heads,
     Activation, AttentionPattern, RmsNorm, RopeScaling, Rotary,
 };
-use super::{LayerParameters, ModelInput};
+use super::{ForwardHooks, LayerParameters, ModelInput, Sublayer};
 use crate::shape::{LayerShape, MlpShape, ModelShape};
 
 /// Rotary embedding parameters of one kind of layer.
@@ -163,9 +163,10 @@ impl GatedMlp {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, layer: usize, hooks: &mut dyn ForwardHooks) -> Result<Tensor> {
         let gate = self.act.forward(&self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        let a = hooks.mlp_activation(layer, (gate * self.up_proj.forward(x)?)?)?;
+        self.down_proj.forward(&a)
     }
 
     fn parameter_count(&self) -> usize {
@@ -282,11 +283,12 @@ impl Model {
         })
     }
 
-    /// Last hidden state (after the final norm), `(B, T, hidden_size)`.
+    /// Last hidden state (after the final norm), `(B, T, hidden_size)`;
+    /// `hooks` may skip sub-layers and observe the residual stream.
     /// Positions are `0..T` for every row, as in Hugging Face; with left
     /// padding RoPE's relative form makes the result independent of the pad
     /// count.
-    pub fn forward(&self, input: &ModelInput) -> Result<Tensor> {
+    pub fn forward(&self, input: &ModelInput, hooks: &mut dyn ForwardHooks) -> Result<Tensor> {
         let (b, t) = input.input_ids.dims2()?;
         let device = input.input_ids.device();
         let mut x = self
@@ -306,17 +308,28 @@ impl Model {
             .iter()
             .map(|r| r.cos_sin(t, device))
             .collect::<Result<Vec<_>>>()?;
-        for layer in &self.layers {
+        for (i, layer) in self.layers.iter().enumerate() {
             let (cos, sin) = &cos_sin[layer.rotary];
-            let attn = &layer.attention;
-            let y =
-                attn.inner
-                    .forward(&attn.pre_norm.forward(&x)?, &masks[layer.mask], cos, sin)?;
-            x = attn.finish(&x, y)?;
-            if let Some(mlp) = &layer.mlp {
-                let y = mlp.inner.forward(&mlp.pre_norm.forward(&x)?)?;
-                x = mlp.finish(&x, y)?;
+            let layer_in = x.clone();
+            if !hooks.skip(i, Sublayer::Attention) {
+                let attn = &layer.attention;
+                let y = attn.inner.forward(
+                    &attn.pre_norm.forward(&x)?,
+                    &masks[layer.mask],
+                    cos,
+                    sin,
+                )?;
+                let out = attn.finish(&x, y)?;
+                hooks.observe(i, Sublayer::Attention, &x, &out)?;
+                x = out;
             }
+            if let Some(mlp) = layer.mlp.as_ref().filter(|_| !hooks.skip(i, Sublayer::Mlp)) {
+                let y = mlp.inner.forward(&mlp.pre_norm.forward(&x)?, i, hooks)?;
+                let out = mlp.finish(&x, y)?;
+                hooks.observe(i, Sublayer::Mlp, &x, &out)?;
+                x = out;
+            }
+            hooks.observe(i, Sublayer::Block, &layer_in, &x)?;
         }
         self.norm.forward(&x)
     }

@@ -74,6 +74,80 @@ impl std::fmt::Display for Architecture {
     }
 }
 
+/// Names of the tensors of one layer's MLP sub-layer in a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MlpTensors {
+    /// Weights (and biases) whose rows are the intermediate neurons.
+    pub rows: Vec<String>,
+    /// The output projection: its columns are the neurons.
+    pub down: String,
+    /// The rest of the residual block (output bias, norms), removed with a dropped MLP.
+    pub others: Vec<String>,
+}
+
+impl Architecture {
+    /// The MLP tensors of `layer`, under the checkpoint's `prefix`
+    /// (`""`, `"bert."` or `"model."`).
+    pub fn mlp_tensors(self, prefix: &str, layer: usize) -> MlpTensors {
+        let p = prefix;
+        match self {
+            Self::Bert => MlpTensors {
+                rows: vec![
+                    format!("{p}encoder.layer.{layer}.intermediate.dense.weight"),
+                    format!("{p}encoder.layer.{layer}.intermediate.dense.bias"),
+                ],
+                down: format!("{p}encoder.layer.{layer}.output.dense.weight"),
+                others: vec![
+                    format!("{p}encoder.layer.{layer}.output.dense.bias"),
+                    format!("{p}encoder.layer.{layer}.output.LayerNorm.weight"),
+                    format!("{p}encoder.layer.{layer}.output.LayerNorm.bias"),
+                ],
+            },
+            Self::Gemma3 => MlpTensors {
+                rows: vec![
+                    format!("{p}layers.{layer}.mlp.gate_proj.weight"),
+                    format!("{p}layers.{layer}.mlp.up_proj.weight"),
+                ],
+                down: format!("{p}layers.{layer}.mlp.down_proj.weight"),
+                others: vec![
+                    format!("{p}layers.{layer}.pre_feedforward_layernorm.weight"),
+                    format!("{p}layers.{layer}.post_feedforward_layernorm.weight"),
+                ],
+            },
+            Self::Llama | Self::Mistral | Self::Qwen2 | Self::Qwen3 => MlpTensors {
+                rows: vec![
+                    format!("{p}layers.{layer}.mlp.gate_proj.weight"),
+                    format!("{p}layers.{layer}.mlp.up_proj.weight"),
+                    // Llama `mlp_bias`.
+                    format!("{p}layers.{layer}.mlp.gate_proj.bias"),
+                    format!("{p}layers.{layer}.mlp.up_proj.bias"),
+                ],
+                down: format!("{p}layers.{layer}.mlp.down_proj.weight"),
+                others: vec![
+                    format!("{p}layers.{layer}.mlp.down_proj.bias"),
+                    format!("{p}layers.{layer}.post_attention_layernorm.weight"),
+                ],
+            },
+        }
+    }
+
+    /// The key prefix of a checkpoint holding `names`.
+    pub fn checkpoint_prefix<'a>(
+        self,
+        mut names: impl Iterator<Item = &'a String>,
+    ) -> &'static str {
+        let (nested, probe) = match self {
+            Self::Bert => ("bert.", "bert.embeddings.word_embeddings.weight"),
+            _ => ("model.", "model.embed_tokens.weight"),
+        };
+        if names.any(|n| n == probe) {
+            nested
+        } else {
+            ""
+        }
+    }
+}
+
 /// A parsed `config.json`.
 #[derive(Debug, Clone)]
 pub enum ArchitectureConfig {
@@ -212,6 +286,72 @@ pub struct ModelInput {
     pub token_type_ids: Option<Tensor>,
 }
 
+/// A residual sub-layer of a transformer layer, or the whole layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sublayer {
+    Attention,
+    Mlp,
+    /// The whole layer (attention and MLP).
+    Block,
+}
+
+/// Run-time control and observation of a forward pass (analysis, drop
+/// studies). `observe` gets the residual stream entering and leaving each
+/// residual block: for pre-norm decoders `x` and `x + f(norm(x))`, for
+/// post-norm BERT `x` and `LN(x + f(x))`.
+pub trait ForwardHooks {
+    /// Whether to bypass a sub-layer (its residual block becomes the identity).
+    fn skip(&self, _layer: usize, _sublayer: Sublayer) -> bool {
+        false
+    }
+
+    fn observe(
+        &mut self,
+        _layer: usize,
+        _sublayer: Sublayer,
+        _input: &Tensor,
+        _output: &Tensor,
+    ) -> candle_core::Result<()> {
+        Ok(())
+    }
+
+    /// The MLP's intermediate activation `(B, T, I)` (what its output
+    /// projection reads: `act(W1 x)` or `act(gate x) * up x`); the returned
+    /// tensor replaces it (neuron statistics, masks for Taylor scores).
+    fn mlp_activation(&mut self, _layer: usize, activation: Tensor) -> candle_core::Result<Tensor> {
+        Ok(activation)
+    }
+}
+
+/// Sub-layers bypassed at run time, by layer index (drop studies).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SkippedSublayers {
+    pub attention: std::collections::BTreeSet<usize>,
+    pub mlp: std::collections::BTreeSet<usize>,
+}
+
+impl SkippedSublayers {
+    pub fn is_empty(&self) -> bool {
+        self.attention.is_empty() && self.mlp.is_empty()
+    }
+}
+
+impl ForwardHooks for SkippedSublayers {
+    fn skip(&self, layer: usize, sublayer: Sublayer) -> bool {
+        match sublayer {
+            Sublayer::Attention => self.attention.contains(&layer),
+            Sublayer::Mlp => self.mlp.contains(&layer),
+            Sublayer::Block => false,
+        }
+    }
+}
+
+/// Hooks that neither skip nor observe.
+pub struct NoHooks;
+
+impl ForwardHooks for NoHooks {}
+
 /// Parameter counts of one layer's sub-layers (norms included).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LayerParameters {
@@ -251,9 +391,18 @@ impl Backbone {
 
     /// Last hidden state, `(B, T, hidden_size)`.
     pub fn forward(&self, input: &ModelInput) -> Result<Tensor> {
+        self.forward_hooked(input, &mut NoHooks)
+    }
+
+    /// [`Backbone::forward`] with sub-layers skipped and observed by `hooks`.
+    pub fn forward_hooked(
+        &self,
+        input: &ModelInput,
+        hooks: &mut dyn ForwardHooks,
+    ) -> Result<Tensor> {
         Ok(match self {
-            Self::Bert(m) => m.forward(input)?,
-            Self::Decoder(m) => m.forward(input)?,
+            Self::Bert(m) => m.forward(input, hooks)?,
+            Self::Decoder(m) => m.forward(input, hooks)?,
         })
     }
 

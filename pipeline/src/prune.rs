@@ -1,0 +1,600 @@
+//! EffiR coarse-to-fine MLP compression (Lei et al. 2025, §4).
+//!
+//! * Coarse: drop whole MLP sub-layers, least important first (importance =
+//!   `1 - cos` of the residual stream, [`crate::analysis`]), in one shot or
+//!   iteratively (re-measuring after each drop), or an explicit list.
+//! * Fine: narrow the remaining MLPs by neuron importance — activation-aware
+//!   magnitude, `‖W_out[:, j]‖₂ · sqrt(E[a_j²])` over calibration tokens —
+//!   with per-layer widths chosen by a global ranking (scores normalised by
+//!   each layer's mean), a per-layer floor, and widths rounded to a multiple
+//!   of `alignment` so the narrowed matrices stay fast.
+//!
+//! The output is a real, smaller model directory: sliced safetensors (no
+//! masks, no zeros), the original config and tokenizer, and
+//! `effir_shape.json` with each layer's width.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::analysis::{measure_importance, ImportanceReport};
+use crate::embedder::Embedder;
+use crate::error::{Error, Result};
+use crate::models::{ForwardHooks, SkippedSublayers};
+use crate::shape::{MlpShape, ModelShape, SHAPE_FILE};
+use crate::text_encoder::EncodedText;
+use crate::weights::{weight_files, WEIGHTS_FILE, WEIGHTS_INDEX_FILE};
+
+/// How coarse selection proceeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CoarseMode {
+    /// Rank MLPs once on the full model.
+    #[default]
+    OneShot,
+    /// Drop one MLP, re-measure, drop the next.
+    Iterative,
+}
+
+/// Neuron importance score of the fine step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NeuronScore {
+    /// `‖W_out[:, j]‖₂ · sqrt(E[a_j²])`.
+    #[default]
+    ActivationMagnitude,
+}
+
+/// Which MLPs to drop.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoarsePlan {
+    /// Drop this many MLPs, least important first.
+    #[serde(default)]
+    pub drop_mlp: Option<usize>,
+    /// Or drop this fraction of the MLPs (rounded down).
+    #[serde(default)]
+    pub drop_fraction: Option<f64>,
+    /// Or exactly these layers' MLPs.
+    #[serde(default)]
+    pub layers: Option<Vec<usize>>,
+    #[serde(default)]
+    pub mode: CoarseMode,
+}
+
+/// How far to narrow the remaining MLPs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinePlan {
+    /// Fraction of the original MLP parameters kept after both steps, in (0, 1].
+    pub mlp_keep: f64,
+    #[serde(default)]
+    pub score: NeuronScore,
+    /// No remaining MLP narrower than this fraction of its original width.
+    #[serde(default = "default_floor")]
+    pub min_width_fraction: f64,
+    /// Widths are multiples of this.
+    #[serde(default = "default_alignment")]
+    pub alignment: usize,
+}
+
+fn default_floor() -> f64 {
+    0.1
+}
+fn default_alignment() -> usize {
+    8
+}
+
+/// A pruning plan (`configs/prune-*.yaml`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrunePlan {
+    /// `model_type` the plan was written for; checked when given.
+    #[serde(default)]
+    pub model_type: Option<String>,
+    /// Layer count the plan was written for; checked when given.
+    #[serde(default)]
+    pub num_layers: Option<usize>,
+    #[serde(default)]
+    pub coarse: CoarsePlan,
+    #[serde(default)]
+    pub fine: Option<FinePlan>,
+}
+
+impl PrunePlan {
+    /// Checks the plan against the model before any work is done.
+    pub fn validate(&self, shape: &ModelShape) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidArgument(format!("pruning plan: {m}")));
+        let layers = shape.layers.len();
+        if let Some(t) = &self.model_type {
+            if *t != shape.model_type {
+                return bad(format!(
+                    "written for model_type `{t}`, the model is `{}`",
+                    shape.model_type
+                ));
+            }
+        }
+        if let Some(n) = self.num_layers {
+            if n != layers {
+                return bad(format!("written for {n} layers, the model has {layers}"));
+            }
+        }
+        let c = &self.coarse;
+        let given = [
+            c.drop_mlp.is_some(),
+            c.drop_fraction.is_some(),
+            c.layers.is_some(),
+        ];
+        if given.iter().filter(|g| **g).count() > 1 {
+            return bad("give one of coarse.drop_mlp, coarse.drop_fraction, coarse.layers".into());
+        }
+        let present = shape.mlp_count();
+        if let Some(f) = c.drop_fraction {
+            if !(0.0..1.0).contains(&f) {
+                return bad(format!("coarse.drop_fraction {f} is outside [0, 1)"));
+            }
+        }
+        if let Some(list) = &c.layers {
+            let unique: BTreeSet<_> = list.iter().collect();
+            if unique.len() != list.len() {
+                return bad(format!("coarse.layers {list:?} repeats a layer"));
+            }
+            if let Some(i) = list.iter().find(|i| **i >= layers) {
+                return bad(format!(
+                    "layer {i} is out of range (the model has {layers} layers, 0..{})",
+                    layers - 1
+                ));
+            }
+            if let Some(i) = list.iter().find(|i| shape.layers[**i].mlp.is_none()) {
+                return bad(format!("layer {i} has no MLP left to drop"));
+            }
+        }
+        if self.drop_count(shape) >= present {
+            return bad(format!(
+                "dropping {} of {present} MLPs leaves none; keep at least one",
+                self.drop_count(shape)
+            ));
+        }
+        if let Some(f) = &self.fine {
+            if !(f.mlp_keep > 0.0 && f.mlp_keep <= 1.0) {
+                return bad(format!("fine.mlp_keep {} is outside (0, 1]", f.mlp_keep));
+            }
+            if !(0.0..=1.0).contains(&f.min_width_fraction) {
+                return bad(format!(
+                    "fine.min_width_fraction {} is outside [0, 1]",
+                    f.min_width_fraction
+                ));
+            }
+            if f.alignment == 0 {
+                return bad("fine.alignment must be at least 1".into());
+            }
+            let remaining = (present - self.drop_count(shape)) as f64 / present as f64;
+            if f.mlp_keep > remaining + 1e-9 {
+                return bad(format!(
+                    "fine.mlp_keep {} keeps more than the {:.3} the coarse step leaves",
+                    f.mlp_keep, remaining
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of MLPs the coarse step drops.
+    pub fn drop_count(&self, shape: &ModelShape) -> usize {
+        let c = &self.coarse;
+        if let Some(list) = &c.layers {
+            list.len()
+        } else if let Some(n) = c.drop_mlp {
+            n
+        } else if let Some(f) = c.drop_fraction {
+            (f * shape.mlp_count() as f64).floor() as usize
+        } else {
+            0
+        }
+    }
+}
+
+/// What pruning decided, layer by layer.
+#[derive(Debug, Clone, Serialize)]
+pub struct PruneResult {
+    pub dropped_mlps: Vec<usize>,
+    /// Kept neuron indices (ascending) of each remaining MLP; `None` when dropped.
+    pub kept_neurons: Vec<Option<Vec<u32>>>,
+    pub shape: ModelShape,
+    pub importance: ImportanceReport,
+    /// Kept fraction of the original MLP neurons (= parameters for uniform MLPs).
+    pub mlp_keep_achieved: f64,
+}
+
+/// Sums `a_j²` over real tokens for every MLP neuron.
+struct ActivationMeter {
+    /// `(B, T, 1)`.
+    mask: Option<Tensor>,
+    sum_sq: Vec<Option<Vec<f64>>>,
+}
+
+impl ForwardHooks for ActivationMeter {
+    fn mlp_activation(&mut self, layer: usize, activation: Tensor) -> candle_core::Result<Tensor> {
+        let mask = self.mask.as_ref().expect("mask set before each batch");
+        let s: Vec<f32> = activation
+            .sqr()?
+            .broadcast_mul(mask)?
+            .sum((0, 1))?
+            .to_vec1()?;
+        let acc = self.sum_sq[layer].get_or_insert_with(|| vec![0.0; s.len()]);
+        for (a, v) in acc.iter_mut().zip(s) {
+            *a += v as f64;
+        }
+        Ok(activation)
+    }
+}
+
+fn activation_sum_sq(
+    embedder: &Embedder,
+    texts: &[String],
+    batch_size: usize,
+) -> Result<Vec<Option<Vec<f64>>>> {
+    let encoded = embedder.encode_texts(texts, "")?;
+    let mut order: Vec<&EncodedText> = encoded.iter().filter(|e| !e.is_empty()).collect();
+    order.sort_by_key(|e| std::cmp::Reverse(e.len()));
+    let mut meter = ActivationMeter {
+        mask: None,
+        sum_sq: vec![None; embedder.shape().layers.len()],
+    };
+    for batch in order.chunks(batch_size.max(1)) {
+        let input = embedder.batch(batch)?;
+        meter.mask = Some(input.attention_mask.to_dtype(DType::F32)?.unsqueeze(2)?);
+        embedder.hidden_states_hooked(&input, &mut meter)?;
+    }
+    Ok(meter.sum_sq)
+}
+
+/// All tensors of the model in `dir`, by name (original dtypes).
+pub fn load_all_tensors(dir: &Path) -> Result<HashMap<String, Tensor>> {
+    let mut all = HashMap::new();
+    for file in weight_files(dir)? {
+        let tensors = candle_core::safetensors::load(&file, &Device::Cpu)
+            .map_err(|e| Error::weights(&file, e))?;
+        all.extend(tensors);
+    }
+    Ok(all)
+}
+
+/// Chooses what to prune. `embedder` must be the model in `dir`, with no
+/// skipped sub-layers; `calibration` are prompted texts.
+pub fn plan_pruning(
+    embedder: &mut Embedder,
+    tensors: &HashMap<String, Tensor>,
+    plan: &PrunePlan,
+    calibration: &[String],
+    batch_size: usize,
+    progress: &mut dyn FnMut(&str),
+) -> Result<PruneResult> {
+    let _span = tracing::info_span!("prune").entered();
+    let shape = embedder.shape().clone();
+    plan.validate(&shape)?;
+    let arch = embedder.architecture();
+    progress("measuring sub-layer importance");
+    let importance = measure_importance(embedder, calibration, batch_size, &mut |_| {})?;
+
+    // Coarse.
+    let n_drop = plan.drop_count(&shape);
+    let dropped: Vec<usize> = match (&plan.coarse.layers, plan.coarse.mode) {
+        (Some(list), _) => list.clone(),
+        (None, CoarseMode::OneShot) => importance
+            .mlps_by_importance()
+            .iter()
+            .take(n_drop)
+            .map(|(l, _)| *l)
+            .collect(),
+        (None, CoarseMode::Iterative) => {
+            let mut skipped = SkippedSublayers::default();
+            let mut dropped = Vec::new();
+            for step in 0..n_drop {
+                progress(&format!(
+                    "iterative drop {}/{n_drop}: re-measuring",
+                    step + 1
+                ));
+                embedder.set_skipped(skipped.clone())?;
+                let report = measure_importance(embedder, calibration, batch_size, &mut |_| {})?;
+                let (layer, _) = report.mlps_by_importance()[0];
+                dropped.push(layer);
+                skipped.mlp.insert(layer);
+            }
+            embedder.set_skipped(SkippedSublayers::default())?;
+            dropped
+        }
+    };
+    let mut new_shape = shape.clone();
+    for &l in &dropped {
+        new_shape.layers[l].mlp = None;
+    }
+
+    // Fine.
+    let mut kept: Vec<Option<Vec<u32>>> = new_shape
+        .layers
+        .iter()
+        .map(|l| l.mlp.map(|m| (0..m.intermediate_size as u32).collect()))
+        .collect();
+    let original_neurons: usize = shape
+        .layers
+        .iter()
+        .filter_map(|l| l.mlp)
+        .map(|m| m.intermediate_size)
+        .sum();
+    if let Some(fine) = &plan.fine {
+        progress("measuring neuron activations");
+        embedder.set_skipped(SkippedSublayers {
+            mlp: dropped.iter().copied().collect(),
+            ..Default::default()
+        })?;
+        let sum_sq = activation_sum_sq(embedder, calibration, batch_size)?;
+        embedder.set_skipped(SkippedSublayers::default())?;
+        let prefix = arch.checkpoint_prefix(tensors.keys());
+        // Scores per remaining layer, normalised by the layer's mean.
+        let mut scores: Vec<(usize, u32, f64)> = Vec::new();
+        let mut floors: HashMap<usize, usize> = HashMap::new();
+        for (l, layer) in new_shape.layers.iter().enumerate() {
+            let Some(mlp) = layer.mlp else { continue };
+            let names = arch.mlp_tensors(prefix, l);
+            let down = tensors.get(&names.down).ok_or_else(|| {
+                Error::InvalidArgument(format!("tensor {} not found in the checkpoint", names.down))
+            })?;
+            let col_norms: Vec<f32> = down
+                .to_dtype(DType::F32)?
+                .sqr()?
+                .sum(0)?
+                .sqrt()?
+                .to_vec1()?;
+            let acts = sum_sq[l].as_ref().ok_or_else(|| {
+                Error::InvalidArgument(format!("no activations were recorded for layer {l}'s MLP"))
+            })?;
+            let raw: Vec<f64> = col_norms
+                .iter()
+                .zip(acts)
+                .map(|(w, a)| *w as f64 * a.sqrt())
+                .collect();
+            let mean = raw.iter().sum::<f64>() / raw.len() as f64;
+            for (j, s) in raw.iter().enumerate() {
+                scores.push((l, j as u32, if mean > 0.0 { s / mean } else { 0.0 }));
+            }
+            let floor = align_up(
+                (fine.min_width_fraction * mlp.intermediate_size as f64).ceil() as usize,
+                fine.alignment,
+            )
+            .clamp(
+                fine.alignment.min(mlp.intermediate_size),
+                mlp.intermediate_size,
+            );
+            floors.insert(l, floor);
+        }
+        let target = (fine.mlp_keep * original_neurons as f64).round() as usize;
+        let floor_total: usize = floors.values().sum();
+        if floor_total > target {
+            return Err(Error::InvalidArgument(format!(
+                "fine.mlp_keep {} is below the per-layer floors ({} neurons of {} needed by min_width_fraction {})",
+                fine.mlp_keep, floor_total, original_neurons, fine.min_width_fraction
+            )));
+        }
+        let widths = allocate_widths(&scores, &floors, &new_shape, target, fine.alignment);
+        for (l, width) in widths {
+            let mut layer_scores: Vec<(u32, f64)> = scores
+                .iter()
+                .filter(|(sl, _, _)| *sl == l)
+                .map(|(_, j, s)| (*j, *s))
+                .collect();
+            layer_scores.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            let mut keep: Vec<u32> = layer_scores.iter().take(width).map(|(j, _)| *j).collect();
+            keep.sort_unstable();
+            new_shape.layers[l].mlp = Some(MlpShape {
+                intermediate_size: keep.len(),
+            });
+            kept[l] = Some(keep);
+        }
+    }
+    let kept_neurons: usize = kept.iter().flatten().map(Vec::len).sum();
+    Ok(PruneResult {
+        dropped_mlps: dropped,
+        kept_neurons: kept,
+        shape: new_shape,
+        importance,
+        mlp_keep_achieved: kept_neurons as f64 / original_neurons.max(1) as f64,
+    })
+}
+
+fn align_up(n: usize, alignment: usize) -> usize {
+    n.div_ceil(alignment) * alignment
+}
+
+/// Per-layer widths: each layer's floor, then the globally best remaining
+/// neurons up to `target`, then rounded to a multiple of `alignment`.
+fn allocate_widths(
+    scores: &[(usize, u32, f64)],
+    floors: &HashMap<usize, usize>,
+    shape: &ModelShape,
+    target: usize,
+    alignment: usize,
+) -> Vec<(usize, usize)> {
+    let mut per_layer: HashMap<usize, Vec<f64>> = HashMap::new();
+    for (l, _, s) in scores {
+        per_layer.entry(*l).or_default().push(*s);
+    }
+    let mut width: HashMap<usize, usize> = floors.clone();
+    // Candidates beyond each layer's floor, best first.
+    let mut rest: Vec<(usize, f64)> = Vec::new();
+    for (l, s) in per_layer.iter_mut() {
+        s.sort_by(|a, b| b.total_cmp(a));
+        rest.extend(s.iter().skip(floors[l]).map(|v| (*l, *v)));
+    }
+    rest.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let floor_total: usize = width.values().sum();
+    for (l, _) in rest.into_iter().take(target.saturating_sub(floor_total)) {
+        *width.get_mut(&l).expect("layer has a floor") += 1;
+    }
+    let mut out: Vec<(usize, usize)> = width
+        .into_iter()
+        .map(|(l, w)| {
+            let full = shape.layers[l].mlp.map_or(0, |m| m.intermediate_size);
+            let rounded = ((w as f64 / alignment as f64).round() as usize * alignment)
+                .clamp(floors[&l], full);
+            (l, rounded)
+        })
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+/// Writes the pruned model into `out` (which must not exist): sliced
+/// weights, the other files of `source` copied, `effir_shape.json`, and
+/// `effir_prune.json` (the plan, the decisions, and the LLM-Drop and DeciLM
+/// translations). The directory appears whole or not at all.
+pub fn write_pruned_model(
+    source: &Path,
+    out: &Path,
+    tensors: HashMap<String, Tensor>,
+    arch: crate::models::Architecture,
+    plan: &PrunePlan,
+    result: &PruneResult,
+) -> Result<()> {
+    if out.exists() {
+        return Err(Error::InvalidArgument(format!(
+            "{}: already exists; choose a new output directory",
+            out.display()
+        )));
+    }
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    let staging = tempfile::Builder::new()
+        .prefix(".effir-prune-")
+        .tempdir_in(parent)
+        .map_err(|e| Error::io(parent, e))?;
+    copy_model_files(source, staging.path(), true)?;
+
+    let prefix = arch.checkpoint_prefix(tensors.keys());
+    let mut tensors = tensors;
+    for (l, kept) in result.kept_neurons.iter().enumerate() {
+        let names = arch.mlp_tensors(prefix, l);
+        match kept {
+            None => {
+                for name in names.rows.iter().chain([&names.down]).chain(&names.others) {
+                    tensors.remove(name);
+                }
+            }
+            Some(keep) => {
+                let full = tensors
+                    .get(&names.down)
+                    .map(|t| t.dim(1))
+                    .transpose()?
+                    .unwrap_or(keep.len());
+                if keep.len() == full {
+                    continue;
+                }
+                let index = Tensor::new(keep.as_slice(), &Device::Cpu)?;
+                for name in &names.rows {
+                    if let Some(t) = tensors.get(name) {
+                        let sliced = t.index_select(&index, 0)?;
+                        tensors.insert(name.clone(), sliced);
+                    }
+                }
+                let down = tensors[&names.down].index_select(&index, 1)?;
+                tensors.insert(names.down.clone(), down);
+            }
+        }
+    }
+    let weights = staging.path().join(WEIGHTS_FILE);
+    candle_core::safetensors::save(&tensors, &weights).map_err(|e| Error::weights(&weights, e))?;
+    result.shape.save(staging.path())?;
+    let record = serde_json::json!({
+        "effir_version": env!("CARGO_PKG_VERSION"),
+        "source_model": source,
+        "plan": plan,
+        "dropped_mlps": result.dropped_mlps,
+        "mlp_widths": result.shape.layers.iter().map(|l| l.mlp.map(|m| m.intermediate_size)).collect::<Vec<_>>(),
+        "mlp_keep_achieved": result.mlp_keep_achieved,
+        "importance": result.importance.layers,
+        // LLM-Drop (Chen et al.) convention.
+        "drop_mlp_list": result.dropped_mlps,
+        "drop_attn_list": Vec::<usize>::new(),
+        "decilm_block_configs": decilm_block_configs(arch, &result.shape),
+    });
+    let record_path = staging.path().join("effir_prune.json");
+    std::fs::write(
+        &record_path,
+        format!(
+            "{}\n",
+            serde_json::to_string_pretty(&record).unwrap_or_default()
+        ),
+    )
+    .map_err(|e| Error::io(&record_path, e))?;
+    let staged = staging.keep();
+    std::fs::rename(&staged, out).map_err(|e| Error::io(out, e))?;
+    Ok(())
+}
+
+/// NVIDIA DeciLM `block_configs` (per layer `attention` / `ffn`, `no_op` for a
+/// dropped MLP) for Llama-family models; `null` where DeciLM cannot express
+/// the model (other architectures, or a width no `ffn_mult` produces).
+fn decilm_block_configs(
+    arch: crate::models::Architecture,
+    shape: &ModelShape,
+) -> serde_json::Value {
+    use crate::models::Architecture as A;
+    if !matches!(arch, A::Llama | A::Mistral | A::Qwen2 | A::Qwen3) {
+        return serde_json::Value::Null;
+    }
+    serde_json::Value::Array(
+        shape
+            .layers
+            .iter()
+            .map(|l| {
+                let ffn = match l.mlp {
+                    None => serde_json::json!({ "no_op": true, "replace_with_linear": false, "ffn_mult": null }),
+                    Some(m) => serde_json::json!({
+                        "no_op": false,
+                        "replace_with_linear": false,
+                        // DeciLM derives the width from ffn_mult; effir records the exact width beside it.
+                        "intermediate_size": m.intermediate_size,
+                    }),
+                };
+                serde_json::json!({
+                    "attention": { "no_op": false, "replace_with_linear": false, "n_heads_in_group": l.num_heads / l.num_kv_heads },
+                    "ffn": ffn,
+                })
+            })
+            .collect(),
+    )
+}
+
+/// Copies every file of the model directory except the backbone weights and
+/// effir's own records (recursively: sentence-transformers module folders
+/// keep their own weights).
+fn copy_model_files(source: &Path, dest: &Path, top: bool) -> Result<()> {
+    for entry in std::fs::read_dir(source).map_err(|e| Error::io(source, e))? {
+        let entry = entry.map_err(|e| Error::io(source, e))?;
+        let name = entry.file_name();
+        let name_str = name.to_string_lossy();
+        let from = entry.path();
+        let to: PathBuf = dest.join(&name);
+        if from.is_dir() {
+            std::fs::create_dir_all(&to).map_err(|e| Error::io(&to, e))?;
+            copy_model_files(&from, &to, false)?;
+        } else if top
+            && (name_str == WEIGHTS_FILE
+                || name_str == WEIGHTS_INDEX_FILE
+                || name_str == SHAPE_FILE
+                || name_str == "effir_prune.json"
+                || name_str == "prune_report.md"
+                || (name_str.starts_with("model-") && name_str.ends_with(".safetensors")))
+        {
+            continue;
+        } else {
+            std::fs::copy(&from, &to).map_err(|e| Error::io(&from, e))?;
+        }
+    }
+    Ok(())
+}

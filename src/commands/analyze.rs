@@ -1,0 +1,142 @@
+//! `effir analyze`: importance of every attention and MLP sub-layer.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use effir_pipeline::analysis::measure_importance;
+use effir_pipeline::atomic_file::write_atomically;
+use effir_pipeline::calibration::{CalibrationBudget, CalibrationSet};
+use effir_pipeline::{Embedder, Prompt};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Deserialize;
+
+use super::model_options::ModelArgs;
+
+#[derive(Debug, Args)]
+pub struct AnalyzeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Calibration texts: JSONL with `text`, or one text per line.
+    #[arg(long, conflicts_with = "data")]
+    pub calib: Option<PathBuf>,
+    /// Or a BEIR dataset to sample queries and documents from.
+    #[arg(long, env = "EFFIR_DATA")]
+    pub data: Option<PathBuf>,
+    /// Output directory: importance.json, importance.md, importance.svg.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Stage config (YAML); flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Queries sampled from --data [default: 256].
+    #[arg(long)]
+    pub calib_queries: Option<usize>,
+    /// Documents sampled from --data [default: 256].
+    #[arg(long)]
+    pub calib_docs: Option<usize>,
+    /// Token budget of the calibration text [default: 65536].
+    #[arg(long)]
+    pub calib_tokens: Option<usize>,
+    /// Sampling seed [default: 0].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Texts per forward pass [default: 16].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// `configs/analyze.yaml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnalyzeConfig {
+    pub calib_queries: Option<usize>,
+    pub calib_docs: Option<usize>,
+    pub calib_tokens: Option<usize>,
+    pub seed: Option<u64>,
+    pub batch_size: Option<usize>,
+}
+
+pub fn run(args: AnalyzeArgs) -> anyhow::Result<()> {
+    let config: AnalyzeConfig = crate::stage_config::load(args.config.as_deref())?;
+    let budget = CalibrationBudget {
+        queries: args.calib_queries.or(config.calib_queries).unwrap_or(256),
+        documents: args.calib_docs.or(config.calib_docs).unwrap_or(256),
+        max_tokens: args.calib_tokens.or(config.calib_tokens).unwrap_or(65_536),
+        seed: args.seed.or(config.seed).unwrap_or(0),
+    };
+    let batch_size = args.batch_size.or(config.batch_size).unwrap_or(16);
+    if batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let embedder = Embedder::load(&args.model.model, &args.model.load_options())
+        .with_context(|| format!("loading model {}", args.model.model.display()))?;
+    let calibration = match (&args.calib, &args.data) {
+        (Some(file), None) => {
+            CalibrationSet::from_file(&embedder, file, &Prompt::None, budget.max_tokens)?
+        }
+        (None, Some(dir)) => CalibrationSet::from_dataset(&embedder, dir, &budget)?,
+        _ => bail!("give calibration text with --calib FILE or --data DIR"),
+    };
+    let bar = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(calibration.texts.len() as u64)
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} analyzing {pos}/{len} texts [{elapsed_precise}<{eta_precise}]",
+        )
+        .expect("valid template"),
+    );
+    let start = Instant::now();
+    let report = measure_importance(&embedder, &calibration.texts, batch_size, &mut |d| {
+        bar.set_position(d as u64)
+    })?;
+    bar.finish_and_clear();
+    let seconds = start.elapsed().as_secs_f64();
+
+    let name = args
+        .model
+        .model
+        .file_name()
+        .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned());
+    let title = format!("Sub-layer importance of {name}");
+    let json = serde_json::json!({
+        "model": args.model.model,
+        "calibration": { "source": calibration.source, "texts": report.texts, "tokens": report.tokens, "seed": budget.seed },
+        "seconds": seconds,
+        "seconds_per_1000_tokens": seconds * 1000.0 / report.tokens as f64,
+        "layers": report.layers,
+        "mlps_least_important_first": report.mlps_by_importance().iter().map(|(l, _)| *l).collect::<Vec<_>>(),
+    });
+    let write = |file: &str, body: &[u8]| -> anyhow::Result<()> {
+        let path = args.out.join(file);
+        write_atomically(&path, |w| {
+            w.write_all(body).map_err(|e| effir_pipeline::Error::Io {
+                path: path.clone(),
+                error: e,
+            })
+        })?;
+        Ok(())
+    };
+    write(
+        "importance.json",
+        format!("{}\n", serde_json::to_string_pretty(&json)?).as_bytes(),
+    )?;
+    write("importance.md", report.markdown(&title).as_bytes())?;
+    write("importance.svg", report.svg(&title).as_bytes())?;
+    print!("{}", report.markdown(&title));
+    println!(
+        "\n{:.1}s for {} tokens ({:.3}s per 1,000 tokens); wrote {}/importance.{{json,md,svg}}",
+        seconds,
+        report.tokens,
+        seconds * 1000.0 / report.tokens as f64,
+        args.out.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,183 @@
+//! `effir drop-study`: retrieval quality after dropping the least important
+//! attention or MLP sub-layers (no fine-tuning).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use effir_pipeline::analysis::measure_importance;
+use effir_pipeline::atomic_file::write_atomically;
+use effir_pipeline::beir::{DanglingPolicy, Dataset};
+use effir_pipeline::calibration::{CalibrationBudget, CalibrationSet};
+use effir_pipeline::drop_study::drop_study;
+use effir_pipeline::embedding_cache::EmbeddingCache;
+use effir_pipeline::evaluation::{EvalSettings, Phase};
+use effir_pipeline::Embedder;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::model_options::ModelArgs;
+
+#[derive(Debug, Args)]
+pub struct DropStudyArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// BEIR dataset: calibration text and evaluation.
+    #[arg(long, env = "EFFIR_DATA")]
+    pub data: PathBuf,
+    /// Qrels split to evaluate [default: test].
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// Numbers of sub-layers to drop, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4")]
+    pub k: Vec<usize>,
+    /// Evaluate on a fixed subset: every judged document plus random ones, this many in all.
+    #[arg(long)]
+    pub doc_sample: Option<usize>,
+    /// Seed of the document sample and the calibration sample.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Token budget of the calibration text.
+    #[arg(long, default_value_t = 65_536)]
+    pub calib_tokens: usize,
+    /// Output directory: drop_study.json, drop_study.md, drop_study.svg, importance.json.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Texts per forward pass.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Corpus-embedding cache [default: $EFFIR_CACHE_DIR or ~/.cache/effir].
+    #[arg(long, env = "EFFIR_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+pub fn run(args: DropStudyArgs) -> anyhow::Result<()> {
+    if args.k.is_empty() || args.k.contains(&0) {
+        bail!("--k takes counts of at least 1, e.g. --k 1,2,4");
+    }
+    if args.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let mut dataset = Dataset::load(&args.data, &args.split, DanglingPolicy::Warn)?;
+    let full = dataset.corpus.len();
+    if let Some(n) = args.doc_sample {
+        dataset = dataset.with_document_sample(n, args.seed);
+    }
+    let mut embedder = Embedder::load(&args.model.model, &args.model.load_options())
+        .with_context(|| format!("loading model {}", args.model.model.display()))?;
+    let layers = embedder.shape().layers.len();
+    if let Some(k) = args.k.iter().find(|k| **k > layers) {
+        bail!("--k {k}: the model has {layers} layers");
+    }
+    let budget = CalibrationBudget {
+        max_tokens: args.calib_tokens,
+        seed: args.seed,
+        ..Default::default()
+    };
+    let calibration = CalibrationSet::from_dataset(&embedder, &args.data, &budget)?;
+    let bar = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(0)
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} {msg} {pos}/{len} [{elapsed_precise}<{eta_precise}]",
+        )
+        .expect("valid template"),
+    );
+    bar.set_message("analyzing");
+    bar.set_length(calibration.texts.len() as u64);
+    let importance =
+        measure_importance(&embedder, &calibration.texts, args.batch_size, &mut |d| {
+            bar.set_position(d as u64)
+        })?;
+    let settings = EvalSettings {
+        batch_size: args.batch_size,
+        cache: Some(
+            args.cache_dir
+                .clone()
+                .unwrap_or_else(EmbeddingCache::default_dir),
+        ),
+        ..Default::default()
+    };
+    let study = drop_study(
+        &mut embedder,
+        &importance,
+        &dataset,
+        &args.k,
+        &settings,
+        &mut |label, phase, done, total| {
+            bar.set_message(format!(
+                "{label}: {}",
+                match phase {
+                    Phase::Corpus => "corpus",
+                    Phase::Queries => "queries",
+                }
+            ));
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        },
+    )?;
+    bar.finish_and_clear();
+
+    let name = args
+        .model
+        .model
+        .file_name()
+        .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned());
+    let subset = match args.doc_sample {
+        Some(_) if dataset.corpus.len() < full => format!(
+            "{} of {full} documents (every judged document plus a random sample, seed {})",
+            dataset.corpus.len(),
+            args.seed
+        ),
+        _ => format!("all {full} documents"),
+    };
+    let title = format!("Drop study of {name} on {}", args.data.display());
+    let json = serde_json::json!({
+        "model": args.model.model,
+        "data": args.data,
+        "split": args.split,
+        "documents": subset,
+        "max_length": embedder.text_encoder().max_length(),
+        "calibration_tokens": importance.tokens,
+        "importance": importance.layers,
+        "study": study,
+    });
+    let mut md = study.markdown(&title);
+    md.push_str(&format!(
+        "\nEvaluation set: {subset}, split `{}`.\n",
+        args.split
+    ));
+    let write = |file: &str, body: String| -> anyhow::Result<()> {
+        let path = args.out.join(file);
+        write_atomically(&path, |w| {
+            w.write_all(body.as_bytes())
+                .map_err(|e| effir_pipeline::Error::Io {
+                    path: path.clone(),
+                    error: e,
+                })
+        })?;
+        Ok(())
+    };
+    write(
+        "drop_study.json",
+        format!("{}\n", serde_json::to_string_pretty(&json)?),
+    )?;
+    write("drop_study.md", md.clone())?;
+    write("drop_study.svg", study.svg(&title))?;
+    write(
+        "importance.md",
+        importance.markdown(&format!("Sub-layer importance of {name}")),
+    )?;
+    write(
+        "importance.svg",
+        importance.svg(&format!("Sub-layer importance of {name}")),
+    )?;
+    print!("{md}");
+    println!("wrote {}/drop_study.{{json,md,svg}}", args.out.display());
+    Ok(())
+}

@@ -1,0 +1,207 @@
+//! `effir prune`: coarse MLP dropping and fine width reduction into a new,
+//! smaller model directory.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use effir_pipeline::calibration::{CalibrationBudget, CalibrationSet};
+use effir_pipeline::prune::{
+    load_all_tensors, plan_pruning, write_pruned_model, CoarseMode, CoarsePlan, FinePlan, PrunePlan,
+};
+use effir_pipeline::{Embedder, ParameterReport, Prompt};
+
+use super::model_options::ModelArgs;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    OneShot,
+    Iterative,
+}
+
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// New directory for the pruned model (must not exist).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Pruning plan (YAML, e.g. configs/prune-minilm-50.yaml).
+    #[arg(long, conflicts_with_all = ["drop_mlp", "mlp_keep", "drop_layers"])]
+    pub plan: Option<PathBuf>,
+    /// Drop this many MLP sub-layers, least important first.
+    #[arg(long)]
+    pub drop_mlp: Option<usize>,
+    /// Or drop exactly these layers' MLPs (comma-separated).
+    #[arg(long, value_delimiter = ',', conflicts_with = "drop_mlp")]
+    pub drop_layers: Option<Vec<usize>>,
+    /// Fraction of the original MLP parameters kept after dropping and narrowing.
+    #[arg(long)]
+    pub mlp_keep: Option<f64>,
+    /// Coarse selection: rank once, or re-measure after each drop.
+    #[arg(long, value_enum, default_value = "one-shot")]
+    pub mode: ModeArg,
+    /// Calibration: a BEIR dataset to sample queries and documents from.
+    #[arg(long, env = "EFFIR_DATA")]
+    pub data: Option<PathBuf>,
+    /// Or a file of calibration texts.
+    #[arg(long, conflicts_with = "data")]
+    pub calib: Option<PathBuf>,
+    /// Token budget of the calibration text.
+    #[arg(long, default_value_t = 65_536)]
+    pub calib_tokens: usize,
+    /// Seed of the calibration sample.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Texts per forward pass.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+}
+
+fn flops_per_token(p: &ParameterReport, attention_width: &[usize], seq_len: usize) -> (f64, f64) {
+    // 2 FLOPs per weight of every projection, plus QK^T and AV: 4·T·(heads·head_dim) per layer.
+    let attention: f64 = p
+        .layers
+        .iter()
+        .map(|l| 2.0 * l.attention as f64)
+        .sum::<f64>()
+        + attention_width
+            .iter()
+            .map(|w| 4.0 * seq_len as f64 * *w as f64)
+            .sum::<f64>();
+    let mlp: f64 = p.layers.iter().map(|l| 2.0 * l.mlp as f64).sum();
+    (attention, mlp)
+}
+
+fn report(before: &Embedder, after: &Embedder) -> String {
+    let seq = before.text_encoder().max_length();
+    let widths = |e: &Embedder| {
+        e.shape()
+            .layers
+            .iter()
+            .map(|l| l.num_heads * l.head_dim)
+            .collect::<Vec<_>>()
+    };
+    let (pb, pa) = (before.parameters(), after.parameters());
+    let (ab, mb) = flops_per_token(&pb, &widths(before), seq);
+    let (aa, ma) = flops_per_token(&pa, &widths(after), seq);
+    let sum = |p: &ParameterReport,
+               f: fn(&effir_pipeline::embedder::LayerParameterReport) -> usize|
+     -> usize { p.layers.iter().map(f).sum() };
+    let row = |name: &str, b: f64, a: f64| {
+        format!(
+            "| {name} | {b:.0} | {a:.0} | {:+.1}% |\n",
+            100.0 * (a - b) / b.max(1.0)
+        )
+    };
+    let mut md = String::from("| component | before | after | change |\n|---|---:|---:|---:|\n");
+    md += &row(
+        "embedding parameters",
+        pb.embeddings as f64,
+        pa.embeddings as f64,
+    );
+    md += &row(
+        "attention parameters",
+        sum(&pb, |l| l.attention) as f64,
+        sum(&pa, |l| l.attention) as f64,
+    );
+    md += &row(
+        "MLP parameters",
+        sum(&pb, |l| l.mlp) as f64,
+        sum(&pa, |l| l.mlp) as f64,
+    );
+    md += &row("head (Dense) parameters", pb.head as f64, pa.head as f64);
+    md += &row("total parameters", pb.total as f64, pa.total as f64);
+    md += &row(&format!("attention FLOPs/token (T={seq})"), ab, aa);
+    md += &row("MLP FLOPs/token", mb, ma);
+    md += &row("transformer FLOPs/token", ab + mb, aa + ma);
+    md
+}
+
+pub fn run(args: PruneArgs) -> anyhow::Result<()> {
+    if args.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let plan: PrunePlan = match &args.plan {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("{}: cannot read plan", path.display()))?;
+            serde_yaml::from_str(&text)
+                .with_context(|| format!("{}: invalid pruning plan", path.display()))?
+        }
+        None => PrunePlan {
+            coarse: CoarsePlan {
+                drop_mlp: args.drop_mlp,
+                layers: args.drop_layers.clone(),
+                mode: match args.mode {
+                    ModeArg::OneShot => CoarseMode::OneShot,
+                    ModeArg::Iterative => CoarseMode::Iterative,
+                },
+                ..Default::default()
+            },
+            fine: args.mlp_keep.map(|mlp_keep| FinePlan {
+                mlp_keep,
+                score: Default::default(),
+                min_width_fraction: 0.1,
+                alignment: 8,
+            }),
+            ..Default::default()
+        },
+    };
+    if args.out.exists() {
+        bail!(
+            "{}: already exists; choose a new output directory",
+            args.out.display()
+        );
+    }
+    let mut embedder = Embedder::load(&args.model.model, &args.model.load_options())
+        .with_context(|| format!("loading model {}", args.model.model.display()))?;
+    // Every check on the plan before any work.
+    plan.validate(embedder.shape())?;
+    let calibration = match (&args.calib, &args.data) {
+        (Some(file), None) => {
+            CalibrationSet::from_file(&embedder, file, &Prompt::None, args.calib_tokens)?
+        }
+        (None, Some(dir)) => CalibrationSet::from_dataset(
+            &embedder,
+            dir,
+            &CalibrationBudget {
+                max_tokens: args.calib_tokens,
+                seed: args.seed,
+                ..Default::default()
+            },
+        )?,
+        _ => bail!("give calibration text with --data DIR or --calib FILE"),
+    };
+    let tensors = load_all_tensors(&args.model.model)?;
+    let start = Instant::now();
+    let result = plan_pruning(
+        &mut embedder,
+        &tensors,
+        &plan,
+        &calibration.texts,
+        args.batch_size,
+        &mut |step| eprintln!("{step} …"),
+    )?;
+    let arch = embedder.architecture();
+    write_pruned_model(&args.model.model, &args.out, tensors, arch, &plan, &result)?;
+    let pruned = Embedder::load(&args.out, &args.model.load_options())
+        .with_context(|| format!("re-loading the pruned model {}", args.out.display()))?;
+    let table = report(&embedder, &pruned);
+    let md = format!(
+        "# Pruning {} -> {}\n\nDropped MLPs: {:?}; MLP widths: {:?}; {:.1}% of the MLP neurons kept; calibration: {} tokens of {}; {:.1}s.\n\n{table}",
+        args.model.model.display(),
+        args.out.display(),
+        result.dropped_mlps,
+        result.shape.layers.iter().map(|l| l.mlp.map(|m| m.intermediate_size)).collect::<Vec<_>>(),
+        100.0 * result.mlp_keep_achieved,
+        calibration.tokens,
+        calibration.source,
+        start.elapsed().as_secs_f64()
+    );
+    std::fs::write(args.out.join("prune_report.md"), &md)
+        .with_context(|| format!("{}: cannot write report", args.out.display()))?;
+    print!("{md}");
+    Ok(())
+}
