@@ -68,7 +68,7 @@ metric-references: python-deps models
 	$(PYTHON) benchmarks/reference_eval.py --model $(MINILM) --data data/scifact --out tests/fixtures/eval/scifact-minilm-st.json
 
 bench-embed: build models python-deps
-	$(PYTHON) benchmarks/embed_speed.py --model $(MINILM)
+	$(PYTHON) benchmarks/embed_speed.py --model $(MINILM) --repeats 2
 
 parity-embeddinggemma: build $(GEMMA)/model.safetensors python-deps
 	$(PYTHON) benchmarks/parity_embeddinggemma.py --model $(GEMMA)
