@@ -30,6 +30,15 @@ fn calibration() -> Vec<String> {
     CALIBRATION.iter().map(|s| s.to_string()).collect()
 }
 
+/// Query–document pairs for Taylor scores: each text against a related one.
+fn pairs() -> Vec<(String, String)> {
+    let c = calibration();
+    c.iter()
+        .zip(c.iter().rev())
+        .map(|(a, b)| (a.clone(), b.clone()))
+        .collect()
+}
+
 fn load(dir: &Path) -> Embedder {
     Embedder::load(dir, &LoadOptions::default()).unwrap()
 }
@@ -44,6 +53,7 @@ fn prune(name: &str, plan: &PrunePlan) -> (tempfile::TempDir, PathBuf, PruneResu
         &tensors,
         plan,
         &calibration(),
+        &pairs(),
         4,
         &mut |_| {},
     )
@@ -413,4 +423,110 @@ fn the_cli_writes_a_loadable_model_and_its_records() {
         "{}",
         String::from_utf8_lossy(&blank.stderr)
     );
+}
+
+/// Scales one neuron's activation by `factor`.
+struct ScaleNeuron {
+    layer: usize,
+    neuron: usize,
+    factor: f64,
+}
+impl ForwardHooks for ScaleNeuron {
+    fn mlp_activation(&mut self, layer: usize, a: Tensor) -> candle_core::Result<Tensor> {
+        if layer != self.layer {
+            return Ok(a);
+        }
+        let width = a.dim(2)?;
+        let scale: Vec<f32> = (0..width)
+            .map(|j| {
+                if j == self.neuron {
+                    self.factor as f32
+                } else {
+                    1.0
+                }
+            })
+            .collect();
+        a.broadcast_mul(&Tensor::new(scale.as_slice(), a.device())?)
+    }
+}
+
+/// The Taylor score of a neuron is |∂L/∂m| for a gate m on its activation:
+/// candle's gradient must match central finite differences of the loss.
+#[test]
+fn taylor_scores_match_finite_differences() {
+    use effir_pipeline::prune::{info_nce, taylor_scores, TAYLOR_TEMPERATURE};
+    for arch in ["bert", "llama", "gemma3"] {
+        let embedder = load(&fixture(arch));
+        let pairs = pairs();
+        let scores = taylor_scores(&embedder, &pairs, pairs.len()).unwrap();
+        let loss = |hooks: &mut dyn ForwardHooks| -> f64 {
+            let q: Vec<&str> = pairs.iter().map(|(q, _)| q.as_str()).collect();
+            let d: Vec<&str> = pairs.iter().map(|(_, d)| d.as_str()).collect();
+            let (qe, de) = (
+                embedder.encode_texts(&q, "").unwrap(),
+                embedder.encode_texts(&d, "").unwrap(),
+            );
+            let qv = embedder
+                .embed_batch_hooked(
+                    &embedder.batch(&qe.iter().collect::<Vec<_>>()).unwrap(),
+                    hooks,
+                )
+                .unwrap();
+            let dv = embedder
+                .embed_batch_hooked(
+                    &embedder.batch(&de.iter().collect::<Vec<_>>()).unwrap(),
+                    hooks,
+                )
+                .unwrap();
+            info_nce(&qv, &dv, TAYLOR_TEMPERATURE)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64
+        };
+        for layer in [0, 2] {
+            let layer_scores = scores[layer].as_ref().unwrap();
+            // The three neurons with the largest gradients: well above f32 noise.
+            let mut order: Vec<usize> = (0..layer_scores.len()).collect();
+            order.sort_by(|a, b| layer_scores[*b].total_cmp(&layer_scores[*a]));
+            for &neuron in &order[..3] {
+                let eps = 1e-2;
+                let up = loss(&mut ScaleNeuron {
+                    layer,
+                    neuron,
+                    factor: 1.0 + eps,
+                });
+                let down = loss(&mut ScaleNeuron {
+                    layer,
+                    neuron,
+                    factor: 1.0 - eps,
+                });
+                let fd = ((up - down) / (2.0 * eps)).abs();
+                let got = layer_scores[neuron];
+                assert!(
+                    (got - fd).abs() <= 2e-2 * fd.max(got) + 1e-4,
+                    "{arch} layer {layer} neuron {neuron}: autograd {got:.6}, finite difference {fd:.6}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn taylor_scores_prune_to_the_same_constraints() {
+    let plan = PrunePlan {
+        fine: Some(FinePlan {
+            mlp_keep: 0.5,
+            score: effir_pipeline::prune::NeuronScore::Taylor,
+            min_width_fraction: 0.25,
+            alignment: 8,
+        }),
+        ..Default::default()
+    };
+    let (_work, out, result) = prune("qwen3", &plan);
+    for keep in result.kept_neurons.iter().flatten() {
+        assert_eq!(keep.len() % 8, 0);
+        assert!(keep.len() >= 24);
+    }
+    assert!((result.mlp_keep_achieved - 0.5).abs() <= 24.0 / 288.0);
+    assert_eq!(load(&out).shape().mlp_count(), 3);
 }

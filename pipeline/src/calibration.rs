@@ -135,3 +135,55 @@ impl CalibrationSet {
         cut_to_budget(embedder, texts, max_tokens, path.display().to_string())
     }
 }
+
+/// `(query, positive document)` texts from a BEIR split's judgements (grade
+/// ≥ 1), one pair per query, seeded; prompts and document template as
+/// evaluation uses them. For gradient-based scores.
+pub fn training_pairs(
+    embedder: &Embedder,
+    dir: &Path,
+    split: &str,
+    count: usize,
+    seed: u64,
+) -> Result<Vec<(String, String)>> {
+    let qrels = crate::beir::load_qrels(dir, split)?;
+    let corpus = load_corpus(dir)?;
+    let queries = load_queries(dir)?;
+    let docs: std::collections::HashMap<&str, &crate::beir::Document> =
+        corpus.iter().map(|d| (d.id.as_str(), d)).collect();
+    let template = DocumentTemplate::for_model(embedder);
+    let doc_prompt = embedder
+        .sentence_config()
+        .prompts
+        .get("document")
+        .cloned()
+        .unwrap_or_default();
+    let query_prefix = embedder.prefix(&default_query_prompt(embedder))?;
+    let mut pairs = Vec::new();
+    for q in &queries {
+        let Some(judged) = qrels.get(&q.id) else {
+            continue;
+        };
+        if let Some(doc) = judged
+            .iter()
+            .filter(|(_, g)| **g >= 1)
+            .find_map(|(id, _)| docs.get(id.as_str()))
+        {
+            pairs.push((
+                format!("{query_prefix}{}", q.text),
+                template.render(doc, &doc_prompt),
+            ));
+        }
+    }
+    if pairs.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "{}: split `{split}` has no query with a relevant document in the corpus",
+            dir.display()
+        )));
+    }
+    Ok(shuffled_indices(pairs.len(), seed)
+        .into_iter()
+        .take(count)
+        .map(|i| pairs[i].clone())
+        .collect())
+}

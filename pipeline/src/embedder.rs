@@ -308,6 +308,16 @@ impl Embedder {
         )
     }
 
+    /// Embeddings of one batch with `hooks` observing the backbone.
+    pub fn embed_batch_hooked(
+        &self,
+        input: &ModelInput,
+        hooks: &mut dyn ForwardHooks,
+    ) -> Result<Tensor> {
+        let hidden = self.hidden_states_hooked(input, hooks)?;
+        self.head.forward(&hidden, &input.attention_mask)
+    }
+
     /// Embeddings of one batch, `(B, D)`.
     pub fn embed_batch(&self, input: &ModelInput) -> Result<Tensor> {
         let hidden = self.hidden_states(input)?;

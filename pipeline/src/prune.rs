@@ -45,6 +45,12 @@ pub enum NeuronScore {
     /// `‖W_out[:, j]‖₂ · sqrt(E[a_j²])`.
     #[default]
     ActivationMagnitude,
+    /// First-order Taylor estimate of the contrastive loss change when the
+    /// neuron is removed: `|Σ_tokens a_j · ∂L/∂a_j|` per batch, summed over
+    /// batches of query–document pairs (InfoNCE, in-batch negatives). This
+    /// is the neuron-level grouping of `|w · ∂L/∂w|`: a 1-valued gate `m_j`
+    /// on the activation has `∂L/∂m_j = Σ a_j ∂L/∂a_j`.
+    Taylor,
 }
 
 /// Which MLPs to drop.
@@ -262,13 +268,112 @@ pub fn load_all_tensors(dir: &Path) -> Result<HashMap<String, Tensor>> {
     Ok(all)
 }
 
+/// Multiplies each MLP activation by a gate variable of ones, so the loss
+/// gradient of each gate is the neuron's first-order Taylor term.
+struct TaylorGates {
+    gates: Vec<Option<candle_core::Var>>,
+}
+
+impl ForwardHooks for TaylorGates {
+    fn mlp_activation(&mut self, layer: usize, activation: Tensor) -> candle_core::Result<Tensor> {
+        match &self.gates[layer] {
+            Some(gate) => activation.broadcast_mul(gate.as_tensor()),
+            None => Ok(activation),
+        }
+    }
+}
+
+/// Temperature of the InfoNCE loss of Taylor scores.
+pub const TAYLOR_TEMPERATURE: f64 = 0.05;
+
+/// InfoNCE over in-batch negatives: query `i`'s positive is document `i`.
+pub fn info_nce(
+    queries: &Tensor,
+    documents: &Tensor,
+    temperature: f64,
+) -> candle_core::Result<Tensor> {
+    let norm = |x: &Tensor| -> candle_core::Result<Tensor> {
+        x.broadcast_div(
+            &x.sqr()?
+                .sum_keepdim(1)?
+                .sqrt()?
+                .clamp(1e-12, f64::INFINITY)?,
+        )
+    };
+    let logits = (norm(queries)?.matmul(&norm(documents)?.t()?)? / temperature)?;
+    let n = logits.dim(0)?;
+    let labels = Tensor::arange(0u32, n as u32, logits.device())?;
+    candle_nn::loss::cross_entropy(&logits, &labels)
+}
+
+/// Taylor scores of every MLP neuron on `pairs`, `batch_size` pairs at a time.
+pub fn taylor_scores(
+    embedder: &Embedder,
+    pairs: &[(String, String)],
+    batch_size: usize,
+) -> Result<Vec<Option<Vec<f64>>>> {
+    if pairs.len() < 2 || batch_size < 2 {
+        return Err(Error::InvalidArgument(
+            "Taylor scores need at least 2 query-document pairs per batch (in-batch negatives)"
+                .into(),
+        ));
+    }
+    let mut gates = TaylorGates {
+        gates: embedder
+            .shape()
+            .layers
+            .iter()
+            .map(|l| {
+                l.mlp
+                    .map(|m| {
+                        candle_core::Var::ones(m.intermediate_size, DType::F32, embedder.device())
+                    })
+                    .transpose()
+            })
+            .collect::<candle_core::Result<_>>()?,
+    };
+    let mut totals: Vec<Option<Vec<f64>>> = gates
+        .gates
+        .iter()
+        .map(|g| g.as_ref().map(|g| vec![0.0; g.dim(0).unwrap_or(0)]))
+        .collect();
+    for chunk in pairs.chunks(batch_size).filter(|c| c.len() >= 2) {
+        let queries: Vec<&str> = chunk.iter().map(|(q, _)| q.as_str()).collect();
+        let docs: Vec<&str> = chunk.iter().map(|(_, d)| d.as_str()).collect();
+        let q_enc = embedder.encode_texts(&queries, "")?;
+        let d_enc = embedder.encode_texts(&docs, "")?;
+        let q = embedder.embed_batch_hooked(
+            &embedder.batch(&q_enc.iter().collect::<Vec<_>>())?,
+            &mut gates,
+        )?;
+        let d = embedder.embed_batch_hooked(
+            &embedder.batch(&d_enc.iter().collect::<Vec<_>>())?,
+            &mut gates,
+        )?;
+        let loss = info_nce(&q, &d, TAYLOR_TEMPERATURE)?;
+        let grads = loss.backward()?;
+        for (gate, total) in gates.gates.iter().zip(totals.iter_mut()) {
+            if let (Some(gate), Some(total)) = (gate, total) {
+                if let Some(g) = grads.get(gate.as_tensor()) {
+                    for (t, v) in total.iter_mut().zip(g.to_vec1::<f32>()?) {
+                        *t += v.abs() as f64;
+                    }
+                }
+            }
+        }
+    }
+    Ok(totals)
+}
+
 /// Chooses what to prune. `embedder` must be the model in `dir`, with no
-/// skipped sub-layers; `calibration` are prompted texts.
+/// skipped sub-layers; `calibration` are prompted texts; `pairs` are
+/// query–document pairs, needed by [`NeuronScore::Taylor`] only.
 pub fn plan_pruning(
     embedder: &mut Embedder,
     tensors: &HashMap<String, Tensor>,
     plan: &PrunePlan,
     calibration: &[String],
+    pairs: &[(String, String)],
     batch_size: usize,
     progress: &mut dyn FnMut(&str),
 ) -> Result<PruneResult> {
@@ -325,13 +430,22 @@ pub fn plan_pruning(
         .map(|m| m.intermediate_size)
         .sum();
     if let Some(fine) = &plan.fine {
-        progress("measuring neuron activations");
         embedder.set_skipped(SkippedSublayers {
             mlp: dropped.iter().copied().collect(),
             ..Default::default()
         })?;
-        let sum_sq = activation_sum_sq(embedder, calibration, batch_size)?;
+        let measured = match fine.score {
+            NeuronScore::ActivationMagnitude => {
+                progress("measuring neuron activations");
+                activation_sum_sq(embedder, calibration, batch_size)
+            }
+            NeuronScore::Taylor => {
+                progress("computing Taylor scores");
+                taylor_scores(embedder, pairs, batch_size)
+            }
+        };
         embedder.set_skipped(SkippedSublayers::default())?;
+        let measured = measured?;
         let prefix = arch.checkpoint_prefix(tensors.keys());
         // Scores per remaining layer, normalised by the layer's mean.
         let mut scores: Vec<(usize, u32, f64)> = Vec::new();
@@ -342,20 +456,25 @@ pub fn plan_pruning(
             let down = tensors.get(&names.down).ok_or_else(|| {
                 Error::InvalidArgument(format!("tensor {} not found in the checkpoint", names.down))
             })?;
-            let col_norms: Vec<f32> = down
-                .to_dtype(DType::F32)?
-                .sqr()?
-                .sum(0)?
-                .sqrt()?
-                .to_vec1()?;
-            let acts = sum_sq[l].as_ref().ok_or_else(|| {
-                Error::InvalidArgument(format!("no activations were recorded for layer {l}'s MLP"))
+            let stats = measured[l].as_ref().ok_or_else(|| {
+                Error::InvalidArgument(format!("no statistics were recorded for layer {l}'s MLP"))
             })?;
-            let raw: Vec<f64> = col_norms
-                .iter()
-                .zip(acts)
-                .map(|(w, a)| *w as f64 * a.sqrt())
-                .collect();
+            let raw: Vec<f64> = match fine.score {
+                NeuronScore::ActivationMagnitude => {
+                    let col_norms: Vec<f32> = down
+                        .to_dtype(DType::F32)?
+                        .sqr()?
+                        .sum(0)?
+                        .sqrt()?
+                        .to_vec1()?;
+                    col_norms
+                        .iter()
+                        .zip(stats)
+                        .map(|(w, a)| *w as f64 * a.sqrt())
+                        .collect()
+                }
+                NeuronScore::Taylor => stats.clone(),
+            };
             let mean = raw.iter().sum::<f64>() / raw.len() as f64;
             for (j, s) in raw.iter().enumerate() {
                 scores.push((l, j as u32, if mean > 0.0 { s / mean } else { 0.0 }));

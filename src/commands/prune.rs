@@ -6,9 +6,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use effir_pipeline::calibration::{CalibrationBudget, CalibrationSet};
+use effir_pipeline::calibration::{training_pairs, CalibrationBudget, CalibrationSet};
 use effir_pipeline::prune::{
-    load_all_tensors, plan_pruning, write_pruned_model, CoarseMode, CoarsePlan, FinePlan, PrunePlan,
+    load_all_tensors, plan_pruning, write_pruned_model, CoarseMode, CoarsePlan, FinePlan,
+    NeuronScore, PrunePlan,
 };
 use effir_pipeline::{Embedder, ParameterReport, Prompt};
 
@@ -18,6 +19,14 @@ use super::model_options::ModelArgs;
 pub enum ModeArg {
     OneShot,
     Iterative,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ScoreArg {
+    /// ‖W_out[:, j]‖ · sqrt(E[a_j²]) over calibration tokens.
+    Activation,
+    /// First-order Taylor of the contrastive loss over query–document pairs.
+    Taylor,
 }
 
 #[derive(Debug, Args)]
@@ -39,6 +48,15 @@ pub struct PruneArgs {
     /// Fraction of the original MLP parameters kept after dropping and narrowing.
     #[arg(long)]
     pub mlp_keep: Option<f64>,
+    /// Neuron importance of the fine step.
+    #[arg(long, value_enum, default_value = "activation")]
+    pub score: ScoreArg,
+    /// Query–document pairs for Taylor scores (from --data's --pairs-split).
+    #[arg(long, default_value_t = 64)]
+    pub taylor_pairs: usize,
+    /// Qrels split the Taylor pairs come from.
+    #[arg(long, default_value = "train")]
+    pub pairs_split: String,
     /// Coarse selection: rank once, or re-measure after each drop.
     #[arg(long, value_enum, default_value = "one-shot")]
     pub mode: ModeArg,
@@ -142,7 +160,10 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
             },
             fine: args.mlp_keep.map(|mlp_keep| FinePlan {
                 mlp_keep,
-                score: Default::default(),
+                score: match args.score {
+                    ScoreArg::Activation => NeuronScore::ActivationMagnitude,
+                    ScoreArg::Taylor => NeuronScore::Taylor,
+                },
                 min_width_fraction: 0.1,
                 alignment: 8,
             }),
@@ -174,6 +195,15 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
         )?,
         _ => bail!("give calibration text with --data DIR or --calib FILE"),
     };
+    let taylor = plan
+        .fine
+        .as_ref()
+        .is_some_and(|f| f.score == NeuronScore::Taylor);
+    let pairs = match (&args.data, taylor) {
+        (_, false) => Vec::new(),
+        (Some(dir), true) => training_pairs(&embedder, dir, &args.pairs_split, args.taylor_pairs, args.seed)?,
+        (None, true) => bail!("Taylor scores need query-document pairs: give --data DIR (a BEIR dataset with a {} split)", args.pairs_split),
+    };
     let tensors = load_all_tensors(&args.model.model)?;
     let start = Instant::now();
     let result = plan_pruning(
@@ -181,6 +211,7 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
         &tensors,
         &plan,
         &calibration.texts,
+        &pairs,
         args.batch_size,
         &mut |step| eprintln!("{step} …"),
     )?;

@@ -74,8 +74,16 @@ impl LayerNorm {
     }
 }
 
+// candle's fused CPU kernels (layer_norm, rms_norm, softmax, rope, the
+// parallel GELU below) have no backward pass. When a gradient is needed (the
+// input is tracked: Taylor scores, fine-tuning) the composed, differentiable
+// forms are used instead; they compute the same function.
+
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.track_op() {
+            return candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps);
+        }
         candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps)
     }
 }
@@ -106,6 +114,9 @@ impl RmsNorm {
 
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.track_op() {
+            return candle_nn::ops::rms_norm_slow(x, &self.scale, self.eps);
+        }
         candle_nn::ops::rms_norm(&x.contiguous()?, &self.scale, self.eps)
     }
 }
@@ -151,7 +162,7 @@ impl Module for Activation {
 /// splits contiguous f32 tensors across threads. `erf` is Abramowitz &
 /// Stegun 7.1.26 (absolute error below 1.5e-7).
 fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    if x.dtype() != DType::F32 || !x.device().is_cpu() {
+    if x.dtype() != DType::F32 || !x.device().is_cpu() || x.track_op() {
         return x.gelu_erf();
     }
     x.contiguous()?.apply_op1_no_bwd(&GeluErf)
@@ -255,6 +266,9 @@ impl Rotary {
 
 /// Applies rotary embeddings to `x` of shape `(B, H, T, D)`.
 pub(crate) fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if x.track_op() {
+        return candle_nn::rotary_emb::rope_slow(&x.contiguous()?, cos, sin);
+    }
     candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)
 }
 
@@ -360,7 +374,12 @@ pub(crate) fn scaled_dot_product_attention(
     if let Some(bias) = bias {
         scores = scores.reshape((b, h, t, t))?.broadcast_add(bias)?;
     }
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, kv_heads, group * t, t))?;
+    let probs = if scores.track_op() {
+        candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?
+    } else {
+        candle_nn::ops::softmax_last_dim(&scores)?
+    };
+    let probs = probs.reshape((b, kv_heads, group * t, t))?;
     probs.matmul(v)?.reshape((b, h, t, d))
 }
 
