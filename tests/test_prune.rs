@@ -530,3 +530,53 @@ fn taylor_scores_prune_to_the_same_constraints() {
     assert!((result.mlp_keep_achieved - 0.5).abs() <= 24.0 / 288.0);
     assert_eq!(load(&out).shape().mlp_count(), 3);
 }
+
+/// The shipped plans parse and fit the models they name.
+#[test]
+fn the_shipped_plans_are_valid() {
+    use effir_pipeline::{LayerShape, MlpShape, ModelShape};
+    let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let gemma = ModelShape::uniform(
+        "gemma3_text",
+        24,
+        LayerShape {
+            num_heads: 3,
+            num_kv_heads: 1,
+            head_dim: 256,
+            mlp: Some(MlpShape {
+                intermediate_size: 1152,
+            }),
+        },
+    );
+    let minilm = ModelShape::uniform(
+        "bert",
+        6,
+        LayerShape {
+            num_heads: 12,
+            num_kv_heads: 12,
+            head_dim: 32,
+            mlp: Some(MlpShape {
+                intermediate_size: 1536,
+            }),
+        },
+    );
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&configs).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if !name.starts_with("prune-") {
+            continue;
+        }
+        let plan: PrunePlan = serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap())
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let shape = if name.contains("embeddinggemma") {
+            &gemma
+        } else {
+            &minilm
+        };
+        plan.validate(shape)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        seen += 1;
+    }
+    assert!(seen >= 6, "found {seen} plans");
+}

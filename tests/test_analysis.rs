@@ -1,0 +1,187 @@
+//! `effir analyze` and `effir drop-study`: sub-layer importance is
+//! `1 - cos(x_in, x_out)` over real tokens only, and the commands write their
+//! reports.
+
+mod common;
+
+use std::process::Command;
+
+use common::{copy_model, edit_weights, fixture};
+use effir_pipeline::analysis::measure_importance;
+use effir_pipeline::{Embedder, LoadOptions};
+
+const TEXTS: [&str; 6] = [
+    "The quick brown fox jumps over the lazy dog near the river bank today.",
+    "hello world",
+    "Dense retrieval with pruned MLP layers keeps attention intact.",
+    "a",
+    "Numbers 12 345 and symbols % & $ appear here.",
+    "pruning mlp sub layers keeps attention layers intact",
+];
+
+#[test]
+fn padding_does_not_change_importance() {
+    for arch in ["bert", "qwen2", "gemma3"] {
+        let embedder = Embedder::load(&fixture(arch), &LoadOptions::default()).unwrap();
+        let alone = measure_importance(&embedder, &TEXTS, 1, &mut |_| {}).unwrap();
+        let padded = measure_importance(&embedder, &TEXTS, TEXTS.len(), &mut |_| {}).unwrap();
+        assert_eq!(alone.tokens, padded.tokens);
+        for (a, b) in alone.layers.iter().zip(&padded.layers) {
+            for (x, y) in [
+                (a.attention, b.attention),
+                (a.mlp, b.mlp),
+                (Some(a.block), Some(b.block)),
+            ] {
+                let (x, y) = (x.unwrap(), y.unwrap());
+                assert!(
+                    (x - y).abs() < 1e-5,
+                    "{arch} layer {}: {x} alone vs {y} padded",
+                    a.layer
+                );
+                assert!(x > 0.0 && x < 2.0, "{arch}: importance {x} outside (0, 2)");
+            }
+        }
+    }
+}
+
+#[test]
+fn an_mlp_that_adds_nothing_has_zero_importance() {
+    let model = copy_model(&fixture("llama"));
+    edit_weights(model.path(), |w| {
+        let key = "model.layers.1.mlp.down_proj.weight";
+        let zero = w[key].zeros_like().unwrap();
+        w.insert(key.into(), zero);
+    });
+    let embedder = Embedder::load(model.path(), &LoadOptions::default()).unwrap();
+    let report = measure_importance(&embedder, &TEXTS, 3, &mut |_| {}).unwrap();
+    assert!(
+        report.layers[1].mlp.unwrap().abs() < 1e-6,
+        "{:?}",
+        report.layers[1]
+    );
+    assert!(
+        report.layers[0].mlp.unwrap() > 1e-5 && report.layers[2].mlp.unwrap() > 1e-5,
+        "{:?}",
+        report.layers
+    );
+    assert_eq!(
+        report.mlps_by_importance()[0].0,
+        1,
+        "the zeroed MLP ranks least important"
+    );
+}
+
+fn effir(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_effir"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn analyze_and_drop_study_write_their_reports() {
+    let work = tempfile::tempdir().unwrap();
+    let calib = work.path().join("calib.txt");
+    std::fs::write(&calib, TEXTS.join("\n")).unwrap();
+    let out = work.path().join("analysis");
+    let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/analyze.yaml");
+    let run = effir(&[
+        "analyze",
+        "--quiet",
+        "--model",
+        fixture("bert").to_str().unwrap(),
+        "--calib",
+        calib.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("importance.json")).unwrap())
+            .unwrap();
+    assert_eq!(json["layers"].as_array().unwrap().len(), 3);
+    assert!(json["seconds_per_1000_tokens"].as_f64().unwrap() > 0.0);
+    assert!(std::fs::read_to_string(out.join("importance.svg"))
+        .unwrap()
+        .starts_with("<svg"));
+    assert!(std::fs::read_to_string(out.join("importance.md"))
+        .unwrap()
+        .contains("| 2 |"));
+
+    let study = work.path().join("study");
+    let data = fixture("eval/tiny");
+    let cache = work.path().join("cache");
+    let run = effir(&[
+        "drop-study",
+        "--quiet",
+        "--model",
+        fixture("bert").to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--k",
+        "1,2",
+        "--out",
+        study.to_str().unwrap(),
+        "--cache-dir",
+        cache.to_str().unwrap(),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(study.join("drop_study.json")).unwrap())
+            .unwrap();
+    assert_eq!(json["study"]["attention"].as_array().unwrap().len(), 2);
+    assert_eq!(json["study"]["mlp"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        json["study"]["mlp"][1]["layers"].as_array().unwrap().len(),
+        2
+    );
+    assert!(study.join("drop_study.svg").exists() && study.join("drop_study.md").exists());
+
+    // Bad input: nothing written.
+    let bad = work.path().join("bad");
+    for args in [
+        vec![
+            "analyze",
+            "--model",
+            fixture("bert").to_str().unwrap(),
+            "--out",
+            bad.to_str().unwrap(),
+        ],
+        vec![
+            "drop-study",
+            "--model",
+            fixture("bert").to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--k",
+            "0",
+            "--out",
+            bad.to_str().unwrap(),
+        ],
+        vec![
+            "drop-study",
+            "--model",
+            fixture("bert").to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--k",
+            "4",
+            "--out",
+            bad.to_str().unwrap(),
+        ],
+    ] {
+        let run = effir(&args);
+        assert!(!run.status.success(), "{args:?} succeeded");
+        assert!(!bad.exists(), "{args:?} wrote output");
+    }
+}
