@@ -12,7 +12,9 @@ EFFIR   := target/release/effir
 PYTHON  ?= python3
 
 .PHONY: all system-deps build models test lint embed eval eval-scifact python-deps \
-        fixtures metric-references bench-embed parity-embeddinggemma clean
+        fixtures metric-references bench-embed parity-embeddinggemma \
+        analyze-minilm drop-study-minilm prune-minilm results-minilm \
+        analyze-embeddinggemma drop-study-embeddinggemma results-embeddinggemma clean
 
 all: build
 
@@ -72,6 +74,44 @@ bench-embed: build models python-deps
 
 parity-embeddinggemma: build $(GEMMA)/model.safetensors python-deps
 	$(PYTHON) benchmarks/parity_embeddinggemma.py --model $(GEMMA)
+
+# EffiR study (issue 4). MiniLM evaluates on a fixed SciFact sample of
+# $(SAMPLE) documents (every judged one plus random others, seed 0) so the
+# dozen evaluations fit in about an hour; SAMPLE= (empty) uses the full corpus.
+SAMPLE ?= 1500
+GEMMA_SAMPLE ?= 600
+sample_flag = $(if $(1),--doc-sample $(1) --seed 0,)
+
+analyze-minilm: build models
+	$(EFFIR) analyze --model $(MINILM) --data $(DATA) --out $(RUNS)/analyze-minilm
+
+drop-study-minilm: build models
+	$(EFFIR) drop-study --model $(MINILM) --data $(DATA) --k 1,2,3 $(call sample_flag,$(SAMPLE)) --out $(RUNS)/drop-study-minilm
+
+prune-minilm: build models
+	for p in 25 50 70; do \
+	  rm -rf $(RUNS)/minilm-prune-$$p; \
+	  $(EFFIR) prune --model $(MINILM) --plan configs/prune-minilm-$$p.yaml --data $(DATA) --out $(RUNS)/minilm-prune-$$p || exit 1; \
+	  $(EFFIR) eval --model $(RUNS)/minilm-prune-$$p --data $(DATA) $(call sample_flag,$(SAMPLE)) --out $(RUNS)/minilm-prune-$$p/eval || exit 1; \
+	done
+
+results-minilm: analyze-minilm drop-study-minilm prune-minilm
+
+# EmbeddingGemma-300M (1.2 GB): about 1 document/s on 2 cores, hence max
+# length 512 and a smaller document sample.
+analyze-embeddinggemma: build $(GEMMA)/model.safetensors
+	$(EFFIR) analyze --model $(GEMMA) --data $(DATA) --max-length 512 --calib-tokens 32768 --out $(RUNS)/analyze-embeddinggemma
+
+drop-study-embeddinggemma: build $(GEMMA)/model.safetensors
+	$(EFFIR) drop-study --model $(GEMMA) --data $(DATA) --max-length 512 --k 2,4,8 --calib-tokens 32768 \
+	  $(call sample_flag,$(GEMMA_SAMPLE)) --batch-size 8 --out $(RUNS)/drop-study-embeddinggemma
+
+results-embeddinggemma: analyze-embeddinggemma drop-study-embeddinggemma
+	for p in 25 50 70; do \
+	  rm -rf $(RUNS)/embeddinggemma-prune-$$p; \
+	  $(EFFIR) prune --model $(GEMMA) --max-length 512 --plan configs/prune-embeddinggemma-$$p.yaml --data $(DATA) --calib-tokens 32768 --batch-size 8 --out $(RUNS)/embeddinggemma-prune-$$p || exit 1; \
+	  $(EFFIR) eval --model $(RUNS)/embeddinggemma-prune-$$p --max-length 512 --data $(DATA) $(call sample_flag,$(GEMMA_SAMPLE)) --batch-size 8 --out $(RUNS)/embeddinggemma-prune-$$p/eval || exit 1; \
+	done
 
 clean:
 	cargo clean

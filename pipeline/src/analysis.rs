@@ -10,7 +10,6 @@ use serde::Serialize;
 use crate::embedder::Embedder;
 use crate::error::{Error, Result};
 use crate::models::{ForwardHooks, Sublayer};
-use crate::text_encoder::EncodedText;
 
 /// Importance of one layer's parts; `None` for a sub-layer that is absent or
 /// skipped.
@@ -104,34 +103,28 @@ pub fn measure_importance<S: AsRef<str>>(
     progress: &mut dyn FnMut(usize),
 ) -> Result<ImportanceReport> {
     let _span = tracing::info_span!("analyze", texts = texts.len()).entered();
-    if batch_size == 0 {
-        return Err(Error::InvalidArgument(
-            "batch size must be at least 1".into(),
-        ));
-    }
-    let encoded = embedder.encode_texts(texts, "")?;
-    let usable: Vec<&EncodedText> = encoded.iter().filter(|e| !e.is_empty()).collect();
-    let tokens: usize = usable.iter().map(|e| e.len()).sum();
-    if tokens == 0 {
-        return Err(Error::InvalidArgument(
-            "the calibration text has no tokens".into(),
-        ));
-    }
     let layers = embedder.shape().layers.len();
     let mut meter = CosineDistanceMeter {
         mask: None,
         sums: vec![[0.0; 3]; layers],
         seen: vec![[false; 3]; layers],
     };
-    let mut order: Vec<&EncodedText> = usable.clone();
-    order.sort_by_key(|e| std::cmp::Reverse(e.len()));
-    let mut done = 0;
-    for batch in order.chunks(batch_size) {
-        let input = embedder.batch(batch)?;
-        meter.mask = Some(input.attention_mask.to_dtype(DType::F32)?);
-        embedder.hidden_states_hooked(&input, &mut meter)?;
-        done += batch.len();
+    let (mut done, mut tokens, mut used_texts) = (0, 0, 0);
+    embedder.for_each_batch(texts, "", batch_size, &mut |input, indices| {
+        let mask = input.attention_mask.to_dtype(DType::F32)?;
+        let lengths: Vec<f32> = mask.sum(1)?.to_vec1()?;
+        tokens += lengths.iter().sum::<f32>() as usize;
+        used_texts += lengths.iter().filter(|l| **l > 0.0).count();
+        meter.mask = Some(mask);
+        embedder.hidden_states_hooked(input, &mut meter)?;
+        done += indices.len();
         progress(done);
+        Ok(())
+    })?;
+    if tokens == 0 {
+        return Err(Error::InvalidArgument(
+            "the calibration text has no tokens".into(),
+        ));
     }
     let mean = |layer: usize, s: Sublayer| {
         meter.seen[layer][slot(s)].then(|| meter.sums[layer][slot(s)] / tokens as f64)
@@ -145,7 +138,7 @@ pub fn measure_importance<S: AsRef<str>>(
                 block: mean(l, Sublayer::Block).unwrap_or(0.0),
             })
             .collect(),
-        texts: usable.len(),
+        texts: used_texts,
         tokens,
     })
 }

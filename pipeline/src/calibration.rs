@@ -7,7 +7,7 @@ use std::path::Path;
 use crate::beir::{load_corpus, load_queries};
 use crate::embedder::{Embedder, Prompt};
 use crate::error::{Error, Result};
-use crate::evaluation::{default_query_prompt, DocumentTemplate};
+use crate::evaluation::TextFormat;
 use crate::sampling::shuffled_indices;
 use crate::text_input::{read_texts, InputFormat};
 
@@ -86,23 +86,16 @@ impl CalibrationSet {
     ) -> Result<Self> {
         let corpus = load_corpus(dir)?;
         let queries = load_queries(dir)?;
-        let template = DocumentTemplate::for_model(embedder);
-        let doc_prompt = embedder
-            .sentence_config()
-            .prompts
-            .get("document")
-            .cloned()
-            .unwrap_or_default();
-        let query_prefix = embedder.prefix(&default_query_prompt(embedder))?;
+        let format = TextFormat::for_model(embedder, None, None)?;
         let q: Vec<String> = shuffled_indices(queries.len(), budget.seed)
             .into_iter()
             .take(budget.queries)
-            .map(|i| format!("{query_prefix}{}", queries[i].text))
+            .map(|i| format.query(&queries[i].text))
             .collect();
         let d: Vec<String> = shuffled_indices(corpus.len(), budget.seed.wrapping_add(1))
             .into_iter()
             .take(budget.documents)
-            .map(|i| template.render(&corpus[i], &doc_prompt))
+            .map(|i| format.document(&corpus[i]))
             .collect();
         let mut texts = Vec::with_capacity(q.len() + d.len());
         let (mut qi, mut di) = (q.into_iter(), d.into_iter());
@@ -151,14 +144,7 @@ pub fn training_pairs(
     let queries = load_queries(dir)?;
     let docs: std::collections::HashMap<&str, &crate::beir::Document> =
         corpus.iter().map(|d| (d.id.as_str(), d)).collect();
-    let template = DocumentTemplate::for_model(embedder);
-    let doc_prompt = embedder
-        .sentence_config()
-        .prompts
-        .get("document")
-        .cloned()
-        .unwrap_or_default();
-    let query_prefix = embedder.prefix(&default_query_prompt(embedder))?;
+    let format = TextFormat::for_model(embedder, None, None)?;
     let mut pairs = Vec::new();
     for q in &queries {
         let Some(judged) = qrels.get(&q.id) else {
@@ -169,10 +155,7 @@ pub fn training_pairs(
             .filter(|(_, g)| **g >= 1)
             .find_map(|(id, _)| docs.get(id.as_str()))
         {
-            pairs.push((
-                format!("{query_prefix}{}", q.text),
-                template.render(doc, &doc_prompt),
-            ));
+            pairs.push((format.query(&q.text), format.document(doc)));
         }
     }
     if pairs.is_empty() {

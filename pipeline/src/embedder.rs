@@ -334,32 +334,46 @@ impl Embedder {
         batch_size: usize,
         progress: &mut dyn FnMut(usize),
     ) -> Result<Array2<f32>> {
+        let _span = tracing::info_span!("embed", texts = texts.len()).entered();
+        let mut out = Array2::<f32>::zeros((texts.len(), self.dimension()));
+        let mut done = 0;
+        self.for_each_batch(texts, prefix, batch_size, &mut |input, indices| {
+            let rows: Vec<Vec<f32>> = self.embed_batch(input)?.to_vec2()?;
+            for (&i, row) in indices.iter().zip(rows) {
+                out.row_mut(i)
+                    .assign(&ndarray::ArrayView1::from(row.as_slice()));
+            }
+            done += indices.len();
+            progress(done);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Encodes `texts` (with `prefix`) and calls `f` on padded batches of at
+    /// most `batch_size` texts of similar length, longest first, with the
+    /// indices of the batch's texts. Similar lengths waste little padding,
+    /// and the slowest batches come first, so progress estimates are honest.
+    pub fn for_each_batch<S: AsRef<str>>(
+        &self,
+        texts: &[S],
+        prefix: &str,
+        batch_size: usize,
+        f: &mut dyn FnMut(&ModelInput, &[usize]) -> Result<()>,
+    ) -> Result<()> {
         if batch_size == 0 {
             return Err(Error::InvalidArgument(
                 "batch size must be at least 1".into(),
             ));
         }
-        let _span = tracing::info_span!("embed", texts = texts.len()).entered();
         let encoded = self.encode_texts(texts, prefix)?;
-        // Longest first: similar lengths share a batch (little padding) and
-        // the slowest batches come first, so progress estimates are honest.
         let mut order: Vec<usize> = (0..encoded.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(encoded[i].len()));
-        let dim = self.dimension();
-        let mut out = Array2::<f32>::zeros((texts.len(), dim));
-        let mut done = 0;
         for chunk in order.chunks(batch_size) {
             let batch: Vec<&EncodedText> = chunk.iter().map(|&i| &encoded[i]).collect();
-            let input = self.batch(&batch)?;
-            let rows: Vec<Vec<f32>> = self.embed_batch(&input)?.to_vec2()?;
-            for (&i, row) in chunk.iter().zip(rows) {
-                out.row_mut(i)
-                    .assign(&ndarray::ArrayView1::from(row.as_slice()));
-            }
-            done += chunk.len();
-            progress(done);
+            f(&self.batch(&batch)?, chunk)?;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Parameter counts by component.

@@ -51,6 +51,45 @@ impl DocumentTemplate {
     }
 }
 
+/// How a model's queries and documents are written out for encoding.
+#[derive(Debug, Clone)]
+pub struct TextFormat {
+    pub template: DocumentTemplate,
+    /// The model's `document` prompt (`{prompt}` in the template).
+    pub document_prompt: String,
+    /// Prepended to every query.
+    pub query_prefix: String,
+}
+
+impl TextFormat {
+    /// The model's own format; `template` and `query_prompt` override it.
+    pub fn for_model(
+        embedder: &Embedder,
+        template: Option<DocumentTemplate>,
+        query_prompt: Option<Prompt>,
+    ) -> Result<Self> {
+        Ok(Self {
+            template: template.unwrap_or_else(|| DocumentTemplate::for_model(embedder)),
+            document_prompt: embedder
+                .sentence_config()
+                .prompts
+                .get("document")
+                .cloned()
+                .unwrap_or_default(),
+            query_prefix: embedder
+                .prefix(&query_prompt.unwrap_or_else(|| default_query_prompt(embedder)))?,
+        })
+    }
+
+    pub fn document(&self, doc: &Document) -> String {
+        self.template.render(doc, &self.document_prompt)
+    }
+
+    pub fn query(&self, text: &str) -> String {
+        format!("{}{text}", self.query_prefix)
+    }
+}
+
 /// The model's `query` prompt if it declares one, else none.
 pub fn default_query_prompt(embedder: &Embedder) -> Prompt {
     if embedder.sentence_config().prompts.contains_key("query") {
@@ -149,28 +188,13 @@ pub fn evaluate_model(
             "run depth must be at least 1".into(),
         ));
     }
-    let template = settings
-        .document_template
-        .clone()
-        .unwrap_or_else(|| DocumentTemplate::for_model(embedder));
-    let doc_prompt = embedder
-        .sentence_config()
-        .prompts
-        .get("document")
-        .cloned()
-        .unwrap_or_default();
-    let query_prompt = settings
-        .query_prompt
-        .clone()
-        .unwrap_or_else(|| default_query_prompt(embedder));
-    let query_prefix = embedder.prefix(&query_prompt)?;
-
+    let format = TextFormat::for_model(
+        embedder,
+        settings.document_template.clone(),
+        settings.query_prompt.clone(),
+    )?;
     // Corpus, from the cache when the same model, corpus and settings were seen.
-    let docs: Vec<String> = dataset
-        .corpus
-        .iter()
-        .map(|d| template.render(d, &doc_prompt))
-        .collect();
+    let docs: Vec<String> = dataset.corpus.iter().map(|d| format.document(d)).collect();
     let n = docs.len();
     let cache = match &settings.cache {
         Some(dir) => {
@@ -190,9 +214,10 @@ pub fn evaluate_model(
                 ids.update(&[0]);
             }
             let settings_text = format!(
-                "docs={} template={:?} prompt={doc_prompt:?} max_length={} pooling={} dim={} skipped={:?}",
+                "docs={} template={:?} prompt={:?} max_length={} pooling={} dim={} skipped={:?}",
                 ids.finalize().to_hex(),
-                template.0,
+                format.template.0,
+                format.document_prompt,
                 embedder.text_encoder().max_length(),
                 embedder.pooling(),
                 embedder.dimension(),
@@ -232,7 +257,7 @@ pub fn evaluate_model(
     let nq = query_texts.len();
     let query_embeddings = embedder.embed(
         &query_texts,
-        &query_prefix,
+        &format.query_prefix,
         settings.batch_size,
         &mut |done| progress(Phase::Queries, done, nq),
     )?;
@@ -274,8 +299,8 @@ pub fn evaluate_model(
         split: dataset.split.clone(),
         num_documents: n,
         num_queries: nq,
-        document_template: template,
-        query_prefix,
+        document_template: format.template,
+        query_prefix: format.query_prefix,
         max_length: embedder.text_encoder().max_length(),
         evaluation,
         timings: Timings {

@@ -24,7 +24,6 @@ use crate::embedder::Embedder;
 use crate::error::{Error, Result};
 use crate::models::{ForwardHooks, SkippedSublayers};
 use crate::shape::{MlpShape, ModelShape, SHAPE_FILE};
-use crate::text_encoder::EncodedText;
 use crate::weights::{weight_files, WEIGHTS_FILE, WEIGHTS_INDEX_FILE};
 
 /// How coarse selection proceeds.
@@ -242,18 +241,15 @@ fn activation_sum_sq(
     texts: &[String],
     batch_size: usize,
 ) -> Result<Vec<Option<Vec<f64>>>> {
-    let encoded = embedder.encode_texts(texts, "")?;
-    let mut order: Vec<&EncodedText> = encoded.iter().filter(|e| !e.is_empty()).collect();
-    order.sort_by_key(|e| std::cmp::Reverse(e.len()));
     let mut meter = ActivationMeter {
         mask: None,
         sum_sq: vec![None; embedder.shape().layers.len()],
     };
-    for batch in order.chunks(batch_size.max(1)) {
-        let input = embedder.batch(batch)?;
+    embedder.for_each_batch(texts, "", batch_size.max(1), &mut |input, _| {
         meter.mask = Some(input.attention_mask.to_dtype(DType::F32)?.unsqueeze(2)?);
-        embedder.hidden_states_hooked(&input, &mut meter)?;
-    }
+        embedder.hidden_states_hooked(input, &mut meter)?;
+        Ok(())
+    })?;
     Ok(meter.sum_sq)
 }
 
