@@ -15,7 +15,7 @@ const W: f64 = 720.0;
 const H: f64 = 360.0;
 const LEFT: f64 = 64.0;
 const RIGHT: f64 = 16.0;
-const TOP: f64 = 40.0;
+const TOP: f64 = 56.0;
 const BOTTOM: f64 = 48.0;
 
 fn escape(s: &str) -> String {
@@ -62,10 +62,10 @@ fn legend(svg: &mut String, series: &[Series]) {
         let _ = writeln!(
             svg,
             r#"<rect x="{x}" y="{}" width="12" height="12" fill="{}"/><text x="{}" y="{}">{}</text>"#,
-            TOP - 4.0,
+            TOP - 26.0,
             s.color,
             x + 16.0,
-            TOP + 6.0,
+            TOP - 16.0,
             escape(s.name)
         );
     }
