@@ -92,7 +92,7 @@ prune-minilm: build models
 	for p in 25 50 70; do \
 	  rm -rf $(RUNS)/minilm-prune-$$p; \
 	  $(EFFIR) prune --model $(MINILM) --plan configs/prune-minilm-$$p.yaml --data $(DATA) --out $(RUNS)/minilm-prune-$$p || exit 1; \
-	  $(EFFIR) eval --model $(RUNS)/minilm-prune-$$p --data $(DATA) $(call sample_flag,$(SAMPLE)) --out $(RUNS)/minilm-prune-$$p/eval || exit 1; \
+	  $(EFFIR) eval --model $(RUNS)/minilm-prune-$$p --data $(DATA) $(call sample_flag,$(SAMPLE)) --out $(RUNS)/minilm-prune-$$p.eval || exit 1; \
 	done
 
 results-minilm: analyze-minilm drop-study-minilm prune-minilm
@@ -110,7 +110,7 @@ results-embeddinggemma: analyze-embeddinggemma drop-study-embeddinggemma
 	for p in 25 50 70; do \
 	  rm -rf $(RUNS)/embeddinggemma-prune-$$p; \
 	  $(EFFIR) prune --model $(GEMMA) --max-length 512 --plan configs/prune-embeddinggemma-$$p.yaml --data $(DATA) --calib-tokens 32768 --batch-size 8 --out $(RUNS)/embeddinggemma-prune-$$p || exit 1; \
-	  $(EFFIR) eval --model $(RUNS)/embeddinggemma-prune-$$p --max-length 512 --data $(DATA) $(call sample_flag,$(GEMMA_SAMPLE)) --batch-size 8 --out $(RUNS)/embeddinggemma-prune-$$p/eval || exit 1; \
+	  $(EFFIR) eval --model $(RUNS)/embeddinggemma-prune-$$p --max-length 512 --data $(DATA) $(call sample_flag,$(GEMMA_SAMPLE)) --batch-size 8 --out $(RUNS)/embeddinggemma-prune-$$p.eval || exit 1; \
 	done
 
 clean:
