@@ -79,7 +79,7 @@ parity-embeddinggemma: build $(GEMMA)/model.safetensors python-deps
 # $(SAMPLE) documents (every judged one plus random others, seed 0) so the
 # dozen evaluations fit in about an hour; SAMPLE= (empty) uses the full corpus.
 SAMPLE ?= 1500
-GEMMA_SAMPLE ?= 600
+GEMMA_SAMPLE ?= 400
 sample_flag = $(if $(1),--doc-sample $(1) --seed 0,)
 
 analyze-minilm: build models
@@ -98,19 +98,19 @@ prune-minilm: build models
 results-minilm: analyze-minilm drop-study-minilm prune-minilm
 
 # EmbeddingGemma-300M (1.2 GB): about 1 document/s on 2 cores, hence max
-# length 512 and a smaller document sample.
+# length 256 and a smaller document sample for the evaluations.
 analyze-embeddinggemma: build $(GEMMA)/model.safetensors
 	$(EFFIR) analyze --model $(GEMMA) --data $(DATA) --max-length 512 --calib-tokens 32768 --out $(RUNS)/analyze-embeddinggemma
 
 drop-study-embeddinggemma: build $(GEMMA)/model.safetensors
-	$(EFFIR) drop-study --model $(GEMMA) --data $(DATA) --max-length 512 --k 2,4,8 --calib-tokens 32768 \
-	  $(call sample_flag,$(GEMMA_SAMPLE)) --batch-size 8 --out $(RUNS)/drop-study-embeddinggemma
+	$(EFFIR) drop-study --model $(GEMMA) --data $(DATA) --max-length 256 --k 4,8 --calib-tokens 8192 \
+	  $(call sample_flag,$(GEMMA_SAMPLE)) --batch-size 16 --out $(RUNS)/drop-study-embeddinggemma
 
 results-embeddinggemma: analyze-embeddinggemma drop-study-embeddinggemma
 	for p in 25 50 70; do \
 	  rm -rf $(RUNS)/embeddinggemma-prune-$$p; \
-	  $(EFFIR) prune --model $(GEMMA) --max-length 512 --plan configs/prune-embeddinggemma-$$p.yaml --data $(DATA) --calib-tokens 32768 --batch-size 8 --out $(RUNS)/embeddinggemma-prune-$$p || exit 1; \
-	  $(EFFIR) eval --model $(RUNS)/embeddinggemma-prune-$$p --max-length 512 --data $(DATA) $(call sample_flag,$(GEMMA_SAMPLE)) --batch-size 8 --out $(RUNS)/embeddinggemma-prune-$$p.eval || exit 1; \
+	  $(EFFIR) prune --model $(GEMMA) --max-length 256 --plan configs/prune-embeddinggemma-$$p.yaml --data $(DATA) --calib-tokens 16384 --batch-size 16 --out $(RUNS)/embeddinggemma-prune-$$p || exit 1; \
+	  $(EFFIR) eval --model $(RUNS)/embeddinggemma-prune-$$p --max-length 256 --data $(DATA) $(call sample_flag,$(GEMMA_SAMPLE)) --batch-size 16 --out $(RUNS)/embeddinggemma-prune-$$p.eval || exit 1; \
 	done
 
 clean:
