@@ -100,7 +100,7 @@ results-minilm: analyze-minilm drop-study-minilm prune-minilm
 # EmbeddingGemma-300M (1.2 GB): about 1 document/s on 2 cores, hence max
 # length 256 and a smaller document sample for the evaluations.
 analyze-embeddinggemma: build $(GEMMA)/model.safetensors
-	$(EFFIR) analyze --model $(GEMMA) --data $(DATA) --max-length 512 --calib-tokens 32768 --out $(RUNS)/analyze-embeddinggemma
+	$(EFFIR) analyze --model $(GEMMA) --data $(DATA) --max-length 512 --calib-tokens 16384 --out $(RUNS)/analyze-embeddinggemma
 
 drop-study-embeddinggemma: build $(GEMMA)/model.safetensors
 	$(EFFIR) drop-study --model $(GEMMA) --data $(DATA) --max-length 256 --k 4,8 --calib-tokens 8192 \
