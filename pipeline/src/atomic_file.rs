@@ -37,3 +37,8 @@ where
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
     Ok(())
 }
+
+/// Writes `bytes` to `path`, atomically.
+pub fn write_bytes_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomically(path, |w| w.write_all(bytes).map_err(|e| Error::io(path, e)))
+}

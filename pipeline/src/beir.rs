@@ -93,7 +93,7 @@ impl IdValue {
 }
 
 /// `dir/name` or `dir/name.gz`, whichever exists.
-fn find_file(dir: &Path, name: &str) -> Result<PathBuf> {
+pub fn find_file(dir: &Path, name: &str) -> Result<PathBuf> {
     let plain = dir.join(name);
     if plain.exists() {
         return Ok(plain);

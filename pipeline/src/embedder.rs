@@ -263,8 +263,7 @@ impl Embedder {
 
     /// Last hidden state of the backbone, `(B, T, H)`.
     pub fn hidden_states(&self, input: &ModelInput) -> Result<Tensor> {
-        self.backbone
-            .forward_hooked(input, &mut self.skipped.clone())
+        self.hidden_states_hooked(input, &mut crate::models::NoHooks)
     }
 
     /// Last hidden state with `hooks` observing (and skipping, in addition

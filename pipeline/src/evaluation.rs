@@ -199,13 +199,7 @@ pub fn evaluate_model(
     let cache = match &settings.cache {
         Some(dir) => {
             let model = fingerprint_dir(embedder.dir())?;
-            let corpus_file = ["corpus.jsonl", "corpus.jsonl.gz"]
-                .iter()
-                .map(|f| dataset.dir.join(f))
-                .find(|p| p.exists())
-                .ok_or_else(|| Error::MissingFile {
-                    path: dataset.dir.join("corpus.jsonl"),
-                })?;
+            let corpus_file = crate::beir::find_file(&dataset.dir, "corpus.jsonl")?;
             let corpus = fingerprint_file(&corpus_file)?;
             // The documents encoded (a sample of the corpus, or all of it).
             let mut ids = blake3::Hasher::new();

@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::Args;
 use effir_pipeline::analysis::measure_importance;
-use effir_pipeline::atomic_file::write_atomically;
+use effir_pipeline::atomic_file::write_bytes_atomically;
 use effir_pipeline::calibration::{CalibrationBudget, CalibrationSet};
 use effir_pipeline::{Embedder, Prompt};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -114,16 +114,7 @@ pub fn run(args: AnalyzeArgs) -> anyhow::Result<()> {
         "layers": report.layers,
         "mlps_least_important_first": report.mlps_by_importance().iter().map(|(l, _)| *l).collect::<Vec<_>>(),
     });
-    let write = |file: &str, body: &[u8]| -> anyhow::Result<()> {
-        let path = args.out.join(file);
-        write_atomically(&path, |w| {
-            w.write_all(body).map_err(|e| effir_pipeline::Error::Io {
-                path: path.clone(),
-                error: e,
-            })
-        })?;
-        Ok(())
-    };
+    let write = |file: &str, body: &[u8]| write_bytes_atomically(&args.out.join(file), body);
     write(
         "importance.json",
         format!("{}\n", serde_json::to_string_pretty(&json)?).as_bytes(),

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::Args;
 use effir_pipeline::analysis::measure_importance;
-use effir_pipeline::atomic_file::write_atomically;
+use effir_pipeline::atomic_file::write_bytes_atomically;
 use effir_pipeline::beir::{DanglingPolicy, Dataset};
 use effir_pipeline::calibration::{CalibrationBudget, CalibrationSet};
 use effir_pipeline::drop_study::drop_study;
@@ -152,17 +152,8 @@ pub fn run(args: DropStudyArgs) -> anyhow::Result<()> {
         "\nEvaluation set: {subset}, split `{}`.\n",
         args.split
     ));
-    let write = |file: &str, body: String| -> anyhow::Result<()> {
-        let path = args.out.join(file);
-        write_atomically(&path, |w| {
-            w.write_all(body.as_bytes())
-                .map_err(|e| effir_pipeline::Error::Io {
-                    path: path.clone(),
-                    error: e,
-                })
-        })?;
-        Ok(())
-    };
+    let write =
+        |file: &str, body: String| write_bytes_atomically(&args.out.join(file), body.as_bytes());
     write(
         "drop_study.json",
         format!("{}\n", serde_json::to_string_pretty(&json)?),

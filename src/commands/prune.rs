@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
+use effir_pipeline::atomic_file::write_bytes_atomically;
 use effir_pipeline::calibration::{training_pairs, CalibrationBudget, CalibrationSet};
 use effir_pipeline::prune::{
     load_all_tensors, plan_pruning, write_pruned_model, CoarseMode, CoarsePlan, FinePlan,
@@ -231,8 +232,7 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
         calibration.source,
         start.elapsed().as_secs_f64()
     );
-    std::fs::write(args.out.join("prune_report.md"), &md)
-        .with_context(|| format!("{}: cannot write report", args.out.display()))?;
+    write_bytes_atomically(&args.out.join("prune_report.md"), md.as_bytes())?;
     print!("{md}");
     Ok(())
 }
