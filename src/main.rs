@@ -22,12 +22,20 @@ struct Cli {
 enum Command {
     /// Importance of every attention and MLP sub-layer (1 - cos of the residual stream).
     Analyze(commands::analyze::AnalyzeArgs),
+    /// ONNX Runtime latency and throughput of graphs (original vs compressed).
+    Bench(commands::bench::BenchArgs),
     /// Retrieval quality after dropping the k least important attention or MLP sub-layers.
     DropStudy(commands::drop_study::DropStudyArgs),
     /// Embed texts from a JSONL or plain-text file into .npy or JSONL.
     Embed(commands::embed::EmbedArgs),
     /// Retrieval quality (nDCG, recall, MRR, MAP, P) on a BEIR dataset.
     Eval(commands::eval::EvalArgs),
+    /// Export a model (pruned or not) as an ONNX graph with its tokenizer and configs.
+    Export(commands::export::ExportArgs),
+    /// List the operators of an ONNX graph that TensorRT cannot parse.
+    LintOnnx(commands::lint_onnx::LintOnnxArgs),
+    /// Parity and quality gates of a candidate ONNX graph (non-zero exit on failure).
+    Validate(commands::validate::ValidateArgs),
     /// Drop MLP sub-layers and narrow the rest into a new, smaller model directory.
     Prune(commands::prune::PruneArgs),
     /// Show a model's architecture, per-layer sizes and parameter counts.
@@ -45,6 +53,10 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Analyze(args) => commands::analyze::run(args),
+        Command::Bench(args) => commands::bench::run(args),
+        Command::Export(args) => commands::export::run(args),
+        Command::LintOnnx(args) => commands::lint_onnx::run(args),
+        Command::Validate(args) => commands::validate::run(args),
         Command::DropStudy(args) => commands::drop_study::run(args),
         Command::Embed(args) => commands::embed::run(args),
         Command::Eval(args) => commands::eval::run(args),

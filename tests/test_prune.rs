@@ -10,9 +10,9 @@ use candle_core::Tensor;
 use common::fixture;
 use effir_pipeline::models::{ForwardHooks, SkippedSublayers};
 use effir_pipeline::prune::{
-    load_all_tensors, plan_pruning, write_pruned_model, CoarseMode, CoarsePlan, FinePlan,
-    PrunePlan, PruneResult,
+    plan_pruning, write_pruned_model, CoarseMode, CoarsePlan, FinePlan, PrunePlan, PruneResult,
 };
+use effir_pipeline::weights::load_all_tensors;
 use effir_pipeline::{Embedder, LoadOptions};
 
 const SAME: f32 = 1e-5;

@@ -1,5 +1,30 @@
-//! effir's ONNX crate: graph emission from effir models, rewriting of
-//! existing exports, ONNX Runtime sessions and parity checks.
+//! effir-onnx: the product side of effir. It emits a slimmed ONNX graph from
+//! an (unpruned, pruned or fine-tuned) model directory, runs graphs under
+//! ONNX Runtime with an ordered choice of execution providers, and checks
+//! a graph against its source model (parity) and against a reference model
+//! (retrieval quality) with gates CI can trust.
 //!
-//! It grows with the export stage; the model code it emits from lives in
-//! `effir-pipeline`.
+//! - [`emit`]: one emitter per architecture, the sentence-transformers
+//!   head, interface profiles;
+//! - [`graph`]: building graphs node by node; [`graph_file`]: reading,
+//!   checking and writing `.onnx` files (external data);
+//! - [`export`]: the serving directory;
+//! - [`tensorrt`]: the TensorRT operator lint;
+//! - [`runtime`], [`providers`], [`session`]: ONNX Runtime;
+//! - [`validate`]: parity and quality gates;
+//! - [`bench`]: latency and throughput of graphs.
+
+pub mod bench;
+pub mod emit;
+pub mod error;
+pub mod export;
+pub mod graph;
+pub mod graph_file;
+pub mod providers;
+pub mod runtime;
+pub mod session;
+pub mod tensorrt;
+pub mod validate;
+
+pub use error::{Error, Result};
+pub use session::{GraphLocation, OnnxEncoder};

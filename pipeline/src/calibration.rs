@@ -86,7 +86,7 @@ impl CalibrationSet {
     ) -> Result<Self> {
         let corpus = load_corpus(dir)?;
         let queries = load_queries(dir)?;
-        let format = TextFormat::for_model(embedder, None, None)?;
+        let format = TextFormat::for_model(embedder.setup(), None, None)?;
         let q: Vec<String> = shuffled_indices(queries.len(), budget.seed)
             .into_iter()
             .take(budget.queries)
@@ -144,7 +144,7 @@ pub fn training_pairs(
     let queries = load_queries(dir)?;
     let docs: std::collections::HashMap<&str, &crate::beir::Document> =
         corpus.iter().map(|d| (d.id.as_str(), d)).collect();
-    let format = TextFormat::for_model(embedder, None, None)?;
+    let format = TextFormat::for_model(embedder.setup(), None, None)?;
     let mut pairs = Vec::new();
     for q in &queries {
         let Some(judged) = qrels.get(&q.id) else {

@@ -1,23 +1,21 @@
 //! A loaded embedding model: backbone, head and text encoder, from a Hugging
 //! Face / sentence-transformers directory.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use ndarray::Array2;
 
+use crate::encoder_setup::EncoderSetup;
 use crate::error::{Error, Result};
 use crate::head::EmbeddingHead;
 use crate::models::{
-    Architecture, Backbone, ForwardHooks, LayerParameters, ModelConfig, ModelInput,
-    SkippedSublayers, Sublayer,
+    Architecture, Backbone, ForwardHooks, LayerParameters, ModelInput, SkippedSublayers, Sublayer,
 };
 use crate::pooling::Pooling;
 use crate::sentence_transformers::{SentenceConfig, Similarity};
 use crate::shape::ModelShape;
-use crate::text_encoder::{
-    tokenizer_max_length, EncodedText, PaddingSide, TextEncoder, TextEncoderSettings,
-};
+use crate::text_encoder::{EncodedText, PaddingSide, TextEncoder};
 use crate::weights;
 
 /// Choices a caller may make when loading a model; `None` takes the model's own.
@@ -65,13 +63,10 @@ pub struct LayerParameterReport {
 
 /// An embedding model ready to encode text.
 pub struct Embedder {
-    dir: PathBuf,
-    config: ModelConfig,
+    setup: EncoderSetup,
     shape: ModelShape,
-    sentence: SentenceConfig,
     backbone: Backbone,
     head: EmbeddingHead,
-    text: TextEncoder,
     device: Device,
     /// Sub-layers bypassed at run time (drop studies); empty normally.
     skipped: SkippedSublayers,
@@ -85,103 +80,50 @@ impl Embedder {
 
     pub fn load_on(dir: &Path, options: &LoadOptions, device: &Device) -> Result<Self> {
         let _span = tracing::info_span!("load", model = %dir.display()).entered();
-        if !dir.is_dir() {
-            return Err(Error::MissingFile {
-                path: dir.to_path_buf(),
-            });
-        }
-        let config = ModelConfig::from_file(&dir.join("config.json"))?;
-        let shape = ModelShape::load_or(dir, config.uniform_shape())?;
-        let sentence = SentenceConfig::load(dir)?;
-        let arch = config.architecture();
-        let pooling = options
-            .pooling
-            .or(sentence.pooling)
-            .unwrap_or(if arch.is_decoder() {
-                Pooling::LastToken
-            } else {
-                Pooling::Mean
-            });
-
-        let position_limit = config.max_position_embeddings;
-        let max_length = match options.max_length {
-            Some(n) => n,
-            None => sentence
-                .max_seq_length
-                .or(tokenizer_max_length(dir)?)
-                .or(position_limit)
-                .unwrap_or(512),
-        };
-        if arch == Architecture::Bert {
-            if let Some(limit) = position_limit {
-                if max_length > limit {
-                    return Err(Error::InvalidArgument(format!(
-                        "max length {max_length} exceeds the model's {limit} position embeddings"
-                    )));
-                }
-            }
-        }
-        let mut text_settings = TextEncoderSettings {
-            max_length,
-            lowercase: sentence.do_lower_case,
-            append_eos: None,
-            padding_side: options.padding_side,
-            pad_id: config.special_tokens.pad_token_id.unwrap_or(0),
-            token_type_ids: arch == Architecture::Bert,
-        };
-        let append_eos = options.append_eos.unwrap_or(pooling == Pooling::LastToken);
-        let mut text = TextEncoder::load(dir, text_settings.clone())?;
-        if append_eos {
-            let eos = config
-                .special_tokens
-                .eos_token_ids
-                .first()
-                .copied()
-                .or_else(|| {
-                    ["</s>", "<|endoftext|>", "<eos>"]
-                        .iter()
-                        .find_map(|t| text.token_id(t))
-                })
-                .ok_or_else(|| {
-                    Error::config(
-                        &config.path,
-                        "EOS must be appended but no `eos_token_id` is set",
-                    )
-                })?;
-            text_settings.append_eos = Some(eos);
-            text = TextEncoder::load(dir, text_settings)?;
-        }
-
+        let setup = EncoderSetup::load(dir, options)?;
+        let shape = ModelShape::load_or(dir, setup.config.uniform_shape())?;
         let files = weights::weight_files(dir)?;
         let vb = weights::var_builder(&files, DType::F32, device)?;
-        let backbone = Backbone::load(vb, &config, &shape)?;
-        let head = EmbeddingHead::load(&sentence, pooling, backbone.hidden_size(), device)?;
+        let backbone = Backbone::load(vb, &setup.config, &shape)?;
+        let head = EmbeddingHead::load(
+            &setup.sentence,
+            setup.pooling,
+            backbone.hidden_size(),
+            device,
+        )?;
         tracing::info!(
-            architecture = %arch,
-            %pooling,
-            max_length,
+            architecture = %setup.architecture(),
+            pooling = %setup.pooling,
+            max_length = setup.text.max_length(),
             dimension = head.dimension(),
             "model loaded"
         );
         Ok(Self {
-            dir: dir.to_path_buf(),
-            config,
+            setup,
             shape,
-            sentence,
             backbone,
             head,
-            text,
             device: device.clone(),
             skipped: SkippedSublayers::default(),
         })
     }
 
     pub fn dir(&self) -> &Path {
-        &self.dir
+        &self.setup.dir
+    }
+
+    /// Configuration, pooling and tokenizer.
+    pub fn setup(&self) -> &EncoderSetup {
+        &self.setup
     }
 
     pub fn architecture(&self) -> Architecture {
-        self.config.architecture()
+        self.setup.architecture()
+    }
+
+    /// The embedding head (pooling, Dense, Normalize).
+    pub fn head(&self) -> &EmbeddingHead {
+        &self.head
     }
 
     pub fn shape(&self) -> &ModelShape {
@@ -189,11 +131,11 @@ impl Embedder {
     }
 
     pub fn sentence_config(&self) -> &SentenceConfig {
-        &self.sentence
+        &self.setup.sentence
     }
 
     pub fn text_encoder(&self) -> &TextEncoder {
-        &self.text
+        &self.setup.text
     }
 
     pub fn pooling(&self) -> Pooling {
@@ -205,7 +147,7 @@ impl Embedder {
     }
 
     pub fn similarity(&self) -> Similarity {
-        self.sentence.similarity
+        self.setup.sentence.similarity
     }
 
     pub fn device(&self) -> &Device {
@@ -214,15 +156,7 @@ impl Embedder {
 
     /// The text prepended to inputs for `prompt`.
     pub fn prefix(&self, prompt: &Prompt) -> Result<String> {
-        Ok(match prompt {
-            Prompt::Default => match &self.sentence.default_prompt_name {
-                Some(name) => self.sentence.prompt(name)?.to_string(),
-                None => String::new(),
-            },
-            Prompt::Named(name) => self.sentence.prompt(name)?.to_string(),
-            Prompt::Prefix(prefix) => prefix.clone(),
-            Prompt::None => String::new(),
-        })
+        self.setup.prefix(prompt)
     }
 
     /// Tokenizes texts with `prefix` prepended.
@@ -231,12 +165,12 @@ impl Embedder {
         texts: &[S],
         prefix: &str,
     ) -> Result<Vec<EncodedText>> {
-        self.text.encode(texts, prefix)
+        self.setup.text.encode(texts, prefix)
     }
 
     /// Pads encoded texts into one batch on the model's device.
     pub fn batch(&self, texts: &[&EncodedText]) -> Result<ModelInput> {
-        self.text.batch(texts, &self.device)
+        self.setup.text.batch(texts, &self.device)
     }
 
     /// Bypasses `skipped` sub-layers in every later forward pass, as if

@@ -9,11 +9,13 @@ use serde::Serialize;
 
 use crate::atomic_file::write_atomically;
 use crate::beir::{Dataset, Document};
-use crate::embedder::{Embedder, Prompt};
-use crate::embedding_cache::{fingerprint_dir, fingerprint_file, CacheKey, EmbeddingCache};
+use crate::embedder::Prompt;
+use crate::embedding_cache::{fingerprint_file, CacheKey, EmbeddingCache};
+use crate::encoder_setup::EncoderSetup;
 use crate::error::{Error, Result};
 use crate::metrics::{evaluate, trec_order, Evaluation, Run};
 use crate::search::{search, SearchOptions};
+use crate::text_embedder::TextEmbedder;
 
 /// How a corpus document becomes the text the model encodes. Placeholders:
 /// `{title}`, `{text}`, `{title_or_none}` (`none` for an empty title, as
@@ -29,8 +31,8 @@ impl DocumentTemplate {
     pub const EMBEDDINGGEMMA: &'static str = "title: {title_or_none} | text: {text}";
 
     /// The template a model's prompts call for.
-    pub fn for_model(embedder: &Embedder) -> Self {
-        match embedder.sentence_config().prompts.get("document") {
+    pub fn for_model(setup: &EncoderSetup) -> Self {
+        match setup.sentence.prompts.get("document") {
             Some(p) if p.starts_with("title: none | text:") => Self(Self::EMBEDDINGGEMMA.into()),
             Some(_) => Self("{prompt}{title} {text}".into()),
             None => Self(Self::TITLE_TEXT.into()),
@@ -64,20 +66,20 @@ pub struct TextFormat {
 impl TextFormat {
     /// The model's own format; `template` and `query_prompt` override it.
     pub fn for_model(
-        embedder: &Embedder,
+        setup: &EncoderSetup,
         template: Option<DocumentTemplate>,
         query_prompt: Option<Prompt>,
     ) -> Result<Self> {
         Ok(Self {
-            template: template.unwrap_or_else(|| DocumentTemplate::for_model(embedder)),
-            document_prompt: embedder
-                .sentence_config()
+            template: template.unwrap_or_else(|| DocumentTemplate::for_model(setup)),
+            document_prompt: setup
+                .sentence
                 .prompts
                 .get("document")
                 .cloned()
                 .unwrap_or_default(),
-            query_prefix: embedder
-                .prefix(&query_prompt.unwrap_or_else(|| default_query_prompt(embedder)))?,
+            query_prefix: setup
+                .prefix(&query_prompt.unwrap_or_else(|| default_query_prompt(setup)))?,
         })
     }
 
@@ -91,8 +93,8 @@ impl TextFormat {
 }
 
 /// The model's `query` prompt if it declares one, else none.
-pub fn default_query_prompt(embedder: &Embedder) -> Prompt {
-    if embedder.sentence_config().prompts.contains_key("query") {
+pub fn default_query_prompt(setup: &EncoderSetup) -> Prompt {
+    if setup.sentence.prompts.contains_key("query") {
         Prompt::Named("query".into())
     } else {
         Prompt::None
@@ -172,13 +174,13 @@ pub enum Phase {
 /// Encodes, searches and scores `dataset` with `embedder`. `progress` gets
 /// `(phase, done, total)`.
 pub fn evaluate_model(
-    embedder: &Embedder,
+    embedder: &dyn TextEmbedder,
     dataset: &Dataset,
     settings: &EvalSettings,
     progress: &mut dyn FnMut(Phase, usize, usize),
 ) -> Result<EvalReport> {
     let _span =
-        tracing::info_span!("eval", model = %embedder.dir().display(), split = %dataset.split)
+        tracing::info_span!("eval", model = %embedder.source().display(), split = %dataset.split)
             .entered();
     if settings.ks.contains(&0) || settings.ks.is_empty() {
         return Err(Error::InvalidArgument("every k must be at least 1".into()));
@@ -188,17 +190,19 @@ pub fn evaluate_model(
             "run depth must be at least 1".into(),
         ));
     }
+    let setup = embedder.setup();
     let format = TextFormat::for_model(
-        embedder,
+        setup,
         settings.document_template.clone(),
         settings.query_prompt.clone(),
     )?;
     // Corpus, from the cache when the same model, corpus and settings were seen.
     let docs: Vec<String> = dataset.corpus.iter().map(|d| format.document(d)).collect();
+    let docs: Vec<&str> = docs.iter().map(String::as_str).collect();
     let n = docs.len();
     let cache = match &settings.cache {
         Some(dir) => {
-            let model = fingerprint_dir(embedder.dir())?;
+            let model = embedder.fingerprint()?;
             let corpus_file = crate::beir::find_file(&dataset.dir, "corpus.jsonl")?;
             let corpus = fingerprint_file(&corpus_file)?;
             // The documents encoded (a sample of the corpus, or all of it).
@@ -208,14 +212,14 @@ pub fn evaluate_model(
                 ids.update(&[0]);
             }
             let settings_text = format!(
-                "docs={} template={:?} prompt={:?} max_length={} pooling={} dim={} skipped={:?}",
+                "docs={} template={:?} prompt={:?} max_length={} pooling={} dim={} {}",
                 ids.finalize().to_hex(),
                 format.template.0,
                 format.document_prompt,
-                embedder.text_encoder().max_length(),
-                embedder.pooling(),
+                setup.text.max_length(),
+                setup.pooling,
                 embedder.dimension(),
-                embedder.skipped()
+                embedder.variant()
             );
             Some((
                 EmbeddingCache::new(dir),
@@ -234,7 +238,7 @@ pub fn evaluate_model(
             m
         }
         None => {
-            let m = embedder.embed(&docs, "", settings.batch_size, &mut |done| {
+            let m = embedder.embed_texts(&docs, "", settings.batch_size, &mut |done| {
                 progress(Phase::Corpus, done, n)
             })?;
             if let Some((c, key)) = &cache {
@@ -249,7 +253,7 @@ pub fn evaluate_model(
     let start = Instant::now();
     let query_texts: Vec<&str> = dataset.queries.iter().map(|q| q.text.as_str()).collect();
     let nq = query_texts.len();
-    let query_embeddings = embedder.embed(
+    let query_embeddings = embedder.embed_texts(
         &query_texts,
         &format.query_prefix,
         settings.batch_size,
@@ -261,7 +265,7 @@ pub fn evaluate_model(
     let k = settings
         .run_depth
         .max(*settings.ks.iter().max().unwrap_or(&1));
-    let mut options = SearchOptions::new(k, embedder.similarity());
+    let mut options = SearchOptions::new(k, setup.sentence.similarity);
     options.ignore_identical_ids = settings.ignore_identical_ids;
     let query_ids: Vec<String> = dataset.queries.iter().map(|q| q.id.clone()).collect();
     let doc_ids: Vec<String> = dataset.corpus.iter().map(|d| d.id.clone()).collect();
@@ -288,14 +292,14 @@ pub fn evaluate_model(
         .collect();
     let evaluation = evaluate(&run, &dataset.qrels, &settings.ks)?;
     Ok(EvalReport {
-        model: embedder.dir().to_path_buf(),
+        model: embedder.source().to_path_buf(),
         dataset: dataset.dir.clone(),
         split: dataset.split.clone(),
         num_documents: n,
         num_queries: nq,
         document_template: format.template,
         query_prefix: format.query_prefix,
-        max_length: embedder.text_encoder().max_length(),
+        max_length: setup.text.max_length(),
         evaluation,
         timings: Timings {
             corpus_encode_seconds,

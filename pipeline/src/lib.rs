@@ -8,6 +8,7 @@
 
 pub mod atomic_file;
 pub mod embedder;
+pub mod encoder_setup;
 pub mod error;
 pub mod head;
 pub mod json_file;
@@ -19,10 +20,12 @@ pub mod text_encoder;
 pub mod weights;
 
 pub use embedder::{Embedder, LoadOptions, ParameterReport, Prompt};
+pub use encoder_setup::EncoderSetup;
 pub use error::{Error, Result};
 pub use models::Architecture;
 pub use pooling::Pooling;
 pub use shape::{LayerShape, MlpShape, ModelShape};
+pub use text_embedder::TextEmbedder;
 pub mod analysis;
 pub mod beir;
 pub mod calibration;
@@ -31,8 +34,10 @@ pub mod drop_study;
 pub mod embedding_cache;
 pub mod evaluation;
 pub mod metrics;
+pub mod model_files;
 pub mod npy;
 pub mod prune;
 pub mod sampling;
 pub mod search;
+pub mod text_embedder;
 pub mod text_input;

@@ -14,7 +14,7 @@
 //! `effir_shape.json` with each layer's width.
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -22,9 +22,10 @@ use serde::{Deserialize, Serialize};
 use crate::analysis::{measure_importance, ImportanceReport};
 use crate::embedder::Embedder;
 use crate::error::{Error, Result};
+use crate::model_files::{copy_model_files, is_backbone_weights};
 use crate::models::{ForwardHooks, SkippedSublayers};
 use crate::shape::{MlpShape, ModelShape, SHAPE_FILE};
-use crate::weights::{weight_files, WEIGHTS_FILE, WEIGHTS_INDEX_FILE};
+use crate::weights::WEIGHTS_FILE;
 
 /// How coarse selection proceeds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -253,17 +254,6 @@ fn activation_sum_sq(
     Ok(meter.sum_sq)
 }
 
-/// All tensors of the model in `dir`, by name (original dtypes).
-pub fn load_all_tensors(dir: &Path) -> Result<HashMap<String, Tensor>> {
-    let mut all = HashMap::new();
-    for file in weight_files(dir)? {
-        let tensors = candle_core::safetensors::load(&file, &Device::Cpu)
-            .map_err(|e| Error::weights(&file, e))?;
-        all.extend(tensors);
-    }
-    Ok(all)
-}
-
 /// Multiplies each MLP activation by a gate variable of ones, so the loss
 /// gradient of each gate is the neuron's first-order Taylor term.
 struct TaylorGates {
@@ -278,6 +268,9 @@ impl ForwardHooks for TaylorGates {
         }
     }
 }
+
+/// The record of a pruning run, written into the pruned model directory.
+pub const PLAN_FILE: &str = "effir_prune.json";
 
 /// Temperature of the InfoNCE loss of Taylor scores.
 pub const TAYLOR_TEMPERATURE: f64 = 0.05;
@@ -588,7 +581,9 @@ pub fn write_pruned_model(
         .prefix(".effir-prune-")
         .tempdir_in(parent)
         .map_err(|e| Error::io(parent, e))?;
-    copy_model_files(source, staging.path(), true)?;
+    copy_model_files(source, staging.path(), &|name| {
+        is_backbone_weights(name) || [SHAPE_FILE, PLAN_FILE, "prune_report.md"].contains(&name)
+    })?;
 
     let prefix = arch.checkpoint_prefix(tensors.keys());
     let mut tensors = tensors;
@@ -637,7 +632,7 @@ pub fn write_pruned_model(
         "drop_attn_list": Vec::<usize>::new(),
         "decilm_block_configs": decilm_block_configs(arch, &result.shape),
     });
-    let record_path = staging.path().join("effir_prune.json");
+    let record_path = staging.path().join(PLAN_FILE);
     std::fs::write(
         &record_path,
         format!(
@@ -683,33 +678,4 @@ fn decilm_block_configs(
             })
             .collect(),
     )
-}
-
-/// Copies every file of the model directory except the backbone weights and
-/// effir's own records (recursively: sentence-transformers module folders
-/// keep their own weights).
-fn copy_model_files(source: &Path, dest: &Path, top: bool) -> Result<()> {
-    for entry in std::fs::read_dir(source).map_err(|e| Error::io(source, e))? {
-        let entry = entry.map_err(|e| Error::io(source, e))?;
-        let name = entry.file_name();
-        let name_str = name.to_string_lossy();
-        let from = entry.path();
-        let to: PathBuf = dest.join(&name);
-        if from.is_dir() {
-            std::fs::create_dir_all(&to).map_err(|e| Error::io(&to, e))?;
-            copy_model_files(&from, &to, false)?;
-        } else if top
-            && (name_str == WEIGHTS_FILE
-                || name_str == WEIGHTS_INDEX_FILE
-                || name_str == SHAPE_FILE
-                || name_str == "effir_prune.json"
-                || name_str == "prune_report.md"
-                || (name_str.starts_with("model-") && name_str.ends_with(".safetensors")))
-        {
-            continue;
-        } else {
-            std::fs::copy(&from, &to).map_err(|e| Error::io(&from, e))?;
-        }
-    }
-    Ok(())
 }

@@ -5,10 +5,10 @@
 //! checked against its length before candle reads from it, so a truncated or
 //! corrupt file is reported by name instead of failing deep in a load.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
@@ -73,4 +73,15 @@ pub fn var_builder(
     // alive as long as the builder. Modifying the files meanwhile is not supported.
     unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }
         .map_err(|error| Error::weights(files.first().cloned().unwrap_or_default(), error))
+}
+
+/// All tensors of the model in `dir`, by name (original dtypes).
+pub fn load_all_tensors(dir: &Path) -> Result<HashMap<String, Tensor>> {
+    let mut all = HashMap::new();
+    for file in weight_files(dir)? {
+        let tensors = candle_core::safetensors::load(&file, &Device::Cpu)
+            .map_err(|e| Error::weights(&file, e))?;
+        all.extend(tensors);
+    }
+    Ok(all)
 }

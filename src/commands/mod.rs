@@ -1,9 +1,14 @@
 //! One module per `effir` subcommand.
 
 pub mod analyze;
+pub mod bench;
 pub mod drop_study;
 pub mod embed;
 pub mod eval;
+pub mod export;
 pub mod inspect;
+pub mod lint_onnx;
 pub mod model_options;
+pub mod provider_options;
 pub mod prune;
+pub mod validate;

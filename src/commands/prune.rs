@@ -9,9 +9,9 @@ use clap::{Args, ValueEnum};
 use effir_pipeline::atomic_file::write_bytes_atomically;
 use effir_pipeline::calibration::{training_pairs, CalibrationBudget, CalibrationSet};
 use effir_pipeline::prune::{
-    load_all_tensors, plan_pruning, write_pruned_model, CoarseMode, CoarsePlan, FinePlan,
-    NeuronScore, PrunePlan,
+    plan_pruning, write_pruned_model, CoarseMode, CoarsePlan, FinePlan, NeuronScore, PrunePlan,
 };
+use effir_pipeline::weights::load_all_tensors;
 use effir_pipeline::{Embedder, ParameterReport, Prompt};
 
 use super::model_options::ModelArgs;

@@ -21,21 +21,21 @@ use crate::shape::{LayerShape, MlpShape, ModelShape};
 
 /// Rotary embedding parameters of one kind of layer.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct RopeSpec {
+pub struct RopeSpec {
     pub theta: f64,
     pub scaling: RopeScaling,
 }
 
 /// Attention of one layer: which keys it sees and how positions rotate.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct LayerAttentionSpec {
+pub struct LayerAttentionSpec {
     pub pattern: AttentionPattern,
     pub rope: RopeSpec,
 }
 
 /// How an architecture differs from plain Llama.
 #[derive(Debug, Clone)]
-pub(crate) struct DecoderSpec {
+pub struct DecoderSpec {
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub norm_eps: f64,

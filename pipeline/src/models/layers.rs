@@ -123,7 +123,7 @@ impl Module for RmsNorm {
 
 /// MLP activations, keyed by the names Hugging Face configs use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Activation {
+pub enum Activation {
     /// Exact GELU, `x Φ(x)` (HF `gelu`).
     GeluErf,
     /// Tanh approximation of GELU (HF `gelu_new`, `gelu_pytorch_tanh`).
@@ -214,7 +214,7 @@ fn erf(x: f32) -> f32 {
 
 /// RoPE frequency scaling from `rope_scaling` / `rope_parameters`.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) enum RopeScaling {
+pub enum RopeScaling {
     None,
     /// Positions divided by `factor` (HF `linear`).
     Linear {
@@ -225,7 +225,7 @@ pub(crate) enum RopeScaling {
 /// Precomputed inverse frequencies of rotary position embeddings in the
 /// half-rotation layout of Hugging Face (`rotate_half`).
 #[derive(Debug, Clone)]
-pub(crate) struct Rotary {
+pub struct Rotary {
     inv_freq: Vec<f32>,
 }
 
@@ -243,6 +243,11 @@ impl Rotary {
             })
             .collect();
         Self { inv_freq }
+    }
+
+    /// `1 / (theta^(2i / head_dim) * factor)`, one per rotated pair.
+    pub fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
     }
 
     /// `(cos, sin)`, each `(seq_len, head_dim / 2)`, for positions `0..seq_len`.
@@ -274,11 +279,11 @@ pub(crate) fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Ten
 
 /// Value added to attention scores of masked positions. Finite, so that a row
 /// with every key masked (a padding query) stays finite instead of NaN.
-const MASKED: f32 = f32::MIN;
+pub const MASKED: f32 = f32::MIN;
 
 /// Which key positions a query may attend to, besides padding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) enum AttentionPattern {
+pub enum AttentionPattern {
     /// Every key (encoders, bidirectional decoders).
     Bidirectional,
     /// Keys at or before the query.

@@ -5,10 +5,10 @@
 //! may lack their MLP or have their own MLP width (EffiR compression).
 
 pub mod bert;
-pub(crate) mod decoder;
+pub mod decoder;
 pub mod decoder_config;
 pub mod gemma3;
-pub(crate) mod layers;
+pub mod layers;
 pub mod llama;
 pub mod mistral;
 pub mod qwen2;
@@ -259,6 +259,32 @@ impl ModelConfig {
             ArchitectureConfig::Qwen2(c) => c.base.uniform_shape(model_type),
             ArchitectureConfig::Qwen3(c) => c.base.uniform_shape(model_type),
         }
+    }
+
+    /// Rows of the token embedding table.
+    pub fn vocab_size(&self) -> usize {
+        match &self.architecture {
+            ArchitectureConfig::Bert(c) => c.vocab_size,
+            ArchitectureConfig::Gemma3(c) => c.vocab_size,
+            ArchitectureConfig::Llama(c) => c.base.vocab_size,
+            ArchitectureConfig::Mistral(c) => c.base.vocab_size,
+            ArchitectureConfig::Qwen2(c) => c.base.vocab_size,
+            ArchitectureConfig::Qwen3(c) => c.base.vocab_size,
+        }
+    }
+
+    /// The decoder description (norms, biases, rotary and attention pattern
+    /// per layer) of a decoder architecture; `None` for BERT.
+    pub fn decoder_spec(&self) -> Result<Option<decoder::DecoderSpec>> {
+        let path = &self.path;
+        Ok(Some(match &self.architecture {
+            ArchitectureConfig::Bert(_) => return Ok(None),
+            ArchitectureConfig::Gemma3(c) => c.spec(path)?,
+            ArchitectureConfig::Llama(c) => c.spec(path)?,
+            ArchitectureConfig::Mistral(c) => c.spec(path)?,
+            ArchitectureConfig::Qwen2(c) => c.spec(path)?,
+            ArchitectureConfig::Qwen3(c) => c.spec(path)?,
+        }))
     }
 
     /// Rejects settings effir does not implement, before any weight is read.

@@ -1,0 +1,328 @@
+//! Building blocks of the emitted graphs, the ONNX counterparts of
+//! `effir_pipeline::models::layers`: linear layers, norms, activations,
+//! rotary embeddings, attention masks and attention. Every block computes
+//! what the candle block computes, with standard opset-17 operators only
+//! (no contrib ops), so ONNX Runtime's CPU, CUDA and TensorRT providers all
+//! take the graph.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Tensor};
+use candle_onnx::onnx::tensor_proto::DataType;
+use effir_pipeline::models::layers::{Activation, AttentionPattern, MASKED};
+
+use crate::error::{Error, Result};
+use crate::graph::{attr_float, attr_int, GraphBuilder};
+
+/// The checkpoint's tensors, by name under a prefix (`bert.`, `model.`).
+pub struct Weights {
+    tensors: HashMap<String, Tensor>,
+    prefix: String,
+    dir: PathBuf,
+}
+
+impl Weights {
+    pub fn new(tensors: HashMap<String, Tensor>, prefix: &str, dir: &Path) -> Self {
+        Self {
+            tensors,
+            prefix: prefix.to_string(),
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(&format!("{}{name}", self.prefix))
+    }
+
+    /// The tensor `prefix + name` as float32, with its shape checked.
+    pub fn get(&self, name: &str, dims: &[usize]) -> Result<Tensor> {
+        let full = format!("{}{name}", self.prefix);
+        let tensor = self.tensors.get(&full).ok_or_else(|| {
+            Error::Export(format!(
+                "{}: no tensor `{full}` in the checkpoint",
+                self.dir.display()
+            ))
+        })?;
+        if tensor.dims() != dims {
+            return Err(Error::Export(format!(
+                "{}: tensor `{full}` has shape {:?}, the config implies {dims:?}",
+                self.dir.display(),
+                tensor.dims()
+            )));
+        }
+        Ok(tensor.to_dtype(DType::F32)?)
+    }
+}
+
+/// Flattens a float32 tensor.
+pub fn values(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// `y = x W^T + b` for PyTorch's `(out, in)` weight `name.weight`: the
+/// graph stores `W^T` so the product is one MatMul.
+pub fn linear(
+    g: &mut GraphBuilder,
+    w: &Weights,
+    x: &str,
+    name: &str,
+    in_dim: usize,
+    out_dim: usize,
+    bias: bool,
+) -> Result<String> {
+    let weight = w.get(&format!("{name}.weight"), &[out_dim, in_dim])?;
+    let wt = g.weight(
+        &format!("{name}.weight_t"),
+        &[in_dim, out_dim],
+        &values(&weight.t()?.contiguous()?)?,
+    );
+    let y = g.matmul(x, &wt);
+    if bias {
+        let b = w.get(&format!("{name}.bias"), &[out_dim])?;
+        let b = g.weight(&format!("{name}.bias"), &[out_dim], &values(&b)?);
+        Ok(g.add(&y, &b))
+    } else {
+        Ok(y)
+    }
+}
+
+/// LayerNorm over the last axis (ONNX `LayerNormalization`, opset 17).
+pub fn layer_norm(
+    g: &mut GraphBuilder,
+    w: &Weights,
+    x: &str,
+    name: &str,
+    dim: usize,
+    eps: f64,
+) -> Result<String> {
+    let (wn, bn) = if w.contains(&format!("{name}.weight")) {
+        ("weight", "bias")
+    } else {
+        ("gamma", "beta")
+    };
+    let scale = w.get(&format!("{name}.{wn}"), &[dim])?;
+    let bias = w.get(&format!("{name}.{bn}"), &[dim])?;
+    let scale = g.weight(&format!("{name}.weight"), &[dim], &values(&scale)?);
+    let bias = g.weight(&format!("{name}.bias"), &[dim], &values(&bias)?);
+    Ok(g.node(
+        "LayerNormalization",
+        &[x, &scale, &bias],
+        vec![attr_int("axis", -1), attr_float("epsilon", eps as f32)],
+    ))
+}
+
+/// RMSNorm over the last axis, `x / sqrt(mean(x^2) + eps) * scale`; Gemma
+/// (`unit_offset`) stores `scale - 1`.
+pub fn rms_norm(
+    g: &mut GraphBuilder,
+    w: &Weights,
+    x: &str,
+    name: &str,
+    dim: usize,
+    eps: f64,
+    unit_offset: bool,
+) -> Result<String> {
+    let weight = w.get(&format!("{name}.weight"), &[dim])?;
+    let scale = if unit_offset { (weight + 1.0)? } else { weight };
+    let scale = g.weight(&format!("{name}.weight"), &[dim], &values(&scale)?);
+    let square = g.mul(x, x);
+    let mean = g.reduce("ReduceMean", &square, &[-1], true);
+    let eps = g.float_scalar(eps as f32);
+    let var = g.add(&mean, &eps);
+    let rms = g.unary("Sqrt", &var);
+    let normed = g.div(x, &rms);
+    Ok(g.mul(&normed, &scale))
+}
+
+/// The MLP activation.
+pub fn activation(g: &mut GraphBuilder, x: &str, act: Activation) -> String {
+    match act {
+        Activation::GeluErf => {
+            // 0.5 x (1 + erf(x / sqrt 2))
+            let inv_sqrt2 = g.float_scalar(std::f32::consts::FRAC_1_SQRT_2);
+            let scaled = g.mul(x, &inv_sqrt2);
+            let erf = g.unary("Erf", &scaled);
+            let one = g.float_scalar(1.0);
+            let shifted = g.add(&erf, &one);
+            let half = g.float_scalar(0.5);
+            let half_x = g.mul(x, &half);
+            g.mul(&half_x, &shifted)
+        }
+        Activation::GeluTanh => {
+            // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+            let cube = {
+                let sq = g.mul(x, x);
+                g.mul(&sq, x)
+            };
+            let c = g.float_scalar(0.044_715);
+            let term = g.mul(&cube, &c);
+            let inner = g.add(x, &term);
+            let k = g.float_scalar((2.0f32 / std::f32::consts::PI).sqrt());
+            let arg = g.mul(&inner, &k);
+            let tanh = g.unary("Tanh", &arg);
+            let one = g.float_scalar(1.0);
+            let shifted = g.add(&tanh, &one);
+            let half = g.float_scalar(0.5);
+            let half_x = g.mul(x, &half);
+            g.mul(&half_x, &shifted)
+        }
+        Activation::Silu => {
+            let sig = g.unary("Sigmoid", x);
+            g.mul(x, &sig)
+        }
+        Activation::Relu => g.unary("Relu", x),
+    }
+}
+
+/// `(B, T, H*D)` -> `(B, H, T, D)`.
+pub fn split_heads(g: &mut GraphBuilder, x: &str, heads: usize, head_dim: usize) -> String {
+    let r = g.reshape(x, &[0, 0, heads as i64, head_dim as i64]);
+    g.transpose(&r, &[0, 2, 1, 3])
+}
+
+/// `(B, H, T, D)` -> `(B, T, H*D)`.
+pub fn merge_heads(g: &mut GraphBuilder, x: &str, heads: usize, head_dim: usize) -> String {
+    let t = g.transpose(x, &[0, 2, 1, 3]);
+    g.reshape(&t, &[0, 0, (heads * head_dim) as i64])
+}
+
+/// Values every layer shares, computed once per graph from the inputs.
+pub struct SequenceInfo {
+    /// `attention_mask` as bool, `(B, T)`.
+    pub keep: String,
+    /// Positions `0..T`, int64, `(T,)`.
+    pub positions: String,
+}
+
+impl SequenceInfo {
+    pub fn new(g: &mut GraphBuilder, input_ids: &str, attention_mask: &str) -> Self {
+        let shape = g.unary("Shape", input_ids);
+        let one = g.int_scalar(1);
+        let seq_len = g.gather(&shape, &one, 0);
+        let zero = g.int_scalar(0);
+        let positions = g.node("Range", &[&zero, &seq_len, &one], vec![]);
+        let keep = g.cast(attention_mask, DataType::Bool);
+        Self { keep, positions }
+    }
+}
+
+/// Additive attention bias for `pattern`: 0 where a query may attend to a
+/// key, [`MASKED`] elsewhere. `(B, 1, 1, T)` for plain bidirectional
+/// attention, `(B, 1, T, T)` otherwise.
+pub fn attention_bias(
+    g: &mut GraphBuilder,
+    seq: &SequenceInfo,
+    pattern: AttentionPattern,
+) -> String {
+    let key_keep = g.unsqueeze(&seq.keep, &[1, 2]); // (B, 1, 1, T)
+    let allowed = match pattern {
+        AttentionPattern::Bidirectional => key_keep,
+        _ => {
+            let q = g.unsqueeze(&seq.positions, &[1]); // (T, 1)
+            let k = g.unsqueeze(&seq.positions, &[0]); // (1, T)
+            let diff = g.sub(&q, &k); // q - k, (T, T)
+            let zero = g.int_scalar(0);
+            let pattern_ok = match pattern {
+                AttentionPattern::Causal => g.node("GreaterOrEqual", &[&diff, &zero], vec![]),
+                AttentionPattern::BidirectionalWindow { window } => {
+                    let abs = g.unary("Abs", &diff);
+                    let w = g.int_scalar(window as i64);
+                    g.node("Less", &[&abs, &w], vec![])
+                }
+                AttentionPattern::CausalWindow { window } => {
+                    let causal = g.node("GreaterOrEqual", &[&diff, &zero], vec![]);
+                    let w = g.int_scalar(window as i64);
+                    let near = g.node("Less", &[&diff, &w], vec![]);
+                    g.node("And", &[&causal, &near], vec![])
+                }
+                AttentionPattern::Bidirectional => unreachable!(),
+            };
+            g.node("And", &[&key_keep, &pattern_ok], vec![]) // (B, 1, T, T)
+        }
+    };
+    let zero = g.float_scalar(0.0);
+    let masked = g.float_scalar(MASKED);
+    g.where_(&allowed, &zero, &masked)
+}
+
+/// `cos` and `sin` of rotary angles for positions `0..T`, each `(T, D/2)`.
+pub fn rotary_tables(
+    g: &mut GraphBuilder,
+    seq: &SequenceInfo,
+    inv_freq: &[f32],
+) -> (String, String) {
+    let pos = g.cast(&seq.positions, DataType::Float);
+    let pos = g.unsqueeze(&pos, &[1]); // (T, 1)
+    let freq = g.floats(inv_freq); // (D/2,)
+    let angles = g.mul(&pos, &freq); // (T, D/2)
+    (g.unary("Cos", &angles), g.unary("Sin", &angles))
+}
+
+/// Rotary embedding of `x` `(B, H, T, D)` in the half-rotation layout:
+/// `[x1 cos - x2 sin, x2 cos + x1 sin]`.
+pub fn apply_rotary(
+    g: &mut GraphBuilder,
+    x: &str,
+    cos: &str,
+    sin: &str,
+    head_dim: usize,
+) -> String {
+    let half = (head_dim / 2) as i64;
+    let x1 = g.slice(x, 3, 0, half);
+    let x2 = g.slice(x, 3, half, head_dim as i64);
+    let x1c = g.mul(&x1, cos);
+    let x2s = g.mul(&x2, sin);
+    let first = g.sub(&x1c, &x2s);
+    let x2c = g.mul(&x2, cos);
+    let x1s = g.mul(&x1, sin);
+    let second = g.add(&x2c, &x1s);
+    g.concat(&[&first, &second], 3)
+}
+
+/// Softmax attention with grouped K/V heads. `q` `(B, Hq, T, D)`, `k`/`v`
+/// `(B, Hkv, T, D)`, `bias` broadcastable to `(B, Hq, T, T)`. As in candle,
+/// each group of `Hq / Hkv` query heads folds into the row axis, so K and V
+/// are never repeated. Returns `(B, Hq, T, D)`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    g: &mut GraphBuilder,
+    q: &str,
+    k: &str,
+    v: &str,
+    bias: &str,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    scale: f64,
+) -> String {
+    let (h, hkv, d) = (heads as i64, kv_heads as i64, head_dim as i64);
+    let grouped = heads != kv_heads;
+    let s = g.float_scalar(scale as f32);
+    let q = g.mul(q, &s);
+    let q = if grouped {
+        g.reshape(&q, &[0, hkv, -1, d]) // (B, Hkv, G*T, D)
+    } else {
+        q
+    };
+    let kt = g.transpose(k, &[0, 1, 3, 2]);
+    let scores = g.matmul(&q, &kt);
+    let scores = if grouped {
+        g.reshape(&scores, &[0, h, -1, 0]) // (B, Hq, T, T)
+    } else {
+        scores
+    };
+    let scores = g.add(&scores, bias);
+    let probs = g.softmax(&scores, -1);
+    let probs = if grouped {
+        g.reshape(&probs, &[0, hkv, -1, 0])
+    } else {
+        probs
+    };
+    let context = g.matmul(&probs, v);
+    if grouped {
+        g.reshape(&context, &[0, h, -1, d])
+    } else {
+        context
+    }
+}

@@ -1,0 +1,221 @@
+//! From a model directory to an ONNX `ModelProto`: one emitter per
+//! architecture (`bert.rs`, `decoder.rs`), the sentence-transformers head
+//! (`head.rs`), and the interface profiles serving stacks read.
+
+pub mod bert;
+pub mod decoder;
+pub mod head;
+pub mod layers;
+
+use std::path::Path;
+
+use candle_onnx::onnx::{ModelProto, OperatorSetIdProto, StringStringEntryProto};
+use effir_pipeline::models::ArchitectureConfig;
+use effir_pipeline::{Architecture, EncoderSetup, LoadOptions, ModelShape};
+
+use crate::error::{Error, Result};
+use crate::graph::{Dim, ElementType, GraphBuilder, WeightStorage};
+use layers::Weights;
+
+/// Names of the graph's inputs and outputs, as Optimum exports them.
+pub const INPUT_IDS: &str = "input_ids";
+pub const ATTENTION_MASK: &str = "attention_mask";
+pub const TOKEN_TYPE_IDS: &str = "token_type_ids";
+pub const LAST_HIDDEN_STATE: &str = "last_hidden_state";
+pub const SENTENCE_EMBEDDING: &str = "sentence_embedding";
+
+/// The opsets effir emits: 17 (LayerNormalization) and later.
+pub const MIN_OPSET: i64 = 17;
+pub const MAX_OPSET: i64 = 21;
+pub const DEFAULT_OPSET: i64 = 17;
+
+/// Which inputs and outputs the graph has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Profile {
+    /// `input_ids`, `attention_mask` (+ `token_type_ids` for BERT) ->
+    /// `last_hidden_state`, as `optimum-cli export onnx` writes it (Vespa,
+    /// fastembed).
+    Optimum,
+    /// The Optimum interface plus `sentence_embedding`: pooling, Dense and
+    /// Normalize inside the graph (text-embeddings-inference).
+    SentenceTransformers,
+}
+
+impl Profile {
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "optimum" => Some(Self::Optimum),
+            "sentence-transformers" | "st" => Some(Self::SentenceTransformers),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Optimum => "optimum",
+            Self::SentenceTransformers => "sentence-transformers",
+        }
+    }
+}
+
+/// Choices of one emission.
+#[derive(Debug, Clone)]
+pub struct EmitOptions {
+    pub profile: Profile,
+    pub opset: i64,
+    pub storage: WeightStorage,
+}
+
+impl Default for EmitOptions {
+    fn default() -> Self {
+        Self {
+            profile: Profile::Optimum,
+            opset: DEFAULT_OPSET,
+            storage: WeightStorage::Float32,
+        }
+    }
+}
+
+/// The graph inputs a backbone reads.
+pub struct BackboneInputs {
+    pub input_ids: String,
+    pub attention_mask: String,
+    pub token_type_ids: Option<String>,
+}
+
+/// Emits the model in `dir` (unpruned or pruned: its `effir_shape.json`
+/// gives every layer's MLP width or its absence).
+pub fn emit_model(dir: &Path, options: &EmitOptions) -> Result<ModelProto> {
+    if !(MIN_OPSET..=MAX_OPSET).contains(&options.opset) {
+        return Err(Error::InvalidArgument(format!(
+            "opset {} is not supported; effir emits opsets {MIN_OPSET} to {MAX_OPSET}",
+            options.opset
+        )));
+    }
+    let setup = EncoderSetup::load(dir, &LoadOptions::default())?;
+    let config = &setup.config;
+    let shape = ModelShape::load_or(dir, config.uniform_shape())?;
+    let tensors = effir_pipeline::weights::load_all_tensors(dir)?;
+    let arch = config.architecture();
+    let prefix = arch.checkpoint_prefix(tensors.keys());
+    let weights = Weights::new(tensors, prefix, dir);
+    tracing::info!(architecture = %arch, layers = shape.layers.len(), mlps = shape.mlp_count(), profile = options.profile.name(), "emitting ONNX graph");
+
+    let mut g = GraphBuilder::new(options.opset, options.storage);
+    let batch_seq = [
+        Dim::Dynamic("batch_size".into()),
+        Dim::Dynamic("sequence_length".into()),
+    ];
+    let inputs = BackboneInputs {
+        input_ids: g.input(INPUT_IDS, ElementType::Int64, &batch_seq),
+        attention_mask: g.input(ATTENTION_MASK, ElementType::Int64, &batch_seq),
+        token_type_ids: (arch == Architecture::Bert)
+            .then(|| g.input(TOKEN_TYPE_IDS, ElementType::Int64, &batch_seq)),
+    };
+    let (hidden, hidden_size) = match &config.architecture {
+        ArchitectureConfig::Bert(cfg) => (
+            bert::emit(&mut g, &weights, cfg, &shape, &inputs)?,
+            cfg.hidden_size,
+        ),
+        _ => {
+            let spec = config
+                .decoder_spec()?
+                .expect("every architecture but BERT is a decoder");
+            let h = spec.hidden_size;
+            (decoder::emit(&mut g, &weights, &spec, &shape, &inputs)?, h)
+        }
+    };
+    let hidden_dims = [
+        Dim::Dynamic("batch_size".into()),
+        Dim::Dynamic("sequence_length".into()),
+        Dim::Fixed(hidden_size as i64),
+    ];
+    g.output(
+        &hidden,
+        LAST_HIDDEN_STATE,
+        ElementType::Float32,
+        &hidden_dims,
+    );
+    if options.profile == Profile::SentenceTransformers {
+        let (embedding, dimension) = head::emit(
+            &mut g,
+            &hidden,
+            hidden_size,
+            &inputs,
+            setup.pooling,
+            &setup.sentence,
+        )?;
+        g.output(
+            &embedding,
+            SENTENCE_EMBEDDING,
+            ElementType::Float32,
+            &[
+                Dim::Dynamic("batch_size".into()),
+                Dim::Fixed(dimension as i64),
+            ],
+        );
+    }
+
+    let shape_json = serde_json::to_string(&shape).map_err(|e| Error::Export(e.to_string()))?;
+    let mut metadata = vec![
+        ("effir.version", env!("CARGO_PKG_VERSION").to_string()),
+        ("effir.source_model", absolute(dir)),
+        ("effir.architecture", arch.model_type().to_string()),
+        ("effir.profile", options.profile.name().to_string()),
+        ("effir.pooling", setup.pooling.to_string()),
+        ("effir.max_length", setup.text.max_length().to_string()),
+        ("effir.vocab_size", config.vocab_size().to_string()),
+        ("effir.shape", shape_json),
+        (
+            "effir.weights",
+            match options.storage {
+                WeightStorage::Float32 => "float32",
+                WeightStorage::Float16 => "float16",
+            }
+            .to_string(),
+        ),
+    ];
+    if let Ok(plan) = std::fs::read_to_string(dir.join(effir_pipeline::prune::PLAN_FILE)) {
+        metadata.push(("effir.pruning_plan", plan));
+    }
+    Ok(ModelProto {
+        ir_version: ir_version(options.opset),
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: options.opset,
+        }],
+        producer_name: "effir".into(),
+        producer_version: env!("CARGO_PKG_VERSION").into(),
+        doc_string: format!(
+            "{} retriever exported by effir from {}",
+            arch.model_type(),
+            dir.display()
+        ),
+        graph: Some(g.finish(&format!("effir_{}", arch.model_type()))),
+        metadata_props: metadata
+            .into_iter()
+            .map(|(key, value)| StringStringEntryProto {
+                key: key.to_string(),
+                value,
+            })
+            .collect(),
+        ..Default::default()
+    })
+}
+
+/// The IR version that goes with an opset (onnx's versioning table).
+fn ir_version(opset: i64) -> i64 {
+    match opset {
+        ..=18 => 8,
+        19 | 20 => 9,
+        _ => 10,
+    }
+}
+
+fn absolute(dir: &Path) -> String {
+    std::fs::canonicalize(dir)
+        .unwrap_or_else(|_| dir.to_path_buf())
+        .display()
+        .to_string()
+}

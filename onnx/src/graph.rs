@@ -1,0 +1,372 @@
+//! Building an ONNX graph node by node: unique value names, initializers,
+//! constants, and one helper per operator the emitters use. Produces the
+//! protobuf types of `candle-onnx`.
+
+use std::collections::HashMap;
+
+use candle_onnx::onnx::{
+    attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
+    AttributeProto, GraphProto, NodeProto, TensorProto, TensorShapeProto, TypeProto,
+    ValueInfoProto,
+};
+
+/// The element type of a graph input or output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ElementType {
+    Float32,
+    Float16,
+    Int64,
+    Bool,
+}
+
+impl ElementType {
+    pub fn data_type(self) -> DataType {
+        match self {
+            Self::Float32 => DataType::Float,
+            Self::Float16 => DataType::Float16,
+            Self::Int64 => DataType::Int64,
+            Self::Bool => DataType::Bool,
+        }
+    }
+}
+
+/// One dimension of a graph input or output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dim {
+    Fixed(i64),
+    /// A named dynamic axis (`batch_size`, `sequence_length`).
+    Dynamic(String),
+}
+
+/// How weights are stored in the graph.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightStorage {
+    #[default]
+    Float32,
+    /// Matrices stored as float16 and cast to float32 where they are used:
+    /// half the file size, float32 arithmetic.
+    Float16,
+}
+
+/// A graph under construction.
+pub struct GraphBuilder {
+    opset: i64,
+    storage: WeightStorage,
+    nodes: Vec<NodeProto>,
+    initializers: Vec<TensorProto>,
+    inputs: Vec<ValueInfoProto>,
+    outputs: Vec<ValueInfoProto>,
+    used_names: HashMap<String, usize>,
+    /// Constants by content, so each is stored once.
+    constants: HashMap<(i32, Vec<i64>, Vec<u8>), String>,
+}
+
+impl GraphBuilder {
+    pub fn new(opset: i64, storage: WeightStorage) -> Self {
+        Self {
+            opset,
+            storage,
+            nodes: Vec::new(),
+            initializers: Vec::new(),
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            used_names: HashMap::new(),
+            constants: HashMap::new(),
+        }
+    }
+
+    pub fn opset(&self) -> i64 {
+        self.opset
+    }
+
+    /// A value name not used before, derived from `hint`.
+    pub fn unique(&mut self, hint: &str) -> String {
+        let count = self.used_names.entry(hint.to_string()).or_insert(0);
+        *count += 1;
+        if *count == 1 {
+            hint.to_string()
+        } else {
+            format!("{hint}_{}", *count - 1)
+        }
+    }
+
+    pub fn input(&mut self, name: &str, element: ElementType, dims: &[Dim]) -> String {
+        self.used_names.insert(name.to_string(), 1);
+        self.inputs.push(value_info(name, element, dims));
+        name.to_string()
+    }
+
+    /// Declares `value` a graph output called `name`.
+    pub fn output(&mut self, value: &str, name: &str, element: ElementType, dims: &[Dim]) {
+        let value = if value == name {
+            value.to_string()
+        } else {
+            self.node_named("Identity", &[value], name, vec![])
+        };
+        self.outputs.push(value_info(&value, element, dims));
+    }
+
+    /// Adds a node with one output named after `op`; returns the output.
+    pub fn node(&mut self, op: &str, inputs: &[&str], attributes: Vec<AttributeProto>) -> String {
+        let hint = format!("/{}", op);
+        let output = self.unique(&hint);
+        self.push_node(op, inputs, &[&output], attributes);
+        output
+    }
+
+    /// Adds a node whose output is called `output` (unique-fied).
+    pub fn node_named(
+        &mut self,
+        op: &str,
+        inputs: &[&str],
+        output: &str,
+        attributes: Vec<AttributeProto>,
+    ) -> String {
+        let output = self.unique(output);
+        self.push_node(op, inputs, &[&output], attributes);
+        output
+    }
+
+    fn push_node(
+        &mut self,
+        op: &str,
+        inputs: &[&str],
+        outputs: &[&str],
+        attribute: Vec<AttributeProto>,
+    ) {
+        let name = self.unique(&format!("{}_node", outputs[0]));
+        self.nodes.push(NodeProto {
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: outputs.iter().map(|s| s.to_string()).collect(),
+            name,
+            op_type: op.to_string(),
+            attribute,
+            ..Default::default()
+        });
+    }
+
+    /// A float32 weight called `name`, stored as the builder's
+    /// [`WeightStorage`] says; returns the float32 value to use.
+    pub fn weight(&mut self, name: &str, dims: &[usize], data: &[f32]) -> String {
+        let dims: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
+        match self.storage {
+            WeightStorage::Float16 if dims.len() >= 2 => {
+                let stored = self.unique(&format!("{name}_fp16"));
+                let raw: Vec<u8> = data
+                    .iter()
+                    .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                    .collect();
+                self.push_initializer(&stored, DataType::Float16, dims, raw);
+                self.node_named(
+                    "Cast",
+                    &[&stored],
+                    name,
+                    vec![attr_int("to", DataType::Float as i64)],
+                )
+            }
+            _ => {
+                let name = self.unique(name);
+                let raw = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+                self.push_initializer(&name, DataType::Float, dims, raw);
+                name
+            }
+        }
+    }
+
+    fn push_initializer(&mut self, name: &str, data_type: DataType, dims: Vec<i64>, raw: Vec<u8>) {
+        self.initializers.push(TensorProto {
+            dims,
+            data_type: data_type as i32,
+            name: name.to_string(),
+            raw_data: raw,
+            ..Default::default()
+        });
+    }
+
+    fn constant(&mut self, data_type: DataType, dims: Vec<i64>, raw: Vec<u8>) -> String {
+        let key = (data_type as i32, dims.clone(), raw.clone());
+        if let Some(name) = self.constants.get(&key) {
+            return name.clone();
+        }
+        let name = self.unique("/const");
+        self.push_initializer(&name, data_type, dims, raw);
+        self.constants.insert(key, name.clone());
+        name
+    }
+
+    /// A 1-D int64 constant.
+    pub fn ints(&mut self, values: &[i64]) -> String {
+        let raw = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.constant(DataType::Int64, vec![values.len() as i64], raw)
+    }
+
+    /// A scalar int64 constant.
+    pub fn int_scalar(&mut self, value: i64) -> String {
+        self.constant(DataType::Int64, vec![], value.to_le_bytes().to_vec())
+    }
+
+    /// A scalar float32 constant.
+    pub fn float_scalar(&mut self, value: f32) -> String {
+        self.constant(DataType::Float, vec![], value.to_le_bytes().to_vec())
+    }
+
+    /// A 1-D float32 constant.
+    pub fn floats(&mut self, values: &[f32]) -> String {
+        let raw = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.constant(DataType::Float, vec![values.len() as i64], raw)
+    }
+
+    // ---- operators -------------------------------------------------------
+
+    pub fn add(&mut self, a: &str, b: &str) -> String {
+        self.node("Add", &[a, b], vec![])
+    }
+
+    pub fn sub(&mut self, a: &str, b: &str) -> String {
+        self.node("Sub", &[a, b], vec![])
+    }
+
+    pub fn mul(&mut self, a: &str, b: &str) -> String {
+        self.node("Mul", &[a, b], vec![])
+    }
+
+    pub fn div(&mut self, a: &str, b: &str) -> String {
+        self.node("Div", &[a, b], vec![])
+    }
+
+    pub fn matmul(&mut self, a: &str, b: &str) -> String {
+        self.node("MatMul", &[a, b], vec![])
+    }
+
+    pub fn unary(&mut self, op: &str, x: &str) -> String {
+        self.node(op, &[x], vec![])
+    }
+
+    pub fn reshape(&mut self, x: &str, shape: &[i64]) -> String {
+        let shape = self.ints(shape);
+        self.node("Reshape", &[x, &shape], vec![])
+    }
+
+    pub fn transpose(&mut self, x: &str, perm: &[i64]) -> String {
+        self.node("Transpose", &[x], vec![attr_ints("perm", perm)])
+    }
+
+    pub fn unsqueeze(&mut self, x: &str, axes: &[i64]) -> String {
+        let axes = self.ints(axes);
+        self.node("Unsqueeze", &[x, &axes], vec![])
+    }
+
+    pub fn squeeze(&mut self, x: &str, axes: &[i64]) -> String {
+        let axes = self.ints(axes);
+        self.node("Squeeze", &[x, &axes], vec![])
+    }
+
+    pub fn concat(&mut self, xs: &[&str], axis: i64) -> String {
+        self.node("Concat", xs, vec![attr_int("axis", axis)])
+    }
+
+    /// `x[..., start:end]` on `axis`.
+    pub fn slice(&mut self, x: &str, axis: i64, start: i64, end: i64) -> String {
+        let starts = self.ints(&[start]);
+        let ends = self.ints(&[end]);
+        let axes = self.ints(&[axis]);
+        self.node("Slice", &[x, &starts, &ends, &axes], vec![])
+    }
+
+    pub fn cast(&mut self, x: &str, to: DataType) -> String {
+        self.node("Cast", &[x], vec![attr_int("to", to as i64)])
+    }
+
+    pub fn gather(&mut self, data: &str, indices: &str, axis: i64) -> String {
+        self.node("Gather", &[data, indices], vec![attr_int("axis", axis)])
+    }
+
+    pub fn softmax(&mut self, x: &str, axis: i64) -> String {
+        self.node("Softmax", &[x], vec![attr_int("axis", axis)])
+    }
+
+    /// `ReduceMean`/`ReduceSum`/`ReduceMax`/`ReduceL2` over `axes`, with
+    /// axes as an input from the opset that made them one.
+    pub fn reduce(&mut self, op: &str, x: &str, axes: &[i64], keep_dims: bool) -> String {
+        // ReduceSum takes axes as an input from opset 13, the others from 18.
+        let axes_as_input = if op == "ReduceSum" {
+            self.opset >= 13
+        } else {
+            self.opset >= 18
+        };
+        let keep = attr_int("keepdims", keep_dims as i64);
+        if axes_as_input {
+            let axes = self.ints(axes);
+            self.node(op, &[x, &axes], vec![keep])
+        } else {
+            self.node(op, &[x], vec![attr_ints("axes", axes), keep])
+        }
+    }
+
+    pub fn where_(&mut self, condition: &str, a: &str, b: &str) -> String {
+        self.node("Where", &[condition, a, b], vec![])
+    }
+
+    /// Finishes the graph.
+    pub fn finish(self, name: &str) -> GraphProto {
+        GraphProto {
+            node: self.nodes,
+            name: name.to_string(),
+            initializer: self.initializers,
+            input: self.inputs,
+            output: self.outputs,
+            ..Default::default()
+        }
+    }
+}
+
+pub fn attr_int(name: &str, value: i64) -> AttributeProto {
+    AttributeProto {
+        name: name.to_string(),
+        r#type: AttributeType::Int as i32,
+        i: value,
+        ..Default::default()
+    }
+}
+
+pub fn attr_float(name: &str, value: f32) -> AttributeProto {
+    AttributeProto {
+        name: name.to_string(),
+        r#type: AttributeType::Float as i32,
+        f: value,
+        ..Default::default()
+    }
+}
+
+pub fn attr_ints(name: &str, values: &[i64]) -> AttributeProto {
+    AttributeProto {
+        name: name.to_string(),
+        r#type: AttributeType::Ints as i32,
+        ints: values.to_vec(),
+        ..Default::default()
+    }
+}
+
+fn value_info(name: &str, element: ElementType, dims: &[Dim]) -> ValueInfoProto {
+    let dim = dims
+        .iter()
+        .map(|d| tensor_shape_proto::Dimension {
+            value: Some(match d {
+                Dim::Fixed(n) => tensor_shape_proto::dimension::Value::DimValue(*n),
+                Dim::Dynamic(s) => tensor_shape_proto::dimension::Value::DimParam(s.clone()),
+            }),
+            ..Default::default()
+        })
+        .collect();
+    ValueInfoProto {
+        name: name.to_string(),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: element.data_type() as i32,
+                shape: Some(TensorShapeProto { dim }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}

@@ -1,0 +1,247 @@
+//! Reading and writing `.onnx` files: decoding with clear errors for
+//! truncated or foreign files, the interface (inputs, outputs, metadata),
+//! and writing with external data for graphs over protobuf's 2 GB limit.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_onnx::onnx::{
+    tensor_proto::DataLocation, tensor_shape_proto::dimension, type_proto, ModelProto,
+    StringStringEntryProto, ValueInfoProto,
+};
+use prost::Message;
+
+use crate::error::{Error, Result};
+
+/// One graph input or output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IoInfo {
+    pub name: String,
+    /// ONNX `TensorProto.DataType` (1 float, 7 int64, ...); 0 if not a tensor.
+    pub elem_type: i32,
+    /// Fixed sizes, `None` for named or unknown axes.
+    pub dims: Vec<Option<i64>>,
+    /// Names of the dynamic axes (`""` for fixed ones).
+    pub dim_names: Vec<String>,
+}
+
+/// A decoded `.onnx` file.
+pub struct GraphFile {
+    path: PathBuf,
+    pub model: ModelProto,
+}
+
+/// Protobuf cannot hold a message over 2 GiB; effir moves weights out well
+/// before that.
+pub const EXTERNAL_DATA_THRESHOLD: usize = 1 << 30;
+
+impl GraphFile {
+    /// Reads and decodes `path`, rejecting files that are not ONNX models.
+    pub fn read(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        if bytes.is_empty() {
+            return Err(Error::graph(path, "empty file, not an ONNX model"));
+        }
+        let model = ModelProto::decode(bytes.as_slice()).map_err(|e| {
+            Error::graph(
+                path,
+                format!("not a readable ONNX model (truncated or corrupt?): {e}"),
+            )
+        })?;
+        let Some(graph) = &model.graph else {
+            return Err(Error::graph(path, "not an ONNX model: no graph"));
+        };
+        if model.ir_version == 0 || model.opset_import.is_empty() || graph.node.is_empty() {
+            return Err(Error::graph(
+                path,
+                "not an ONNX model (no IR version, opset or nodes; truncated or a different protobuf?)",
+            ));
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            model,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn graph(&self) -> &candle_onnx::onnx::GraphProto {
+        self.model.graph.as_ref().expect("checked in read")
+    }
+
+    /// Graph inputs that are not initializers.
+    pub fn inputs(&self) -> Vec<IoInfo> {
+        let g = self.graph();
+        let initializers: std::collections::HashSet<&str> =
+            g.initializer.iter().map(|t| t.name.as_str()).collect();
+        g.input
+            .iter()
+            .filter(|i| !initializers.contains(i.name.as_str()))
+            .map(io_info)
+            .collect()
+    }
+
+    pub fn outputs(&self) -> Vec<IoInfo> {
+        self.graph().output.iter().map(io_info).collect()
+    }
+
+    pub fn metadata(&self, key: &str) -> Option<&str> {
+        self.model
+            .metadata_props
+            .iter()
+            .find(|p| p.key == key)
+            .map(|p| p.value.as_str())
+    }
+
+    /// The default-domain opset.
+    pub fn opset(&self) -> Option<i64> {
+        self.model
+            .opset_import
+            .iter()
+            .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
+            .map(|o| o.version)
+    }
+
+    /// Size of `last_hidden_state`'s last axis, if fixed.
+    pub fn hidden_size(&self) -> Option<usize> {
+        self.output_dim(crate::emit::LAST_HIDDEN_STATE, 2)
+    }
+
+    /// Size of `sentence_embedding`'s last axis, if fixed.
+    pub fn embedding_size(&self) -> Option<usize> {
+        self.output_dim(crate::emit::SENTENCE_EMBEDDING, 1)
+    }
+
+    fn output_dim(&self, name: &str, axis: usize) -> Option<usize> {
+        self.outputs()
+            .into_iter()
+            .find(|o| o.name == name)
+            .and_then(|o| o.dims.get(axis).copied().flatten())
+            .map(|d| d as usize)
+    }
+
+    /// Rows of the table a `Gather` looks `input` up in (the token
+    /// embeddings of `input_ids`), if that table is an initializer.
+    pub fn embedding_rows(&self, input: &str) -> Option<usize> {
+        let g = self.graph();
+        let node = g
+            .node
+            .iter()
+            .find(|n| n.op_type == "Gather" && n.input.get(1).map(String::as_str) == Some(input))?;
+        let table = node.input.first()?;
+        // Directly, or through a Cast (float16 storage).
+        let source = g
+            .node
+            .iter()
+            .find(|n| n.output.first() == Some(table) && n.op_type == "Cast")
+            .and_then(|n| n.input.first())
+            .unwrap_or(table);
+        g.initializer
+            .iter()
+            .find(|t| &t.name == source)
+            .and_then(|t| t.dims.first())
+            .map(|&d| d as usize)
+    }
+
+    /// How often each operator occurs, keyed `domain::Op` (`Op` for the
+    /// default domain).
+    pub fn op_counts(&self) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        for node in &self.graph().node {
+            let key = if node.domain.is_empty() || node.domain == "ai.onnx" {
+                node.op_type.clone()
+            } else {
+                format!("{}::{}", node.domain, node.op_type)
+            };
+            *counts.entry(key).or_insert(0) += 1;
+        }
+        counts
+    }
+}
+
+fn io_info(v: &ValueInfoProto) -> IoInfo {
+    let mut info = IoInfo {
+        name: v.name.clone(),
+        elem_type: 0,
+        dims: Vec::new(),
+        dim_names: Vec::new(),
+    };
+    if let Some(type_proto::Value::TensorType(t)) = v.r#type.as_ref().and_then(|t| t.value.as_ref())
+    {
+        info.elem_type = t.elem_type;
+        for d in t.shape.iter().flat_map(|s| &s.dim) {
+            match &d.value {
+                Some(dimension::Value::DimValue(n)) => {
+                    info.dims.push(Some(*n));
+                    info.dim_names.push(String::new());
+                }
+                Some(dimension::Value::DimParam(p)) => {
+                    info.dims.push(None);
+                    info.dim_names.push(p.clone());
+                }
+                None => {
+                    info.dims.push(None);
+                    info.dim_names.push(String::new());
+                }
+            }
+        }
+    }
+    info
+}
+
+/// Serialises `model` into `dir/file_name`, moving initializers into
+/// `dir/<file_name>_data` when `external` is true. Files are written as
+/// given; the caller stages `dir` and renames it into place.
+pub fn write_model(
+    mut model: ModelProto,
+    dir: &Path,
+    file_name: &str,
+    external: bool,
+) -> Result<()> {
+    if external {
+        let data_name = format!("{file_name}_data");
+        let data_path = dir.join(&data_name);
+        let mut data: Vec<u8> = Vec::new();
+        if let Some(graph) = model.graph.as_mut() {
+            for tensor in &mut graph.initializer {
+                if tensor.raw_data.len() < 1024 {
+                    continue;
+                }
+                // 4 KiB alignment lets ONNX Runtime memory-map the weights.
+                let offset = data.len().next_multiple_of(4096);
+                data.resize(offset, 0);
+                data.extend_from_slice(&tensor.raw_data);
+                let length = tensor.raw_data.len();
+                tensor.raw_data = Vec::new();
+                tensor.data_location = DataLocation::External as i32;
+                tensor.external_data = vec![
+                    entry("location", &data_name),
+                    entry("offset", &offset.to_string()),
+                    entry("length", &length.to_string()),
+                ];
+            }
+        }
+        std::fs::write(&data_path, &data).map_err(|e| Error::io(&data_path, e))?;
+    }
+    let bytes = model.encode_to_vec();
+    let path = dir.join(file_name);
+    std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
+    Ok(())
+}
+
+fn entry(key: &str, value: &str) -> StringStringEntryProto {
+    StringStringEntryProto {
+        key: key.to_string(),
+        value: value.to_string(),
+    }
+}
+
+/// Bytes of all initializers (the size the protobuf would have).
+pub fn initializer_bytes(model: &ModelProto) -> usize {
+    model
+        .graph
+        .as_ref()
+        .map_or(0, |g| g.initializer.iter().map(|t| t.raw_data.len()).sum())
+}

@@ -1,0 +1,436 @@
+//! `effir validate`: is a candidate graph the model it claims to be
+//! (parity with candle), and is it as good a retriever as the reference
+//! (quality retention)? Gates from YAML decide; a CI job fails on any.
+
+use std::path::{Path, PathBuf};
+
+use effir_pipeline::beir::Dataset;
+use effir_pipeline::evaluation::{evaluate_model, EvalReport, EvalSettings, Phase, TextFormat};
+use effir_pipeline::TextEmbedder;
+use ndarray::Array2;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Thresholds; an absent one is not checked. Unknown keys are an error.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Gates {
+    #[serde(default)]
+    pub parity: ParityGates,
+    #[serde(default)]
+    pub quality: QualityGates,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParityGates {
+    /// Lowest cosine between a text's candidate and candle embeddings.
+    pub min_cosine: Option<f64>,
+    pub min_mean_cosine: Option<f64>,
+    /// Largest absolute difference of any embedding component.
+    pub max_abs_diff: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QualityGates {
+    /// Candidate nDCG@10 / reference nDCG@10.
+    pub min_ndcg_retention: Option<f64>,
+    /// Candidate Recall@100 / reference Recall@100.
+    pub min_recall_retention: Option<f64>,
+    /// Absolute floor of the candidate's nDCG@10.
+    pub min_ndcg: Option<f64>,
+}
+
+impl Gates {
+    /// Reads a gates file, rejecting unknown keys and thresholds outside
+    /// their range.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let gates: Self = serde_yaml::from_str(&text).map_err(|e| {
+            Error::InvalidArgument(format!("{}: invalid gates file: {e}", path.display()))
+        })?;
+        let check = |name: &str, value: Option<f64>, lo: f64, hi: f64| -> Result<()> {
+            match value {
+                Some(v) if !(lo..=hi).contains(&v) || v.is_nan() => Err(Error::InvalidArgument(
+                    format!("{}: {name} = {v} is outside [{lo}, {hi}]", path.display()),
+                )),
+                _ => Ok(()),
+            }
+        };
+        check("parity.min_cosine", gates.parity.min_cosine, -1.0, 1.0)?;
+        check(
+            "parity.min_mean_cosine",
+            gates.parity.min_mean_cosine,
+            -1.0,
+            1.0,
+        )?;
+        check(
+            "parity.max_abs_diff",
+            gates.parity.max_abs_diff,
+            0.0,
+            f64::MAX,
+        )?;
+        check(
+            "quality.min_ndcg_retention",
+            gates.quality.min_ndcg_retention,
+            0.0,
+            10.0,
+        )?;
+        check(
+            "quality.min_recall_retention",
+            gates.quality.min_recall_retention,
+            0.0,
+            10.0,
+        )?;
+        check("quality.min_ndcg", gates.quality.min_ndcg, 0.0, 1.0)?;
+        Ok(gates)
+    }
+
+    pub fn wants_quality(&self) -> bool {
+        let q = &self.quality;
+        q.min_ndcg_retention.is_some() || q.min_recall_retention.is_some() || q.min_ndcg.is_some()
+    }
+}
+
+/// Candidate vs candle embeddings of the same texts.
+#[derive(Debug, Clone, Serialize)]
+pub struct ParityReport {
+    /// The candle model the candidate was compared with.
+    pub candle_model: PathBuf,
+    pub texts: usize,
+    pub min_cosine: f64,
+    pub mean_cosine: f64,
+    pub max_abs_diff: f64,
+}
+
+/// Compares the rows of two embedding matrices.
+pub fn compare_embeddings(
+    candidate: &Array2<f32>,
+    reference: &Array2<f32>,
+) -> Result<(f64, f64, f64)> {
+    if candidate.dim() != reference.dim() {
+        return Err(Error::Interface {
+            path: PathBuf::new(),
+            message: format!(
+                "candidate embeddings are {:?}, the candle model's {:?}",
+                candidate.dim(),
+                reference.dim()
+            ),
+        });
+    }
+    let mut min_cos = f64::INFINITY;
+    let mut sum_cos = 0.0;
+    let mut max_diff = 0.0f64;
+    for (a, b) in candidate.rows().into_iter().zip(reference.rows()) {
+        let (mut dot, mut na, mut nb) = (0.0f64, 0.0f64, 0.0f64);
+        for (&x, &y) in a.iter().zip(b.iter()) {
+            let (x, y) = (x as f64, y as f64);
+            dot += x * y;
+            na += x * x;
+            nb += y * y;
+            max_diff = max_diff.max((x - y).abs());
+        }
+        let cos = if na == 0.0 || nb == 0.0 {
+            if na == nb {
+                1.0
+            } else {
+                0.0
+            }
+        } else {
+            dot / (na.sqrt() * nb.sqrt())
+        };
+        let cos = if cos.is_nan() { -1.0 } else { cos };
+        min_cos = min_cos.min(cos);
+        sum_cos += cos;
+    }
+    let n = candidate.nrows().max(1) as f64;
+    Ok((min_cos, sum_cos / n, max_diff))
+}
+
+/// Texts for the parity check: queries (with their prompt) and documents
+/// (in the model's document format) spread over the dataset, `count` in all.
+pub fn parity_texts(dataset: &Dataset, format: &TextFormat, count: usize) -> Vec<String> {
+    let queries = count / 2;
+    let docs = count - queries;
+    let spread = |len: usize, take: usize| -> Vec<usize> {
+        if len == 0 || take == 0 {
+            return Vec::new();
+        }
+        let take = take.min(len);
+        (0..take).map(|i| i * len / take).collect()
+    };
+    let mut texts: Vec<String> = spread(dataset.queries.len(), queries)
+        .into_iter()
+        .map(|i| format.query(&dataset.queries[i].text))
+        .collect();
+    texts.extend(
+        spread(dataset.corpus.len(), docs)
+            .into_iter()
+            .map(|i| format.document(&dataset.corpus[i])),
+    );
+    texts
+}
+
+/// Parity of `candidate` with `candle` on `texts`.
+pub fn check_parity(
+    candidate: &dyn TextEmbedder,
+    candle: &dyn TextEmbedder,
+    texts: &[String],
+    batch_size: usize,
+) -> Result<ParityReport> {
+    if texts.is_empty() {
+        return Err(Error::InvalidArgument(
+            "no texts for the parity check".into(),
+        ));
+    }
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let a = candidate.embed_texts(&refs, "", batch_size, &mut |_| {})?;
+    let b = candle.embed_texts(&refs, "", batch_size, &mut |_| {})?;
+    let (min_cosine, mean_cosine, max_abs_diff) = compare_embeddings(&a, &b)?;
+    Ok(ParityReport {
+        candle_model: candle.source().to_path_buf(),
+        texts: texts.len(),
+        min_cosine,
+        mean_cosine,
+        max_abs_diff,
+    })
+}
+
+/// Retrieval quality of the candidate against the reference.
+#[derive(Debug, Clone, Serialize)]
+pub struct QualityReport {
+    pub dataset: PathBuf,
+    pub split: String,
+    pub documents: usize,
+    pub queries: usize,
+    pub reference_ndcg_at_10: f64,
+    pub candidate_ndcg_at_10: f64,
+    pub reference_recall_at_100: f64,
+    pub candidate_recall_at_100: f64,
+    pub ndcg_retention: f64,
+    pub recall_retention: f64,
+}
+
+fn mean_metric(report: &EvalReport, name: &str) -> Result<f64> {
+    report
+        .evaluation
+        .mean
+        .get(name)
+        .copied()
+        .ok_or_else(|| Error::InvalidArgument(format!("metric {name} was not computed")))
+}
+
+/// Evaluates both models on `dataset`; `progress` gets `(which, phase,
+/// done, total)` with `which` "reference" or "candidate".
+pub fn check_quality(
+    reference: &dyn TextEmbedder,
+    candidate: &dyn TextEmbedder,
+    dataset: &Dataset,
+    settings: &EvalSettings,
+    progress: &mut dyn FnMut(&str, Phase, usize, usize),
+) -> Result<QualityReport> {
+    let mut settings = settings.clone();
+    for k in [10, 100] {
+        if !settings.ks.contains(&k) {
+            settings.ks.push(k);
+        }
+    }
+    let r = evaluate_model(reference, dataset, &settings, &mut |p, d, t| {
+        progress("reference", p, d, t)
+    })?;
+    let c = evaluate_model(candidate, dataset, &settings, &mut |p, d, t| {
+        progress("candidate", p, d, t)
+    })?;
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+    let (rn, cn) = (mean_metric(&r, "ndcg@10")?, mean_metric(&c, "ndcg@10")?);
+    let (rr, cr) = (
+        mean_metric(&r, "recall@100")?,
+        mean_metric(&c, "recall@100")?,
+    );
+    Ok(QualityReport {
+        dataset: dataset.dir.clone(),
+        split: dataset.split.clone(),
+        documents: dataset.corpus.len(),
+        queries: dataset.queries.len(),
+        reference_ndcg_at_10: rn,
+        candidate_ndcg_at_10: cn,
+        reference_recall_at_100: rr,
+        candidate_recall_at_100: cr,
+        ndcg_retention: ratio(cn, rn),
+        recall_retention: ratio(cr, rr),
+    })
+}
+
+/// One gate's outcome.
+#[derive(Debug, Clone, Serialize)]
+pub struct GateResult {
+    pub gate: String,
+    /// `>=` or `<=`.
+    pub rule: &'static str,
+    pub threshold: f64,
+    pub value: f64,
+    pub passed: bool,
+}
+
+/// Applies `gates` to whatever was measured.
+pub fn apply_gates(
+    gates: &Gates,
+    parity: Option<&ParityReport>,
+    quality: Option<&QualityReport>,
+) -> Vec<GateResult> {
+    let mut results = Vec::new();
+    let mut at_least = |gate: &str, threshold: Option<f64>, value: Option<f64>| {
+        if let (Some(t), Some(v)) = (threshold, value) {
+            results.push(GateResult {
+                gate: gate.into(),
+                rule: ">=",
+                threshold: t,
+                value: v,
+                passed: v >= t,
+            });
+        }
+    };
+    at_least(
+        "parity.min_cosine",
+        gates.parity.min_cosine,
+        parity.map(|p| p.min_cosine),
+    );
+    at_least(
+        "parity.min_mean_cosine",
+        gates.parity.min_mean_cosine,
+        parity.map(|p| p.mean_cosine),
+    );
+    at_least(
+        "quality.min_ndcg_retention",
+        gates.quality.min_ndcg_retention,
+        quality.map(|q| q.ndcg_retention),
+    );
+    at_least(
+        "quality.min_recall_retention",
+        gates.quality.min_recall_retention,
+        quality.map(|q| q.recall_retention),
+    );
+    at_least(
+        "quality.min_ndcg",
+        gates.quality.min_ndcg,
+        quality.map(|q| q.candidate_ndcg_at_10),
+    );
+    if let (Some(t), Some(p)) = (gates.parity.max_abs_diff, parity) {
+        results.push(GateResult {
+            gate: "parity.max_abs_diff".into(),
+            rule: "<=",
+            threshold: t,
+            value: p.max_abs_diff,
+            passed: p.max_abs_diff <= t,
+        });
+    }
+    results
+}
+
+/// Everything `validate` found.
+#[derive(Debug, Clone, Serialize)]
+pub struct ValidationReport {
+    pub reference: PathBuf,
+    pub candidate: PathBuf,
+    pub providers: Vec<String>,
+    pub parity: Option<ParityReport>,
+    pub quality: Option<QualityReport>,
+    pub gates: Vec<GateResult>,
+    pub passed: bool,
+}
+
+impl ValidationReport {
+    pub fn failed_gates(&self) -> Vec<&GateResult> {
+        self.gates.iter().filter(|g| !g.passed).collect()
+    }
+
+    pub fn to_markdown(&self) -> String {
+        let mut md = format!(
+            "# effir validate\n\n- reference: `{}`\n- candidate: `{}`\n- execution providers: {}\n- result: **{}**\n",
+            self.reference.display(),
+            self.candidate.display(),
+            self.providers.join(", "),
+            if self.passed { "PASS" } else { "FAIL" }
+        );
+        if let Some(p) = &self.parity {
+            md += &format!(
+                "\n## Parity (candidate under ONNX Runtime vs `{}` in candle, {} texts)\n\n| min cosine | mean cosine | max abs diff |\n|---|---|---|\n| {:.7} | {:.7} | {:.3e} |\n",
+                p.candle_model.display(),
+                p.texts,
+                p.min_cosine,
+                p.mean_cosine,
+                p.max_abs_diff
+            );
+        }
+        if let Some(q) = &self.quality {
+            md += &format!(
+                "\n## Quality ({}, split {}, {} queries, {} documents)\n\n| | reference | candidate | retention |\n|---|---|---|---|\n| nDCG@10 | {:.4} | {:.4} | {:.4} |\n| Recall@100 | {:.4} | {:.4} | {:.4} |\n",
+                q.dataset.display(),
+                q.split,
+                q.queries,
+                q.documents,
+                q.reference_ndcg_at_10,
+                q.candidate_ndcg_at_10,
+                q.ndcg_retention,
+                q.reference_recall_at_100,
+                q.candidate_recall_at_100,
+                q.recall_retention
+            );
+        }
+        md += "\n## Gates\n\n| gate | rule | value | result |\n|---|---|---|---|\n";
+        for g in &self.gates {
+            md += &format!(
+                "| {} | {} {} | {:.6} | {} |\n",
+                g.gate,
+                g.rule,
+                g.threshold,
+                g.value,
+                if g.passed { "pass" } else { "FAIL" }
+            );
+        }
+        md
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identical_embeddings_have_cosine_one_and_no_difference() {
+        let a = Array2::from_shape_vec((2, 3), vec![1.0, 2.0, 3.0, -1.0, 0.5, 0.0]).unwrap();
+        let (min, mean, diff) = compare_embeddings(&a, &a).unwrap();
+        assert!((min - 1.0).abs() < 1e-12 && (mean - 1.0).abs() < 1e-12);
+        assert_eq!(diff, 0.0);
+        let mut b = a.clone();
+        b[[1, 0]] = 1.0;
+        let (min, _, diff) = compare_embeddings(&b, &a).unwrap();
+        assert!(min < 0.5, "{min}");
+        assert_eq!(diff, 2.0);
+    }
+
+    #[test]
+    fn gates_compare_in_the_right_direction() {
+        let gates = Gates {
+            parity: ParityGates {
+                min_cosine: Some(0.99999),
+                min_mean_cosine: None,
+                max_abs_diff: Some(1e-4),
+            },
+            quality: QualityGates::default(),
+        };
+        let parity = ParityReport {
+            candle_model: PathBuf::new(),
+            texts: 2,
+            min_cosine: 0.999995,
+            mean_cosine: 0.999999,
+            max_abs_diff: 2e-4,
+        };
+        let results = apply_gates(&gates, Some(&parity), None);
+        assert_eq!(results.len(), 2);
+        assert!(results[0].passed, "cosine 0.999995 >= 0.99999");
+        assert!(!results[1].passed, "diff 2e-4 > 1e-4");
+    }
+}

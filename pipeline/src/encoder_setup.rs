@@ -1,0 +1,119 @@
+//! Everything around a model's backbone that turns text into its input and
+//! says how its output becomes an embedding: `config.json`, the
+//! sentence-transformers modules, the pooling, the tokenizer and its
+//! settings. Shared by the candle [`crate::Embedder`] and the ONNX Runtime
+//! encoder, so both see exactly the same token ids.
+
+use std::path::{Path, PathBuf};
+
+use crate::embedder::{LoadOptions, Prompt};
+use crate::error::{Error, Result};
+use crate::models::{Architecture, ModelConfig};
+use crate::pooling::Pooling;
+use crate::sentence_transformers::SentenceConfig;
+use crate::text_encoder::{tokenizer_max_length, TextEncoder, TextEncoderSettings};
+
+/// A model directory's configuration, without its weights.
+pub struct EncoderSetup {
+    pub dir: PathBuf,
+    pub config: ModelConfig,
+    pub sentence: SentenceConfig,
+    pub pooling: Pooling,
+    pub text: TextEncoder,
+}
+
+impl EncoderSetup {
+    /// Reads `dir`'s `config.json`, sentence-transformers files and
+    /// tokenizer; `options` override the model's own choices.
+    pub fn load(dir: &Path, options: &LoadOptions) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::MissingFile {
+                path: dir.to_path_buf(),
+            });
+        }
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let sentence = SentenceConfig::load(dir)?;
+        let arch = config.architecture();
+        let pooling = options
+            .pooling
+            .or(sentence.pooling)
+            .unwrap_or(if arch.is_decoder() {
+                Pooling::LastToken
+            } else {
+                Pooling::Mean
+            });
+
+        let position_limit = config.max_position_embeddings;
+        let max_length = match options.max_length {
+            Some(n) => n,
+            None => sentence
+                .max_seq_length
+                .or(tokenizer_max_length(dir)?)
+                .or(position_limit)
+                .unwrap_or(512),
+        };
+        if arch == Architecture::Bert {
+            if let Some(limit) = position_limit {
+                if max_length > limit {
+                    return Err(Error::InvalidArgument(format!(
+                        "max length {max_length} exceeds the model's {limit} position embeddings"
+                    )));
+                }
+            }
+        }
+        let mut text_settings = TextEncoderSettings {
+            max_length,
+            lowercase: sentence.do_lower_case,
+            append_eos: None,
+            padding_side: options.padding_side,
+            pad_id: config.special_tokens.pad_token_id.unwrap_or(0),
+            token_type_ids: arch == Architecture::Bert,
+        };
+        let append_eos = options.append_eos.unwrap_or(pooling == Pooling::LastToken);
+        let mut text = TextEncoder::load(dir, text_settings.clone())?;
+        if append_eos {
+            let eos = config
+                .special_tokens
+                .eos_token_ids
+                .first()
+                .copied()
+                .or_else(|| {
+                    ["</s>", "<|endoftext|>", "<eos>"]
+                        .iter()
+                        .find_map(|t| text.token_id(t))
+                })
+                .ok_or_else(|| {
+                    Error::config(
+                        &config.path,
+                        "EOS must be appended but no `eos_token_id` is set",
+                    )
+                })?;
+            text_settings.append_eos = Some(eos);
+            text = TextEncoder::load(dir, text_settings)?;
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config,
+            sentence,
+            pooling,
+            text,
+        })
+    }
+
+    pub fn architecture(&self) -> Architecture {
+        self.config.architecture()
+    }
+
+    /// The text prepended to inputs for `prompt`.
+    pub fn prefix(&self, prompt: &Prompt) -> Result<String> {
+        Ok(match prompt {
+            Prompt::Default => match &self.sentence.default_prompt_name {
+                Some(name) => self.sentence.prompt(name)?.to_string(),
+                None => String::new(),
+            },
+            Prompt::Named(name) => self.sentence.prompt(name)?.to_string(),
+            Prompt::Prefix(prefix) => prefix.clone(),
+            Prompt::None => String::new(),
+        })
+    }
+}

@@ -1,0 +1,97 @@
+//! `effir bench`: ONNX Runtime latency and throughput of one or more graphs
+//! (an original and its compressed export, say) at each batch size and
+//! sequence length, measured in one run so the ratios are comparable.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use effir_onnx::bench::{BenchResult, BenchSession};
+use effir_onnx::GraphLocation;
+use effir_pipeline::atomic_file::write_bytes_atomically;
+
+use super::provider_options::ProviderArgs;
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Graphs (.onnx files or export directories); the first is the baseline of the ratios.
+    #[arg(long = "graph", required = true)]
+    pub graphs: Vec<PathBuf>,
+    #[arg(long, value_delimiter = ',', default_value = "1,32")]
+    pub batch: Vec<usize>,
+    #[arg(long, value_delimiter = ',', default_value = "128,256")]
+    pub length: Vec<usize>,
+    /// Measured runs per configuration.
+    #[arg(long, default_value_t = 20)]
+    pub runs: usize,
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Write the results as JSON.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub providers: ProviderArgs,
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.batch.contains(&0) || args.length.contains(&0) || args.runs == 0 {
+        bail!("--batch, --length and --runs take values of at least 1");
+    }
+    let settings = args.providers.settings()?;
+    let mut sessions = Vec::new();
+    for g in &args.graphs {
+        let location = GraphLocation::resolve(g).or_else(|_| {
+            // A bare .onnx file needs no model files to be benchmarked.
+            if g.is_file() {
+                Ok(GraphLocation {
+                    graph: g.clone(),
+                    model_dir: g
+                        .parent()
+                        .unwrap_or(std::path::Path::new("."))
+                        .to_path_buf(),
+                })
+            } else {
+                GraphLocation::resolve(g)
+            }
+        })?;
+        let size = std::fs::metadata(&location.graph)?.len()
+            + std::fs::metadata(location.graph.with_extension("onnx_data")).map_or(0, |m| m.len());
+        sessions.push((
+            BenchSession::open(&location.graph, &settings)
+                .with_context(|| format!("opening {}", location.graph.display()))?,
+            size,
+        ));
+    }
+    let mut results: Vec<BenchResult> = Vec::new();
+    println!(
+        "| graph | MB | batch | length | median ms | p90 ms | texts/s | speed-up vs first |\n|---|---|---|---|---|---|---|---|"
+    );
+    for &batch in &args.batch {
+        for &length in &args.length {
+            let mut baseline: Option<f64> = None;
+            for (session, size) in &mut sessions {
+                let r = session.measure(batch, length, args.warmup, args.runs)?;
+                let base = *baseline.get_or_insert(r.median_ms);
+                println!(
+                    "| {} | {:.1} | {} | {} | {:.2} | {:.2} | {:.1} | {:.2}x |",
+                    r.graph,
+                    *size as f64 / 1e6,
+                    batch,
+                    length,
+                    r.median_ms,
+                    r.p90_ms,
+                    r.texts_per_second,
+                    base / r.median_ms
+                );
+                results.push(r);
+            }
+        }
+    }
+    if let Some(out) = &args.out {
+        write_bytes_atomically(
+            out,
+            (serde_json::to_string_pretty(&results)? + "\n").as_bytes(),
+        )?;
+    }
+    Ok(())
+}

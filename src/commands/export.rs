@@ -1,0 +1,156 @@
+//! `effir export`: a model directory (unpruned, pruned or fine-tuned) to an
+//! ONNX serving directory.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use effir_onnx::emit::{EmitOptions, Profile, DEFAULT_OPSET};
+use effir_onnx::export::{export, ExportOptions, ExternalData, Layout, Target};
+use effir_onnx::graph::WeightStorage;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProfileArg {
+    /// input_ids, attention_mask (+ token_type_ids) -> last_hidden_state (Optimum, Vespa, fastembed).
+    Optimum,
+    /// Adds sentence_embedding: pooling, Dense and Normalize inside the graph (text-embeddings-inference).
+    SentenceTransformers,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TargetArg {
+    Any,
+    /// Emit only operators TensorRT's ONNX parser supports (checked; fails otherwise).
+    Tensorrt,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LayoutArg {
+    /// OUT/model.onnx
+    Flat,
+    /// OUT/onnx/model.onnx (Hugging Face Hub layout)
+    OnnxSubdir,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExternalDataArg {
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Model directory (Hugging Face / sentence-transformers layout, pruned or not).
+    #[arg(long, env = "EFFIR_MODEL")]
+    pub model: PathBuf,
+    /// Output directory (must not exist, unless --overwrite replaces an earlier export).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Stage config (YAML); flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Interface profile [default: optimum].
+    #[arg(long, value_enum)]
+    pub profile: Option<ProfileArg>,
+    /// ONNX opset, 17 to 21 [default: 17].
+    #[arg(long)]
+    pub opset: Option<i64>,
+    /// Store weight matrices as float16 (half the size; computed in float32).
+    #[arg(long)]
+    pub fp16: bool,
+    /// Execution provider the graph must parse under [default: any].
+    #[arg(long, value_enum)]
+    pub target: Option<TargetArg>,
+    /// Where model.onnx goes [default: flat].
+    #[arg(long, value_enum)]
+    pub layout: Option<LayoutArg>,
+    /// Weights in model.onnx_data [default: auto, above 1 GiB].
+    #[arg(long, value_enum)]
+    pub external_data: Option<ExternalDataArg>,
+    /// Replace an earlier export in --out.
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+/// `configs/export.yaml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportConfig {
+    pub profile: Option<ProfileArg>,
+    pub opset: Option<i64>,
+    pub fp16: Option<bool>,
+    pub target: Option<TargetArg>,
+    pub layout: Option<LayoutArg>,
+    pub external_data: Option<ExternalDataArg>,
+}
+
+pub fn run(args: ExportArgs) -> anyhow::Result<()> {
+    let config: ExportConfig = crate::stage_config::load(args.config.as_deref())?;
+    let options = ExportOptions {
+        emit: EmitOptions {
+            profile: match args
+                .profile
+                .or(config.profile)
+                .unwrap_or(ProfileArg::Optimum)
+            {
+                ProfileArg::Optimum => Profile::Optimum,
+                ProfileArg::SentenceTransformers => Profile::SentenceTransformers,
+            },
+            opset: args.opset.or(config.opset).unwrap_or(DEFAULT_OPSET),
+            storage: if args.fp16 || config.fp16.unwrap_or(false) {
+                WeightStorage::Float16
+            } else {
+                WeightStorage::Float32
+            },
+        },
+        layout: match args.layout.or(config.layout).unwrap_or(LayoutArg::Flat) {
+            LayoutArg::Flat => Layout::Flat,
+            LayoutArg::OnnxSubdir => Layout::OnnxSubdir,
+        },
+        external_data: match args
+            .external_data
+            .or(config.external_data)
+            .unwrap_or(ExternalDataArg::Auto)
+        {
+            ExternalDataArg::Auto => ExternalData::Auto,
+            ExternalDataArg::Always => ExternalData::Always,
+            ExternalDataArg::Never => ExternalData::Never,
+        },
+        target: match args.target.or(config.target).unwrap_or(TargetArg::Any) {
+            TargetArg::Any => Target::Any,
+            TargetArg::Tensorrt => Target::TensorRt,
+        },
+        overwrite: args.overwrite,
+    };
+    let summary = export(&args.model, &args.out, &options)
+        .with_context(|| format!("exporting {}", args.model.display()))?;
+    println!(
+        "wrote {} ({} profile, opset {}, {} weights{}): {:.1} MB, {} nodes",
+        summary.graph.display(),
+        summary.profile,
+        summary.opset,
+        summary.weights,
+        if summary.external_data {
+            ", external data"
+        } else {
+            ""
+        },
+        (summary.graph_bytes as f64
+            + if summary.external_data {
+                summary.initializer_bytes as f64
+            } else {
+                0.0
+            })
+            / 1e6,
+        summary.nodes
+    );
+    println!("  inputs  {}", summary.inputs.join(", "));
+    println!("  outputs {}", summary.outputs.join(", "));
+    Ok(())
+}

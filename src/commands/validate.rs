@@ -1,0 +1,217 @@
+//! `effir validate`: parity of a candidate ONNX graph with its source model
+//! in candle, and its retrieval quality against a reference model, judged
+//! by the gates of a YAML file. Exits non-zero, naming the gates, when any
+//! fails: this is what a CI job runs.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use effir_onnx::graph_file::GraphFile;
+use effir_onnx::validate::{
+    apply_gates, check_parity, check_quality, parity_texts, Gates, ValidationReport,
+};
+use effir_onnx::{GraphLocation, OnnxEncoder};
+use effir_pipeline::atomic_file::write_bytes_atomically;
+use effir_pipeline::beir::{DanglingPolicy, Dataset};
+use effir_pipeline::embedding_cache::EmbeddingCache;
+use effir_pipeline::evaluation::{EvalSettings, Phase, TextFormat};
+use effir_pipeline::{Embedder, LoadOptions};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::provider_options::ProviderArgs;
+
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// Reference model directory (the unpruned model), run in candle.
+    #[arg(long)]
+    pub reference: PathBuf,
+    /// Candidate graph: a .onnx file, or a directory with model.onnx or onnx/model.onnx.
+    #[arg(long)]
+    pub candidate: PathBuf,
+    /// The candidate's source model in candle, for parity [default: the graph's
+    /// effir.source_model metadata, else the reference].
+    #[arg(long)]
+    pub candidate_model: Option<PathBuf>,
+    /// BEIR dataset directory.
+    #[arg(long, env = "EFFIR_DATA")]
+    pub data: PathBuf,
+    /// Gates (YAML): parity.{min_cosine,min_mean_cosine,max_abs_diff},
+    /// quality.{min_ndcg_retention,min_recall_retention,min_ndcg}.
+    #[arg(long)]
+    pub gates: PathBuf,
+    /// Qrels split.
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// Texts (queries and documents from the dataset) for the parity check.
+    #[arg(long, default_value_t = 64)]
+    pub parity_texts: usize,
+    /// Evaluate on every judged document plus random ones, this many in all.
+    #[arg(long)]
+    pub doc_sample: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Maximum tokens per text [default: the model's own].
+    #[arg(long)]
+    pub max_length: Option<usize>,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Directory for validation.json and validation.md.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Corpus-embedding cache [default: $EFFIR_CACHE_DIR or ~/.cache/effir].
+    #[arg(long, env = "EFFIR_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    #[arg(long)]
+    pub no_cache: bool,
+    #[command(flatten)]
+    pub providers: ProviderArgs,
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+pub fn run(args: ValidateArgs) -> anyhow::Result<()> {
+    // Cheap checks first: gates, dataset, graph.
+    let gates = Gates::load(&args.gates)?;
+    if args.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let mut dataset = Dataset::load(&args.data, &args.split, DanglingPolicy::Warn)?;
+    if let Some(n) = args.doc_sample {
+        if n == 0 {
+            bail!("--doc-sample must be at least 1");
+        }
+        dataset = dataset.with_document_sample(n, args.seed);
+    }
+    let settings = args.providers.settings()?;
+    let location = GraphLocation::resolve(&args.candidate)?;
+    let candle_model = match &args.candidate_model {
+        Some(dir) => dir.clone(),
+        None => source_model(&location.graph)?.unwrap_or_else(|| args.reference.clone()),
+    };
+    let options = LoadOptions {
+        max_length: args.max_length,
+        ..Default::default()
+    };
+    let candidate = OnnxEncoder::load(location, &options, &settings)
+        .with_context(|| format!("opening candidate {}", args.candidate.display()))?;
+    let providers: Vec<String> = candidate
+        .providers()
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+    eprintln!(
+        "candidate {} under {}; parity against {}",
+        candidate.graph().display(),
+        providers.join(", "),
+        candle_model.display()
+    );
+
+    let bar = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(0)
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} {msg} {pos}/{len} [{elapsed_precise}<{eta_precise}]",
+        )
+        .expect("valid template"),
+    );
+
+    // Parity: the same texts through the graph and through candle.
+    bar.set_message("parity");
+    let candle = Embedder::load(&candle_model, &options)
+        .with_context(|| format!("loading {}", candle_model.display()))?;
+    let format = TextFormat::for_model(candle.setup(), None, None)?;
+    let texts = parity_texts(&dataset, &format, args.parity_texts);
+    let parity = check_parity(&candidate, &candle, &texts, args.batch_size)?;
+
+    // Quality: the candidate through ONNX Runtime vs the reference in candle.
+    let quality = if gates.wants_quality() {
+        let reference = if candle_model == args.reference {
+            candle
+        } else {
+            drop(candle);
+            Embedder::load(&args.reference, &options)
+                .with_context(|| format!("loading reference {}", args.reference.display()))?
+        };
+        let eval = EvalSettings {
+            batch_size: args.batch_size,
+            cache: (!args.no_cache).then(|| {
+                args.cache_dir
+                    .clone()
+                    .unwrap_or_else(EmbeddingCache::default_dir)
+            }),
+            ..Default::default()
+        };
+        Some(check_quality(
+            &reference,
+            &candidate,
+            &dataset,
+            &eval,
+            &mut |which, phase, done, total| {
+                bar.set_message(format!(
+                    "{which}: {}",
+                    match phase {
+                        Phase::Corpus => "encoding corpus",
+                        Phase::Queries => "encoding queries",
+                    }
+                ));
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            },
+        )?)
+    } else {
+        None
+    };
+    bar.finish_and_clear();
+
+    let results = apply_gates(&gates, Some(&parity), quality.as_ref());
+    let report = ValidationReport {
+        reference: args.reference.clone(),
+        candidate: candidate.graph().to_path_buf(),
+        providers,
+        passed: results.iter().all(|g| g.passed),
+        parity: Some(parity),
+        quality,
+        gates: results,
+    };
+    if let Some(out) = &args.out {
+        write_report(&report, out)?;
+    }
+    print!("{}", report.to_markdown());
+    let failed = report.failed_gates();
+    if !failed.is_empty() {
+        bail!(
+            "{} gate(s) failed: {}",
+            failed.len(),
+            failed
+                .iter()
+                .map(|g| format!(
+                    "{} ({:.6} {} {} is false)",
+                    g.gate, g.value, g.rule, g.threshold
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// The `effir.source_model` a graph records, if that directory exists.
+fn source_model(graph: &Path) -> anyhow::Result<Option<PathBuf>> {
+    let file = GraphFile::read(graph)?;
+    Ok(file
+        .metadata("effir.source_model")
+        .map(PathBuf::from)
+        .filter(|p| p.join("config.json").is_file()))
+}
+
+fn write_report(report: &ValidationReport, out: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let json = serde_json::to_string_pretty(report)? + "\n";
+    write_bytes_atomically(&out.join("validation.json"), json.as_bytes())?;
+    write_bytes_atomically(&out.join("validation.md"), report.to_markdown().as_bytes())?;
+    Ok(())
+}
