@@ -1,0 +1,413 @@
+//! `effir export` and the ONNX Runtime encoder, as a serving stack sees
+//! them: every architecture's graph reproduces transformers /
+//! sentence-transformers (checked by effir and by an independent Python
+//! client), pruned models export as smaller graphs that compute exactly what
+//! the pruned candle model computes, and bad input fails cleanly.
+//!
+//! Needs the ONNX Runtime library and Python `onnx`/`onnxruntime`
+//! (`scripts/install-onnxruntime.sh`, run by `make test`).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::{assert_rows_match, fixture, minilm_dir};
+use effir_onnx::emit::{EmitOptions, Profile};
+use effir_onnx::export::{export, ExportOptions, ExternalData, Layout, Target};
+use effir_onnx::graph::WeightStorage;
+use effir_onnx::graph_file::GraphFile;
+use effir_onnx::providers::{Provider, ProviderSettings};
+use effir_onnx::{GraphLocation, OnnxEncoder};
+use effir_pipeline::{Embedder, LoadOptions, TextEmbedder};
+
+const ARCHITECTURES: [&str; 6] = ["bert", "gemma3", "llama", "mistral", "qwen2", "qwen3"];
+
+fn effir(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_effir"))
+        .args(args)
+        .output()
+        .expect("run effir")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn options(profile: Profile) -> ExportOptions {
+    ExportOptions {
+        emit: EmitOptions {
+            profile,
+            ..Default::default()
+        },
+        layout: Layout::Flat,
+        external_data: ExternalData::Auto,
+        target: Target::TensorRt,
+        overwrite: false,
+    }
+}
+
+/// Exports `model` into `work/name` and returns the directory.
+fn export_to(model: &Path, work: &Path, name: &str, options: &ExportOptions) -> PathBuf {
+    let out = work.join(name);
+    export(model, &out, options).unwrap_or_else(|e| panic!("export {}: {e}", model.display()));
+    out
+}
+
+fn open(export_dir: &Path) -> OnnxEncoder {
+    OnnxEncoder::load(
+        GraphLocation::resolve(export_dir).unwrap(),
+        &LoadOptions::default(),
+        &ProviderSettings::default(),
+    )
+    .unwrap()
+}
+
+/// Texts of a fixture's reference file.
+fn reference_texts(dir: &Path) -> Vec<String> {
+    let meta = common::read_json(&dir.join("reference.json"));
+    meta["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect()
+}
+
+fn rows(m: ndarray::Array2<f32>) -> Vec<Vec<f32>> {
+    m.rows().into_iter().map(|r| r.to_vec()).collect()
+}
+
+/// Embeds `texts` with the model's default prompt through `model`.
+fn embed(model: &dyn TextEmbedder, texts: &[String]) -> Vec<Vec<f32>> {
+    let prefix = model
+        .setup()
+        .prefix(&effir_pipeline::Prompt::Default)
+        .unwrap();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    rows(model.embed_texts(&refs, &prefix, 2, &mut |_| {}).unwrap())
+}
+
+/// The independent Python client (`tests/onnx_client.py`): ONNX checker,
+/// strict shape inference, onnxruntime, reference embeddings.
+fn python_client(export_dir: &Path, reference_dir: &Path) {
+    let out = Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/onnx_client.py"))
+        .args(["--export", export_dir.to_str().unwrap()])
+        .args([
+            "--reference",
+            reference_dir
+                .join("reference.safetensors")
+                .to_str()
+                .unwrap(),
+        ])
+        .args([
+            "--texts",
+            reference_dir.join("reference.json").to_str().unwrap(),
+        ])
+        .output()
+        .expect("python3 tests/onnx_client.py");
+    assert!(
+        out.status.success(),
+        "python client on {}:\n{}\n{}",
+        export_dir.display(),
+        String::from_utf8_lossy(&out.stdout),
+        stderr(&out)
+    );
+}
+
+#[test]
+fn every_architecture_exports_a_graph_that_matches_transformers_in_both_profiles() {
+    let work = tempfile::tempdir().unwrap();
+    for arch in ARCHITECTURES {
+        let model = fixture(arch);
+        let candle = Embedder::load(&model, &LoadOptions::default()).unwrap();
+        let texts = reference_texts(&model);
+        let want = embed(&candle, &texts);
+        for profile in [Profile::Optimum, Profile::SentenceTransformers] {
+            let name = format!("{arch}-{}", profile.name());
+            let dir = export_to(&model, work.path(), &name, &options(profile));
+            // ONNX Runtime through effir: the same embeddings as candle.
+            let onnx = open(&dir);
+            assert_eq!(onnx.providers(), &[Provider::Cpu]);
+            assert_rows_match(&name, &embed(&onnx, &texts), &want);
+            // The interface serving stacks expect.
+            let file = GraphFile::read(&dir.join("model.onnx")).unwrap();
+            let inputs: Vec<String> = file.inputs().into_iter().map(|i| i.name).collect();
+            let mut expected = vec!["input_ids", "attention_mask"];
+            if arch == "bert" {
+                expected.push("token_type_ids");
+            }
+            assert_eq!(inputs, expected, "{name}");
+            let outputs: Vec<String> = file.outputs().into_iter().map(|o| o.name).collect();
+            match profile {
+                Profile::Optimum => assert_eq!(outputs, ["last_hidden_state"], "{name}"),
+                Profile::SentenceTransformers => {
+                    assert_eq!(
+                        outputs,
+                        ["last_hidden_state", "sentence_embedding"],
+                        "{name}"
+                    )
+                }
+            }
+            for io in file.inputs() {
+                assert_eq!(io.dim_names, ["batch_size", "sequence_length"], "{name}");
+            }
+            assert!(file.opset().unwrap() >= 17);
+            assert_eq!(
+                file.metadata("effir.architecture"),
+                Some(candle.architecture().model_type())
+            );
+            for f in ["tokenizer.json", "config.json", "effir_export.json"] {
+                assert!(dir.join(f).is_file(), "{name}: {f}");
+            }
+            // An independent client: onnx checker + onnxruntime vs transformers.
+            python_client(&dir, &model);
+        }
+    }
+}
+
+#[test]
+fn pruned_models_export_smaller_graphs_that_equal_the_pruned_candle_model() {
+    let work = tempfile::tempdir().unwrap();
+    let calib = work.path().join("calib.txt");
+    std::fs::write(
+        &calib,
+        "The quick brown fox jumps over the lazy dog.\nDense retrieval keeps attention.\nhello world\nNumbers 12 345 appear here.\n",
+    )
+    .unwrap();
+    for arch in ["bert", "llama", "gemma3", "qwen2"] {
+        let pruned = work.path().join(format!("{arch}-pruned"));
+        let out = effir(&[
+            "prune",
+            "--model",
+            fixture(arch).to_str().unwrap(),
+            "--calib",
+            calib.to_str().unwrap(),
+            "--drop-layers",
+            "1",
+            "--mlp-keep",
+            "0.4",
+            "--out",
+            pruned.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "prune {arch}: {}", stderr(&out));
+        let candle = Embedder::load(&pruned, &LoadOptions::default()).unwrap();
+        let shape = candle.shape().clone();
+        assert!(shape.layers[1].mlp.is_none());
+
+        let full = export_to(
+            &fixture(arch),
+            work.path(),
+            &format!("{arch}-full"),
+            &options(Profile::SentenceTransformers),
+        );
+        let dir = export_to(
+            &pruned,
+            work.path(),
+            &format!("{arch}-pruned-onnx"),
+            &options(Profile::SentenceTransformers),
+        );
+        let texts = reference_texts(&fixture(arch));
+        assert_rows_match(arch, &embed(&open(&dir), &texts), &embed(&candle, &texts));
+
+        // No nodes for the dropped MLP; narrowed matrices for the others.
+        let file = GraphFile::read(&dir.join("model.onnx")).unwrap();
+        let graph = file.model.graph.as_ref().unwrap();
+        let init = |name: &str| {
+            graph
+                .initializer
+                .iter()
+                .find(|t| t.name == name)
+                .map(|t| t.dims.clone())
+        };
+        let (dropped, kept) = if arch == "bert" {
+            (
+                "encoder.layer.1.intermediate.dense.weight_t",
+                "encoder.layer.0.intermediate.dense.weight_t",
+            )
+        } else {
+            (
+                "layers.1.mlp.gate_proj.weight_t",
+                "layers.0.mlp.gate_proj.weight_t",
+            )
+        };
+        assert_eq!(
+            init(dropped),
+            None,
+            "{arch}: dropped MLP still in the graph"
+        );
+        let width = shape.layers[0].mlp.unwrap().intermediate_size as i64;
+        assert_eq!(init(kept).unwrap()[1], width, "{arch}: narrowed width");
+        let size = |d: &Path| std::fs::metadata(d.join("model.onnx")).unwrap().len();
+        assert!(
+            size(&dir) < size(&full),
+            "{arch}: pruned graph is not smaller"
+        );
+        // The pruning record travels with the graph.
+        assert!(file.metadata("effir.pruning_plan").is_some());
+        assert!(file
+            .metadata("effir.shape")
+            .unwrap()
+            .contains("\"mlp\":null"));
+    }
+}
+
+#[test]
+fn external_data_float16_storage_and_the_hub_layout_load_and_check() {
+    let work = tempfile::tempdir().unwrap();
+    let model = fixture("llama");
+    let texts = reference_texts(&model);
+    let candle = Embedder::load(&model, &LoadOptions::default()).unwrap();
+    let want = embed(&candle, &texts);
+
+    let mut external = options(Profile::SentenceTransformers);
+    external.external_data = ExternalData::Always;
+    external.layout = Layout::OnnxSubdir;
+    let dir = export_to(&model, work.path(), "external", &external);
+    assert!(dir.join("onnx/model.onnx").is_file());
+    assert!(dir.join("onnx/model.onnx_data").is_file());
+    assert_rows_match("external data", &embed(&open(&dir), &texts), &want);
+    python_client(&dir, &model);
+
+    let mut half = options(Profile::SentenceTransformers);
+    half.emit.storage = WeightStorage::Float16;
+    let dir16 = export_to(&model, work.path(), "fp16", &half);
+    let full = export_to(
+        &model,
+        work.path(),
+        "fp32",
+        &options(Profile::SentenceTransformers),
+    );
+    let size = |d: &Path| std::fs::metadata(d.join("model.onnx")).unwrap().len();
+    assert!(
+        size(&dir16) * 10 < size(&full) * 6,
+        "float16 storage is not ~half the size"
+    );
+    // float16 weights: close, not identical.
+    for (got, want) in embed(&open(&dir16), &texts).iter().zip(&want) {
+        let cos = common::cosine(got, want);
+        assert!(cos > 0.999, "float16 cosine {cos}");
+    }
+}
+
+#[test]
+fn exported_minilm_matches_sentence_transformers_in_an_independent_client() {
+    let work = tempfile::tempdir().unwrap();
+    for profile in [Profile::Optimum, Profile::SentenceTransformers] {
+        let dir = export_to(
+            &minilm_dir(),
+            work.path(),
+            profile.name(),
+            &options(profile),
+        );
+        python_client(&dir, &fixture("minilm"));
+    }
+}
+
+#[test]
+fn the_tensorrt_lint_passes_effir_graphs_and_names_what_tensorrt_rejects() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = export_to(
+        &fixture("qwen3"),
+        work.path(),
+        "qwen3",
+        &options(Profile::SentenceTransformers),
+    );
+    let graph = dir.join("model.onnx");
+    let out = effir(&["lint-onnx", graph.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // Add a node TensorRT's parser does not take, and a contrib op.
+    let mut file = GraphFile::read(&graph).unwrap();
+    let g = file.model.graph.as_mut().unwrap();
+    let mut unique = g.node[0].clone();
+    unique.op_type = "Unique".into();
+    unique.output = vec!["unique_out".into()];
+    unique.name = "unique".into();
+    let mut contrib = g.node[0].clone();
+    contrib.op_type = "FastGelu".into();
+    contrib.domain = "com.microsoft".into();
+    contrib.output = vec!["contrib_out".into()];
+    contrib.name = "contrib".into();
+    g.node.push(unique);
+    g.node.push(contrib);
+    let bad = work.path().join("bad.onnx");
+    std::fs::write(&bad, prost::Message::encode_to_vec(&file.model)).unwrap();
+    let out = effir(&["lint-onnx", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Unique (1 node(s)): not supported"), "{text}");
+    assert!(text.contains("com.microsoft::FastGelu"), "{text}");
+}
+
+#[test]
+fn execution_providers_fall_back_or_fail_strictly_when_unavailable() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = export_to(
+        &fixture("bert"),
+        work.path(),
+        "bert",
+        &options(Profile::Optimum),
+    );
+    let location = GraphLocation::resolve(&dir).unwrap();
+    // This machine's library is the CPU build: CUDA and TensorRT are absent.
+    assert!(!Provider::Cuda.is_available().unwrap());
+    assert!(!Provider::TensorRt.is_available().unwrap());
+    let fallback = ProviderSettings {
+        order: vec![Provider::TensorRt, Provider::Cuda, Provider::Cpu],
+        ..Default::default()
+    };
+    let encoder = OnnxEncoder::load(location.clone(), &LoadOptions::default(), &fallback).unwrap();
+    assert_eq!(encoder.providers(), &[Provider::Cpu]);
+
+    let strict = ProviderSettings {
+        order: vec![Provider::Cuda, Provider::Cpu],
+        strict: true,
+        ..Default::default()
+    };
+    let err = OnnxEncoder::load(location, &LoadOptions::default(), &strict)
+        .err()
+        .expect("strict cuda must fail here")
+        .to_string();
+    assert!(err.contains("`cuda` was requested in strict mode"), "{err}");
+
+    // The same through the CLI, with an unknown provider name too.
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/eval/tiny");
+    let gates = work.path().join("gates.yaml");
+    std::fs::write(&gates, "parity:\n  min_cosine: 0.99999\n").unwrap();
+    let validate = |providers: &str, strict: bool| {
+        let reference = fixture("bert");
+        let mut args = vec![
+            "validate",
+            "--quiet",
+            "--no-cache",
+            "--reference",
+            reference.to_str().unwrap(),
+            "--candidate",
+            dir.to_str().unwrap(),
+            "--data",
+            tiny.to_str().unwrap(),
+            "--gates",
+            gates.to_str().unwrap(),
+            "--providers",
+            providers,
+        ];
+        if strict {
+            args.push("--strict-providers");
+        }
+        effir(&args)
+    };
+    let out = validate("cuda,cpu", false);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = validate("cuda", true);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("strict mode"), "{}", stderr(&out));
+    let out = validate("cpu,tpu", false);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("unknown execution provider `tpu`"),
+        "{}",
+        stderr(&out)
+    );
+}
