@@ -13,6 +13,7 @@ PYTHON  ?= python3
 
 .PHONY: all system-deps build models test lint embed eval eval-scifact python-deps \
         fixtures metric-references bench-embed parity-embeddinggemma \
+        onnxruntime export export-pruned validate validate-pruned bench-onnx parity-embeddinggemma-onnx \
         analyze-minilm drop-study-minilm prune-minilm results-minilm \
         analyze-embeddinggemma drop-study-embeddinggemma results-embeddinggemma clean
 
@@ -33,7 +34,12 @@ $(GEMMA)/model.safetensors: | system-deps
 models: $(MINILM)/model.safetensors
 
 # Model tests need optimised code: candle is ~100x slower at opt-level 0.
-test: system-deps models
+# The ONNX Runtime CPU library (onnxruntime wheel) and Python onnx, linked
+# where effir looks by default (see scripts/install-onnxruntime.sh).
+onnxruntime:
+	scripts/install-onnxruntime.sh
+
+test: system-deps models onnxruntime
 	EFFIR_MINILM_DIR=$(MINILM) cargo test --release --workspace
 
 lint:
@@ -74,6 +80,37 @@ bench-embed: build models python-deps
 
 parity-embeddinggemma: build $(GEMMA)/model.safetensors python-deps
 	$(PYTHON) benchmarks/parity_embeddinggemma.py --model $(GEMMA)
+
+# ---- ONNX (issue 5) --------------------------------------------------------
+# Export, validate and benchmark all-MiniLM-L6-v2 and a 50 % MLP-pruned copy.
+PROFILE ?= sentence-transformers
+export: build models onnxruntime
+	$(EFFIR) export --model $(MINILM) --profile $(PROFILE) --out $(RUNS)/onnx/minilm --overwrite
+
+$(RUNS)/minilm-prune-50/config.json: | build models
+	$(EFFIR) prune --model $(MINILM) --plan configs/prune-minilm-50.yaml --data $(DATA) --out $(RUNS)/minilm-prune-50
+
+export-pruned: build onnxruntime $(RUNS)/minilm-prune-50/config.json
+	$(EFFIR) export --model $(RUNS)/minilm-prune-50 --profile $(PROFILE) --out $(RUNS)/onnx/minilm-prune-50 --overwrite
+
+# Gates of configs/gates.yaml on SciFact: the full export must pass; the
+# pruned one (before fine-tuning) is expected to fail the quality gates.
+validate: export
+	$(EFFIR) validate --reference $(MINILM) --candidate $(RUNS)/onnx/minilm --data $(DATA) \
+	  --gates configs/gates.yaml --out $(RUNS)/validate-minilm
+
+validate-pruned: export-pruned
+	-$(EFFIR) validate --reference $(MINILM) --candidate $(RUNS)/onnx/minilm-prune-50 --data $(DATA) \
+	  --gates configs/gates.yaml --out $(RUNS)/validate-minilm-prune-50
+
+bench-onnx: export export-pruned
+	$(EFFIR) bench --graph $(RUNS)/onnx/minilm --graph $(RUNS)/onnx/minilm-prune-50 \
+	  --batch 1,32 --length 128,256 --runs 20 --out $(RUNS)/bench-onnx.json
+
+# EmbeddingGemma-300M exported and run by Python onnxruntime vs sentence-transformers.
+parity-embeddinggemma-onnx: build $(GEMMA)/model.safetensors python-deps onnxruntime
+	$(EFFIR) export --model $(GEMMA) --profile sentence-transformers --out $(RUNS)/onnx/embeddinggemma --overwrite
+	$(PYTHON) benchmarks/parity_embeddinggemma.py --model $(GEMMA) --onnx $(RUNS)/onnx/embeddinggemma
 
 # EffiR study (issue 4). MiniLM evaluates on a fixed SciFact sample of
 # $(SAMPLE) documents (every judged one plus random others, seed 0) so the

@@ -6,6 +6,7 @@ reference embeddings made by transformers / sentence-transformers
 
   onnx_client.py --export DIR --reference DIR/reference.safetensors \
                  --texts DIR/reference.json [--min-cosine 0.99999]
+  onnx_client.py --export DIR --check-only
 
 When the reference holds `input_ids` and `attention_mask` (tiny fixtures),
 they are fed as they are and `last_hidden_state` is compared too; otherwise
@@ -92,13 +93,19 @@ def cosines(a, b):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--export", required=True)
-    p.add_argument("--reference", required=True)
-    p.add_argument("--texts", required=True)
+    p.add_argument("--reference")
+    p.add_argument("--texts")
+    p.add_argument("--check-only", action="store_true", help="only the ONNX checker and shape inference")
     p.add_argument("--min-cosine", type=float, default=0.99999)
     args = p.parse_args()
 
     graph = find_graph(args.export)
     model = check_graph(graph)
+    if args.check_only:
+        print(json.dumps({"graph": graph, "checked": True}))
+        return
+    if not (args.reference and args.texts):
+        sys.exit("--reference and --texts are required unless --check-only")
     ref = load_file(args.reference)
     meta = json.load(open(args.texts))
     session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])

@@ -88,6 +88,21 @@ fn embed(model: &dyn TextEmbedder, texts: &[String]) -> Vec<Vec<f32>> {
     rows(model.embed_texts(&refs, &prefix, 2, &mut |_| {}).unwrap())
 }
 
+/// ONNX checker and strict shape inference (Python `onnx`) on an export.
+fn python_check(export_dir: &Path) {
+    let out = Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/onnx_client.py"))
+        .args(["--export", export_dir.to_str().unwrap(), "--check-only"])
+        .output()
+        .expect("python3 tests/onnx_client.py");
+    assert!(
+        out.status.success(),
+        "onnx checker on {}: {}",
+        export_dir.display(),
+        stderr(&out)
+    );
+}
+
 /// The independent Python client (`tests/onnx_client.py`): ONNX checker,
 /// strict shape inference, onnxruntime, reference embeddings.
 fn python_client(export_dir: &Path, reference_dir: &Path) {
@@ -210,6 +225,7 @@ fn pruned_models_export_smaller_graphs_that_equal_the_pruned_candle_model() {
         );
         let texts = reference_texts(&fixture(arch));
         assert_rows_match(arch, &embed(&open(&dir), &texts), &embed(&candle, &texts));
+        python_check(&dir);
 
         // No nodes for the dropped MLP; narrowed matrices for the others.
         let file = GraphFile::read(&dir.join("model.onnx")).unwrap();
@@ -273,6 +289,7 @@ fn external_data_float16_storage_and_the_hub_layout_load_and_check() {
     let mut half = options(Profile::SentenceTransformers);
     half.emit.storage = WeightStorage::Float16;
     let dir16 = export_to(&model, work.path(), "fp16", &half);
+    python_check(&dir16);
     let full = export_to(
         &model,
         work.path(),

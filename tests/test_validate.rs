@@ -342,3 +342,55 @@ fn export_refuses_bad_requests_before_writing() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+#[test]
+fn the_committed_configs_parse_and_drive_the_stages() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let gates = effir_onnx::validate::Gates::load(&root.join("configs/gates.yaml")).unwrap();
+    assert_eq!(gates.parity.min_cosine, Some(0.99999));
+    assert!(gates.wants_quality());
+
+    let text = std::fs::read_to_string(root.join("configs/providers-gpu.yaml")).unwrap();
+    let providers: effir_onnx::providers::ProviderSettings = serde_yaml::from_str(&text).unwrap();
+    use effir_onnx::providers::Provider;
+    assert_eq!(
+        providers.order,
+        [Provider::TensorRt, Provider::Cuda, Provider::Cpu]
+    );
+    assert!(providers.tensorrt.fp16);
+    // On this CPU-only machine the GPU config falls back to the CPU.
+    let work = tempfile::tempdir().unwrap();
+    let out_dir = work.path().join("export");
+    let o = effir(&[
+        "export",
+        "--config",
+        root.join("configs/export.yaml").to_str().unwrap(),
+        "--model",
+        fixture("bert").to_str().unwrap(),
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let summary = common::read_json(&out_dir.join("effir_export.json"));
+    assert_eq!(summary["profile"], "sentence-transformers");
+    assert_eq!(summary["target"], "tensorrt");
+    let gates_path = work.path().join("gates.yaml");
+    std::fs::write(&gates_path, "parity:\n  min_cosine: 0.99999\n").unwrap();
+    let o = effir(&[
+        "bench",
+        "--graph",
+        out_dir.to_str().unwrap(),
+        "--batch",
+        "2",
+        "--length",
+        "8",
+        "--runs",
+        "2",
+        "--warmup",
+        "1",
+        "--provider-config",
+        root.join("configs/providers-gpu.yaml").to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("| 2 | 8 |"));
+}

@@ -41,6 +41,7 @@ pub enum Target {
     /// Any ONNX Runtime provider.
     Any,
     /// TensorRT: every operator must be one its ONNX parser supports.
+    #[serde(rename = "tensorrt")]
     TensorRt,
 }
 
