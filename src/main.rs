@@ -32,6 +32,8 @@ enum Command {
     Eval(commands::eval::EvalArgs),
     /// Export a model (pruned or not) as an ONNX graph with its tokenizer and configs.
     Export(commands::export::ExportArgs),
+    /// Contrastive retrieval fine-tuning (InfoNCE, hard negatives, distillation, LoRA) into a new model directory.
+    Finetune(commands::finetune::FinetuneArgs),
     /// List the operators of an ONNX graph that TensorRT cannot parse.
     LintOnnx(commands::lint_onnx::LintOnnxArgs),
     /// Parity and quality gates of a candidate ONNX graph (non-zero exit on failure).
@@ -55,6 +57,7 @@ fn main() -> std::process::ExitCode {
         Command::Analyze(args) => commands::analyze::run(args),
         Command::Bench(args) => commands::bench::run(args),
         Command::Export(args) => commands::export::run(args),
+        Command::Finetune(args) => commands::finetune::run(args),
         Command::LintOnnx(args) => commands::lint_onnx::run(args),
         Command::Validate(args) => commands::validate::run(args),
         Command::DropStudy(args) => commands::drop_study::run(args),

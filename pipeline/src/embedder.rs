@@ -80,10 +80,32 @@ impl Embedder {
 
     pub fn load_on(dir: &Path, options: &LoadOptions, device: &Device) -> Result<Self> {
         let _span = tracing::info_span!("load", model = %dir.display()).entered();
-        let setup = EncoderSetup::load(dir, options)?;
-        let shape = ModelShape::load_or(dir, setup.config.uniform_shape())?;
         let files = weights::weight_files(dir)?;
         let vb = weights::var_builder(&files, DType::F32, device)?;
+        Self::from_var_builder(dir, options, vb, device)
+    }
+
+    /// Loads the model in `dir` with its backbone weights taken from
+    /// `tensors` (checkpoint names, float32) instead of its files. Training
+    /// passes `Var`s here, so gradients reach them.
+    pub fn load_with_tensors(
+        dir: &Path,
+        options: &LoadOptions,
+        tensors: std::collections::HashMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<Self> {
+        let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, device);
+        Self::from_var_builder(dir, options, vb, device)
+    }
+
+    fn from_var_builder(
+        dir: &Path,
+        options: &LoadOptions,
+        vb: candle_nn::VarBuilder<'static>,
+        device: &Device,
+    ) -> Result<Self> {
+        let setup = EncoderSetup::load(dir, options)?;
+        let shape = ModelShape::load_or(dir, setup.config.uniform_shape())?;
         let backbone = Backbone::load(vb, &setup.config, &shape)?;
         let head = EmbeddingHead::load(
             &setup.sentence,

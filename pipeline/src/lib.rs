@@ -33,6 +33,7 @@ pub mod chart;
 pub mod drop_study;
 pub mod embedding_cache;
 pub mod evaluation;
+pub mod finetune;
 pub mod metrics;
 pub mod model_files;
 pub mod npy;

@@ -6,6 +6,7 @@ pub mod drop_study;
 pub mod embed;
 pub mod eval;
 pub mod export;
+pub mod finetune;
 pub mod inspect;
 pub mod lint_onnx;
 pub mod model_options;

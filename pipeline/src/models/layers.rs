@@ -7,11 +7,23 @@ use candle_nn::VarBuilder;
 
 /// `y = x W^T + b` on the last dimension, computed as one 2-D matmul over all
 /// leading dimensions (faster on CPU than a broadcast batched matmul).
+///
+/// With LoRA adapters (`lora_a` `(r, in)`, `lora_b` `(out, r)` and the
+/// scalar `lora_scale` beside the weight, added for fine-tuning) the output
+/// gains `scale · x Aᵀ Bᵀ`.
 #[derive(Debug, Clone)]
 pub(crate) struct Linear {
     /// `(out_features, in_features)`, as stored by PyTorch.
     weight: Tensor,
     bias: Option<Tensor>,
+    lora: Option<LoraAdapter>,
+}
+
+#[derive(Debug, Clone)]
+struct LoraAdapter {
+    a: Tensor,
+    b: Tensor,
+    scale: f64,
 }
 
 impl Linear {
@@ -22,7 +34,18 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        let lora = if vb.contains_tensor("lora_a") {
+            let scale = vb.get((), "lora_scale")?.to_scalar::<f32>()? as f64;
+            let rank = vb.get_unchecked("lora_a")?.dim(0)?;
+            Some(LoraAdapter {
+                a: vb.get((rank, in_dim), "lora_a")?,
+                b: vb.get((out_dim, rank), "lora_b")?,
+                scale,
+            })
+        } else {
+            None
+        };
+        Ok(Self { weight, bias, lora })
     }
 
     pub fn parameter_count(&self) -> usize {
@@ -35,7 +58,12 @@ impl Module for Linear {
         let dims = x.dims();
         let in_dim = dims[dims.len() - 1];
         let rows = x.elem_count() / in_dim;
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let x2 = x.reshape((rows, in_dim))?;
+        let mut y = x2.matmul(&self.weight.t()?)?;
+        if let Some(lora) = &self.lora {
+            let delta = x2.matmul(&lora.a.t()?)?.matmul(&lora.b.t()?)?;
+            y = (y + (delta * lora.scale)?)?;
+        }
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -81,7 +109,7 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.track_op() {
+        if x.track_op() || self.weight.track_op() {
             return candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps);
         }
         candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps)
@@ -89,35 +117,40 @@ impl Module for LayerNorm {
 }
 
 /// RMSNorm. Gemma stores `w` and scales by `1 + w` (`unit_offset`); Llama
-/// stores the scale itself.
+/// stores the scale itself. The offset is added in `forward`, not at load,
+/// so a trained `w` takes effect at once.
 #[derive(Debug, Clone)]
 pub(crate) struct RmsNorm {
-    /// The effective scale (already `1 + w` for Gemma).
-    scale: Tensor,
+    weight: Tensor,
+    unit_offset: bool,
     eps: f32,
 }
 
 impl RmsNorm {
     pub fn load(vb: VarBuilder, dim: usize, eps: f64, unit_offset: bool) -> Result<Self> {
-        let weight = vb.get(dim, "weight")?;
-        let scale = if unit_offset { (weight + 1.0)? } else { weight };
         Ok(Self {
-            scale,
+            weight: vb.get(dim, "weight")?,
+            unit_offset,
             eps: eps as f32,
         })
     }
 
     pub fn parameter_count(&self) -> usize {
-        self.scale.elem_count()
+        self.weight.elem_count()
     }
 }
 
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.track_op() {
-            return candle_nn::ops::rms_norm_slow(x, &self.scale, self.eps);
+        let scale = if self.unit_offset {
+            (&self.weight + 1.0)?
+        } else {
+            self.weight.clone()
+        };
+        if x.track_op() || scale.track_op() {
+            return candle_nn::ops::rms_norm_slow(x, &scale, self.eps);
         }
-        candle_nn::ops::rms_norm(&x.contiguous()?, &self.scale, self.eps)
+        candle_nn::ops::rms_norm(&x.contiguous()?, &scale, self.eps)
     }
 }
 

@@ -1,0 +1,140 @@
+//! Training checkpoints: the trainable weights, the optimizer's moments and
+//! the loop's position (step, epoch, place in the data order, random state),
+//! written atomically as `step-NNNNNNN/` directories. `state.json` is the
+//! last file written, so a directory without it is incomplete and ignored.
+
+use std::collections::BTreeMap;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Where the loop stands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoopState {
+    /// Optimizer steps done.
+    pub step: usize,
+    pub epoch: usize,
+    /// Examples of the current epoch's order already used.
+    pub position: usize,
+    /// The sampler's random state.
+    pub rng: u64,
+    pub adam_step: u64,
+    /// Best development score so far and its step.
+    pub best: Option<(f64, usize)>,
+    /// Hash of the training examples and settings that fix the data order.
+    pub data_fingerprint: String,
+}
+
+/// A checkpoint's contents.
+pub struct Checkpoint {
+    pub state: LoopState,
+    pub weights: HashMap<String, Tensor>,
+    pub first: BTreeMap<String, Tensor>,
+    pub second: BTreeMap<String, Tensor>,
+}
+
+const WEIGHTS: &str = "trainable.safetensors";
+const OPTIMIZER: &str = "optimizer.safetensors";
+const STATE: &str = "state.json";
+
+fn step_dir(root: &Path, step: usize) -> PathBuf {
+    root.join(format!("step-{step:07}"))
+}
+
+/// Writes a checkpoint for `state.step` under `root`, then removes all but
+/// the newest `keep`.
+pub fn save(
+    root: &Path,
+    state: &LoopState,
+    weights: &HashMap<String, Tensor>,
+    first: &BTreeMap<String, Tensor>,
+    second: &BTreeMap<String, Tensor>,
+    keep: usize,
+) -> Result<PathBuf> {
+    std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
+    let staging = tempfile::Builder::new()
+        .prefix(".effir-checkpoint-")
+        .tempdir_in(root)
+        .map_err(|e| Error::io(root, e))?;
+    let w = staging.path().join(WEIGHTS);
+    candle_core::safetensors::save(weights, &w).map_err(|e| Error::weights(&w, e))?;
+    let mut moments: HashMap<String, Tensor> = HashMap::new();
+    for (k, v) in first {
+        moments.insert(format!("m.{k}"), v.clone());
+    }
+    for (k, v) in second {
+        moments.insert(format!("v.{k}"), v.clone());
+    }
+    let o = staging.path().join(OPTIMIZER);
+    candle_core::safetensors::save(&moments, &o).map_err(|e| Error::weights(&o, e))?;
+    let s = staging.path().join(STATE);
+    let json = serde_json::to_string_pretty(state).expect("state serialises");
+    std::fs::write(&s, json).map_err(|e| Error::io(&s, e))?;
+    let dir = step_dir(root, state.step);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    }
+    let staged = staging.keep();
+    std::fs::rename(&staged, &dir).map_err(|e| Error::io(&dir, e))?;
+    // Prune old checkpoints.
+    let steps = list(root)?;
+    if steps.len() > keep.max(1) {
+        for (_, old) in &steps[..steps.len() - keep.max(1)] {
+            std::fs::remove_dir_all(old).map_err(|e| Error::io(old, e))?;
+        }
+    }
+    Ok(dir)
+}
+
+/// Complete checkpoints under `root`, oldest first.
+pub fn list(root: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    if !root.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(root).map_err(|e| Error::io(root, e))? {
+        let entry = entry.map_err(|e| Error::io(root, e))?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        if let Some(n) = name
+            .strip_prefix("step-")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            if entry.path().join(STATE).is_file() {
+                out.push((n, entry.path()));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Reads the checkpoint in `dir`.
+pub fn load(dir: &Path) -> Result<Checkpoint> {
+    let s = dir.join(STATE);
+    let state: LoopState = crate::json_file::read_json(&s)?;
+    let w = dir.join(WEIGHTS);
+    let weights =
+        candle_core::safetensors::load(&w, &Device::Cpu).map_err(|e| Error::weights(&w, e))?;
+    let o = dir.join(OPTIMIZER);
+    let moments =
+        candle_core::safetensors::load(&o, &Device::Cpu).map_err(|e| Error::weights(&o, e))?;
+    let mut first = BTreeMap::new();
+    let mut second = BTreeMap::new();
+    for (k, v) in moments {
+        if let Some(name) = k.strip_prefix("m.") {
+            first.insert(name.to_string(), v);
+        } else if let Some(name) = k.strip_prefix("v.") {
+            second.insert(name.to_string(), v);
+        }
+    }
+    Ok(Checkpoint {
+        state,
+        weights,
+        first,
+        second,
+    })
+}

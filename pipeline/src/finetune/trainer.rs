@@ -1,0 +1,504 @@
+//! The fine-tuning loop. Weights that train are `Var`s inside an ordinary
+//! [`Embedder`], so the model code is the one inference uses; every step
+//! samples a batch (seeded), computes InfoNCE (+ distillation), accumulates
+//! gradients over micro-batches, clips them and takes an AdamW step.
+//! Checkpoints hold everything the next step depends on, so a resumed run
+//! continues bit for bit.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var};
+use serde::Serialize;
+
+use super::checkpoint::{self, LoopState};
+use super::data::TrainingExample;
+use super::objective::{candidate_scores, distillation_kl, info_nce};
+use super::optimizer::{clip_grad_norm, learning_rate, AdamW, AdamWSettings};
+use super::teacher::TeacherEmbeddings;
+use super::FinetuneConfig;
+use crate::embedder::{Embedder, LoadOptions};
+use crate::error::{Error, Result};
+use crate::sampling::{shuffled_indices, SplitMix64};
+use crate::text_encoder::EncodedText;
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepReport {
+    pub step: usize,
+    pub total_steps: usize,
+    pub epoch: usize,
+    pub loss: f64,
+    pub info_nce: f64,
+    pub distillation: Option<f64>,
+    pub learning_rate: f64,
+    pub grad_norm: f64,
+    pub examples_per_second: f64,
+    /// Development score when evaluated at this step.
+    pub dev: Option<f64>,
+}
+
+/// The end of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainingOutcome {
+    pub steps: usize,
+    pub resumed_from: Option<usize>,
+    pub seconds: f64,
+    pub examples_per_second: f64,
+    pub final_loss: f64,
+    pub best_dev: Option<(f64, usize)>,
+    pub trainable_parameters: usize,
+}
+
+/// Everything a run needs besides the examples.
+pub struct TrainingRun<'a> {
+    pub model: &'a Path,
+    pub config: &'a FinetuneConfig,
+    pub checkpoints: &'a Path,
+    pub resume: bool,
+    /// A hash of the data and settings; a resumed run must match it.
+    pub data_fingerprint: String,
+}
+
+/// One query's texts in a batch.
+struct Sampled<'a> {
+    query: &'a str,
+    positive: &'a str,
+    negatives: Vec<&'a str>,
+}
+
+/// Trainable variables and the full tensor map the model is built from.
+struct Weights {
+    all: HashMap<String, Tensor>,
+    vars: BTreeMap<String, Var>,
+}
+
+fn is_embedding(name: &str) -> bool {
+    name.contains("word_embeddings")
+        || name.contains("position_embeddings")
+        || name.contains("token_type_embeddings")
+        || name.contains("embed_tokens")
+}
+
+fn prepare_weights(model: &Path, config: &FinetuneConfig) -> Result<Weights> {
+    let mut all: HashMap<String, Tensor> = crate::weights::load_all_tensors(model)?
+        .into_iter()
+        .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
+        .collect::<Result<_>>()?;
+    let trainable: Vec<String> = match &config.lora {
+        Some(lora) => super::lora::add_adapters(&mut all, lora, config.seed)?,
+        None => all
+            .iter()
+            .filter(|(name, t)| {
+                t.dtype() == DType::F32 && !(config.freeze_embeddings && is_embedding(name))
+            })
+            .map(|(name, _)| name.clone())
+            .collect(),
+    };
+    let mut vars = BTreeMap::new();
+    for name in trainable {
+        let var = Var::from_tensor(&all[&name])?;
+        all.insert(name.clone(), var.as_tensor().clone());
+        vars.insert(name, var);
+    }
+    Ok(Weights { all, vars })
+}
+
+/// Embeddings `(N, D)` of already formatted texts, tracked for gradients.
+fn embed_tracked(embedder: &Embedder, texts: &[&str]) -> Result<Tensor> {
+    let encoded = embedder.encode_texts(texts, "")?;
+    let refs: Vec<&EncodedText> = encoded.iter().collect();
+    let input = embedder.batch(&refs)?;
+    embedder.embed_batch(&input)
+}
+
+/// The loss of one micro-batch: InfoNCE over in-batch positives and the
+/// batch's hard negatives, plus the weighted KL to the teacher's scores
+/// over each query's own candidates. Returns `(loss, info_nce, kl)`.
+fn batch_loss(
+    embedder: &Embedder,
+    batch: &[Sampled],
+    config: &FinetuneConfig,
+    teacher: Option<&TeacherEmbeddings>,
+) -> Result<(Tensor, f64, Option<f64>)> {
+    let queries: Vec<&str> = batch.iter().map(|s| s.query).collect();
+    let mut docs: Vec<&str> = batch.iter().map(|s| s.positive).collect();
+    for s in batch {
+        docs.extend(s.negatives.iter().copied());
+    }
+    let q = embed_tracked(embedder, &queries)?;
+    let d = embed_tracked(embedder, &docs)?;
+    let nce = info_nce(&q, &d, config.temperature)?;
+    let nce_value = nce.to_scalar::<f32>()? as f64;
+    let (Some(distill), Some(teacher)) = (&config.distillation, teacher) else {
+        return Ok((nce, nce_value, None));
+    };
+    // Candidates of query i: its positive (row i), then its negatives.
+    let b = batch.len();
+    let per_query = 1 + config.hard_negatives;
+    let mut rows = Vec::with_capacity(b * per_query);
+    let mut candidates: Vec<Vec<&str>> = Vec::with_capacity(b);
+    let mut offset = b;
+    for (i, s) in batch.iter().enumerate() {
+        rows.push(i as u32);
+        for j in 0..s.negatives.len() {
+            rows.push((offset + j) as u32);
+        }
+        offset += s.negatives.len();
+        let mut c = vec![s.positive];
+        c.extend(s.negatives.iter().copied());
+        candidates.push(c);
+    }
+    let student_candidates = d.index_select(&Tensor::new(rows.as_slice(), d.device())?, 0)?;
+    let student = candidate_scores(&q, &student_candidates, per_query)?;
+    let target = teacher.scores(&queries, &candidates)?;
+    let kl = distillation_kl(&student, &target, distill.temperature)?;
+    let kl_value = kl.to_scalar::<f32>()? as f64;
+    let loss = (nce + (kl * distill.weight)?)?;
+    Ok((loss, nce_value, Some(kl_value)))
+}
+
+/// The loss of `examples` (first positive, first negatives) with the model's
+/// weights replaced by `tensors`: for gradient checks.
+pub fn loss_of_examples(
+    model: &Path,
+    tensors: HashMap<String, Tensor>,
+    examples: &[TrainingExample],
+    config: &FinetuneConfig,
+) -> Result<Tensor> {
+    let options = LoadOptions {
+        max_length: config.max_length,
+        ..Default::default()
+    };
+    let embedder = Embedder::load_with_tensors(model, &options, tensors, &Device::Cpu)?;
+    let batch: Vec<Sampled> = examples
+        .iter()
+        .map(|e| Sampled {
+            query: &e.query,
+            positive: &e.positives[0],
+            negatives: e
+                .negatives
+                .iter()
+                .take(config.hard_negatives)
+                .map(String::as_str)
+                .collect(),
+        })
+        .collect();
+    Ok(batch_loss(&embedder, &batch, config, None)?.0)
+}
+
+/// Draws the next `n` examples of the data order, moving to the next
+/// epoch's order when one ends.
+fn next_batch<'a>(
+    examples: &'a [TrainingExample],
+    config: &FinetuneConfig,
+    state: &mut LoopState,
+    order: &mut Vec<usize>,
+) -> Vec<Sampled<'a>> {
+    let mut rng = SplitMix64::new(state.rng);
+    let mut batch = Vec::with_capacity(config.batch_size);
+    while batch.len() < config.batch_size {
+        if state.position >= order.len() {
+            state.epoch += 1;
+            state.position = 0;
+            *order = epoch_order(examples.len(), config.seed, state.epoch);
+        }
+        let e = &examples[order[state.position]];
+        state.position += 1;
+        let positive = &e.positives[rng.below(e.positives.len())];
+        let pool = &e.negatives[..e.negatives.len().min(config.negative_pool)];
+        let mut picks: Vec<usize> = (0..pool.len()).collect();
+        let mut negatives = Vec::new();
+        while negatives.len() < config.hard_negatives && !picks.is_empty() {
+            let k = rng.below(picks.len());
+            negatives.push(pool[picks.swap_remove(k)].as_str());
+        }
+        batch.push(Sampled {
+            query: &e.query,
+            positive,
+            negatives,
+        });
+    }
+    state.rng = rng.next_u64();
+    batch
+}
+
+fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    shuffled_indices(n, seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
+/// Every text a run with distillation may score.
+fn teacher_texts(examples: &[TrainingExample], config: &FinetuneConfig) -> BTreeSet<String> {
+    let mut texts = BTreeSet::new();
+    for e in examples {
+        texts.insert(e.query.clone());
+        texts.extend(e.positives.iter().cloned());
+        texts.extend(e.negatives.iter().take(config.negative_pool).cloned());
+    }
+    texts
+}
+
+/// The current weights, detached, with LoRA merged: a plain checkpoint.
+pub fn merged_weights(all: &HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>> {
+    let mut out: HashMap<String, Tensor> = all
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), v.detach().copy()?)))
+        .collect::<Result<_>>()?;
+    super::lora::merge_adapters(&mut out)?;
+    Ok(out)
+}
+
+/// Runs (or resumes) training; `progress` gets every step's report,
+/// `after_checkpoint` each checkpointed step, and `dev_eval` scores the
+/// current weights when development evaluation is configured. Returns the outcome and the weights to save.
+pub fn finetune(
+    run: &TrainingRun,
+    examples: &[TrainingExample],
+    progress: &mut dyn FnMut(&StepReport),
+    after_checkpoint: &mut dyn FnMut(usize),
+    teacher_progress: &mut dyn FnMut(usize, usize),
+    dev_eval: &mut dyn FnMut(&Embedder) -> Result<f64>,
+) -> Result<(TrainingOutcome, HashMap<String, Tensor>)> {
+    let config = run.config;
+    config.validate()?;
+    let total_steps = config.total_steps(examples.len());
+    let mut weights = prepare_weights(run.model, config)?;
+    let trainable_parameters = weights.vars.values().map(|v| v.elem_count()).sum();
+    let mut adam = AdamW::new(AdamWSettings {
+        weight_decay: config.weight_decay,
+        ..Default::default()
+    });
+    let mut state = LoopState {
+        step: 0,
+        epoch: 0,
+        position: 0,
+        rng: config.seed,
+        adam_step: 0,
+        best: None,
+        data_fingerprint: run.data_fingerprint.clone(),
+    };
+    let mut resumed_from = None;
+    if run.resume {
+        if let Some((step, dir)) = checkpoint::list(run.checkpoints)?.pop() {
+            let ckpt = checkpoint::load(&dir)?;
+            for (name, var) in &weights.vars {
+                let saved = ckpt.weights.get(name).ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "{}: checkpoint has no tensor `{name}`: it was made for a different model shape",
+                        dir.display()
+                    ))
+                })?;
+                if saved.dims() != var.dims() {
+                    return Err(Error::InvalidArgument(format!(
+                        "{}: checkpoint tensor `{name}` is {:?}, the model's is {:?}: a different model shape",
+                        dir.display(),
+                        saved.dims(),
+                        var.dims()
+                    )));
+                }
+                var.set(saved)?;
+            }
+            if ckpt.weights.len() != weights.vars.len() {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: checkpoint holds {} trainable tensors, the model {}: a different model shape",
+                    dir.display(),
+                    ckpt.weights.len(),
+                    weights.vars.len()
+                )));
+            }
+            if ckpt.state.data_fingerprint != run.data_fingerprint {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: checkpoint was made with other training data or settings; start a new run",
+                    dir.display()
+                )));
+            }
+            adam.first = ckpt.first;
+            adam.second = ckpt.second;
+            adam.step = ckpt.state.adam_step;
+            state = ckpt.state;
+            resumed_from = Some(step);
+            tracing::info!(step, "resumed from checkpoint");
+        }
+    }
+    let teacher = match &config.distillation {
+        Some(d) => Some(TeacherEmbeddings::load_or_compute(
+            &d.teacher,
+            &teacher_texts(examples, config),
+            &run.checkpoints.join("teacher_embeddings.safetensors"),
+            32,
+            teacher_progress,
+        )?),
+        None => None,
+    };
+    let options = LoadOptions {
+        max_length: config.max_length,
+        ..Default::default()
+    };
+    let embedder =
+        Embedder::load_with_tensors(run.model, &options, weights.all.clone(), &Device::Cpu)?;
+    let mut order = epoch_order(examples.len(), config.seed, state.epoch);
+    let start = Instant::now();
+    let steps_at_start = state.step;
+    let mut final_loss = f64::NAN;
+    let mut best_weights: Option<HashMap<String, Tensor>> = None;
+    let save = |state: &LoopState, weights: &Weights, adam: &AdamW| -> Result<()> {
+        let current: HashMap<String, Tensor> = weights
+            .vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+            .collect();
+        let mut s = state.clone();
+        s.adam_step = adam.step;
+        checkpoint::save(
+            run.checkpoints,
+            &s,
+            &current,
+            &adam.first,
+            &adam.second,
+            config.keep_checkpoints,
+        )?;
+        Ok(())
+    };
+    while state.step < total_steps {
+        let step_start = Instant::now();
+        let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
+        let (mut loss_sum, mut nce_sum, mut kl_sum) = (0.0, 0.0, None::<f64>);
+        for _ in 0..config.gradient_accumulation {
+            let batch = next_batch(examples, config, &mut state, &mut order);
+            let (loss, nce, kl) = batch_loss(&embedder, &batch, config, teacher.as_ref())?;
+            let scaled = (loss / config.gradient_accumulation as f64)?;
+            loss_sum += scaled.to_scalar::<f32>()? as f64;
+            nce_sum += nce / config.gradient_accumulation as f64;
+            if let Some(kl) = kl {
+                *kl_sum.get_or_insert(0.0) += kl / config.gradient_accumulation as f64;
+            }
+            let store = scaled.backward()?;
+            for (name, var) in &weights.vars {
+                if let Some(g) = store.get(var.as_tensor()) {
+                    let g = g.detach();
+                    let sum = match grads.remove(name) {
+                        Some(acc) => (acc + g)?,
+                        None => g,
+                    };
+                    grads.insert(name.clone(), sum);
+                }
+            }
+        }
+        let grad_norm = clip_grad_norm(&mut grads, config.max_grad_norm)?;
+        let lr = learning_rate(
+            config.learning_rate,
+            state.step,
+            config.warmup_steps,
+            total_steps,
+            config.decay,
+        );
+        adam.step(&weights.vars, &grads, lr)?;
+        state.step += 1;
+        final_loss = loss_sum;
+        let seconds = step_start.elapsed().as_secs_f64();
+        let mut report = StepReport {
+            step: state.step,
+            total_steps,
+            epoch: state.epoch,
+            loss: loss_sum,
+            info_nce: nce_sum,
+            distillation: kl_sum,
+            learning_rate: lr,
+            grad_norm,
+            examples_per_second: (config.batch_size * config.gradient_accumulation) as f64
+                / seconds,
+            dev: None,
+        };
+        if let Some(dev) = &config.dev {
+            if state.step.is_multiple_of(dev.every) || state.step == total_steps {
+                let snapshot: HashMap<String, Tensor> = weights
+                    .all
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.detach()))
+                    .collect();
+                let frozen =
+                    Embedder::load_with_tensors(run.model, &options, snapshot, &Device::Cpu)?;
+                let score = dev_eval(&frozen)?;
+                report.dev = Some(score);
+                if state.best.is_none_or(|(b, _)| score > b) {
+                    state.best = Some((score, state.step));
+                    best_weights = Some(merged_weights(&weights.all)?);
+                }
+            }
+        }
+        progress(&report);
+        if config.checkpoint_every > 0
+            && state.step.is_multiple_of(config.checkpoint_every)
+            && state.step < total_steps
+        {
+            save(&state, &weights, &adam)?;
+            after_checkpoint(state.step);
+        }
+    }
+    save(&state, &weights, &adam)?;
+    let seconds = start.elapsed().as_secs_f64();
+    let trained = state.step - steps_at_start;
+    let out_weights = match best_weights {
+        Some(w) => w,
+        None => merged_weights(&weights.all)?,
+    };
+    weights.all.clear();
+    Ok((
+        TrainingOutcome {
+            steps: state.step,
+            resumed_from,
+            seconds,
+            examples_per_second: (trained * config.batch_size * config.gradient_accumulation)
+                as f64
+                / seconds.max(1e-9),
+            final_loss,
+            best_dev: state.best,
+            trainable_parameters,
+        },
+        out_weights,
+    ))
+}
+
+/// Writes the fine-tuned model: `source`'s files, the new weights, and
+/// `effir_finetune.json`. The directory appears whole or not at all.
+pub fn write_model(
+    source: &Path,
+    out: &Path,
+    weights: &HashMap<String, Tensor>,
+    record: &serde_json::Value,
+) -> Result<()> {
+    if out.exists() {
+        return Err(Error::InvalidArgument(format!(
+            "{}: already exists; choose a new output directory",
+            out.display()
+        )));
+    }
+    let parent: PathBuf = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    let staging = tempfile::Builder::new()
+        .prefix(".effir-finetune-")
+        .tempdir_in(&parent)
+        .map_err(|e| Error::io(&parent, e))?;
+    crate::model_files::copy_model_files(source, staging.path(), &|name| {
+        crate::model_files::is_backbone_weights(name) || name == FINETUNE_FILE
+    })?;
+    let path = staging.path().join(crate::weights::WEIGHTS_FILE);
+    candle_core::safetensors::save(weights, &path).map_err(|e| Error::weights(&path, e))?;
+    let record_path = staging.path().join(FINETUNE_FILE);
+    std::fs::write(
+        &record_path,
+        serde_json::to_string_pretty(record).expect("record") + "\n",
+    )
+    .map_err(|e| Error::io(&record_path, e))?;
+    let staged = staging.keep();
+    std::fs::rename(&staged, out).map_err(|e| Error::io(out, e))?;
+    Ok(())
+}
+
+/// The record of a fine-tuning run in its output directory.
+pub const FINETUNE_FILE: &str = "effir_finetune.json";

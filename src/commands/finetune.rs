@@ -1,0 +1,225 @@
+//! `effir finetune`: contrastive retrieval fine-tuning of a model directory
+//! (pruned or not) into a new model directory.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use effir_pipeline::beir::{DanglingPolicy, Dataset};
+use effir_pipeline::evaluation::{evaluate_model, EvalSettings, TextFormat};
+use effir_pipeline::finetune::data::{load_examples, TrainingSource};
+use effir_pipeline::finetune::trainer::{write_model, TrainingRun};
+use effir_pipeline::finetune::{finetune, FinetuneConfig};
+use effir_pipeline::{EncoderSetup, LoadOptions};
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Debug, Args)]
+pub struct FinetuneArgs {
+    /// Model directory to fine-tune (pruned or not).
+    #[arg(long, env = "EFFIR_MODEL")]
+    pub model: PathBuf,
+    /// Training data: a BEIR directory (train qrels) or a JSONL of {query, pos, neg}.
+    #[arg(long)]
+    pub train: PathBuf,
+    /// Qrels split of a BEIR --train directory.
+    #[arg(long, default_value = "train")]
+    pub split: String,
+    /// Hard negatives (JSONL of query_id, query, pos_ids, neg_ids) for a BEIR --train directory.
+    #[arg(long)]
+    pub hard_negatives: Option<PathBuf>,
+    /// Output model directory (must not exist).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Training config (YAML); see configs/finetune-minilm.yaml.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Checkpoint directory [default: OUT.checkpoints].
+    #[arg(long)]
+    pub checkpoints: Option<PathBuf>,
+    /// Continue from the newest checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// Override the config's max_steps.
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    #[arg(long)]
+    pub quiet: bool,
+    /// Crash on purpose (abort, no clean-up) after checkpointing this step: for resume tests.
+    #[arg(long, hide = true)]
+    pub abort_after_step: Option<usize>,
+}
+
+pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
+    let mut config: FinetuneConfig = crate::stage_config::load(args.config.as_deref())?;
+    if let Some(n) = args.max_steps {
+        config.max_steps = Some(n);
+    }
+    config.validate()?;
+    if args.out.exists() {
+        bail!(
+            "{}: already exists; choose a new output directory",
+            args.out.display()
+        );
+    }
+    let checkpoints = args.checkpoints.clone().unwrap_or_else(|| {
+        let mut name = args.out.as_os_str().to_owned();
+        name.push(".checkpoints");
+        PathBuf::from(name)
+    });
+    if !args.resume && !effir_pipeline::finetune::checkpoint::list(&checkpoints)?.is_empty() {
+        bail!(
+            "{}: holds checkpoints of an earlier run; pass --resume to continue it or remove it",
+            checkpoints.display()
+        );
+    }
+
+    // Data before model weights: bad examples fail fast.
+    let setup = EncoderSetup::load(
+        &args.model,
+        &LoadOptions {
+            max_length: config.max_length,
+            ..Default::default()
+        },
+    )
+    .with_context(|| format!("loading {}", args.model.display()))?;
+    let format = TextFormat::for_model(&setup, None, None)?;
+    let source = if args.train.is_dir() {
+        TrainingSource::Beir {
+            dir: &args.train,
+            split: &args.split,
+            hard_negatives: args.hard_negatives.as_deref(),
+        }
+    } else {
+        TrainingSource::Jsonl(&args.train)
+    };
+    let examples = load_examples(&source, &format)?;
+    let dev = match &config.dev {
+        Some(dev) => {
+            let mut data = Dataset::load(&dev.data, &dev.split, DanglingPolicy::Warn)?;
+            if let Some(n) = dev.doc_sample {
+                data = data.with_document_sample(n, config.seed);
+            }
+            Some(data)
+        }
+        None => None,
+    };
+    let fingerprint = {
+        let mut h = effir_pipeline::finetune::data::fingerprint(&examples);
+        h.push_str(&format!(
+            "|{}|{}|{}",
+            serde_json::to_string(&config)?,
+            args.model.display(),
+            args.split
+        ));
+        blake3::hash(h.as_bytes()).to_hex().to_string()
+    };
+    let total = config.total_steps(examples.len());
+    eprintln!(
+        "{} training examples, {} steps of {} x {} queries{}",
+        examples.len(),
+        total,
+        config.batch_size,
+        config.gradient_accumulation,
+        if config.lora.is_some() { ", LoRA" } else { "" }
+    );
+
+    let bar = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(total as u64)
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} {msg} {pos}/{len} [{elapsed_precise}<{eta_precise}]",
+        )
+        .expect("valid template"),
+    );
+    std::fs::create_dir_all(&checkpoints)
+        .with_context(|| format!("creating {}", checkpoints.display()))?;
+    let log_path = checkpoints.join("train_log.jsonl");
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let run = TrainingRun {
+        model: &args.model,
+        config: &config,
+        checkpoints: &checkpoints,
+        resume: args.resume,
+        data_fingerprint: fingerprint,
+    };
+    let metric = config
+        .dev
+        .as_ref()
+        .map(|d| d.metric.clone())
+        .unwrap_or_default();
+    let (outcome, weights) = finetune(
+        &run,
+        &examples,
+        &mut |r| {
+            use std::io::Write;
+            let _ = writeln!(log, "{}", serde_json::to_string(r).unwrap_or_default());
+            bar.set_position(r.step as u64);
+            bar.set_message(format!(
+                "loss {:.4} lr {:.2e} {:.1} ex/s{}",
+                r.loss,
+                r.learning_rate,
+                r.examples_per_second,
+                r.dev.map(|d| format!(" dev {d:.4}")).unwrap_or_default()
+            ));
+        },
+        &mut |step| {
+            if args.abort_after_step == Some(step) {
+                eprintln!("aborting after checkpoint {step} (--abort-after-step)");
+                std::process::abort();
+            }
+        },
+        &mut |done, total| {
+            bar.set_message(format!("teacher embeddings {done}/{total}"));
+        },
+        &mut |embedder| {
+            let data = dev.as_ref().expect("dev data loaded");
+            let settings = EvalSettings {
+                cache: None,
+                ..Default::default()
+            };
+            let report = evaluate_model(embedder, data, &settings, &mut |_, _, _| {})?;
+            Ok(report
+                .evaluation
+                .mean
+                .get(&metric)
+                .copied()
+                .unwrap_or(f64::NAN))
+        },
+    )?;
+    bar.finish_and_clear();
+    let record = serde_json::json!({
+        "effir_version": env!("CARGO_PKG_VERSION"),
+        "source_model": args.model,
+        "train": args.train,
+        "hard_negatives": args.hard_negatives,
+        "config": config,
+        "outcome": outcome,
+    });
+    write_model(&args.model, &args.out, &weights, &record)?;
+    std::fs::copy(&log_path, args.out.join("train_log.jsonl"))
+        .with_context(|| format!("copying {}", log_path.display()))?;
+    println!(
+        "wrote {}: {} steps{} in {:.0} s ({:.2} examples/s), final loss {:.4}{}",
+        args.out.display(),
+        outcome.steps,
+        outcome
+            .resumed_from
+            .map(|s| format!(" (resumed at {s})"))
+            .unwrap_or_default(),
+        outcome.seconds,
+        outcome.examples_per_second,
+        outcome.final_loss,
+        outcome
+            .best_dev
+            .map(|(s, step)| format!(", best dev {s:.4} at step {step}"))
+            .unwrap_or_default()
+    );
+    Ok(())
+}

@@ -1,0 +1,463 @@
+//! `effir finetune`: gradients are right, a killed run resumes bit for bit,
+//! LoRA merges into a plain model directory, and bad training input fails
+//! before any training.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::{Tensor, Var};
+use common::fixture;
+use effir_pipeline::finetune::data::TrainingExample;
+use effir_pipeline::finetune::trainer::loss_of_examples;
+use effir_pipeline::finetune::FinetuneConfig;
+use effir_pipeline::{Embedder, LoadOptions};
+
+fn effir(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_effir"))
+        .args(args)
+        .output()
+        .expect("run effir")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn examples() -> Vec<TrainingExample> {
+    let e = |q: &str, p: &str, n: &str| TrainingExample {
+        query: q.into(),
+        positives: vec![p.into()],
+        negatives: vec![n.into()],
+    };
+    vec![
+        e(
+            "quick brown fox",
+            "The quick brown fox jumps over the lazy dog.",
+            "Numbers 12 345 appear here.",
+        ),
+        e(
+            "pruned mlp layers",
+            "Dense retrieval with pruned MLP layers keeps attention intact.",
+            "hello world",
+        ),
+        e(
+            "greeting",
+            "hello world, how are you",
+            "abcdefghijklmnopqrstuvwxyz",
+        ),
+    ]
+}
+
+/// Training data as the generic JSONL format.
+fn write_jsonl(dir: &Path) -> PathBuf {
+    let path = dir.join("train.jsonl");
+    let mut text = String::new();
+    for (i, e) in examples().iter().cycle().take(12).enumerate() {
+        text += &serde_json::json!({
+            "query": format!("{} {i}", e.query),
+            "pos": e.positives,
+            "neg": e.negatives,
+        })
+        .to_string();
+        text.push('\n');
+    }
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn write_config(dir: &Path, name: &str, yaml: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+#[test]
+fn loss_gradients_match_finite_differences() {
+    let config = FinetuneConfig {
+        temperature: 0.05,
+        hard_negatives: 1,
+        ..Default::default()
+    };
+    for (arch, weight) in [
+        ("bert", "encoder.layer.0.intermediate.dense.weight"),
+        ("gemma3", "layers.0.mlp.up_proj.weight"),
+        ("gemma3", "layers.1.post_feedforward_layernorm.weight"),
+    ] {
+        let dir = fixture(arch);
+        let base: HashMap<String, Tensor> =
+            effir_pipeline::weights::load_all_tensors(&dir).unwrap();
+        let name = base
+            .keys()
+            .find(|k| k.ends_with(weight))
+            .unwrap_or_else(|| panic!("{arch}: no {weight}"))
+            .clone();
+        let var = Var::from_tensor(&base[&name]).unwrap();
+        let mut tensors = base.clone();
+        tensors.insert(name.clone(), var.as_tensor().clone());
+        let loss = loss_of_examples(&dir, tensors, &examples(), &config).unwrap();
+        let grads = loss.backward().unwrap();
+        let grad: Vec<f32> = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        // Directional derivatives: along the gradient itself (where the
+        // loss changes most, well above float32 noise) and along a fixed
+        // pseudo-random direction.
+        let values: Vec<f32> = base[&name].flatten_all().unwrap().to_vec1().unwrap();
+        let shape = base[&name].shape().clone();
+        let norm = grad.iter().map(|g| (*g as f64).powi(2)).sum::<f64>().sqrt();
+        assert!(norm > 0.0, "{arch} {name}: zero gradient");
+        let mut state = 12345u64;
+        let random: Vec<f64> = (0..grad.len())
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 33) as f64 / (1u64 << 31) as f64) - 0.5
+            })
+            .collect();
+        let random_norm = random.iter().map(|x| x * x).sum::<f64>().sqrt();
+        for (what, direction) in [
+            (
+                "gradient",
+                grad.iter().map(|g| *g as f64 / norm).collect::<Vec<f64>>(),
+            ),
+            ("random", random.iter().map(|x| x / random_norm).collect()),
+        ] {
+            // A step that moves the loss by about 0.01: above float32 noise, small
+            // enough for the linear term to dominate.
+            let eps = (1e-2 / norm).clamp(1e-4, 5e-2);
+            let loss_at = |step: f64| -> f64 {
+                let v: Vec<f32> = values
+                    .iter()
+                    .zip(&direction)
+                    .map(|(w, u)| (*w as f64 + step * u) as f32)
+                    .collect();
+                let mut t = base.clone();
+                t.insert(
+                    name.clone(),
+                    Tensor::from_vec(v, shape.clone(), &candle_core::Device::Cpu).unwrap(),
+                );
+                loss_of_examples(&dir, t, &examples(), &config)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap() as f64
+            };
+            let numeric = (loss_at(eps) - loss_at(-eps)) / (2.0 * eps);
+            let analytic: f64 = grad
+                .iter()
+                .zip(&direction)
+                .map(|(g, u)| *g as f64 * u)
+                .sum();
+            // Relative to the gradient's norm (the largest directional derivative).
+            let err = (numeric - analytic).abs() / norm;
+            assert!(
+                err < 0.02,
+                "{arch} {name} along the {what}: analytic {analytic:.6e}, numeric {numeric:.6e} (|grad| {norm:.3e})"
+            );
+        }
+    }
+}
+
+const RESUME_CONFIG: &str = "max_steps: 6\nbatch_size: 3\nlearning_rate: 1.0e-3\nwarmup_steps: 2\nhard_negatives: 1\ncheckpoint_every: 3\nseed: 7\n";
+
+fn finetune(model: &Path, train: &Path, out: &Path, config: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "finetune",
+        "--quiet",
+        "--model",
+        model.to_str().unwrap(),
+        "--train",
+        train.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    effir(&args)
+}
+
+#[test]
+fn a_killed_run_resumes_to_the_same_weights_bit_for_bit() {
+    let work = tempfile::tempdir().unwrap();
+    let train = write_jsonl(work.path());
+    let config = write_config(work.path(), "ft.yaml", RESUME_CONFIG);
+    let model = fixture("bert");
+
+    let straight = work.path().join("straight");
+    let out = finetune(&model, &train, &straight, &config, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // Crash right after the step-3 checkpoint, then resume.
+    let resumed = work.path().join("resumed");
+    let out = finetune(
+        &model,
+        &train,
+        &resumed,
+        &config,
+        &["--abort-after-step", "3"],
+    );
+    assert!(!out.status.success(), "the run was meant to abort");
+    assert!(!resumed.exists(), "an aborted run left an output directory");
+    let checkpoints = work.path().join("resumed.checkpoints");
+    assert!(checkpoints.join("step-0000003/state.json").is_file());
+    // Without --resume the old checkpoints are not silently reused.
+    let out = finetune(&model, &train, &resumed, &config, &[]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("--resume"),
+        "{}",
+        stderr(&out)
+    );
+    let out = finetune(&model, &train, &resumed, &config, &["--resume"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("resumed at 3"));
+
+    let a = common::load_tensors(&straight.join("model.safetensors"));
+    let b = common::load_tensors(&resumed.join("model.safetensors"));
+    assert_eq!(a.len(), b.len());
+    let original = common::load_tensors(&model.join("model.safetensors"));
+    let mut changed = 0;
+    for (name, ta) in &a {
+        let va: Vec<f32> = ta.flatten_all().unwrap().to_vec1().unwrap();
+        let vb: Vec<f32> = b[name].flatten_all().unwrap().to_vec1().unwrap();
+        assert!(
+            va.iter().zip(&vb).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{name} differs after resume"
+        );
+        let vo: Vec<f32> = original[name].flatten_all().unwrap().to_vec1().unwrap();
+        changed += (va != vo) as usize;
+    }
+    assert!(changed > 10, "training changed only {changed} tensors");
+    // The output is a normal model directory with its training record.
+    Embedder::load(&resumed, &LoadOptions::default()).unwrap();
+    let record = common::read_json(&resumed.join("effir_finetune.json"));
+    assert_eq!(record["outcome"]["steps"], 6);
+    assert!(resumed.join("train_log.jsonl").is_file());
+}
+
+#[test]
+fn lora_merges_into_a_plain_model_and_pruned_widths_survive() {
+    let work = tempfile::tempdir().unwrap();
+    let train = write_jsonl(work.path());
+    // A pruned model: MLP 1 dropped, the others narrowed.
+    let pruned = work.path().join("pruned");
+    let calib = work.path().join("calib.txt");
+    std::fs::write(
+        &calib,
+        "hello world\nThe quick brown fox jumps.\nNumbers 12 345.\n",
+    )
+    .unwrap();
+    let o = effir(&[
+        "prune",
+        "--model",
+        fixture("llama").to_str().unwrap(),
+        "--calib",
+        calib.to_str().unwrap(),
+        "--drop-layers",
+        "1",
+        "--mlp-keep",
+        "0.5",
+        "--out",
+        pruned.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let config = write_config(
+        work.path(),
+        "lora.yaml",
+        "max_steps: 3\nbatch_size: 4\nlearning_rate: 5.0e-3\ncheckpoint_every: 0\nlora:\n  rank: 4\n  alpha: 8\n  targets: [q_proj, v_proj, up_proj, down_proj]\n",
+    );
+    let out_dir = work.path().join("lora-out");
+    let o = finetune(&pruned, &train, &out_dir, &config, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let tensors = common::load_tensors(&out_dir.join("model.safetensors"));
+    assert!(
+        tensors.keys().all(|k| !k.contains("lora")),
+        "adapters left in the output"
+    );
+    let before = common::load_tensors(&pruned.join("model.safetensors"));
+    let key = tensors
+        .keys()
+        .find(|k| k.ends_with("layers.0.self_attn.q_proj.weight"))
+        .unwrap();
+    assert_ne!(
+        tensors[key]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
+        before[key].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        "LoRA did not change q_proj"
+    );
+    let untouched = tensors
+        .keys()
+        .find(|k| k.ends_with("layers.0.self_attn.k_proj.weight"))
+        .unwrap();
+    assert_eq!(
+        tensors[untouched]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
+        before[untouched]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
+        "a projection outside the targets changed"
+    );
+    let model = Embedder::load(&out_dir, &LoadOptions::default()).unwrap();
+    assert!(model.shape().layers[1].mlp.is_none(), "pruned widths lost");
+    // The fine-tuned pruned model exports like any other.
+    let onnx = work.path().join("onnx");
+    let o = effir(&[
+        "export",
+        "--model",
+        out_dir.to_str().unwrap(),
+        "--out",
+        onnx.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn development_evaluation_keeps_the_best_step() {
+    let work = tempfile::tempdir().unwrap();
+    let train = write_jsonl(work.path());
+    let tiny = fixture("eval/tiny");
+    let config = write_config(
+        work.path(),
+        "dev.yaml",
+        &format!(
+            "max_steps: 3\nbatch_size: 4\nlearning_rate: 1.0e-3\ncheckpoint_every: 0\ndev:\n  data: {}\n  split: test\n  every: 1\n",
+            tiny.display()
+        ),
+    );
+    let out_dir = work.path().join("out");
+    let o = finetune(&fixture("bert"), &train, &out_dir, &config, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let record = common::read_json(&out_dir.join("effir_finetune.json"));
+    let best = record["outcome"]["best_dev"]
+        .as_array()
+        .expect("best dev recorded");
+    assert!(best[0].as_f64().unwrap() >= 0.0);
+    let log = std::fs::read_to_string(out_dir.join("train_log.jsonl")).unwrap();
+    assert_eq!(log.lines().filter(|l| l.contains("\"dev\":")).count(), 3);
+}
+
+#[test]
+fn bad_training_input_fails_before_training() {
+    let work = tempfile::tempdir().unwrap();
+    let config = write_config(work.path(), "ok.yaml", "max_steps: 1\nbatch_size: 2\n");
+    let model = fixture("bert");
+    let check = |train: &Path, config: &Path, extra: &[&str], expect: &str| {
+        let out_dir = work.path().join("never");
+        let o = finetune(&model, train, &out_dir, config, extra);
+        assert!(!o.status.success(), "expected failure: {expect}");
+        let err = stderr(&o);
+        assert!(err.contains(expect), "expected `{expect}` in: {err}");
+        assert!(!out_dir.exists());
+    };
+    // A query with no positive.
+    let no_pos = work.path().join("nopos.jsonl");
+    std::fs::write(
+        &no_pos,
+        "{\"query\": \"q\", \"pos\": [\"d\"]}\n{\"query\": \"lonely\", \"pos\": []}\n",
+    )
+    .unwrap();
+    check(&no_pos, &config, &[], "nopos.jsonl");
+    check(&no_pos, &config, &[], "has no positive document");
+    // Ids missing from the corpus (BEIR hard negatives).
+    let beir = work.path().join("beir");
+    std::fs::create_dir_all(beir.join("qrels")).unwrap();
+    std::fs::write(
+        beir.join("corpus.jsonl"),
+        "{\"_id\": \"d1\", \"title\": \"\", \"text\": \"doc one\"}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        beir.join("queries.jsonl"),
+        "{\"_id\": \"q1\", \"text\": \"query one\"}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        beir.join("qrels/train.tsv"),
+        "query-id\tcorpus-id\tscore\nq1\td1\t1\n",
+    )
+    .unwrap();
+    let negs = work.path().join("negs.jsonl");
+    std::fs::write(
+        &negs,
+        "{\"query_id\": \"q1\", \"pos_ids\": [\"d1\"], \"neg_ids\": [\"d404\"]}\n",
+    )
+    .unwrap();
+    check(
+        &beir,
+        &config,
+        &["--hard-negatives", negs.to_str().unwrap()],
+        "document `d404` is not in the corpus",
+    );
+    // Configs that cannot train.
+    let train = write_jsonl(work.path());
+    for (yaml, expect) in [
+        ("learning_rate: 0\n", "learning_rate must be > 0"),
+        ("learning_rate: -1.0e-5\n", "learning_rate must be > 0"),
+        ("batch_size: 0\n", "batch_size must be at least 1"),
+        ("batch_sise: 4\n", "batch_sise"),
+    ] {
+        let bad = write_config(work.path(), "bad.yaml", yaml);
+        check(&train, &bad, &[], expect);
+    }
+    // A checkpoint from a different model shape.
+    let small = write_config(
+        work.path(),
+        "small.yaml",
+        "max_steps: 2\nbatch_size: 2\ncheckpoint_every: 1\n",
+    );
+    let first = work.path().join("first");
+    let ckpt = work.path().join("ckpt");
+    let o = finetune(
+        &model,
+        &train,
+        &first,
+        &small,
+        &["--checkpoints", ckpt.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let calib = work.path().join("calib.txt");
+    std::fs::write(&calib, "hello world\nThe quick brown fox jumps.\n").unwrap();
+    let pruned = work.path().join("pruned");
+    let o = effir(&[
+        "prune",
+        "--model",
+        model.to_str().unwrap(),
+        "--calib",
+        calib.to_str().unwrap(),
+        "--mlp-keep",
+        "0.5",
+        "--out",
+        pruned.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let second = work.path().join("second");
+    let o = finetune(
+        &pruned,
+        &train,
+        &second,
+        &small,
+        &["--checkpoints", ckpt.to_str().unwrap(), "--resume"],
+    );
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("different model shape"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!second.exists());
+}
