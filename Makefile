@@ -14,6 +14,7 @@ PYTHON  ?= python3
 .PHONY: all system-deps build models test lint embed eval eval-scifact python-deps \
         fixtures metric-references bench-embed parity-embeddinggemma \
         onnxruntime export export-pruned validate validate-pruned bench-onnx parity-embeddinggemma-onnx \
+        finetune-minilm finetune-minilm-unpruned bench-finetune \
         analyze-minilm drop-study-minilm prune-minilm results-minilm \
         analyze-embeddinggemma drop-study-embeddinggemma results-embeddinggemma clean
 
@@ -106,6 +107,27 @@ validate-pruned: export-pruned
 bench-onnx: export export-pruned
 	$(EFFIR) bench --graph $(RUNS)/onnx/minilm --graph $(RUNS)/onnx/minilm-prune-50 \
 	  --batch 1,32 --length 128,256 --runs 20 --out $(RUNS)/bench-onnx.json
+
+# ---- fine-tuning (issue 6) -------------------------------------------------
+# EffiR's recovery: the 50 % MLP-pruned MiniLM fine-tuned on SciFact train
+# (hard negatives, distillation from the full model), evaluated on SciFact
+# test; then the same recipe on the unpruned model.
+finetune-minilm: build models $(RUNS)/minilm-prune-50/config.json
+	rm -rf $(RUNS)/minilm-prune-50-ft $(RUNS)/minilm-prune-50-ft.checkpoints
+	$(EFFIR) finetune --model $(RUNS)/minilm-prune-50 --train $(DATA) --hard-negatives $(DATA)/train_hard_negatives.jsonl.gz \
+	  --config configs/finetune-minilm.yaml --out $(RUNS)/minilm-prune-50-ft
+	$(EFFIR) eval --model $(RUNS)/minilm-prune-50-ft --data $(DATA) --out $(RUNS)/minilm-prune-50-ft.eval
+	$(EFFIR) eval --model $(RUNS)/minilm-prune-50 --data $(DATA) --out $(RUNS)/minilm-prune-50.full-eval
+
+finetune-minilm-unpruned: build models
+	rm -rf $(RUNS)/minilm-ft $(RUNS)/minilm-ft.checkpoints
+	$(EFFIR) finetune --model $(MINILM) --train $(DATA) --hard-negatives $(DATA)/train_hard_negatives.jsonl.gz \
+	  --config configs/finetune-minilm.yaml --out $(RUNS)/minilm-ft
+	$(EFFIR) eval --model $(RUNS)/minilm-ft --data $(DATA) --out $(RUNS)/minilm-ft.eval
+
+# Training examples/s of effir vs sentence-transformers' trainer (PyTorch CPU), same model, batch and length.
+bench-finetune: build models python-deps
+	$(PYTHON) benchmarks/finetune_speed.py --model $(MINILM) --batch-size 16 --max-length 256 --steps 4
 
 # EmbeddingGemma-300M exported and run by Python onnxruntime vs sentence-transformers.
 parity-embeddinggemma-onnx: build $(GEMMA)/model.safetensors python-deps onnxruntime

@@ -36,6 +36,8 @@ enum Command {
     Finetune(commands::finetune::FinetuneArgs),
     /// List the operators of an ONNX graph that TensorRT cannot parse.
     LintOnnx(commands::lint_onnx::LintOnnxArgs),
+    /// Slim an existing ONNX export (Optimum, sentence-transformers) for a pruned or fine-tuned model, keeping its interface.
+    Rewrite(commands::rewrite::RewriteArgs),
     /// Parity and quality gates of a candidate ONNX graph (non-zero exit on failure).
     Validate(commands::validate::ValidateArgs),
     /// Drop MLP sub-layers and narrow the rest into a new, smaller model directory.
@@ -59,6 +61,7 @@ fn main() -> std::process::ExitCode {
         Command::Export(args) => commands::export::run(args),
         Command::Finetune(args) => commands::finetune::run(args),
         Command::LintOnnx(args) => commands::lint_onnx::run(args),
+        Command::Rewrite(args) => commands::rewrite::run(args),
         Command::Validate(args) => commands::validate::run(args),
         Command::DropStudy(args) => commands::drop_study::run(args),
         Command::Embed(args) => commands::embed::run(args),

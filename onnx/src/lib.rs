@@ -11,6 +11,7 @@
 //! - [`export`]: the serving directory;
 //! - [`tensorrt`]: the TensorRT operator lint;
 //! - [`runtime`], [`providers`], [`session`]: ONNX Runtime;
+//! - [`rewrite`]: slimming a third-party export of the same model in place;
 //! - [`validate`]: parity and quality gates;
 //! - [`bench`]: latency and throughput of graphs.
 
@@ -21,6 +22,7 @@ pub mod export;
 pub mod graph;
 pub mod graph_file;
 pub mod providers;
+pub mod rewrite;
 pub mod runtime;
 pub mod session;
 pub mod tensorrt;

@@ -130,7 +130,7 @@ impl OnnxEncoder {
                 (Some(head), d)
             }
         };
-        Ok(Self {
+        let mut encoder = Self {
             location,
             setup,
             session: Mutex::new(session),
@@ -139,7 +139,14 @@ impl OnnxEncoder {
             head,
             dimension,
             providers,
-        })
+        };
+        if encoder.dimension == 0 {
+            // The graph does not declare the embedding size: run one text.
+            let probe = encoder.setup.text.encode(&["dimension probe"], "")?;
+            let input = encoder.setup.text.batch(&[&probe[0]], &Device::Cpu)?;
+            encoder.dimension = encoder.embed_batch(&input)?.ncols();
+        }
+        Ok(encoder)
     }
 
     pub fn graph(&self) -> &Path {

@@ -621,7 +621,7 @@ pub fn write_pruned_model(
     result.shape.save(staging.path())?;
     let record = serde_json::json!({
         "effir_version": env!("CARGO_PKG_VERSION"),
-        "source_model": source,
+        "source_model": std::fs::canonicalize(source).unwrap_or_else(|_| source.to_path_buf()),
         "plan": plan,
         "dropped_mlps": result.dropped_mlps,
         "mlp_widths": result.shape.layers.iter().map(|l| l.mlp.map(|m| m.intermediate_size)).collect::<Vec<_>>(),

@@ -196,7 +196,7 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
     bar.finish_and_clear();
     let record = serde_json::json!({
         "effir_version": env!("CARGO_PKG_VERSION"),
-        "source_model": args.model,
+        "source_model": std::fs::canonicalize(&args.model).unwrap_or_else(|_| args.model.clone()),
         "train": args.train,
         "hard_negatives": args.hard_negatives,
         "config": config,

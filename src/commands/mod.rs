@@ -12,4 +12,5 @@ pub mod lint_onnx;
 pub mod model_options;
 pub mod provider_options;
 pub mod prune;
+pub mod rewrite;
 pub mod validate;

@@ -322,13 +322,31 @@ pub fn finetune(
         }
     }
     let teacher = match &config.distillation {
-        Some(d) => Some(TeacherEmbeddings::load_or_compute(
-            &d.teacher,
-            &teacher_texts(examples, config),
-            &run.checkpoints.join("teacher_embeddings.safetensors"),
-            32,
-            teacher_progress,
-        )?),
+        Some(d) => {
+            // Cached by teacher weights and texts, so runs on the same data share it.
+            let texts = teacher_texts(examples, config);
+            let mut h = blake3::Hasher::new();
+            h.update(
+                crate::embedding_cache::fingerprint_dir(&d.teacher)?
+                    .0
+                    .as_bytes(),
+            );
+            for t in &texts {
+                h.update(t.as_bytes());
+                h.update(&[0]);
+            }
+            let cache = crate::embedding_cache::EmbeddingCache::default_dir().join(format!(
+                "teacher-{}.safetensors",
+                &h.finalize().to_hex()[..32]
+            ));
+            Some(TeacherEmbeddings::load_or_compute(
+                &d.teacher,
+                &texts,
+                &cache,
+                32,
+                teacher_progress,
+            )?)
+        }
         None => None,
     };
     let options = LoadOptions {

@@ -1,0 +1,729 @@
+//! `effir rewrite`: slim an existing ONNX export (Optimum,
+//! sentence-transformers, `torch.onnx.export`) in place, keeping its exact
+//! interface. Weights are found by value, never by name: every float
+//! initializer (or `Constant`) is hashed and matched against the original
+//! model's tensors, as stored or transposed; ambiguous ones (identical
+//! values, such as fresh LayerNorm weights) are resolved by the graph's
+//! structure. Each layer's MLP is located from its down projection; a
+//! dropped MLP's sub-graph is cut out and its residual stream rewired,
+//! narrowed MLPs get the pruned model's matrices, and every weight gets the
+//! new model's values. Whatever cannot be matched is refused.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Tensor};
+use candle_onnx::onnx::{
+    attribute_proto::AttributeType, tensor_proto::DataLocation, tensor_proto::DataType, NodeProto,
+    TensorProto,
+};
+use effir_pipeline::models::ModelConfig;
+use effir_pipeline::{Architecture, ModelShape};
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::graph_file::{write_model, GraphFile, EXTERNAL_DATA_THRESHOLD};
+
+/// How a graph weight relates to a checkpoint tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Orientation {
+    AsStored,
+    /// The graph holds `Wᵀ` (a MatMul weight).
+    Transposed,
+}
+
+/// Where a graph weight lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Source {
+    Initializer(usize),
+    /// A `Constant` node's `value`.
+    Constant(usize),
+}
+
+/// What `rewrite` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RewriteSummary {
+    pub original_graph: PathBuf,
+    pub graph: PathBuf,
+    pub matched_weights: usize,
+    pub replaced_weights: usize,
+    pub dropped_mlps: Vec<usize>,
+    pub narrowed_mlps: Vec<usize>,
+    pub nodes_before: usize,
+    pub nodes_after: usize,
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+}
+
+/// The root model a pruned or fine-tuned directory descends from, following
+/// the `source_model` records of `effir prune` and `effir finetune`.
+pub fn original_model(dir: &Path) -> Option<PathBuf> {
+    let mut current = dir.to_path_buf();
+    let mut found = None;
+    for _ in 0..8 {
+        let Some(record) = ["effir_prune.json", "effir_finetune.json"]
+            .iter()
+            .map(|f| current.join(f))
+            .find(|p| p.is_file())
+        else {
+            break;
+        };
+        let Some(source) = std::fs::read_to_string(&record)
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .and_then(|v| v.get("source_model")?.as_str().map(PathBuf::from))
+        else {
+            break;
+        };
+        if !source.join("config.json").is_file() {
+            return found;
+        }
+        found = Some(source.clone());
+        current = source;
+    }
+    found
+}
+
+fn float_values(t: &TensorProto, base: &Path) -> Result<Option<Vec<f32>>> {
+    if t.data_type != DataType::Float as i32 {
+        return Ok(None);
+    }
+    if t.data_location == DataLocation::External as i32 {
+        let get = |k: &str| {
+            t.external_data
+                .iter()
+                .find(|e| e.key == k)
+                .map(|e| e.value.clone())
+        };
+        let location = get("location").ok_or_else(|| {
+            Error::graph(base, format!("{}: external data without location", t.name))
+        })?;
+        let offset: u64 = get("offset").and_then(|o| o.parse().ok()).unwrap_or(0);
+        let path = base.join(location);
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        let count: usize = t.dims.iter().product::<i64>() as usize;
+        let start = offset as usize;
+        let end = start + count * 4;
+        if end > bytes.len() {
+            return Err(Error::graph(
+                &path,
+                format!("{}: external data out of range (truncated?)", t.name),
+            ));
+        }
+        return Ok(Some(
+            bytes[start..end]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        ));
+    }
+    if !t.raw_data.is_empty() {
+        return Ok(Some(
+            t.raw_data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        ));
+    }
+    Ok(Some(t.float_data.clone()))
+}
+
+fn hash(values: &[f32]) -> blake3::Hash {
+    let mut h = blake3::Hasher::new();
+    for v in values {
+        h.update(&v.to_le_bytes());
+    }
+    h.finalize()
+}
+
+/// A checkpoint's tensors with names stripped of the `bert.` / `model.`
+/// prefix, as float32 values.
+struct Checkpoint {
+    tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
+}
+
+impl Checkpoint {
+    fn load(dir: &Path, arch: Architecture) -> Result<Self> {
+        let all = effir_pipeline::weights::load_all_tensors(dir)?;
+        let prefix = arch.checkpoint_prefix(all.keys()).to_string();
+        let mut tensors = HashMap::new();
+        for (name, t) in all {
+            let t = t.to_dtype(DType::F32)?;
+            let dims = t.dims().to_vec();
+            let values = t.flatten_all()?.to_vec1::<f32>()?;
+            let short = name.strip_prefix(&prefix).unwrap_or(&name).to_string();
+            tensors.insert(short, (dims, values));
+        }
+        Ok(Self { tensors })
+    }
+
+    /// Values in the graph's orientation.
+    fn oriented(&self, name: &str, orientation: Orientation) -> Option<(Vec<i64>, Vec<f32>)> {
+        let (dims, values) = self.tensors.get(name)?;
+        match orientation {
+            Orientation::AsStored => {
+                Some((dims.iter().map(|&d| d as i64).collect(), values.clone()))
+            }
+            Orientation::Transposed => {
+                let (r, c) = (dims[0], dims[1]);
+                let t = Tensor::from_vec(values.clone(), (r, c), &candle_core::Device::Cpu).ok()?;
+                let v = t
+                    .t()
+                    .ok()?
+                    .contiguous()
+                    .ok()?
+                    .flatten_all()
+                    .ok()?
+                    .to_vec1::<f32>()
+                    .ok()?;
+                Some((vec![c as i64, r as i64], v))
+            }
+        }
+    }
+}
+
+struct Index {
+    producer: HashMap<String, usize>,
+    consumers: HashMap<String, Vec<usize>>,
+}
+
+fn index(nodes: &[NodeProto]) -> Index {
+    let mut producer = HashMap::new();
+    let mut consumers: HashMap<String, Vec<usize>> = HashMap::new();
+    for (i, n) in nodes.iter().enumerate() {
+        for o in &n.output {
+            producer.insert(o.clone(), i);
+        }
+        for x in &n.input {
+            consumers.entry(x.clone()).or_default().push(i);
+        }
+    }
+    Index {
+        producer,
+        consumers,
+    }
+}
+
+/// Rewrites `graph_path` for the model in `model_dir` into `out` (a
+/// directory that must not exist).
+pub fn rewrite(
+    graph_path: &Path,
+    model_dir: &Path,
+    original_dir: Option<&Path>,
+    out: &Path,
+) -> Result<RewriteSummary> {
+    if out.exists() {
+        return Err(Error::InvalidArgument(format!(
+            "{}: already exists; choose a new output directory",
+            out.display()
+        )));
+    }
+    let config = ModelConfig::from_file(&model_dir.join("config.json"))?;
+    let arch = config.architecture();
+    let shape = ModelShape::load_or(model_dir, config.uniform_shape())?;
+    let original_dir = match original_dir {
+        Some(d) => d.to_path_buf(),
+        None => original_model(model_dir).unwrap_or_else(|| model_dir.to_path_buf()),
+    };
+    let original_config = ModelConfig::from_file(&original_dir.join("config.json"))?;
+    if original_config.architecture() != arch {
+        return Err(Error::InvalidArgument(format!(
+            "{} is a {} model, {} a {}",
+            original_dir.display(),
+            original_config.architecture(),
+            model_dir.display(),
+            arch
+        )));
+    }
+    let mut file = GraphFile::read(graph_path)?;
+    let base = graph_path.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let bytes_before = std::fs::metadata(graph_path)
+        .map_err(|e| Error::io(graph_path, e))?
+        .len()
+        + std::fs::metadata(graph_path.with_extension("onnx_data")).map_or(0, |m| m.len());
+    let used_external = file.model.graph.as_ref().is_some_and(|g| {
+        g.initializer
+            .iter()
+            .any(|t| t.data_location == DataLocation::External as i32)
+    });
+    let original = Checkpoint::load(&original_dir, arch)?;
+    let target = Checkpoint::load(model_dir, arch)?;
+
+    // 1. Every checkpoint tensor by the hash of its values (and of its transpose).
+    let mut by_hash: HashMap<blake3::Hash, Vec<(String, Orientation)>> = HashMap::new();
+    for (name, (dims, values)) in &original.tensors {
+        by_hash
+            .entry(hash(values))
+            .or_default()
+            .push((name.clone(), Orientation::AsStored));
+        if dims.len() == 2 && dims[0] > 1 && dims[1] > 1 {
+            if let Some((_, t)) = original.oriented(name, Orientation::Transposed) {
+                by_hash
+                    .entry(hash(&t))
+                    .or_default()
+                    .push((name.clone(), Orientation::Transposed));
+            }
+        }
+    }
+    let graph = file.model.graph.as_mut().expect("checked on read");
+    let nodes_before = graph.node.len();
+    let mut candidates: HashMap<Source, Vec<(String, Orientation)>> = HashMap::new();
+    let mut source_name: HashMap<Source, String> = HashMap::new();
+    for (i, t) in graph.initializer.iter().enumerate() {
+        if let Some(values) = float_values(t, &base)? {
+            if let Some(c) = by_hash.get(&hash(&values)) {
+                candidates.insert(Source::Initializer(i), c.clone());
+            }
+            source_name.insert(Source::Initializer(i), t.name.clone());
+        }
+    }
+    for (i, n) in graph.node.iter().enumerate() {
+        if n.op_type != "Constant" {
+            continue;
+        }
+        if let Some(t) = n
+            .attribute
+            .iter()
+            .find(|a| a.name == "value")
+            .and_then(|a| a.t.as_ref())
+        {
+            if t.dims.iter().product::<i64>() > 1 {
+                if let Some(values) = float_values(t, &base)? {
+                    if let Some(c) = by_hash.get(&hash(&values)) {
+                        candidates.insert(Source::Constant(i), c.clone());
+                    }
+                    source_name.insert(Source::Constant(i), n.output[0].clone());
+                }
+            }
+        }
+    }
+    // The value name each source feeds into the graph.
+    let value_of = |s: &Source| -> String {
+        match s {
+            Source::Initializer(i) => graph.initializer[*i].name.clone(),
+            Source::Constant(i) => graph.node[*i].output[0].clone(),
+        }
+    };
+
+    // 2. Unique matches first; then biases and norms by structure.
+    let idx = index(&graph.node);
+    let mut assigned: HashMap<Source, (String, Orientation)> = HashMap::new();
+    for (s, c) in &candidates {
+        let distinct: HashSet<&String> = c.iter().map(|(n, _)| n).collect();
+        if distinct.len() == 1 {
+            assigned.insert(*s, c[0].clone());
+        }
+    }
+    let by_value: HashMap<String, Source> = candidates.keys().map(|s| (value_of(s), *s)).collect();
+    // A bias is the constant operand of the Add after an assigned MatMul/Gemm.
+    let weight_of_value: HashMap<String, String> = assigned
+        .iter()
+        .filter(|(_, (n, _))| n.ends_with(".weight"))
+        .map(|(s, (n, _))| (value_of(s), n.trim_end_matches(".weight").to_string()))
+        .collect();
+    for n in &graph.node {
+        if n.op_type != "MatMul" && n.op_type != "Gemm" {
+            continue;
+        }
+        let Some(module) = n.input.get(1).and_then(|w| weight_of_value.get(w)) else {
+            continue;
+        };
+        let bias_value = if n.op_type == "Gemm" {
+            n.input.get(2).cloned()
+        } else {
+            idx.consumers.get(&n.output[0]).and_then(|cs| {
+                cs.iter()
+                    .map(|&c| &graph.node[c])
+                    .find(|c| c.op_type == "Add")
+                    .and_then(|add| {
+                        add.input
+                            .iter()
+                            .find(|x| by_value.contains_key(*x))
+                            .cloned()
+                    })
+            })
+        };
+        if let Some(b) = bias_value.and_then(|b| by_value.get(&b).copied()) {
+            let name = format!("{module}.bias");
+            if !assigned.contains_key(&b) && candidates[&b].iter().any(|(n, _)| *n == name) {
+                assigned.insert(b, (name, Orientation::AsStored));
+            }
+        }
+    }
+    // Norm weights: the norm that feeds an assigned projection, or that
+    // follows the residual Add after one.
+    let norm_for_projection = |module: &str| -> Option<String> {
+        let (layer_prefix, proj) = module.rsplit_once('.')?;
+        match arch {
+            Architecture::Bert => None,
+            _ => {
+                let layer = layer_prefix
+                    .trim_end_matches(".self_attn")
+                    .trim_end_matches(".mlp");
+                Some(match proj {
+                    "q_proj" | "k_proj" | "v_proj" => format!("{layer}.input_layernorm"),
+                    "gate_proj" | "up_proj" => {
+                        if arch == Architecture::Gemma3 {
+                            format!("{layer}.pre_feedforward_layernorm")
+                        } else {
+                            format!("{layer}.post_attention_layernorm")
+                        }
+                    }
+                    _ => return None,
+                })
+            }
+        }
+    };
+    let mut structural: Vec<(Source, String)> = Vec::new();
+    for n in &graph.node {
+        if n.op_type != "MatMul" && n.op_type != "Gemm" {
+            continue;
+        }
+        let Some(module) = n.input.get(1).and_then(|w| weight_of_value.get(w)) else {
+            continue;
+        };
+        // Decoders: Mul(normalized, weight) -> MatMul.
+        if let Some(norm) = norm_for_projection(module) {
+            if let Some(&p) = idx.producer.get(&n.input[0]) {
+                let mul = &graph.node[p];
+                if mul.op_type == "Mul" {
+                    if let Some(s) = mul.input.iter().find_map(|x| by_value.get(x)) {
+                        structural.push((*s, format!("{norm}.weight")));
+                    }
+                }
+            }
+        }
+        // BERT: MatMul -> [Add bias] -> Add residual -> LayerNormalization.
+        if arch == Architecture::Bert && module.ends_with(".dense") {
+            let mut v = n.output[0].clone();
+            for _ in 0..3 {
+                let Some(cs) = idx.consumers.get(&v) else {
+                    break;
+                };
+                let Some(&c) = cs.first() else { break };
+                let node = &graph.node[c];
+                if node.op_type == "LayerNormalization" {
+                    let ln = module.trim_end_matches(".dense").to_string() + ".LayerNorm";
+                    if let Some(s) = node.input.get(1).and_then(|x| by_value.get(x)) {
+                        structural.push((*s, format!("{ln}.weight")));
+                    }
+                    if let Some(s) = node.input.get(2).and_then(|x| by_value.get(x)) {
+                        structural.push((*s, format!("{ln}.bias")));
+                    }
+                    break;
+                }
+                if node.op_type != "Add" {
+                    break;
+                }
+                v = node.output[0].clone();
+            }
+        }
+    }
+    for (s, name) in structural {
+        if assigned.contains_key(&s) {
+            continue;
+        }
+        if let Some(c) = candidates[&s].iter().find(|(n, _)| {
+            *n == name || n.ends_with(&format!(".{name}")) || name.ends_with(n.as_str())
+        }) {
+            assigned.insert(s, c.clone());
+        }
+    }
+    // Still ambiguous: drop the names other weights took; what is left
+    // must be one name, or names with the same new values.
+    let taken: HashSet<String> = assigned.values().map(|(n, _)| n.clone()).collect();
+    let mut unresolved = Vec::new();
+    let mut pending: Vec<Source> = candidates
+        .keys()
+        .filter(|s| !assigned.contains_key(s))
+        .copied()
+        .collect();
+    pending.sort_by_key(|s| source_name[s].clone());
+    for s in &pending {
+        let c: Vec<(String, Orientation)> = candidates[s]
+            .iter()
+            .filter(|(n, _)| !taken.contains(n))
+            .cloned()
+            .collect();
+        if c.is_empty() {
+            unresolved.push(format!(
+                "`{}` matches only weights other graph values hold",
+                source_name[s]
+            ));
+            continue;
+        }
+        let targets: Vec<Option<(Vec<i64>, Vec<f32>)>> =
+            c.iter().map(|(n, o)| target.oriented(n, *o)).collect();
+        let same_new_values = targets.windows(2).all(|w| w[0] == w[1]) && targets[0].is_some();
+        if same_new_values || c.len() == 1 {
+            assigned.insert(*s, c[0].clone());
+        } else {
+            unresolved.push(format!(
+                "`{}` matches {} ({})",
+                source_name[s],
+                c.len(),
+                c.iter()
+                    .map(|(n, _)| n.as_str())
+                    .take(4)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+    }
+
+    // 3. Each layer's MLP, located from its down projection.
+    let by_name: HashMap<&str, Source> = assigned
+        .iter()
+        .map(|(s, (n, _))| (n.as_str(), *s))
+        .collect();
+    let mut missing = Vec::new();
+    let mut mlp_blocks: BTreeMap<usize, (String, String)> = BTreeMap::new(); // layer -> (block output O, block input I)
+    for (l, layer) in shape.layers.iter().enumerate() {
+        let names = arch.mlp_tensors("", l);
+        let Some(down) = by_name.get(names.down.as_str()) else {
+            missing.push(format!("layer {l}: no graph weight equals {}", names.down));
+            continue;
+        };
+        let down_value = value_of(down);
+        let users: Vec<usize> = idx.consumers.get(&down_value).cloned().unwrap_or_default();
+        let unknown: Vec<String> = users
+            .iter()
+            .map(|&c| &graph.node[c])
+            .filter(|n| !matches!(n.op_type.as_str(), "MatMul" | "Gemm" | "Transpose"))
+            .map(|n| {
+                if n.domain.is_empty() {
+                    n.op_type.clone()
+                } else {
+                    format!("{}::{}", n.domain, n.op_type)
+                }
+            })
+            .collect();
+        if users.is_empty() || !unknown.is_empty() {
+            missing.push(format!(
+                "layer {l}: the down projection is used by [{}], expected MatMul or Gemm",
+                unknown.join(", ")
+            ));
+            continue;
+        }
+        if layer.mlp.is_some() {
+            continue;
+        }
+        let Some(mut node) = users
+            .iter()
+            .copied()
+            .find(|&c| matches!(graph.node[c].op_type.as_str(), "MatMul" | "Gemm"))
+        else {
+            missing.push(format!(
+                "layer {l}: the down projection is not used by a MatMul or Gemm"
+            ));
+            continue;
+        };
+        // Down projection -> [bias Add | Reshape]* -> residual Add.
+        let residual = loop {
+            let out = &graph.node[node].output[0];
+            let cs = idx.consumers.get(out).cloned().unwrap_or_default();
+            if cs.len() != 1 {
+                break Err(format!(
+                    "layer {l}: the MLP output has {} consumers, expected one",
+                    cs.len()
+                ));
+            }
+            let c = &graph.node[cs[0]];
+            let constant_operand = c.input.iter().any(|x| {
+                by_value.contains_key(x)
+                    || graph.initializer.iter().any(|t| &t.name == x)
+                    || idx
+                        .producer
+                        .get(x)
+                        .is_some_and(|&p| graph.node[p].op_type == "Constant")
+            });
+            match c.op_type.as_str() {
+                "Add" if constant_operand => node = cs[0],
+                "Reshape" => node = cs[0],
+                "Add" => break Ok(cs[0]),
+                other => break Err(format!("layer {l}: after the down projection found `{other}`, expected a bias Add or the residual Add")),
+            }
+        };
+        let residual = match residual {
+            Ok(r) => r,
+            Err(m) => {
+                missing.push(m);
+                continue;
+            }
+        };
+        let r = &graph.node[residual];
+        let from_mlp = &graph.node[node].output[0];
+        let Some(x) = r.input.iter().find(|i| *i != from_mlp).cloned() else {
+            missing.push(format!("layer {l}: residual Add has no second operand"));
+            continue;
+        };
+        let block_output = if arch == Architecture::Bert {
+            // Post-LN: the LayerNorm after the residual goes with the MLP.
+            let cs = idx.consumers.get(&r.output[0]).cloned().unwrap_or_default();
+            match cs.as_slice() {
+                [c] if graph.node[*c].op_type == "LayerNormalization" => {
+                    graph.node[*c].output[0].clone()
+                }
+                _ => {
+                    missing.push(format!(
+                        "layer {l}: the residual Add is not followed by one LayerNormalization (decomposed LayerNorm is not supported; export with opset >= 17)"
+                    ));
+                    continue;
+                }
+            }
+        } else {
+            r.output[0].clone()
+        };
+        mlp_blocks.insert(l, (block_output, x));
+    }
+    if !missing.is_empty() || !unresolved.is_empty() {
+        let float_matrices = graph
+            .initializer
+            .iter()
+            .filter(|t| t.data_type == DataType::Float as i32 && t.dims.len() == 2)
+            .count();
+        return Err(Error::graph(
+            graph_path,
+            format!(
+                "cannot map this graph onto {} ({} float matrices in the graph, {} weights matched by value):\n  {}",
+                original_dir.display(),
+                float_matrices,
+                assigned.len(),
+                missing.into_iter().chain(unresolved.into_iter().map(|u| format!("ambiguous weight {u}"))).collect::<Vec<_>>().join("\n  ")
+            ),
+        ));
+    }
+
+    // 4. Cut dropped MLPs out: the block's output becomes its input.
+    let dropped: Vec<usize> = mlp_blocks.keys().copied().collect();
+    for (block_output, block_input) in mlp_blocks.values() {
+        let p = idx.producer[block_output];
+        graph.node[p] = NodeProto {
+            input: vec![block_input.clone()],
+            output: vec![block_output.clone()],
+            name: format!("{block_output}_effir_identity"),
+            op_type: "Identity".into(),
+            ..Default::default()
+        };
+    }
+    // 5. New values for every matched weight (skipping those of dropped MLPs).
+    let dropped_names: HashSet<String> = dropped
+        .iter()
+        .flat_map(|&l| {
+            let t = arch.mlp_tensors("", l);
+            t.rows.into_iter().chain([t.down]).chain(t.others)
+        })
+        .collect();
+    let mut replaced = 0;
+    for (s, (name, orientation)) in &assigned {
+        let Some((dims, values)) = target.oriented(name, *orientation) else {
+            if dropped_names.contains(name) {
+                continue;
+            }
+            return Err(Error::InvalidArgument(format!(
+                "{}: has no tensor `{name}`, which the graph uses",
+                model_dir.display()
+            )));
+        };
+        let tensor = match s {
+            Source::Initializer(i) => &mut graph.initializer[*i],
+            Source::Constant(i) => graph.node[*i]
+                .attribute
+                .iter_mut()
+                .find(|a| a.name == "value" && a.r#type == AttributeType::Tensor as i32)
+                .and_then(|a| a.t.as_mut())
+                .expect("constant value"),
+        };
+        tensor.dims = dims;
+        tensor.raw_data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        tensor.float_data.clear();
+        tensor.data_location = DataLocation::Default as i32;
+        tensor.external_data.clear();
+        replaced += 1;
+    }
+    // 6. Dead nodes and initializers go; shape hints of changed tensors too.
+    remove_dead(graph);
+    graph.value_info.clear();
+    let narrowed: Vec<usize> = shape
+        .layers
+        .iter()
+        .enumerate()
+        .filter(|(l, s)| {
+            s.mlp.is_some_and(|m| {
+                original
+                    .tensors
+                    .get(&arch.mlp_tensors("", *l).down)
+                    .is_some_and(|(d, _)| d[1] != m.intermediate_size)
+            })
+        })
+        .map(|(l, _)| l)
+        .collect();
+    let nodes_after = graph.node.len();
+    let weight_bytes = crate::graph_file::initializer_bytes(&file.model);
+    let external = used_external || weight_bytes > EXTERNAL_DATA_THRESHOLD;
+
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    let staging = tempfile::Builder::new()
+        .prefix(".effir-rewrite-")
+        .tempdir_in(parent)
+        .map_err(|e| Error::io(parent, e))?;
+    let file_name = graph_path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("model.onnx")
+        .to_string();
+    write_model(file.model, staging.path(), &file_name, external)?;
+    let staged_graph = staging.path().join(&file_name);
+    GraphFile::read(&staged_graph)?;
+    let bytes_after = std::fs::metadata(&staged_graph)
+        .map_err(|e| Error::io(&staged_graph, e))?
+        .len()
+        + std::fs::metadata(staging.path().join(format!("{file_name}_data")))
+            .map_or(0, |m| m.len());
+    let staged = staging.keep();
+    std::fs::rename(&staged, out).map_err(|e| Error::io(out, e))?;
+    Ok(RewriteSummary {
+        original_graph: graph_path.to_path_buf(),
+        graph: out.join(file_name),
+        matched_weights: assigned.len(),
+        replaced_weights: replaced,
+        dropped_mlps: dropped,
+        narrowed_mlps: narrowed,
+        nodes_before,
+        nodes_after,
+        bytes_before,
+        bytes_after,
+    })
+}
+
+/// Removes nodes none of whose outputs is used (transitively) and
+/// initializers nothing reads.
+fn remove_dead(graph: &mut candle_onnx::onnx::GraphProto) {
+    loop {
+        let mut used: HashSet<String> = graph.output.iter().map(|o| o.name.clone()).collect();
+        for n in &graph.node {
+            used.extend(n.input.iter().cloned());
+            // Subgraphs (If/Loop) read outer values too.
+            for a in &n.attribute {
+                if let Some(g) = &a.g {
+                    for sn in &g.node {
+                        used.extend(sn.input.iter().cloned());
+                    }
+                    used.extend(g.output.iter().map(|o| o.name.clone()));
+                }
+            }
+        }
+        let before = graph.node.len();
+        graph
+            .node
+            .retain(|n| n.output.iter().any(|o| used.contains(o)));
+        if graph.node.len() == before {
+            graph.initializer.retain(|t| used.contains(&t.name));
+            return;
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! `effir rewrite`: slim an existing ONNX export of a model (Optimum,
+//! sentence-transformers, torch.onnx) for its pruned or fine-tuned version,
+//! keeping the graph's interface, then check the result against the model
+//! in candle before keeping it.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use effir_onnx::providers::ProviderSettings;
+use effir_onnx::rewrite::rewrite;
+use effir_onnx::validate::compare_embeddings;
+use effir_onnx::{GraphLocation, OnnxEncoder};
+use effir_pipeline::model_files::{copy_model_files, is_backbone_weights};
+use effir_pipeline::{Embedder, LoadOptions, TextEmbedder};
+
+#[derive(Debug, Args)]
+pub struct RewriteArgs {
+    /// The existing export (.onnx file).
+    #[arg(long)]
+    pub onnx: PathBuf,
+    /// The pruned or fine-tuned model directory whose weights the graph gets.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The model the export was made from [default: the source_model records of --model].
+    #[arg(long)]
+    pub original: Option<PathBuf>,
+    /// Output directory (must not exist): the graph under its original file name, plus the model's tokenizer and configs.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Skip the parity check of the result against the model in candle.
+    #[arg(long)]
+    pub no_check: bool,
+}
+
+const CHECK_TEXTS: [&str; 6] = [
+    "What is dense retrieval?",
+    "Pruned MLP sub-layers keep attention intact in retrievers.",
+    "hello world",
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "0-dimensional biomaterials show inductive properties.",
+    "Numbers 12 345 and symbols % & $.",
+];
+
+pub fn run(args: RewriteArgs) -> anyhow::Result<()> {
+    let summary = rewrite(&args.onnx, &args.model, args.original.as_deref(), &args.out)
+        .with_context(|| format!("rewriting {}", args.onnx.display()))?;
+    let cleanup = |e: anyhow::Error| -> anyhow::Error {
+        let _ = std::fs::remove_dir_all(&args.out);
+        e
+    };
+    copy_model_files(&args.model, &args.out, &|name| {
+        is_backbone_weights(name)
+            || name.ends_with(".onnx")
+            || name.ends_with(".onnx_data")
+            || name == "onnx"
+    })
+    .map_err(|e| cleanup(e.into()))?;
+    if !args.no_check {
+        let check = || -> anyhow::Result<(f64, f64)> {
+            let location = GraphLocation::resolve(&summary.graph)?;
+            let onnx = OnnxEncoder::load(
+                location,
+                &LoadOptions::default(),
+                &ProviderSettings::default(),
+            )?;
+            let candle = Embedder::load(&args.model, &LoadOptions::default())?;
+            let a = onnx.embed_texts(&CHECK_TEXTS, "", 3, &mut |_| {})?;
+            let b = candle.embed_texts(&CHECK_TEXTS, "", 3, &mut |_| {})?;
+            let (min, _, diff) = compare_embeddings(&a, &b)?;
+            Ok((min, diff))
+        };
+        let (min, diff) = check().map_err(cleanup)?;
+        if min < 0.9999 {
+            let _ = std::fs::remove_dir_all(&args.out);
+            bail!(
+                "the rewritten graph does not compute {} (min cosine {min:.6}, max |diff| {diff:.2e}); nothing written",
+                args.model.display()
+            );
+        }
+        println!(
+            "parity with {} in candle: min cosine {min:.7}, max |diff| {diff:.2e}",
+            args.model.display()
+        );
+    }
+    println!(
+        "wrote {}: {} weights matched by value, {} replaced; MLPs dropped {:?}, narrowed {:?}; {} -> {} nodes, {:.1} -> {:.1} MB",
+        summary.graph.display(),
+        summary.matched_weights,
+        summary.replaced_weights,
+        summary.dropped_mlps,
+        summary.narrowed_mlps,
+        summary.nodes_before,
+        summary.nodes_after,
+        summary.bytes_before as f64 / 1e6,
+        summary.bytes_after as f64 / 1e6
+    );
+    Ok(())
+}

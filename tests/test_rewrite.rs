@@ -1,0 +1,271 @@
+//! `effir rewrite` on graphs another exporter made (Optimum,
+//! `tests/fixtures/optimum/*/model.onnx`, written by
+//! `tests/fixtures/optimum/make_exports.py`): the slimmed graph computes the
+//! pruned (or fine-tuned) model, keeps the original's exact interface, and
+//! graphs it cannot map are refused with nothing written.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::{assert_rows_match, fixture};
+use effir_onnx::graph_file::GraphFile;
+use effir_onnx::providers::ProviderSettings;
+use effir_onnx::{GraphLocation, OnnxEncoder};
+use effir_pipeline::{Embedder, LoadOptions, TextEmbedder};
+
+fn effir(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_effir"))
+        .args(args)
+        .output()
+        .expect("run effir")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn optimum_graph(arch: &str) -> PathBuf {
+    fixture("optimum").join(arch).join("model.onnx")
+}
+
+const TEXTS: [&str; 4] = [
+    "The quick brown fox jumps over the lazy dog near the river bank today.",
+    "hello world",
+    "Dense retrieval with pruned MLP layers keeps attention intact.",
+    "Numbers 12 345 and symbols % & $ appear here.",
+];
+
+/// Drops MLP 1 and narrows the rest to half the MLP parameters.
+fn prune(arch: &str, work: &Path) -> PathBuf {
+    let calib = work.join("calib.txt");
+    std::fs::write(&calib, TEXTS.join("\n")).unwrap();
+    let out = work.join(format!("{arch}-pruned"));
+    let o = effir(&[
+        "prune",
+        "--model",
+        fixture(arch).to_str().unwrap(),
+        "--calib",
+        calib.to_str().unwrap(),
+        "--drop-layers",
+        "1",
+        "--mlp-keep",
+        "0.5",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "prune {arch}: {}", stderr(&o));
+    out
+}
+
+fn rewrite(graph: &Path, model: &Path, out: &Path) -> Output {
+    effir(&[
+        "rewrite",
+        "--onnx",
+        graph.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ])
+}
+
+fn embed(model: &dyn TextEmbedder) -> Vec<Vec<f32>> {
+    model
+        .embed_texts(&TEXTS, "", 2, &mut |_| {})
+        .unwrap()
+        .rows()
+        .into_iter()
+        .map(|r| r.to_vec())
+        .collect()
+}
+
+/// Names, element types and axes of the graph's inputs and outputs.
+fn interface(path: &Path) -> Vec<(String, i32, Vec<Option<i64>>, Vec<String>)> {
+    let file = GraphFile::read(path).unwrap();
+    file.inputs()
+        .into_iter()
+        .chain(file.outputs())
+        .map(|io| (io.name, io.elem_type, io.dims, io.dim_names))
+        .collect()
+}
+
+fn check_rewritten(original: &Path, rewritten_dir: &Path, model: &Path, what: &str) {
+    let graph = rewritten_dir.join("model.onnx");
+    assert_eq!(
+        interface(&graph),
+        interface(original),
+        "{what}: interface changed"
+    );
+    let (a, b) = (
+        GraphFile::read(original).unwrap(),
+        GraphFile::read(&graph).unwrap(),
+    );
+    assert_eq!(
+        a.model.opset_import, b.model.opset_import,
+        "{what}: opset changed"
+    );
+    assert_eq!(
+        a.model.metadata_props, b.model.metadata_props,
+        "{what}: metadata changed"
+    );
+    let onnx = OnnxEncoder::load(
+        GraphLocation::resolve(&graph).unwrap(),
+        &LoadOptions::default(),
+        &ProviderSettings::default(),
+    )
+    .unwrap();
+    let candle = Embedder::load(model, &LoadOptions::default()).unwrap();
+    assert_rows_match(what, &embed(&onnx), &embed(&candle));
+    // ONNX checker and shape inference (Python onnx).
+    let out = Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/onnx_client.py"))
+        .args(["--export", rewritten_dir.to_str().unwrap(), "--check-only"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{what}: onnx checker: {}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn optimum_exports_are_slimmed_to_the_pruned_model_keeping_their_interface() {
+    let work = tempfile::tempdir().unwrap();
+    for arch in ["bert", "llama", "qwen2"] {
+        let pruned = prune(arch, work.path());
+        let out = work.path().join(format!("{arch}-rewritten"));
+        let o = rewrite(&optimum_graph(arch), &pruned, &out);
+        assert!(o.status.success(), "{arch}: {}", stderr(&o));
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            stdout.contains("MLPs dropped [1], narrowed [0, 2]"),
+            "{arch}: {stdout}"
+        );
+        check_rewritten(&optimum_graph(arch), &out, &pruned, arch);
+        let size = |p: &Path| std::fs::metadata(p).unwrap().len();
+        assert!(
+            size(&out.join("model.onnx")) < size(&optimum_graph(arch)),
+            "{arch}: not smaller"
+        );
+    }
+}
+
+#[test]
+fn fine_tuned_weights_replace_every_matched_weight() {
+    let work = tempfile::tempdir().unwrap();
+    let pruned = prune("bert", work.path());
+    // A few steps of full fine-tuning change every layer's weights, the
+    // LayerNorms included (identical in the original: resolved by structure).
+    let train = work.path().join("train.jsonl");
+    let lines: Vec<String> = (0..8)
+        .map(|i| {
+            serde_json::json!({"query": format!("{} {i}", TEXTS[i % 4]), "pos": [TEXTS[(i + 1) % 4]], "neg": [TEXTS[(i + 2) % 4]]})
+                .to_string()
+        })
+        .collect();
+    std::fs::write(&train, lines.join("\n")).unwrap();
+    let config = work.path().join("ft.yaml");
+    std::fs::write(
+        &config,
+        "max_steps: 3\nbatch_size: 4\nlearning_rate: 1.0e-2\ncheckpoint_every: 0\n",
+    )
+    .unwrap();
+    let tuned = work.path().join("tuned");
+    let o = effir(&[
+        "finetune",
+        "--quiet",
+        "--model",
+        pruned.to_str().unwrap(),
+        "--train",
+        train.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+        "--out",
+        tuned.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = work.path().join("rewritten");
+    let o = rewrite(&optimum_graph("bert"), &tuned, &out);
+    assert!(o.status.success(), "{}", stderr(&o));
+    check_rewritten(&optimum_graph("bert"), &out, &tuned, "fine-tuned bert");
+}
+
+#[test]
+fn graphs_that_cannot_be_mapped_are_refused_and_nothing_is_written() {
+    let work = tempfile::tempdir().unwrap();
+    let pruned = prune("bert", work.path());
+
+    // An exporter pattern effir does not know: a contrib op computes layer 1's down projection.
+    let mut file = GraphFile::read(&optimum_graph("bert")).unwrap();
+    let down_t: Vec<f32> = {
+        let t = common::load_tensors(&fixture("bert").join("model.safetensors"));
+        let w = t
+            .iter()
+            .find(|(k, _)| k.ends_with("encoder.layer.1.output.dense.weight"))
+            .unwrap()
+            .1;
+        w.t()
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let bytes: Vec<u8> = down_t.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let g = file.model.graph.as_mut().unwrap();
+    let init = g
+        .initializer
+        .iter()
+        .find(|t| t.raw_data == bytes)
+        .expect("down weight by value")
+        .name
+        .clone();
+    let node = g
+        .node
+        .iter_mut()
+        .find(|n| n.op_type == "MatMul" && n.input[1] == init)
+        .unwrap();
+    node.op_type = "FusedMatMul".into();
+    node.domain = "com.microsoft".into();
+    let odd = work.path().join("odd.onnx");
+    std::fs::write(&odd, prost::Message::encode_to_vec(&file.model)).unwrap();
+    let out = work.path().join("refused");
+    let o = rewrite(&odd, &pruned, &out);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("layer 1") && err.contains("com.microsoft::FusedMatMul"),
+        "{err}"
+    );
+    assert!(!out.exists());
+
+    // A graph of another model: its weights match nothing of this one.
+    let o = rewrite(&optimum_graph("bert"), &prune("qwen2", work.path()), &out);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("no graph weight equals"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!out.exists());
+
+    // A truncated file.
+    let bytes = std::fs::read(optimum_graph("bert")).unwrap();
+    let cut = work.path().join("cut.onnx");
+    std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
+    let o = rewrite(&cut, &pruned, &out);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("cut.onnx"), "{}", stderr(&o));
+    assert!(!out.exists());
+    let leftovers: Vec<_> = std::fs::read_dir(work.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".effir"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
