@@ -82,13 +82,9 @@ fn embed(model: &dyn TextEmbedder) -> Vec<Vec<f32>> {
 }
 
 /// Names, element types and axes of the graph's inputs and outputs.
-fn interface(path: &Path) -> Vec<(String, i32, Vec<Option<i64>>, Vec<String>)> {
+fn interface(path: &Path) -> Vec<effir_onnx::graph_file::IoInfo> {
     let file = GraphFile::read(path).unwrap();
-    file.inputs()
-        .into_iter()
-        .chain(file.outputs())
-        .map(|io| (io.name, io.elem_type, io.dims, io.dim_names))
-        .collect()
+    file.inputs().into_iter().chain(file.outputs()).collect()
 }
 
 fn check_rewritten(original: &Path, rewritten_dir: &Path, model: &Path, what: &str) {
