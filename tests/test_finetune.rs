@@ -6,7 +6,9 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
+
+use common::{effir, stderr};
 
 use candle_core::{Tensor, Var};
 use common::fixture;
@@ -14,17 +16,6 @@ use effir_pipeline::finetune::data::TrainingExample;
 use effir_pipeline::finetune::trainer::loss_of_examples;
 use effir_pipeline::finetune::FinetuneConfig;
 use effir_pipeline::{Embedder, LoadOptions};
-
-fn effir(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_effir"))
-        .args(args)
-        .output()
-        .expect("run effir")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 fn examples() -> Vec<TrainingExample> {
     let e = |q: &str, p: &str, n: &str| TrainingExample {
@@ -247,27 +238,16 @@ fn lora_merges_into_a_plain_model_and_pruned_widths_survive() {
     let work = tempfile::tempdir().unwrap();
     let train = write_jsonl(work.path());
     // A pruned model: MLP 1 dropped, the others narrowed.
-    let pruned = work.path().join("pruned");
-    let calib = work.path().join("calib.txt");
-    std::fs::write(
-        &calib,
-        "hello world\nThe quick brown fox jumps.\nNumbers 12 345.\n",
-    )
-    .unwrap();
-    let o = effir(&[
-        "prune",
-        "--model",
-        fixture("llama").to_str().unwrap(),
-        "--calib",
-        calib.to_str().unwrap(),
-        "--drop-layers",
-        "1",
-        "--mlp-keep",
-        "0.5",
-        "--out",
-        pruned.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let pruned = common::prune_fixture(
+        "llama",
+        work.path(),
+        &[
+            "hello world",
+            "The quick brown fox jumps.",
+            "Numbers 12 345.",
+        ],
+        &["--drop-layers", "1", "--mlp-keep", "0.5"],
+    );
     let config = write_config(
         work.path(),
         "lora.yaml",
@@ -430,21 +410,12 @@ fn bad_training_input_fails_before_training() {
         &["--checkpoints", ckpt.to_str().unwrap()],
     );
     assert!(o.status.success(), "{}", stderr(&o));
-    let calib = work.path().join("calib.txt");
-    std::fs::write(&calib, "hello world\nThe quick brown fox jumps.\n").unwrap();
-    let pruned = work.path().join("pruned");
-    let o = effir(&[
-        "prune",
-        "--model",
-        model.to_str().unwrap(),
-        "--calib",
-        calib.to_str().unwrap(),
-        "--mlp-keep",
-        "0.5",
-        "--out",
-        pruned.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let pruned = common::prune_fixture(
+        "bert",
+        work.path(),
+        &["hello world", "The quick brown fox jumps."],
+        &["--mlp-keep", "0.5"],
+    );
     let second = work.path().join("second");
     let o = finetune(
         &pruned,

@@ -10,7 +10,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
+
+use common::{effir, stderr};
 
 use common::{assert_rows_match, fixture, minilm_dir};
 use effir_onnx::emit::{EmitOptions, Profile};
@@ -22,17 +24,6 @@ use effir_onnx::{GraphLocation, OnnxEncoder};
 use effir_pipeline::{Embedder, LoadOptions, TextEmbedder};
 
 const ARCHITECTURES: [&str; 6] = ["bert", "gemma3", "llama", "mistral", "qwen2", "qwen3"];
-
-fn effir(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_effir"))
-        .args(args)
-        .output()
-        .expect("run effir")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 fn options(profile: Profile) -> ExportOptions {
     ExportOptions {
@@ -185,28 +176,19 @@ fn every_architecture_exports_a_graph_that_matches_transformers_in_both_profiles
 #[test]
 fn pruned_models_export_smaller_graphs_that_equal_the_pruned_candle_model() {
     let work = tempfile::tempdir().unwrap();
-    let calib = work.path().join("calib.txt");
-    std::fs::write(
-        &calib,
-        "The quick brown fox jumps over the lazy dog.\nDense retrieval keeps attention.\nhello world\nNumbers 12 345 appear here.\n",
-    )
-    .unwrap();
+    let calibration = [
+        "The quick brown fox jumps over the lazy dog.",
+        "Dense retrieval keeps attention.",
+        "hello world",
+        "Numbers 12 345 appear here.",
+    ];
     for arch in ["bert", "llama", "gemma3", "qwen2"] {
-        let pruned = work.path().join(format!("{arch}-pruned"));
-        let out = effir(&[
-            "prune",
-            "--model",
-            fixture(arch).to_str().unwrap(),
-            "--calib",
-            calib.to_str().unwrap(),
-            "--drop-layers",
-            "1",
-            "--mlp-keep",
-            "0.4",
-            "--out",
-            pruned.to_str().unwrap(),
-        ]);
-        assert!(out.status.success(), "prune {arch}: {}", stderr(&out));
+        let pruned = common::prune_fixture(
+            arch,
+            work.path(),
+            &calibration,
+            &["--drop-layers", "1", "--mlp-keep", "0.4"],
+        );
         let candle = Embedder::load(&pruned, &LoadOptions::default()).unwrap();
         let shape = candle.shape().clone();
         assert!(shape.layers[1].mlp.is_none());

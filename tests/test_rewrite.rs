@@ -9,22 +9,13 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use common::{effir, stderr};
+
 use common::{assert_rows_match, fixture};
 use effir_onnx::graph_file::GraphFile;
 use effir_onnx::providers::ProviderSettings;
 use effir_onnx::{GraphLocation, OnnxEncoder};
 use effir_pipeline::{Embedder, LoadOptions, TextEmbedder};
-
-fn effir(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_effir"))
-        .args(args)
-        .output()
-        .expect("run effir")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 fn optimum_graph(arch: &str) -> PathBuf {
     fixture("optimum").join(arch).join("model.onnx")
@@ -39,24 +30,12 @@ const TEXTS: [&str; 4] = [
 
 /// Drops MLP 1 and narrows the rest to half the MLP parameters.
 fn prune(arch: &str, work: &Path) -> PathBuf {
-    let calib = work.join("calib.txt");
-    std::fs::write(&calib, TEXTS.join("\n")).unwrap();
-    let out = work.join(format!("{arch}-pruned"));
-    let o = effir(&[
-        "prune",
-        "--model",
-        fixture(arch).to_str().unwrap(),
-        "--calib",
-        calib.to_str().unwrap(),
-        "--drop-layers",
-        "1",
-        "--mlp-keep",
-        "0.5",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "prune {arch}: {}", stderr(&o));
-    out
+    common::prune_fixture(
+        arch,
+        work,
+        &TEXTS,
+        &["--drop-layers", "1", "--mlp-keep", "0.5"],
+    )
 }
 
 fn rewrite(graph: &Path, model: &Path, out: &Path) -> Output {

@@ -7,27 +7,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
+
+use common::{effir, effir_env, stderr};
 
 use common::{fixture, minilm_dir};
 use effir_onnx::graph_file::GraphFile;
-
-fn effir(args: &[&str]) -> Output {
-    effir_env(args, &[])
-}
-
-fn effir_env(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_effir"));
-    cmd.args(args);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().expect("run effir")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 fn tiny_data() -> PathBuf {
     fixture("eval/tiny")

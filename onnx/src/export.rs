@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+use effir_pipeline::atomic_file::StagedDir;
 use effir_pipeline::model_files::{copy_model_files, is_backbone_weights};
 use serde::Serialize;
 
@@ -107,15 +108,7 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
         ExternalData::Auto => weight_bytes > EXTERNAL_DATA_THRESHOLD,
     };
 
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let staging = tempfile::Builder::new()
-        .prefix(".effir-export-")
-        .tempdir_in(parent)
-        .map_err(|e| Error::io(parent, e))?;
+    let staging = StagedDir::beside_existing(out)?;
     copy_model_files(model_dir, staging.path(), &|name| {
         is_backbone_weights(name)
             || name == "onnx"
@@ -178,21 +171,7 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
     let json = serde_json::to_string_pretty(&summary).map_err(|e| Error::Export(e.to_string()))?;
     std::fs::write(&summary_path, json + "\n").map_err(|e| Error::io(&summary_path, e))?;
 
-    let staged = staging.keep();
-    if out.exists() {
-        // Replace a previous export: move it aside, move the new one in.
-        let old = parent.join(format!(
-            ".effir-export-old-{}",
-            out.file_name()
-                .map_or("out".into(), |n| n.to_string_lossy())
-        ));
-        let _ = std::fs::remove_dir_all(&old);
-        std::fs::rename(out, &old).map_err(|e| Error::io(out, e))?;
-        std::fs::rename(&staged, out).map_err(|e| Error::io(out, e))?;
-        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
-    } else {
-        std::fs::rename(&staged, out).map_err(|e| Error::io(out, e))?;
-    }
+    staging.replace(out)?;
     tracing::info!(graph = %summary.graph.display(), bytes = summary.graph_bytes, external, "export written");
     Ok(summary)
 }

@@ -662,15 +662,7 @@ pub fn rewrite(
     let weight_bytes = crate::graph_file::initializer_bytes(&file.model);
     let external = used_external || weight_bytes > EXTERNAL_DATA_THRESHOLD;
 
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let staging = tempfile::Builder::new()
-        .prefix(".effir-rewrite-")
-        .tempdir_in(parent)
-        .map_err(|e| Error::io(parent, e))?;
+    let staging = effir_pipeline::atomic_file::StagedDir::beside(out)?;
     let file_name = graph_path
         .file_name()
         .and_then(|n| n.to_str())
@@ -684,8 +676,7 @@ pub fn rewrite(
         .len()
         + std::fs::metadata(staging.path().join(format!("{file_name}_data")))
             .map_or(0, |m| m.len());
-    let staged = staging.keep();
-    std::fs::rename(&staged, out).map_err(|e| Error::io(out, e))?;
+    staging.publish(out)?;
     Ok(RewriteSummary {
         original_graph: graph_path.to_path_buf(),
         graph: out.join(file_name),

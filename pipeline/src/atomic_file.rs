@@ -42,3 +42,65 @@ where
 pub fn write_bytes_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomically(path, |w| w.write_all(bytes).map_err(|e| Error::io(path, e)))
 }
+
+/// A directory built next to its destination and renamed into place when
+/// complete; dropped unpublished, it is removed with everything in it.
+pub struct StagedDir {
+    dir: tempfile::TempDir,
+}
+
+impl StagedDir {
+    /// A fresh staging directory beside `out` (whose parent is created).
+    /// `out` itself must not exist.
+    pub fn beside(out: &Path) -> Result<Self> {
+        if out.exists() {
+            return Err(Error::InvalidArgument(format!(
+                "{}: already exists; choose a new output directory",
+                out.display()
+            )));
+        }
+        Self::beside_existing(out)
+    }
+
+    /// Like [`StagedDir::beside`], for a destination [`StagedDir::replace`]
+    /// may overwrite.
+    pub fn beside_existing(out: &Path) -> Result<Self> {
+        let parent = match out.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        let dir = tempfile::Builder::new()
+            .prefix(".effir-staging-")
+            .tempdir_in(parent)
+            .map_err(|e| Error::io(parent, e))?;
+        Ok(Self { dir })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Renames the staged directory to `out`.
+    pub fn publish(self, out: &Path) -> Result<()> {
+        let staged = self.dir.keep();
+        std::fs::rename(&staged, out).map_err(|e| Error::io(out, e))
+    }
+
+    /// Publishes over an existing `out`: the old directory is moved aside,
+    /// the new one moved in, then the old one removed.
+    pub fn replace(self, out: &Path) -> Result<()> {
+        if !out.exists() {
+            return self.publish(out);
+        }
+        let aside = tempfile::Builder::new()
+            .prefix(".effir-replaced-")
+            .tempdir_in(self.dir.path().parent().unwrap_or(Path::new(".")))
+            .map_err(|e| Error::io(out, e))?;
+        let old = aside.path().join("old");
+        std::fs::rename(out, &old).map_err(|e| Error::io(out, e))?;
+        self.publish(out)?;
+        drop(aside);
+        Ok(())
+    }
+}

@@ -566,21 +566,7 @@ pub fn write_pruned_model(
     plan: &PrunePlan,
     result: &PruneResult,
 ) -> Result<()> {
-    if out.exists() {
-        return Err(Error::InvalidArgument(format!(
-            "{}: already exists; choose a new output directory",
-            out.display()
-        )));
-    }
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let staging = tempfile::Builder::new()
-        .prefix(".effir-prune-")
-        .tempdir_in(parent)
-        .map_err(|e| Error::io(parent, e))?;
+    let staging = crate::atomic_file::StagedDir::beside(out)?;
     copy_model_files(source, staging.path(), &|name| {
         is_backbone_weights(name) || [SHAPE_FILE, PLAN_FILE, "prune_report.md"].contains(&name)
     })?;
@@ -641,9 +627,7 @@ pub fn write_pruned_model(
         ),
     )
     .map_err(|e| Error::io(&record_path, e))?;
-    let staged = staging.keep();
-    std::fs::rename(&staged, out).map_err(|e| Error::io(out, e))?;
-    Ok(())
+    staging.publish(out)
 }
 
 /// NVIDIA DeciLM `block_configs` (per layer `attention` / `ffn`, `no_op` for a

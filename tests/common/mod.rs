@@ -105,3 +105,45 @@ pub fn dataset(name: &str) -> PathBuf {
         .join("data")
         .join(name)
 }
+
+/// Runs the `effir` binary with `args`.
+pub fn effir(args: &[&str]) -> std::process::Output {
+    effir_env(args, &[])
+}
+
+/// Runs the `effir` binary with `args` and extra environment variables.
+pub fn effir_env(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_effir"));
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run effir")
+}
+
+pub fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Prunes the fixture `arch` with `effir prune`, calibrated on `calibration`
+/// texts, with the plan flags `plan` (e.g. `--drop-layers 1 --mlp-keep 0.5`)
+/// into `work/<arch>-pruned`.
+pub fn prune_fixture(arch: &str, work: &Path, calibration: &[&str], plan: &[&str]) -> PathBuf {
+    let calib = work.join(format!("{arch}-calib.txt"));
+    std::fs::write(&calib, calibration.join("\n")).unwrap();
+    let out = work.join(format!("{arch}-pruned"));
+    let source = fixture(arch);
+    let mut args = vec![
+        "prune",
+        "--model",
+        source.to_str().unwrap(),
+        "--calib",
+        calib.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(plan);
+    let o = effir(&args);
+    assert!(o.status.success(), "prune {arch}: {}", stderr(&o));
+    out
+}

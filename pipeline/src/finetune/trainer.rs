@@ -6,7 +6,7 @@
 //! continues bit for bit.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -486,22 +486,7 @@ pub fn write_model(
     weights: &HashMap<String, Tensor>,
     record: &serde_json::Value,
 ) -> Result<()> {
-    if out.exists() {
-        return Err(Error::InvalidArgument(format!(
-            "{}: already exists; choose a new output directory",
-            out.display()
-        )));
-    }
-    let parent: PathBuf = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-        .to_path_buf();
-    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-    let staging = tempfile::Builder::new()
-        .prefix(".effir-finetune-")
-        .tempdir_in(&parent)
-        .map_err(|e| Error::io(&parent, e))?;
+    let staging = crate::atomic_file::StagedDir::beside(out)?;
     crate::model_files::copy_model_files(source, staging.path(), &|name| {
         crate::model_files::is_backbone_weights(name) || name == FINETUNE_FILE
     })?;
@@ -513,9 +498,7 @@ pub fn write_model(
         serde_json::to_string_pretty(record).expect("record") + "\n",
     )
     .map_err(|e| Error::io(&record_path, e))?;
-    let staged = staging.keep();
-    std::fs::rename(&staged, out).map_err(|e| Error::io(out, e))?;
-    Ok(())
+    staging.publish(out)
 }
 
 /// The record of a fine-tuning run in its output directory.
