@@ -141,7 +141,7 @@ bench-finetune: build models python-deps
 OPTIMUM_VENV ?= $(RUNS)/venv-optimum
 $(OPTIMUM_VENV)/bin/optimum-cli:
 	$(PYTHON) -m venv --system-site-packages $(OPTIMUM_VENV)
-	$(OPTIMUM_VENV)/bin/pip install -q "optimum-onnx" "transformers<4.58" "huggingface-hub<1.0" httpx
+	$(OPTIMUM_VENV)/bin/pip install -q "optimum-onnx" "transformers<4.58" "huggingface-hub<1.0" "sentence-transformers<6" "datasets<4" httpx
 
 # The committed Optimum exports of the tiny fixtures (tests/test_rewrite.rs).
 optimum-fixtures: $(OPTIMUM_VENV)/bin/optimum-cli
@@ -155,7 +155,7 @@ rewrite-minilm: build models onnxruntime $(OPTIMUM_VENV)/bin/optimum-cli $(RUNS)
 	$(OPTIMUM_VENV)/bin/python tests/fixtures/optimum/make_exports.py --model $(MINILM) --out $(RUNS)/optimum/minilm
 	rm -rf $(RUNS)/optimum/minilm-prune-50
 	$(EFFIR) rewrite --onnx $(RUNS)/optimum/minilm/model.onnx --model $(RUNS)/minilm-prune-50 --out $(RUNS)/optimum/minilm-prune-50
-	-$(EFFIR) validate --reference $(MINILM) --candidate $(RUNS)/optimum/minilm-prune-50 --data $(DATA) \
+	-$(EFFIR) validate --reference $(MINILM) --candidate $(RUNS)/optimum/minilm-prune-50 --candidate-model $(RUNS)/minilm-prune-50 --data $(DATA) \
 	  --gates configs/gates.yaml --out $(RUNS)/validate-optimum-minilm-prune-50
 	$(EFFIR) bench --graph $(RUNS)/optimum/minilm/model.onnx --graph $(RUNS)/optimum/minilm-prune-50/model.onnx \
 	  --batch 1,32 --length 128,256 --runs 20 --out $(RUNS)/bench-rewrite.json
