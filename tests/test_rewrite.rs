@@ -244,3 +244,24 @@ fn graphs_that_cannot_be_mapped_are_refused_and_nothing_is_written() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+#[test]
+fn a_graph_with_external_data_keeps_it() {
+    let work = tempfile::tempdir().unwrap();
+    let pruned = prune("llama", work.path());
+    // The same Optimum graph with its weights in model.onnx_data.
+    let original_dir = work.path().join("external");
+    std::fs::create_dir_all(&original_dir).unwrap();
+    let file = GraphFile::read(&optimum_graph("llama")).unwrap();
+    effir_onnx::graph_file::write_model(file.model, &original_dir, "model.onnx", true).unwrap();
+    let original = original_dir.join("model.onnx");
+    assert!(original_dir.join("model.onnx_data").is_file());
+    let out = work.path().join("rewritten");
+    let o = rewrite(&original, &pruned, &out);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        out.join("model.onnx_data").is_file(),
+        "external data not kept"
+    );
+    check_rewritten(&original, &out, &pruned, "external data");
+}

@@ -100,18 +100,26 @@ fn float_values(t: &TensorProto, base: &Path) -> Result<Option<Vec<f32>>> {
         })?;
         let offset: u64 = get("offset").and_then(|o| o.parse().ok()).unwrap_or(0);
         let path = base.join(location);
-        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
         let count: usize = t.dims.iter().product::<i64>() as usize;
-        let start = offset as usize;
-        let end = start + count * 4;
-        if end > bytes.len() {
-            return Err(Error::graph(
+        // Only this tensor's bytes are read.
+        let mut bytes = vec![0u8; count * 4];
+        let mut read = || -> std::io::Result<()> {
+            use std::io::{Read, Seek, SeekFrom};
+            let mut file = std::fs::File::open(&path)?;
+            file.seek(SeekFrom::Start(offset))?;
+            file.read_exact(&mut bytes)
+        };
+        read().map_err(|e| {
+            Error::graph(
                 &path,
-                format!("{}: external data out of range (truncated?)", t.name),
-            ));
-        }
+                format!(
+                    "{}: cannot read its external data (truncated?): {e}",
+                    t.name
+                ),
+            )
+        })?;
         return Ok(Some(
-            bytes[start..end]
+            bytes
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
                 .collect(),
@@ -246,6 +254,28 @@ pub fn rewrite(
             .iter()
             .any(|t| t.data_location == DataLocation::External as i32)
     });
+    // Weights in external data come inline first: the output's data file is
+    // written anew, so no tensor may keep pointing into the original's.
+    if let Some(g) = file.model.graph.as_mut() {
+        for t in g.initializer.iter_mut() {
+            if t.data_location != DataLocation::External as i32 {
+                continue;
+            }
+            if t.data_type != DataType::Float as i32 {
+                return Err(Error::graph(
+                    graph_path,
+                    format!(
+                        "{}: external data of a non-float tensor is not supported",
+                        t.name
+                    ),
+                ));
+            }
+            let values = float_values(t, &base)?.expect("float tensor");
+            t.raw_data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            t.data_location = DataLocation::Default as i32;
+            t.external_data.clear();
+        }
+    }
     let original = Checkpoint::load(&original_dir, arch)?;
     let target = Checkpoint::load(model_dir, arch)?;
 
