@@ -9,7 +9,6 @@ use effir_pipeline::analysis::measure_importance;
 use effir_pipeline::atomic_file::write_bytes_atomically;
 use effir_pipeline::calibration::{CalibrationBudget, CalibrationSet};
 use effir_pipeline::{Embedder, Prompt};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
 
 use super::model_options::ModelArgs;
@@ -82,16 +81,10 @@ pub fn run(args: AnalyzeArgs) -> anyhow::Result<()> {
         (None, Some(dir)) => CalibrationSet::from_dataset(&embedder, dir, &budget)?,
         _ => bail!("give calibration text with --calib FILE or --data DIR"),
     };
-    let bar = if args.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(calibration.texts.len() as u64)
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} analyzing {pos}/{len} texts [{elapsed_precise}<{eta_precise}]",
-        )
-        .expect("valid template"),
+    let bar = super::progress::progress_bar(
+        args.quiet,
+        calibration.texts.len() as u64,
+        "{spinner} analyzing {pos}/{len} texts [{elapsed_precise}<{eta_precise}]",
     );
     let start = Instant::now();
     let report = measure_importance(&embedder, &calibration.texts, batch_size, &mut |d| {

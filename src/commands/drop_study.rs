@@ -13,7 +13,6 @@ use effir_pipeline::drop_study::drop_study;
 use effir_pipeline::embedding_cache::EmbeddingCache;
 use effir_pipeline::evaluation::{EvalSettings, Phase};
 use effir_pipeline::Embedder;
-use indicatif::{ProgressBar, ProgressStyle};
 
 use super::model_options::ModelArgs;
 
@@ -77,17 +76,7 @@ pub fn run(args: DropStudyArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     let calibration = CalibrationSet::from_dataset(&embedder, &args.data, &budget)?;
-    let bar = if args.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(0)
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} {msg} {pos}/{len} [{elapsed_precise}<{eta_precise}]",
-        )
-        .expect("valid template"),
-    );
+    let bar = super::progress::progress_bar(args.quiet, 0, super::progress::PHASE_TEMPLATE);
     bar.set_message("analyzing");
     bar.set_length(calibration.texts.len() as u64);
     let importance =

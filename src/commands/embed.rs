@@ -7,7 +7,6 @@ use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use effir_pipeline::text_input::{read_texts, InputFormat};
 use effir_pipeline::{npy, Embedder, Prompt};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
 
 use super::model_options::ModelArgs;
@@ -96,16 +95,10 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
         .with_context(|| format!("loading model {}", args.model.model.display()))?;
     let prefix = embedder.prefix(&prompt)?;
 
-    let bar = if args.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(texts.len() as u64)
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} embedding {pos}/{len} texts [{elapsed_precise}<{eta_precise}] {per_sec}",
-        )
-        .expect("valid template"),
+    let bar = super::progress::progress_bar(
+        args.quiet,
+        texts.len() as u64,
+        "{spinner} embedding {pos}/{len} texts [{elapsed_precise}<{eta_precise}] {per_sec}",
     );
     let start = Instant::now();
     let embeddings = embedder.embed(&texts, &prefix, batch_size, &mut |done| {

@@ -10,7 +10,6 @@ use effir_pipeline::evaluation::{
     evaluate_model, mean_table, write_report, DocumentTemplate, EvalSettings, Phase,
 };
 use effir_pipeline::{Embedder, Prompt};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
 
 use super::model_options::ModelArgs;
@@ -141,16 +140,10 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let embedder = Embedder::load(&args.model.model, &args.model.load_options())
         .with_context(|| format!("loading model {}", args.model.model.display()))?;
 
-    let bar = if args.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(0)
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} {msg} {pos}/{len} [{elapsed_precise}<{eta_precise}] {per_sec}",
-        )
-        .expect("valid template"),
+    let bar = super::progress::progress_bar(
+        args.quiet,
+        0,
+        "{spinner} {msg} {pos}/{len} [{elapsed_precise}<{eta_precise}] {per_sec}",
     );
     let report = evaluate_model(&embedder, &dataset, &settings, &mut |phase, done, total| {
         bar.set_message(match phase {

@@ -11,7 +11,6 @@ use effir_pipeline::finetune::data::{load_examples, TrainingSource};
 use effir_pipeline::finetune::trainer::{write_model, TrainingRun};
 use effir_pipeline::finetune::{finetune, FinetuneConfig};
 use effir_pipeline::{EncoderSetup, LoadOptions};
-use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Debug, Args)]
 pub struct FinetuneArgs {
@@ -123,17 +122,8 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         if config.lora.is_some() { ", LoRA" } else { "" }
     );
 
-    let bar = if args.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(total as u64)
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} {msg} {pos}/{len} [{elapsed_precise}<{eta_precise}]",
-        )
-        .expect("valid template"),
-    );
+    let bar =
+        super::progress::progress_bar(args.quiet, total as u64, super::progress::PHASE_TEMPLATE);
     std::fs::create_dir_all(&checkpoints)
         .with_context(|| format!("creating {}", checkpoints.display()))?;
     let log_path = checkpoints.join("train_log.jsonl");

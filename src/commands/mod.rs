@@ -10,6 +10,7 @@ pub mod finetune;
 pub mod inspect;
 pub mod lint_onnx;
 pub mod model_options;
+pub mod progress;
 pub mod provider_options;
 pub mod prune;
 pub mod rewrite;

@@ -17,7 +17,6 @@ use effir_pipeline::beir::{DanglingPolicy, Dataset};
 use effir_pipeline::embedding_cache::EmbeddingCache;
 use effir_pipeline::evaluation::{EvalSettings, Phase, TextFormat};
 use effir_pipeline::{Embedder, LoadOptions};
-use indicatif::{ProgressBar, ProgressStyle};
 
 use super::provider_options::ProviderArgs;
 
@@ -107,17 +106,7 @@ pub fn run(args: ValidateArgs) -> anyhow::Result<()> {
         candle_model.display()
     );
 
-    let bar = if args.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(0)
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} {msg} {pos}/{len} [{elapsed_precise}<{eta_precise}]",
-        )
-        .expect("valid template"),
-    );
+    let bar = super::progress::progress_bar(args.quiet, 0, super::progress::PHASE_TEMPLATE);
 
     // Parity: the same texts through the graph and through candle.
     bar.set_message("parity");
