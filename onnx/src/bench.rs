@@ -10,7 +10,7 @@ use ort::session::Session;
 use ort::value::Tensor as OrtTensor;
 use serde::Serialize;
 
-use crate::emit::{ATTENTION_MASK, INPUT_IDS, TOKEN_TYPE_IDS};
+use crate::emit::{ATTENTION_MASK, INPUT_IDS, TOKEN_INPUTS};
 use crate::error::{Error, Result};
 use crate::graph_file::GraphFile;
 use crate::providers::{register, ProviderSettings};
@@ -41,7 +41,7 @@ impl BenchSession {
         let file = GraphFile::read(path)?;
         let inputs: Vec<String> = file.inputs().into_iter().map(|i| i.name).collect();
         for name in &inputs {
-            if ![INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS].contains(&name.as_str()) {
+            if !TOKEN_INPUTS.contains(&name.as_str()) {
                 return Err(Error::Interface {
                     path: path.to_path_buf(),
                     message: format!("input `{name}` is not a token input"),

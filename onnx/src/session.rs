@@ -11,14 +11,13 @@ use candle_onnx::onnx::tensor_proto::DataType;
 use effir_pipeline::embedding_cache::{fingerprint_file, Fingerprint};
 use effir_pipeline::head::EmbeddingHead;
 use effir_pipeline::models::ModelInput;
-use effir_pipeline::text_encoder::EncodedText;
 use effir_pipeline::{Architecture, EncoderSetup, LoadOptions, TextEmbedder};
 use ndarray::{Array2, ArrayViewD};
 use ort::session::Session;
 use ort::value::Tensor as OrtTensor;
 
 use crate::emit::{
-    ATTENTION_MASK, INPUT_IDS, LAST_HIDDEN_STATE, SENTENCE_EMBEDDING, TOKEN_TYPE_IDS,
+    ATTENTION_MASK, INPUT_IDS, LAST_HIDDEN_STATE, SENTENCE_EMBEDDING, TOKEN_INPUTS, TOKEN_TYPE_IDS,
 };
 use crate::error::{Error, Result};
 use crate::graph_file::GraphFile;
@@ -42,22 +41,28 @@ pub struct GraphLocation {
 }
 
 impl GraphLocation {
-    /// `path` is a `.onnx` file or a directory holding `model.onnx` or
-    /// `onnx/model.onnx`; the model files are next to the graph or one level
-    /// up (the `onnx/` layout).
-    pub fn resolve(path: &Path) -> Result<Self> {
-        let graph = if path.is_dir() {
+    /// The graph `path` names: the file itself, or `model.onnx` or
+    /// `onnx/model.onnx` in the directory.
+    pub fn find_graph(path: &Path) -> Result<PathBuf> {
+        if path.is_dir() {
             [path.join("model.onnx"), path.join("onnx/model.onnx")]
                 .into_iter()
                 .find(|p| p.is_file())
                 .ok_or_else(|| {
                     Error::graph(path, "no model.onnx or onnx/model.onnx in this directory")
-                })?
+                })
         } else if path.is_file() {
-            path.to_path_buf()
+            Ok(path.to_path_buf())
         } else {
-            return Err(Error::graph(path, "does not exist"));
-        };
+            Err(Error::graph(path, "does not exist"))
+        }
+    }
+
+    /// `path` is a `.onnx` file or a directory holding `model.onnx` or
+    /// `onnx/model.onnx`; the model files are next to the graph or one level
+    /// up (the `onnx/` layout).
+    pub fn resolve(path: &Path) -> Result<Self> {
+        let graph = Self::find_graph(path)?;
         let parent = graph.parent().unwrap_or(Path::new(".")).to_path_buf();
         let model_dir = if parent.join("config.json").is_file() {
             parent
@@ -87,6 +92,8 @@ pub struct OnnxEncoder {
     head: Option<EmbeddingHead>,
     dimension: usize,
     providers: Vec<Provider>,
+    /// The graph's `metadata_props`.
+    metadata: std::collections::BTreeMap<String, String>,
 }
 
 impl OnnxEncoder {
@@ -130,7 +137,14 @@ impl OnnxEncoder {
                 (Some(head), d)
             }
         };
+        let metadata = file
+            .model
+            .metadata_props
+            .iter()
+            .map(|p| (p.key.clone(), p.value.clone()))
+            .collect();
         let mut encoder = Self {
+            metadata,
             location,
             setup,
             session: Mutex::new(session),
@@ -151,6 +165,11 @@ impl OnnxEncoder {
 
     pub fn graph(&self) -> &Path {
         &self.location.graph
+    }
+
+    /// A `metadata_props` entry of the graph (`effir.source_model`, ...).
+    pub fn metadata(&self, key: &str) -> Option<&str> {
+        self.metadata.get(key).map(String::as_str)
     }
 
     /// The execution providers registered, in priority order.
@@ -213,10 +232,6 @@ impl OnnxEncoder {
             }
         }
     }
-
-    fn encode(&self, texts: &[&str], prefix: &str) -> Result<Vec<EncodedText>> {
-        Ok(self.setup.text.encode(texts, prefix)?)
-    }
 }
 
 impl TextEmbedder for OnnxEncoder {
@@ -254,26 +269,23 @@ impl TextEmbedder for OnnxEncoder {
         batch_size: usize,
         progress: &mut dyn FnMut(usize),
     ) -> effir_pipeline::Result<Array2<f32>> {
-        if batch_size == 0 {
-            return Err(effir_pipeline::Error::InvalidArgument(
-                "batch size must be at least 1".into(),
-            ));
-        }
-        let encoded = self.encode(texts, prefix).map_err(into_pipeline)?;
-        let mut order: Vec<usize> = (0..encoded.len()).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse(encoded[i].len()));
         let mut out = Array2::<f32>::zeros((texts.len(), self.dimension));
         let mut done = 0;
-        for chunk in order.chunks(batch_size) {
-            let batch: Vec<&EncodedText> = chunk.iter().map(|&i| &encoded[i]).collect();
-            let input = self.setup.text.batch(&batch, &Device::Cpu)?;
-            let rows = self.embed_batch(&input).map_err(into_pipeline)?;
-            for (row, &i) in rows.rows().into_iter().zip(chunk) {
-                out.row_mut(i).assign(&row);
-            }
-            done += chunk.len();
-            progress(done);
-        }
+        self.setup.for_each_batch(
+            texts,
+            prefix,
+            batch_size,
+            &Device::Cpu,
+            &mut |input, chunk| {
+                let rows = self.embed_batch(input).map_err(into_pipeline)?;
+                for (row, &i) in rows.rows().into_iter().zip(chunk) {
+                    out.row_mut(i).assign(&row);
+                }
+                done += chunk.len();
+                progress(done);
+                Ok(())
+            },
+        )?;
         Ok(out)
     }
 }
@@ -298,7 +310,7 @@ fn check_interface(
     };
     let inputs = file.inputs();
     for input in &inputs {
-        if ![INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS].contains(&input.name.as_str()) {
+        if !TOKEN_INPUTS.contains(&input.name.as_str()) {
             return Err(mismatch(format!(
                 "input `{}` is not one the tokenizer produces (input_ids, attention_mask, token_type_ids)",
                 input.name

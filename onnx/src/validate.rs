@@ -281,51 +281,57 @@ pub fn apply_gates(
     quality: Option<&QualityReport>,
 ) -> Vec<GateResult> {
     let mut results = Vec::new();
-    let mut at_least = |gate: &str, threshold: Option<f64>, value: Option<f64>| {
+    // `rule` is ">=" (a floor) or "<=" (a ceiling); gates without a
+    // threshold or without a measurement are not applied.
+    let mut check = |gate: &str, rule: &'static str, threshold: Option<f64>, value: Option<f64>| {
         if let (Some(t), Some(v)) = (threshold, value) {
+            let passed = if rule == ">=" { v >= t } else { v <= t };
             results.push(GateResult {
                 gate: gate.into(),
-                rule: ">=",
+                rule,
                 threshold: t,
                 value: v,
-                passed: v >= t,
+                passed,
             });
         }
     };
-    at_least(
+    let (p, q) = (&gates.parity, &gates.quality);
+    check(
         "parity.min_cosine",
-        gates.parity.min_cosine,
-        parity.map(|p| p.min_cosine),
+        ">=",
+        p.min_cosine,
+        parity.map(|r| r.min_cosine),
     );
-    at_least(
+    check(
         "parity.min_mean_cosine",
-        gates.parity.min_mean_cosine,
-        parity.map(|p| p.mean_cosine),
+        ">=",
+        p.min_mean_cosine,
+        parity.map(|r| r.mean_cosine),
     );
-    at_least(
+    check(
         "quality.min_ndcg_retention",
-        gates.quality.min_ndcg_retention,
-        quality.map(|q| q.ndcg_retention),
+        ">=",
+        q.min_ndcg_retention,
+        quality.map(|r| r.ndcg_retention),
     );
-    at_least(
+    check(
         "quality.min_recall_retention",
-        gates.quality.min_recall_retention,
-        quality.map(|q| q.recall_retention),
+        ">=",
+        q.min_recall_retention,
+        quality.map(|r| r.recall_retention),
     );
-    at_least(
+    check(
         "quality.min_ndcg",
-        gates.quality.min_ndcg,
-        quality.map(|q| q.candidate_ndcg_at_10),
+        ">=",
+        q.min_ndcg,
+        quality.map(|r| r.candidate_ndcg_at_10),
     );
-    if let (Some(t), Some(p)) = (gates.parity.max_abs_diff, parity) {
-        results.push(GateResult {
-            gate: "parity.max_abs_diff".into(),
-            rule: "<=",
-            threshold: t,
-            value: p.max_abs_diff,
-            passed: p.max_abs_diff <= t,
-        });
-    }
+    check(
+        "parity.max_abs_diff",
+        "<=",
+        p.max_abs_diff,
+        parity.map(|r| r.max_abs_diff),
+    );
     results
 }
 

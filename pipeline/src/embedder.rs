@@ -305,10 +305,9 @@ impl Embedder {
         Ok(out)
     }
 
-    /// Encodes `texts` (with `prefix`) and calls `f` on padded batches of at
-    /// most `batch_size` texts of similar length, longest first, with the
-    /// indices of the batch's texts. Similar lengths waste little padding,
-    /// and the slowest batches come first, so progress estimates are honest.
+    /// Encodes `texts` (with `prefix`) and calls `f` on padded batches of
+    /// similar length on the model's device; see
+    /// [`EncoderSetup::for_each_batch`].
     pub fn for_each_batch<S: AsRef<str>>(
         &self,
         texts: &[S],
@@ -316,19 +315,8 @@ impl Embedder {
         batch_size: usize,
         f: &mut dyn FnMut(&ModelInput, &[usize]) -> Result<()>,
     ) -> Result<()> {
-        if batch_size == 0 {
-            return Err(Error::InvalidArgument(
-                "batch size must be at least 1".into(),
-            ));
-        }
-        let encoded = self.encode_texts(texts, prefix)?;
-        let mut order: Vec<usize> = (0..encoded.len()).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse(encoded[i].len()));
-        for chunk in order.chunks(batch_size) {
-            let batch: Vec<&EncodedText> = chunk.iter().map(|&i| &encoded[i]).collect();
-            f(&self.batch(&batch)?, chunk)?;
-        }
-        Ok(())
+        self.setup
+            .for_each_batch(texts, prefix, batch_size, &self.device, f)
     }
 
     /// Parameter counts by component.

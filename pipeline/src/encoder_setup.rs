@@ -6,12 +6,14 @@
 
 use std::path::{Path, PathBuf};
 
+use candle_core::Device;
+
 use crate::embedder::{LoadOptions, Prompt};
 use crate::error::{Error, Result};
-use crate::models::{Architecture, ModelConfig};
+use crate::models::{Architecture, ModelConfig, ModelInput};
 use crate::pooling::Pooling;
 use crate::sentence_transformers::SentenceConfig;
-use crate::text_encoder::{tokenizer_max_length, TextEncoder, TextEncoderSettings};
+use crate::text_encoder::{tokenizer_max_length, EncodedText, TextEncoder, TextEncoderSettings};
 
 /// A model directory's configuration, without its weights.
 pub struct EncoderSetup {
@@ -102,6 +104,33 @@ impl EncoderSetup {
 
     pub fn architecture(&self) -> Architecture {
         self.config.architecture()
+    }
+
+    /// Encodes `texts` (with `prefix`) and calls `f` on padded batches of at
+    /// most `batch_size` texts of similar length, longest first, with the
+    /// indices of the batch's texts. Similar lengths waste little padding,
+    /// and the slowest batches come first, so progress estimates are honest.
+    pub fn for_each_batch<S: AsRef<str>>(
+        &self,
+        texts: &[S],
+        prefix: &str,
+        batch_size: usize,
+        device: &Device,
+        f: &mut dyn FnMut(&ModelInput, &[usize]) -> Result<()>,
+    ) -> Result<()> {
+        if batch_size == 0 {
+            return Err(Error::InvalidArgument(
+                "batch size must be at least 1".into(),
+            ));
+        }
+        let encoded = self.text.encode(texts, prefix)?;
+        let mut order: Vec<usize> = (0..encoded.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(encoded[i].len()));
+        for chunk in order.chunks(batch_size) {
+            let batch: Vec<&EncodedText> = chunk.iter().map(|&i| &encoded[i]).collect();
+            f(&self.text.batch(&batch, device)?, chunk)?;
+        }
+        Ok(())
     }
 
     /// The text prepended to inputs for `prompt`.

@@ -40,25 +40,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let settings = args.providers.settings()?;
     let mut sessions = Vec::new();
     for g in &args.graphs {
-        let location = GraphLocation::resolve(g).or_else(|_| {
-            // A bare .onnx file needs no model files to be benchmarked.
-            if g.is_file() {
-                Ok(GraphLocation {
-                    graph: g.clone(),
-                    model_dir: g
-                        .parent()
-                        .unwrap_or(std::path::Path::new("."))
-                        .to_path_buf(),
-                })
-            } else {
-                GraphLocation::resolve(g)
-            }
-        })?;
-        let size = std::fs::metadata(&location.graph)?.len()
-            + std::fs::metadata(location.graph.with_extension("onnx_data")).map_or(0, |m| m.len());
+        // Only the graph is needed: no tokenizer or model files.
+        let graph = GraphLocation::find_graph(g)?;
+        let size = std::fs::metadata(&graph)?.len()
+            + std::fs::metadata(graph.with_extension("onnx_data")).map_or(0, |m| m.len());
         sessions.push((
-            BenchSession::open(&location.graph, &settings)
-                .with_context(|| format!("opening {}", location.graph.display()))?,
+            BenchSession::open(&graph, &settings)
+                .with_context(|| format!("opening {}", graph.display()))?,
             size,
         ));
     }

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use effir_onnx::graph_file::GraphFile;
 use effir_onnx::validate::{
     apply_gates, check_parity, check_quality, parity_texts, Gates, ValidationReport,
 };
@@ -84,16 +83,21 @@ pub fn run(args: ValidateArgs) -> anyhow::Result<()> {
     }
     let settings = args.providers.settings()?;
     let location = GraphLocation::resolve(&args.candidate)?;
-    let candle_model = match &args.candidate_model {
-        Some(dir) => dir.clone(),
-        None => source_model(&location.graph)?.unwrap_or_else(|| args.reference.clone()),
-    };
     let options = LoadOptions {
         max_length: args.max_length,
         ..Default::default()
     };
     let candidate = OnnxEncoder::load(location, &options, &settings)
         .with_context(|| format!("opening candidate {}", args.candidate.display()))?;
+    // The candidate's own source model, when the graph records one that exists.
+    let candle_model = match &args.candidate_model {
+        Some(dir) => dir.clone(),
+        None => candidate
+            .metadata("effir.source_model")
+            .map(PathBuf::from)
+            .filter(|p| p.join("config.json").is_file())
+            .unwrap_or_else(|| args.reference.clone()),
+    };
     let providers: Vec<String> = candidate
         .providers()
         .iter()
@@ -186,15 +190,6 @@ pub fn run(args: ValidateArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-/// The `effir.source_model` a graph records, if that directory exists.
-fn source_model(graph: &Path) -> anyhow::Result<Option<PathBuf>> {
-    let file = GraphFile::read(graph)?;
-    Ok(file
-        .metadata("effir.source_model")
-        .map(PathBuf::from)
-        .filter(|p| p.join("config.json").is_file()))
 }
 
 fn write_report(report: &ValidationReport, out: &Path) -> anyhow::Result<()> {

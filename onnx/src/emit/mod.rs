@@ -21,6 +21,8 @@ use layers::Weights;
 pub const INPUT_IDS: &str = "input_ids";
 pub const ATTENTION_MASK: &str = "attention_mask";
 pub const TOKEN_TYPE_IDS: &str = "token_type_ids";
+/// Every token input a graph may take.
+pub const TOKEN_INPUTS: [&str; 3] = [INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS];
 pub const LAST_HIDDEN_STATE: &str = "last_hidden_state";
 pub const SENTENCE_EMBEDDING: &str = "sentence_embedding";
 
