@@ -107,10 +107,10 @@ validate-pruned: export-pruned
 # The pruned MiniLMs of `make prune-minilm` scored on the full SciFact corpus
 # through ONNX Runtime (RESULTS.md); their quality gates are expected to fail.
 validate-prune-minilm: build onnxruntime
-	-for p in 25 50 70; do \
+	for p in 25 50 70; do \
 	  $(EFFIR) export --model $(RUNS)/minilm-prune-$$p --out $(RUNS)/onnx/minilm-prune-$$p --overwrite || exit 1; \
 	  $(EFFIR) validate --reference $(MINILM) --candidate $(RUNS)/onnx/minilm-prune-$$p --data $(DATA) \
-	    --gates configs/gates.yaml --out $(RUNS)/validate-minilm-prune-$$p; \
+	    --gates configs/gates.yaml --out $(RUNS)/validate-minilm-prune-$$p || echo "minilm-prune-$$p: gates failed (see its validation.md)"; \
 	done
 
 bench-onnx: export export-pruned
