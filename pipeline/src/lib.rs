@@ -30,6 +30,7 @@ pub mod analysis;
 pub mod beir;
 pub mod calibration;
 pub mod chart;
+pub mod decilm;
 pub mod drop_study;
 pub mod embedding_cache;
 pub mod evaluation;

@@ -10,8 +10,10 @@
 //!   of `alignment` so the narrowed matrices stay fast.
 //!
 //! The output is a real, smaller model directory: sliced safetensors (no
-//! masks, no zeros), the original config and tokenizer, and
-//! `effir_shape.json` with each layer's width.
+//! masks, no zeros), the tokenizer, `config.json` with LLM-Drop's
+//! `drop_mlp_list`/`drop_attn_list` added, `effir_shape.json` with each
+//! layer's width, and `effir_prune.json` (the plan, the decisions and, where
+//! DeciLM can express the model, its `block_configs`, [`crate::decilm`]).
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -23,7 +25,7 @@ use crate::analysis::{measure_importance, ImportanceReport};
 use crate::embedder::Embedder;
 use crate::error::{Error, Result};
 use crate::model_files::{copy_model_files, is_backbone_weights};
-use crate::models::{ForwardHooks, SkippedSublayers};
+use crate::models::{ForwardHooks, ModelConfig, SkippedSublayers};
 use crate::shape::{MlpShape, ModelShape, SHAPE_FILE};
 use crate::weights::WEIGHTS_FILE;
 
@@ -84,6 +86,32 @@ pub struct FinePlan {
     /// Widths are multiples of this.
     #[serde(default = "default_alignment")]
     pub alignment: usize,
+}
+
+impl FinePlan {
+    /// The narrowest an MLP of `width` neurons may become: the floor
+    /// fraction rounded up to the alignment, at least one aligned block.
+    pub fn floor(&self, width: usize) -> usize {
+        align_up(
+            (self.min_width_fraction * width as f64).ceil() as usize,
+            self.alignment,
+        )
+        .clamp(self.alignment.min(width), width)
+    }
+
+    /// Neurons kept in all, `mlp_keep` of the MLP neurons `shape` has.
+    pub fn target_neurons(&self, shape: &ModelShape) -> usize {
+        (self.mlp_keep * mlp_neurons(shape) as f64).round() as usize
+    }
+}
+
+fn mlp_neurons(shape: &ModelShape) -> usize {
+    shape
+        .layers
+        .iter()
+        .filter_map(|l| l.mlp)
+        .map(|m| m.intermediate_size)
+        .sum()
 }
 
 fn default_floor() -> f64 {
@@ -181,6 +209,27 @@ impl PrunePlan {
                 return bad(format!(
                     "fine.mlp_keep {} keeps more than the {:.3} the coarse step leaves",
                     f.mlp_keep, remaining
+                ));
+            }
+            // The floors of the MLPs that stay must fit in the target. Unless
+            // the layers are listed, which ones stay is only known after
+            // measuring, so check the smallest floors that could stay.
+            let mut floors: Vec<usize> = shape
+                .layers
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| c.layers.as_ref().is_none_or(|list| !list.contains(i)))
+                .filter_map(|(_, l)| l.mlp)
+                .map(|m| f.floor(m.intermediate_size))
+                .collect();
+            floors.sort_unstable();
+            let least: usize = floors.iter().take(present - self.drop_count(shape)).sum();
+            let target = f.target_neurons(shape);
+            if least > target {
+                return bad(format!(
+                    "fine.mlp_keep {} ({target} neurons) is below the per-layer floors \
+                     ({least} neurons with fine.min_width_fraction {} and fine.alignment {})",
+                    f.mlp_keep, f.min_width_fraction, f.alignment
                 ));
             }
         }
@@ -295,18 +344,25 @@ pub fn info_nce(
     candle_nn::loss::cross_entropy(&logits, &labels)
 }
 
+/// Taylor scores contrast each query with the other documents of its batch,
+/// so they need batches of at least two query–document pairs.
+pub fn check_taylor_inputs(pairs: usize, batch_size: usize) -> Result<()> {
+    if pairs < 2 || batch_size < 2 {
+        return Err(Error::InvalidArgument(format!(
+            "Taylor scores need at least 2 query-document pairs per batch (in-batch \
+             negatives); got {pairs} pairs in batches of {batch_size}"
+        )));
+    }
+    Ok(())
+}
+
 /// Taylor scores of every MLP neuron on `pairs`, `batch_size` pairs at a time.
 pub fn taylor_scores(
     embedder: &Embedder,
     pairs: &[(String, String)],
     batch_size: usize,
 ) -> Result<Vec<Option<Vec<f64>>>> {
-    if pairs.len() < 2 || batch_size < 2 {
-        return Err(Error::InvalidArgument(
-            "Taylor scores need at least 2 query-document pairs per batch (in-batch negatives)"
-                .into(),
-        ));
-    }
+    check_taylor_inputs(pairs.len(), batch_size)?;
     let mut gates = TaylorGates {
         gates: embedder
             .shape()
@@ -369,6 +425,13 @@ pub fn plan_pruning(
     let _span = tracing::info_span!("prune").entered();
     let shape = embedder.shape().clone();
     plan.validate(&shape)?;
+    if plan
+        .fine
+        .as_ref()
+        .is_some_and(|f| f.score == NeuronScore::Taylor)
+    {
+        check_taylor_inputs(pairs.len(), batch_size)?;
+    }
     let arch = embedder.architecture();
     progress("measuring sub-layer importance");
     let importance = measure_importance(embedder, calibration, batch_size, &mut |_| {})?;
@@ -412,12 +475,7 @@ pub fn plan_pruning(
         .iter()
         .map(|l| l.mlp.map(|m| (0..m.intermediate_size as u32).collect()))
         .collect();
-    let original_neurons: usize = shape
-        .layers
-        .iter()
-        .filter_map(|l| l.mlp)
-        .map(|m| m.intermediate_size)
-        .sum();
+    let original_neurons = mlp_neurons(&shape);
     if let Some(fine) = &plan.fine {
         embedder.set_skipped(SkippedSublayers {
             mlp: dropped.iter().copied().collect(),
@@ -468,17 +526,9 @@ pub fn plan_pruning(
             for (j, s) in raw.iter().enumerate() {
                 scores.push((l, j as u32, if mean > 0.0 { s / mean } else { 0.0 }));
             }
-            let floor = align_up(
-                (fine.min_width_fraction * mlp.intermediate_size as f64).ceil() as usize,
-                fine.alignment,
-            )
-            .clamp(
-                fine.alignment.min(mlp.intermediate_size),
-                mlp.intermediate_size,
-            );
-            floors.insert(l, floor);
+            floors.insert(l, fine.floor(mlp.intermediate_size));
         }
-        let target = (fine.mlp_keep * original_neurons as f64).round() as usize;
+        let target = fine.target_neurons(&shape);
         let floor_total: usize = floors.values().sum();
         if floor_total > target {
             return Err(Error::InvalidArgument(format!(
@@ -605,6 +655,21 @@ pub fn write_pruned_model(
     let weights = staging.path().join(WEIGHTS_FILE);
     candle_core::safetensors::save(&tensors, &weights).map_err(|e| Error::weights(&weights, e))?;
     result.shape.save(staging.path())?;
+    // Every MLP the model lacks, including those a pruned source had already lost.
+    let drop_mlp_list: Vec<usize> = result
+        .shape
+        .layers
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.mlp.is_none())
+        .map(|(i, _)| i)
+        .collect();
+    add_llm_drop_keys(&staging.path().join("config.json"), &drop_mlp_list)?;
+    let config = ModelConfig::from_file(&source.join("config.json"))?;
+    let decilm = match config.decoder_spec()? {
+        Some(spec) => crate::decilm::block_configs(&spec, &result.shape),
+        None => Err("BERT is an encoder; DeciLM describes Llama-style decoders".to_string()),
+    };
     let record = serde_json::json!({
         "effir_version": env!("CARGO_PKG_VERSION"),
         "source_model": std::fs::canonicalize(source).unwrap_or_else(|_| source.to_path_buf()),
@@ -613,10 +678,12 @@ pub fn write_pruned_model(
         "mlp_widths": result.shape.layers.iter().map(|l| l.mlp.map(|m| m.intermediate_size)).collect::<Vec<_>>(),
         "mlp_keep_achieved": result.mlp_keep_achieved,
         "importance": result.importance.layers,
-        // LLM-Drop (Chen et al.) convention.
-        "drop_mlp_list": result.dropped_mlps,
+        // LLM-Drop (He et al., "What Matters in Transformers?") convention,
+        // also added to config.json, where LLM-Drop's model code reads it.
+        "drop_mlp_list": drop_mlp_list,
         "drop_attn_list": Vec::<usize>::new(),
-        "decilm_block_configs": decilm_block_configs(arch, &result.shape),
+        "decilm_block_configs": decilm.as_ref().ok(),
+        "decilm_block_configs_unexpressible": decilm.as_ref().err(),
     });
     let record_path = staging.path().join(PLAN_FILE);
     std::fs::write(
@@ -630,36 +697,88 @@ pub fn write_pruned_model(
     staging.publish(out)
 }
 
-/// NVIDIA DeciLM `block_configs` (per layer `attention` / `ffn`, `no_op` for a
-/// dropped MLP) for Llama-family models; `null` where DeciLM cannot express
-/// the model (other architectures, or a width no `ffn_mult` produces).
-fn decilm_block_configs(
-    arch: crate::models::Architecture,
-    shape: &ModelShape,
-) -> serde_json::Value {
-    use crate::models::Architecture as A;
-    if !matches!(arch, A::Llama | A::Mistral | A::Qwen2 | A::Qwen3) {
-        return serde_json::Value::Null;
+/// Adds LLM-Drop's `drop_mlp_list` and `drop_attn_list` to the copied
+/// `config.json` (Hugging Face loaders ignore keys they do not know).
+fn add_llm_drop_keys(config_path: &Path, drop_mlp_list: &[usize]) -> Result<()> {
+    let mut config: serde_json::Map<String, serde_json::Value> =
+        crate::json_file::read_json(config_path)?;
+    config.insert("drop_mlp_list".into(), serde_json::json!(drop_mlp_list));
+    config.insert("drop_attn_list".into(), serde_json::json!([]));
+    let text = serde_json::to_string_pretty(&config).unwrap_or_default();
+    std::fs::write(config_path, format!("{text}\n")).map_err(|e| Error::io(config_path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shape::LayerShape;
+
+    fn two_layers(width: usize) -> ModelShape {
+        ModelShape::uniform(
+            "llama",
+            2,
+            LayerShape {
+                num_heads: 4,
+                num_kv_heads: 4,
+                head_dim: 16,
+                mlp: Some(MlpShape {
+                    intermediate_size: width,
+                }),
+            },
+        )
     }
-    serde_json::Value::Array(
-        shape
-            .layers
-            .iter()
-            .map(|l| {
-                let ffn = match l.mlp {
-                    None => serde_json::json!({ "no_op": true, "replace_with_linear": false, "ffn_mult": null }),
-                    Some(m) => serde_json::json!({
-                        "no_op": false,
-                        "replace_with_linear": false,
-                        // DeciLM derives the width from ffn_mult; effir records the exact width beside it.
-                        "intermediate_size": m.intermediate_size,
-                    }),
-                };
-                serde_json::json!({
-                    "attention": { "no_op": false, "replace_with_linear": false, "n_heads_in_group": l.num_heads / l.num_kv_heads },
-                    "ffn": ffn,
-                })
-            })
-            .collect(),
-    )
+
+    /// Widths follow a global ranking of (mean-normalised) neuron scores: a
+    /// layer whose few strong neurons stand out against many weak ones is
+    /// narrowed to its floor, a layer of evenly useful neurons keeps more.
+    #[test]
+    fn widths_are_allocated_by_a_global_ranking_above_per_layer_floors() {
+        let shape = two_layers(64);
+        let mut scores = Vec::new();
+        for j in 0..64u32 {
+            scores.push((0, j, 1.0));
+            scores.push((1, j, if j < 8 { 7.0 } else { 1.0 / 7.0 }));
+        }
+        let floors = HashMap::from([(0, 8), (1, 8)]);
+        let widths = allocate_widths(&scores, &floors, &shape, 64, 8);
+        assert_eq!(widths, vec![(0, 56), (1, 8)]);
+
+        // Everything kept when the target is every neuron.
+        let all = allocate_widths(&scores, &floors, &shape, 128, 8);
+        assert_eq!(all, vec![(0, 64), (1, 64)]);
+    }
+
+    #[test]
+    fn widths_are_rounded_to_the_alignment_and_never_below_the_floor() {
+        let shape = two_layers(64);
+        let scores: Vec<(usize, u32, f64)> = (0..64u32)
+            .flat_map(|j| [(0, j, 2.0 - j as f64 / 64.0), (1, j, 1.0 - j as f64 / 64.0)])
+            .collect();
+        let floors = HashMap::from([(0, 16), (1, 16)]);
+        for target in [32, 45, 70, 101] {
+            let widths = allocate_widths(&scores, &floors, &shape, target, 8);
+            let total: usize = widths.iter().map(|(_, w)| w).sum();
+            for (l, w) in &widths {
+                assert_eq!(w % 8, 0, "layer {l} width {w} at target {target}");
+                assert!(*w >= 16 && *w <= 64, "layer {l} width {w}");
+            }
+            assert!(
+                total.abs_diff(target) <= 8,
+                "total {total} for target {target}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_floor_is_the_fraction_rounded_up_to_the_alignment() {
+        let fine = FinePlan {
+            mlp_keep: 0.5,
+            score: NeuronScore::ActivationMagnitude,
+            min_width_fraction: 0.1,
+            alignment: 8,
+        };
+        assert_eq!(fine.floor(96), 16); // 9.6 -> 10 -> 16
+        assert_eq!(fine.floor(1536), 160); // 153.6 -> 154 -> 160
+        assert_eq!(fine.floor(4), 4); // never wider than the layer
+    }
 }

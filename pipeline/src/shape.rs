@@ -5,8 +5,9 @@
 //! have no MLP at all, the others have their own intermediate width. The
 //! [`ModelShape`] records that, starts as [`ModelShape::uniform`] from the
 //! config, and is saved as `effir_shape.json` beside the weights so that the
-//! loader, the ONNX emitter and evaluation agree on it. `config.json` itself is
-//! never edited.
+//! loader, the ONNX emitter and evaluation agree on it. `config.json` keeps
+//! the original widths (pruning only adds LLM-Drop's `drop_mlp_list` and
+//! `drop_attn_list` to it), so effir reads widths from the shape record.
 
 use std::path::Path;
 

@@ -9,7 +9,8 @@ use clap::{Args, ValueEnum};
 use effir_pipeline::atomic_file::write_bytes_atomically;
 use effir_pipeline::calibration::{training_pairs, CalibrationBudget, CalibrationSet};
 use effir_pipeline::prune::{
-    plan_pruning, write_pruned_model, CoarseMode, CoarsePlan, FinePlan, NeuronScore, PrunePlan,
+    check_taylor_inputs, plan_pruning, write_pruned_model, CoarseMode, CoarsePlan, FinePlan,
+    NeuronScore, PrunePlan,
 };
 use effir_pipeline::weights::load_all_tensors;
 use effir_pipeline::{Embedder, ParameterReport, Prompt};
@@ -38,13 +39,16 @@ pub struct PruneArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Pruning plan (YAML, e.g. configs/prune-minilm-50.yaml).
-    #[arg(long, conflicts_with_all = ["drop_mlp", "mlp_keep", "drop_layers"])]
+    #[arg(long, conflicts_with_all = ["drop_mlp", "drop_fraction", "mlp_keep", "drop_layers"])]
     pub plan: Option<PathBuf>,
     /// Drop this many MLP sub-layers, least important first.
     #[arg(long)]
     pub drop_mlp: Option<usize>,
+    /// Or drop this fraction of the MLP sub-layers (rounded down), least important first.
+    #[arg(long, conflicts_with = "drop_mlp")]
+    pub drop_fraction: Option<f64>,
     /// Or drop exactly these layers' MLPs (comma-separated).
-    #[arg(long, value_delimiter = ',', conflicts_with = "drop_mlp")]
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["drop_mlp", "drop_fraction"])]
     pub drop_layers: Option<Vec<usize>>,
     /// Fraction of the original MLP parameters kept after dropping and narrowing.
     #[arg(long)]
@@ -152,12 +156,12 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
         None => PrunePlan {
             coarse: CoarsePlan {
                 drop_mlp: args.drop_mlp,
+                drop_fraction: args.drop_fraction,
                 layers: args.drop_layers.clone(),
                 mode: match args.mode {
                     ModeArg::OneShot => CoarseMode::OneShot,
                     ModeArg::Iterative => CoarseMode::Iterative,
                 },
-                ..Default::default()
             },
             fine: args.mlp_keep.map(|mlp_keep| FinePlan {
                 mlp_keep,
@@ -181,6 +185,13 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
         .with_context(|| format!("loading model {}", args.model.model.display()))?;
     // Every check on the plan before any work.
     plan.validate(embedder.shape())?;
+    let taylor = plan
+        .fine
+        .as_ref()
+        .is_some_and(|f| f.score == NeuronScore::Taylor);
+    if taylor {
+        check_taylor_inputs(args.taylor_pairs, args.batch_size)?;
+    }
     let calibration = match (&args.calib, &args.data) {
         (Some(file), None) => {
             CalibrationSet::from_file(&embedder, file, &Prompt::None, args.calib_tokens)?
@@ -196,15 +207,15 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
         )?,
         _ => bail!("give calibration text with --data DIR or --calib FILE"),
     };
-    let taylor = plan
-        .fine
-        .as_ref()
-        .is_some_and(|f| f.score == NeuronScore::Taylor);
     let pairs = match (&args.data, taylor) {
         (_, false) => Vec::new(),
         (Some(dir), true) => training_pairs(&embedder, dir, &args.pairs_split, args.taylor_pairs, args.seed)?,
         (None, true) => bail!("Taylor scores need query-document pairs: give --data DIR (a BEIR dataset with a {} split)", args.pairs_split),
     };
+    if taylor {
+        check_taylor_inputs(pairs.len(), args.batch_size)
+            .with_context(|| format!("the {} split of --data", args.pairs_split))?;
+    }
     let tensors = load_all_tensors(&args.model.model)?;
     let start = Instant::now();
     let result = plan_pruning(
