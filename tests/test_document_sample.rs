@@ -1,0 +1,59 @@
+//! The evaluation subset `--doc-sample N --seed S` uses when a full corpus is
+//! too slow to encode: every judged document of the split plus seeded random
+//! others, N in all, in corpus order, the same for the same seed.
+
+mod common;
+
+use std::collections::HashSet;
+
+use common::dataset;
+use effir_pipeline::beir::{DanglingPolicy, Dataset};
+
+fn scifact() -> Dataset {
+    Dataset::load(&dataset("scifact"), "test", DanglingPolicy::Strict).unwrap()
+}
+
+fn ids(d: &Dataset) -> Vec<String> {
+    d.corpus.iter().map(|doc| doc.id.clone()).collect()
+}
+
+#[test]
+fn a_document_sample_keeps_every_judged_document_and_is_seeded() {
+    let full = scifact();
+    let judged: HashSet<String> = full
+        .qrels
+        .values()
+        .flat_map(|docs| docs.keys().cloned())
+        .collect();
+    assert!(judged.len() < 1000);
+
+    let sample = scifact().with_document_sample(1000, 0);
+    let kept: HashSet<String> = ids(&sample).into_iter().collect();
+    assert_eq!(sample.corpus.len(), 1000);
+    assert!(judged.is_subset(&kept), "a judged document was left out");
+    assert_eq!(sample.queries.len(), full.queries.len());
+
+    // Corpus order is kept: the sample is a subsequence of the corpus.
+    let position: std::collections::HashMap<&str, usize> = full
+        .corpus
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (d.id.as_str(), i))
+        .collect();
+    let order: Vec<usize> = sample
+        .corpus
+        .iter()
+        .map(|d| position[d.id.as_str()])
+        .collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]));
+
+    // Same seed, same documents; another seed, other random documents.
+    assert_eq!(ids(&scifact().with_document_sample(1000, 0)), ids(&sample));
+    let other = scifact().with_document_sample(1000, 1);
+    assert_ne!(ids(&other), ids(&sample));
+    assert!(judged.is_subset(&ids(&other).into_iter().collect()));
+
+    // A sample as large as the corpus is the corpus.
+    let all = scifact().with_document_sample(full.corpus.len(), 0);
+    assert_eq!(ids(&all), ids(&full));
+}
