@@ -83,6 +83,20 @@ fn y_max(series: &[Series]) -> f64 {
     }
 }
 
+/// One label under the middle of each of `labels.len()` equal slots of the x axis.
+fn x_labels(svg: &mut String, labels: &[String]) {
+    let slot = (W - LEFT - RIGHT) / labels.len().max(1) as f64;
+    for (i, label) in labels.iter().enumerate() {
+        let _ = writeln!(
+            svg,
+            r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#,
+            LEFT + slot * (i as f64 + 0.5),
+            H - BOTTOM + 16.0,
+            escape(label)
+        );
+    }
+}
+
 /// Grouped bars: one group per label (e.g. layer), one bar per series.
 pub fn bar_chart(
     title: &str,
@@ -114,14 +128,8 @@ pub fn bar_chart(
                 );
             }
         }
-        let _ = writeln!(
-            svg,
-            r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#,
-            gx + group * 0.4,
-            H - BOTTOM + 16.0,
-            escape(label)
-        );
     }
+    x_labels(&mut svg, labels);
     legend(&mut svg, series);
     svg.push_str("</svg>\n");
     svg
@@ -141,15 +149,7 @@ pub fn line_chart(
     let plot_h = H - TOP - BOTTOM;
     let step = plot_w / labels.len().max(1) as f64;
     let x = |i: usize| LEFT + step * (i as f64 + 0.5);
-    for (i, label) in labels.iter().enumerate() {
-        let _ = writeln!(
-            svg,
-            r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#,
-            x(i),
-            H - BOTTOM + 16.0,
-            escape(label)
-        );
-    }
+    x_labels(&mut svg, labels);
     for s in series {
         let points: Vec<String> = s
             .values
