@@ -147,41 +147,66 @@ fn analyze_and_drop_study_write_their_reports() {
     );
     assert!(study.join("drop_study.svg").exists() && study.join("drop_study.md").exists());
 
-    // Bad input: nothing written.
+    // Bad input: a clear error, nothing written.
     let bad = work.path().join("bad");
-    for args in [
-        vec![
-            "analyze",
-            "--model",
-            fixture("bert").to_str().unwrap(),
-            "--out",
-            bad.to_str().unwrap(),
-        ],
-        vec![
-            "drop-study",
-            "--model",
-            fixture("bert").to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
+    let blank = work.path().join("blank.txt");
+    std::fs::write(&blank, " \n\n\t\n").unwrap();
+    let model = fixture("bert");
+    let model = model.to_str().unwrap();
+    let (bad_dir, data_dir) = (bad.to_str().unwrap(), data.to_str().unwrap());
+    for (args, needle) in [
+        (
+            vec!["analyze", "--model", model, "--out", bad_dir],
+            "--calib",
+        ),
+        (
+            vec![
+                "analyze",
+                "--model",
+                model,
+                "--calib",
+                blank.to_str().unwrap(),
+                "--out",
+                bad_dir,
+            ],
+            "no usable calibration text",
+        ),
+        (
+            vec![
+                "drop-study",
+                "--model",
+                model,
+                "--data",
+                data_dir,
+                "--k",
+                "0",
+                "--out",
+                bad_dir,
+            ],
             "--k",
-            "0",
-            "--out",
-            bad.to_str().unwrap(),
-        ],
-        vec![
-            "drop-study",
-            "--model",
-            fixture("bert").to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
+        ),
+        (
+            vec![
+                "drop-study",
+                "--model",
+                model,
+                "--data",
+                data_dir,
+                "--k",
+                "4",
+                "--out",
+                bad_dir,
+            ],
             "--k",
-            "4",
-            "--out",
-            bad.to_str().unwrap(),
-        ],
+        ),
     ] {
         let run = effir(&args);
         assert!(!run.status.success(), "{args:?} succeeded");
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: `{needle}` not in {stderr}"
+        );
         assert!(!bad.exists(), "{args:?} wrote output");
     }
 }

@@ -552,6 +552,34 @@ fn the_cli_writes_a_loadable_model_and_its_records() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("leaves none"));
     assert!(!none_left.exists());
 
+    // Other bad plans, from flags or YAML: refused, nothing written.
+    let plan_for_bert = work.path().join("bert-plan.yaml");
+    std::fs::write(
+        &plan_for_bert,
+        "model_type: bert\nnum_layers: 3\ncoarse: {drop_mlp: 1}\n",
+    )
+    .unwrap();
+    let refused = work.path().join("refused");
+    let refused_dir = refused.to_str().unwrap();
+    for (args, needle) in [
+        (vec!["--drop-layers", "7"], "layer 7 is out of range"),
+        (vec!["--mlp-keep", "1.5"], "outside (0, 1]"),
+        (vec!["--drop-fraction", "1.0"], "outside [0, 1)"),
+        (
+            vec!["--plan", plan_for_bert.to_str().unwrap()],
+            "model_type `bert`",
+        ),
+    ] {
+        let bad = run(&[&["--out", refused_dir][..], &args].concat());
+        assert!(!bad.status.success(), "{args:?} succeeded");
+        let stderr = String::from_utf8_lossy(&bad.stderr);
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: `{needle}` not in {stderr}"
+        );
+        assert!(!refused.exists(), "{args:?} wrote output");
+    }
+
     // Taylor scores need batches of two or more pairs: refused before any work.
     let taylor = work.path().join("taylor");
     let bad = run(&[
