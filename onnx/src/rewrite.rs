@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
 use candle_onnx::onnx::{
-    attribute_proto::AttributeType, tensor_proto::DataLocation, tensor_proto::DataType, NodeProto,
-    TensorProto,
+    attribute_proto::AttributeType, tensor_proto::DataLocation, tensor_proto::DataType, GraphProto,
+    NodeProto, TensorProto,
 };
 use effir_pipeline::models::ModelConfig;
 use effir_pipeline::{Architecture, ModelShape};
@@ -249,37 +249,147 @@ pub fn rewrite(
         .map_err(|e| Error::io(graph_path, e))?
         .len()
         + std::fs::metadata(graph_path.with_extension("onnx_data")).map_or(0, |m| m.len());
-    let used_external = file.model.graph.as_ref().is_some_and(|g| {
-        g.initializer
-            .iter()
-            .any(|t| t.data_location == DataLocation::External as i32)
-    });
-    // Weights in external data come inline first: the output's data file is
-    // written anew, so no tensor may keep pointing into the original's.
-    if let Some(g) = file.model.graph.as_mut() {
-        for t in g.initializer.iter_mut() {
-            if t.data_location != DataLocation::External as i32 {
-                continue;
-            }
-            if t.data_type != DataType::Float as i32 {
-                return Err(Error::graph(
-                    graph_path,
-                    format!(
-                        "{}: external data of a non-float tensor is not supported",
-                        t.name
-                    ),
-                ));
-            }
-            let values = float_values(t, &base)?.expect("float tensor");
-            t.raw_data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-            t.data_location = DataLocation::Default as i32;
-            t.external_data.clear();
-        }
-    }
+    let graph = file.model.graph.as_mut().expect("checked on read");
+    let used_external = inline_external_data(graph, graph_path, &base)?;
     let original = Checkpoint::load(&original_dir, arch)?;
     let target = Checkpoint::load(model_dir, arch)?;
+    let nodes_before = graph.node.len();
 
-    // 1. Every checkpoint tensor by the hash of its values (and of its transpose).
+    let idx = index(&graph.node);
+    let weights = match_weights(graph, &idx, &base, arch, &original, &target)?;
+    let (mlp_blocks, missing) = locate_dropped_mlps(graph, &idx, arch, &shape, &weights);
+    if !missing.is_empty() || !weights.unresolved.is_empty() {
+        let float_matrices = graph
+            .initializer
+            .iter()
+            .filter(|t| t.data_type == DataType::Float as i32 && t.dims.len() == 2)
+            .count();
+        return Err(Error::graph(
+            graph_path,
+            format!(
+                "cannot map this graph onto {} ({} float matrices in the graph, {} weights matched by value):\n  {}",
+                original_dir.display(),
+                float_matrices,
+                weights.assigned.len(),
+                missing
+                    .into_iter()
+                    .chain(weights.unresolved.iter().map(|u| format!("ambiguous weight {u}")))
+                    .collect::<Vec<_>>()
+                    .join("\n  ")
+            ),
+        ));
+    }
+
+    let dropped: Vec<usize> = mlp_blocks.keys().copied().collect();
+    cut_out_mlps(graph, &idx, &mlp_blocks);
+    let replaced = replace_weights(graph, &weights.assigned, &target, arch, &dropped, model_dir)?;
+    // Dead nodes and initializers go; shape hints of changed tensors too.
+    remove_dead(graph);
+    graph.value_info.clear();
+    let narrowed: Vec<usize> = shape
+        .layers
+        .iter()
+        .enumerate()
+        .filter(|(l, s)| {
+            s.mlp.is_some_and(|m| {
+                original
+                    .tensors
+                    .get(&arch.mlp_tensors("", *l).down)
+                    .is_some_and(|(d, _)| d[1] != m.intermediate_size)
+            })
+        })
+        .map(|(l, _)| l)
+        .collect();
+    let nodes_after = graph.node.len();
+    let weight_bytes = crate::graph_file::initializer_bytes(&file.model);
+    let external = used_external || weight_bytes > EXTERNAL_DATA_THRESHOLD;
+
+    let staging = effir_pipeline::atomic_file::StagedDir::beside(out)?;
+    let file_name = graph_path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("model.onnx")
+        .to_string();
+    write_model(file.model, staging.path(), &file_name, external)?;
+    let staged_graph = staging.path().join(&file_name);
+    GraphFile::read(&staged_graph)?;
+    let bytes_after = std::fs::metadata(&staged_graph)
+        .map_err(|e| Error::io(&staged_graph, e))?
+        .len()
+        + std::fs::metadata(staging.path().join(format!("{file_name}_data")))
+            .map_or(0, |m| m.len());
+    staging.publish(out)?;
+    Ok(RewriteSummary {
+        original_graph: graph_path.to_path_buf(),
+        graph: out.join(file_name),
+        matched_weights: weights.assigned.len(),
+        replaced_weights: replaced,
+        dropped_mlps: dropped,
+        narrowed_mlps: narrowed,
+        nodes_before,
+        nodes_after,
+        bytes_before,
+        bytes_after,
+    })
+}
+
+/// Brings weights held in external data into the graph, so that no tensor
+/// keeps pointing into the original's data file (the output's is written
+/// anew). Returns whether the graph used external data.
+fn inline_external_data(graph: &mut GraphProto, graph_path: &Path, base: &Path) -> Result<bool> {
+    let mut used = false;
+    for t in graph.initializer.iter_mut() {
+        if t.data_location != DataLocation::External as i32 {
+            continue;
+        }
+        used = true;
+        if t.data_type != DataType::Float as i32 {
+            return Err(Error::graph(
+                graph_path,
+                format!(
+                    "{}: external data of a non-float tensor is not supported",
+                    t.name
+                ),
+            ));
+        }
+        let values = float_values(t, base)?.expect("float tensor");
+        t.raw_data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        t.data_location = DataLocation::Default as i32;
+        t.external_data.clear();
+    }
+    Ok(used)
+}
+
+/// The value name a weight source feeds into the graph.
+fn value_of(graph: &GraphProto, s: &Source) -> String {
+    match s {
+        Source::Initializer(i) => graph.initializer[*i].name.clone(),
+        Source::Constant(i) => graph.node[*i].output[0].clone(),
+    }
+}
+
+/// Which checkpoint tensor each graph weight holds.
+struct WeightMatch {
+    /// Graph weights matched to one checkpoint tensor, in the graph's orientation.
+    assigned: HashMap<Source, (String, Orientation)>,
+    /// Graph value names of every weight whose values some checkpoint tensor has.
+    by_value: HashMap<String, Source>,
+    /// Weights that match several checkpoint tensors with different new values.
+    unresolved: Vec<String>,
+}
+
+/// Matches graph weights to the original checkpoint's tensors by value:
+/// unique matches first, then biases and norms by the graph's structure,
+/// then what is left when the names other weights took are set aside.
+fn match_weights(
+    graph: &GraphProto,
+    idx: &Index,
+    base: &Path,
+    arch: Architecture,
+    original: &Checkpoint,
+    target: &Checkpoint,
+) -> Result<WeightMatch> {
+    // Every checkpoint tensor by the hash of its values (and of its transpose).
     let mut by_hash: HashMap<blake3::Hash, Vec<(String, Orientation)>> = HashMap::new();
     for (name, (dims, values)) in &original.tensors {
         by_hash
@@ -295,12 +405,10 @@ pub fn rewrite(
             }
         }
     }
-    let graph = file.model.graph.as_mut().expect("checked on read");
-    let nodes_before = graph.node.len();
     let mut candidates: HashMap<Source, Vec<(String, Orientation)>> = HashMap::new();
     let mut source_name: HashMap<Source, String> = HashMap::new();
     for (i, t) in graph.initializer.iter().enumerate() {
-        if let Some(values) = float_values(t, &base)? {
+        if let Some(values) = float_values(t, base)? {
             if let Some(c) = by_hash.get(&hash(&values)) {
                 candidates.insert(Source::Initializer(i), c.clone());
             }
@@ -318,7 +426,7 @@ pub fn rewrite(
             .and_then(|a| a.t.as_ref())
         {
             if t.dims.iter().product::<i64>() > 1 {
-                if let Some(values) = float_values(t, &base)? {
+                if let Some(values) = float_values(t, base)? {
                     if let Some(c) = by_hash.get(&hash(&values)) {
                         candidates.insert(Source::Constant(i), c.clone());
                     }
@@ -327,16 +435,7 @@ pub fn rewrite(
             }
         }
     }
-    // The value name each source feeds into the graph.
-    let value_of = |s: &Source| -> String {
-        match s {
-            Source::Initializer(i) => graph.initializer[*i].name.clone(),
-            Source::Constant(i) => graph.node[*i].output[0].clone(),
-        }
-    };
 
-    // 2. Unique matches first; then biases and norms by structure.
-    let idx = index(&graph.node);
     let mut assigned: HashMap<Source, (String, Orientation)> = HashMap::new();
     for (s, c) in &candidates {
         let distinct: HashSet<&String> = c.iter().map(|(n, _)| n).collect();
@@ -344,111 +443,11 @@ pub fn rewrite(
             assigned.insert(*s, c[0].clone());
         }
     }
-    let by_value: HashMap<String, Source> = candidates.keys().map(|s| (value_of(s), *s)).collect();
-    // A bias is the constant operand of the Add after an assigned MatMul/Gemm.
-    let weight_of_value: HashMap<String, String> = assigned
-        .iter()
-        .filter(|(_, (n, _))| n.ends_with(".weight"))
-        .map(|(s, (n, _))| (value_of(s), n.trim_end_matches(".weight").to_string()))
+    let by_value: HashMap<String, Source> = candidates
+        .keys()
+        .map(|s| (value_of(graph, s), *s))
         .collect();
-    for n in &graph.node {
-        if n.op_type != "MatMul" && n.op_type != "Gemm" {
-            continue;
-        }
-        let Some(module) = n.input.get(1).and_then(|w| weight_of_value.get(w)) else {
-            continue;
-        };
-        let bias_value = if n.op_type == "Gemm" {
-            n.input.get(2).cloned()
-        } else {
-            idx.consumers.get(&n.output[0]).and_then(|cs| {
-                cs.iter()
-                    .map(|&c| &graph.node[c])
-                    .find(|c| c.op_type == "Add")
-                    .and_then(|add| {
-                        add.input
-                            .iter()
-                            .find(|x| by_value.contains_key(*x))
-                            .cloned()
-                    })
-            })
-        };
-        if let Some(b) = bias_value.and_then(|b| by_value.get(&b).copied()) {
-            let name = format!("{module}.bias");
-            if !assigned.contains_key(&b) && candidates[&b].iter().any(|(n, _)| *n == name) {
-                assigned.insert(b, (name, Orientation::AsStored));
-            }
-        }
-    }
-    // Norm weights: the norm that feeds an assigned projection, or that
-    // follows the residual Add after one.
-    let norm_for_projection = |module: &str| -> Option<String> {
-        let (layer_prefix, proj) = module.rsplit_once('.')?;
-        match arch {
-            Architecture::Bert => None,
-            _ => {
-                let layer = layer_prefix
-                    .trim_end_matches(".self_attn")
-                    .trim_end_matches(".mlp");
-                Some(match proj {
-                    "q_proj" | "k_proj" | "v_proj" => format!("{layer}.input_layernorm"),
-                    "gate_proj" | "up_proj" => {
-                        if arch == Architecture::Gemma3 {
-                            format!("{layer}.pre_feedforward_layernorm")
-                        } else {
-                            format!("{layer}.post_attention_layernorm")
-                        }
-                    }
-                    _ => return None,
-                })
-            }
-        }
-    };
-    let mut structural: Vec<(Source, String)> = Vec::new();
-    for n in &graph.node {
-        if n.op_type != "MatMul" && n.op_type != "Gemm" {
-            continue;
-        }
-        let Some(module) = n.input.get(1).and_then(|w| weight_of_value.get(w)) else {
-            continue;
-        };
-        // Decoders: Mul(normalized, weight) -> MatMul.
-        if let Some(norm) = norm_for_projection(module) {
-            if let Some(&p) = idx.producer.get(&n.input[0]) {
-                let mul = &graph.node[p];
-                if mul.op_type == "Mul" {
-                    if let Some(s) = mul.input.iter().find_map(|x| by_value.get(x)) {
-                        structural.push((*s, format!("{norm}.weight")));
-                    }
-                }
-            }
-        }
-        // BERT: MatMul -> [Add bias] -> Add residual -> LayerNormalization.
-        if arch == Architecture::Bert && module.ends_with(".dense") {
-            let mut v = n.output[0].clone();
-            for _ in 0..3 {
-                let Some(cs) = idx.consumers.get(&v) else {
-                    break;
-                };
-                let Some(&c) = cs.first() else { break };
-                let node = &graph.node[c];
-                if node.op_type == "LayerNormalization" {
-                    let ln = module.trim_end_matches(".dense").to_string() + ".LayerNorm";
-                    if let Some(s) = node.input.get(1).and_then(|x| by_value.get(x)) {
-                        structural.push((*s, format!("{ln}.weight")));
-                    }
-                    if let Some(s) = node.input.get(2).and_then(|x| by_value.get(x)) {
-                        structural.push((*s, format!("{ln}.bias")));
-                    }
-                    break;
-                }
-                if node.op_type != "Add" {
-                    break;
-                }
-                v = node.output[0].clone();
-            }
-        }
-    }
+    let structural = structural_matches(graph, idx, arch, &assigned, &by_value, &candidates);
     for (s, name) in structural {
         if assigned.contains_key(&s) {
             continue;
@@ -500,21 +499,154 @@ pub fn rewrite(
             ));
         }
     }
+    Ok(WeightMatch {
+        assigned,
+        by_value,
+        unresolved,
+    })
+}
 
-    // 3. Each layer's MLP, located from its down projection.
-    let by_name: HashMap<&str, Source> = assigned
+/// The checkpoint name each ambiguous weight must have by its place in the
+/// graph: a bias is the constant operand of the Add after an assigned
+/// MatMul (or a Gemm's third input); a norm weight is the Mul feeding an
+/// assigned projection (decoders) or the LayerNormalization after the
+/// residual Add that follows one (BERT).
+fn structural_matches(
+    graph: &GraphProto,
+    idx: &Index,
+    arch: Architecture,
+    assigned: &HashMap<Source, (String, Orientation)>,
+    by_value: &HashMap<String, Source>,
+    candidates: &HashMap<Source, Vec<(String, Orientation)>>,
+) -> Vec<(Source, String)> {
+    let weight_of_value: HashMap<String, String> = assigned
+        .iter()
+        .filter(|(_, (n, _))| n.ends_with(".weight"))
+        .map(|(s, (n, _))| {
+            (
+                value_of(graph, s),
+                n.trim_end_matches(".weight").to_string(),
+            )
+        })
+        .collect();
+    let projections: Vec<(&NodeProto, &String)> = graph
+        .node
+        .iter()
+        .filter(|n| n.op_type == "MatMul" || n.op_type == "Gemm")
+        .filter_map(|n| Some((n, n.input.get(1).and_then(|w| weight_of_value.get(w))?)))
+        .collect();
+    // Biases first, then norms: a value both could be (zeros) goes to the bias.
+    let mut matches: Vec<(Source, String)> = Vec::new();
+    for &(n, module) in &projections {
+        let bias_value = if n.op_type == "Gemm" {
+            n.input.get(2).cloned()
+        } else {
+            idx.consumers.get(&n.output[0]).and_then(|cs| {
+                cs.iter()
+                    .map(|&c| &graph.node[c])
+                    .find(|c| c.op_type == "Add")
+                    .and_then(|add| {
+                        add.input
+                            .iter()
+                            .find(|x| by_value.contains_key(*x))
+                            .cloned()
+                    })
+            })
+        };
+        if let Some(b) = bias_value.and_then(|b| by_value.get(&b).copied()) {
+            let name = format!("{module}.bias");
+            if !assigned.contains_key(&b) && candidates[&b].iter().any(|(n, _)| *n == name) {
+                matches.push((b, name));
+            }
+        }
+    }
+    for &(n, module) in &projections {
+        // Decoders: Mul(normalized, weight) -> MatMul.
+        if let Some(norm) = norm_feeding(arch, module) {
+            if let Some(&p) = idx.producer.get(&n.input[0]) {
+                let mul = &graph.node[p];
+                if mul.op_type == "Mul" {
+                    if let Some(s) = mul.input.iter().find_map(|x| by_value.get(x)) {
+                        matches.push((*s, format!("{norm}.weight")));
+                    }
+                }
+            }
+        }
+        // BERT: MatMul -> [Add bias] -> Add residual -> LayerNormalization.
+        if arch == Architecture::Bert && module.ends_with(".dense") {
+            let mut v = n.output[0].clone();
+            for _ in 0..3 {
+                let Some(cs) = idx.consumers.get(&v) else {
+                    break;
+                };
+                let Some(&c) = cs.first() else { break };
+                let node = &graph.node[c];
+                if node.op_type == "LayerNormalization" {
+                    let ln = module.trim_end_matches(".dense").to_string() + ".LayerNorm";
+                    if let Some(s) = node.input.get(1).and_then(|x| by_value.get(x)) {
+                        matches.push((*s, format!("{ln}.weight")));
+                    }
+                    if let Some(s) = node.input.get(2).and_then(|x| by_value.get(x)) {
+                        matches.push((*s, format!("{ln}.bias")));
+                    }
+                    break;
+                }
+                if node.op_type != "Add" {
+                    break;
+                }
+                v = node.output[0].clone();
+            }
+        }
+    }
+    matches
+}
+
+/// The norm (checkpoint module name) whose output feeds the projection
+/// `module` of a decoder layer; `None` for BERT and output projections.
+fn norm_feeding(arch: Architecture, module: &str) -> Option<String> {
+    let (layer_prefix, proj) = module.rsplit_once('.')?;
+    if arch == Architecture::Bert {
+        return None;
+    }
+    let layer = layer_prefix
+        .trim_end_matches(".self_attn")
+        .trim_end_matches(".mlp");
+    Some(match proj {
+        "q_proj" | "k_proj" | "v_proj" => format!("{layer}.input_layernorm"),
+        "gate_proj" | "up_proj" if arch == Architecture::Gemma3 => {
+            format!("{layer}.pre_feedforward_layernorm")
+        }
+        "gate_proj" | "up_proj" => format!("{layer}.post_attention_layernorm"),
+        _ => return None,
+    })
+}
+
+/// For each layer whose MLP the pruned model dropped, the value the MLP
+/// block outputs and the value entering it (block output, block input),
+/// found from the layer's down projection; and what could not be located.
+/// Every layer's down projection must be found and used by MatMul or Gemm
+/// only, so that a graph this code does not understand is refused.
+fn locate_dropped_mlps(
+    graph: &GraphProto,
+    idx: &Index,
+    arch: Architecture,
+    shape: &ModelShape,
+    weights: &WeightMatch,
+) -> (BTreeMap<usize, (String, String)>, Vec<String>) {
+    let by_name: HashMap<&str, Source> = weights
+        .assigned
         .iter()
         .map(|(s, (n, _))| (n.as_str(), *s))
         .collect();
     let mut missing = Vec::new();
-    let mut mlp_blocks: BTreeMap<usize, (String, String)> = BTreeMap::new(); // layer -> (block output O, block input I)
+    let mut blocks: BTreeMap<usize, (String, String)> = BTreeMap::new();
     for (l, layer) in shape.layers.iter().enumerate() {
         let names = arch.mlp_tensors("", l);
         let Some(down) = by_name.get(names.down.as_str()) else {
             missing.push(format!("layer {l}: no graph weight equals {}", names.down));
             continue;
         };
-        let down_value = value_of(down);
+        let down_value = value_of(graph, down);
         let users: Vec<usize> = idx.consumers.get(&down_value).cloned().unwrap_or_default();
         let unknown: Vec<String> = users
             .iter()
@@ -538,95 +670,89 @@ pub fn rewrite(
         if layer.mlp.is_some() {
             continue;
         }
-        let Some(mut node) = users
-            .iter()
-            .copied()
-            .find(|&c| matches!(graph.node[c].op_type.as_str(), "MatMul" | "Gemm"))
-        else {
-            missing.push(format!(
-                "layer {l}: the down projection is not used by a MatMul or Gemm"
-            ));
-            continue;
-        };
-        // Down projection -> [bias Add | Reshape]* -> residual Add.
-        let residual = loop {
-            let out = &graph.node[node].output[0];
-            let cs = idx.consumers.get(out).cloned().unwrap_or_default();
-            if cs.len() != 1 {
-                break Err(format!(
-                    "layer {l}: the MLP output has {} consumers, expected one",
-                    cs.len()
-                ));
+        match dropped_mlp_block(graph, idx, arch, &weights.by_value, &users, l) {
+            Ok(block) => {
+                blocks.insert(l, block);
             }
-            let c = &graph.node[cs[0]];
-            let constant_operand = c.input.iter().any(|x| {
-                by_value.contains_key(x)
-                    || graph.initializer.iter().any(|t| &t.name == x)
-                    || idx
-                        .producer
-                        .get(x)
-                        .is_some_and(|&p| graph.node[p].op_type == "Constant")
-            });
-            match c.op_type.as_str() {
-                "Add" if constant_operand => node = cs[0],
-                "Reshape" => node = cs[0],
-                "Add" => break Ok(cs[0]),
-                other => break Err(format!("layer {l}: after the down projection found `{other}`, expected a bias Add or the residual Add")),
-            }
-        };
-        let residual = match residual {
-            Ok(r) => r,
-            Err(m) => {
-                missing.push(m);
-                continue;
-            }
-        };
-        let r = &graph.node[residual];
-        let from_mlp = &graph.node[node].output[0];
-        let Some(x) = r.input.iter().find(|i| *i != from_mlp).cloned() else {
-            missing.push(format!("layer {l}: residual Add has no second operand"));
-            continue;
-        };
-        let block_output = if arch == Architecture::Bert {
-            // Post-LN: the LayerNorm after the residual goes with the MLP.
-            let cs = idx.consumers.get(&r.output[0]).cloned().unwrap_or_default();
-            match cs.as_slice() {
-                [c] if graph.node[*c].op_type == "LayerNormalization" => {
-                    graph.node[*c].output[0].clone()
-                }
-                _ => {
-                    missing.push(format!(
-                        "layer {l}: the residual Add is not followed by one LayerNormalization (decomposed LayerNorm is not supported; export with opset >= 17)"
-                    ));
-                    continue;
-                }
-            }
-        } else {
-            r.output[0].clone()
-        };
-        mlp_blocks.insert(l, (block_output, x));
+            Err(m) => missing.push(m),
+        }
     }
-    if !missing.is_empty() || !unresolved.is_empty() {
-        let float_matrices = graph
-            .initializer
-            .iter()
-            .filter(|t| t.data_type == DataType::Float as i32 && t.dims.len() == 2)
-            .count();
-        return Err(Error::graph(
-            graph_path,
-            format!(
-                "cannot map this graph onto {} ({} float matrices in the graph, {} weights matched by value):\n  {}",
-                original_dir.display(),
-                float_matrices,
-                assigned.len(),
-                missing.into_iter().chain(unresolved.into_iter().map(|u| format!("ambiguous weight {u}"))).collect::<Vec<_>>().join("\n  ")
-            ),
-        ));
-    }
+    (blocks, missing)
+}
 
-    // 4. Cut dropped MLPs out: the block's output becomes its input.
-    let dropped: Vec<usize> = mlp_blocks.keys().copied().collect();
-    for (block_output, block_input) in mlp_blocks.values() {
+/// Layer `l`'s MLP block, from the users of its down projection:
+/// down projection -> [bias Add | Reshape]* -> residual Add [-> LayerNorm
+/// for post-LN BERT]. Returns (block output, block input).
+fn dropped_mlp_block(
+    graph: &GraphProto,
+    idx: &Index,
+    arch: Architecture,
+    by_value: &HashMap<String, Source>,
+    down_users: &[usize],
+    l: usize,
+) -> std::result::Result<(String, String), String> {
+    let mut node = down_users
+        .iter()
+        .copied()
+        .find(|&c| matches!(graph.node[c].op_type.as_str(), "MatMul" | "Gemm"))
+        .ok_or_else(|| format!("layer {l}: the down projection is not used by a MatMul or Gemm"))?;
+    let residual = loop {
+        let out = &graph.node[node].output[0];
+        let cs = idx.consumers.get(out).cloned().unwrap_or_default();
+        if cs.len() != 1 {
+            return Err(format!(
+                "layer {l}: the MLP output has {} consumers, expected one",
+                cs.len()
+            ));
+        }
+        let c = &graph.node[cs[0]];
+        let constant_operand = c.input.iter().any(|x| {
+            by_value.contains_key(x)
+                || graph.initializer.iter().any(|t| &t.name == x)
+                || idx
+                    .producer
+                    .get(x)
+                    .is_some_and(|&p| graph.node[p].op_type == "Constant")
+        });
+        match c.op_type.as_str() {
+            "Add" if constant_operand => node = cs[0],
+            "Reshape" => node = cs[0],
+            "Add" => break cs[0],
+            other => {
+                return Err(format!(
+                    "layer {l}: after the down projection found `{other}`, expected a bias Add or the residual Add"
+                ))
+            }
+        }
+    };
+    let r = &graph.node[residual];
+    let from_mlp = &graph.node[node].output[0];
+    let x = r
+        .input
+        .iter()
+        .find(|i| *i != from_mlp)
+        .cloned()
+        .ok_or_else(|| format!("layer {l}: residual Add has no second operand"))?;
+    let block_output = if arch == Architecture::Bert {
+        // Post-LN: the LayerNorm after the residual goes with the MLP.
+        let cs = idx.consumers.get(&r.output[0]).cloned().unwrap_or_default();
+        match cs.as_slice() {
+            [c] if graph.node[*c].op_type == "LayerNormalization" => {
+                graph.node[*c].output[0].clone()
+            }
+            _ => return Err(format!(
+                "layer {l}: the residual Add is not followed by one LayerNormalization (decomposed LayerNorm is not supported; export with opset >= 17)"
+            )),
+        }
+    } else {
+        r.output[0].clone()
+    };
+    Ok((block_output, x))
+}
+
+/// Cuts dropped MLP blocks out: each block's output becomes its input.
+fn cut_out_mlps(graph: &mut GraphProto, idx: &Index, blocks: &BTreeMap<usize, (String, String)>) {
+    for (block_output, block_input) in blocks.values() {
         let p = idx.producer[block_output];
         graph.node[p] = NodeProto {
             input: vec![block_input.clone()],
@@ -636,7 +762,18 @@ pub fn rewrite(
             ..Default::default()
         };
     }
-    // 5. New values for every matched weight (skipping those of dropped MLPs).
+}
+
+/// Gives every matched weight the pruned model's values (those of dropped
+/// MLPs are skipped: their nodes are dead). Returns how many were replaced.
+fn replace_weights(
+    graph: &mut GraphProto,
+    assigned: &HashMap<Source, (String, Orientation)>,
+    target: &Checkpoint,
+    arch: Architecture,
+    dropped: &[usize],
+    model_dir: &Path,
+) -> Result<usize> {
     let dropped_names: HashSet<String> = dropped
         .iter()
         .flat_map(|&l| {
@@ -645,7 +782,7 @@ pub fn rewrite(
         })
         .collect();
     let mut replaced = 0;
-    for (s, (name, orientation)) in &assigned {
+    for (s, (name, orientation)) in assigned {
         let Some((dims, values)) = target.oriented(name, *orientation) else {
             if dropped_names.contains(name) {
                 continue;
@@ -671,59 +808,12 @@ pub fn rewrite(
         tensor.external_data.clear();
         replaced += 1;
     }
-    // 6. Dead nodes and initializers go; shape hints of changed tensors too.
-    remove_dead(graph);
-    graph.value_info.clear();
-    let narrowed: Vec<usize> = shape
-        .layers
-        .iter()
-        .enumerate()
-        .filter(|(l, s)| {
-            s.mlp.is_some_and(|m| {
-                original
-                    .tensors
-                    .get(&arch.mlp_tensors("", *l).down)
-                    .is_some_and(|(d, _)| d[1] != m.intermediate_size)
-            })
-        })
-        .map(|(l, _)| l)
-        .collect();
-    let nodes_after = graph.node.len();
-    let weight_bytes = crate::graph_file::initializer_bytes(&file.model);
-    let external = used_external || weight_bytes > EXTERNAL_DATA_THRESHOLD;
-
-    let staging = effir_pipeline::atomic_file::StagedDir::beside(out)?;
-    let file_name = graph_path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("model.onnx")
-        .to_string();
-    write_model(file.model, staging.path(), &file_name, external)?;
-    let staged_graph = staging.path().join(&file_name);
-    GraphFile::read(&staged_graph)?;
-    let bytes_after = std::fs::metadata(&staged_graph)
-        .map_err(|e| Error::io(&staged_graph, e))?
-        .len()
-        + std::fs::metadata(staging.path().join(format!("{file_name}_data")))
-            .map_or(0, |m| m.len());
-    staging.publish(out)?;
-    Ok(RewriteSummary {
-        original_graph: graph_path.to_path_buf(),
-        graph: out.join(file_name),
-        matched_weights: assigned.len(),
-        replaced_weights: replaced,
-        dropped_mlps: dropped,
-        narrowed_mlps: narrowed,
-        nodes_before,
-        nodes_after,
-        bytes_before,
-        bytes_after,
-    })
+    Ok(replaced)
 }
 
 /// Removes nodes none of whose outputs is used (transitively) and
 /// initializers nothing reads.
-fn remove_dead(graph: &mut candle_onnx::onnx::GraphProto) {
+fn remove_dead(graph: &mut GraphProto) {
     loop {
         let mut used: HashSet<String> = graph.output.iter().map(|o| o.name.clone()).collect();
         for n in &graph.node {
