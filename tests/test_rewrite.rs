@@ -265,3 +265,66 @@ fn a_graph_with_external_data_keeps_it() {
     );
     check_rewritten(&original, &out, &pruned, "external data");
 }
+
+/// Exporters that skip constant folding keep weights in `Constant` nodes
+/// rather than initializers; they are matched and replaced the same way.
+#[test]
+fn weights_held_in_constant_nodes_are_rewritten() {
+    use effir_onnx::proto::{
+        attribute_proto::AttributeType, tensor_proto::DataType, AttributeProto, NodeProto,
+    };
+    let work = tempfile::tempdir().unwrap();
+    let pruned = prune("bert", work.path());
+    let mut file = GraphFile::read(&optimum_graph("bert")).unwrap();
+    let g = file.model.graph.as_mut().unwrap();
+    let (weights, rest): (Vec<_>, Vec<_>) = g
+        .initializer
+        .drain(..)
+        .partition(|t| t.data_type == DataType::Float as i32 && t.dims.iter().product::<i64>() > 1);
+    g.initializer = rest;
+    let constants: Vec<NodeProto> = weights
+        .into_iter()
+        .map(|t| NodeProto {
+            op_type: "Constant".into(),
+            name: format!("{}_constant", t.name),
+            output: vec![t.name.clone()],
+            attribute: vec![AttributeProto {
+                name: "value".into(),
+                r#type: AttributeType::Tensor as i32,
+                t: Some(t),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .collect();
+    let weight_names: std::collections::HashSet<String> =
+        constants.iter().map(|n| n.output[0].clone()).collect();
+    let n_constants = constants.len();
+    assert!(n_constants > 20);
+    g.node.splice(0..0, constants);
+    let dir = work.path().join("constants");
+    std::fs::create_dir_all(&dir).unwrap();
+    let original = dir.join("model.onnx");
+    std::fs::write(&original, prost::Message::encode_to_vec(&file.model)).unwrap();
+
+    let out = work.path().join("rewritten");
+    let o = rewrite(&original, &pruned, &out);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("MLPs dropped [1], narrowed [0, 2]"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    check_rewritten(&original, &out, &pruned, "constant weights");
+    let rewritten = GraphFile::read(&out.join("model.onnx")).unwrap();
+    let kept = rewritten
+        .model
+        .graph
+        .unwrap()
+        .node
+        .iter()
+        .filter(|n| n.op_type == "Constant" && weight_names.contains(&n.output[0]))
+        .count();
+    // The dropped MLP's weights are gone with it; the rest stay Constants.
+    assert!(kept > 0 && kept < n_constants, "{kept} of {n_constants}");
+}

@@ -28,5 +28,7 @@ pub mod session;
 pub mod tensorrt;
 pub mod validate;
 
+/// The ONNX protobuf types (`ModelProto`, `NodeProto`, ...) effir reads and writes.
+pub use candle_onnx::onnx as proto;
 pub use error::{Error, Result};
 pub use session::{GraphLocation, OnnxEncoder};
