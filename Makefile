@@ -166,6 +166,9 @@ optimum-fixtures: $(OPTIMUM_VENV)/bin/optimum-cli
 	for m in bert llama qwen2; do \
 	  $(OPTIMUM_VENV)/bin/python tests/fixtures/optimum/make_exports.py --model tests/fixtures/$$m --out tests/fixtures/optimum/$$m || exit 1; \
 	done
+	# Its sentence-transformers modules are newer than the venv's: the transformer alone.
+	$(OPTIMUM_VENV)/bin/python tests/fixtures/optimum/make_exports.py --model tests/fixtures/gemma3 \
+	  --out tests/fixtures/optimum/gemma3 --library-name transformers
 
 # all-MiniLM-L6-v2 exported by Optimum, rewritten for the 50 % pruned model,
 # validated on SciFact and benchmarked beside the original export.

@@ -1,6 +1,6 @@
-//! `effir rewrite` on graphs another exporter made (Optimum,
-//! `tests/fixtures/optimum/*/model.onnx`, written by
-//! `tests/fixtures/optimum/make_exports.py`): the slimmed graph computes the
+//! `effir rewrite` on graphs another exporter made (Optimum exports of the
+//! BERT, Llama, Qwen2 and Gemma3 fixtures, `tests/fixtures/optimum/*/model.onnx`,
+//! written by `tests/fixtures/optimum/make_exports.py`): the slimmed graph computes the
 //! pruned (or fine-tuned) model, keeps the original's exact interface, and
 //! graphs it cannot map are refused with nothing written.
 
@@ -109,7 +109,7 @@ fn check_rewritten(original: &Path, rewritten_dir: &Path, model: &Path, what: &s
 #[test]
 fn optimum_exports_are_slimmed_to_the_pruned_model_keeping_their_interface() {
     let work = tempfile::tempdir().unwrap();
-    for arch in ["bert", "llama", "qwen2"] {
+    for arch in ["bert", "llama", "qwen2", "gemma3"] {
         let pruned = prune(arch, work.path());
         let out = work.path().join(format!("{arch}-rewritten"));
         let o = rewrite(&optimum_graph(arch), &pruned, &out);

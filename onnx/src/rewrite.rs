@@ -680,9 +680,13 @@ fn locate_dropped_mlps(
     (blocks, missing)
 }
 
-/// Layer `l`'s MLP block, from the users of its down projection:
-/// down projection -> [bias Add | Reshape]* -> residual Add [-> LayerNorm
-/// for post-LN BERT]. Returns (block output, block input).
+/// Layer `l`'s MLP block, from the users of its down projection. The block
+/// ends at the residual Add: the first node downstream of the down
+/// projection that adds a value computed from the MLP (through biases,
+/// reshapes, casts or a post-norm such as Gemma's) to one that is not,
+/// and not a constant; that other value is the block's input. For post-LN
+/// BERT the LayerNorm after the residual Add goes with the block. Returns
+/// (block output, block input).
 fn dropped_mlp_block(
     graph: &GraphProto,
     idx: &Index,
@@ -691,48 +695,39 @@ fn dropped_mlp_block(
     down_users: &[usize],
     l: usize,
 ) -> std::result::Result<(String, String), String> {
-    let mut node = down_users
+    let down = down_users
         .iter()
         .copied()
         .find(|&c| matches!(graph.node[c].op_type.as_str(), "MatMul" | "Gemm"))
         .ok_or_else(|| format!("layer {l}: the down projection is not used by a MatMul or Gemm"))?;
-    let residual = loop {
-        let out = &graph.node[node].output[0];
-        let cs = idx.consumers.get(out).cloned().unwrap_or_default();
-        if cs.len() != 1 {
-            return Err(format!(
-                "layer {l}: the MLP output has {} consumers, expected one",
-                cs.len()
-            ));
+    let is_constant = |x: &String| {
+        by_value.contains_key(x)
+            || graph.initializer.iter().any(|t| &t.name == x)
+            || idx
+                .producer
+                .get(x)
+                .is_some_and(|&p| graph.node[p].op_type == "Constant")
+    };
+    // Values computed from the MLP's output; nodes are in topological order.
+    let mut from_mlp: HashSet<&String> = graph.node[down].output.iter().collect();
+    let mut residual = None;
+    for node in &graph.node[down + 1..] {
+        let inside: Vec<&String> = node.input.iter().filter(|x| from_mlp.contains(x)).collect();
+        if inside.is_empty() {
+            continue;
         }
-        let c = &graph.node[cs[0]];
-        let constant_operand = c.input.iter().any(|x| {
-            by_value.contains_key(x)
-                || graph.initializer.iter().any(|t| &t.name == x)
-                || idx
-                    .producer
-                    .get(x)
-                    .is_some_and(|&p| graph.node[p].op_type == "Constant")
-        });
-        match c.op_type.as_str() {
-            "Add" if constant_operand => node = cs[0],
-            "Reshape" => node = cs[0],
-            "Add" => break cs[0],
-            other => {
-                return Err(format!(
-                    "layer {l}: after the down projection found `{other}`, expected a bias Add or the residual Add"
-                ))
+        if node.op_type == "Add" && inside.len() == 1 && node.input.len() == 2 {
+            let other = node.input.iter().find(|x| !from_mlp.contains(x));
+            if let Some(x) = other.filter(|x| !is_constant(x)) {
+                residual = Some((node, x.clone()));
+                break;
             }
         }
-    };
-    let r = &graph.node[residual];
-    let from_mlp = &graph.node[node].output[0];
-    let x = r
-        .input
-        .iter()
-        .find(|i| *i != from_mlp)
-        .cloned()
-        .ok_or_else(|| format!("layer {l}: residual Add has no second operand"))?;
+        from_mlp.extend(node.output.iter());
+    }
+    let (r, x) = residual.ok_or_else(|| {
+        format!("layer {l}: no residual Add after the down projection (the MLP's output is never added to the stream)")
+    })?;
     let block_output = if arch == Architecture::Bert {
         // Post-LN: the LayerNorm after the residual goes with the MLP.
         let cs = idx.consumers.get(&r.output[0]).cloned().unwrap_or_default();
