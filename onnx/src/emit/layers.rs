@@ -135,6 +135,15 @@ pub fn rms_norm(
     Ok(g.mul(&normed, &scale))
 }
 
+/// GELU's `0.5 x (1 + s)` for `s` = erf or tanh of the scaled input.
+fn gelu_from(g: &mut GraphBuilder, x: &str, s: &str) -> String {
+    let one = g.float_scalar(1.0);
+    let shifted = g.add(s, &one);
+    let half = g.float_scalar(0.5);
+    let half_x = g.mul(x, &half);
+    g.mul(&half_x, &shifted)
+}
+
 /// The MLP activation.
 pub fn activation(g: &mut GraphBuilder, x: &str, act: Activation) -> String {
     match act {
@@ -143,11 +152,7 @@ pub fn activation(g: &mut GraphBuilder, x: &str, act: Activation) -> String {
             let inv_sqrt2 = g.float_scalar(std::f32::consts::FRAC_1_SQRT_2);
             let scaled = g.mul(x, &inv_sqrt2);
             let erf = g.unary("Erf", &scaled);
-            let one = g.float_scalar(1.0);
-            let shifted = g.add(&erf, &one);
-            let half = g.float_scalar(0.5);
-            let half_x = g.mul(x, &half);
-            g.mul(&half_x, &shifted)
+            gelu_from(g, x, &erf)
         }
         Activation::GeluTanh => {
             // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
@@ -161,11 +166,7 @@ pub fn activation(g: &mut GraphBuilder, x: &str, act: Activation) -> String {
             let k = g.float_scalar((2.0f32 / std::f32::consts::PI).sqrt());
             let arg = g.mul(&inner, &k);
             let tanh = g.unary("Tanh", &arg);
-            let one = g.float_scalar(1.0);
-            let shifted = g.add(&tanh, &one);
-            let half = g.float_scalar(0.5);
-            let half_x = g.mul(x, &half);
-            g.mul(&half_x, &shifted)
+            gelu_from(g, x, &tanh)
         }
         Activation::Silu => {
             let sig = g.unary("Sigmoid", x);
