@@ -154,51 +154,29 @@ fn analyze_and_drop_study_write_their_reports() {
     let model = fixture("bert");
     let model = model.to_str().unwrap();
     let (bad_dir, data_dir) = (bad.to_str().unwrap(), data.to_str().unwrap());
+    let blank = blank.to_str().unwrap();
+    let analyze = vec!["analyze", "--model", model, "--out", bad_dir];
+    let drop_study = |k| {
+        vec![
+            "drop-study",
+            "--model",
+            model,
+            "--data",
+            data_dir,
+            "--k",
+            k,
+            "--out",
+            bad_dir,
+        ]
+    };
     for (args, needle) in [
+        (analyze.clone(), "--calib"),
         (
-            vec!["analyze", "--model", model, "--out", bad_dir],
-            "--calib",
-        ),
-        (
-            vec![
-                "analyze",
-                "--model",
-                model,
-                "--calib",
-                blank.to_str().unwrap(),
-                "--out",
-                bad_dir,
-            ],
+            [analyze.as_slice(), &["--calib", blank]].concat(),
             "no usable calibration text",
         ),
-        (
-            vec![
-                "drop-study",
-                "--model",
-                model,
-                "--data",
-                data_dir,
-                "--k",
-                "0",
-                "--out",
-                bad_dir,
-            ],
-            "--k",
-        ),
-        (
-            vec![
-                "drop-study",
-                "--model",
-                model,
-                "--data",
-                data_dir,
-                "--k",
-                "4",
-                "--out",
-                bad_dir,
-            ],
-            "--k",
-        ),
+        (drop_study("0"), "--k"),
+        (drop_study("4"), "--k"),
     ] {
         let run = effir(&args);
         assert!(!run.status.success(), "{args:?} succeeded");
