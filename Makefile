@@ -14,7 +14,7 @@ PYTHON  ?= python3
 .PHONY: all system-deps build models test lint embed eval eval-scifact python-deps \
         fixtures metric-references bench-embed bench-analyze parity-embeddinggemma \
         onnxruntime export export-pruned validate validate-pruned validate-prune-minilm bench-onnx parity-embeddinggemma-onnx \
-        finetune-minilm finetune-minilm-2ep finetune-minilm-unpruned bench-finetune optimum-fixtures rewrite-minilm \
+        finetune-minilm finetune-minilm-2ep finetune-minilm-unpruned finetune-minilm-unpruned-2ep bench-finetune optimum-fixtures rewrite-minilm \
         analyze-minilm drop-study-minilm prune-minilm results-minilm \
         analyze-embeddinggemma drop-study-embeddinggemma results-embeddinggemma clean
 
@@ -148,6 +148,9 @@ finetune-minilm-2ep: build models onnxruntime $(RUNS)/minilm-prune-50/config.jso
 
 finetune-minilm-unpruned: build models onnxruntime
 	$(call finetune_and_validate,$(MINILM),configs/finetune-minilm.yaml,minilm-ft)
+
+finetune-minilm-unpruned-2ep: build models onnxruntime
+	$(call finetune_and_validate,$(MINILM),configs/finetune-minilm-2ep.yaml,minilm-ft2ep)
 
 # Training examples/s of effir vs sentence-transformers' trainer (PyTorch CPU), same model, batch and length.
 bench-finetune: build models python-deps
