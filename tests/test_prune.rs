@@ -66,7 +66,7 @@ fn prune(name: &str, plan: &PrunePlan) -> (tempfile::TempDir, PathBuf, PruneResu
         &source,
         &out,
         tensors,
-        embedder.architecture(),
+        &embedder.setup().config,
         plan,
         &result,
     )

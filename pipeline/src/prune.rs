@@ -605,17 +605,19 @@ fn allocate_widths(
 }
 
 /// Writes the pruned model into `out` (which must not exist): sliced
-/// weights, the other files of `source` copied, `effir_shape.json`, and
-/// `effir_prune.json` (the plan, the decisions, and the LLM-Drop and DeciLM
-/// translations). The directory appears whole or not at all.
+/// weights, the other files of `source` (whose parsed `config.json` is
+/// `config`) copied, `effir_shape.json`, and `effir_prune.json` (the plan,
+/// the decisions, and the LLM-Drop and DeciLM translations). The directory
+/// appears whole or not at all.
 pub fn write_pruned_model(
     source: &Path,
     out: &Path,
     tensors: HashMap<String, Tensor>,
-    arch: crate::models::Architecture,
+    config: &ModelConfig,
     plan: &PrunePlan,
     result: &PruneResult,
 ) -> Result<()> {
+    let arch = config.architecture();
     let staging = crate::atomic_file::StagedDir::beside(out)?;
     copy_model_files(source, staging.path(), &|name| {
         is_backbone_weights(name) || [SHAPE_FILE, PLAN_FILE, "prune_report.md"].contains(&name)
@@ -665,7 +667,6 @@ pub fn write_pruned_model(
         .map(|(i, _)| i)
         .collect();
     add_llm_drop_keys(&staging.path().join("config.json"), &drop_mlp_list)?;
-    let config = ModelConfig::from_file(&source.join("config.json"))?;
     let decilm = match config.decoder_spec()? {
         Some(spec) => crate::decilm::block_configs(&spec, &result.shape),
         None => Err("BERT is an encoder; DeciLM describes Llama-style decoders".to_string()),

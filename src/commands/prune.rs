@@ -227,8 +227,14 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
         args.batch_size,
         &mut |step| eprintln!("{step} …"),
     )?;
-    let arch = embedder.architecture();
-    write_pruned_model(&args.model.model, &args.out, tensors, arch, &plan, &result)?;
+    write_pruned_model(
+        &args.model.model,
+        &args.out,
+        tensors,
+        &embedder.setup().config,
+        &plan,
+        &result,
+    )?;
     let pruned = Embedder::load(&args.out, &args.model.load_options())
         .with_context(|| format!("re-loading the pruned model {}", args.out.display()))?;
     let table = report(&embedder, &pruned);
