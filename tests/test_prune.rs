@@ -445,7 +445,7 @@ fn the_cli_writes_a_loadable_model_and_its_records() {
     let calib = work.path().join("calib.txt");
     std::fs::write(&calib, CALIBRATION.join("\n")).unwrap();
     let out = work.path().join("pruned");
-    let run = |extra: &[&str]| {
+    let run_on = |calib: &Path, extra: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_effir"))
             .args([
                 "prune",
@@ -458,6 +458,7 @@ fn the_cli_writes_a_loadable_model_and_its_records() {
             .output()
             .unwrap()
     };
+    let run = |extra: &[&str]| run_on(&calib, extra);
     let ok = run(&[
         "--out",
         out.to_str().unwrap(),
@@ -545,14 +546,8 @@ fn the_cli_writes_a_loadable_model_and_its_records() {
         before
     );
 
-    // A plan that drops every MLP fails before anything is written.
-    let none_left = work.path().join("none-left");
-    let bad = run(&["--out", none_left.to_str().unwrap(), "--drop-mlp", "3"]);
-    assert!(!bad.status.success());
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("leaves none"));
-    assert!(!none_left.exists());
-
-    // Other bad plans, from flags or YAML: refused, nothing written.
+    // Bad plans, from flags or YAML, and Taylor scores without batches of
+    // two or more pairs: refused before any work, nothing written.
     let plan_for_bert = work.path().join("bert-plan.yaml");
     std::fs::write(
         &plan_for_bert,
@@ -562,12 +557,24 @@ fn the_cli_writes_a_loadable_model_and_its_records() {
     let refused = work.path().join("refused");
     let refused_dir = refused.to_str().unwrap();
     for (args, needle) in [
+        (vec!["--drop-mlp", "3"], "leaves none"),
         (vec!["--drop-layers", "7"], "layer 7 is out of range"),
         (vec!["--mlp-keep", "1.5"], "outside (0, 1]"),
         (vec!["--drop-fraction", "1.0"], "outside [0, 1)"),
         (
             vec!["--plan", plan_for_bert.to_str().unwrap()],
             "model_type `bert`",
+        ),
+        (
+            vec![
+                "--mlp-keep",
+                "0.5",
+                "--score",
+                "taylor",
+                "--batch-size",
+                "1",
+            ],
+            "at least 2 query-document pairs",
         ),
     ] {
         let bad = run(&[&["--out", refused_dir][..], &args].concat());
@@ -580,46 +587,12 @@ fn the_cli_writes_a_loadable_model_and_its_records() {
         assert!(!refused.exists(), "{args:?} wrote output");
     }
 
-    // Taylor scores need batches of two or more pairs: refused before any work.
-    let taylor = work.path().join("taylor");
-    let bad = run(&[
-        "--out",
-        taylor.to_str().unwrap(),
-        "--mlp-keep",
-        "0.5",
-        "--score",
-        "taylor",
-        "--batch-size",
-        "1",
-    ]);
-    assert!(!bad.status.success());
-    assert!(
-        String::from_utf8_lossy(&bad.stderr).contains("at least 2 query-document pairs"),
-        "{}",
-        String::from_utf8_lossy(&bad.stderr)
-    );
-    assert!(!taylor.exists());
-
     // Calibration text with nothing in it.
     let empty = work.path().join("blank.txt");
     std::fs::write(&empty, "   \n\n").unwrap();
-    let blank = std::process::Command::new(env!("CARGO_BIN_EXE_effir"))
-        .args([
-            "prune",
-            "--model",
-            fixture("llama").to_str().unwrap(),
-            "--calib",
-            empty.to_str().unwrap(),
-        ])
-        .args([
-            "--out",
-            work.path().join("x").to_str().unwrap(),
-            "--drop-mlp",
-            "1",
-        ])
-        .output()
-        .unwrap();
+    let blank = run_on(&empty, &["--out", refused_dir, "--drop-mlp", "1"]);
     assert!(!blank.status.success());
+    assert!(!refused.exists());
     assert!(
         String::from_utf8_lossy(&blank.stderr).contains("no usable calibration text"),
         "{}",
