@@ -9,17 +9,13 @@ use std::collections::HashSet;
 use common::dataset;
 use effir_pipeline::beir::{DanglingPolicy, Dataset};
 
-fn scifact() -> Dataset {
-    Dataset::load(&dataset("scifact"), "test", DanglingPolicy::Strict).unwrap()
-}
-
 fn ids(d: &Dataset) -> Vec<String> {
     d.corpus.iter().map(|doc| doc.id.clone()).collect()
 }
 
 #[test]
 fn a_document_sample_keeps_every_judged_document_and_is_seeded() {
-    let full = scifact();
+    let full = Dataset::load(&dataset("scifact"), "test", DanglingPolicy::Strict).unwrap();
     let judged: HashSet<String> = full
         .qrels
         .values()
@@ -27,7 +23,7 @@ fn a_document_sample_keeps_every_judged_document_and_is_seeded() {
         .collect();
     assert!(judged.len() < 1000);
 
-    let sample = scifact().with_document_sample(1000, 0);
+    let sample = full.clone().with_document_sample(1000, 0);
     let kept: HashSet<String> = ids(&sample).into_iter().collect();
     assert_eq!(sample.corpus.len(), 1000);
     assert!(judged.is_subset(&kept), "a judged document was left out");
@@ -48,12 +44,15 @@ fn a_document_sample_keeps_every_judged_document_and_is_seeded() {
     assert!(order.windows(2).all(|w| w[0] < w[1]));
 
     // Same seed, same documents; another seed, other random documents.
-    assert_eq!(ids(&scifact().with_document_sample(1000, 0)), ids(&sample));
-    let other = scifact().with_document_sample(1000, 1);
+    assert_eq!(
+        ids(&full.clone().with_document_sample(1000, 0)),
+        ids(&sample)
+    );
+    let other = full.clone().with_document_sample(1000, 1);
     assert_ne!(ids(&other), ids(&sample));
     assert!(judged.is_subset(&ids(&other).into_iter().collect()));
 
     // A sample as large as the corpus is the corpus.
-    let all = scifact().with_document_sample(full.corpus.len(), 0);
+    let all = full.clone().with_document_sample(full.corpus.len(), 0);
     assert_eq!(ids(&all), ids(&full));
 }
