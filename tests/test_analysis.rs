@@ -7,7 +7,7 @@ mod common;
 use std::process::Command;
 
 use common::{copy_model, edit_weights, fixture};
-use effir_pipeline::analysis::measure_importance;
+use effir_pipeline::compress::analysis::measure_importance;
 use effir_pipeline::{Embedder, LoadOptions};
 
 const TEXTS: [&str; 6] = [

@@ -7,7 +7,7 @@ mod common;
 use std::collections::HashSet;
 
 use common::dataset;
-use effir_pipeline::beir::{DanglingPolicy, Dataset};
+use effir_pipeline::data::beir::{DanglingPolicy, Dataset};
 
 fn ids(d: &Dataset) -> Vec<String> {
     d.corpus.iter().map(|doc| doc.id.clone()).collect()

@@ -108,9 +108,9 @@ fn writes_metrics_json_and_a_trec_run() {
     let scores: Vec<f32> = q1.iter().map(|l| l[4].parse().unwrap()).collect();
     assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{scores:?}");
     // The metrics in the file are those of the run file.
-    let qrels = effir_pipeline::beir::load_qrels(data.path(), "test").unwrap();
-    let reparsed = effir_pipeline::metrics::parse_run(&run).unwrap();
-    let again = effir_pipeline::metrics::evaluate(&reparsed, &qrels, &[1, 3]).unwrap();
+    let qrels = effir_pipeline::data::beir::load_qrels(data.path(), "test").unwrap();
+    let reparsed = effir_pipeline::eval::metrics::parse_run(&run).unwrap();
+    let again = effir_pipeline::eval::metrics::evaluate(&reparsed, &qrels, &[1, 3]).unwrap();
     assert_eq!(
         metrics["mean"]["ndcg@3"].as_f64().unwrap(),
         again.mean["ndcg@3"]

@@ -6,8 +6,8 @@
 mod common;
 
 use common::{dataset, fixture, minilm_dir, read_json};
-use effir_pipeline::beir::{DanglingPolicy, Dataset};
-use effir_pipeline::evaluation::{evaluate_model, EvalSettings};
+use effir_pipeline::data::beir::{DanglingPolicy, Dataset};
+use effir_pipeline::eval::evaluation::{evaluate_model, EvalSettings};
 use effir_pipeline::{Embedder, LoadOptions};
 
 const AGREEMENT: f64 = 0.002;

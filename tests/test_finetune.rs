@@ -79,7 +79,7 @@ fn loss_gradients_match_finite_differences() {
     ] {
         let dir = fixture(arch);
         let base: HashMap<String, Tensor> =
-            effir_pipeline::weights::load_all_tensors(&dir).unwrap();
+            effir_pipeline::io::weights::load_all_tensors(&dir).unwrap();
         let name = base
             .keys()
             .find(|k| k.ends_with(weight))
@@ -311,24 +311,65 @@ fn development_evaluation_keeps_the_best_step() {
     let work = tempfile::tempdir().unwrap();
     let train = write_jsonl(work.path());
     let tiny = fixture("eval/tiny");
+    // Every step is checkpointed (and kept), so each step's weights can be
+    // compared with the output's.
     let config = write_config(
         work.path(),
         "dev.yaml",
         &format!(
-            "max_steps: 3\nbatch_size: 4\nlearning_rate: 1.0e-3\ncheckpoint_every: 0\ndev:\n  data: {}\n  split: test\n  every: 1\n",
+            "max_steps: 4\nbatch_size: 4\nlearning_rate: 5.0e-2\ncheckpoint_every: 1\nkeep_checkpoints: 10\ndev:\n  data: {}\n  split: test\n  every: 1\n",
             tiny.display()
         ),
     );
     let out_dir = work.path().join("out");
     let o = finetune(&fixture("bert"), &train, &out_dir, &config, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let record = common::read_json(&out_dir.join("effir_finetune.json"));
-    let best = record["outcome"]["best_dev"]
-        .as_array()
-        .expect("best dev recorded");
-    assert!(best[0].as_f64().unwrap() >= 0.0);
+
+    // The best step is the first with the highest development score.
     let log = std::fs::read_to_string(out_dir.join("train_log.jsonl")).unwrap();
-    assert_eq!(log.lines().filter(|l| l.contains("\"dev\":")).count(), 3);
+    let scores: Vec<f64> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["dev"].as_f64().expect("dev score"))
+        .collect();
+    assert_eq!(scores.len(), 4);
+    let best_score = scores.iter().copied().fold(f64::MIN, f64::max);
+    let best_step = 1 + scores.iter().position(|s| *s == best_score).unwrap();
+    let record = common::read_json(&out_dir.join("effir_finetune.json"));
+    assert_eq!(
+        record["outcome"]["best_dev"],
+        serde_json::json!([best_score, best_step])
+    );
+    assert_ne!(
+        best_step, 4,
+        "the last step must not be the best, or this test cannot tell the best step's weights from the last: scores {scores:?}"
+    );
+
+    // The output holds the best step's weights, not the last step's.
+    let output = common::load_tensors(&out_dir.join("model.safetensors"));
+    let mut checkpoints = out_dir.into_os_string();
+    checkpoints.push(".checkpoints");
+    let step_weights = |step: usize| {
+        common::load_tensors(
+            &Path::new(&checkpoints)
+                .join(format!("step-{step:07}"))
+                .join("trainable.safetensors"),
+        )
+    };
+    let same = |a: &candle_core::Tensor, b: &candle_core::Tensor| {
+        a.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            == b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    for step in 1..=4 {
+        let trained = step_weights(step);
+        assert!(!trained.is_empty());
+        let equal = trained.iter().all(|(name, t)| same(t, &output[name]));
+        assert_eq!(
+            equal,
+            step == best_step,
+            "step {step}: output weights {} that step's (best step {best_step}, scores {scores:?})",
+            if equal { "equal" } else { "differ from" }
+        );
+    }
 }
 
 #[test]

@@ -8,8 +8,8 @@ use std::io::Read;
 use std::path::Path;
 
 use common::{fixture, read_json};
-use effir_pipeline::beir::load_qrels;
-use effir_pipeline::metrics::{evaluate, parse_run};
+use effir_pipeline::data::beir::load_qrels;
+use effir_pipeline::eval::metrics::{evaluate, parse_run};
 
 const TOLERANCE: f64 = 1e-6;
 

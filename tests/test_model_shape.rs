@@ -8,6 +8,7 @@ use std::path::Path;
 
 use candle_core::{DType, Tensor};
 use common::{copy_model, edit_weights, fixture};
+use effir_pipeline::model::arch::{MlpTensors, ModelConfig};
 use effir_pipeline::{Embedder, LoadOptions, MlpShape, ModelShape, Prompt};
 
 /// Stricter than parity with PyTorch: same arithmetic, different weights layout.
@@ -35,55 +36,27 @@ fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
 }
 
 fn uniform_shape(dir: &Path) -> ModelShape {
-    let config = effir_pipeline::models::ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
     config.uniform_shape()
 }
 
-/// Where an architecture keeps layer `i`'s MLP tensors.
-struct MlpKeys {
-    /// Weights (and biases) whose rows are the intermediate neurons.
-    rows: Vec<String>,
-    /// The projection back to the hidden size: columns are the neurons.
-    down: String,
-    /// Everything else that belongs to the MLP sub-layer (its norms).
-    others: Vec<String>,
-}
-
-fn mlp_keys(arch: &str, i: usize) -> MlpKeys {
-    match arch {
-        "bert" => MlpKeys {
-            rows: vec![
-                format!("encoder.layer.{i}.intermediate.dense.weight"),
-                format!("encoder.layer.{i}.intermediate.dense.bias"),
-            ],
-            down: format!("encoder.layer.{i}.output.dense.weight"),
-            others: vec![
-                format!("encoder.layer.{i}.output.dense.bias"),
-                format!("encoder.layer.{i}.output.LayerNorm.weight"),
-                format!("encoder.layer.{i}.output.LayerNorm.bias"),
-            ],
-        },
-        "llama" => MlpKeys {
-            rows: vec![
-                format!("model.layers.{i}.mlp.gate_proj.weight"),
-                format!("model.layers.{i}.mlp.up_proj.weight"),
-            ],
-            down: format!("model.layers.{i}.mlp.down_proj.weight"),
-            others: vec![format!("model.layers.{i}.post_attention_layernorm.weight")],
-        },
-        "gemma3" => MlpKeys {
-            rows: vec![
-                format!("layers.{i}.mlp.gate_proj.weight"),
-                format!("layers.{i}.mlp.up_proj.weight"),
-            ],
-            down: format!("layers.{i}.mlp.down_proj.weight"),
-            others: vec![
-                format!("layers.{i}.pre_feedforward_layernorm.weight"),
-                format!("layers.{i}.post_feedforward_layernorm.weight"),
-            ],
-        },
-        other => panic!("no MLP keys for {other}"),
-    }
+/// Layer `i`'s MLP tensors as the architecture's checkpoint map names them
+/// (the ones the fixture holds: biases and norms vary by architecture).
+fn mlp_keys(arch: &str, i: usize) -> MlpTensors {
+    let dir = fixture(arch);
+    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let names: Vec<String> = common::load_tensors(&dir.join("model.safetensors"))
+        .into_keys()
+        .collect();
+    let map = config.checkpoint();
+    let mut keys = map.mlp_tensors(map.prefix(names.iter()), i);
+    keys.rows.retain(|n| names.contains(n));
+    keys.others.retain(|n| names.contains(n));
+    assert!(
+        !keys.rows.is_empty() && !keys.others.is_empty() && names.contains(&keys.down),
+        "{arch}: the checkpoint map names tensors the fixture lacks: {keys:?}"
+    );
+    keys
 }
 
 #[test]

@@ -8,13 +8,13 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
 use common::{copy_model, edit_weights, fixture};
-use effir_pipeline::analysis::measure_importance;
-use effir_pipeline::models::{ForwardHooks, SkippedSublayers};
-use effir_pipeline::prune::{
-    plan_pruning, write_pruned_model, CoarseMode, CoarsePlan, FinePlan, NeuronScore, PrunePlan,
-    PruneResult,
+use effir_pipeline::compress::analysis::measure_importance;
+use effir_pipeline::compress::prune::{
+    plan_pruning, write_pruned_model, CoarseMode, CoarsePlan, FinePlan, NeuronScore, PruneInputs,
+    PrunePlan, PruneResult,
 };
-use effir_pipeline::weights::load_all_tensors;
+use effir_pipeline::io::weights::load_all_tensors;
+use effir_pipeline::model::arch::{ForwardHooks, SkippedSublayers};
 use effir_pipeline::{Embedder, LoadOptions};
 
 const SAME: f32 = 1e-5;
@@ -54,9 +54,11 @@ fn prune(name: &str, plan: &PrunePlan) -> (tempfile::TempDir, PathBuf, PruneResu
         &mut embedder,
         &tensors,
         plan,
-        &calibration(),
-        &pairs(),
-        4,
+        PruneInputs {
+            calibration: &calibration(),
+            pairs: &pairs(),
+            batch_size: 4,
+        },
         &mut |_| {},
     )
     .unwrap();
@@ -124,7 +126,7 @@ fn pruning_nothing_changes_nothing() {
     };
     for arch in ["bert", "llama", "gemma3"] {
         let (_work, out, result) = prune(arch, &plan);
-        assert_eq!(result.mlp_keep_achieved, 1.0, "{arch}");
+        assert_eq!(result.mlp_keep_achieved(), 1.0, "{arch}");
         let (full, pruned) = (load(&fixture(arch)), load(&out));
         assert_eq!(
             hidden(&full, &mut NoHooks),
@@ -145,7 +147,7 @@ fn dropped_mlps_equal_skipping_them_at_run_time() {
     };
     for arch in ["bert", "llama", "gemma3", "qwen2"] {
         let (_work, out, result) = prune(arch, &plan);
-        assert_eq!(result.dropped_mlps, vec![1]);
+        assert_eq!(result.dropped_mlps(), vec![1]);
         let pruned = load(&out);
         assert!(pruned.shape().layers[1].mlp.is_none());
         assert_eq!(
@@ -182,7 +184,7 @@ fn narrowed_mlps_equal_masking_their_removed_neurons() {
         let (_work, out, result) = prune(arch, &plan);
         let full_width = 96;
         let mut masks = Vec::new();
-        for (l, kept) in result.kept_neurons.iter().enumerate() {
+        for (l, kept) in result.mlps.iter().map(|d| d.neurons()).enumerate() {
             match kept {
                 None => masks.push(None),
                 Some(keep) => {
@@ -207,7 +209,12 @@ fn narrowed_mlps_equal_masking_their_removed_neurons() {
             }
         }
         // 3 layers of 96 neurons, target 144: rounding to multiples of 8 moves it by at most 8 per layer.
-        let kept: usize = result.kept_neurons.iter().flatten().map(Vec::len).sum();
+        let kept: usize = result
+            .mlps
+            .iter()
+            .filter_map(|d| d.neurons())
+            .map(<[u32]>::len)
+            .sum();
         assert!(
             kept.abs_diff(144) <= 16,
             "{arch}: kept {kept} neurons for a target of 144"
@@ -217,7 +224,7 @@ fn narrowed_mlps_equal_masking_their_removed_neurons() {
         let mut skipped = load(&fixture(arch));
         skipped
             .set_skipped(SkippedSublayers {
-                mlp: result.dropped_mlps.iter().copied().collect(),
+                mlp: result.dropped_mlps().iter().copied().collect(),
                 ..Default::default()
             })
             .unwrap();
@@ -245,7 +252,7 @@ fn one_shot_drops_the_least_important_mlps_of_the_full_model() {
         .iter()
         .map(|(l, _)| *l)
         .collect();
-    assert_eq!(result.dropped_mlps, ranking[..2]);
+    assert_eq!(result.dropped_mlps(), ranking[..2]);
     assert_eq!(load(&out).shape().mlp_count(), 1);
 }
 
@@ -275,7 +282,7 @@ fn iterative_drops_re_measure_after_each_drop() {
             expected.push(least);
             skipped.mlp.insert(least);
         }
-        assert_eq!(result.dropped_mlps, expected, "{arch}");
+        assert_eq!(result.dropped_mlps(), expected, "{arch}");
         assert_eq!(load(&out).shape().mlp_count(), 1, "{arch}");
     }
 }
@@ -292,7 +299,7 @@ fn a_drop_fraction_drops_that_share_of_the_mlps_rounded_down() {
     // 3 MLPs: 0.5 drops 1, 0.7 drops 2 (floor), 0.2 drops none.
     for (fraction, dropped) in [(0.5, 1), (0.7, 2), (0.2, 0)] {
         let (_w, out, result) = prune("llama", &plan(fraction));
-        assert_eq!(result.dropped_mlps.len(), dropped, "fraction {fraction}");
+        assert_eq!(result.dropped_mlps().len(), dropped, "fraction {fraction}");
         assert_eq!(load(&out).shape().mlp_count(), 3 - dropped);
     }
 }
@@ -331,13 +338,15 @@ fn activation_magnitude_removes_silent_neurons_and_keeps_loud_ones() {
         &mut embedder,
         &tensors,
         &plan,
-        &calibration(),
-        &[],
-        4,
+        PruneInputs {
+            calibration: &calibration(),
+            pairs: &[],
+            batch_size: 4,
+        },
         &mut |_| {},
     )
     .unwrap();
-    for (layer, kept) in result.kept_neurons.iter().enumerate() {
+    for (layer, kept) in result.mlps.iter().map(|d| d.neurons()).enumerate() {
         let kept = kept.as_ref().unwrap();
         assert!(kept.len() < 96, "layer {layer} was not narrowed");
         assert!(
@@ -629,7 +638,7 @@ impl ForwardHooks for ScaleNeuron {
 /// candle's gradient must match central finite differences of the loss.
 #[test]
 fn taylor_scores_match_finite_differences() {
-    use effir_pipeline::prune::{info_nce, taylor_scores, TAYLOR_TEMPERATURE};
+    use effir_pipeline::compress::prune::{info_nce, taylor_scores, TAYLOR_TEMPERATURE};
     for arch in ["bert", "llama", "gemma3"] {
         let embedder = load(&fixture(arch));
         let pairs = pairs();
@@ -691,18 +700,18 @@ fn taylor_scores_prune_to_the_same_constraints() {
     let plan = PrunePlan {
         fine: Some(FinePlan {
             mlp_keep: 0.5,
-            score: effir_pipeline::prune::NeuronScore::Taylor,
+            score: effir_pipeline::compress::prune::NeuronScore::Taylor,
             min_width_fraction: 0.25,
             alignment: 8,
         }),
         ..Default::default()
     };
     let (_work, out, result) = prune("qwen3", &plan);
-    for keep in result.kept_neurons.iter().flatten() {
+    for keep in result.mlps.iter().filter_map(|d| d.neurons()) {
         assert_eq!(keep.len() % 8, 0);
         assert!(keep.len() >= 24);
     }
-    assert!((result.mlp_keep_achieved - 0.5).abs() <= 24.0 / 288.0);
+    assert!((result.mlp_keep_achieved() - 0.5).abs() <= 24.0 / 288.0);
     assert_eq!(load(&out).shape().mlp_count(), 3);
 }
 
@@ -761,8 +770,8 @@ fn the_shipped_plans_are_valid() {
 /// architectures DeciLM cannot describe are refused with the reason.
 #[test]
 fn decilm_block_configs_describe_plain_llama_decoders() {
-    use effir_pipeline::decilm::{block_configs, intermediate_size};
-    use effir_pipeline::models::ModelConfig;
+    use effir_pipeline::compress::decilm::{block_configs, intermediate_size};
+    use effir_pipeline::model::arch::ModelConfig;
     use effir_pipeline::MlpShape;
 
     let work = tempfile::tempdir().unwrap();
@@ -774,14 +783,14 @@ fn decilm_block_configs_describe_plain_llama_decoders() {
     let path = work.path().join("config.json");
     std::fs::write(&path, config.to_string()).unwrap();
     let config = ModelConfig::from_file(&path).unwrap();
-    let spec = config.decoder_spec().unwrap().unwrap();
+    let spec = config.decoder_spec().unwrap();
     let mut shape = config.uniform_shape();
     shape.layers[1].mlp = None;
     shape.layers[2].mlp = Some(MlpShape {
         intermediate_size: 256,
     });
 
-    let blocks = block_configs(&spec, &shape).unwrap();
+    let blocks = block_configs(spec, &shape).unwrap();
     assert_eq!(blocks[1]["ffn"]["no_op"], true);
     for (layer, width) in [(0, 512), (2, 256)] {
         assert_eq!(blocks[layer]["ffn"]["no_op"], false);
@@ -798,7 +807,7 @@ fn decilm_block_configs_describe_plain_llama_decoders() {
     shape.layers[2].mlp = Some(MlpShape {
         intermediate_size: 248,
     });
-    let why = block_configs(&spec, &shape).unwrap_err();
+    let why = block_configs(spec, &shape).unwrap_err();
     assert!(why.contains("layer 2") && why.contains("248"), "{why}");
 
     // Biases, q/k norms (Qwen3, Gemma3) and sliding windows are not DeciLM.
@@ -809,11 +818,8 @@ fn decilm_block_configs_describe_plain_llama_decoders() {
         ("mistral", "sliding-window"),
     ] {
         let config = ModelConfig::from_file(&fixture(arch).join("config.json")).unwrap();
-        let why = block_configs(
-            &config.decoder_spec().unwrap().unwrap(),
-            &config.uniform_shape(),
-        )
-        .unwrap_err();
+        let why =
+            block_configs(config.decoder_spec().unwrap(), &config.uniform_shape()).unwrap_err();
         assert!(why.contains(reason), "{arch}: {why}");
     }
 }

@@ -10,10 +10,11 @@ use ort::session::Session;
 use ort::value::Tensor as OrtTensor;
 use serde::Serialize;
 
-use crate::emit::{ATTENTION_MASK, INPUT_IDS, TOKEN_INPUTS};
 use crate::error::{Error, Result};
 use crate::graph_file::GraphFile;
-use crate::providers::{register, ProviderSettings};
+use crate::interface::{ATTENTION_MASK, INPUT_IDS, TOKEN_INPUTS};
+use crate::providers::ProviderSettings;
+use crate::session::open_session;
 
 /// One measured configuration.
 #[derive(Debug, Clone, Serialize)]
@@ -53,20 +54,7 @@ impl BenchSession {
             .embedding_rows(INPUT_IDS)
             .unwrap_or(1000)
             .clamp(2, 1000);
-        let env = crate::runtime::environment()?;
-        let builder = Session::builder(env).map_err(|e| Error::runtime("creating a session", e))?;
-        let builder = if settings.threads > 0 {
-            builder
-                .with_intra_threads(settings.threads)
-                .map_err(ort::Error::<()>::from)
-                .map_err(|e| Error::runtime("setting threads", e))?
-        } else {
-            builder
-        };
-        let (mut builder, _) = register(builder, settings, &inputs)?;
-        let session = builder
-            .commit_from_file(path)
-            .map_err(|e| Error::runtime(format!("loading {}", path.display()), e))?;
+        let (session, _) = open_session(path, settings, &inputs)?;
         Ok(Self {
             name: path.display().to_string(),
             session,

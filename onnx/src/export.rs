@@ -5,8 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
-use effir_pipeline::atomic_file::StagedDir;
-use effir_pipeline::model_files::{copy_model_files, is_backbone_weights};
+use effir_pipeline::io::atomic_file::StagedDir;
+use effir_pipeline::io::model_files::{copy_model_files, is_backbone_weights};
 use serde::Serialize;
 
 use crate::emit::{emit_model, EmitOptions};

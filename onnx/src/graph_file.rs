@@ -106,12 +106,12 @@ impl GraphFile {
 
     /// Size of `last_hidden_state`'s last axis, if fixed.
     pub fn hidden_size(&self) -> Option<usize> {
-        self.output_dim(crate::emit::LAST_HIDDEN_STATE, 2)
+        self.output_dim(crate::interface::LAST_HIDDEN_STATE, 2)
     }
 
     /// Size of `sentence_embedding`'s last axis, if fixed.
     pub fn embedding_size(&self) -> Option<usize> {
-        self.output_dim(crate::emit::SENTENCE_EMBEDDING, 1)
+        self.output_dim(crate::interface::SENTENCE_EMBEDDING, 1)
     }
 
     fn output_dim(&self, name: &str, axis: usize) -> Option<usize> {

@@ -6,12 +6,16 @@
 //!
 //! - [`emit`]: one emitter per architecture, the sentence-transformers
 //!   head, interface profiles;
+//! - [`interface`]: the names of a graph's inputs and outputs, which
+//!   writers and readers share;
 //! - [`graph`]: building graphs node by node; [`graph_file`]: reading,
 //!   checking and writing `.onnx` files (external data);
 //! - [`export`]: the serving directory;
 //! - [`tensorrt`]: the TensorRT operator lint;
-//! - [`runtime`], [`providers`], [`session`]: ONNX Runtime;
-//! - [`rewrite`]: slimming a third-party export of the same model in place;
+//! - [`runtime`] (the library and every session's builder), [`providers`],
+//!   [`session`]: ONNX Runtime;
+//! - [`rewrite`]: slimming a third-party export of the same model in place,
+//!   one pass per module;
 //! - [`validate`]: parity and quality gates;
 //! - [`bench`]: latency and throughput of graphs.
 
@@ -21,6 +25,7 @@ pub mod error;
 pub mod export;
 pub mod graph;
 pub mod graph_file;
+pub mod interface;
 pub mod providers;
 pub mod rewrite;
 pub mod runtime;

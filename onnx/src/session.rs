@@ -8,20 +8,44 @@ use std::sync::Mutex;
 
 use candle_core::{Device, Tensor};
 use candle_onnx::onnx::tensor_proto::DataType;
-use effir_pipeline::embedding_cache::{fingerprint_file, Fingerprint};
-use effir_pipeline::head::EmbeddingHead;
-use effir_pipeline::models::ModelInput;
-use effir_pipeline::{Architecture, EncoderSetup, LoadOptions, TextEmbedder};
+use effir_pipeline::eval::embedding_cache::{fingerprint_file, Fingerprint};
+use effir_pipeline::model::arch::ModelInput;
+use effir_pipeline::model::head::EmbeddingHead;
+use effir_pipeline::{EncoderSetup, LoadOptions, TextEmbedder};
 use ndarray::{Array2, ArrayViewD};
 use ort::session::Session;
 use ort::value::Tensor as OrtTensor;
 
-use crate::emit::{
-    ATTENTION_MASK, INPUT_IDS, LAST_HIDDEN_STATE, SENTENCE_EMBEDDING, TOKEN_INPUTS, TOKEN_TYPE_IDS,
-};
 use crate::error::{Error, Result};
 use crate::graph_file::GraphFile;
+use crate::interface::{
+    ATTENTION_MASK, INPUT_IDS, LAST_HIDDEN_STATE, SENTENCE_EMBEDDING, TOKEN_INPUTS, TOKEN_TYPE_IDS,
+};
 use crate::providers::{register, Provider, ProviderSettings};
+
+/// Opens `graph` under the execution providers of `settings` (and its
+/// thread count); `inputs` are the graph's input names, which TensorRT's
+/// shape profiles name. Every ONNX Runtime session effir runs is built here.
+/// Returns the session and the providers registered, in order.
+pub fn open_session(
+    graph: &Path,
+    settings: &ProviderSettings,
+    inputs: &[String],
+) -> Result<(Session, Vec<Provider>)> {
+    let env = crate::runtime::environment()?;
+    let mut builder = Session::builder(env).map_err(|e| Error::runtime("creating a session", e))?;
+    if settings.threads > 0 {
+        builder = builder
+            .with_intra_threads(settings.threads)
+            .map_err(ort::Error::<()>::from)
+            .map_err(|e| Error::runtime("setting threads", e))?;
+    }
+    let (mut builder, providers) = register(builder, settings, inputs)?;
+    let session = builder
+        .commit_from_file(graph)
+        .map_err(|e| Error::runtime(format!("loading {}", graph.display()), e))?;
+    Ok((session, providers))
+}
 
 /// What the graph returns that effir turns into embeddings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,19 +132,7 @@ impl OnnxEncoder {
         let file = GraphFile::read(&location.graph)?;
         let (input_names, output) = check_interface(&file, &setup)?;
 
-        let env = crate::runtime::environment()?;
-        let mut builder =
-            Session::builder(env).map_err(|e| Error::runtime("creating a session", e))?;
-        if settings.threads > 0 {
-            builder = builder
-                .with_intra_threads(settings.threads)
-                .map_err(ort::Error::<()>::from)
-                .map_err(|e| Error::runtime("setting threads", e))?;
-        }
-        let (mut builder, providers) = register(builder, settings, &input_names)?;
-        let session = builder
-            .commit_from_file(&location.graph)
-            .map_err(|e| Error::runtime(format!("loading {}", location.graph.display()), e))?;
+        let (session, providers) = open_session(&location.graph, settings, &input_names)?;
         tracing::info!(graph = %location.graph.display(), providers = ?providers, "ONNX Runtime session ready");
 
         let hidden_size = file.hidden_size();
@@ -329,8 +341,8 @@ fn check_interface(
             return Err(mismatch(format!("the graph has no `{required}` input")));
         }
     }
-    if inputs.iter().any(|i| i.name == TOKEN_TYPE_IDS) && setup.architecture() != Architecture::Bert
-    {
+    let has_token_types = setup.config.checkpoint().embeddings.token_types.is_some();
+    if inputs.iter().any(|i| i.name == TOKEN_TYPE_IDS) && !has_token_types {
         return Err(mismatch(format!(
             "the graph takes token_type_ids, but the model in {} is a {} without token types",
             setup.dir.display(),

@@ -4,8 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-use effir_pipeline::beir::Dataset;
-use effir_pipeline::evaluation::{evaluate_model, EvalReport, EvalSettings, Phase, TextFormat};
+use effir_pipeline::data::beir::Dataset;
+use effir_pipeline::data::text_format::TextFormat;
+use effir_pipeline::eval::evaluation::{evaluate_model, EvalReport, EvalSettings, Phase};
 use effir_pipeline::TextEmbedder;
 use ndarray::Array2;
 use serde::{Deserialize, Serialize};

@@ -63,6 +63,26 @@ pub enum Error {
     #[error("{path}: {message}")]
     EmptyInput { path: PathBuf, message: String },
 
+    /// A tensor the architecture's checkpoint map names is not in the checkpoint.
+    #[error("no tensor `{tensor}` in the checkpoint")]
+    MissingTensor { tensor: String },
+
+    /// A tensor's shape is not the one the config (or the pruned shape) implies.
+    #[error("tensor `{tensor}` has shape {got:?}, expected {expected:?}")]
+    ShapeMismatch {
+        tensor: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
+
+    /// A pruning plan that cannot be carried out on the model.
+    #[error("pruning plan: {0}")]
+    InvalidPlan(String),
+
+    /// A training checkpoint that does not belong to this run.
+    #[error("{path}: {message}")]
+    CheckpointMismatch { path: PathBuf, message: String },
+
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 

@@ -1,45 +1,32 @@
-//! effir's pipeline library: retrieval models in candle (loading, embedding)
-//! and, as the pipeline grows, analysis, pruning, training and evaluation.
+//! effir's pipeline library: retrieval models in candle and the research
+//! stages around them, grouped by what each part is for:
 //!
-//! The entry point is [`Embedder`]: it loads a Hugging Face /
-//! sentence-transformers directory (BERT, Gemma3, Llama, Mistral, Qwen2,
-//! Qwen3), including pruned ones whose [`ModelShape`] differs per layer, and
-//! embeds text.
+//! - [`io`]: files on disk (atomic writes, JSON, npy, text input, weights,
+//!   copying model files);
+//! - [`model`]: a loaded embedding model ([`Embedder`]: encoder setup, text
+//!   encoder, head, pooling, sentence-transformers files, [`ModelShape`]) and
+//!   [`model::arch`]: the architectures, each described to every stage by one
+//!   [`model::arch::CheckpointMap`];
+//! - [`data`]: BEIR datasets, document samples, calibration text, text formats;
+//! - [`eval`]: retrieval evaluation, metrics, exact search, the embedding cache;
+//! - [`compress`]: sub-layer analysis, drop studies, pruning, the DeciLM
+//!   translation, charts;
+//! - [`finetune`]: recovery training.
+//!
+//! Each folder uses only the ones listed before it (and [`error`]).
 
-pub mod atomic_file;
-pub mod embedder;
-pub mod encoder_setup;
+pub mod compress;
+pub mod data;
 pub mod error;
-pub mod head;
-pub mod json_file;
-pub mod models;
-pub mod pooling;
-pub mod sentence_transformers;
-pub mod shape;
-pub mod text_encoder;
-pub mod weights;
-
-pub use embedder::{Embedder, LoadOptions, ParameterReport, Prompt};
-pub use encoder_setup::EncoderSetup;
-pub use error::{Error, Result};
-pub use models::Architecture;
-pub use pooling::Pooling;
-pub use shape::{LayerShape, MlpShape, ModelShape};
-pub use text_embedder::TextEmbedder;
-pub mod analysis;
-pub mod beir;
-pub mod calibration;
-pub mod chart;
-pub mod decilm;
-pub mod drop_study;
-pub mod embedding_cache;
-pub mod evaluation;
+pub mod eval;
 pub mod finetune;
-pub mod metrics;
-pub mod model_files;
-pub mod npy;
-pub mod prune;
-pub mod sampling;
-pub mod search;
-pub mod text_embedder;
-pub mod text_input;
+pub mod io;
+pub mod model;
+
+pub use error::{Error, Result};
+pub use eval::text_embedder::TextEmbedder;
+pub use model::arch::Architecture;
+pub use model::embedder::{Embedder, ParameterReport};
+pub use model::encoder_setup::{EncoderSetup, LoadOptions, Prompt};
+pub use model::pooling::Pooling;
+pub use model::shape::{LayerShape, MlpShape, ModelShape};

@@ -5,9 +5,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use effir_pipeline::analysis::measure_importance;
-use effir_pipeline::atomic_file::write_bytes_atomically;
-use effir_pipeline::calibration::{CalibrationBudget, CalibrationSet};
+use effir_pipeline::compress::analysis::measure_importance;
+use effir_pipeline::data::calibration::{CalibrationBudget, CalibrationSet};
+use effir_pipeline::io::atomic_file::write_bytes_atomically;
 use effir_pipeline::{Embedder, Prompt};
 use serde::Deserialize;
 

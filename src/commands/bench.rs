@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use effir_onnx::bench::{BenchResult, BenchSession};
 use effir_onnx::GraphLocation;
-use effir_pipeline::atomic_file::write_bytes_atomically;
+use effir_pipeline::io::atomic_file::write_bytes_atomically;
 
 use super::provider_options::ProviderArgs;
 

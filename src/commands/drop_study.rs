@@ -5,13 +5,13 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use effir_pipeline::analysis::measure_importance;
-use effir_pipeline::atomic_file::write_bytes_atomically;
-use effir_pipeline::beir::{DanglingPolicy, Dataset};
-use effir_pipeline::calibration::{CalibrationBudget, CalibrationSet};
-use effir_pipeline::drop_study::drop_study;
-use effir_pipeline::embedding_cache::EmbeddingCache;
-use effir_pipeline::evaluation::{EvalSettings, Phase};
+use effir_pipeline::compress::analysis::measure_importance;
+use effir_pipeline::compress::drop_study::drop_study;
+use effir_pipeline::data::beir::{DanglingPolicy, Dataset};
+use effir_pipeline::data::calibration::{CalibrationBudget, CalibrationSet};
+use effir_pipeline::eval::embedding_cache::EmbeddingCache;
+use effir_pipeline::eval::evaluation::{EvalSettings, Phase};
+use effir_pipeline::io::atomic_file::write_bytes_atomically;
 use effir_pipeline::Embedder;
 
 use super::model_options::ModelArgs;

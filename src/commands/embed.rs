@@ -5,8 +5,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use effir_pipeline::text_input::{read_texts, InputFormat};
-use effir_pipeline::{npy, Embedder, Prompt};
+use effir_pipeline::io::npy;
+use effir_pipeline::io::text_input::{read_texts, InputFormat};
+use effir_pipeline::{Embedder, Prompt};
 use serde::Deserialize;
 
 use super::model_options::ModelArgs;

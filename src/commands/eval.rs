@@ -4,10 +4,11 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use effir_pipeline::beir::{DanglingPolicy, Dataset};
-use effir_pipeline::embedding_cache::EmbeddingCache;
-use effir_pipeline::evaluation::{
-    evaluate_model, mean_table, write_report, DocumentTemplate, EvalSettings, Phase,
+use effir_pipeline::data::beir::{DanglingPolicy, Dataset};
+use effir_pipeline::data::text_format::DocumentTemplate;
+use effir_pipeline::eval::embedding_cache::EmbeddingCache;
+use effir_pipeline::eval::evaluation::{
+    evaluate_model, mean_table, write_report, EvalSettings, Phase,
 };
 use effir_pipeline::{Embedder, Prompt};
 use serde::Deserialize;

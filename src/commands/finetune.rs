@@ -5,11 +5,13 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use effir_pipeline::beir::{DanglingPolicy, Dataset};
-use effir_pipeline::evaluation::{evaluate_model, EvalSettings, TextFormat};
+use effir_pipeline::data::beir::{DanglingPolicy, Dataset};
+use effir_pipeline::data::text_format::TextFormat;
+use effir_pipeline::eval::evaluation::{evaluate_model, EvalSettings};
 use effir_pipeline::finetune::data::{load_examples, TrainingSource};
-use effir_pipeline::finetune::trainer::{write_model, TrainingRun};
-use effir_pipeline::finetune::{finetune, FinetuneConfig};
+use effir_pipeline::finetune::record::write_model;
+use effir_pipeline::finetune::trainer::TrainingRun;
+use effir_pipeline::finetune::{finetune, FinetuneConfig, FinetuneRecord};
 use effir_pipeline::{EncoderSetup, LoadOptions};
 
 #[derive(Debug, Args)]
@@ -184,14 +186,14 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         },
     )?;
     bar.finish_and_clear();
-    let record = serde_json::json!({
-        "effir_version": env!("CARGO_PKG_VERSION"),
-        "source_model": std::fs::canonicalize(&args.model).unwrap_or_else(|_| args.model.clone()),
-        "train": args.train,
-        "hard_negatives": args.hard_negatives,
-        "config": config,
-        "outcome": outcome,
-    });
+    let record = FinetuneRecord {
+        config: config.clone(),
+        effir_version: env!("CARGO_PKG_VERSION").to_string(),
+        hard_negatives: args.hard_negatives.clone(),
+        outcome: outcome.clone(),
+        source_model: std::fs::canonicalize(&args.model).unwrap_or_else(|_| args.model.clone()),
+        train: args.train.clone(),
+    };
     write_model(&args.model, &args.out, &weights, &record)?;
     std::fs::copy(&log_path, args.out.join("train_log.jsonl"))
         .with_context(|| format!("copying {}", log_path.display()))?;

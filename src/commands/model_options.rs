@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
-use effir_pipeline::text_encoder::PaddingSide;
+use effir_pipeline::model::text_encoder::PaddingSide;
 use effir_pipeline::{LoadOptions, Pooling};
 use serde::Deserialize;
 

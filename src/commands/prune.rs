@@ -6,13 +6,13 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use effir_pipeline::atomic_file::write_bytes_atomically;
-use effir_pipeline::calibration::{training_pairs, CalibrationBudget, CalibrationSet};
-use effir_pipeline::prune::{
+use effir_pipeline::compress::prune::{
     check_taylor_inputs, plan_pruning, write_pruned_model, CoarseMode, CoarsePlan, FinePlan,
-    NeuronScore, PrunePlan,
+    NeuronScore, PruneInputs, PrunePlan,
 };
-use effir_pipeline::weights::load_all_tensors;
+use effir_pipeline::data::calibration::{training_pairs, CalibrationBudget, CalibrationSet};
+use effir_pipeline::io::atomic_file::write_bytes_atomically;
+use effir_pipeline::io::weights::load_all_tensors;
 use effir_pipeline::{Embedder, ParameterReport, Prompt};
 
 use super::model_options::ModelArgs;
@@ -110,7 +110,7 @@ fn report(before: &Embedder, after: &Embedder) -> String {
     let (ab, mb) = flops_per_token(&pb, &widths(before), seq);
     let (aa, ma) = flops_per_token(&pa, &widths(after), seq);
     let sum = |p: &ParameterReport,
-               f: fn(&effir_pipeline::embedder::LayerParameterReport) -> usize|
+               f: fn(&effir_pipeline::model::embedder::LayerParameterReport) -> usize|
      -> usize { p.layers.iter().map(f).sum() };
     let row = |name: &str, b: f64, a: f64| {
         format!(
@@ -222,9 +222,11 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
         &mut embedder,
         &tensors,
         &plan,
-        &calibration.texts,
-        &pairs,
-        args.batch_size,
+        PruneInputs {
+            calibration: &calibration.texts,
+            pairs: &pairs,
+            batch_size: args.batch_size,
+        },
         &mut |step| eprintln!("{step} …"),
     )?;
     write_pruned_model(
@@ -242,9 +244,9 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
         "# Pruning {} -> {}\n\nDropped MLPs: {:?}; MLP widths: {:?}; {:.1}% of the MLP neurons kept; calibration: {} tokens of {}; {:.1}s.\n\n{table}",
         args.model.model.display(),
         args.out.display(),
-        result.dropped_mlps,
-        result.shape.layers.iter().map(|l| l.mlp.map(|m| m.intermediate_size)).collect::<Vec<_>>(),
-        100.0 * result.mlp_keep_achieved,
+        result.dropped_mlps(),
+        result.shape().layers.iter().map(|l| l.mlp.map(|m| m.intermediate_size)).collect::<Vec<_>>(),
+        100.0 * result.mlp_keep_achieved(),
         calibration.tokens,
         calibration.source,
         start.elapsed().as_secs_f64()

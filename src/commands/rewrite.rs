@@ -11,7 +11,7 @@ use effir_onnx::providers::ProviderSettings;
 use effir_onnx::rewrite::rewrite;
 use effir_onnx::validate::compare_embeddings;
 use effir_onnx::{GraphLocation, OnnxEncoder};
-use effir_pipeline::model_files::{copy_model_files, is_backbone_weights};
+use effir_pipeline::io::model_files::{copy_model_files, is_backbone_weights};
 use effir_pipeline::{Embedder, LoadOptions, TextEmbedder};
 
 #[derive(Debug, Args)]

@@ -11,10 +11,11 @@ use effir_onnx::validate::{
     apply_gates, check_parity, check_quality, parity_texts, Gates, ValidationReport,
 };
 use effir_onnx::{GraphLocation, OnnxEncoder};
-use effir_pipeline::atomic_file::write_bytes_atomically;
-use effir_pipeline::beir::{DanglingPolicy, Dataset};
-use effir_pipeline::embedding_cache::EmbeddingCache;
-use effir_pipeline::evaluation::{EvalSettings, Phase, TextFormat};
+use effir_pipeline::data::beir::{DanglingPolicy, Dataset};
+use effir_pipeline::data::text_format::TextFormat;
+use effir_pipeline::eval::embedding_cache::EmbeddingCache;
+use effir_pipeline::eval::evaluation::{EvalSettings, Phase};
+use effir_pipeline::io::atomic_file::write_bytes_atomically;
 use effir_pipeline::{Embedder, LoadOptions};
 
 use super::provider_options::ProviderArgs;

@@ -1,10 +1,11 @@
-//! BERT as an ONNX graph, computing what `effir_pipeline::models::bert`
+//! BERT as an ONNX graph, computing what `effir_pipeline::model::arch::bert`
 //! computes. A layer whose MLP was dropped ends after its attention block's
 //! LayerNorm (the output LayerNorm goes with the MLP); narrowed MLPs get
 //! narrowed matrices.
 
-use effir_pipeline::models::bert::Config;
-use effir_pipeline::models::layers::Activation;
+use effir_pipeline::model::arch::bert::Config;
+use effir_pipeline::model::arch::checkpoint_map::{CheckpointMap, SublayerNorms};
+use effir_pipeline::model::arch::layers::Activation;
 use effir_pipeline::ModelShape;
 
 use super::layers::{
@@ -14,13 +15,14 @@ use super::layers::{
 use super::BackboneInputs;
 use crate::error::{Error, Result};
 use crate::graph::GraphBuilder;
-use effir_pipeline::models::layers::AttentionPattern;
+use effir_pipeline::model::arch::layers::AttentionPattern;
 
 /// Emits the encoder; returns the last hidden state `(B, T, H)`.
 pub fn emit(
     g: &mut GraphBuilder,
     w: &Weights,
     cfg: &Config,
+    map: &CheckpointMap,
     shape: &ModelShape,
     inputs: &BackboneInputs,
 ) -> Result<String> {
@@ -34,46 +36,38 @@ pub fn emit(
     let seq = SequenceInfo::new(g, &inputs.input_ids, &inputs.attention_mask);
 
     // Embeddings: word + token type + position, then LayerNorm.
-    let word = w.get("embeddings.word_embeddings.weight", &[cfg.vocab_size, h])?;
-    let word = g.weight(
-        "embeddings.word_embeddings.weight",
-        &[cfg.vocab_size, h],
-        &values(&word)?,
-    );
-    let types = w.get(
-        "embeddings.token_type_embeddings.weight",
-        &[cfg.type_vocab_size, h],
-    )?;
-    let types = g.weight(
-        "embeddings.token_type_embeddings.weight",
-        &[cfg.type_vocab_size, h],
-        &values(&types)?,
-    );
-    let positions = w.get(
-        "embeddings.position_embeddings.weight",
-        &[cfg.max_position_embeddings, h],
-    )?;
-    let positions = g.weight(
-        "embeddings.position_embeddings.weight",
-        &[cfg.max_position_embeddings, h],
-        &values(&positions)?,
-    );
+    let keys = &map.embeddings;
+    let mut table = |module: Option<&str>, rows: usize| -> Result<String> {
+        let module = module
+            .ok_or_else(|| Error::Export("BERT has position and token-type embeddings".into()))?;
+        let name = format!("{module}.weight");
+        let values = values(&w.get(&name, &[rows, h])?)?;
+        Ok(g.weight(&name, &[rows, h], &values))
+    };
+    let word = table(Some(keys.tokens), cfg.vocab_size)?;
+    let types = table(keys.token_types, cfg.type_vocab_size)?;
+    let positions = table(keys.positions, cfg.max_position_embeddings)?;
     let x_words = g.gather(&word, &inputs.input_ids, 0);
     let x_types = g.gather(&types, token_type_ids, 0);
     let x_pos = g.gather(&positions, &seq.positions, 0); // (T, H)
     let x = g.add(&x_words, &x_types);
     let x = g.add(&x, &x_pos);
-    let mut x = layer_norm(g, w, &x, "embeddings.LayerNorm", h, cfg.layer_norm_eps)?;
+    let embedding_norm = keys.norm.unwrap_or_default();
+    let mut x = layer_norm(g, w, &x, embedding_norm, h, cfg.layer_norm_eps)?;
+    let (attn_keys, mlp_keys) = (&map.attention, &map.mlp);
+    let residual_norm = |keys: &SublayerNorms| {
+        keys.residual
+            .ok_or_else(|| Error::Export("BERT sub-layers end in a LayerNorm".into()))
+    };
 
     let bias = attention_bias(g, &seq, AttentionPattern::Bidirectional);
     for (i, layer) in shape.layers.iter().enumerate() {
-        let p = format!("encoder.layer.{i}");
+        let module = |path: &str| map.layer_module(i, path);
         let inner = layer.num_heads * layer.head_dim;
         // Attention block: LN(x + Attn(x)).
-        let a = format!("{p}.attention");
-        let q = linear(g, w, &x, &format!("{a}.self.query"), h, inner, true)?;
-        let k = linear(g, w, &x, &format!("{a}.self.key"), h, inner, true)?;
-        let v = linear(g, w, &x, &format!("{a}.self.value"), h, inner, true)?;
+        let q = linear(g, w, &x, &module(attn_keys.query), h, inner, true)?;
+        let k = linear(g, w, &x, &module(attn_keys.key), h, inner, true)?;
+        let v = linear(g, w, &x, &module(attn_keys.value), h, inner, true)?;
         let q = split_heads(g, &q, layer.num_heads, layer.head_dim);
         let k = split_heads(g, &k, layer.num_heads, layer.head_dim);
         let v = split_heads(g, &v, layer.num_heads, layer.head_dim);
@@ -90,28 +84,28 @@ pub fn emit(
             scale,
         );
         let merged = merge_heads(g, &context, layer.num_heads, layer.head_dim);
-        let out = linear(g, w, &merged, &format!("{a}.output.dense"), inner, h, true)?;
+        let out = linear(g, w, &merged, &module(attn_keys.output), inner, h, true)?;
         let residual = g.add(&out, &x);
         x = layer_norm(
             g,
             w,
             &residual,
-            &format!("{a}.output.LayerNorm"),
+            &module(residual_norm(&attn_keys.norms)?),
             h,
             cfg.layer_norm_eps,
         )?;
         // MLP block: LN(h + W2 act(W1 h)), absent when dropped.
         if let Some(mlp) = layer.mlp {
             let width = mlp.intermediate_size;
-            let up = linear(g, w, &x, &format!("{p}.intermediate.dense"), h, width, true)?;
+            let up = linear(g, w, &x, &module(mlp_keys.up), h, width, true)?;
             let act = activation(g, &up, act);
-            let down = linear(g, w, &act, &format!("{p}.output.dense"), width, h, true)?;
+            let down = linear(g, w, &act, &module(mlp_keys.down), width, h, true)?;
             let residual = g.add(&down, &x);
             x = layer_norm(
                 g,
                 w,
                 &residual,
-                &format!("{p}.output.LayerNorm"),
+                &module(residual_norm(&mlp_keys.norms)?),
                 h,
                 cfg.layer_norm_eps,
             )?;

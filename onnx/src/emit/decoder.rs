@@ -1,10 +1,10 @@
 //! The pre-norm decoder stack (Llama, Mistral, Qwen2, Qwen3, Gemma3) as an
-//! ONNX graph, computing what `effir_pipeline::models::decoder` computes
+//! ONNX graph, computing what `effir_pipeline::model::arch::decoder` computes
 //! from the same [`DecoderSpec`]. Dropped MLPs emit nothing (their norms go
 //! with them); narrowed MLPs get narrowed matrices.
 
-use effir_pipeline::models::decoder::DecoderSpec;
-use effir_pipeline::models::layers::{AttentionPattern, Rotary};
+use effir_pipeline::model::arch::decoder::DecoderSpec;
+use effir_pipeline::model::arch::layers::{AttentionPattern, Rotary};
 use effir_pipeline::ModelShape;
 
 use super::layers::{
@@ -12,7 +12,7 @@ use super::layers::{
     split_heads, values, SequenceInfo, Weights,
 };
 use super::BackboneInputs;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::graph::GraphBuilder;
 
 /// Emits the stack; returns the last hidden state (after the final norm).
@@ -26,14 +26,13 @@ pub fn emit(
     let h = spec.hidden_size;
     let eps = spec.norm_eps;
     let offset = spec.norm_unit_offset;
+    let map = spec.checkpoint;
+    let (attn_keys, mlp_keys) = (&map.attention, &map.mlp);
     let seq = SequenceInfo::new(g, &inputs.input_ids, &inputs.attention_mask);
 
-    let table = w.get("embed_tokens.weight", &[spec.vocab_size, h])?;
-    let table = g.weight(
-        "embed_tokens.weight",
-        &[spec.vocab_size, h],
-        &values(&table)?,
-    );
+    let table_name = format!("{}.weight", map.embeddings.tokens);
+    let table = w.get(&table_name, &[spec.vocab_size, h])?;
+    let table = g.weight(&table_name, &[spec.vocab_size, h], &values(&table)?);
     let mut x = g.gather(&table, &inputs.input_ids, 0);
     if let Some(scale) = spec.embed_scale {
         let s = g.float_scalar(scale as f32);
@@ -45,7 +44,7 @@ pub fn emit(
     let mut rotaries: Vec<(Vec<u32>, (String, String))> = Vec::new();
 
     for (i, (layer, attn_spec)) in shape.layers.iter().zip(&spec.layers).enumerate() {
-        let p = format!("layers.{i}");
+        let module = |path: &str| map.layer_module(i, path);
         let (heads, kv_heads, d) = (layer.num_heads, layer.num_kv_heads, layer.head_dim);
         let bias = match masks.iter().find(|(pat, _)| *pat == attn_spec.pattern) {
             Some((_, name)) => name.clone(),
@@ -56,24 +55,27 @@ pub fn emit(
             }
         };
         let rotary = Rotary::new(d, attn_spec.rope.theta, attn_spec.rope.scaling);
-        let key: Vec<u32> = rotary.inv_freq().iter().map(|f| f.to_bits()).collect();
-        let (cos, sin) = match rotaries.iter().find(|(k, _)| *k == key) {
+        let rotary_key: Vec<u32> = rotary.inv_freq().iter().map(|f| f.to_bits()).collect();
+        let (cos, sin) = match rotaries.iter().find(|(k, _)| *k == rotary_key) {
             Some((_, tables)) => tables.clone(),
             None => {
                 let tables = super::layers::rotary_tables(g, &seq, rotary.inv_freq());
-                rotaries.push((key, tables.clone()));
+                rotaries.push((rotary_key, tables.clone()));
                 tables
             }
         };
 
         // Attention: x + post_norm(o(attn(rope(q), rope(k), v))).
-        let a = format!("{p}.self_attn");
-        let normed = rms_norm(g, w, &x, &format!("{p}.input_layernorm"), h, eps, offset)?;
+        let input_norm = attn_keys
+            .norms
+            .input
+            .ok_or_else(|| Error::Export("a pre-norm decoder layer has an input norm".into()))?;
+        let normed = rms_norm(g, w, &x, &module(input_norm), h, eps, offset)?;
         let q = linear(
             g,
             w,
             &normed,
-            &format!("{a}.q_proj"),
+            &module(attn_keys.query),
             h,
             heads * d,
             spec.qkv_bias,
@@ -82,7 +84,7 @@ pub fn emit(
             g,
             w,
             &normed,
-            &format!("{a}.k_proj"),
+            &module(attn_keys.key),
             h,
             kv_heads * d,
             spec.qkv_bias,
@@ -91,7 +93,7 @@ pub fn emit(
             g,
             w,
             &normed,
-            &format!("{a}.v_proj"),
+            &module(attn_keys.value),
             h,
             kv_heads * d,
             spec.qkv_bias,
@@ -99,9 +101,9 @@ pub fn emit(
         let mut q = split_heads(g, &q, heads, d);
         let mut k = split_heads(g, &k, kv_heads, d);
         let v = split_heads(g, &v, kv_heads, d);
-        if spec.qk_norm {
-            q = rms_norm(g, w, &q, &format!("{a}.q_norm"), d, eps, offset)?;
-            k = rms_norm(g, w, &k, &format!("{a}.k_norm"), d, eps, offset)?;
+        if let (Some(q_norm), Some(k_norm)) = (attn_keys.query_norm, attn_keys.key_norm) {
+            q = rms_norm(g, w, &q, &module(q_norm), d, eps, offset)?;
+            k = rms_norm(g, w, &k, &module(k_norm), d, eps, offset)?;
         }
         let q = apply_rotary(g, &q, &cos, &sin, d);
         let k = apply_rotary(g, &k, &cos, &sin, d);
@@ -121,76 +123,48 @@ pub fn emit(
             g,
             w,
             &merged,
-            &format!("{a}.o_proj"),
+            &module(attn_keys.output),
             heads * d,
             h,
             spec.o_bias,
         )?;
-        if spec.sandwich_norms {
-            y = rms_norm(
-                g,
-                w,
-                &y,
-                &format!("{p}.post_attention_layernorm"),
-                h,
-                eps,
-                offset,
-            )?;
+        if let Some(output_norm) = attn_keys.norms.output {
+            y = rms_norm(g, w, &y, &module(output_norm), h, eps, offset)?;
         }
         x = g.add(&x, &y);
 
         // MLP: x + post_norm(down(act(gate(h)) * up(h))), absent when dropped.
         if let Some(mlp) = layer.mlp {
             let width = mlp.intermediate_size;
-            let pre = if spec.sandwich_norms {
-                "pre_feedforward_layernorm"
-            } else {
-                "post_attention_layernorm"
-            };
-            let normed = rms_norm(g, w, &x, &format!("{p}.{pre}"), h, eps, offset)?;
-            let m = format!("{p}.mlp");
-            let gate = linear(
-                g,
-                w,
-                &normed,
-                &format!("{m}.gate_proj"),
-                h,
-                width,
-                spec.mlp_bias,
-            )?;
+            let input_norm = mlp_keys
+                .norms
+                .input
+                .ok_or_else(|| Error::Export("a pre-norm decoder MLP has an input norm".into()))?;
+            let gate_module = mlp_keys
+                .gate
+                .ok_or_else(|| Error::Export("the decoder MLP is gated".into()))?;
+            let normed = rms_norm(g, w, &x, &module(input_norm), h, eps, offset)?;
+            let gate = linear(g, w, &normed, &module(gate_module), h, width, spec.mlp_bias)?;
             let gate = activation(g, &gate, spec.hidden_act);
-            let up = linear(
-                g,
-                w,
-                &normed,
-                &format!("{m}.up_proj"),
-                h,
-                width,
-                spec.mlp_bias,
-            )?;
+            let up = linear(g, w, &normed, &module(mlp_keys.up), h, width, spec.mlp_bias)?;
             let product = g.mul(&gate, &up);
             let mut y = linear(
                 g,
                 w,
                 &product,
-                &format!("{m}.down_proj"),
+                &module(mlp_keys.down),
                 width,
                 h,
                 spec.mlp_bias,
             )?;
-            if spec.sandwich_norms {
-                y = rms_norm(
-                    g,
-                    w,
-                    &y,
-                    &format!("{p}.post_feedforward_layernorm"),
-                    h,
-                    eps,
-                    offset,
-                )?;
+            if let Some(output_norm) = mlp_keys.norms.output {
+                y = rms_norm(g, w, &y, &module(output_norm), h, eps, offset)?;
             }
             x = g.add(&x, &y);
         }
     }
-    rms_norm(g, w, &x, "norm", h, eps, offset)
+    let final_norm = map
+        .final_norm
+        .ok_or_else(|| Error::Export("a decoder has a final norm".into()))?;
+    rms_norm(g, w, &x, final_norm, h, eps, offset)
 }

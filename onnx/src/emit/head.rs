@@ -1,9 +1,9 @@
 //! The sentence-transformers head inside the graph: pooling, `Dense`
-//! modules and `Normalize`, computing what `effir_pipeline::head` computes.
+//! modules and `Normalize`, computing what `effir_pipeline::model::head` computes.
 
 use candle_onnx::onnx::tensor_proto::DataType;
-use effir_pipeline::pooling::Pooling;
-use effir_pipeline::sentence_transformers::{DenseActivation, PostPooling, SentenceConfig};
+use effir_pipeline::model::pooling::Pooling;
+use effir_pipeline::model::sentence_transformers::{DenseActivation, PostPooling, SentenceConfig};
 
 use super::layers::{linear, Weights};
 use super::BackboneInputs;
@@ -88,7 +88,7 @@ pub fn emit(
                         dense.in_features
                     )));
                 }
-                let tensors = effir_pipeline::weights::load_all_tensors(&dense.dir)?;
+                let tensors = effir_pipeline::io::weights::load_all_tensors(&dense.dir)?;
                 let w = Weights::new(tensors, "", &dense.dir);
                 x = linear(
                     g,

@@ -1,5 +1,5 @@
 //! Building blocks of the emitted graphs, the ONNX counterparts of
-//! `effir_pipeline::models::layers`: linear layers, norms, activations,
+//! `effir_pipeline::model::arch::layers`: linear layers, norms, activations,
 //! rotary embeddings, attention masks and attention. Every block computes
 //! what the candle block computes, with standard opset-17 operators only
 //! (no contrib ops), so ONNX Runtime's CPU, CUDA and TensorRT providers all
@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
 use candle_onnx::onnx::tensor_proto::DataType;
-use effir_pipeline::models::layers::{Activation, AttentionPattern, MASKED};
+use effir_pipeline::model::arch::layers::{Activation, AttentionPattern, MASKED};
 
 use crate::error::{Error, Result};
 use crate::graph::{attr_float, attr_int, GraphBuilder};

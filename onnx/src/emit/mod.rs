@@ -10,21 +10,15 @@ pub mod layers;
 use std::path::Path;
 
 use candle_onnx::onnx::{ModelProto, OperatorSetIdProto, StringStringEntryProto};
-use effir_pipeline::models::ArchitectureConfig;
-use effir_pipeline::{Architecture, EncoderSetup, LoadOptions, ModelShape};
+use effir_pipeline::model::arch::BackboneConfig;
+use effir_pipeline::{EncoderSetup, LoadOptions, ModelShape};
 
 use crate::error::{Error, Result};
 use crate::graph::{Dim, ElementType, GraphBuilder, WeightStorage};
+use crate::interface::{
+    ATTENTION_MASK, INPUT_IDS, LAST_HIDDEN_STATE, SENTENCE_EMBEDDING, TOKEN_TYPE_IDS,
+};
 use layers::Weights;
-
-/// Names of the graph's inputs and outputs, as Optimum exports them.
-pub const INPUT_IDS: &str = "input_ids";
-pub const ATTENTION_MASK: &str = "attention_mask";
-pub const TOKEN_TYPE_IDS: &str = "token_type_ids";
-/// Every token input a graph may take.
-pub const TOKEN_INPUTS: [&str; 3] = [INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS];
-pub const LAST_HIDDEN_STATE: &str = "last_hidden_state";
-pub const SENTENCE_EMBEDDING: &str = "sentence_embedding";
 
 /// The opsets effir emits: 17 (LayerNormalization) and later.
 pub const MIN_OPSET: i64 = 17;
@@ -98,9 +92,10 @@ pub fn emit_model(dir: &Path, options: &EmitOptions) -> Result<ModelProto> {
     let setup = EncoderSetup::load(dir, &LoadOptions::default())?;
     let config = &setup.config;
     let shape = ModelShape::load_or(dir, config.uniform_shape())?;
-    let tensors = effir_pipeline::weights::load_all_tensors(dir)?;
+    let tensors = effir_pipeline::io::weights::load_all_tensors(dir)?;
     let arch = config.architecture();
-    let prefix = arch.checkpoint_prefix(tensors.keys());
+    let map = config.checkpoint();
+    let prefix = map.prefix(tensors.keys());
     let weights = Weights::new(tensors, prefix, dir);
     tracing::info!(architecture = %arch, layers = shape.layers.len(), mlps = shape.mlp_count(), profile = options.profile.name(), "emitting ONNX graph");
 
@@ -112,21 +107,21 @@ pub fn emit_model(dir: &Path, options: &EmitOptions) -> Result<ModelProto> {
     let inputs = BackboneInputs {
         input_ids: g.input(INPUT_IDS, ElementType::Int64, &batch_seq),
         attention_mask: g.input(ATTENTION_MASK, ElementType::Int64, &batch_seq),
-        token_type_ids: (arch == Architecture::Bert)
+        token_type_ids: map
+            .embeddings
+            .token_types
+            .is_some()
             .then(|| g.input(TOKEN_TYPE_IDS, ElementType::Int64, &batch_seq)),
     };
-    let (hidden, hidden_size) = match &config.architecture {
-        ArchitectureConfig::Bert(cfg) => (
-            bert::emit(&mut g, &weights, cfg, &shape, &inputs)?,
+    let (hidden, hidden_size) = match &config.backbone {
+        BackboneConfig::Bert(cfg) => (
+            bert::emit(&mut g, &weights, cfg, map, &shape, &inputs)?,
             cfg.hidden_size,
         ),
-        _ => {
-            let spec = config
-                .decoder_spec()?
-                .expect("every architecture but BERT is a decoder");
-            let h = spec.hidden_size;
-            (decoder::emit(&mut g, &weights, &spec, &shape, &inputs)?, h)
-        }
+        BackboneConfig::Decoder(spec) => (
+            decoder::emit(&mut g, &weights, spec, &shape, &inputs)?,
+            spec.hidden_size,
+        ),
     };
     let hidden_dims = [
         Dim::Dynamic("batch_size".into()),
@@ -178,7 +173,8 @@ pub fn emit_model(dir: &Path, options: &EmitOptions) -> Result<ModelProto> {
             .to_string(),
         ),
     ];
-    if let Ok(plan) = std::fs::read_to_string(dir.join(effir_pipeline::prune::PLAN_FILE)) {
+    if let Ok(plan) = std::fs::read_to_string(dir.join(effir_pipeline::compress::prune::PLAN_FILE))
+    {
         metadata.push(("effir.pruning_plan", plan));
     }
     Ok(ModelProto {

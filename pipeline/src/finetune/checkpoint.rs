@@ -115,7 +115,7 @@ pub fn list(root: &Path) -> Result<Vec<(usize, PathBuf)>> {
 /// Reads the checkpoint in `dir`.
 pub fn load(dir: &Path) -> Result<Checkpoint> {
     let s = dir.join(STATE);
-    let state: LoopState = crate::json_file::read_json(&s)?;
+    let state: LoopState = crate::io::json_file::read_json(&s)?;
     let w = dir.join(WEIGHTS);
     let weights =
         candle_core::safetensors::load(&w, &Device::Cpu).map_err(|e| Error::weights(&w, e))?;

@@ -10,10 +10,10 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::beir::{load_corpus, load_qrels, load_queries, Document};
+use crate::data::beir::{load_corpus, load_qrels, load_queries, Document};
+use crate::data::text_format::TextFormat;
 use crate::error::{Error, Result};
-use crate::evaluation::TextFormat;
-use crate::text_input::read_maybe_gzip;
+use crate::io::text_input::read_maybe_gzip;
 
 /// One query with the documents it should and should not retrieve, formatted
 /// as the model encodes them (prompts, document template).

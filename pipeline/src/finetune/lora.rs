@@ -7,16 +7,17 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::data::sampling::SplitMix64;
 use crate::error::{Error, Result};
-use crate::sampling::SplitMix64;
+use crate::model::arch::CheckpointMap;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoraSettings {
     pub rank: usize,
     pub alpha: f64,
-    /// Module name suffixes to adapt, e.g. `query`, `value`, `q_proj`,
-    /// `intermediate.dense`, `gate_proj` (a module matches when its name
+    /// Projection name suffixes to adapt, e.g. `query` and `value` for
+    /// BERT (a projection the checkpoint map names matches when its name
     /// ends with `.suffix`).
     pub targets: Vec<String>,
 }
@@ -27,13 +28,24 @@ impl LoraSettings {
     }
 }
 
-/// The modules (`prefix.weight` -> `prefix`) of `tensors` that `settings`
-/// targets, sorted.
-pub fn target_modules(tensors: &HashMap<String, Tensor>, settings: &LoraSettings) -> Vec<String> {
+/// The projections (`prefix.weight` -> `prefix`, as the checkpoint `map`
+/// names them) of `tensors` that `settings` targets, sorted.
+pub fn target_modules(
+    tensors: &HashMap<String, Tensor>,
+    map: &CheckpointMap,
+    settings: &LoraSettings,
+) -> Vec<String> {
+    let prefix = map.prefix(tensors.keys());
     let mut modules: Vec<String> = tensors
         .iter()
         .filter(|(_, t)| t.rank() == 2)
         .filter_map(|(name, _)| name.strip_suffix(".weight"))
+        .filter(|module| {
+            module
+                .strip_prefix(prefix)
+                .and_then(|m| map.locate_projection(m))
+                .is_some()
+        })
         .filter(|module| {
             settings
                 .targets
@@ -51,6 +63,7 @@ pub fn target_modules(tensors: &HashMap<String, Tensor>, settings: &LoraSettings
 /// names (what trains).
 pub fn add_adapters(
     tensors: &mut HashMap<String, Tensor>,
+    map: &CheckpointMap,
     settings: &LoraSettings,
     seed: u64,
 ) -> Result<Vec<String>> {
@@ -59,7 +72,7 @@ pub fn add_adapters(
             "lora: rank must be at least 1 and alpha positive".into(),
         ));
     }
-    let modules = target_modules(tensors, settings);
+    let modules = target_modules(tensors, map, settings);
     if modules.is_empty() {
         return Err(Error::InvalidArgument(format!(
             "lora: no projection matches the targets {:?}",

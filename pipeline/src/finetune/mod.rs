@@ -3,199 +3,28 @@
 //! unpruned model, full fine-tuning or LoRA, AdamW with warmup and decay,
 //! gradient clipping and accumulation, atomic checkpoints with exact resume.
 //!
+//! - [`config`]: the run's settings;
 //! - [`data`]: training examples from BEIR qrels, hard-negative files or JSONL;
 //! - [`objective`]: the losses;
 //! - [`optimizer`]: AdamW, schedule, clipping;
 //! - [`lora`]: adapters and merging;
 //! - [`checkpoint`]: saving and restoring the whole training state;
 //! - [`teacher`]: the distillation teacher's cached embeddings;
-//! - [`trainer`]: the loop.
+//! - [`trainer`]: the loop;
+//! - [`record`]: what a run writes into its output (`effir_finetune.json`).
 
 pub mod checkpoint;
+pub mod config;
 pub mod data;
 pub mod lora;
 pub mod objective;
 pub mod optimizer;
+pub mod record;
 pub mod teacher;
 pub mod trainer;
 
-use std::path::PathBuf;
-
-use serde::{Deserialize, Serialize};
-
-use crate::error::{Error, Result};
+pub use config::{DevSettings, DistillationSettings, FinetuneConfig};
 pub use lora::LoraSettings;
 pub use optimizer::Decay;
+pub use record::FinetuneRecord;
 pub use trainer::{finetune, StepReport, TrainingOutcome};
-
-/// Distillation from a teacher model's scores over each query's candidates
-/// (its positive and hard negatives).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DistillationSettings {
-    /// The teacher model directory (the unpruned model).
-    pub teacher: PathBuf,
-    /// Weight of the KL term beside InfoNCE.
-    #[serde(default = "one")]
-    pub weight: f64,
-    /// Temperature of both score distributions.
-    #[serde(default = "default_temperature")]
-    pub temperature: f64,
-}
-
-/// Evaluation on a development split every `every` steps; the best
-/// checkpoint becomes the output.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DevSettings {
-    pub data: PathBuf,
-    pub split: String,
-    #[serde(default)]
-    pub doc_sample: Option<usize>,
-    pub every: usize,
-    /// Metric to maximise.
-    #[serde(default = "default_metric")]
-    pub metric: String,
-}
-
-/// Finite and above zero (false for NaN).
-fn positive(x: f64) -> bool {
-    x.is_finite() && x > 0.0
-}
-
-fn one() -> f64 {
-    1.0
-}
-fn default_temperature() -> f64 {
-    0.05
-}
-fn default_metric() -> String {
-    "ndcg@10".into()
-}
-
-/// `configs/finetune*.yaml`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct FinetuneConfig {
-    pub epochs: usize,
-    /// Stop after this many optimizer steps (overrides `epochs`).
-    pub max_steps: Option<usize>,
-    /// Queries per micro-batch (each with one positive and `hard_negatives`).
-    pub batch_size: usize,
-    /// Micro-batches per optimizer step.
-    pub gradient_accumulation: usize,
-    pub learning_rate: f64,
-    pub warmup_steps: usize,
-    pub decay: Decay,
-    pub weight_decay: f64,
-    /// Global gradient-norm bound (0: no clipping).
-    pub max_grad_norm: f64,
-    pub temperature: f64,
-    /// Hard negatives per query in each batch.
-    pub hard_negatives: usize,
-    /// Negatives are drawn from the first this-many listed for each query.
-    pub negative_pool: usize,
-    /// Maximum tokens per text [default: the model's].
-    pub max_length: Option<usize>,
-    pub seed: u64,
-    /// Checkpoint every this many steps (0: only at the end).
-    pub checkpoint_every: usize,
-    /// Checkpoints kept (the newest).
-    pub keep_checkpoints: usize,
-    /// Token embeddings stay frozen (full fine-tuning).
-    pub freeze_embeddings: bool,
-    pub lora: Option<LoraSettings>,
-    pub distillation: Option<DistillationSettings>,
-    pub dev: Option<DevSettings>,
-}
-
-impl Default for FinetuneConfig {
-    fn default() -> Self {
-        Self {
-            epochs: 1,
-            max_steps: None,
-            batch_size: 16,
-            gradient_accumulation: 1,
-            learning_rate: 2e-5,
-            warmup_steps: 0,
-            decay: Decay::Linear,
-            weight_decay: 0.01,
-            max_grad_norm: 1.0,
-            temperature: 0.05,
-            hard_negatives: 1,
-            negative_pool: 8,
-            max_length: None,
-            seed: 0,
-            checkpoint_every: 50,
-            keep_checkpoints: 2,
-            freeze_embeddings: true,
-            lora: None,
-            distillation: None,
-            dev: None,
-        }
-    }
-}
-
-impl FinetuneConfig {
-    /// Rejects settings that cannot train, before anything is loaded.
-    pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(Error::InvalidArgument(format!("finetune config: {m}")));
-        if !positive(self.learning_rate) {
-            return bad(format!(
-                "learning_rate must be > 0, got {}",
-                self.learning_rate
-            ));
-        }
-        if self.batch_size == 0 {
-            return bad("batch_size must be at least 1".into());
-        }
-        if self.gradient_accumulation == 0 {
-            return bad("gradient_accumulation must be at least 1".into());
-        }
-        if self.batch_size == 1 && self.hard_negatives == 0 {
-            return bad("batch_size 1 without hard negatives leaves no negative".into());
-        }
-        if !positive(self.temperature) {
-            return bad(format!("temperature must be > 0, got {}", self.temperature));
-        }
-        if self.epochs == 0 && self.max_steps.is_none() {
-            return bad("epochs must be at least 1 (or set max_steps)".into());
-        }
-        if self.max_steps == Some(0) {
-            return bad("max_steps must be at least 1".into());
-        }
-        if self.max_grad_norm < 0.0 || self.weight_decay < 0.0 {
-            return bad("max_grad_norm and weight_decay must be >= 0".into());
-        }
-        if self.hard_negatives > self.negative_pool {
-            return bad(format!(
-                "hard_negatives ({}) exceeds negative_pool ({})",
-                self.hard_negatives, self.negative_pool
-            ));
-        }
-        if let Some(d) = &self.distillation {
-            if !(positive(d.weight) || d.weight == 0.0) || !positive(d.temperature) {
-                return bad("distillation weight must be >= 0 and temperature > 0".into());
-            }
-        }
-        if let Some(dev) = &self.dev {
-            if dev.every == 0 {
-                return bad("dev.every must be at least 1".into());
-            }
-        }
-        if let Some(l) = &self.lora {
-            if l.rank == 0 || !positive(l.alpha) || l.targets.is_empty() {
-                return bad("lora needs rank >= 1, alpha > 0 and at least one target".into());
-            }
-        }
-        Ok(())
-    }
-
-    /// Optimizer steps for `examples` training examples.
-    pub fn total_steps(&self, examples: usize) -> usize {
-        self.max_steps.unwrap_or_else(|| {
-            let per_step = self.batch_size * self.gradient_accumulation;
-            (self.epochs * examples).div_ceil(per_step).max(1)
-        })
-    }
-}

@@ -7,8 +7,8 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
-use crate::embedder::Embedder;
 use crate::error::{Error, Result};
+use crate::model::embedder::Embedder;
 
 /// Teacher embeddings by text.
 pub struct TeacherEmbeddings {
@@ -36,7 +36,7 @@ impl TeacherEmbeddings {
             let tensors = candle_core::safetensors::load(cache, &Device::Cpu)
                 .map_err(|e| Error::weights(cache, e))?;
             let names_path = cache.with_extension("keys.json");
-            let names: Vec<String> = crate::json_file::read_json(&names_path)?;
+            let names: Vec<String> = crate::io::json_file::read_json(&names_path)?;
             if let Some(matrix) = tensors.get("embeddings") {
                 let index: HashMap<String, usize> =
                     names.into_iter().enumerate().map(|(i, k)| (k, i)).collect();
@@ -62,7 +62,7 @@ impl TeacherEmbeddings {
         }
         candle_core::safetensors::save(&map, cache).map_err(|e| Error::weights(cache, e))?;
         let names_path = cache.with_extension("keys.json");
-        crate::atomic_file::write_bytes_atomically(
+        crate::io::atomic_file::write_bytes_atomically(
             &names_path,
             serde_json::to_string(&keys).expect("keys").as_bytes(),
         )?;

@@ -13,15 +13,17 @@ use candle_core::{DType, Device, Tensor, Var};
 use serde::Serialize;
 
 use super::checkpoint::{self, LoopState};
+use super::config::FinetuneConfig;
 use super::data::TrainingExample;
 use super::objective::{candidate_scores, distillation_kl, info_nce};
 use super::optimizer::{clip_grad_norm, learning_rate, AdamW, AdamWSettings};
 use super::teacher::TeacherEmbeddings;
-use super::FinetuneConfig;
-use crate::embedder::{Embedder, LoadOptions};
+use crate::data::sampling::{shuffled_indices, SplitMix64};
 use crate::error::{Error, Result};
-use crate::sampling::{shuffled_indices, SplitMix64};
-use crate::text_encoder::EncodedText;
+use crate::model::arch::ModelConfig;
+use crate::model::embedder::Embedder;
+use crate::model::encoder_setup::LoadOptions;
+use crate::model::text_encoder::EncodedText;
 
 /// What one optimizer step did.
 #[derive(Debug, Clone, Serialize)]
@@ -40,7 +42,7 @@ pub struct StepReport {
 }
 
 /// The end of a run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct TrainingOutcome {
     pub steps: usize,
     pub resumed_from: Option<usize>,
@@ -74,24 +76,18 @@ struct Weights {
     vars: BTreeMap<String, Var>,
 }
 
-fn is_embedding(name: &str) -> bool {
-    name.contains("word_embeddings")
-        || name.contains("position_embeddings")
-        || name.contains("token_type_embeddings")
-        || name.contains("embed_tokens")
-}
-
 fn prepare_weights(model: &Path, config: &FinetuneConfig) -> Result<Weights> {
-    let mut all: HashMap<String, Tensor> = crate::weights::load_all_tensors(model)?
+    let map = ModelConfig::from_file(&model.join("config.json"))?.checkpoint();
+    let mut all: HashMap<String, Tensor> = crate::io::weights::load_all_tensors(model)?
         .into_iter()
         .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
         .collect::<Result<_>>()?;
     let trainable: Vec<String> = match &config.lora {
-        Some(lora) => super::lora::add_adapters(&mut all, lora, config.seed)?,
+        Some(lora) => super::lora::add_adapters(&mut all, map, lora, config.seed)?,
         None => all
             .iter()
             .filter(|(name, t)| {
-                t.dtype() == DType::F32 && !(config.freeze_embeddings && is_embedding(name))
+                t.dtype() == DType::F32 && !(config.freeze_embeddings && map.is_embedding(name))
             })
             .map(|(name, _)| name.clone())
             .collect(),
@@ -251,7 +247,9 @@ pub fn merged_weights(all: &HashMap<String, Tensor>) -> Result<HashMap<String, T
 
 /// Runs (or resumes) training; `progress` gets every step's report,
 /// `after_checkpoint` each checkpointed step, and `dev_eval` scores the
-/// current weights when development evaluation is configured. Returns the outcome and the weights to save.
+/// current weights when development evaluation is configured. Returns the
+/// outcome and the weights to save (the best development step's, with
+/// development evaluation; else the last step's).
 pub fn finetune(
     run: &TrainingRun,
     examples: &[TrainingExample],
@@ -269,86 +267,22 @@ pub fn finetune(
         weight_decay: config.weight_decay,
         ..Default::default()
     });
-    let mut state = LoopState {
-        step: 0,
-        epoch: 0,
-        position: 0,
-        rng: config.seed,
-        adam_step: 0,
-        best: None,
-        data_fingerprint: run.data_fingerprint.clone(),
+    let (mut state, resumed_from) = match resume(run, &weights, &mut adam)? {
+        Some((step, state)) => (state, Some(step)),
+        None => (
+            LoopState {
+                step: 0,
+                epoch: 0,
+                position: 0,
+                rng: config.seed,
+                adam_step: 0,
+                best: None,
+                data_fingerprint: run.data_fingerprint.clone(),
+            },
+            None,
+        ),
     };
-    let mut resumed_from = None;
-    if run.resume {
-        if let Some((step, dir)) = checkpoint::list(run.checkpoints)?.pop() {
-            let ckpt = checkpoint::load(&dir)?;
-            for (name, var) in &weights.vars {
-                let saved = ckpt.weights.get(name).ok_or_else(|| {
-                    Error::InvalidArgument(format!(
-                        "{}: checkpoint has no tensor `{name}`: it was made for a different model shape",
-                        dir.display()
-                    ))
-                })?;
-                if saved.dims() != var.dims() {
-                    return Err(Error::InvalidArgument(format!(
-                        "{}: checkpoint tensor `{name}` is {:?}, the model's is {:?}: a different model shape",
-                        dir.display(),
-                        saved.dims(),
-                        var.dims()
-                    )));
-                }
-                var.set(saved)?;
-            }
-            if ckpt.weights.len() != weights.vars.len() {
-                return Err(Error::InvalidArgument(format!(
-                    "{}: checkpoint holds {} trainable tensors, the model {}: a different model shape",
-                    dir.display(),
-                    ckpt.weights.len(),
-                    weights.vars.len()
-                )));
-            }
-            if ckpt.state.data_fingerprint != run.data_fingerprint {
-                return Err(Error::InvalidArgument(format!(
-                    "{}: checkpoint was made with other training data or settings; start a new run",
-                    dir.display()
-                )));
-            }
-            adam.first = ckpt.first;
-            adam.second = ckpt.second;
-            adam.step = ckpt.state.adam_step;
-            state = ckpt.state;
-            resumed_from = Some(step);
-            tracing::info!(step, "resumed from checkpoint");
-        }
-    }
-    let teacher = match &config.distillation {
-        Some(d) => {
-            // Cached by teacher weights and texts, so runs on the same data share it.
-            let texts = teacher_texts(examples, config);
-            let mut h = blake3::Hasher::new();
-            h.update(
-                crate::embedding_cache::fingerprint_dir(&d.teacher)?
-                    .0
-                    .as_bytes(),
-            );
-            for t in &texts {
-                h.update(t.as_bytes());
-                h.update(&[0]);
-            }
-            let cache = crate::embedding_cache::EmbeddingCache::default_dir().join(format!(
-                "teacher-{}.safetensors",
-                &h.finalize().to_hex()[..32]
-            ));
-            Some(TeacherEmbeddings::load_or_compute(
-                &d.teacher,
-                &texts,
-                &cache,
-                32,
-                teacher_progress,
-            )?)
-        }
-        None => None,
-    };
+    let teacher = load_teacher(config, examples, teacher_progress)?;
     let options = LoadOptions {
         max_length: config.max_length,
         ..Default::default()
@@ -360,49 +294,18 @@ pub fn finetune(
     let steps_at_start = state.step;
     let mut final_loss = f64::NAN;
     let mut best_weights: Option<HashMap<String, Tensor>> = None;
-    let save = |state: &LoopState, weights: &Weights, adam: &AdamW| -> Result<()> {
-        let current: HashMap<String, Tensor> = weights
-            .vars
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-            .collect();
-        let mut s = state.clone();
-        s.adam_step = adam.step;
-        checkpoint::save(
-            run.checkpoints,
-            &s,
-            &current,
-            &adam.first,
-            &adam.second,
-            config.keep_checkpoints,
-        )?;
-        Ok(())
-    };
     while state.step < total_steps {
         let step_start = Instant::now();
-        let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
-        let (mut loss_sum, mut nce_sum, mut kl_sum) = (0.0, 0.0, None::<f64>);
-        for _ in 0..config.gradient_accumulation {
-            let batch = next_batch(examples, config, &mut state, &mut order);
-            let (loss, nce, kl) = batch_loss(&embedder, &batch, config, teacher.as_ref())?;
-            let scaled = (loss / config.gradient_accumulation as f64)?;
-            loss_sum += scaled.to_scalar::<f32>()? as f64;
-            nce_sum += nce / config.gradient_accumulation as f64;
-            if let Some(kl) = kl {
-                *kl_sum.get_or_insert(0.0) += kl / config.gradient_accumulation as f64;
-            }
-            let store = scaled.backward()?;
-            for (name, var) in &weights.vars {
-                if let Some(g) = store.get(var.as_tensor()) {
-                    let g = g.detach();
-                    let sum = match grads.remove(name) {
-                        Some(acc) => (acc + g)?,
-                        None => g,
-                    };
-                    grads.insert(name.clone(), sum);
-                }
-            }
-        }
+        let step = accumulate_gradients(
+            &embedder,
+            &weights,
+            examples,
+            config,
+            teacher.as_ref(),
+            &mut state,
+            &mut order,
+        )?;
+        let mut grads = step.grads;
         let grad_norm = clip_grad_norm(&mut grads, config.max_grad_norm)?;
         let lr = learning_rate(
             config.learning_rate,
@@ -413,31 +316,23 @@ pub fn finetune(
         );
         adam.step(&weights.vars, &grads, lr)?;
         state.step += 1;
-        final_loss = loss_sum;
-        let seconds = step_start.elapsed().as_secs_f64();
+        final_loss = step.loss;
         let mut report = StepReport {
             step: state.step,
             total_steps,
             epoch: state.epoch,
-            loss: loss_sum,
-            info_nce: nce_sum,
-            distillation: kl_sum,
+            loss: step.loss,
+            info_nce: step.info_nce,
+            distillation: step.distillation,
             learning_rate: lr,
             grad_norm,
             examples_per_second: (config.batch_size * config.gradient_accumulation) as f64
-                / seconds,
+                / step_start.elapsed().as_secs_f64(),
             dev: None,
         };
         if let Some(dev) = &config.dev {
             if state.step.is_multiple_of(dev.every) || state.step == total_steps {
-                let snapshot: HashMap<String, Tensor> = weights
-                    .all
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.detach()))
-                    .collect();
-                let frozen =
-                    Embedder::load_with_tensors(run.model, &options, snapshot, &Device::Cpu)?;
-                let score = dev_eval(&frozen)?;
+                let score = evaluate_dev(run.model, &options, &weights, dev_eval)?;
                 report.dev = Some(score);
                 if state.best.is_none_or(|(b, _)| score > b) {
                     state.best = Some((score, state.step));
@@ -450,11 +345,11 @@ pub fn finetune(
             && state.step.is_multiple_of(config.checkpoint_every)
             && state.step < total_steps
         {
-            save(&state, &weights, &adam)?;
+            save_checkpoint(run, &state, &weights, &adam)?;
             after_checkpoint(state.step);
         }
     }
-    save(&state, &weights, &adam)?;
+    save_checkpoint(run, &state, &weights, &adam)?;
     let seconds = start.elapsed().as_secs_f64();
     let trained = state.step - steps_at_start;
     let out_weights = match best_weights {
@@ -478,28 +373,180 @@ pub fn finetune(
     ))
 }
 
-/// Writes the fine-tuned model: `source`'s files, the new weights, and
-/// `effir_finetune.json`. The directory appears whole or not at all.
-pub fn write_model(
-    source: &Path,
-    out: &Path,
-    weights: &HashMap<String, Tensor>,
-    record: &serde_json::Value,
-) -> Result<()> {
-    let staging = crate::atomic_file::StagedDir::beside(out)?;
-    crate::model_files::copy_model_files(source, staging.path(), &|name| {
-        crate::model_files::is_backbone_weights(name) || name == FINETUNE_FILE
-    })?;
-    let path = staging.path().join(crate::weights::WEIGHTS_FILE);
-    candle_core::safetensors::save(weights, &path).map_err(|e| Error::weights(&path, e))?;
-    let record_path = staging.path().join(FINETUNE_FILE);
-    std::fs::write(
-        &record_path,
-        serde_json::to_string_pretty(record).expect("record") + "\n",
-    )
-    .map_err(|e| Error::io(&record_path, e))?;
-    staging.publish(out)
+/// With `--resume`, the newest checkpoint's weights, AdamW moments and loop
+/// state, checked against this run's model and data. Returns the step it
+/// was taken at and the loop state; `None` to start afresh.
+fn resume(
+    run: &TrainingRun,
+    weights: &Weights,
+    adam: &mut AdamW,
+) -> Result<Option<(usize, LoopState)>> {
+    if !run.resume {
+        return Ok(None);
+    }
+    let Some((step, dir)) = checkpoint::list(run.checkpoints)?.pop() else {
+        return Ok(None);
+    };
+    let ckpt = checkpoint::load(&dir)?;
+    let mismatch = |message: String| Error::CheckpointMismatch {
+        path: dir.clone(),
+        message,
+    };
+    for (name, var) in &weights.vars {
+        let saved = ckpt.weights.get(name).ok_or_else(|| {
+            mismatch(format!(
+                "checkpoint has no tensor `{name}`: it was made for a different model shape"
+            ))
+        })?;
+        if saved.dims() != var.dims() {
+            return Err(mismatch(format!(
+                "checkpoint tensor `{name}` is {:?}, the model's is {:?}: a different model shape",
+                saved.dims(),
+                var.dims()
+            )));
+        }
+        var.set(saved)?;
+    }
+    if ckpt.weights.len() != weights.vars.len() {
+        return Err(mismatch(format!(
+            "checkpoint holds {} trainable tensors, the model {}: a different model shape",
+            ckpt.weights.len(),
+            weights.vars.len()
+        )));
+    }
+    if ckpt.state.data_fingerprint != run.data_fingerprint {
+        return Err(mismatch(
+            "checkpoint was made with other training data or settings; start a new run".into(),
+        ));
+    }
+    adam.first = ckpt.first;
+    adam.second = ckpt.second;
+    adam.step = ckpt.state.adam_step;
+    tracing::info!(step, "resumed from checkpoint");
+    Ok(Some((step, ckpt.state)))
 }
 
-/// The record of a fine-tuning run in its output directory.
-pub const FINETUNE_FILE: &str = "effir_finetune.json";
+/// The teacher's embeddings of every text the run scores, with
+/// distillation; cached by teacher weights and texts, so runs on the same
+/// data share them.
+fn load_teacher(
+    config: &FinetuneConfig,
+    examples: &[TrainingExample],
+    teacher_progress: &mut dyn FnMut(usize, usize),
+) -> Result<Option<TeacherEmbeddings>> {
+    let Some(d) = &config.distillation else {
+        return Ok(None);
+    };
+    let texts = teacher_texts(examples, config);
+    let mut h = blake3::Hasher::new();
+    h.update(
+        crate::eval::embedding_cache::fingerprint_dir(&d.teacher)?
+            .0
+            .as_bytes(),
+    );
+    for t in &texts {
+        h.update(t.as_bytes());
+        h.update(&[0]);
+    }
+    let cache = crate::eval::embedding_cache::EmbeddingCache::default_dir().join(format!(
+        "teacher-{}.safetensors",
+        &h.finalize().to_hex()[..32]
+    ));
+    Ok(Some(TeacherEmbeddings::load_or_compute(
+        &d.teacher,
+        &texts,
+        &cache,
+        32,
+        teacher_progress,
+    )?))
+}
+
+/// The summed gradients and mean losses of one optimizer step's micro-batches.
+struct AccumulatedStep {
+    grads: BTreeMap<String, Tensor>,
+    loss: f64,
+    info_nce: f64,
+    distillation: Option<f64>,
+}
+
+/// Runs `gradient_accumulation` micro-batches forward and backward.
+fn accumulate_gradients(
+    embedder: &Embedder,
+    weights: &Weights,
+    examples: &[TrainingExample],
+    config: &FinetuneConfig,
+    teacher: Option<&TeacherEmbeddings>,
+    state: &mut LoopState,
+    order: &mut Vec<usize>,
+) -> Result<AccumulatedStep> {
+    let micro_batches = config.gradient_accumulation as f64;
+    let mut step = AccumulatedStep {
+        grads: BTreeMap::new(),
+        loss: 0.0,
+        info_nce: 0.0,
+        distillation: None,
+    };
+    for _ in 0..config.gradient_accumulation {
+        let batch = next_batch(examples, config, state, order);
+        let (loss, nce, kl) = batch_loss(embedder, &batch, config, teacher)?;
+        let scaled = (loss / micro_batches)?;
+        step.loss += scaled.to_scalar::<f32>()? as f64;
+        step.info_nce += nce / micro_batches;
+        if let Some(kl) = kl {
+            *step.distillation.get_or_insert(0.0) += kl / micro_batches;
+        }
+        let store = scaled.backward()?;
+        for (name, var) in &weights.vars {
+            if let Some(g) = store.get(var.as_tensor()) {
+                let g = g.detach();
+                let sum = match step.grads.remove(name) {
+                    Some(acc) => (acc + g)?,
+                    None => g,
+                };
+                step.grads.insert(name.clone(), sum);
+            }
+        }
+    }
+    Ok(step)
+}
+
+/// The development score of the current weights (a frozen copy).
+fn evaluate_dev(
+    model: &Path,
+    options: &LoadOptions,
+    weights: &Weights,
+    dev_eval: &mut dyn FnMut(&Embedder) -> Result<f64>,
+) -> Result<f64> {
+    let snapshot: HashMap<String, Tensor> = weights
+        .all
+        .iter()
+        .map(|(k, v)| (k.clone(), v.detach()))
+        .collect();
+    let frozen = Embedder::load_with_tensors(model, options, snapshot, &Device::Cpu)?;
+    dev_eval(&frozen)
+}
+
+/// Writes a checkpoint of the trainable weights, AdamW moments and loop state.
+fn save_checkpoint(
+    run: &TrainingRun,
+    state: &LoopState,
+    weights: &Weights,
+    adam: &AdamW,
+) -> Result<()> {
+    let current: HashMap<String, Tensor> = weights
+        .vars
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect();
+    let mut s = state.clone();
+    s.adam_step = adam.step;
+    checkpoint::save(
+        run.checkpoints,
+        &s,
+        &current,
+        &adam.first,
+        &adam.second,
+        run.config.keep_checkpoints,
+    )?;
+    Ok(())
+}

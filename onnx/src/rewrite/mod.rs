@@ -1,0 +1,197 @@
+//! `effir rewrite`: slim an existing ONNX export (Optimum,
+//! sentence-transformers, `torch.onnx.export`) in place, keeping its exact
+//! interface. Weights are found by value, never by name: every float
+//! initializer (or `Constant`) is hashed and matched against the original
+//! model's tensors, as stored or transposed; ambiguous ones (identical
+//! values, such as fresh LayerNorm weights) are resolved by the graph's
+//! structure. Each layer's MLP is located from its down projection; a
+//! dropped MLP's sub-graph is cut out and its residual stream rewired,
+//! narrowed MLPs get the pruned model's matrices, and every weight gets the
+//! new model's values. Whatever cannot be matched is refused.
+//!
+//! The passes, in order: [`external_data`], [`weight_matching`],
+//! [`mlp_surgery`], [`weight_replacement`]; [`graph_index`] is how they
+//! read the graph.
+
+mod external_data;
+mod graph_index;
+mod mlp_surgery;
+mod weight_matching;
+mod weight_replacement;
+
+use std::path::{Path, PathBuf};
+
+use candle_onnx::onnx::tensor_proto::DataType;
+use effir_pipeline::compress::prune::PruneRecord;
+use effir_pipeline::finetune::FinetuneRecord;
+use effir_pipeline::model::arch::ModelConfig;
+use effir_pipeline::ModelShape;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::graph_file::{write_model, GraphFile, EXTERNAL_DATA_THRESHOLD};
+use external_data::inline_external_data;
+use graph_index::index;
+use mlp_surgery::{cut_out_mlps, locate_dropped_mlps};
+pub use weight_matching::Orientation;
+use weight_matching::{match_weights, Checkpoint};
+use weight_replacement::{remove_dead, replace_weights};
+
+/// What `rewrite` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RewriteSummary {
+    pub original_graph: PathBuf,
+    pub graph: PathBuf,
+    pub matched_weights: usize,
+    pub replaced_weights: usize,
+    pub dropped_mlps: Vec<usize>,
+    pub narrowed_mlps: Vec<usize>,
+    pub nodes_before: usize,
+    pub nodes_after: usize,
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+}
+
+/// The root model a pruned or fine-tuned directory descends from, following
+/// the `source_model` records of `effir prune` and `effir finetune`.
+pub fn original_model(dir: &Path) -> Option<PathBuf> {
+    let mut current = dir.to_path_buf();
+    let mut found = None;
+    for _ in 0..8 {
+        let pruned = PruneRecord::read(&current).ok().flatten();
+        let source = match pruned {
+            Some(record) => record.source_model,
+            None => match FinetuneRecord::read(&current).ok().flatten() {
+                Some(record) => record.source_model,
+                None => break,
+            },
+        };
+        if !source.join("config.json").is_file() {
+            return found;
+        }
+        found = Some(source.clone());
+        current = source;
+    }
+    found
+}
+
+/// Rewrites `graph_path` for the model in `model_dir` into `out` (a
+/// directory that must not exist).
+pub fn rewrite(
+    graph_path: &Path,
+    model_dir: &Path,
+    original_dir: Option<&Path>,
+    out: &Path,
+) -> Result<RewriteSummary> {
+    if out.exists() {
+        return Err(Error::InvalidArgument(format!(
+            "{}: already exists; choose a new output directory",
+            out.display()
+        )));
+    }
+    let config = ModelConfig::from_file(&model_dir.join("config.json"))?;
+    let arch = config.architecture();
+    let shape = ModelShape::load_or(model_dir, config.uniform_shape())?;
+    let original_dir = match original_dir {
+        Some(d) => d.to_path_buf(),
+        None => original_model(model_dir).unwrap_or_else(|| model_dir.to_path_buf()),
+    };
+    let original_config = ModelConfig::from_file(&original_dir.join("config.json"))?;
+    if original_config.architecture() != arch {
+        return Err(Error::InvalidArgument(format!(
+            "{} is a {} model, {} a {}",
+            original_dir.display(),
+            original_config.architecture(),
+            model_dir.display(),
+            arch
+        )));
+    }
+    let mut file = GraphFile::read(graph_path)?;
+    let base = graph_path.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let bytes_before = std::fs::metadata(graph_path)
+        .map_err(|e| Error::io(graph_path, e))?
+        .len()
+        + std::fs::metadata(graph_path.with_extension("onnx_data")).map_or(0, |m| m.len());
+    let graph = file.model.graph.as_mut().expect("checked on read");
+    let used_external = inline_external_data(graph, graph_path, &base)?;
+    let original = Checkpoint::load(&original_dir, arch)?;
+    let target = Checkpoint::load(model_dir, arch)?;
+    let nodes_before = graph.node.len();
+
+    let idx = index(&graph.node);
+    let weights = match_weights(graph, &idx, &base, arch, &original, &target)?;
+    let (mlp_blocks, missing) = locate_dropped_mlps(graph, &idx, arch, &shape, &weights);
+    if !missing.is_empty() || !weights.unresolved.is_empty() {
+        let float_matrices = graph
+            .initializer
+            .iter()
+            .filter(|t| t.data_type == DataType::Float as i32 && t.dims.len() == 2)
+            .count();
+        return Err(Error::graph(
+            graph_path,
+            format!(
+                "cannot map this graph onto {} ({} float matrices in the graph, {} weights matched by value):\n  {}",
+                original_dir.display(),
+                float_matrices,
+                weights.assigned.len(),
+                missing
+                    .into_iter()
+                    .chain(weights.unresolved.iter().map(|u| format!("ambiguous weight {u}")))
+                    .collect::<Vec<_>>()
+                    .join("\n  ")
+            ),
+        ));
+    }
+
+    let dropped: Vec<usize> = mlp_blocks.keys().copied().collect();
+    cut_out_mlps(graph, &idx, &mlp_blocks);
+    let replaced = replace_weights(graph, &weights.assigned, &target, arch, &dropped, model_dir)?;
+    // Dead nodes and initializers go; shape hints of changed tensors too.
+    remove_dead(graph);
+    graph.value_info.clear();
+    let narrowed: Vec<usize> = shape
+        .layers
+        .iter()
+        .enumerate()
+        .filter(|(l, s)| {
+            s.mlp.is_some_and(|m| {
+                original
+                    .tensors
+                    .get(&arch.checkpoint().mlp_tensors("", *l).down)
+                    .is_some_and(|(d, _)| d[1] != m.intermediate_size)
+            })
+        })
+        .map(|(l, _)| l)
+        .collect();
+    let nodes_after = graph.node.len();
+    let weight_bytes = crate::graph_file::initializer_bytes(&file.model);
+    let external = used_external || weight_bytes > EXTERNAL_DATA_THRESHOLD;
+
+    let staging = effir_pipeline::io::atomic_file::StagedDir::beside(out)?;
+    let file_name = graph_path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("model.onnx")
+        .to_string();
+    write_model(file.model, staging.path(), &file_name, external)?;
+    let staged_graph = staging.path().join(&file_name);
+    GraphFile::read(&staged_graph)?;
+    let bytes_after = std::fs::metadata(&staged_graph)
+        .map_err(|e| Error::io(&staged_graph, e))?
+        .len()
+        + std::fs::metadata(staging.path().join(format!("{file_name}_data")))
+            .map_or(0, |m| m.len());
+    staging.publish(out)?;
+    Ok(RewriteSummary {
+        original_graph: graph_path.to_path_buf(),
+        graph: out.join(file_name),
+        matched_weights: weights.assigned.len(),
+        replaced_weights: replaced,
+        dropped_mlps: dropped,
+        narrowed_mlps: narrowed,
+        nodes_before,
+        nodes_after,
+        bytes_before,
+        bytes_after,
+    })
+}

@@ -1,0 +1,196 @@
+//! Sub-layer importance (EffiR, Lei et al. 2025, §3): for every layer, how
+//! much its attention sub-layer, its MLP sub-layer and the whole layer change
+//! the residual stream, as `1 - cos(x_in, x_out)` averaged over the
+//! non-padding tokens of calibration text. A sub-layer that barely turns the
+//! stream is redundant: the paper finds MLPs far more so than attention.
+
+use candle_core::{DType, Tensor, D};
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::model::arch::{ForwardHooks, Sublayer};
+use crate::model::embedder::Embedder;
+
+/// Importance of one layer's parts; `None` for a sub-layer that is absent or
+/// skipped.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
+pub struct LayerImportance {
+    pub layer: usize,
+    pub attention: Option<f64>,
+    pub mlp: Option<f64>,
+    pub block: f64,
+}
+
+/// The importance of every layer, over `tokens` calibration tokens.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ImportanceReport {
+    pub layers: Vec<LayerImportance>,
+    pub texts: usize,
+    pub tokens: usize,
+}
+
+impl ImportanceReport {
+    /// Layers whose MLP is present, least important first.
+    pub fn mlps_by_importance(&self) -> Vec<(usize, f64)> {
+        let mut v: Vec<(usize, f64)> = self
+            .layers
+            .iter()
+            .filter_map(|l| l.mlp.map(|m| (l.layer, m)))
+            .collect();
+        v.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+        v
+    }
+
+    /// Layers whose attention is present, least important first.
+    pub fn attention_by_importance(&self) -> Vec<(usize, f64)> {
+        let mut v: Vec<(usize, f64)> = self
+            .layers
+            .iter()
+            .filter_map(|l| l.attention.map(|m| (l.layer, m)))
+            .collect();
+        v.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+        v
+    }
+}
+
+/// Sums of `1 - cos` over real tokens, per layer and sub-layer.
+struct CosineDistanceMeter {
+    /// `(B, T)` f32 mask of the current batch.
+    mask: Option<Tensor>,
+    sums: Vec<[f64; 3]>,
+    seen: Vec<[bool; 3]>,
+}
+
+fn slot(sublayer: Sublayer) -> usize {
+    match sublayer {
+        Sublayer::Attention => 0,
+        Sublayer::Mlp => 1,
+        Sublayer::Block => 2,
+    }
+}
+
+impl ForwardHooks for CosineDistanceMeter {
+    fn observe(
+        &mut self,
+        layer: usize,
+        sublayer: Sublayer,
+        input: &Tensor,
+        output: &Tensor,
+    ) -> candle_core::Result<()> {
+        let mask = self.mask.as_ref().expect("mask set before each batch");
+        // Per token: 1 - <x, y> / (|x| |y|), then summed over real tokens.
+        let dot = (input * output)?.sum(D::Minus1)?;
+        let norms =
+            (input.sqr()?.sum(D::Minus1)?.sqrt()? * output.sqr()?.sum(D::Minus1)?.sqrt()?)?;
+        let cos = (dot / norms.clamp(1e-12, f64::INFINITY)?)?;
+        let distance = (cos.ones_like()? - cos)?;
+        let total = (distance * mask)?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+        self.sums[layer][slot(sublayer)] += total;
+        self.seen[layer][slot(sublayer)] = true;
+        Ok(())
+    }
+}
+
+/// Measures every sub-layer's importance on `texts` (already prompted or
+/// plain), in batches of `batch_size`. `progress` gets texts done.
+pub fn measure_importance<S: AsRef<str>>(
+    embedder: &Embedder,
+    texts: &[S],
+    batch_size: usize,
+    progress: &mut dyn FnMut(usize),
+) -> Result<ImportanceReport> {
+    let _span = tracing::info_span!("analyze", texts = texts.len()).entered();
+    let layers = embedder.shape().layers.len();
+    let mut meter = CosineDistanceMeter {
+        mask: None,
+        sums: vec![[0.0; 3]; layers],
+        seen: vec![[false; 3]; layers],
+    };
+    let (mut done, mut tokens, mut used_texts) = (0, 0, 0);
+    embedder.for_each_batch(texts, "", batch_size, &mut |input, indices| {
+        let mask = input.attention_mask.to_dtype(DType::F32)?;
+        let lengths: Vec<f32> = mask.sum(1)?.to_vec1()?;
+        tokens += lengths.iter().sum::<f32>() as usize;
+        used_texts += lengths.iter().filter(|l| **l > 0.0).count();
+        meter.mask = Some(mask);
+        embedder.hidden_states_hooked(input, &mut meter)?;
+        done += indices.len();
+        progress(done);
+        Ok(())
+    })?;
+    if tokens == 0 {
+        return Err(Error::InvalidArgument(
+            "the calibration text has no tokens".into(),
+        ));
+    }
+    let mean = |layer: usize, s: Sublayer| {
+        meter.seen[layer][slot(s)].then(|| meter.sums[layer][slot(s)] / tokens as f64)
+    };
+    Ok(ImportanceReport {
+        layers: (0..layers)
+            .map(|l| LayerImportance {
+                layer: l,
+                attention: mean(l, Sublayer::Attention),
+                mlp: mean(l, Sublayer::Mlp),
+                block: mean(l, Sublayer::Block).unwrap_or(0.0),
+            })
+            .collect(),
+        texts: used_texts,
+        tokens,
+    })
+}
+
+impl ImportanceReport {
+    /// A Markdown table: one row per layer.
+    pub fn markdown(&self, title: &str) -> String {
+        let cell = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{v:.4}"));
+        let mut md = format!(
+            "# {title}\n\nImportance = 1 − cos(x_in, x_out) of the residual stream, mean over {} tokens of {} texts.\n\n| layer | attention | MLP | block |\n|---:|---:|---:|---:|\n",
+            self.tokens, self.texts
+        );
+        for l in &self.layers {
+            md.push_str(&format!(
+                "| {} | {} | {} | {:.4} |\n",
+                l.layer,
+                cell(l.attention),
+                cell(l.mlp),
+                l.block
+            ));
+        }
+        let mlps = self.mlps_by_importance();
+        if !mlps.is_empty() {
+            let order: Vec<String> = mlps.iter().map(|(l, _)| l.to_string()).collect();
+            md.push_str(&format!(
+                "\nMLPs, least important first: {}\n",
+                order.join(", ")
+            ));
+        }
+        md
+    }
+
+    /// A grouped bar chart of attention and MLP importance per layer.
+    pub fn svg(&self, title: &str) -> String {
+        let labels: Vec<String> = self.layers.iter().map(|l| l.layer.to_string()).collect();
+        crate::compress::chart::bar_chart(
+            title,
+            "layer",
+            "1 - cos(x_in, x_out)",
+            &labels,
+            &[
+                crate::compress::chart::Series {
+                    name: "attention",
+                    color: "#4e79a7",
+                    values: self.layers.iter().map(|l| l.attention).collect(),
+                },
+                crate::compress::chart::Series {
+                    name: "MLP",
+                    color: "#f28e2b",
+                    values: self.layers.iter().map(|l| l.mlp).collect(),
+                },
+            ],
+        )
+    }
+}

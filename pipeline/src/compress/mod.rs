@@ -1,0 +1,9 @@
+//! EffiR compression: sub-layer importance ([`analysis`]), zero-shot drop
+//! studies, coarse-to-fine MLP pruning, the DeciLM translation of a pruned
+//! decoder, and the charts of the reports.
+
+pub mod analysis;
+pub mod chart;
+pub mod decilm;
+pub mod drop_study;
+pub mod prune;

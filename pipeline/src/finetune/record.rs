@@ -1,0 +1,64 @@
+//! The record of a fine-tuning run (`effir_finetune.json`), written into
+//! its output and read back by `rewrite` (to find the original model), and
+//! the output directory itself.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::Tensor;
+
+use serde::{Deserialize, Serialize};
+
+use super::config::FinetuneConfig;
+use super::trainer::TrainingOutcome;
+use crate::error::{Error, Result};
+
+/// Written with its keys sorted (fields are in that order).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FinetuneRecord {
+    pub config: FinetuneConfig,
+    pub effir_version: String,
+    pub hard_negatives: Option<PathBuf>,
+    pub outcome: TrainingOutcome,
+    /// The model the run started from.
+    pub source_model: PathBuf,
+    pub train: PathBuf,
+}
+
+impl FinetuneRecord {
+    /// The record in `dir`, if `dir` is a fine-tuned model.
+    pub fn read(dir: &Path) -> Result<Option<Self>> {
+        crate::io::json_file::read_json_if_exists(&dir.join(FINETUNE_FILE))
+    }
+
+    /// The record as `effir_finetune.json` holds it (sorted keys, pretty, newline).
+    pub fn to_json(&self) -> String {
+        let value = serde_json::to_value(self).expect("a fine-tuning record is JSON");
+        format!(
+            "{}\n",
+            serde_json::to_string_pretty(&value).unwrap_or_default()
+        )
+    }
+}
+
+/// Writes the fine-tuned model: `source`'s files, the new weights, and
+/// `effir_finetune.json`. The directory appears whole or not at all.
+pub fn write_model(
+    source: &Path,
+    out: &Path,
+    weights: &HashMap<String, Tensor>,
+    record: &FinetuneRecord,
+) -> Result<()> {
+    let staging = crate::io::atomic_file::StagedDir::beside(out)?;
+    crate::io::model_files::copy_model_files(source, staging.path(), &|name| {
+        crate::io::model_files::is_backbone_weights(name) || name == FINETUNE_FILE
+    })?;
+    let path = staging.path().join(crate::io::weights::WEIGHTS_FILE);
+    candle_core::safetensors::save(weights, &path).map_err(|e| Error::weights(&path, e))?;
+    let record_path = staging.path().join(FINETUNE_FILE);
+    std::fs::write(&record_path, record.to_json()).map_err(|e| Error::io(&record_path, e))?;
+    staging.publish(out)
+}
+
+/// The record of a fine-tuning run in its output directory.
+pub const FINETUNE_FILE: &str = "effir_finetune.json";

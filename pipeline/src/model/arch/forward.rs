@@ -1,0 +1,89 @@
+//! What a forward pass takes and what may watch or steer it: the padded
+//! batch, the residual sub-layers, and the hooks analysis, drop studies and
+//! pruning use to skip sub-layers and observe the residual stream.
+
+use candle_core::Tensor;
+
+/// One padded batch of token ids, as the backbones take it.
+#[derive(Debug, Clone)]
+pub struct ModelInput {
+    /// `(B, T)`, `u32`.
+    pub input_ids: Tensor,
+    /// `(B, T)`, `u32`: 1 for tokens, 0 for padding.
+    pub attention_mask: Tensor,
+    /// `(B, T)`, `u32`; BERT only.
+    pub token_type_ids: Option<Tensor>,
+}
+
+/// A residual sub-layer of a transformer layer, or the whole layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sublayer {
+    Attention,
+    Mlp,
+    /// The whole layer (attention and MLP).
+    Block,
+}
+
+/// Run-time control and observation of a forward pass (analysis, drop
+/// studies). `observe` gets the residual stream entering and leaving each
+/// residual block: for pre-norm decoders `x` and `x + f(norm(x))`, for
+/// post-norm BERT `x` and `LN(x + f(x))`.
+pub trait ForwardHooks {
+    /// Whether to bypass a sub-layer (its residual block becomes the identity).
+    fn skip(&self, _layer: usize, _sublayer: Sublayer) -> bool {
+        false
+    }
+
+    fn observe(
+        &mut self,
+        _layer: usize,
+        _sublayer: Sublayer,
+        _input: &Tensor,
+        _output: &Tensor,
+    ) -> candle_core::Result<()> {
+        Ok(())
+    }
+
+    /// The MLP's intermediate activation `(B, T, I)` (what its output
+    /// projection reads: `act(W1 x)` or `act(gate x) * up x`); the returned
+    /// tensor replaces it (neuron statistics, masks for Taylor scores).
+    fn mlp_activation(&mut self, _layer: usize, activation: Tensor) -> candle_core::Result<Tensor> {
+        Ok(activation)
+    }
+}
+
+/// Sub-layers bypassed at run time, by layer index (drop studies).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SkippedSublayers {
+    pub attention: std::collections::BTreeSet<usize>,
+    pub mlp: std::collections::BTreeSet<usize>,
+}
+
+impl SkippedSublayers {
+    pub fn is_empty(&self) -> bool {
+        self.attention.is_empty() && self.mlp.is_empty()
+    }
+}
+
+impl ForwardHooks for SkippedSublayers {
+    fn skip(&self, layer: usize, sublayer: Sublayer) -> bool {
+        match sublayer {
+            Sublayer::Attention => self.attention.contains(&layer),
+            Sublayer::Mlp => self.mlp.contains(&layer),
+            Sublayer::Block => false,
+        }
+    }
+}
+
+/// Hooks that neither skip nor observe.
+pub struct NoHooks;
+
+impl ForwardHooks for NoHooks {}
+
+/// Parameter counts of one layer's sub-layers (norms included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerParameters {
+    pub attention: usize,
+    pub mlp: usize,
+}

@@ -1,0 +1,311 @@
+//! Transformer backbones, one architecture per file, and the registry that
+//! maps a `config.json` `model_type` to its parser and its
+//! [`CheckpointMap`].
+//!
+//! Every backbone takes its per-layer widths from a [`ModelShape`], so layers
+//! may lack their MLP or have their own MLP width (EffiR compression).
+//! Adding an architecture: a file whose `parse` reads its `config.json`
+//! (decoders describe themselves as a [`DecoderSpec`]), a variant of
+//! [`Architecture`] and one line in [`REGISTRY`].
+
+pub mod bert;
+pub mod checkpoint_map;
+pub mod decoder;
+pub mod decoder_config;
+pub mod forward;
+pub mod gemma3;
+pub mod layers;
+pub mod llama;
+pub mod mistral;
+pub mod qwen2;
+pub mod qwen3;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+use serde_json::Value;
+
+pub use checkpoint_map::{CheckpointMap, MlpTensors};
+use decoder::DecoderSpec;
+pub use forward::{ForwardHooks, LayerParameters, ModelInput, NoHooks, SkippedSublayers, Sublayer};
+
+use crate::error::{Error, Result};
+use crate::model::shape::ModelShape;
+
+/// The architectures effir implements, by Hugging Face `model_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    Bert,
+    Gemma3,
+    Llama,
+    Mistral,
+    Qwen2,
+    Qwen3,
+}
+
+/// One architecture: its `model_type`, how its `config.json` is read and
+/// where its checkpoint keeps each tensor.
+pub struct Registration {
+    pub architecture: Architecture,
+    pub model_type: &'static str,
+    pub checkpoint: &'static CheckpointMap,
+    parse: fn(&Path, &Value) -> Result<ParsedConfig>,
+}
+
+/// Every architecture effir implements.
+#[rustfmt::skip]
+pub const REGISTRY: [Registration; 6] = [
+    Registration { architecture: Architecture::Bert, model_type: "bert", checkpoint: &checkpoint_map::BERT, parse: |p, v| Ok(bert::parse(p, v)?.into()) },
+    Registration { architecture: Architecture::Gemma3, model_type: "gemma3_text", checkpoint: &checkpoint_map::GEMMA3, parse: |p, v| Ok(gemma3::parse(p, v)?.into()) },
+    Registration { architecture: Architecture::Llama, model_type: "llama", checkpoint: &checkpoint_map::LLAMA, parse: |p, v| Ok(llama::parse(p, v)?.into()) },
+    Registration { architecture: Architecture::Mistral, model_type: "mistral", checkpoint: &checkpoint_map::LLAMA, parse: |p, v| Ok(mistral::parse(p, v)?.into()) },
+    Registration { architecture: Architecture::Qwen2, model_type: "qwen2", checkpoint: &checkpoint_map::LLAMA, parse: |p, v| Ok(qwen2::parse(p, v)?.into()) },
+    Registration { architecture: Architecture::Qwen3, model_type: "qwen3", checkpoint: &checkpoint_map::QWEN3, parse: |p, v| Ok(qwen3::parse(p, v)?.into()) },
+];
+
+impl Architecture {
+    pub const ALL: [Architecture; 6] = [
+        Self::Bert,
+        Self::Gemma3,
+        Self::Llama,
+        Self::Mistral,
+        Self::Qwen2,
+        Self::Qwen3,
+    ];
+
+    fn registration(self) -> &'static Registration {
+        REGISTRY
+            .iter()
+            .find(|r| r.architecture == self)
+            .expect("every architecture is registered")
+    }
+
+    /// The `model_type` of `config.json`.
+    pub fn model_type(self) -> &'static str {
+        self.registration().model_type
+    }
+
+    pub fn from_model_type(model_type: &str) -> Option<Self> {
+        REGISTRY
+            .iter()
+            .find(|r| r.model_type == model_type)
+            .map(|r| r.architecture)
+    }
+
+    /// Where the architecture's checkpoint keeps each tensor.
+    pub fn checkpoint(self) -> &'static CheckpointMap {
+        self.registration().checkpoint
+    }
+
+    /// Encoders read the whole sequence; decoders are causal language models
+    /// (EmbeddingGemma's Gemma3 is a decoder made bidirectional).
+    pub fn is_decoder(self) -> bool {
+        !matches!(self, Self::Bert)
+    }
+}
+
+impl std::fmt::Display for Architecture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.model_type())
+    }
+}
+
+/// The backbone a `config.json` describes.
+#[derive(Debug, Clone)]
+pub enum BackboneConfig {
+    Bert(bert::Config),
+    /// Every decoder describes itself as a [`DecoderSpec`].
+    Decoder(DecoderSpec),
+}
+
+/// What an architecture's `parse` makes of its `config.json`.
+struct ParsedConfig {
+    backbone: BackboneConfig,
+    /// The unpruned model's per-layer widths.
+    uniform_shape: ModelShape,
+    /// Rows of the token embedding table.
+    vocab_size: usize,
+}
+
+impl From<bert::Config> for ParsedConfig {
+    fn from(config: bert::Config) -> Self {
+        Self {
+            uniform_shape: config.uniform_shape(),
+            vocab_size: config.vocab_size,
+            backbone: BackboneConfig::Bert(config),
+        }
+    }
+}
+
+impl From<decoder::ParsedDecoder> for ParsedConfig {
+    fn from(parsed: decoder::ParsedDecoder) -> Self {
+        Self {
+            backbone: BackboneConfig::Decoder(parsed.spec),
+            uniform_shape: parsed.uniform_shape,
+            vocab_size: parsed.vocab_size,
+        }
+    }
+}
+
+/// Token ids a config declares, read independently of the architecture.
+#[derive(Debug, Clone, Default)]
+pub struct SpecialTokens {
+    pub pad_token_id: Option<u32>,
+    /// `eos_token_id` may be one id or a list.
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// `config.json` of a model directory.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub path: PathBuf,
+    pub architecture: Architecture,
+    pub backbone: BackboneConfig,
+    uniform_shape: ModelShape,
+    vocab_size: usize,
+    pub special_tokens: SpecialTokens,
+    pub max_position_embeddings: Option<usize>,
+}
+
+impl ModelConfig {
+    /// Reads and validates `path` (a `config.json`); settings effir does
+    /// not implement fail here, before any weight is read.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let value: Value = crate::io::json_file::read_json(path)?;
+        let model_type = value
+            .get("model_type")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Error::config(path, "no `model_type` string"))?;
+        let registration = REGISTRY
+            .iter()
+            .find(|r| r.model_type == model_type)
+            .ok_or_else(|| Error::UnsupportedArchitecture {
+                path: path.to_path_buf(),
+                model_type: model_type.to_string(),
+                supported: REGISTRY
+                    .iter()
+                    .map(|r| r.model_type)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })?;
+        let mut parsed = (registration.parse)(path, &value)?;
+        parsed.uniform_shape.model_type = registration.model_type.to_string();
+        let token_ids = |key: &str| -> Vec<u32> {
+            match value.get(key) {
+                Some(Value::Number(n)) => n.as_u64().map(|n| n as u32).into_iter().collect(),
+                Some(Value::Array(ids)) => ids
+                    .iter()
+                    .filter_map(Value::as_u64)
+                    .map(|n| n as u32)
+                    .collect(),
+                _ => Vec::new(),
+            }
+        };
+        Ok(Self {
+            path: path.to_path_buf(),
+            architecture: registration.architecture,
+            backbone: parsed.backbone,
+            uniform_shape: parsed.uniform_shape,
+            vocab_size: parsed.vocab_size,
+            special_tokens: SpecialTokens {
+                pad_token_id: token_ids("pad_token_id").first().copied(),
+                eos_token_ids: token_ids("eos_token_id"),
+            },
+            max_position_embeddings: value
+                .get("max_position_embeddings")
+                .and_then(Value::as_u64)
+                .map(|n| n as usize),
+        })
+    }
+
+    pub fn architecture(&self) -> Architecture {
+        self.architecture
+    }
+
+    /// Where the checkpoint keeps each tensor.
+    pub fn checkpoint(&self) -> &'static CheckpointMap {
+        self.architecture.checkpoint()
+    }
+
+    /// The shape of the unpruned model `config.json` describes.
+    pub fn uniform_shape(&self) -> ModelShape {
+        self.uniform_shape.clone()
+    }
+
+    /// Rows of the token embedding table.
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    /// The decoder description (norms, biases, rotary and attention pattern
+    /// per layer) of a decoder architecture; `None` for BERT.
+    pub fn decoder_spec(&self) -> Option<&DecoderSpec> {
+        match &self.backbone {
+            BackboneConfig::Bert(_) => None,
+            BackboneConfig::Decoder(spec) => Some(spec),
+        }
+    }
+}
+
+/// A loaded transformer stack.
+pub enum Backbone {
+    Bert(bert::Model),
+    Decoder(decoder::Model),
+}
+
+impl Backbone {
+    /// Loads the stack of `config` with the widths of `shape` from `vb`.
+    pub fn load(vb: VarBuilder, config: &ModelConfig, shape: &ModelShape) -> Result<Self> {
+        let weights_err =
+            |error| Error::weights(config.path.parent().unwrap_or(Path::new(".")), error);
+        tracing::info!(architecture = %config.architecture(), layers = shape.layers.len(), mlps = shape.mlp_count(), "loading backbone");
+        Ok(match &config.backbone {
+            BackboneConfig::Bert(cfg) => Self::Bert(
+                bert::Model::load(vb, cfg, config.checkpoint(), shape).map_err(weights_err)?,
+            ),
+            BackboneConfig::Decoder(spec) => {
+                Self::Decoder(decoder::Model::load(vb, spec, shape).map_err(weights_err)?)
+            }
+        })
+    }
+
+    /// Last hidden state, `(B, T, hidden_size)`.
+    pub fn forward(&self, input: &ModelInput) -> Result<Tensor> {
+        self.forward_hooked(input, &mut NoHooks)
+    }
+
+    /// [`Backbone::forward`] with sub-layers skipped and observed by `hooks`.
+    pub fn forward_hooked(
+        &self,
+        input: &ModelInput,
+        hooks: &mut dyn ForwardHooks,
+    ) -> Result<Tensor> {
+        Ok(match self {
+            Self::Bert(m) => m.forward(input, hooks)?,
+            Self::Decoder(m) => m.forward(input, hooks)?,
+        })
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        match self {
+            Self::Bert(m) => m.hidden_size(),
+            Self::Decoder(m) => m.hidden_size(),
+        }
+    }
+
+    /// Token (and position) embeddings and the final norm.
+    pub fn embedding_parameters(&self) -> usize {
+        match self {
+            Self::Bert(m) => m.embedding_parameters(),
+            Self::Decoder(m) => m.embedding_parameters(),
+        }
+    }
+
+    pub fn layer_parameters(&self) -> Vec<LayerParameters> {
+        match self {
+            Self::Bert(m) => m.layer_parameters(),
+            Self::Decoder(m) => m.layer_parameters(),
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! A loaded embedding model: the architectures ([`arch`]), the text encoder
+//! and its settings, the sentence-transformers head and pooling, and the
+//! per-layer widths of a pruned model ([`shape`]).
+
+pub mod arch;
+pub mod embedder;
+pub mod encoder_setup;
+pub mod head;
+pub mod pooling;
+pub mod sentence_transformers;
+pub mod shape;
+pub mod text_encoder;
