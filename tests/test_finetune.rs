@@ -329,7 +329,11 @@ fn development_evaluation_keeps_the_best_step() {
     let log = std::fs::read_to_string(out_dir.join("train_log.jsonl")).unwrap();
     let scores: Vec<f64> = log
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["dev"].as_f64().expect("dev score"))
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["dev"]
+                .as_f64()
+                .expect("dev score")
+        })
         .collect();
     assert_eq!(scores.len(), 4);
     let best_score = scores.iter().copied().fold(f64::MIN, f64::max);

@@ -16,9 +16,13 @@ pub enum Error {
     /// The ONNX Runtime library could not be found or loaded.
     #[error("ONNX Runtime library: {0}")]
     RuntimeLibrary(String),
-    /// ONNX Runtime failed on a graph or a run.
-    #[error("ONNX Runtime, {context}: {message}")]
-    Runtime { context: String, message: String },
+    /// ONNX Runtime failed on a graph or a run; `source` is its error.
+    #[error("ONNX Runtime, {context}: {source}")]
+    Runtime {
+        context: String,
+        #[source]
+        source: ort::Error,
+    },
     /// An execution provider is unknown or could not be registered.
     #[error("execution provider: {0}")]
     Provider(String),
@@ -45,10 +49,10 @@ impl Error {
         }
     }
 
-    pub(crate) fn runtime(context: impl Into<String>, error: impl std::fmt::Display) -> Self {
+    pub(crate) fn runtime(context: impl Into<String>, error: impl Into<ort::Error>) -> Self {
         Self::Runtime {
             context: context.into(),
-            message: error.to_string(),
+            source: error.into(),
         }
     }
 

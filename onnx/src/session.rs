@@ -228,7 +228,10 @@ impl OnnxEncoder {
                 let view = read(name)?;
                 Ok(view
                     .into_dimensionality::<ndarray::Ix2>()
-                    .map_err(|e| Error::runtime(format!("output {name}"), e))?
+                    .map_err(|e| Error::Interface {
+                        path: self.location.graph.clone(),
+                        message: format!("output `{name}` is not (batch, dimension): {e}"),
+                    })?
                     .to_owned())
             }
             EmbeddingOutput::Hidden(name) => {

@@ -63,13 +63,15 @@ pub enum Error {
     #[error("{path}: {message}")]
     EmptyInput { path: PathBuf, message: String },
 
-    /// A tensor the architecture's checkpoint map names is not in the checkpoint.
-    #[error("no tensor `{tensor}` in the checkpoint")]
-    MissingTensor { tensor: String },
+    /// A tensor the architecture's checkpoint map names is not in the
+    /// checkpoint of the model directory `path`.
+    #[error("{path}: no tensor `{tensor}` in the checkpoint")]
+    MissingTensor { path: PathBuf, tensor: String },
 
     /// A tensor's shape is not the one the config (or the pruned shape) implies.
-    #[error("tensor `{tensor}` has shape {got:?}, expected {expected:?}")]
+    #[error("{path}: tensor `{tensor}` has shape {got:?}, the config implies {expected:?}")]
     ShapeMismatch {
+        path: PathBuf,
         tensor: String,
         expected: Vec<usize>,
         got: Vec<usize>,

@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Tensor};
 use candle_onnx::onnx::tensor_proto::DataType;
 use effir_pipeline::model::arch::layers::{Activation, AttentionPattern, MASKED};
+use effir_pipeline::Error as PipelineError;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::graph::{attr_float, attr_int, GraphBuilder};
 
 /// The checkpoint's tensors, by name under a prefix (`bert.`, `model.`).
@@ -38,18 +39,21 @@ impl Weights {
     /// The tensor `prefix + name` as float32, with its shape checked.
     pub fn get(&self, name: &str, dims: &[usize]) -> Result<Tensor> {
         let full = format!("{}{name}", self.prefix);
-        let tensor = self.tensors.get(&full).ok_or_else(|| {
-            Error::Export(format!(
-                "{}: no tensor `{full}` in the checkpoint",
-                self.dir.display()
-            ))
-        })?;
+        let tensor = self
+            .tensors
+            .get(&full)
+            .ok_or_else(|| PipelineError::MissingTensor {
+                path: self.dir.clone(),
+                tensor: full.clone(),
+            })?;
         if tensor.dims() != dims {
-            return Err(Error::Export(format!(
-                "{}: tensor `{full}` has shape {:?}, the config implies {dims:?}",
-                self.dir.display(),
-                tensor.dims()
-            )));
+            return Err(PipelineError::ShapeMismatch {
+                path: self.dir.clone(),
+                tensor: full,
+                expected: dims.to_vec(),
+                got: tensor.dims().to_vec(),
+            }
+            .into());
         }
         Ok(tensor.to_dtype(DType::F32)?)
     }

@@ -558,8 +558,15 @@ pub fn plan_pruning(
         )?;
         let measured = measure_neurons(&skipping, fine, inputs, progress)?;
         drop(skipping);
-        let map = embedder.setup().config.checkpoint();
-        let scores = neuron_scores(map, tensors, &mlps, fine, &measured)?;
+        let setup = embedder.setup();
+        let scores = neuron_scores(
+            &setup.dir,
+            setup.config.checkpoint(),
+            tensors,
+            &mlps,
+            fine,
+            &measured,
+        )?;
         narrow(&mut mlps, &scores, fine, &source_shape)?;
     }
     Ok(PruneResult {
@@ -635,6 +642,7 @@ fn measure_neurons(
 
 /// Each kept MLP's neuron scores, normalised by the layer's mean.
 fn neuron_scores(
+    dir: &Path,
     map: &CheckpointMap,
     tensors: &HashMap<String, Tensor>,
     mlps: &[MlpDecision],
@@ -651,6 +659,7 @@ fn neuron_scores(
         let down = tensors
             .get(&down_name)
             .ok_or_else(|| Error::MissingTensor {
+                path: dir.to_path_buf(),
                 tensor: down_name.clone(),
             })?;
         let stats = measured[l].as_ref().ok_or_else(|| {
@@ -828,7 +837,7 @@ pub fn write_pruned_model(
     copy_model_files(source, staging.path(), &|name| {
         is_backbone_weights(name) || [SHAPE_FILE, PLAN_FILE, "prune_report.md"].contains(&name)
     })?;
-    let tensors = slice_weights(tensors, config.checkpoint(), &result.mlps)?;
+    let tensors = slice_weights(source, tensors, config.checkpoint(), &result.mlps)?;
     let weights = staging.path().join(WEIGHTS_FILE);
     candle_core::safetensors::save(&tensors, &weights).map_err(|e| Error::weights(&weights, e))?;
     let shape = result.shape();
@@ -870,6 +879,7 @@ pub fn write_pruned_model(
 /// The source's tensors with dropped MLPs removed and narrowed MLPs sliced
 /// to their kept neurons.
 fn slice_weights(
+    source: &Path,
     mut tensors: HashMap<String, Tensor>,
     map: &CheckpointMap,
     mlps: &[MlpDecision],
@@ -901,6 +911,7 @@ fn slice_weights(
         let down = tensors
             .get(&names.down)
             .ok_or_else(|| Error::MissingTensor {
+                path: source.to_path_buf(),
                 tensor: names.down.clone(),
             })?
             .index_select(&index, 1)?;
