@@ -4,9 +4,7 @@
 
 mod common;
 
-use std::process::Command;
-
-use common::{copy_model, edit_weights, fixture};
+use common::{copy_model, edit_weights, effir, fixture};
 use effir_pipeline::compress::analysis::measure_importance;
 use effir_pipeline::{Embedder, LoadOptions};
 
@@ -69,13 +67,6 @@ fn an_mlp_that_adds_nothing_has_zero_importance() {
         1,
         "the zeroed MLP ranks least important"
     );
-}
-
-fn effir(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_effir"))
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 #[test]

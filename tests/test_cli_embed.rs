@@ -5,20 +5,9 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
-use common::{copy_model, edit_weights, fixture};
-
-fn effir(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_effir"))
-        .args(args)
-        .output()
-        .expect("run effir")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
+use common::{copy_model, edit_weights, effir, fixture, stderr};
 
 /// Runs `effir embed` on `model` and `input`; returns the process output and
 /// whether the output file exists afterwards.

@@ -4,27 +4,21 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
-use common::{copy_model, edit_weights, fixture};
+use common::{copy_model, edit_weights, effir, fixture, stderr};
 
 fn effir_eval(model: &Path, data: &Path, extra: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_effir"))
-        .args([
-            "eval",
-            "--quiet",
-            "--model",
-            model.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-        ])
-        .args(extra)
-        .output()
-        .expect("run effir")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    let mut args = vec![
+        "eval",
+        "--quiet",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    effir(&args)
 }
 
 fn stdout(out: &Output) -> String {

@@ -359,8 +359,6 @@ fn the_committed_configs_parse_and_drive_the_stages() {
     let summary = common::read_json(&out_dir.join("effir_export.json"));
     assert_eq!(summary["profile"], "sentence-transformers");
     assert_eq!(summary["target"], "tensorrt");
-    let gates_path = work.path().join("gates.yaml");
-    std::fs::write(&gates_path, "parity:\n  min_cosine: 0.99999\n").unwrap();
     let o = effir(&[
         "bench",
         "--graph",

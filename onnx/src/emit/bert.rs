@@ -10,9 +10,8 @@ use effir_pipeline::ModelShape;
 
 use super::layers::{
     activation, attention, attention_bias, layer_norm, linear, merge_heads, split_heads, values,
-    SequenceInfo, Weights,
+    BackboneInputs, SequenceInfo, Weights,
 };
-use super::BackboneInputs;
 use crate::error::{Error, Result};
 use crate::graph::GraphBuilder;
 use effir_pipeline::model::arch::layers::AttentionPattern;

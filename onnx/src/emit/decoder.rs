@@ -9,9 +9,8 @@ use effir_pipeline::ModelShape;
 
 use super::layers::{
     activation, apply_rotary, attention, attention_bias, linear, merge_heads, rms_norm,
-    split_heads, values, SequenceInfo, Weights,
+    split_heads, values, BackboneInputs, SequenceInfo, Weights,
 };
-use super::BackboneInputs;
 use crate::error::{Error, Result};
 use crate::graph::GraphBuilder;
 
@@ -101,9 +100,9 @@ pub fn emit(
         let mut q = split_heads(g, &q, heads, d);
         let mut k = split_heads(g, &k, kv_heads, d);
         let v = split_heads(g, &v, kv_heads, d);
-        if let (Some(q_norm), Some(k_norm)) = (attn_keys.query_norm, attn_keys.key_norm) {
-            q = rms_norm(g, w, &q, &module(q_norm), d, eps, offset)?;
-            k = rms_norm(g, w, &k, &module(k_norm), d, eps, offset)?;
+        if let (Some(query_norm), Some(key_norm)) = (attn_keys.query_norm, attn_keys.key_norm) {
+            q = rms_norm(g, w, &q, &module(query_norm), d, eps, offset)?;
+            k = rms_norm(g, w, &k, &module(key_norm), d, eps, offset)?;
         }
         let q = apply_rotary(g, &q, &cos, &sin, d);
         let k = apply_rotary(g, &k, &cos, &sin, d);

@@ -5,8 +5,7 @@ use candle_onnx::onnx::tensor_proto::DataType;
 use effir_pipeline::model::pooling::Pooling;
 use effir_pipeline::model::sentence_transformers::{DenseActivation, PostPooling, SentenceConfig};
 
-use super::layers::{linear, Weights};
-use super::BackboneInputs;
+use super::layers::{linear, BackboneInputs, Weights};
 use crate::error::{Error, Result};
 use crate::graph::GraphBuilder;
 

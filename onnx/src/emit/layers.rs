@@ -16,6 +16,13 @@ use effir_pipeline::Error as PipelineError;
 use crate::error::Result;
 use crate::graph::{attr_float, attr_int, GraphBuilder};
 
+/// The graph inputs a backbone reads.
+pub struct BackboneInputs {
+    pub input_ids: String,
+    pub attention_mask: String,
+    pub token_type_ids: Option<String>,
+}
+
 /// The checkpoint's tensors, by name under a prefix (`bert.`, `model.`).
 pub struct Weights {
     tensors: HashMap<String, Tensor>,

@@ -18,7 +18,7 @@ use crate::graph::{Dim, ElementType, GraphBuilder, WeightStorage};
 use crate::interface::{
     ATTENTION_MASK, INPUT_IDS, LAST_HIDDEN_STATE, SENTENCE_EMBEDDING, TOKEN_TYPE_IDS,
 };
-use layers::Weights;
+use layers::{BackboneInputs, Weights};
 
 /// The opsets effir emits: 17 (LayerNormalization) and later.
 pub const MIN_OPSET: i64 = 17;
@@ -71,13 +71,6 @@ impl Default for EmitOptions {
             storage: WeightStorage::Float32,
         }
     }
-}
-
-/// The graph inputs a backbone reads.
-pub struct BackboneInputs {
-    pub input_ids: String,
-    pub attention_mask: String,
-    pub token_type_ids: Option<String>,
 }
 
 /// Emits the model in `dir` (unpruned or pruned: its `effir_shape.json`

@@ -122,9 +122,9 @@ impl Attention {
         let mut k = split_heads(&self.key.forward(x)?, self.kv_heads, self.head_dim)?;
         let v = split_heads(&self.value.forward(x)?, self.kv_heads, self.head_dim)?;
         // 2. Per-head RMSNorm of q and k (Qwen3, Gemma3).
-        if let Some((q_norm, k_norm)) = &self.qk_norm {
-            q = q_norm.forward(&q)?;
-            k = k_norm.forward(&k)?;
+        if let Some((query_norm, key_norm)) = &self.qk_norm {
+            q = query_norm.forward(&q)?;
+            k = key_norm.forward(&k)?;
         }
         // 3. Rotary position embedding.
         let q = apply_rotary(&q, cos, sin)?;
