@@ -178,3 +178,19 @@ impl DecoderConfig {
         }
     }
 }
+
+/// A Llama-family `config.json` (Llama, Mistral, Qwen2, Qwen3): the shared
+/// fields and how the architecture differs from plain Llama.
+pub(crate) trait LlamaFamily: serde::de::DeserializeOwned {
+    fn base(&self) -> &DecoderConfig;
+    fn spec(&self, path: &Path) -> Result<DecoderSpec>;
+}
+
+/// Reads a Llama-family `config.json` as `C`.
+pub(crate) fn parse<C: LlamaFamily>(
+    path: &Path,
+    value: &serde_json::Value,
+) -> Result<super::decoder::ParsedDecoder> {
+    let config: C = crate::io::json_file::from_value(path, value)?;
+    Ok(config.base().parsed(config.spec(path)?))
+}

@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use super::checkpoint_map;
 use super::decoder::DecoderSpec;
-use super::decoder_config::DecoderConfig;
+use super::decoder_config::{DecoderConfig, LlamaFamily};
 use super::layers::AttentionPattern;
 use crate::error::Result;
 
@@ -25,8 +25,12 @@ pub struct Config {
     pub mlp_bias: bool,
 }
 
-impl Config {
-    pub(crate) fn spec(&self, path: &Path) -> Result<DecoderSpec> {
+impl LlamaFamily for Config {
+    fn base(&self) -> &DecoderConfig {
+        &self.base
+    }
+
+    fn spec(&self, path: &Path) -> Result<DecoderSpec> {
         let mut spec =
             self.base
                 .llama_spec(path, AttentionPattern::Causal, &checkpoint_map::LLAMA)?;
@@ -35,13 +39,4 @@ impl Config {
         spec.mlp_bias = self.mlp_bias;
         Ok(spec)
     }
-}
-
-/// Reads a Llama `config.json`.
-pub(crate) fn parse(
-    path: &Path,
-    value: &serde_json::Value,
-) -> Result<super::decoder::ParsedDecoder> {
-    let config: Config = crate::io::json_file::from_value(path, value)?;
-    Ok(config.base.parsed(config.spec(path)?))
 }

@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use super::checkpoint_map;
 use super::decoder::DecoderSpec;
-use super::decoder_config::DecoderConfig;
+use super::decoder_config::{DecoderConfig, LlamaFamily};
 use super::layers::AttentionPattern;
 use crate::error::Result;
 
@@ -23,21 +23,16 @@ pub struct Config {
     pub sliding_window: Option<usize>,
 }
 
-impl Config {
-    pub(crate) fn spec(&self, path: &Path) -> Result<DecoderSpec> {
+impl LlamaFamily for Config {
+    fn base(&self) -> &DecoderConfig {
+        &self.base
+    }
+
+    fn spec(&self, path: &Path) -> Result<DecoderSpec> {
         let pattern = match self.sliding_window {
             Some(window) => AttentionPattern::CausalWindow { window },
             None => AttentionPattern::Causal,
         };
         self.base.llama_spec(path, pattern, &checkpoint_map::LLAMA)
     }
-}
-
-/// Reads a Mistral `config.json`.
-pub(crate) fn parse(
-    path: &Path,
-    value: &serde_json::Value,
-) -> Result<super::decoder::ParsedDecoder> {
-    let config: Config = crate::io::json_file::from_value(path, value)?;
-    Ok(config.base.parsed(config.spec(path)?))
 }

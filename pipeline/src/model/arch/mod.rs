@@ -58,10 +58,10 @@ pub struct Registration {
 pub const REGISTRY: [Registration; 6] = [
     Registration { architecture: Architecture::Bert, model_type: "bert", checkpoint: &checkpoint_map::BERT, parse: |p, v| Ok(bert::parse(p, v)?.into()) },
     Registration { architecture: Architecture::Gemma3, model_type: "gemma3_text", checkpoint: &checkpoint_map::GEMMA3, parse: |p, v| Ok(gemma3::parse(p, v)?.into()) },
-    Registration { architecture: Architecture::Llama, model_type: "llama", checkpoint: &checkpoint_map::LLAMA, parse: |p, v| Ok(llama::parse(p, v)?.into()) },
-    Registration { architecture: Architecture::Mistral, model_type: "mistral", checkpoint: &checkpoint_map::LLAMA, parse: |p, v| Ok(mistral::parse(p, v)?.into()) },
-    Registration { architecture: Architecture::Qwen2, model_type: "qwen2", checkpoint: &checkpoint_map::LLAMA, parse: |p, v| Ok(qwen2::parse(p, v)?.into()) },
-    Registration { architecture: Architecture::Qwen3, model_type: "qwen3", checkpoint: &checkpoint_map::QWEN3, parse: |p, v| Ok(qwen3::parse(p, v)?.into()) },
+    Registration { architecture: Architecture::Llama, model_type: "llama", checkpoint: &checkpoint_map::LLAMA, parse: |p, v| Ok(decoder_config::parse::<llama::Config>(p, v)?.into()) },
+    Registration { architecture: Architecture::Mistral, model_type: "mistral", checkpoint: &checkpoint_map::LLAMA, parse: |p, v| Ok(decoder_config::parse::<mistral::Config>(p, v)?.into()) },
+    Registration { architecture: Architecture::Qwen2, model_type: "qwen2", checkpoint: &checkpoint_map::LLAMA, parse: |p, v| Ok(decoder_config::parse::<qwen2::Config>(p, v)?.into()) },
+    Registration { architecture: Architecture::Qwen3, model_type: "qwen3", checkpoint: &checkpoint_map::QWEN3, parse: |p, v| Ok(decoder_config::parse::<qwen3::Config>(p, v)?.into()) },
 ];
 
 impl Architecture {

@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use super::checkpoint_map;
 use super::decoder::DecoderSpec;
-use super::decoder_config::DecoderConfig;
+use super::decoder_config::{DecoderConfig, LlamaFamily};
 use super::layers::AttentionPattern;
 use crate::error::{Error, Result};
 
@@ -25,8 +25,12 @@ pub struct Config {
     pub use_sliding_window: bool,
 }
 
-impl Config {
-    pub(crate) fn spec(&self, path: &Path) -> Result<DecoderSpec> {
+impl LlamaFamily for Config {
+    fn base(&self) -> &DecoderConfig {
+        &self.base
+    }
+
+    fn spec(&self, path: &Path) -> Result<DecoderSpec> {
         if self.use_sliding_window {
             return Err(Error::unsupported(path, "Qwen3 `use_sliding_window: true`"));
         }
@@ -37,13 +41,4 @@ impl Config {
         spec.o_bias = self.attention_bias;
         Ok(spec)
     }
-}
-
-/// Reads a Qwen3 `config.json`.
-pub(crate) fn parse(
-    path: &Path,
-    value: &serde_json::Value,
-) -> Result<super::decoder::ParsedDecoder> {
-    let config: Config = crate::io::json_file::from_value(path, value)?;
-    Ok(config.base.parsed(config.spec(path)?))
 }
