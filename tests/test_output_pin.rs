@@ -67,20 +67,13 @@ fn file_hash(path: &Path, paths: &[(String, &str)]) -> String {
 
 /// `relative path -> hash` of every file under `dir`.
 fn tree_hashes(dir: &Path, paths: &[(String, &str)]) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                let rel = path.strip_prefix(dir).unwrap().display().to_string();
-                out.insert(rel, file_hash(&path, paths));
-            }
-        }
-    }
-    out
+    common::files_under(dir)
+        .into_iter()
+        .map(|path| {
+            let rel = path.strip_prefix(dir).unwrap().display().to_string();
+            (rel, file_hash(&path, paths))
+        })
+        .collect()
 }
 
 fn path_forms(path: &Path, placeholder: &'static str) -> Vec<(String, &'static str)> {

@@ -57,6 +57,24 @@ pub fn assert_rows_match(what: &str, got: &[Vec<f32>], want: &[Vec<f32>]) {
     }
 }
 
+/// Every file under `dir` (recursively), sorted.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap_or_else(|e| panic!("{}: {e}", d.display())) {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
 /// Copies a model directory (recursively) into a fresh temporary directory.
 pub fn copy_model(src: &Path) -> tempfile::TempDir {
     let dst = tempfile::tempdir().unwrap();

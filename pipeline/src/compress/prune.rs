@@ -303,13 +303,7 @@ impl PruneResult {
 
     /// The pruned model's per-layer widths.
     pub fn shape(&self) -> ModelShape {
-        let mut shape = self.source_shape.clone();
-        for (layer, decision) in shape.layers.iter_mut().zip(&self.mlps) {
-            layer.mlp = decision.neurons().map(|n| MlpShape {
-                intermediate_size: n.len(),
-            });
-        }
-        shape
+        shape_after(&self.source_shape, &self.mlps)
     }
 
     /// Kept fraction of the source's MLP neurons (= parameters for uniform MLPs).
@@ -322,6 +316,18 @@ impl PruneResult {
             .sum();
         kept as f64 / mlp_neurons(&self.source_shape).max(1) as f64
     }
+}
+
+/// `source`'s per-layer widths after `mlps`: each MLP as wide as its kept
+/// neurons, absent where none are kept.
+fn shape_after(source: &ModelShape, mlps: &[MlpDecision]) -> ModelShape {
+    let mut shape = source.clone();
+    for (layer, decision) in shape.layers.iter_mut().zip(mlps) {
+        layer.mlp = decision.neurons().map(|n| MlpShape {
+            intermediate_size: n.len(),
+        });
+    }
+    shape
 }
 
 /// The text a pruning run measures: calibration text for importance and
@@ -718,12 +724,7 @@ fn narrow(
         .iter()
         .flat_map(|(&l, s)| s.iter().enumerate().map(move |(j, v)| (l, j as u32, *v)))
         .collect();
-    let mut remaining = source_shape.clone();
-    for (layer, decision) in remaining.layers.iter_mut().zip(mlps.iter()) {
-        if decision.neurons().is_none() {
-            layer.mlp = None;
-        }
-    }
+    let remaining = shape_after(source_shape, mlps);
     for (l, width) in allocate_widths(&flat, &floors, &remaining, target, fine.alignment) {
         let mut ranked: Vec<(u32, f64)> = scores[&l]
             .iter()
@@ -812,11 +813,7 @@ impl PruneRecord {
 
     /// The record as `effir_prune.json` holds it (sorted keys, pretty, newline).
     pub fn to_json(&self) -> String {
-        let value = serde_json::to_value(self).expect("a pruning record is JSON");
-        format!(
-            "{}\n",
-            serde_json::to_string_pretty(&value).unwrap_or_default()
-        )
+        crate::io::json_file::to_json_document(self)
     }
 }
 
@@ -927,8 +924,8 @@ fn add_llm_drop_keys(config_path: &Path, drop_mlp_list: &[usize]) -> Result<()> 
         crate::io::json_file::read_json(config_path)?;
     config.insert("drop_mlp_list".into(), serde_json::json!(drop_mlp_list));
     config.insert("drop_attn_list".into(), serde_json::json!([]));
-    let text = serde_json::to_string_pretty(&config).unwrap_or_default();
-    std::fs::write(config_path, format!("{text}\n")).map_err(|e| Error::io(config_path, e))
+    let text = crate::io::json_file::to_json_document(&config);
+    std::fs::write(config_path, text).map_err(|e| Error::io(config_path, e))
 }
 
 #[cfg(test)]

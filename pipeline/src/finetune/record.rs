@@ -33,11 +33,7 @@ impl FinetuneRecord {
 
     /// The record as `effir_finetune.json` holds it (sorted keys, pretty, newline).
     pub fn to_json(&self) -> String {
-        let value = serde_json::to_value(self).expect("a fine-tuning record is JSON");
-        format!(
-            "{}\n",
-            serde_json::to_string_pretty(&value).unwrap_or_default()
-        )
+        crate::io::json_file::to_json_document(self)
     }
 }
 

@@ -32,3 +32,13 @@ pub fn from_value<T: DeserializeOwned>(path: &Path, value: &serde_json::Value) -
         error,
     })
 }
+
+/// `value` as effir writes its JSON records: keys sorted (through
+/// `serde_json::Value`, whatever the field order), pretty, a final newline.
+pub fn to_json_document<T: serde::Serialize>(value: &T) -> String {
+    let value = serde_json::to_value(value).expect("effir's records serialise to JSON");
+    format!(
+        "{}\n",
+        serde_json::to_string_pretty(&value).expect("a JSON value prints")
+    )
+}

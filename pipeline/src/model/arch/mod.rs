@@ -160,7 +160,7 @@ pub struct SpecialTokens {
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
     pub path: PathBuf,
-    pub architecture: Architecture,
+    architecture: Architecture,
     pub backbone: BackboneConfig,
     uniform_shape: ModelShape,
     vocab_size: usize,
