@@ -6,7 +6,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use common::{copy_model, edit_weights, fixture};
 use effir_pipeline::compress::analysis::measure_importance;
 use effir_pipeline::compress::prune::{
@@ -14,7 +14,7 @@ use effir_pipeline::compress::prune::{
     PrunePlan, PruneResult,
 };
 use effir_pipeline::io::weights::load_all_tensors;
-use effir_pipeline::model::arch::{ForwardHooks, SkippedSublayers};
+use effir_pipeline::model::arch::{ForwardHooks, ModelConfig, SkippedSublayers};
 use effir_pipeline::{Embedder, LoadOptions};
 
 const SAME: f32 = 1e-5;
@@ -261,8 +261,8 @@ fn one_shot_drops_the_least_important_mlps_of_the_full_model() {
 
 /// Iterative: each step drops the least important MLP of the model with the
 /// earlier picks already skipped, measured anew. (On these fixtures the
-/// re-measured order happens to match the one-shot order; the test pins down
-/// what each step measures.)
+/// re-measured order happens to match the one-shot order; this test pins down
+/// what each step measures, the next one a model where the orders differ.)
 #[test]
 fn iterative_drops_re_measure_after_each_drop() {
     let plan = PrunePlan {
@@ -288,6 +288,133 @@ fn iterative_drops_re_measure_after_each_drop() {
         assert_eq!(result.dropped_mlps(), expected, "{arch}");
         assert_eq!(load(&out).shape().mlp_count(), 1, "{arch}");
     }
+}
+
+/// A Llama whose MLPs interact, so that one-shot and iterative dropping
+/// disagree. Attention adds nothing (zero output projections); every token
+/// embeds with channel `K` at -1 and the rest at rms 1.5.
+/// - MLP 0 adds a fixed vector off channel `K`: moderately important.
+/// - MLP 1 reads channel `K` and flips it to about +1: a small change of the
+///   stream, the least important.
+/// - MLP 2 is gated on channel `K` being positive and then adds a large
+///   vector: the most important, but inert once MLP 1 is gone.
+///
+/// One-shot dropping of two MLPs removes 1 and 0; iterative dropping removes
+/// 1, re-measures, finds 2 inert and removes it.
+fn interacting_mlps() -> tempfile::TempDir {
+    const K: usize = 0;
+    let model = copy_model(&fixture("llama"));
+    let config = ModelConfig::from_file(&model.path().join("config.json")).unwrap();
+    let map = config.checkpoint();
+    edit_weights(model.path(), |w| {
+        let prefix = map.prefix(w.keys()).to_string();
+        let key = |layer: usize, module: &str| {
+            format!("{prefix}{}.weight", map.layer_module(layer, module))
+        };
+        let set =
+            |w: &mut std::collections::HashMap<String, Tensor>, name: String, values: Vec<f32>| {
+                let dims = w[&name].dims().to_vec();
+                w.insert(name, Tensor::from_vec(values, dims, &Device::Cpu).unwrap());
+            };
+        // Token embeddings: rows at rms 1.5, channel K at -1.
+        let table_name = format!("{prefix}{}.weight", map.embeddings.tokens);
+        let (rows, h) = w[&table_name].dims2().unwrap();
+        let table: Vec<Vec<f32>> = w[&table_name].to_vec2().unwrap();
+        let mut values = Vec::with_capacity(rows * h);
+        for row in table {
+            let rms = (row.iter().map(|v| v * v).sum::<f32>() / h as f32).sqrt();
+            values.extend(
+                row.iter()
+                    .enumerate()
+                    .map(|(i, v)| if i == K { -1.0 } else { v * 1.5 / rms }),
+            );
+        }
+        set(w, table_name, values);
+        // A fixed direction off channel K, of norm `norm`.
+        let direction = |norm: f32, phase: f32| -> Vec<f32> {
+            let raw: Vec<f32> = (0..h)
+                .map(|i| {
+                    if i == K {
+                        0.0
+                    } else {
+                        (i as f32 * 1.7 + phase).sin()
+                    }
+                })
+                .collect();
+            let n = raw.iter().map(|v| v * v).sum::<f32>().sqrt();
+            raw.iter().map(|v| v * norm / n).collect()
+        };
+        let inter = w[&key(0, map.mlp.up)].dims()[0];
+        for layer in 0..3 {
+            set(w, key(layer, map.attention.output), vec![0.0; h * h]);
+            set(w, key(layer, map.mlp.norms.input.unwrap()), vec![1.0; h]);
+            // One neuron: gate_0 = g z, up_0 = u z for z = the normed channel K;
+            // its down-projection column is `down`.
+            let (g, u, down): (f32, f32, Vec<f32>) = match layer {
+                0 => (-10.0, -1.0, direction(1.2, 0.3)),
+                1 => (
+                    -4.0,
+                    -4.0,
+                    (0..h).map(|i| if i == K { 0.3 } else { 0.0 }).collect(),
+                ),
+                _ => (10.0, 1.0, direction(5.0, 1.1)),
+            };
+            let neuron_row = |weight: f32| {
+                let mut m = vec![0.0f32; inter * h];
+                m[K] = weight;
+                m
+            };
+            set(w, key(layer, map.mlp.gate.unwrap()), neuron_row(g));
+            set(w, key(layer, map.mlp.up), neuron_row(u));
+            let mut d = vec![0.0f32; h * inter];
+            for (i, v) in down.iter().enumerate() {
+                d[i * inter] = *v;
+            }
+            set(w, key(layer, map.mlp.down), d);
+        }
+    });
+    model
+}
+
+#[test]
+fn iterative_dropping_re_measures_where_one_shot_does_not() {
+    let model = interacting_mlps();
+    let plan = |mode| PrunePlan {
+        coarse: CoarsePlan {
+            drop_mlp: Some(2),
+            mode,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut picks = Vec::new();
+    for mode in [CoarseMode::OneShot, CoarseMode::Iterative] {
+        let mut embedder = load(model.path());
+        let tensors = load_all_tensors(model.path()).unwrap();
+        let result = plan_pruning(
+            &mut embedder,
+            &tensors,
+            &plan(mode),
+            PruneInputs {
+                calibration: &calibration(),
+                pairs: &[],
+                batch_size: 4,
+            },
+            &mut |_| {},
+        )
+        .unwrap();
+        picks.push(result.dropped_mlps());
+    }
+    assert_eq!(
+        picks[0],
+        [1, 0],
+        "one-shot: the two least important of the full model"
+    );
+    assert_eq!(
+        picks[1],
+        [1, 2],
+        "iterative: MLP 2 is inert once MLP 1 is gone"
+    );
 }
 
 #[test]
