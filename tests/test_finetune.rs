@@ -304,6 +304,46 @@ fn lora_merges_into_a_plain_model_and_pruned_widths_survive() {
         onnx.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
+    // ...and validates, its report saying how it was made (read back from
+    // effir_prune.json and effir_finetune.json).
+    let gates = write_config(
+        work.path(),
+        "gates.yaml",
+        "parity:\n  min_cosine: 0.99999\n",
+    );
+    let report_dir = work.path().join("validation");
+    let tiny = fixture("eval/tiny");
+    let reference = fixture("llama");
+    let o = effir(&[
+        "validate",
+        "--quiet",
+        "--no-cache",
+        "--reference",
+        reference.to_str().unwrap(),
+        "--candidate",
+        onnx.to_str().unwrap(),
+        "--data",
+        tiny.to_str().unwrap(),
+        "--gates",
+        gates.to_str().unwrap(),
+        "--out",
+        report_dir.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report = common::read_json(&report_dir.join("validation.json"));
+    let provenance = &report["provenance"];
+    assert_eq!(
+        provenance["pruning"]["dropped_mlps"],
+        serde_json::json!([1])
+    );
+    assert!(provenance["pruning"]["mlp_keep"].as_f64().unwrap() < 0.6);
+    assert_eq!(
+        provenance["tuned_on"].as_str().map(Path::new),
+        Some(train.as_path())
+    );
+    let md = std::fs::read_to_string(report_dir.join("validation.md")).unwrap();
+    assert!(md.contains("- pruned: MLPs [1] dropped"), "{md}");
+    assert!(md.contains("- fine-tuned on:"), "{md}");
 }
 
 #[test]

@@ -4,9 +4,11 @@
 
 use std::path::{Path, PathBuf};
 
+use effir_pipeline::compress::prune::PruneRecord;
 use effir_pipeline::data::beir::Dataset;
 use effir_pipeline::data::text_format::TextFormat;
 use effir_pipeline::eval::evaluation::{evaluate_model, EvalReport, EvalSettings, Phase};
+use effir_pipeline::finetune::FinetuneRecord;
 use effir_pipeline::TextEmbedder;
 use ndarray::Array2;
 use serde::{Deserialize, Serialize};
@@ -336,12 +338,55 @@ pub fn apply_gates(
     results
 }
 
+/// How the candidate was made, from the records `effir prune` and `effir
+/// finetune` wrote into its source model, read back as their types.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Provenance {
+    /// The MLPs pruning dropped (in the order it dropped them), each
+    /// layer's MLP width and the share of MLP neurons kept.
+    pub pruning: Option<PruningProvenance>,
+    /// The data the candidate was fine-tuned on: quality measured on it
+    /// is not held out.
+    pub tuned_on: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PruningProvenance {
+    pub dropped_mlps: Vec<usize>,
+    pub mlp_widths: Vec<Option<usize>>,
+    pub mlp_keep: f64,
+}
+
+impl Provenance {
+    /// The records in `model_dir`; none when it is neither pruned nor fine-tuned.
+    pub fn read(model_dir: &Path) -> Result<Self> {
+        let pruning = PruneRecord::read(model_dir)?.map(|r| PruningProvenance {
+            dropped_mlps: r.dropped_mlps,
+            mlp_widths: r.mlp_widths,
+            mlp_keep: r.mlp_keep_achieved,
+        });
+        let tuned_on = FinetuneRecord::read(model_dir)?.map(|r| r.train);
+        Ok(Self { pruning, tuned_on })
+    }
+
+    /// Whether the candidate was fine-tuned on `dataset` (the same directory,
+    /// or a file inside it such as a hard-negatives file's dataset).
+    pub fn was_tuned_on(&self, dataset: &Path) -> bool {
+        let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        self.tuned_on
+            .as_deref()
+            .is_some_and(|train| canonical(train).starts_with(canonical(dataset)))
+    }
+}
+
 /// Everything `validate` found.
 #[derive(Debug, Clone, Serialize)]
 pub struct ValidationReport {
     pub reference: PathBuf,
     pub candidate: PathBuf,
     pub providers: Vec<String>,
+    /// How the candidate's source model was made.
+    pub provenance: Provenance,
     pub parity: Option<ParityReport>,
     pub quality: Option<QualityReport>,
     pub gates: Vec<GateResult>,
@@ -361,6 +406,17 @@ impl ValidationReport {
             self.providers.join(", "),
             if self.passed { "PASS" } else { "FAIL" }
         );
+        if let Some(p) = &self.provenance.pruning {
+            md += &format!(
+                "- pruned: MLPs {:?} dropped, {:.1} % of the MLP neurons kept (widths {:?})\n",
+                p.dropped_mlps,
+                100.0 * p.mlp_keep,
+                p.mlp_widths
+            );
+        }
+        if let Some(train) = &self.provenance.tuned_on {
+            md += &format!("- fine-tuned on: `{}`\n", train.display());
+        }
         if let Some(p) = &self.parity {
             md += &format!(
                 "\n## Parity (candidate under ONNX Runtime vs `{}` in candle, {} texts)\n\n| min cosine | mean cosine | max abs diff |\n|---|---|---|\n| {:.7} | {:.7} | {:.3e} |\n",
@@ -372,6 +428,9 @@ impl ValidationReport {
             );
         }
         if let Some(q) = &self.quality {
+            if self.provenance.was_tuned_on(&q.dataset) {
+                md += "\nThe candidate was fine-tuned on this dataset: its quality here is not held out.\n";
+            }
             md += &format!(
                 "\n## Quality ({}, split {}, {} queries, {} documents)\n\n| | reference | candidate | retention |\n|---|---|---|---|\n| nDCG@10 | {:.4} | {:.4} | {:.4} |\n| Recall@100 | {:.4} | {:.4} | {:.4} |\n",
                 q.dataset.display(),
@@ -404,6 +463,23 @@ impl ValidationReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quality_on_the_tuning_data_is_not_held_out() {
+        let work = tempfile::tempdir().unwrap();
+        let scifact = work.path().join("scifact");
+        let cranfield = work.path().join("cranfield");
+        std::fs::create_dir_all(&scifact).unwrap();
+        std::fs::create_dir_all(&cranfield).unwrap();
+        let tuned = |train: &Path| Provenance {
+            pruning: None,
+            tuned_on: Some(train.to_path_buf()),
+        };
+        assert!(tuned(&scifact).was_tuned_on(&scifact));
+        assert!(tuned(&scifact.join("train_hard_negatives.jsonl.gz")).was_tuned_on(&scifact));
+        assert!(!tuned(&scifact).was_tuned_on(&cranfield));
+        assert!(!Provenance::default().was_tuned_on(&scifact));
+    }
 
     #[test]
     fn identical_embeddings_have_cosine_one_and_no_difference() {

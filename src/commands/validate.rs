@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use clap::Args;
 use effir_onnx::validate::{
-    apply_gates, check_parity, check_quality, parity_texts, Gates, ValidationReport,
+    apply_gates, check_parity, check_quality, parity_texts, Gates, Provenance, ValidationReport,
 };
 use effir_onnx::{GraphLocation, OnnxEncoder};
 use effir_pipeline::data::beir::{DanglingPolicy, Dataset};
@@ -99,6 +99,9 @@ pub fn run(args: ValidateArgs) -> anyhow::Result<()> {
             .filter(|p| p.join("config.json").is_file())
             .unwrap_or_else(|| args.reference.clone()),
     };
+    // Read before any work, so a malformed record fails first.
+    let provenance = Provenance::read(&candle_model)
+        .with_context(|| format!("reading the records of {}", candle_model.display()))?;
     let providers: Vec<String> = candidate
         .providers()
         .iter()
@@ -166,6 +169,7 @@ pub fn run(args: ValidateArgs) -> anyhow::Result<()> {
         reference: args.reference.clone(),
         candidate: candidate.graph().to_path_buf(),
         providers,
+        provenance,
         passed: results.iter().all(|g| g.passed),
         parity: Some(parity),
         quality,
