@@ -6,6 +6,7 @@ pub mod arch;
 pub mod embedder;
 pub mod encoder_setup;
 pub mod head;
+pub mod kernels;
 pub mod pooling;
 pub mod sentence_transformers;
 pub mod shape;

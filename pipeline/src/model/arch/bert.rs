@@ -14,10 +14,7 @@ use serde::Deserialize;
 
 use super::checkpoint_map::CheckpointMap;
 use super::forward::{ForwardHooks, LayerParameters, ModelInput, Sublayer};
-use super::layers::{
-    merge_heads, padding_bias, scaled_dot_product_attention, split_heads, Activation, LayerNorm,
-    Linear,
-};
+use super::layers::{multi_head_attention, padding_bias, Activation, LayerNorm, Linear};
 use crate::error::{Error, Result};
 use crate::model::shape::{LayerShape, MlpShape, ModelShape};
 
@@ -193,12 +190,13 @@ impl AttentionBlock {
 
     /// `x`: `(B, T, H)`; `bias`: `(B, 1, 1, T)`, `None` without padding.
     fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> CandleResult<Tensor> {
-        let q = split_heads(&self.query.forward(x)?, self.heads, self.head_dim)?;
-        let k = split_heads(&self.key.forward(x)?, self.heads, self.head_dim)?;
-        let v = split_heads(&self.value.forward(x)?, self.heads, self.head_dim)?;
+        let q = self.query.forward(x)?;
+        let k = self.key.forward(x)?;
+        let v = self.value.forward(x)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let context = scaled_dot_product_attention(&q, &k, &v, bias, scale)?;
-        let out = self.output.forward(&merge_heads(&context)?)?;
+        let (h, d) = (self.heads, self.head_dim);
+        let context = multi_head_attention(&q, &k, &v, h, h, d, bias, scale)?;
+        let out = self.output.forward(&context)?;
         self.norm.forward(&(out + x)?)
     }
 

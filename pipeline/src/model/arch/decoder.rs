@@ -15,8 +15,8 @@ use candle_nn::VarBuilder;
 use super::checkpoint_map::{CheckpointMap, SublayerNorms};
 use super::forward::{ForwardHooks, LayerParameters, ModelInput, Sublayer};
 use super::layers::{
-    apply_rotary, attention_bias, merge_heads, scaled_dot_product_attention, split_heads,
-    Activation, AttentionPattern, RmsNorm, RopeScaling, Rotary,
+    apply_rotary, attention_bias, multi_head_attention, split_heads, Activation, AttentionPattern,
+    RmsNorm, RopeScaling, Rotary,
 };
 use crate::model::shape::{LayerShape, MlpShape, ModelShape};
 
@@ -117,10 +117,11 @@ impl Attention {
 
     /// `x`: `(B, T, H)`; `bias`: `(B, 1, T, T)`; `cos`/`sin`: `(T, D/2)`.
     fn forward(&self, x: &Tensor, bias: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        // 1. Project and split heads: q (B, Hq, T, D), k/v (B, Hkv, T, D).
+        // 1. Project and split heads: q (B, Hq, T, D), k (B, Hkv, T, D); v
+        //    stays (B, T, Hkv·D), which attention reads in place.
         let mut q = split_heads(&self.query.forward(x)?, self.heads, self.head_dim)?;
         let mut k = split_heads(&self.key.forward(x)?, self.kv_heads, self.head_dim)?;
-        let v = split_heads(&self.value.forward(x)?, self.kv_heads, self.head_dim)?;
+        let v = self.value.forward(x)?;
         // 2. Per-head RMSNorm of q and k (Qwen3, Gemma3).
         if let Some((query_norm, key_norm)) = &self.qk_norm {
             q = query_norm.forward(&q)?;
@@ -130,8 +131,17 @@ impl Attention {
         let q = apply_rotary(&q, cos, sin)?;
         let k = apply_rotary(&k, cos, sin)?;
         // 4. Attention and output projection.
-        let context = scaled_dot_product_attention(&q, &k, &v, Some(bias), self.scale)?;
-        self.output.forward(&merge_heads(&context)?)
+        let context = multi_head_attention(
+            &q,
+            &k,
+            &v,
+            self.heads,
+            self.kv_heads,
+            self.head_dim,
+            Some(bias),
+            self.scale,
+        )?;
+        self.output.forward(&context)
     }
 
     fn parameter_count(&self) -> usize {

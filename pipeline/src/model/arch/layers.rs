@@ -390,6 +390,44 @@ pub(crate) fn merge_heads(x: &Tensor) -> Result<Tensor> {
     x.transpose(1, 2)?.contiguous()?.reshape((b, t, h * d))
 }
 
+/// Multi-head softmax attention. `q` is `(B, T, H·D)` (a projection's
+/// output) or `(B, H, T, D)`, `k` and `v` likewise with `kv_heads` heads;
+/// `bias` is `(B, 1, 1, T)` or `(B, 1, T, T)`, or `None`. Returns
+/// `(B, T, H·D)`. Without gradients on the CPU this is the fused kernel
+/// ([`crate::model::kernels::attention`]); otherwise the composed,
+/// differentiable form.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn multi_head_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    bias: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    use crate::model::kernels::attention;
+    if attention::applies(q, k, v, bias) {
+        return attention::attention(q, k, v, heads, kv_heads, head_dim, bias, scale);
+    }
+    let split = |t: &Tensor, heads: usize| {
+        if t.rank() == 3 {
+            split_heads(t, heads, head_dim)
+        } else {
+            Ok(t.clone())
+        }
+    };
+    let context = scaled_dot_product_attention(
+        &split(q, heads)?,
+        &split(k, kv_heads)?,
+        &split(v, kv_heads)?,
+        bias,
+        scale,
+    )?;
+    merge_heads(&context)
+}
+
 /// Softmax attention. `q`: `(B, H, T, D)`; `k`, `v`: `(B, Hkv, T, D)` with
 /// `H` a multiple of `Hkv` (grouped-query attention); `bias` broadcastable to
 /// `(B, H, T, T)`, or `None` when nothing is masked. Returns `(B, H, T, D)`.

@@ -1,0 +1,8 @@
+//! Fused CPU kernels for inference: the steps where candle's composed
+//! operations spend more time allocating, copying and in scalar maths than in
+//! arithmetic (see RESULTS.md, "Where a forward pass spends its time"). Each
+//! computes what the composed form computes; the models fall back to the
+//! composed form when a gradient is needed.
+
+pub mod attention;
+pub mod softmax;
