@@ -18,7 +18,7 @@ fn exp(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0;
     // Adding 2^23 puts a small integer in the mantissa's low bits.
     const TO_BITS: f32 = 8_388_608.0;
-    let clamped = x.max(-87.3).min(88.3);
+    let clamped = x.clamp(-87.3, 88.3);
     let n = (clamped * LOG2E + ROUND) - ROUND;
     let r = clamped - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4_f32;
@@ -26,7 +26,7 @@ fn exp(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
     // 2^n: the biased exponent n + 127 (1..=254 here) moved into place.
     let scale = f32::from_bits((n + 127.0 + TO_BITS).to_bits() << 23);
