@@ -5,6 +5,8 @@
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::model::kernels;
+
 /// `y = x W^T + b` on the last dimension, computed as one 2-D matmul over all
 /// leading dimensions (faster on CPU than a broadcast batched matmul).
 ///
@@ -59,6 +61,12 @@ impl Module for Linear {
         let in_dim = dims[dims.len() - 1];
         let rows = x.elem_count() / in_dim;
         let x2 = x.reshape((rows, in_dim))?;
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("non-empty dims") = self.weight.dim(0)?;
+        if self.lora.is_none() && kernels::linear::applies(&x2, &self.weight, self.bias.as_ref()) {
+            return kernels::linear::linear(&x2, &self.weight, self.bias.as_ref())?
+                .reshape(out_dims);
+        }
         let mut y = x2.matmul(&self.weight.t()?)?;
         if let Some(lora) = &self.lora {
             let delta = x2.matmul(&lora.a.t()?)?.matmul(&lora.b.t()?)?;
@@ -68,8 +76,6 @@ impl Module for Linear {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         };
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().expect("non-empty dims") = self.weight.dim(0)?;
         y.reshape(out_dims)
     }
 }
@@ -181,68 +187,23 @@ impl Activation {
 
 impl Module for Activation {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        use crate::model::kernels::activation::Kind;
+        let fused = x.dtype() == DType::F32 && x.device().is_cpu() && !x.track_op();
+        let kind = match self {
+            Self::GeluErf => Kind::GeluErf,
+            Self::GeluTanh => Kind::GeluTanh,
+            Self::Silu => Kind::Silu,
+            Self::Relu => return x.relu(),
+        };
+        if fused {
+            return x.contiguous()?.apply_op1_no_bwd(&kind);
+        }
         match self {
-            Self::GeluErf => gelu_erf(x),
+            Self::GeluErf => x.gelu_erf(),
             Self::GeluTanh => x.gelu(),
-            Self::Silu => x.silu(),
-            Self::Relu => x.relu(),
+            _ => x.silu(),
         }
     }
-}
-
-/// Exact GELU, `0.5 x (1 + erf(x / sqrt 2))`. candle's `gelu_erf` runs a
-/// scalar `erf` on one thread, a tenth of BERT's inference time; this one
-/// splits contiguous f32 tensors across threads. `erf` is Abramowitz &
-/// Stegun 7.1.26 (absolute error below 1.5e-7).
-fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    if x.dtype() != DType::F32 || !x.device().is_cpu() || x.track_op() {
-        return x.gelu_erf();
-    }
-    x.contiguous()?.apply_op1_no_bwd(&GeluErf)
-}
-
-struct GeluErf;
-
-impl candle_core::CustomOp1 for GeluErf {
-    fn name(&self) -> &'static str {
-        "gelu-erf-parallel"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &candle_core::CpuStorage,
-        layout: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use rayon::prelude::*;
-        let candle_core::CpuStorage::F32(data) = storage else {
-            candle_core::bail!("gelu-erf-parallel takes f32");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("gelu-erf-parallel takes a contiguous tensor");
-        };
-        let input = &data[start..end];
-        let mut out = vec![0f32; input.len()];
-        out.par_chunks_mut(16 * 1024)
-            .zip(input.par_chunks(16 * 1024))
-            .for_each(|(o, i)| {
-                for (o, &x) in o.iter_mut().zip(i) {
-                    *o = 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
-                }
-            });
-        Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
-    }
-}
-
-/// Abramowitz & Stegun 7.1.26.
-#[inline]
-fn erf(x: f32) -> f32 {
-    let sign = x.signum();
-    let x = x.abs();
-    let t = 1.0 / (1.0 + 0.327_591_1 * x);
-    let poly = t
-        * (0.254_829_6
-            + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152_1 + t * 1.061_405_4))));
-    sign * (1.0 - poly * (-x * x).exp())
 }
 
 /// RoPE frequency scaling from `rope_scaling` / `rope_parameters`.
@@ -463,21 +424,29 @@ pub(crate) fn scaled_dot_product_attention(
 mod tests {
     use super::*;
 
+    /// The fused activations (inference) compute what candle's composed
+    /// ones (training) compute.
     #[test]
-    fn parallel_gelu_matches_candle_gelu_erf() {
+    fn fused_activations_match_candles() {
         let x = Tensor::arange(-8000i64, 8000, &Device::Cpu)
             .unwrap()
             .to_dtype(DType::F32)
             .unwrap()
             .affine(1e-3, 0.0)
             .unwrap();
-        let ours: Vec<f32> = gelu_erf(&x).unwrap().to_vec1().unwrap();
-        let reference: Vec<f32> = x.gelu_erf().unwrap().to_vec1().unwrap();
-        let worst = ours
-            .iter()
-            .zip(&reference)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
-        assert!(worst < 1e-6, "max |diff| {worst}");
+        for (act, reference) in [
+            (Activation::GeluErf, x.gelu_erf().unwrap()),
+            (Activation::GeluTanh, x.gelu().unwrap()),
+            (Activation::Silu, x.silu().unwrap()),
+        ] {
+            let ours: Vec<f32> = act.forward(&x).unwrap().to_vec1().unwrap();
+            let reference: Vec<f32> = reference.to_vec1().unwrap();
+            let worst = ours
+                .iter()
+                .zip(&reference)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(worst < 2e-6, "{act:?}: max |diff| {worst}");
+        }
     }
 }

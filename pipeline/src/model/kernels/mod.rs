@@ -4,5 +4,8 @@
 //! computes what the composed form computes; the models fall back to the
 //! composed form when a gradient is needed.
 
+pub mod activation;
 pub mod attention;
+pub mod exp;
+pub mod linear;
 pub mod softmax;
