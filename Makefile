@@ -12,7 +12,7 @@ EFFIR   := target/release/effir
 PYTHON  ?= python3
 
 .PHONY: all system-deps build models test lint embed eval eval-scifact python-deps \
-        fixtures metric-references bench-embed bench-analyze parity-embeddinggemma \
+        fixtures metric-references bench-embed profile-embed bench-analyze parity-embeddinggemma \
         onnxruntime export export-pruned validate validate-pruned validate-prune-minilm bench-onnx parity-embeddinggemma-onnx \
         finetune-minilm finetune-minilm-2ep finetune-minilm-unpruned finetune-minilm-unpruned-2ep bench-finetune optimum-fixtures rewrite-minilm \
         analyze-minilm drop-study-minilm prune-minilm results-minilm \
@@ -76,8 +76,18 @@ metric-references: python-deps models
 	$(PYTHON) benchmarks/reference_eval.py --model $(MINILM) --data data/cranfield --out tests/fixtures/eval/cranfield-minilm-st.json
 	$(PYTHON) benchmarks/reference_eval.py --model $(MINILM) --data data/scifact --out tests/fixtures/eval/scifact-minilm-st.json
 
-bench-embed: build models python-deps
-	$(PYTHON) benchmarks/embed_speed.py --model $(MINILM) --repeats 2
+# Inference speed: effir (candle) vs sentence-transformers (PyTorch CPU) vs
+# ONNX Runtime on effir's own export, interleaved, 2 threads each: MiniLM on
+# 2,000 SciFact abstracts, EmbeddingGemma on 256 with its document prompt.
+bench-embed: build models python-deps onnxruntime $(GEMMA)/model.safetensors
+	$(EFFIR) export --model $(MINILM) --profile sentence-transformers --out $(RUNS)/onnx/minilm-st --overwrite
+	$(PYTHON) benchmarks/embed_speed.py --model $(MINILM) --docs 2000 --repeats 3 --onnx $(RUNS)/onnx/minilm-st
+	$(EFFIR) export --model $(GEMMA) --profile sentence-transformers --out $(RUNS)/onnx/embeddinggemma-st --overwrite
+	$(PYTHON) benchmarks/embed_speed.py --model $(GEMMA) --docs 256 --repeats 3 --prompt document --onnx $(RUNS)/onnx/embeddinggemma-st
+
+# Where an effir forward spends its time (perf samples by function).
+profile-embed: build models
+	benchmarks/profile_embed.sh $(MINILM)
 
 # `effir analyze` seconds per 1,000 calibration tokens (median of 5 runs).
 bench-analyze: build models
