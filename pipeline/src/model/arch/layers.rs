@@ -188,7 +188,7 @@ impl Activation {
 impl Module for Activation {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         use crate::model::kernels::activation::Kind;
-        let fused = x.dtype() == DType::F32 && x.device().is_cpu() && !x.track_op();
+        let fused = kernels::plain(x);
         let kind = match self {
             Self::GeluErf => Kind::GeluErf,
             Self::GeluTanh => Kind::GeluTanh,

@@ -12,10 +12,11 @@
 
 use std::cell::RefCell;
 
-use candle_core::{CpuStorage, DType, Device, Layout, Result, Storage, Tensor};
+use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
 
 use super::softmax::softmax_row;
+use super::{f32_values as values, plain};
 
 /// How one of q, k, v is laid out: the offsets between batches, heads and
 /// sequence positions (the head dimension is contiguous).
@@ -42,14 +43,6 @@ impl HeadLayout {
             },
             dims => candle_core::bail!("attention input of shape {dims:?}"),
         })
-    }
-}
-
-/// The values of a contiguous CPU f32 tensor whose storage is `storage`.
-fn values<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (Storage::Cpu(CpuStorage::F32(v)), Some((start, end))) => Ok(&v[start..end]),
-        _ => candle_core::bail!("attention kernel: expected a contiguous CPU f32 tensor"),
     }
 }
 
@@ -93,7 +86,6 @@ thread_local! {
 
 /// Whether [`attention`] can run on these inputs (CPU, f32, no gradient).
 pub fn applies(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> bool {
-    let plain = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op();
     plain(q) && plain(k) && plain(v) && bias.is_none_or(plain)
 }
 

@@ -3,20 +3,13 @@
 //! where candle zero-fills the product, then adds the bias in a second pass
 //! over a second buffer.
 
-use candle_core::{CpuStorage, Device, Layout, Result, Storage, Tensor};
+use candle_core::{Device, Result, Tensor};
+
+use super::{f32_values as values, plain};
 
 /// Whether [`linear`] can run on these inputs (CPU, f32, no gradient).
 pub fn applies(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> bool {
-    let plain =
-        |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && !t.track_op();
     plain(x) && plain(weight) && bias.is_none_or(plain)
-}
-
-fn values<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (Storage::Cpu(CpuStorage::F32(v)), Some((start, end))) => Ok(&v[start..end]),
-        _ => candle_core::bail!("linear kernel: expected a contiguous CPU f32 tensor"),
-    }
 }
 
 /// `x (rows, in) · weightᵀ (in, out) + bias (out)` as `(rows, out)`;
