@@ -62,8 +62,8 @@ eval-scifact: eval
 # Python references (PyTorch CPU, about 6 GB of wheels): only for the
 # fixtures, the parity check of large models and the speed comparison.
 python-deps:
-	$(PYTHON) -c "import torch, transformers, sentence_transformers" 2>/dev/null || \
-	  $(PYTHON) -m pip install -q torch transformers sentence-transformers safetensors numpy
+	$(PYTHON) -c "import torch, transformers, sentence_transformers, datasets, accelerate" 2>/dev/null || \
+	  $(PYTHON) -m pip install -q torch transformers sentence-transformers safetensors numpy datasets accelerate
 
 fixtures: python-deps models
 	$(PYTHON) tests/fixtures/make_reference.py --minilm $(MINILM)

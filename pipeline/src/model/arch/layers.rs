@@ -108,17 +108,16 @@ impl LayerNorm {
     }
 }
 
-// candle's fused CPU kernels (layer_norm, rms_norm, softmax, rope, the
-// parallel GELU below) have no backward pass. When a gradient is needed (the
-// input is tracked: Taylor scores, fine-tuning) the composed, differentiable
-// forms are used instead; they compute the same function.
+// On the CPU in f32 the norms, activations, rotary embeddings and attention
+// run effir's fused kernels, which have backward passes; elsewhere candle's
+// composed, differentiable forms, which compute the same function.
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.track_op() || self.weight.track_op() {
-            return candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps);
+        if kernels::norm::applies(x, &[&self.weight, &self.bias]) {
+            return kernels::norm::layer_norm(x, &self.weight, &self.bias, self.eps);
         }
-        candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps)
+        candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps)
     }
 }
 
@@ -153,10 +152,10 @@ impl Module for RmsNorm {
         } else {
             self.weight.clone()
         };
-        if x.track_op() || scale.track_op() {
-            return candle_nn::ops::rms_norm_slow(x, &scale, self.eps);
+        if kernels::norm::applies(x, &[&scale]) {
+            return kernels::norm::rms_norm(x, &scale, self.eps);
         }
-        candle_nn::ops::rms_norm(&x.contiguous()?, &scale, self.eps)
+        candle_nn::ops::rms_norm_slow(x, &scale, self.eps)
     }
 }
 
@@ -188,15 +187,14 @@ impl Activation {
 impl Module for Activation {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         use crate::model::kernels::activation::Kind;
-        let fused = kernels::plain(x);
         let kind = match self {
             Self::GeluErf => Kind::GeluErf,
             Self::GeluTanh => Kind::GeluTanh,
             Self::Silu => Kind::Silu,
             Self::Relu => return x.relu(),
         };
-        if fused {
-            return x.contiguous()?.apply_op1_no_bwd(&kind);
+        if kernels::cpu_f32(x) {
+            return x.contiguous()?.apply_op1(kind);
         }
         match self {
             Self::GeluErf => x.gelu_erf(),
@@ -265,10 +263,10 @@ impl Rotary {
 
 /// Applies rotary embeddings to `x` of shape `(B, H, T, D)`.
 pub(crate) fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if x.track_op() {
-        return candle_nn::rotary_emb::rope_slow(&x.contiguous()?, cos, sin);
+    if kernels::rotary::applies(x, cos, sin) {
+        return kernels::rotary::rope(x, cos, sin);
     }
-    candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)
+    candle_nn::rotary_emb::rope_slow(&x.contiguous()?, cos, sin)
 }
 
 /// Value added to attention scores of masked positions. Finite, so that a row
@@ -354,9 +352,8 @@ pub(crate) fn merge_heads(x: &Tensor) -> Result<Tensor> {
 /// Multi-head softmax attention. `q` is `(B, T, H·D)` (a projection's
 /// output) or `(B, H, T, D)`, `k` and `v` likewise with `kv_heads` heads;
 /// `bias` is `(B, 1, 1, T)` or `(B, 1, T, T)`, or `None`. Returns
-/// `(B, T, H·D)`. Without gradients on the CPU this is the fused kernel
-/// ([`crate::model::kernels::attention`]); otherwise the composed,
-/// differentiable form.
+/// `(B, T, H·D)`. On the CPU in f32 this is the fused kernel
+/// ([`crate::model::kernels::attention`]); otherwise the composed form.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn multi_head_attention(
     q: &Tensor,

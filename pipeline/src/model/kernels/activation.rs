@@ -1,9 +1,10 @@
 //! MLP activations as one vectorised pass over the tensor, split across
 //! threads: exact GELU (BERT), tanh-GELU (Gemma), SiLU (Llama, Qwen,
-//! Mistral). Each uses the kernels' [`exp`]; the AVX-512 or AVX2/FMA build
-//! is chosen at run time.
+//! Mistral), and their derivatives for the backward pass (one more pass,
+//! from the input). Each uses the kernels' [`exp`]; the AVX-512 or AVX2/FMA
+//! build is chosen at run time.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::exp::exp;
@@ -59,27 +60,87 @@ fn apply_body(kind: Kind, input: &[f32], out: &mut [f32]) {
     }
 }
 
+/// `out = grad ⊙ f'(input)`.
+#[inline(always)]
+fn derivative_body(kind: Kind, input: &[f32], grad: &[f32], out: &mut [f32]) {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
+    match kind {
+        Kind::GeluErf => {
+            // Φ(x) + x φ(x)
+            for ((o, &x), g) in out.iter_mut().zip(input).zip(grad) {
+                let cdf = 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+                *o = g * (cdf + x * INV_SQRT_2PI * exp(-0.5 * x * x));
+            }
+        }
+        Kind::GeluTanh => {
+            for ((o, &x), g) in out.iter_mut().zip(input).zip(grad) {
+                let t = tanh(SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x));
+                let inner = SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044_715 * x * x);
+                *o = g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * inner);
+            }
+        }
+        Kind::Silu => {
+            // σ(x) (1 + x (1 − σ(x)))
+            for ((o, &x), g) in out.iter_mut().zip(input).zip(grad) {
+                let s = 1.0 / (1.0 + exp(-x));
+                *o = g * s * (1.0 + x * (1.0 - s));
+            }
+        }
+    }
+}
+
+/// One pass of an activation (`grad` `None`) or of its derivative times
+/// `grad`.
+#[inline(always)]
+fn pass_body(kind: Kind, input: &[f32], grad: Option<&[f32]>, out: &mut [f32]) {
+    match grad {
+        None => apply_body(kind, input, out),
+        Some(grad) => derivative_body(kind, input, grad, out),
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn apply_avx2(kind: Kind, input: &[f32], out: &mut [f32]) {
-    apply_body(kind, input, out)
+unsafe fn pass_avx2(kind: Kind, input: &[f32], grad: Option<&[f32]>, out: &mut [f32]) {
+    pass_body(kind, input, grad, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn apply_avx512(kind: Kind, input: &[f32], out: &mut [f32]) {
-    apply_body(kind, input, out)
+unsafe fn pass_avx512(kind: Kind, input: &[f32], grad: Option<&[f32]>, out: &mut [f32]) {
+    pass_body(kind, input, grad, out)
 }
 
-fn apply(kind: Kind, input: &[f32], out: &mut [f32]) {
+fn pass(kind: Kind, input: &[f32], grad: Option<&[f32]>, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     match super::exp::simd_level() {
         // SAFETY: the CPU has the features, as `simd_level` detected.
-        super::exp::SimdLevel::Avx512 => return unsafe { apply_avx512(kind, input, out) },
-        super::exp::SimdLevel::Avx2 => return unsafe { apply_avx2(kind, input, out) },
+        super::exp::SimdLevel::Avx512 => return unsafe { pass_avx512(kind, input, grad, out) },
+        super::exp::SimdLevel::Avx2 => return unsafe { pass_avx2(kind, input, grad, out) },
         super::exp::SimdLevel::Baseline => {}
     }
-    apply_body(kind, input, out)
+    pass_body(kind, input, grad, out)
+}
+
+/// Elements per parallel task.
+const CHUNK: usize = 16 * 1024;
+
+/// The activation of `input`, or its derivative times `grad`, over all threads.
+fn parallel_pass(kind: Kind, input: &[f32], grad: Option<&[f32]>) -> Vec<f32> {
+    let mut out = vec![0f32; input.len()];
+    match grad {
+        None => out
+            .par_chunks_mut(CHUNK)
+            .zip(input.par_chunks(CHUNK))
+            .for_each(|(o, i)| pass(kind, i, None, o)),
+        Some(grad) => out
+            .par_chunks_mut(CHUNK)
+            .zip(input.par_chunks(CHUNK))
+            .zip(grad.par_chunks(CHUNK))
+            .for_each(|((o, i), g)| pass(kind, i, Some(g), o)),
+    }
+    out
 }
 
 impl CustomOp1 for Kind {
@@ -98,12 +159,15 @@ impl CustomOp1 for Kind {
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("{} takes a contiguous tensor", self.name());
         };
-        let input = &data[start..end];
-        let mut out = vec![0f32; input.len()];
-        out.par_chunks_mut(16 * 1024)
-            .zip(input.par_chunks(16 * 1024))
-            .for_each(|(o, i)| apply(*self, i, o));
+        let out = parallel_pass(*self, &data[start..end], None);
         Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let dx = super::with_values(x, |x| {
+            super::with_values(grad, |g| Ok(parallel_pass(*self, x, Some(g))))
+        })?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }
 
@@ -143,27 +207,62 @@ mod tests {
         sum * 2.0 / std::f64::consts::PI.sqrt()
     }
 
-    #[test]
-    fn activations_match_their_definitions() {
-        let xs: Vec<f32> = (-12_000..12_000).map(|i| i as f32 * 7.3e-4).collect();
-        type Apply = fn(Kind, &[f32], &mut [f32]);
-        let mut builds: Vec<(&str, Apply)> = vec![("portable", |k, i, o| apply_body(k, i, o))];
+    type Pass = fn(Kind, &[f32], Option<&[f32]>, &mut [f32]);
+
+    /// Every build of the kernel this CPU can run: the portable one, AVX2, AVX-512.
+    fn builds() -> Vec<(&'static str, Pass)> {
+        let mut builds: Vec<(&str, Pass)> = vec![("portable", |k, i, g, o| pass_body(k, i, g, o))];
         #[cfg(target_arch = "x86_64")]
         {
             use super::super::exp::{simd_level, SimdLevel};
             if simd_level() != SimdLevel::Baseline {
-                builds.push(("avx2", |k, i, o| unsafe { apply_avx2(k, i, o) }));
+                builds.push(("avx2", |k, i, g, o| unsafe { pass_avx2(k, i, g, o) }));
             }
             if simd_level() == SimdLevel::Avx512 {
-                builds.push(("avx512", |k, i, o| unsafe { apply_avx512(k, i, o) }));
+                builds.push(("avx512", |k, i, g, o| unsafe { pass_avx512(k, i, g, o) }));
             }
         }
-        for ((build, apply), kind) in builds
+        builds
+    }
+
+    /// The derivatives equal central differences of the f64 definitions.
+    #[test]
+    fn derivatives_match_their_definitions() {
+        // |x| < 4, inside the range where `erf_f64` is its Taylor series.
+        let xs: Vec<f32> = (-3_000..3_000).map(|i| i as f32 * 1.3e-3).collect();
+        let ones = vec![1.0f32; xs.len()];
+        for ((build, pass), kind) in builds()
             .iter()
             .flat_map(|b| [Kind::GeluErf, Kind::GeluTanh, Kind::Silu].map(|k| (b, k)))
         {
             let mut out = vec![0.0; xs.len()];
-            apply(kind, &xs, &mut out);
+            pass(kind, &xs, Some(&ones), &mut out);
+            let h = 1e-4;
+            let worst = xs
+                .iter()
+                .zip(&out)
+                .map(|(&x, &d)| {
+                    let x = x as f64;
+                    let fd = (reference(kind, x + h) - reference(kind, x - h)) / (2.0 * h);
+                    (d as f64 - fd).abs()
+                })
+                .fold(0.0, f64::max);
+            assert!(
+                worst < 2e-5,
+                "{build} {kind:?}: worst derivative error {worst:.2e}"
+            );
+        }
+    }
+
+    #[test]
+    fn activations_match_their_definitions() {
+        let xs: Vec<f32> = (-12_000..12_000).map(|i| i as f32 * 7.3e-4).collect();
+        for ((build, pass), kind) in builds()
+            .iter()
+            .flat_map(|b| [Kind::GeluErf, Kind::GeluTanh, Kind::Silu].map(|k| (b, k)))
+        {
+            let mut out = vec![0.0; xs.len()];
+            pass(kind, &xs, None, &mut out);
             let worst = xs
                 .iter()
                 .zip(&out)

@@ -1,22 +1,30 @@
-//! Softmax attention on the CPU without the `(B, H, T, T)` tensors.
+//! Softmax attention on the CPU without the `(B, H, T, T)` tensors, forward
+//! and backward.
 //!
 //! The composed form (`q kᵀ`, `+ bias`, softmax, `· v`, and the copies that
 //! split and merge heads) writes and re-reads several `B·H·T·T` tensors per
 //! layer: 100 MB each for MiniLM at batch 32 × 256, every one a fresh
-//! allocation. Here each `(batch, head)` pair is one task: its `T × T`
-//! scores live in a per-thread scratch buffer, the two products run on the
-//! `gemm` crate (candle's own matrix kernels) reading q, k and v in place
-//! through strides, and the context is written straight into the merged
+//! allocation, and for training candle keeps all of them until the backward
+//! pass. Here each `(batch, head)` pair is one task: its `T × T` scores live
+//! in a per-thread scratch buffer, the products run on the `gemm` crate
+//! (candle's own matrix kernels) reading q, k and v in place through
+//! strides, and the context is written straight into the merged
 //! `(B, T, H·D)` output. Tasks run in parallel on rayon's pool; each product
 //! runs on one thread.
+//!
+//! The backward pass recomputes the probabilities from q and k (as
+//! FlashAttention does) instead of keeping them: with `P = softmax(S)`,
+//! `S = scale · q kᵀ + bias` and the context `O = P v`,
+//! `dP = dO vᵀ`, `dS = P ⊙ (dP − rowsum(P ⊙ dP))`, `dq = scale · dS k`,
+//! `dk = scale · dSᵀ q` and `dv = Pᵀ dO`, summed over the query heads that
+//! share a key/value head.
 
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 use std::cell::RefCell;
 
-use candle_core::{Device, Result, Tensor};
-use rayon::prelude::*;
-
 use super::softmax::softmax_row;
-use super::{f32_values as values, plain};
+use super::{cpu_f32, cpu_f32_values, f32_values as values};
 
 /// How one of q, k, v is laid out: the offsets between batches, heads and
 /// sequence positions (the head dimension is contiguous).
@@ -29,20 +37,25 @@ struct HeadLayout {
 
 impl HeadLayout {
     /// `(B, T, H·D)` (a projection's output) or `(B, H, T, D)` (split heads).
-    fn of(t: &Tensor, heads: usize) -> Result<Self> {
-        Ok(match t.dims() {
-            &[_, seq, width] => Self {
+    fn of(dims: &[usize], heads: usize) -> Result<Self> {
+        Ok(match *dims {
+            [_, seq, width] => Self {
                 batch: seq * width,
                 head: width / heads,
                 row: width,
             },
-            &[_, h, seq, d] => Self {
+            [_, h, seq, d] => Self {
                 batch: h * seq * d,
                 head: seq * d,
                 row: d,
             },
-            dims => candle_core::bail!("attention input of shape {dims:?}"),
+            _ => candle_core::bail!("attention input of shape {dims:?}"),
         })
+    }
+
+    /// Where head `head` of batch entry `batch` starts.
+    fn start(&self, batch: usize, head: usize) -> usize {
+        batch * self.batch + head * self.head
     }
 }
 
@@ -66,30 +79,81 @@ impl Bias<'_> {
     }
 }
 
-struct OutPtr(*mut f32);
-// SAFETY: every task writes a disjoint set of output elements (its batch
-// entry's rows, its head's columns).
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
+/// A buffer that parallel tasks write into, each its own disjoint elements.
+struct SharedOut(*mut f32);
+// SAFETY: every task writes a disjoint set of elements (its batch entry's
+// rows, its head's columns).
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
 
-impl OutPtr {
+impl SharedOut {
     /// Through a method, so closures capture the `Sync` wrapper, not the pointer.
     fn at(&self, offset: usize) -> *mut f32 {
-        // SAFETY: callers stay inside the output buffer.
+        // SAFETY: callers stay inside the buffer.
         unsafe { self.0.add(offset) }
     }
 }
 
 thread_local! {
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static SCORE_GRADS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Whether [`attention`] can run on these inputs (CPU, f32, no gradient).
+/// `dst (m, n) = beta · dst + alpha · lhs (m, k) · rhs (k, n)`, each matrix
+/// given by its start and its (row, column) strides, on one thread.
+///
+/// # Safety
+/// Every stride and size must stay inside the buffers behind the pointers.
+#[allow(clippy::too_many_arguments)]
+unsafe fn product(
+    (m, n, k): (usize, usize, usize),
+    dst: (*mut f32, usize, usize),
+    accumulate: bool,
+    lhs: (*const f32, usize, usize),
+    rhs: (*const f32, usize, usize),
+    alpha: f32,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.0,
+        dst.2 as isize,
+        dst.1 as isize,
+        accumulate,
+        lhs.0,
+        lhs.2 as isize,
+        lhs.1 as isize,
+        rhs.0,
+        rhs.2 as isize,
+        rhs.1 as isize,
+        1.0,
+        alpha,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
+/// Whether [`attention`] can run on these inputs (CPU, f32; a mask needs no
+/// gradient).
 pub fn applies(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> bool {
-    plain(q) && plain(k) && plain(v) && bias.is_none_or(plain)
+    cpu_f32(q) && cpu_f32(k) && cpu_f32(v) && bias.is_none_or(|b| cpu_f32(b) && !b.track_op())
 }
 
-/// `softmax(scale · q kᵀ + bias) v` for every batch entry and head.
+/// The attention op: its shape and mask; q, k and v are its arguments.
+struct Attention {
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    scale: f32,
+    /// `(B, 1, 1, T)` or `(B, 1, T, T)`, contiguous.
+    bias: Option<Tensor>,
+}
+
+/// `softmax(scale · q kᵀ + bias) v` for every batch entry and head, with a
+/// backward pass when q, k or v is tracked.
 ///
 /// `q` is `(B, T, H·D)` or `(B, H, T, D)`, `k` and `v` likewise with `Hkv`
 /// heads (`H` a multiple of `Hkv`: grouped-query attention); `bias` is
@@ -105,141 +169,302 @@ pub fn attention(
     bias: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
-    let batch = q.dim(0)?;
-    let seq = if q.rank() == 3 { q.dim(1)? } else { q.dim(2)? };
-    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    let (ql, kl, vl) = (
-        HeadLayout::of(&q, heads)?,
-        HeadLayout::of(&k, kv_heads)?,
-        HeadLayout::of(&v, kv_heads)?,
-    );
-    let (q_storage, q_layout) = q.storage_and_layout();
-    let (k_storage, k_layout) = k.storage_and_layout();
-    let (v_storage, v_layout) = v.storage_and_layout();
-    let qs = values(&q_storage, q_layout)?;
-    let ks = values(&k_storage, k_layout)?;
-    let vs = values(&v_storage, v_layout)?;
-    let bias_tensor = bias.map(Tensor::contiguous).transpose()?;
-    let bias_storage = bias_tensor.as_ref().map(Tensor::storage_and_layout);
-    let bias = match (&bias_tensor, &bias_storage) {
-        (Some(b), Some((storage, layout))) => {
-            let s = values(storage, layout)?;
-            Some(match b.dims() {
-                &[_, 1, 1, _] => Bias::PerKey(s),
-                &[_, 1, rows, _] if rows == seq => Bias::PerQuery(s),
-                dims => candle_core::bail!("attention bias of shape {dims:?}"),
-            })
-        }
-        _ => None,
+    let op = Attention {
+        heads,
+        kv_heads,
+        head_dim,
+        scale: scale as f32,
+        bias: bias.map(Tensor::contiguous).transpose()?,
     };
-    let group = heads / kv_heads;
-    let width = heads * head_dim;
-    let mut out = vec![0.0f32; batch * seq * width];
-    let out_ptr = OutPtr(out.as_mut_ptr());
-    let scale = scale as f32;
-    (0..batch * heads).into_par_iter().for_each(|task| {
-        let (b, h) = (task / heads, task % heads);
-        let kv = h / group;
-        let q0 = &qs[b * ql.batch + h * ql.head..];
-        let k0 = &ks[b * kl.batch + kv * kl.head..];
-        let v0 = &vs[b * vl.batch + kv * vl.head..];
-        SCORES.with(|scores| {
-            let mut scores = scores.borrow_mut();
-            scores.resize(seq * seq, 0.0);
-            // SAFETY: the strides and sizes stay inside q, k, v and the
-            // scratch buffer; the output block (rows of batch `b`, columns
-            // of head `h`) belongs to this task alone.
-            unsafe {
-                // scores (T, T) = scale · q (T, D) · kᵀ (D, T)
-                gemm::gemm(
-                    seq,
-                    seq,
-                    head_dim,
-                    scores.as_mut_ptr(),
-                    1,
-                    seq as isize,
-                    false,
-                    q0.as_ptr(),
-                    1,
-                    ql.row as isize,
-                    k0.as_ptr(),
-                    kl.row as isize,
-                    1,
-                    0.0,
-                    scale,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-            for (i, row) in scores.chunks_exact_mut(seq).enumerate() {
-                softmax_row(row, bias.as_ref().map(|bias| bias.row(b, i, seq)));
-            }
-            unsafe {
-                // context (T, D) = probs (T, T) · v (T, D), into the merged output.
-                let dst = out_ptr.at(b * seq * width + h * head_dim);
-                gemm::gemm(
-                    seq,
-                    head_dim,
-                    seq,
-                    dst,
-                    1,
-                    width as isize,
-                    false,
-                    scores.as_ptr(),
-                    1,
-                    seq as isize,
-                    v0.as_ptr(),
-                    1,
-                    vl.row as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-        });
-    });
-    Tensor::from_vec(out, (batch, seq, width), &Device::Cpu)
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+/// q, k and v as slices with their layouts, and the batch and sequence sizes.
+struct Inputs<'a> {
+    q: (&'a [f32], HeadLayout),
+    k: (&'a [f32], HeadLayout),
+    v: (&'a [f32], HeadLayout),
+    batch: usize,
+    seq: usize,
+}
+
+impl Attention {
+    fn inputs<'a>(
+        &self,
+        q: (&'a [f32], &[usize]),
+        k: (&'a [f32], &[usize]),
+        v: (&'a [f32], &[usize]),
+    ) -> Result<Inputs<'a>> {
+        let seq = if q.1.len() == 3 { q.1[1] } else { q.1[2] };
+        Ok(Inputs {
+            q: (q.0, HeadLayout::of(q.1, self.heads)?),
+            k: (k.0, HeadLayout::of(k.1, self.kv_heads)?),
+            v: (v.0, HeadLayout::of(v.1, self.kv_heads)?),
+            batch: q.1[0],
+            seq,
+        })
+    }
+
+    /// Runs `f` with the mask as a [`Bias`], when there is one.
+    fn with_bias<R>(&self, seq: usize, f: impl FnOnce(Option<&Bias>) -> Result<R>) -> Result<R> {
+        let Some(tensor) = &self.bias else {
+            return f(None);
+        };
+        let (storage, layout) = tensor.storage_and_layout();
+        let s = values(&storage, layout)?;
+        let bias = match *tensor.dims() {
+            [_, 1, 1, _] => Bias::PerKey(s),
+            [_, 1, rows, _] if rows == seq => Bias::PerQuery(s),
+            ref dims => candle_core::bail!("attention bias of shape {dims:?}"),
+        };
+        f(Some(&bias))
+    }
+
+    /// `probs (T, T) = softmax(scale · q_h kᵀ + bias)` of batch entry `b`,
+    /// query head `h`, into `probs`.
+    fn probabilities(
+        &self,
+        x: &Inputs,
+        bias: Option<&Bias>,
+        b: usize,
+        h: usize,
+        probs: &mut [f32],
+    ) {
+        let (seq, d) = (x.seq, self.head_dim);
+        let kv = h / (self.heads / self.kv_heads);
+        let q0 = x.q.0[x.q.1.start(b, h)..].as_ptr();
+        let k0 = x.k.0[x.k.1.start(b, kv)..].as_ptr();
+        // SAFETY: q and k hold `seq` rows of `d` values at these strides; the
+        // scratch holds T × T.
+        unsafe {
+            // scores (T, T) = scale · q (T, D) · kᵀ (D, T)
+            product(
+                (seq, seq, d),
+                (probs.as_mut_ptr(), seq, 1),
+                false,
+                (q0, x.q.1.row, 1),
+                (k0, 1, x.k.1.row),
+                self.scale,
+            );
+        }
+        for (i, row) in probs.chunks_exact_mut(seq).enumerate() {
+            softmax_row(row, bias.map(|bias| bias.row(b, i, seq)));
+        }
+    }
+
+    fn forward(&self, x: &Inputs) -> Result<Vec<f32>> {
+        let (batch, seq, d) = (x.batch, x.seq, self.head_dim);
+        let width = self.heads * d;
+        let kv_of = |h: usize| h / (self.heads / self.kv_heads);
+        let mut out = vec![0.0f32; batch * seq * width];
+        let out_ptr = SharedOut(out.as_mut_ptr());
+        self.with_bias(seq, |bias| {
+            (0..batch * self.heads).into_par_iter().for_each(|task| {
+                let (b, h) = (task / self.heads, task % self.heads);
+                let v0 = x.v.0[x.v.1.start(b, kv_of(h))..].as_ptr();
+                SCORES.with(|scores| {
+                    let mut probs = scores.borrow_mut();
+                    probs.resize(seq * seq, 0.0);
+                    self.probabilities(x, bias, b, h, &mut probs);
+                    // SAFETY: the output block (rows of batch `b`, columns of
+                    // head `h`) belongs to this task alone.
+                    unsafe {
+                        // context (T, D) = probs (T, T) · v (T, D), into the merged output.
+                        product(
+                            (seq, d, seq),
+                            (out_ptr.at(b * seq * width + h * d), width, 1),
+                            false,
+                            (probs.as_ptr(), seq, 1),
+                            (v0, x.v.1.row, 1),
+                            1.0,
+                        );
+                    }
+                });
+            });
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// `(dq, dk, dv)`, each laid out as its input, from `grad` `(B, T, H·D)`.
+    fn backward(&self, x: &Inputs, grad: &[f32]) -> Result<[Vec<f32>; 3]> {
+        let (batch, seq, d) = (x.batch, x.seq, self.head_dim);
+        let width = self.heads * d;
+        let group = self.heads / self.kv_heads;
+        let mut dq = vec![0.0f32; x.q.0.len()];
+        let mut dk = vec![0.0f32; x.k.0.len()];
+        let mut dv = vec![0.0f32; x.v.0.len()];
+        let (dq_ptr, dk_ptr, dv_ptr) = (
+            SharedOut(dq.as_mut_ptr()),
+            SharedOut(dk.as_mut_ptr()),
+            SharedOut(dv.as_mut_ptr()),
+        );
+        // One task per key/value head, so the query heads of a group add
+        // into its dk and dv in turn.
+        self.with_bias(seq, |bias| {
+            (0..batch * self.kv_heads).into_par_iter().for_each(|task| {
+                let (b, kv) = (task / self.kv_heads, task % self.kv_heads);
+                let k0 = x.k.0[x.k.1.start(b, kv)..].as_ptr();
+                let v0 = x.v.0[x.v.1.start(b, kv)..].as_ptr();
+                let dk0 = dk_ptr.at(x.k.1.start(b, kv));
+                let dv0 = dv_ptr.at(x.v.1.start(b, kv));
+                SCORES.with(|scores| {
+                    SCORE_GRADS.with(|score_grads| {
+                        let (mut probs, mut ds) = (scores.borrow_mut(), score_grads.borrow_mut());
+                        probs.resize(seq * seq, 0.0);
+                        ds.resize(seq * seq, 0.0);
+                        for h in kv * group..(kv + 1) * group {
+                            self.probabilities(x, bias, b, h, &mut probs);
+                            let q0 = x.q.0[x.q.1.start(b, h)..].as_ptr();
+                            let do0 = grad[b * seq * width + h * d..].as_ptr();
+                            let accumulate = h > kv * group;
+                            // SAFETY: every matrix stays inside its buffer;
+                            // dq's block (batch `b`, head `h`) and dk's and
+                            // dv's (batch `b`, head `kv`) belong to this task.
+                            unsafe {
+                                // dP (T, T) = dO (T, D) · vᵀ (D, T)
+                                product(
+                                    (seq, seq, d),
+                                    (ds.as_mut_ptr(), seq, 1),
+                                    false,
+                                    (do0, width, 1),
+                                    (v0, 1, x.v.1.row),
+                                    1.0,
+                                );
+                            }
+                            for (p, dp) in probs.chunks_exact(seq).zip(ds.chunks_exact_mut(seq)) {
+                                let dot: f32 = p.iter().zip(dp.iter()).map(|(p, g)| p * g).sum();
+                                for (g, p) in dp.iter_mut().zip(p) {
+                                    *g = p * (*g - dot);
+                                }
+                            }
+                            unsafe {
+                                // dq (T, D) = scale · dS (T, T) · k (T, D)
+                                product(
+                                    (seq, d, seq),
+                                    (dq_ptr.at(x.q.1.start(b, h)), x.q.1.row, 1),
+                                    false,
+                                    (ds.as_ptr(), seq, 1),
+                                    (k0, x.k.1.row, 1),
+                                    self.scale,
+                                );
+                                // dk (T, D) += scale · dSᵀ (T, T) · q (T, D)
+                                product(
+                                    (seq, d, seq),
+                                    (dk0, x.k.1.row, 1),
+                                    accumulate,
+                                    (ds.as_ptr(), 1, seq),
+                                    (q0, x.q.1.row, 1),
+                                    self.scale,
+                                );
+                                // dv (T, D) += Pᵀ (T, T) · dO (T, D)
+                                product(
+                                    (seq, d, seq),
+                                    (dv0, x.v.1.row, 1),
+                                    accumulate,
+                                    (probs.as_ptr(), 1, seq),
+                                    (do0, width, 1),
+                                    1.0,
+                                );
+                            }
+                        }
+                    })
+                });
+            });
+            Ok(())
+        })?;
+        Ok([dq, dk, dv])
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "effir-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        ql: &Layout,
+        k: &CpuStorage,
+        kl: &Layout,
+        v: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = self.inputs(
+            (cpu_f32_values(q, ql)?, ql.dims()),
+            (cpu_f32_values(k, kl)?, kl.dims()),
+            (cpu_f32_values(v, vl)?, vl.dims()),
+        )?;
+        let out = self.forward(&x)?;
+        let shape = Shape::from((x.batch, x.seq, self.heads * self.head_dim));
+        Ok((CpuStorage::F32(out), shape))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _context: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (q_storage, q_layout) = q.storage_and_layout();
+        let (k_storage, k_layout) = k.storage_and_layout();
+        let (v_storage, v_layout) = v.storage_and_layout();
+        let (g_storage, g_layout) = grad.storage_and_layout();
+        let x = self.inputs(
+            (values(&q_storage, q_layout)?, q.dims()),
+            (values(&k_storage, k_layout)?, k.dims()),
+            (values(&v_storage, v_layout)?, v.dims()),
+        )?;
+        let [dq, dk, dv] = self.backward(&x, values(&g_storage, g_layout)?)?;
+        let device = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), device)?),
+            Some(Tensor::from_vec(dk, k.shape(), device)?),
+            Some(Tensor::from_vec(dv, v.shape(), device)?),
+        ))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::arch::layers::{merge_heads, scaled_dot_product_attention, split_heads};
+    use crate::model::kernels::test_support::{assert_close, gradients, random};
+    use candle_core::Device;
 
-    fn random(shape: &[usize], seed: u64) -> Tensor {
-        let n: usize = shape.iter().product();
-        let mut state = seed;
-        let values: Vec<f32> = (0..n)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect();
-        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+    /// The composed attention, from merged `(B, T, H·D)` or split inputs.
+    fn composed(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        (heads, kv_heads, d): (usize, usize, usize),
+        bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let split = |t: &Tensor, h| {
+            if t.rank() == 3 {
+                split_heads(t, h, d)
+            } else {
+                Ok(t.clone())
+            }
+        };
+        let context = scaled_dot_product_attention(
+            &split(q, heads)?,
+            &split(k, kv_heads)?,
+            &split(v, kv_heads)?,
+            bias,
+            0.3,
+        )?;
+        merge_heads(&context)
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
-
-    /// The fused kernel computes what the composed operations compute: for
-    /// grouped-query heads, inputs merged or split, padding and causal masks.
+    /// The fused kernel computes what the composed operations compute, and
+    /// so do its gradients with respect to q, k and v: for grouped-query
+    /// heads, inputs merged or split, padding and causal masks.
     #[test]
     fn the_fused_kernel_equals_the_composed_attention() {
         let (b, t, d) = (3, 7, 8);
@@ -247,6 +472,7 @@ mod tests {
             let q = random(&[b, t, heads * d], 1);
             let k = random(&[b, t, kv_heads * d], 2);
             let v = random(&[b, t, kv_heads * d], 3);
+            let upstream = random(&[b, t, heads * d], 4);
             // Row 1 pads its last two positions.
             let mut keep = vec![1f32; b * t];
             keep[t + t - 1] = 0.0;
@@ -260,24 +486,35 @@ mod tests {
                 .map(|i| if (i % t) > (i / t) % t { f32::MIN } else { 0.0 })
                 .collect();
             let causal = Tensor::from_vec(causal, (b, 1, t, t), &Device::Cpu).unwrap();
+            let (qs, ks) = (
+                split_heads(&q, heads, d).unwrap(),
+                split_heads(&k, kv_heads, d).unwrap(),
+            );
             for bias in [None, Some(&per_key), Some(&causal)] {
-                let (qs, ks, vs) = (
-                    split_heads(&q, heads, d).unwrap(),
-                    split_heads(&k, kv_heads, d).unwrap(),
-                    split_heads(&v, kv_heads, d).unwrap(),
+                let case = format!(
+                    "heads {heads}/{kv_heads}, bias {:?}",
+                    bias.map(|b| b.dims().to_vec())
                 );
-                let want =
-                    merge_heads(&scaled_dot_product_attention(&qs, &ks, &vs, bias, 0.3).unwrap())
-                        .unwrap();
+                let shape = (heads, kv_heads, d);
+                let want = composed(&q, &k, &v, shape, bias).unwrap();
                 for (q_in, k_in) in [(&q, &k), (&qs, &ks)] {
                     let got = attention(q_in, k_in, &v, heads, kv_heads, d, bias, 0.3).unwrap();
-                    assert_eq!(got.dims(), [b, t, heads * d]);
-                    let diff = max_diff(&got, &want);
-                    assert!(
-                        diff < 1e-6,
-                        "heads {heads}/{kv_heads}, bias {:?}: {diff}",
-                        bias.map(|b| b.dims().to_vec())
-                    );
+                    assert_close(&format!("{case}: context"), &got, &want, 1e-6);
+                    let ours = gradients(&[q_in, k_in, &v], &upstream, |x| {
+                        attention(&x[0], &x[1], &x[2], heads, kv_heads, d, bias, 0.3)
+                    });
+                    let reference = gradients(&[q_in, k_in, &v], &upstream, |x| {
+                        composed(&x[0], &x[1], &x[2], shape, bias)
+                    });
+                    for (name, (g, r)) in ["dq", "dk", "dv"].iter().zip(ours.iter().zip(&reference))
+                    {
+                        assert_close(
+                            &format!("{case}, q rank {}: {name}", q_in.rank()),
+                            g,
+                            r,
+                            1e-5,
+                        );
+                    }
                 }
             }
         }

@@ -1,89 +1,236 @@
-//! `y = x Wᵀ + b` in one pass: the output starts as the bias rows and the
+//! `y = x Wᵀ + b`, forward and backward.
+//!
+//! The forward pass is one pass: the output starts as the bias rows and the
 //! matrix product accumulates into it (the `gemm` crate's `dst = dst + x Wᵀ`),
 //! where candle zero-fills the product, then adds the bias in a second pass
-//! over a second buffer.
+//! over a second buffer. The backward pass writes `dx = dy W`,
+//! `dW = dyᵀ x` (in PyTorch's `(out, in)` layout, where candle's autograd
+//! leaves a transposed view) and the bias gradient, the column sums of `dy`.
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::{f32_values as values, plain};
+use super::{cpu_f32, cpu_f32_values, with_values};
 
-/// Whether [`linear`] can run on these inputs (CPU, f32, no gradient).
+/// Whether [`linear`] can run on these inputs (CPU, f32).
 pub fn applies(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> bool {
-    plain(x) && plain(weight) && bias.is_none_or(plain)
+    cpu_f32(x) && cpu_f32(weight) && bias.is_none_or(cpu_f32)
 }
 
 /// `x (rows, in) · weightᵀ (in, out) + bias (out)` as `(rows, out)`;
 /// `weight` is PyTorch's `(out, in)`.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let (rows, in_dim) = x.dims2()?;
-    let (out_dim, w_in) = weight.dims2()?;
-    if w_in != in_dim {
-        candle_core::bail!(
-            "linear kernel: input width {in_dim}, weight {:?}",
-            weight.dims()
-        );
-    }
     let (x, weight) = (x.contiguous()?, weight.contiguous()?);
-    let (x_storage, x_layout) = x.storage_and_layout();
-    let (w_storage, w_layout) = weight.storage_and_layout();
-    let xs = values(&x_storage, x_layout)?;
-    let ws = values(&w_storage, w_layout)?;
-    let mut out = Vec::with_capacity(rows * out_dim);
-    let read_dst = match bias {
-        Some(bias) => {
-            let bias = bias.contiguous()?;
-            let (b_storage, b_layout) = bias.storage_and_layout();
-            let bs = values(&b_storage, b_layout)?;
-            if bs.len() != out_dim {
-                candle_core::bail!("linear kernel: bias of {} for width {out_dim}", bs.len());
-            }
-            for _ in 0..rows {
-                out.extend_from_slice(bs);
-            }
-            true
-        }
-        None => {
-            out.resize(rows * out_dim, 0.0);
-            false
-        }
-    };
+    match bias {
+        Some(bias) => x.apply_op3(&weight, &bias.contiguous()?, Linear),
+        None => x.apply_op2(&weight, Linear),
+    }
+}
+
+/// The linear op; with two arguments it has no bias.
+struct Linear;
+
+/// `dst (m, n) = [dst +] lhs (m, k) · rhs (k, n)`, matrices given by their
+/// start and (row, column) strides, on all of rayon's threads when large.
+///
+/// # Safety
+/// Every stride and size must stay inside the buffers behind the pointers.
+unsafe fn product(
+    (m, n, k): (usize, usize, usize),
+    dst: (*mut f32, usize, usize),
+    accumulate: bool,
+    lhs: (*const f32, usize, usize),
+    rhs: (*const f32, usize, usize),
+) {
     let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 && rows * out_dim * in_dim > 1 << 16 {
+    let parallelism = if threads > 1 && m * n * k > 1 << 16 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: `out` is rows × out_dim (row-major), `xs` rows × in_dim,
-    // `ws` out_dim × in_dim read as its transpose; every stride stays inside.
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.0,
+        dst.2 as isize,
+        dst.1 as isize,
+        accumulate,
+        lhs.0,
+        lhs.2 as isize,
+        lhs.1 as isize,
+        rhs.0,
+        rhs.2 as isize,
+        rhs.1 as isize,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        parallelism,
+    )
+}
+
+/// The rows of `x` and the widths, checked against the weight and bias.
+fn dims(x: &[usize], weight: &[usize], bias: Option<usize>) -> Result<(usize, usize, usize)> {
+    let (&[rows, in_dim], &[out_dim, w_in]) = (x, weight) else {
+        candle_core::bail!("linear: input {x:?} and weight {weight:?} must be matrices");
+    };
+    if w_in != in_dim || bias.is_some_and(|b| b != out_dim) {
+        candle_core::bail!("linear: input {x:?}, weight {weight:?}, bias of {bias:?}");
+    }
+    Ok((rows, in_dim, out_dim))
+}
+
+fn forward(
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    (rows, in_dim, out_dim): (usize, usize, usize),
+) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows * out_dim);
+    match bias {
+        Some(bias) => (0..rows).for_each(|_| out.extend_from_slice(bias)),
+        None => out.resize(rows * out_dim, 0.0),
+    }
+    // SAFETY: `out` is rows × out_dim (row-major), `x` rows × in_dim,
+    // `weight` out_dim × in_dim read as its transpose.
     unsafe {
-        gemm::gemm(
-            rows,
-            out_dim,
-            in_dim,
-            out.as_mut_ptr(),
-            1,
-            out_dim as isize,
-            read_dst,
-            xs.as_ptr(),
-            1,
-            in_dim as isize,
-            ws.as_ptr(),
-            in_dim as isize,
-            1,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
+        product(
+            (rows, out_dim, in_dim),
+            (out.as_mut_ptr(), out_dim, 1),
+            bias.is_some(),
+            (x.as_ptr(), in_dim, 1),
+            (weight.as_ptr(), 1, in_dim),
         );
     }
-    Tensor::from_vec(out, (rows, out_dim), &Device::Cpu)
+    out
+}
+
+/// `(dx, dW, db)`; `db` only when `with_bias`.
+fn backward(
+    x: &Tensor,
+    weight: &Tensor,
+    grad: &Tensor,
+    with_bias: bool,
+) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+    let (rows, in_dim, out_dim) = dims(x.dims(), weight.dims(), None)?;
+    let (dx, dw, db) = with_values(x, |xs| {
+        with_values(weight, |ws| {
+            with_values(grad, |gs| {
+                let mut dx = vec![0f32; rows * in_dim];
+                let mut dw = vec![0f32; out_dim * in_dim];
+                // SAFETY: every matrix is row-major with the sizes given.
+                unsafe {
+                    // dx (rows, in) = dy (rows, out) · W (out, in)
+                    product(
+                        (rows, in_dim, out_dim),
+                        (dx.as_mut_ptr(), in_dim, 1),
+                        false,
+                        (gs.as_ptr(), out_dim, 1),
+                        (ws.as_ptr(), in_dim, 1),
+                    );
+                    // dW (out, in) = dyᵀ (out, rows) · x (rows, in)
+                    product(
+                        (out_dim, in_dim, rows),
+                        (dw.as_mut_ptr(), in_dim, 1),
+                        false,
+                        (gs.as_ptr(), 1, out_dim),
+                        (xs.as_ptr(), in_dim, 1),
+                    );
+                }
+                let db = with_bias.then(|| {
+                    gs.chunks_exact(out_dim)
+                        .fold(vec![0f32; out_dim], |mut acc, row| {
+                            for (a, g) in acc.iter_mut().zip(row) {
+                                *a += g;
+                            }
+                            acc
+                        })
+                });
+                Ok((dx, dw, db))
+            })
+        })
+    })?;
+    let device = x.device();
+    Ok((
+        Tensor::from_vec(dx, x.shape(), device)?,
+        Tensor::from_vec(dw, weight.shape(), device)?,
+        db.map(|db| Tensor::from_vec(db, out_dim, device))
+            .transpose()?,
+    ))
+}
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "effir-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let shape = dims(xl.dims(), wl.dims(), None)?;
+        let out = forward(cpu_f32_values(x, xl)?, cpu_f32_values(w, wl)?, None, shape);
+        Ok((CpuStorage::F32(out), Shape::from((shape.0, shape.2))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = backward(x, weight, grad, false)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        "effir-linear-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let bias = cpu_f32_values(b, bl)?;
+        let shape = dims(xl.dims(), wl.dims(), Some(bias.len()))?;
+        let out = forward(
+            cpu_f32_values(x, xl)?,
+            cpu_f32_values(w, wl)?,
+            Some(bias),
+            shape,
+        );
+        Ok((CpuStorage::F32(out), Shape::from((shape.0, shape.2))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = backward(x, weight, grad, true)?;
+        Ok((Some(dx), Some(dw), db))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     #[test]
     fn the_fused_product_equals_matmul_plus_bias() {
@@ -117,6 +264,34 @@ mod tests {
                 .to_scalar()
                 .unwrap();
             assert!(diff < 1e-6, "bias {}: {diff}", bias.is_some());
+        }
+    }
+
+    /// The gradients with respect to x, W and b equal candle's autograd
+    /// through `matmul` and `broadcast_add`.
+    #[test]
+    fn gradients_equal_the_composed_forms() {
+        use crate::model::kernels::test_support::{assert_close, gradients, random};
+        let x = random(&[37, 19], 1);
+        let w = random(&[23, 19], 2);
+        let b = random(&[23], 3);
+        let upstream = random(&[37, 23], 4);
+        let got = gradients(&[&x, &w, &b], &upstream, |t| {
+            linear(&t[0], &t[1], Some(&t[2]))
+        });
+        let want = gradients(&[&x, &w, &b], &upstream, |t| {
+            t[0].matmul(&t[1].t()?)?.broadcast_add(&t[2])
+        });
+        for (name, (g, w)) in ["dx", "dW", "db"].iter().zip(got.iter().zip(&want)) {
+            assert_close(name, g, w, 1e-5);
+        }
+        let got = gradients(&[&x, &w], &upstream, |t| linear(&t[0], &t[1], None));
+        let want = gradients(&[&x, &w], &upstream, |t| t[0].matmul(&t[1].t()?));
+        for (name, (g, w)) in ["dx without bias", "dW without bias"]
+            .iter()
+            .zip(got.iter().zip(&want))
+        {
+            assert_close(name, g, w, 1e-5);
         }
     }
 }
