@@ -7,6 +7,7 @@ MODELS  ?= models
 MINILM  ?= $(MODELS)/all-MiniLM-L6-v2
 GEMMA   ?= $(MODELS)/embeddinggemma-300m
 DATA    ?= data/scifact
+HELDOUT ?= data/cranfield
 RUNS    ?= runs
 EFFIR   := target/release/effir
 PYTHON  ?= python3
@@ -209,10 +210,11 @@ parity-embeddinggemma-onnx: build $(GEMMA)/model.safetensors python-deps onnxrun
 # EffiR study (issue 4). MiniLM evaluates on the full SciFact corpus (the
 # drop study's seven evaluations take about an hour on 2 cores); SAMPLE=N
 # evaluates on a fixed sample of N documents instead (every judged one plus
-# random others, seed 0). EmbeddingGemma evaluates on $(GEMMA_SAMPLE) documents
-# at max length 256; GEMMA_SAMPLE= (empty) uses the full corpus (hours).
+# random others, seed 0). EmbeddingGemma evaluates on $(GEMMA_SAMPLE) SciFact
+# documents at max length 256 (GEMMA_SAMPLE= (empty) uses the full corpus,
+# about 30 minutes an evaluation), and on the whole of $(HELDOUT).
 SAMPLE ?=
-GEMMA_SAMPLE ?= 400
+GEMMA_SAMPLE ?= 2000
 sample_flag = $(if $(1),--doc-sample $(1) --seed 0,)
 
 analyze-minilm: build models
@@ -230,21 +232,28 @@ prune-minilm: build models
 
 results-minilm: analyze-minilm drop-study-minilm prune-minilm
 
-# EmbeddingGemma-300M (1.2 GB): about 1 document/s on 2 cores, hence max
-# length 256 and a smaller document sample for the evaluations.
+# EmbeddingGemma-300M (1.2 GB): about 3 documents/s on 2 cores, hence max
+# length 256 and a document sample for the SciFact evaluations.
 analyze-embeddinggemma: build $(GEMMA)/model.safetensors
 	$(EFFIR) analyze --model $(GEMMA) --data $(DATA) --max-length 512 --calib-tokens 16384 --out $(RUNS)/analyze-embeddinggemma
 
+# The drop study on SciFact (importance calibrated there), then the same
+# drops scored on the held-out set.
 drop-study-embeddinggemma: build $(GEMMA)/model.safetensors
 	$(EFFIR) drop-study --model $(GEMMA) --data $(DATA) --max-length 256 --k 4,8 --calib-tokens 8192 \
 	  $(call sample_flag,$(GEMMA_SAMPLE)) --batch-size 16 --out $(RUNS)/drop-study-embeddinggemma
+	$(EFFIR) drop-study --model $(GEMMA) --data $(HELDOUT) --max-length 256 --k 4,8 \
+	  --importance $(RUNS)/drop-study-embeddinggemma/importance.json --batch-size 16 --out $(RUNS)/drop-study-embeddinggemma-heldout
 
-results-embeddinggemma: analyze-embeddinggemma drop-study-embeddinggemma
+prune-embeddinggemma: build $(GEMMA)/model.safetensors
 	for p in 25 50 70; do \
 	  rm -rf $(RUNS)/embeddinggemma-prune-$$p; \
 	  $(EFFIR) prune --model $(GEMMA) --max-length 256 --plan configs/prune-embeddinggemma-$$p.yaml --data $(DATA) --calib-tokens 16384 --batch-size 16 --out $(RUNS)/embeddinggemma-prune-$$p || exit 1; \
 	  $(EFFIR) eval --model $(RUNS)/embeddinggemma-prune-$$p --max-length 256 --data $(DATA) $(call sample_flag,$(GEMMA_SAMPLE)) --batch-size 16 --out $(RUNS)/embeddinggemma-prune-$$p.eval || exit 1; \
+	  $(EFFIR) eval --model $(RUNS)/embeddinggemma-prune-$$p --max-length 256 --data $(HELDOUT) --batch-size 16 --out $(RUNS)/embeddinggemma-prune-$$p.heldout-eval || exit 1; \
 	done
+
+results-embeddinggemma: analyze-embeddinggemma drop-study-embeddinggemma prune-embeddinggemma
 
 clean:
 	cargo clean

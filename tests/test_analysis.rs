@@ -179,3 +179,83 @@ fn analyze_and_drop_study_write_their_reports() {
         assert!(!bad.exists(), "{args:?} wrote output");
     }
 }
+
+/// `--importance` ranks the sub-layers by an earlier report (here one written
+/// by hand, so the order is known) instead of measuring on `--data`; the
+/// study writes its ranking as importance.json, which reads back the same.
+#[test]
+fn a_drop_study_can_rank_by_an_earlier_importance_report() {
+    let work = tempfile::tempdir().unwrap();
+    let report = work.path().join("importance.json");
+    let layer = |l: usize, attention: f64, mlp: f64| serde_json::json!({"layer": l, "attention": attention, "mlp": mlp, "block": attention + mlp});
+    let write_report = |layers: Vec<serde_json::Value>| {
+        std::fs::write(
+            &report,
+            serde_json::json!({"calibration": {"texts": 4, "tokens": 40}, "layers": layers})
+                .to_string(),
+        )
+        .unwrap()
+    };
+    write_report(vec![
+        layer(0, 0.2, 0.9),
+        layer(1, 0.8, 0.1),
+        layer(2, 0.3, 0.5),
+    ]);
+    let (model, data) = (fixture("bert"), fixture("eval/tiny"));
+    let study = work.path().join("study");
+    let run_study = |out: &std::path::Path| {
+        effir(&[
+            "drop-study",
+            "--quiet",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--k",
+            "1,2",
+            "--importance",
+            report.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--cache-dir",
+            work.path().join("cache").to_str().unwrap(),
+        ])
+    };
+    let run = run_study(&study);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(study.join("drop_study.json")).unwrap())
+            .unwrap();
+    let layers = |kind: &str, i: usize| -> Vec<u64> {
+        json["study"][kind][i]["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l.as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(layers("mlp", 0), [1]);
+    assert_eq!(layers("mlp", 1), [1, 2]);
+    assert_eq!(layers("attention", 0), [0]);
+    assert_eq!(layers("attention", 1), [0, 2]);
+    let written =
+        effir_pipeline::compress::analysis::ImportanceReport::read(&study.join("importance.json"))
+            .unwrap();
+    assert_eq!(written.mlps_by_importance(), [(1, 0.1), (2, 0.5), (0, 0.9)]);
+
+    // A report for another model: a clear error naming the file, nothing written.
+    write_report(vec![layer(0, 0.2, 0.9)]);
+    let bad = work.path().join("bad");
+    let run = run_study(&bad);
+    assert!(!run.status.success());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        stderr.contains("importance.json") && stderr.contains("1 layers"),
+        "{stderr}"
+    );
+    assert!(!bad.exists());
+}

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use effir_pipeline::compress::analysis::measure_importance;
+use effir_pipeline::compress::analysis::{measure_importance, ImportanceReport};
 use effir_pipeline::compress::drop_study::drop_study;
 use effir_pipeline::data::beir::{DanglingPolicy, Dataset};
 use effir_pipeline::data::calibration::{CalibrationBudget, CalibrationSet};
@@ -38,7 +38,13 @@ pub struct DropStudyArgs {
     /// Token budget of the calibration text.
     #[arg(long, default_value_t = 65_536)]
     pub calib_tokens: usize,
-    /// Output directory: drop_study.json, drop_study.md, drop_study.svg, importance.json.
+    /// Rank sub-layers by this importance.json (of `effir analyze` or an
+    /// earlier drop study, e.g. on another dataset) instead of measuring
+    /// importance on --data.
+    #[arg(long)]
+    pub importance: Option<PathBuf>,
+    /// Output directory: drop_study.json, drop_study.md, drop_study.svg,
+    /// importance.json, importance.md, importance.svg.
     #[arg(long)]
     pub out: PathBuf,
     /// Texts per forward pass.
@@ -70,19 +76,41 @@ pub fn run(args: DropStudyArgs) -> anyhow::Result<()> {
     if let Some(k) = args.k.iter().find(|k| **k > layers) {
         bail!("--k {k}: the model has {layers} layers");
     }
-    let budget = CalibrationBudget {
-        max_tokens: args.calib_tokens,
-        seed: args.seed,
-        ..Default::default()
+    let importance = match &args.importance {
+        Some(path) => {
+            let report = ImportanceReport::read(path)?;
+            if report.layers.len() != layers {
+                bail!(
+                    "{}: importance of {} layers; {} has {layers}",
+                    path.display(),
+                    report.layers.len(),
+                    args.model.model.display()
+                );
+            }
+            report
+        }
+        None => {
+            let budget = CalibrationBudget {
+                max_tokens: args.calib_tokens,
+                seed: args.seed,
+                ..Default::default()
+            };
+            let calibration = CalibrationSet::from_dataset(&embedder, &args.data, &budget)?;
+            let bar = super::progress::progress_bar(args.quiet, 0, super::progress::PHASE_TEMPLATE);
+            bar.set_message("analyzing");
+            bar.set_length(calibration.texts.len() as u64);
+            let report =
+                measure_importance(&embedder, &calibration.texts, args.batch_size, &mut |d| {
+                    bar.set_position(d as u64)
+                })?;
+            bar.finish_and_clear();
+            report
+        }
     };
-    let calibration = CalibrationSet::from_dataset(&embedder, &args.data, &budget)?;
-    let bar = super::progress::progress_bar(args.quiet, 0, super::progress::PHASE_TEMPLATE);
-    bar.set_message("analyzing");
-    bar.set_length(calibration.texts.len() as u64);
-    let importance =
-        measure_importance(&embedder, &calibration.texts, args.batch_size, &mut |d| {
-            bar.set_position(d as u64)
-        })?;
+    let importance_source = match &args.importance {
+        Some(path) => path.display().to_string(),
+        None => args.data.display().to_string(),
+    };
     let settings = EvalSettings {
         batch_size: args.batch_size,
         cache: Some(
@@ -92,6 +120,7 @@ pub fn run(args: DropStudyArgs) -> anyhow::Result<()> {
         ),
         ..Default::default()
     };
+    let bar = super::progress::progress_bar(args.quiet, 0, super::progress::PHASE_TEMPLATE);
     let study = drop_study(
         &mut embedder,
         &importance,
@@ -132,14 +161,15 @@ pub fn run(args: DropStudyArgs) -> anyhow::Result<()> {
         "split": args.split,
         "documents": subset,
         "max_length": embedder.text_encoder().max_length(),
+        "importance_from": importance_source,
         "calibration_tokens": importance.tokens,
         "importance": importance.layers,
         "study": study,
     });
     let mut md = study.markdown(&title);
     md.push_str(&format!(
-        "\nEvaluation set: {subset}, split `{}`.\n",
-        args.split
+        "\nEvaluation set: {subset}, split `{}`. Sub-layers ranked by importance measured on {importance_source} ({} calibration tokens).\n",
+        args.split, importance.tokens
     ));
     let write =
         |file: &str, body: String| write_bytes_atomically(&args.out.join(file), body.as_bytes());
@@ -148,6 +178,15 @@ pub fn run(args: DropStudyArgs) -> anyhow::Result<()> {
         format!("{}\n", serde_json::to_string_pretty(&json)?),
     )?;
     write("drop_study.md", md.clone())?;
+    let importance_json = serde_json::json!({
+        "model": args.model.model,
+        "calibration": { "source": importance_source, "texts": importance.texts, "tokens": importance.tokens },
+        "layers": importance.layers,
+    });
+    write(
+        "importance.json",
+        format!("{}\n", serde_json::to_string_pretty(&importance_json)?),
+    )?;
     write("drop_study.svg", study.svg(&title))?;
     write(
         "importance.md",

@@ -29,7 +29,38 @@ pub struct ImportanceReport {
     pub tokens: usize,
 }
 
+/// How `importance.json` (written by `effir analyze` and `effir drop-study`)
+/// stores a report.
+#[derive(Debug, serde::Deserialize)]
+struct ImportanceFile {
+    layers: Vec<LayerImportance>,
+    calibration: CalibrationSummary,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct CalibrationSummary {
+    texts: usize,
+    tokens: usize,
+}
+
 impl ImportanceReport {
+    /// Reads the report from an `importance.json` of `effir analyze` or
+    /// `effir drop-study`.
+    pub fn read(path: &std::path::Path) -> Result<Self> {
+        let file: ImportanceFile = crate::io::json_file::read_json(path)?;
+        if file.layers.is_empty() {
+            return Err(Error::InvalidConfig {
+                path: path.to_path_buf(),
+                message: "no layers in the importance report".into(),
+            });
+        }
+        Ok(Self {
+            layers: file.layers,
+            texts: file.calibration.texts,
+            tokens: file.calibration.tokens,
+        })
+    }
+
     /// Layers whose MLP is present, least important first.
     pub fn mlps_by_importance(&self) -> Vec<(usize, f64)> {
         let mut v: Vec<(usize, f64)> = self

@@ -1,10 +1,10 @@
 //! Fused CPU kernels: the steps where candle's composed operations spend
 //! more time allocating, copying and in scalar maths than in arithmetic (see
 //! RESULTS.md, "Where a forward pass spends its time"). Each computes what
-//! the composed form computes. Attention, the norms, the activations and
-//! rotary embeddings are candle custom ops with hand-written backward
-//! passes, so training runs them too; the linear kernel is for inference
-//! only. On other devices and dtypes the models use the composed forms.
+//! the composed form computes. Attention, the norms, the activations,
+//! rotary embeddings and the linear layers are candle custom ops with
+//! hand-written backward passes, so training runs them too. On other devices
+//! and dtypes the models use the composed forms.
 
 pub mod activation;
 pub mod attention;
@@ -18,15 +18,9 @@ pub(crate) mod test_support;
 
 use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
 
-/// Whether a kernel with a backward pass may take `t`: on the CPU, f32.
+/// Whether a kernel may take `t`: on the CPU, f32 (tracked for gradients or not).
 pub(crate) fn cpu_f32(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32
-}
-
-/// Whether an inference-only kernel may take `t`: on the CPU, f32, and
-/// needing no gradient.
-pub(crate) fn plain(t: &Tensor) -> bool {
-    cpu_f32(t) && !t.track_op()
 }
 
 /// The values of a contiguous CPU f32 tensor whose storage is `storage`.
