@@ -15,7 +15,7 @@ PYTHON  ?= python3
 .PHONY: all system-deps build models test lint embed eval eval-scifact python-deps \
         fixtures metric-references bench-embed profile-embed bench-analyze parity-embeddinggemma \
         onnxruntime export export-pruned validate validate-pruned validate-prune-minilm bench-onnx parity-embeddinggemma-onnx \
-        finetune-minilm finetune-minilm-2ep finetune-minilm-unpruned finetune-minilm-unpruned-2ep bench-finetune optimum-fixtures rewrite-minilm \
+        finetune-minilm finetune-minilm-2ep finetune-minilm-unpruned finetune-minilm-unpruned-2ep bench-finetune profile-finetune optimum-fixtures rewrite-minilm \
         analyze-minilm drop-study-minilm prune-minilm results-minilm \
         analyze-embeddinggemma drop-study-embeddinggemma results-embeddinggemma clean
 
@@ -165,7 +165,11 @@ finetune-minilm-unpruned-2ep: build models onnxruntime
 
 # Training examples/s of effir vs sentence-transformers' trainer (PyTorch CPU), same model, batch and length.
 bench-finetune: build models python-deps
-	$(PYTHON) benchmarks/finetune_speed.py --model $(MINILM) --batch-size 16 --max-length 256 --steps 4
+	$(PYTHON) benchmarks/finetune_speed.py --model $(MINILM) --batch-size 16 --max-length 256 --steps 4 --rounds 3 \
+	  | tee results/speed/finetune-minilm.txt
+
+profile-finetune: build models python-deps
+	benchmarks/profile_finetune.sh $(MINILM) 4 | tee results/speed/profile-finetune-minilm.txt
 
 # ---- rewrite (issue 7) ------------------------------------------------------
 # Optimum (optimum-onnx pins transformers < 4.58) lives in its own virtual
