@@ -14,7 +14,7 @@ use std::process::Command;
 
 use common::{effir, stderr};
 
-use common::{assert_rows_match, fixture, minilm_dir};
+use common::{assert_rows_match, fixture, minilm_dir, python_client, MIN_COSINE};
 use effir_onnx::emit::{EmitOptions, Profile};
 use effir_onnx::export::{export, ExportOptions, ExternalData, Layout, Target};
 use effir_onnx::graph::WeightStorage;
@@ -94,34 +94,6 @@ fn python_check(export_dir: &Path) {
     );
 }
 
-/// The independent Python client (`tests/onnx_client.py`): ONNX checker,
-/// strict shape inference, onnxruntime, reference embeddings.
-fn python_client(export_dir: &Path, reference_dir: &Path) {
-    let out = Command::new("python3")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/onnx_client.py"))
-        .args(["--export", export_dir.to_str().unwrap()])
-        .args([
-            "--reference",
-            reference_dir
-                .join("reference.safetensors")
-                .to_str()
-                .unwrap(),
-        ])
-        .args([
-            "--texts",
-            reference_dir.join("reference.json").to_str().unwrap(),
-        ])
-        .output()
-        .expect("python3 tests/onnx_client.py");
-    assert!(
-        out.status.success(),
-        "python client on {}:\n{}\n{}",
-        export_dir.display(),
-        String::from_utf8_lossy(&out.stdout),
-        stderr(&out)
-    );
-}
-
 #[test]
 fn every_architecture_exports_a_graph_that_matches_transformers_in_both_profiles() {
     let work = tempfile::tempdir().unwrap();
@@ -168,7 +140,7 @@ fn every_architecture_exports_a_graph_that_matches_transformers_in_both_profiles
                 assert!(dir.join(f).is_file(), "{name}: {f}");
             }
             // An independent client: onnx checker + onnxruntime vs transformers.
-            python_client(&dir, &model);
+            python_client(&dir, &model, MIN_COSINE);
         }
     }
 }
@@ -266,7 +238,7 @@ fn external_data_float16_storage_and_the_hub_layout_load_and_check() {
     assert!(dir.join("onnx/model.onnx").is_file());
     assert!(dir.join("onnx/model.onnx_data").is_file());
     assert_rows_match("external data", &embed(&open(&dir), &texts), &want);
-    python_client(&dir, &model);
+    python_client(&dir, &model, MIN_COSINE);
 
     let mut half = options(Profile::SentenceTransformers);
     half.emit.storage = WeightStorage::Float16;
@@ -300,7 +272,7 @@ fn exported_minilm_matches_sentence_transformers_in_an_independent_client() {
             profile.name(),
             &options(profile),
         );
-        python_client(&dir, &fixture("minilm"));
+        python_client(&dir, &fixture("minilm"), MIN_COSINE);
     }
 }
 

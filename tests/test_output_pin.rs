@@ -10,7 +10,8 @@
 //! are decoded, their strings normalised, and re-encoded for the same reason
 //! (a path's length is part of the protobuf bytes). `effir_export.json`'s
 //! `graph_bytes` is the size of the un-normalised graph, so it varies with
-//! the clone's path length too; it is left out (the graph itself is pinned).
+//! the clone's path length too, and `cpu_features` with the machine; both
+//! are left out (the graph itself is pinned).
 
 mod common;
 
@@ -59,11 +60,13 @@ fn file_hash(path: &Path, paths: &[(String, &str)]) -> String {
         match String::from_utf8(bytes) {
             Ok(text) if path.ends_with("effir_export.json") => {
                 let mut summary: serde_json::Value = serde_json::from_str(&text).unwrap();
-                summary
-                    .as_object_mut()
-                    .unwrap()
-                    .remove("graph_bytes")
-                    .expect("effir_export.json records graph_bytes");
+                for varying in ["graph_bytes", "cpu_features"] {
+                    summary
+                        .as_object_mut()
+                        .unwrap()
+                        .remove(varying)
+                        .unwrap_or_else(|| panic!("effir_export.json records {varying}"));
+                }
                 normalise(&serde_json::to_string_pretty(&summary).unwrap(), paths).into_bytes()
             }
             Ok(text) if path.ends_with("prune_report.md") => {

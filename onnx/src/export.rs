@@ -9,9 +9,11 @@ use effir_pipeline::io::atomic_file::StagedDir;
 use effir_pipeline::io::model_files::{copy_model_files, is_backbone_weights};
 use serde::Serialize;
 
+use crate::cpu_features::CpuFeatures;
 use crate::emit::{emit_model, EmitOptions};
 use crate::error::{Error, Result};
 use crate::graph_file::{initializer_bytes, write_model, GraphFile, EXTERNAL_DATA_THRESHOLD};
+use crate::quantize::{Int8Kernel, MatmulPrecision};
 use crate::tensorrt::TensorRtSupport;
 
 /// Where the graph goes in the output directory.
@@ -73,6 +75,11 @@ pub struct ExportSummary {
     pub ops: std::collections::BTreeMap<String, usize>,
     pub layout: Layout,
     pub target: Target,
+    /// `fp32` or `int8`: the arithmetic of the transformer's linear layers.
+    pub precision: &'static str,
+    pub int8_kernel: Option<Int8Kernel>,
+    /// The CPU the graph was exported on.
+    pub cpu_features: CpuFeatures,
 }
 
 /// The file recording an export.
@@ -92,6 +99,13 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
                 }
             )));
         }
+    }
+    if options.target == Target::TensorRt && options.emit.precision != MatmulPrecision::Float32 {
+        return Err(Error::InvalidArgument(
+            "int8 for TensorRT needs a QDQ graph, which effir does not emit yet; \
+             export fp32 for TensorRT, or int8 for the CPU"
+                .into(),
+        ));
     }
     let model = emit_model(model_dir, &options.emit)?;
     let weight_bytes = initializer_bytes(&model);
@@ -166,6 +180,9 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
         ops: file.op_counts(),
         layout: options.layout,
         target: options.target,
+        precision: options.emit.precision.name(),
+        int8_kernel: options.emit.precision.int8_kernel(),
+        cpu_features: CpuFeatures::detect(),
     };
     let summary_path = staging.path().join(SUMMARY_FILE);
     let json = serde_json::to_string_pretty(&summary).map_err(|e| Error::Export(e.to_string()))?;

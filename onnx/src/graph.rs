@@ -10,6 +10,8 @@ use candle_onnx::onnx::{
     ValueInfoProto,
 };
 
+use crate::quantize::MatmulPrecision;
+
 /// The element type of a graph input or output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ElementType {
@@ -59,6 +61,11 @@ pub struct GraphBuilder {
     used_names: HashMap<String, usize>,
     /// Constants by content, so each is stored once.
     constants: HashMap<(i32, Vec<i64>, Vec<u8>), String>,
+    /// How [`crate::emit::layers::linear`] computes its products.
+    matmul_precision: MatmulPrecision,
+    /// `DynamicQuantizeLinear` outputs by input, so the products reading
+    /// one tensor (q, k and v) share one.
+    quantized_activations: HashMap<String, [String; 3]>,
 }
 
 impl GraphBuilder {
@@ -72,7 +79,36 @@ impl GraphBuilder {
             outputs: Vec::new(),
             used_names: HashMap::new(),
             constants: HashMap::new(),
+            matmul_precision: MatmulPrecision::Float32,
+            quantized_activations: HashMap::new(),
         }
+    }
+
+    pub fn matmul_precision(&self) -> MatmulPrecision {
+        self.matmul_precision
+    }
+
+    /// Sets how the linear layers emitted from now on compute their products.
+    pub fn set_matmul_precision(&mut self, precision: MatmulPrecision) {
+        self.matmul_precision = precision;
+    }
+
+    /// `DynamicQuantizeLinear(x)`: `[quantized, scale, zero_point]`, added
+    /// once per `x`.
+    pub fn dynamic_quantize(&mut self, x: &str) -> [String; 3] {
+        if let Some(q) = self.quantized_activations.get(x) {
+            return q.clone();
+        }
+        let outputs = [
+            self.unique(&format!("{x}_quantized")),
+            self.unique(&format!("{x}_scale")),
+            self.unique(&format!("{x}_zero_point")),
+        ];
+        let refs: Vec<&str> = outputs.iter().map(String::as_str).collect();
+        self.push_node("DynamicQuantizeLinear", &[x], &refs, vec![]);
+        self.quantized_activations
+            .insert(x.to_string(), outputs.clone());
+        outputs
     }
 
     pub fn opset(&self) -> i64 {
@@ -171,6 +207,21 @@ impl GraphBuilder {
                 name
             }
         }
+    }
+
+    /// An initializer stored as given (`raw` little-endian values of
+    /// `data_type`), e.g. quantized weights; returns its name.
+    pub fn raw_weight(
+        &mut self,
+        name: &str,
+        data_type: DataType,
+        dims: &[usize],
+        raw: Vec<u8>,
+    ) -> String {
+        let name = self.unique(name);
+        let dims = dims.iter().map(|&d| d as i64).collect();
+        self.push_initializer(&name, data_type, dims, raw);
+        name
     }
 
     fn push_initializer(&mut self, name: &str, data_type: DataType, dims: Vec<i64>, raw: Vec<u8>) {

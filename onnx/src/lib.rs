@@ -10,7 +10,8 @@
 //!   writers and readers share;
 //! - [`graph`]: building graphs node by node; [`graph_file`]: reading,
 //!   checking and writing `.onnx` files (external data);
-//! - [`export`]: the serving directory;
+//! - [`export`]: the serving directory; [`quantize`]: int8 matrix products;
+//!   [`cpu_features`]: the instructions int8 kernels depend on;
 //! - [`tensorrt`]: the TensorRT operator lint;
 //! - [`runtime`] (the library and every session's builder), [`providers`],
 //!   [`session`]: ONNX Runtime;
@@ -20,6 +21,7 @@
 //! - [`bench`]: latency and throughput of graphs.
 
 pub mod bench;
+pub mod cpu_features;
 pub mod emit;
 pub mod error;
 pub mod export;
@@ -27,6 +29,7 @@ pub mod graph;
 pub mod graph_file;
 pub mod interface;
 pub mod providers;
+pub mod quantize;
 pub mod rewrite;
 pub mod runtime;
 pub mod session;

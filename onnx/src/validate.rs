@@ -33,6 +33,36 @@ pub struct ParityGates {
     pub min_mean_cosine: Option<f64>,
     /// Largest absolute difference of any embedding component.
     pub max_abs_diff: Option<f64>,
+    /// Thresholds for graphs of one precision (`effir.precision` in the
+    /// graph's metadata), used instead of the ones above for those graphs.
+    pub fp32: Option<Box<ParityGates>>,
+    pub int8: Option<Box<ParityGates>>,
+    pub fp16: Option<Box<ParityGates>>,
+}
+
+impl ParityGates {
+    /// The section for `precision` (`fp32`, `int8`, `fp16`) and its name
+    /// prefix in reports (`parity.int8`), or these gates (`parity`).
+    pub fn for_precision(&self, precision: &str) -> (&ParityGates, String) {
+        let section = match precision {
+            "fp32" => self.fp32.as_deref(),
+            "int8" => self.int8.as_deref(),
+            "fp16" => self.fp16.as_deref(),
+            _ => None,
+        };
+        match section {
+            Some(gates) => (gates, format!("parity.{precision}")),
+            None => (self, "parity".into()),
+        }
+    }
+
+    fn sections(&self) -> [(&'static str, Option<&ParityGates>); 3] {
+        [
+            ("fp32", self.fp32.as_deref()),
+            ("int8", self.int8.as_deref()),
+            ("fp16", self.fp16.as_deref()),
+        ]
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -62,19 +92,39 @@ impl Gates {
                 _ => Ok(()),
             }
         };
-        check("parity.min_cosine", gates.parity.min_cosine, -1.0, 1.0)?;
-        check(
-            "parity.min_mean_cosine",
-            gates.parity.min_mean_cosine,
-            -1.0,
-            1.0,
-        )?;
-        check(
-            "parity.max_abs_diff",
-            gates.parity.max_abs_diff,
-            0.0,
-            f64::MAX,
-        )?;
+        let parity_sections = std::iter::once(("parity".to_string(), &gates.parity)).chain(
+            gates
+                .parity
+                .sections()
+                .into_iter()
+                .filter_map(|(name, g)| g.map(|g| (format!("parity.{name}"), g))),
+        );
+        for (prefix, parity) in parity_sections {
+            if prefix != "parity" && parity.sections().iter().any(|(_, g)| g.is_some()) {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: {prefix} cannot hold precision sections of its own",
+                    path.display()
+                )));
+            }
+            check(
+                &format!("{prefix}.min_cosine"),
+                parity.min_cosine,
+                -1.0,
+                1.0,
+            )?;
+            check(
+                &format!("{prefix}.min_mean_cosine"),
+                parity.min_mean_cosine,
+                -1.0,
+                1.0,
+            )?;
+            check(
+                &format!("{prefix}.max_abs_diff"),
+                parity.max_abs_diff,
+                0.0,
+                f64::MAX,
+            )?;
+        }
         check(
             "quality.min_ndcg_retention",
             gates.quality.min_ndcg_retention,
@@ -277,9 +327,11 @@ pub struct GateResult {
     pub passed: bool,
 }
 
-/// Applies `gates` to whatever was measured.
+/// Applies `gates` to whatever was measured on a candidate of `precision`
+/// (`fp32`, `int8`, `fp16`): its parity section when the gates have one.
 pub fn apply_gates(
     gates: &Gates,
+    precision: &str,
     parity: Option<&ParityReport>,
     quality: Option<&QualityReport>,
 ) -> Vec<GateResult> {
@@ -298,15 +350,15 @@ pub fn apply_gates(
             });
         }
     };
-    let (p, q) = (&gates.parity, &gates.quality);
+    let ((p, prefix), q) = (gates.parity.for_precision(precision), &gates.quality);
     check(
-        "parity.min_cosine",
+        &format!("{prefix}.min_cosine"),
         ">=",
         p.min_cosine,
         parity.map(|r| r.min_cosine),
     );
     check(
-        "parity.min_mean_cosine",
+        &format!("{prefix}.min_mean_cosine"),
         ">=",
         p.min_mean_cosine,
         parity.map(|r| r.mean_cosine),
@@ -330,7 +382,7 @@ pub fn apply_gates(
         quality.map(|r| r.candidate_ndcg_at_10),
     );
     check(
-        "parity.max_abs_diff",
+        &format!("{prefix}.max_abs_diff"),
         "<=",
         p.max_abs_diff,
         parity.map(|r| r.max_abs_diff),
@@ -385,6 +437,11 @@ pub struct ValidationReport {
     pub reference: PathBuf,
     pub candidate: PathBuf,
     pub providers: Vec<String>,
+    /// The candidate's arithmetic (`fp32`, `int8`), from its metadata.
+    pub precision: String,
+    pub int8_kernel: Option<String>,
+    /// The CPU validation ran on (int8 results depend on it).
+    pub cpu_features: crate::cpu_features::CpuFeatures,
     /// How the candidate's source model was made.
     pub provenance: Provenance,
     pub parity: Option<ParityReport>,
@@ -400,10 +457,15 @@ impl ValidationReport {
 
     pub fn to_markdown(&self) -> String {
         let mut md = format!(
-            "# effir validate\n\n- reference: `{}`\n- candidate: `{}`\n- execution providers: {}\n- result: **{}**\n",
+            "# effir validate\n\n- reference: `{}`\n- candidate: `{}` ({}{})\n- execution providers: {}\n- CPU: {}\n- result: **{}**\n",
             self.reference.display(),
             self.candidate.display(),
+            self.precision,
+            self.int8_kernel
+                .as_deref()
+                .map_or(String::new(), |k| format!(", {k} kernel")),
             self.providers.join(", "),
+            self.cpu_features,
             if self.passed { "PASS" } else { "FAIL" }
         );
         if let Some(p) = &self.provenance.pruning {
@@ -499,8 +561,8 @@ mod tests {
         let gates = Gates {
             parity: ParityGates {
                 min_cosine: Some(0.99999),
-                min_mean_cosine: None,
                 max_abs_diff: Some(1e-4),
+                ..Default::default()
             },
             quality: QualityGates::default(),
         };
@@ -511,9 +573,57 @@ mod tests {
             mean_cosine: 0.999999,
             max_abs_diff: 2e-4,
         };
-        let results = apply_gates(&gates, Some(&parity), None);
+        let results = apply_gates(&gates, "fp32", Some(&parity), None);
         assert_eq!(results.len(), 2);
         assert!(results[0].passed, "cosine 0.999995 >= 0.99999");
         assert!(!results[1].passed, "diff 2e-4 > 1e-4");
+    }
+
+    /// A precision's section replaces the plain parity gates for graphs of
+    /// that precision, and only for them.
+    #[test]
+    fn precision_sections_apply_to_their_precision() {
+        let work = tempfile::tempdir().unwrap();
+        let path = work.path().join("gates.yaml");
+        std::fs::write(
+            &path,
+            "parity:\n  min_cosine: 0.99999\n  max_abs_diff: 1.0e-4\n  int8:\n    min_cosine: 0.99\n",
+        )
+        .unwrap();
+        let gates = Gates::load(&path).unwrap();
+        let parity = ParityReport {
+            candle_model: PathBuf::new(),
+            texts: 2,
+            min_cosine: 0.995,
+            mean_cosine: 0.998,
+            max_abs_diff: 3e-2,
+        };
+        let int8 = apply_gates(&gates, "int8", Some(&parity), None);
+        assert_eq!(int8.len(), 1);
+        assert_eq!(int8[0].gate, "parity.int8.min_cosine");
+        assert!(int8[0].passed);
+        let fp32 = apply_gates(&gates, "fp32", Some(&parity), None);
+        assert_eq!(
+            fp32.iter()
+                .map(|g| (g.gate.as_str(), g.passed))
+                .collect::<Vec<_>>(),
+            [("parity.min_cosine", false), ("parity.max_abs_diff", false)]
+        );
+
+        for (yaml, needle) in [
+            (
+                "parity:\n  int8:\n    min_cosine: 1.5\n",
+                "parity.int8.min_cosine",
+            ),
+            (
+                "parity:\n  int8:\n    int8:\n      min_cosine: 0.9\n",
+                "cannot hold precision sections",
+            ),
+            ("parity:\n  int4:\n    min_cosine: 0.9\n", "int4"),
+        ] {
+            std::fs::write(&path, yaml).unwrap();
+            let error = Gates::load(&path).unwrap_err().to_string();
+            assert!(error.contains(needle), "{yaml}: {error}");
+        }
     }
 }

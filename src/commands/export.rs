@@ -8,6 +8,7 @@ use clap::{Args, ValueEnum};
 use effir_onnx::emit::{EmitOptions, Profile, DEFAULT_OPSET};
 use effir_onnx::export::{export, ExportOptions, ExternalData, Layout, Target};
 use effir_onnx::graph::WeightStorage;
+use effir_onnx::quantize::{Int8Kernel, MatmulPrecision};
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -38,6 +39,26 @@ pub enum LayoutArg {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+pub enum PrecisionArg {
+    /// float32 arithmetic.
+    Fp32,
+    /// Dynamically quantized int8 linear layers (CPU): int8 weights per output channel.
+    Int8,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Int8KernelArg {
+    /// uint8 activations x int8 weights: fastest; can saturate on x86 without VNNI.
+    U8s8,
+    /// uint8 x uint8: no saturation, slower.
+    U8u8,
+    /// uint8 x 7-bit int8 weights: the fast kernel with headroom.
+    ReduceRange,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum ExternalDataArg {
     Auto,
     Always,
@@ -64,6 +85,13 @@ pub struct ExportArgs {
     /// Store weight matrices as float16 (half the size; computed in float32).
     #[arg(long)]
     pub fp16: bool,
+    /// Arithmetic of the transformer's linear layers [default: fp32]; the
+    /// embedding tables and the pooling/Dense head stay float32.
+    #[arg(long, value_enum)]
+    pub precision: Option<PrecisionArg>,
+    /// The ONNX Runtime integer kernel of --precision int8 [default: u8s8].
+    #[arg(long, value_enum)]
+    pub int8_kernel: Option<Int8KernelArg>,
     /// Execution provider the graph must parse under [default: any].
     #[arg(long, value_enum)]
     pub target: Option<TargetArg>,
@@ -85,6 +113,8 @@ pub struct ExportConfig {
     pub profile: Option<ProfileArg>,
     pub opset: Option<i64>,
     pub fp16: Option<bool>,
+    pub precision: Option<PrecisionArg>,
+    pub int8_kernel: Option<Int8KernelArg>,
     pub target: Option<TargetArg>,
     pub layout: Option<LayoutArg>,
     pub external_data: Option<ExternalDataArg>,
@@ -92,6 +122,18 @@ pub struct ExportConfig {
 
 pub fn run(args: ExportArgs) -> anyhow::Result<()> {
     let config: ExportConfig = crate::stage_config::load(args.config.as_deref())?;
+    let kernel = args.int8_kernel.or(config.int8_kernel);
+    let precision = match (args.precision.or(config.precision), kernel) {
+        (None | Some(PrecisionArg::Fp32), Some(_)) => {
+            anyhow::bail!("--int8-kernel applies to --precision int8 only")
+        }
+        (None | Some(PrecisionArg::Fp32), None) => MatmulPrecision::Float32,
+        (Some(PrecisionArg::Int8), kernel) => MatmulPrecision::Int8(match kernel {
+            None | Some(Int8KernelArg::U8s8) => Int8Kernel::U8s8,
+            Some(Int8KernelArg::U8u8) => Int8Kernel::U8u8,
+            Some(Int8KernelArg::ReduceRange) => Int8Kernel::ReduceRange,
+        }),
+    };
     let options = ExportOptions {
         emit: EmitOptions {
             profile: match args
@@ -108,6 +150,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
             } else {
                 WeightStorage::Float32
             },
+            precision,
         },
         layout: match args.layout.or(config.layout).unwrap_or(LayoutArg::Flat) {
             LayoutArg::Flat => Layout::Flat,
@@ -131,11 +174,15 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
     let summary = export(&args.model, &args.out, &options)
         .with_context(|| format!("exporting {}", args.model.display()))?;
     println!(
-        "wrote {} ({} profile, opset {}, {} weights{}): {:.1} MB, {} nodes",
+        "wrote {} ({} profile, opset {}, {} weights, {}{}{}): {:.1} MB, {} nodes",
         summary.graph.display(),
         summary.profile,
         summary.opset,
         summary.weights,
+        summary.precision,
+        summary
+            .int8_kernel
+            .map_or(String::new(), |k| format!(" {}", k.name())),
         if summary.external_data {
             ", external data"
         } else {
@@ -152,5 +199,11 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
     );
     println!("  inputs  {}", summary.inputs.join(", "));
     println!("  outputs {}", summary.outputs.join(", "));
+    if summary.int8_kernel == Some(Int8Kernel::U8s8) && summary.cpu_features.u8s8_may_saturate() {
+        tracing::warn!(
+            "this CPU has no VNNI: ONNX Runtime's u8s8 int8 products can saturate here; \
+             validate the graph, or export with --int8-kernel u8u8 or reduce-range"
+        );
+    }
     Ok(())
 }

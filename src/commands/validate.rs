@@ -164,11 +164,18 @@ pub fn run(args: ValidateArgs) -> anyhow::Result<()> {
     };
     bar.finish_and_clear();
 
-    let results = apply_gates(&gates, Some(&parity), quality.as_ref());
+    let precision = candidate
+        .metadata("effir.precision")
+        .unwrap_or("fp32")
+        .to_string();
+    let results = apply_gates(&gates, &precision, Some(&parity), quality.as_ref());
     let report = ValidationReport {
         reference: args.reference.clone(),
         candidate: candidate.graph().to_path_buf(),
         providers,
+        precision,
+        int8_kernel: candidate.metadata("effir.int8_kernel").map(str::to_string),
+        cpu_features: effir_onnx::cpu_features::CpuFeatures::detect(),
         provenance,
         passed: results.iter().all(|g| g.passed),
         parity: Some(parity),

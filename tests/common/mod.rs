@@ -165,3 +165,34 @@ pub fn prune_fixture(arch: &str, work: &Path, calibration: &[&str], plan: &[&str
     assert!(o.status.success(), "prune {arch}: {}", stderr(&o));
     out
 }
+
+/// The independent Python client (`tests/onnx_client.py`): ONNX checker,
+/// strict shape inference, onnxruntime, and the embeddings of
+/// `reference_dir`'s transformers reference, to a lowest cosine of
+/// `min_cosine`.
+pub fn python_client(export_dir: &Path, reference_dir: &Path, min_cosine: f64) {
+    let out = std::process::Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/onnx_client.py"))
+        .args(["--export", export_dir.to_str().unwrap()])
+        .args([
+            "--reference",
+            reference_dir
+                .join("reference.safetensors")
+                .to_str()
+                .unwrap(),
+        ])
+        .args([
+            "--texts",
+            reference_dir.join("reference.json").to_str().unwrap(),
+        ])
+        .args(["--min-cosine", &min_cosine.to_string()])
+        .output()
+        .expect("python3 tests/onnx_client.py");
+    assert!(
+        out.status.success(),
+        "python client on {}:\n{}\n{}",
+        export_dir.display(),
+        String::from_utf8_lossy(&out.stdout),
+        stderr(&out)
+    );
+}

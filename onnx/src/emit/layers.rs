@@ -15,6 +15,7 @@ use effir_pipeline::Error as PipelineError;
 
 use crate::error::Result;
 use crate::graph::{attr_float, attr_int, GraphBuilder};
+use crate::quantize::{int8_matmul, MatmulPrecision};
 
 /// The graph inputs a backbone reads.
 pub struct BackboneInputs {
@@ -72,7 +73,9 @@ pub fn values(t: &Tensor) -> Result<Vec<f32>> {
 }
 
 /// `y = x W^T + b` for PyTorch's `(out, in)` weight `name.weight`: the
-/// graph stores `W^T` so the product is one MatMul.
+/// graph stores `W^T` so the product is one MatMul, or, when the builder's
+/// matmul precision is int8, one dynamically quantized `MatMulInteger`
+/// ([`crate::quantize`]).
 pub fn linear(
     g: &mut GraphBuilder,
     w: &Weights,
@@ -83,12 +86,14 @@ pub fn linear(
     bias: bool,
 ) -> Result<String> {
     let weight = w.get(&format!("{name}.weight"), &[out_dim, in_dim])?;
-    let wt = g.weight(
-        &format!("{name}.weight_t"),
-        &[in_dim, out_dim],
-        &values(&weight.t()?.contiguous()?)?,
-    );
-    let y = g.matmul(x, &wt);
+    let w_t = values(&weight.t()?.contiguous()?)?;
+    let y = match g.matmul_precision() {
+        MatmulPrecision::Float32 => {
+            let wt = g.weight(&format!("{name}.weight_t"), &[in_dim, out_dim], &w_t);
+            g.matmul(x, &wt)
+        }
+        MatmulPrecision::Int8(kernel) => int8_matmul(g, x, name, &w_t, (in_dim, out_dim), kernel),
+    };
     if bias {
         let b = w.get(&format!("{name}.bias"), &[out_dim])?;
         let b = g.weight(&format!("{name}.bias"), &[out_dim], &values(&b)?);

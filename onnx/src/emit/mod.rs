@@ -18,6 +18,7 @@ use crate::graph::{Dim, ElementType, GraphBuilder, WeightStorage};
 use crate::interface::{
     ATTENTION_MASK, INPUT_IDS, LAST_HIDDEN_STATE, SENTENCE_EMBEDDING, TOKEN_TYPE_IDS,
 };
+use crate::quantize::MatmulPrecision;
 use layers::{BackboneInputs, Weights};
 
 /// The opsets effir emits: 17 (LayerNormalization) and later.
@@ -61,6 +62,9 @@ pub struct EmitOptions {
     pub profile: Profile,
     pub opset: i64,
     pub storage: WeightStorage,
+    /// The arithmetic of the transformer's linear layers; the embedding
+    /// tables and the sentence-transformers head stay float32.
+    pub precision: MatmulPrecision,
 }
 
 impl Default for EmitOptions {
@@ -69,6 +73,7 @@ impl Default for EmitOptions {
             profile: Profile::Optimum,
             opset: DEFAULT_OPSET,
             storage: WeightStorage::Float32,
+            precision: MatmulPrecision::Float32,
         }
     }
 }
@@ -93,6 +98,7 @@ pub fn emit_model(dir: &Path, options: &EmitOptions) -> Result<ModelProto> {
     tracing::info!(architecture = %arch, layers = shape.layers.len(), mlps = shape.mlp_count(), profile = options.profile.name(), "emitting ONNX graph");
 
     let mut g = GraphBuilder::new(options.opset, options.storage);
+    g.set_matmul_precision(options.precision);
     let batch_seq = [
         Dim::Dynamic("batch_size".into()),
         Dim::Dynamic("sequence_length".into()),
@@ -128,6 +134,7 @@ pub fn emit_model(dir: &Path, options: &EmitOptions) -> Result<ModelProto> {
         &hidden_dims,
     );
     if options.profile == Profile::SentenceTransformers {
+        g.set_matmul_precision(MatmulPrecision::Float32);
         let (embedding, dimension) = head::emit(
             &mut g,
             &hidden,
@@ -166,6 +173,10 @@ pub fn emit_model(dir: &Path, options: &EmitOptions) -> Result<ModelProto> {
             .to_string(),
         ),
     ];
+    metadata.push(("effir.precision", options.precision.name().to_string()));
+    if let Some(kernel) = options.precision.int8_kernel() {
+        metadata.push(("effir.int8_kernel", kernel.name().to_string()));
+    }
     if let Ok(plan) = std::fs::read_to_string(dir.join(effir_pipeline::compress::prune::PLAN_FILE))
     {
         metadata.push(("effir.pruning_plan", plan));
