@@ -247,15 +247,24 @@ fn a_drop_study_can_rank_by_an_earlier_importance_report() {
             .unwrap();
     assert_eq!(written.mlps_by_importance(), [(1, 0.1), (2, 0.5), (0, 0.9)]);
 
-    // A report for another model: a clear error naming the file, nothing written.
-    write_report(vec![layer(0, 0.2, 0.9)]);
+    // A report for another model, or with a layer twice: a clear error
+    // naming the file, nothing written.
     let bad = work.path().join("bad");
-    let run = run_study(&bad);
-    assert!(!run.status.success());
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(
-        stderr.contains("importance.json") && stderr.contains("1 layers"),
-        "{stderr}"
-    );
-    assert!(!bad.exists());
+    for (layers, needle) in [
+        (vec![layer(0, 0.2, 0.9)], "1 layers"),
+        (
+            vec![layer(0, 0.2, 0.9), layer(0, 0.8, 0.1), layer(2, 0.3, 0.5)],
+            "layer indices",
+        ),
+    ] {
+        write_report(layers);
+        let run = run_study(&bad);
+        assert!(!run.status.success());
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(
+            stderr.contains("importance.json") && stderr.contains(needle),
+            "{needle}: {stderr}"
+        );
+        assert!(!bad.exists());
+    }
 }

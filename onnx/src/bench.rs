@@ -1,7 +1,7 @@
 //! `effir bench`: latency and throughput of graphs under ONNX Runtime at
 //! fixed batch sizes and sequence lengths. Inputs are synthetic token ids
-//! (no padding), so every graph does the same work; figures are medians
-//! of repeated runs after warm-up.
+//! (no padding), so every graph does the same work; the graphs take turns
+//! run by run, and figures are medians of the repeated runs after warm-up.
 
 use std::time::Instant;
 
@@ -87,37 +87,51 @@ impl BenchSession {
         drop(outputs);
         Ok(elapsed)
     }
+}
 
-    /// `warmup` unmeasured runs, then `runs` measured ones.
-    pub fn measure(
-        &mut self,
-        batch: usize,
-        length: usize,
-        warmup: usize,
-        runs: usize,
-    ) -> Result<BenchResult> {
-        if batch == 0 || length == 0 || runs == 0 {
-            return Err(Error::InvalidArgument(
-                "batch, length and runs must be at least 1".into(),
-            ));
-        }
-        for _ in 0..warmup {
-            self.run_once(batch, length)?;
-        }
-        let mut times: Vec<f64> = (0..runs)
-            .map(|_| self.run_once(batch, length))
-            .collect::<Result<_>>()?;
-        times.sort_by(f64::total_cmp);
-        let median = times[times.len() / 2];
-        let p90 = times[((times.len() * 9) / 10).min(times.len() - 1)];
-        Ok(BenchResult {
-            graph: self.name.clone(),
-            batch,
-            length,
-            runs,
-            median_ms: median * 1e3,
-            p90_ms: p90 * 1e3,
-            texts_per_second: batch as f64 / median,
-        })
+/// Measures every session at one batch size and length: `warmup`
+/// unmeasured runs each, then `runs` rounds in which every session runs once
+/// in turn, so that a noisy machine slows them all alike. One result per
+/// session, in order.
+pub fn measure_interleaved(
+    sessions: &mut [BenchSession],
+    batch: usize,
+    length: usize,
+    warmup: usize,
+    runs: usize,
+) -> Result<Vec<BenchResult>> {
+    if batch == 0 || length == 0 || runs == 0 {
+        return Err(Error::InvalidArgument(
+            "batch, length and runs must be at least 1".into(),
+        ));
     }
+    for session in sessions.iter_mut() {
+        for _ in 0..warmup {
+            session.run_once(batch, length)?;
+        }
+    }
+    let mut times = vec![Vec::with_capacity(runs); sessions.len()];
+    for _ in 0..runs {
+        for (session, times) in sessions.iter_mut().zip(&mut times) {
+            times.push(session.run_once(batch, length)?);
+        }
+    }
+    Ok(sessions
+        .iter()
+        .zip(times)
+        .map(|(session, mut times)| {
+            times.sort_by(f64::total_cmp);
+            let median = times[times.len() / 2];
+            let p90 = times[((times.len() * 9) / 10).min(times.len() - 1)];
+            BenchResult {
+                graph: session.name.clone(),
+                batch,
+                length,
+                runs,
+                median_ms: median * 1e3,
+                p90_ms: p90 * 1e3,
+                texts_per_second: batch as f64 / median,
+            }
+        })
+        .collect())
 }

@@ -37,17 +37,15 @@ pub struct ParityGates {
     /// graph's metadata), used instead of the ones above for those graphs.
     pub fp32: Option<Box<ParityGates>>,
     pub int8: Option<Box<ParityGates>>,
-    pub fp16: Option<Box<ParityGates>>,
 }
 
 impl ParityGates {
-    /// The section for `precision` (`fp32`, `int8`, `fp16`) and its name
+    /// The section for `precision` (`fp32`, `int8`) and its name
     /// prefix in reports (`parity.int8`), or these gates (`parity`).
     pub fn for_precision(&self, precision: &str) -> (&ParityGates, String) {
         let section = match precision {
             "fp32" => self.fp32.as_deref(),
             "int8" => self.int8.as_deref(),
-            "fp16" => self.fp16.as_deref(),
             _ => None,
         };
         match section {
@@ -56,11 +54,10 @@ impl ParityGates {
         }
     }
 
-    fn sections(&self) -> [(&'static str, Option<&ParityGates>); 3] {
+    fn sections(&self) -> [(&'static str, Option<&ParityGates>); 2] {
         [
             ("fp32", self.fp32.as_deref()),
             ("int8", self.int8.as_deref()),
-            ("fp16", self.fp16.as_deref()),
         ]
     }
 }
@@ -328,7 +325,7 @@ pub struct GateResult {
 }
 
 /// Applies `gates` to whatever was measured on a candidate of `precision`
-/// (`fp32`, `int8`, `fp16`): its parity section when the gates have one.
+/// (`fp32`, `int8`): its parity section when the gates have one.
 pub fn apply_gates(
     gates: &Gates,
     precision: &str,

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use effir_onnx::bench::{BenchResult, BenchSession};
+use effir_onnx::bench::{measure_interleaved, BenchResult, BenchSession};
 use effir_onnx::GraphLocation;
 use effir_pipeline::io::atomic_file::write_bytes_atomically;
 
@@ -38,17 +38,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         bail!("--batch, --length and --runs take values of at least 1");
     }
     let settings = args.providers.settings()?;
-    let mut sessions = Vec::new();
+    let (mut sessions, mut sizes) = (Vec::new(), Vec::new());
     for g in &args.graphs {
         // Only the graph is needed: no tokenizer or model files.
         let graph = GraphLocation::find_graph(g)?;
         let size = std::fs::metadata(&graph)?.len()
             + std::fs::metadata(graph.with_extension("onnx_data")).map_or(0, |m| m.len());
-        sessions.push((
+        sessions.push(
             BenchSession::open(&graph, &settings)
                 .with_context(|| format!("opening {}", graph.display()))?,
-            size,
-        ));
+        );
+        sizes.push(size);
     }
     let mut results: Vec<BenchResult> = Vec::new();
     println!(
@@ -56,10 +56,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     for &batch in &args.batch {
         for &length in &args.length {
-            let mut baseline: Option<f64> = None;
-            for (session, size) in &mut sessions {
-                let r = session.measure(batch, length, args.warmup, args.runs)?;
-                let base = *baseline.get_or_insert(r.median_ms);
+            let measured =
+                measure_interleaved(&mut sessions, batch, length, args.warmup, args.runs)?;
+            let base = measured[0].median_ms;
+            for (r, size) in measured.into_iter().zip(&sizes) {
                 println!(
                     "| {} | {:.1} | {} | {} | {:.2} | {:.2} | {:.1} | {:.2}x |",
                     r.graph,

@@ -41,7 +41,7 @@ pub struct DropStudyArgs {
     /// Rank sub-layers by this importance.json (of `effir analyze` or an
     /// earlier drop study, e.g. on another dataset) instead of measuring
     /// importance on --data.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "calib_tokens")]
     pub importance: Option<PathBuf>,
     /// Output directory: drop_study.json, drop_study.md, drop_study.svg,
     /// importance.json, importance.md, importance.svg.
@@ -84,6 +84,27 @@ pub fn run(args: DropStudyArgs) -> anyhow::Result<()> {
                     "{}: importance of {} layers; {} has {layers}",
                     path.display(),
                     report.layers.len(),
+                    args.model.model.display()
+                );
+            }
+            // The report must rank exactly the MLPs this model has (one
+            // measured on the unpruned model does not fit a pruned one).
+            let shape = embedder.shape();
+            if let Some(l) = report
+                .layers
+                .iter()
+                .find(|l| l.mlp.is_some() != shape.layers[l.layer].mlp.is_some())
+            {
+                bail!(
+                    "{}: layer {}'s MLP is {} in the report but {} in {}",
+                    path.display(),
+                    l.layer,
+                    if l.mlp.is_some() { "ranked" } else { "absent" },
+                    if shape.layers[l.layer].mlp.is_some() {
+                        "present"
+                    } else {
+                        "absent"
+                    },
                     args.model.model.display()
                 );
             }

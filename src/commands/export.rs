@@ -122,17 +122,20 @@ pub struct ExportConfig {
 
 pub fn run(args: ExportArgs) -> anyhow::Result<()> {
     let config: ExportConfig = crate::stage_config::load(args.config.as_deref())?;
-    let kernel = args.int8_kernel.or(config.int8_kernel);
-    let precision = match (args.precision.or(config.precision), kernel) {
-        (None | Some(PrecisionArg::Fp32), Some(_)) => {
-            anyhow::bail!("--int8-kernel applies to --precision int8 only")
+    // Flags override the config file; an --int8-kernel flag needs int8.
+    let precision = args.precision.or(config.precision);
+    if args.int8_kernel.is_some() && precision != Some(PrecisionArg::Int8) {
+        anyhow::bail!("--int8-kernel applies to --precision int8 only");
+    }
+    let precision = match precision {
+        None | Some(PrecisionArg::Fp32) => MatmulPrecision::Float32,
+        Some(PrecisionArg::Int8) => {
+            MatmulPrecision::Int8(match args.int8_kernel.or(config.int8_kernel) {
+                None | Some(Int8KernelArg::U8s8) => Int8Kernel::U8s8,
+                Some(Int8KernelArg::U8u8) => Int8Kernel::U8u8,
+                Some(Int8KernelArg::ReduceRange) => Int8Kernel::ReduceRange,
+            })
         }
-        (None | Some(PrecisionArg::Fp32), None) => MatmulPrecision::Float32,
-        (Some(PrecisionArg::Int8), kernel) => MatmulPrecision::Int8(match kernel {
-            None | Some(Int8KernelArg::U8s8) => Int8Kernel::U8s8,
-            Some(Int8KernelArg::U8u8) => Int8Kernel::U8u8,
-            Some(Int8KernelArg::ReduceRange) => Int8Kernel::ReduceRange,
-        }),
     };
     let options = ExportOptions {
         emit: EmitOptions {

@@ -48,11 +48,20 @@ impl ImportanceReport {
     /// `effir drop-study`.
     pub fn read(path: &std::path::Path) -> Result<Self> {
         let file: ImportanceFile = crate::io::json_file::read_json(path)?;
+        let invalid = |message: String| Error::InvalidConfig {
+            path: path.to_path_buf(),
+            message,
+        };
         if file.layers.is_empty() {
-            return Err(Error::InvalidConfig {
-                path: path.to_path_buf(),
-                message: "no layers in the importance report".into(),
-            });
+            return Err(invalid("no layers in the importance report".into()));
+        }
+        let mut indices: Vec<usize> = file.layers.iter().map(|l| l.layer).collect();
+        indices.sort_unstable();
+        if indices != (0..file.layers.len()).collect::<Vec<_>>() {
+            return Err(invalid(format!(
+                "layer indices {indices:?} are not each of 0..{} once",
+                file.layers.len()
+            )));
         }
         Ok(Self {
             layers: file.layers,

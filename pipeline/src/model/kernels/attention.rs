@@ -61,21 +61,23 @@ impl HeadLayout {
 
 /// The mask added to the scores of each query: one row of `T` per batch
 /// entry (`(B, 1, 1, T)`, padding) or per query (`(B, 1, T, T)`, causal and
-/// windowed patterns).
-enum Bias<'a> {
-    PerKey(&'a [f32]),
-    PerQuery(&'a [f32]),
+/// windowed patterns); a batch size of 1 applies to every entry.
+struct Bias<'a> {
+    values: &'a [f32],
+    per_query: bool,
+    /// Whether the mask has one entry per batch entry (else one for all).
+    per_batch: bool,
 }
 
 impl Bias<'_> {
     fn row(&self, batch: usize, query: usize, seq: usize) -> &[f32] {
-        match self {
-            Self::PerKey(b) => &b[batch * seq..(batch + 1) * seq],
-            Self::PerQuery(b) => {
-                let start = (batch * seq + query) * seq;
-                &b[start..start + seq]
-            }
-        }
+        let batch = if self.per_batch { batch } else { 0 };
+        let start = if self.per_query {
+            (batch * seq + query) * seq
+        } else {
+            batch * seq
+        };
+        &self.values[start..start + seq]
     }
 }
 
@@ -99,8 +101,10 @@ thread_local! {
     static SCORE_GRADS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// `dst (m, n) = beta · dst + alpha · lhs (m, k) · rhs (k, n)`, each matrix
-/// given by its start and its (row, column) strides, on one thread.
+/// `dst (m, n) = [dst +] alpha · lhs (m, k) · rhs (k, n)`, each matrix
+/// given by its start and its (row, column) strides, on one thread. (The
+/// `gemm` crate calls the factor of `dst` alpha and that of the product
+/// beta.)
 ///
 /// # Safety
 /// Every stride and size must stay inside the buffers behind the pointers.
@@ -196,27 +200,65 @@ impl Attention {
         k: (&'a [f32], &[usize]),
         v: (&'a [f32], &[usize]),
     ) -> Result<Inputs<'a>> {
-        let seq = if q.1.len() == 3 { q.1[1] } else { q.1[2] };
+        let (heads, kv_heads, d) = (self.heads, self.kv_heads, self.head_dim);
+        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || d == 0 {
+            candle_core::bail!(
+                "attention: {heads} query heads over {kv_heads} key/value heads of size {d}"
+            );
+        }
+        // (batch, sequence) of a (B, T, H·D) or (B, H, T, D) input with `h` heads.
+        let batch_seq = |dims: &[usize], h: usize| -> Result<(usize, usize)> {
+            match *dims {
+                [b, t, width] if width == h * d => Ok((b, t)),
+                [b, heads_in, t, size] if heads_in == h && size == d => Ok((b, t)),
+                _ => candle_core::bail!(
+                    "attention: input of shape {dims:?} for {h} heads of size {d}"
+                ),
+            }
+        };
+        let (batch, seq) = batch_seq(q.1, heads)?;
+        if batch_seq(k.1, kv_heads)? != (batch, seq) || batch_seq(v.1, kv_heads)? != (batch, seq) {
+            candle_core::bail!(
+                "attention: q {:?}, k {:?} and v {:?} differ in batch or sequence",
+                q.1,
+                k.1,
+                v.1
+            );
+        }
         Ok(Inputs {
             q: (q.0, HeadLayout::of(q.1, self.heads)?),
             k: (k.0, HeadLayout::of(k.1, self.kv_heads)?),
             v: (v.0, HeadLayout::of(v.1, self.kv_heads)?),
-            batch: q.1[0],
+            batch,
             seq,
         })
     }
 
     /// Runs `f` with the mask as a [`Bias`], when there is one.
-    fn with_bias<R>(&self, seq: usize, f: impl FnOnce(Option<&Bias>) -> Result<R>) -> Result<R> {
+    fn with_bias<R>(
+        &self,
+        batch: usize,
+        seq: usize,
+        f: impl FnOnce(Option<&Bias>) -> Result<R>,
+    ) -> Result<R> {
         let Some(tensor) = &self.bias else {
             return f(None);
         };
         let (storage, layout) = tensor.storage_and_layout();
-        let s = values(&storage, layout)?;
+        let values = values(&storage, layout)?;
         let bias = match *tensor.dims() {
-            [_, 1, 1, _] => Bias::PerKey(s),
-            [_, 1, rows, _] if rows == seq => Bias::PerQuery(s),
-            ref dims => candle_core::bail!("attention bias of shape {dims:?}"),
+            [b, 1, rows, keys]
+                if (b == batch || b == 1) && keys == seq && (rows == 1 || rows == seq) =>
+            {
+                Bias {
+                    values,
+                    per_query: rows == seq && seq > 1,
+                    per_batch: b == batch && batch > 1,
+                }
+            }
+            ref dims => candle_core::bail!(
+                "attention bias of shape {dims:?} for batch {batch} and sequence {seq}"
+            ),
         };
         f(Some(&bias))
     }
@@ -259,7 +301,7 @@ impl Attention {
         let kv_of = |h: usize| h / (self.heads / self.kv_heads);
         let mut out = vec![0.0f32; batch * seq * width];
         let out_ptr = SharedOut(out.as_mut_ptr());
-        self.with_bias(seq, |bias| {
+        self.with_bias(batch, seq, |bias| {
             (0..batch * self.heads).into_par_iter().for_each(|task| {
                 let (b, h) = (task / self.heads, task % self.heads);
                 let v0 = x.v.0[x.v.1.start(b, kv_of(h))..].as_ptr();
@@ -302,7 +344,7 @@ impl Attention {
         );
         // One task per key/value head, so the query heads of a group add
         // into its dk and dv in turn.
-        self.with_bias(seq, |bias| {
+        self.with_bias(batch, seq, |bias| {
             (0..batch * self.kv_heads).into_par_iter().for_each(|task| {
                 let (b, kv) = (task / self.kv_heads, task % self.kv_heads);
                 let k0 = x.k.0[x.k.1.start(b, kv)..].as_ptr();
@@ -517,6 +559,43 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// A mask of batch size 1 applies to every batch entry, as broadcasting
+    /// does; inputs whose shapes do not fit each other are refused, not read
+    /// out of bounds.
+    #[test]
+    fn a_shared_mask_broadcasts_and_mismatched_shapes_are_refused() {
+        let (b, t, h, d) = (2, 5, 2, 4);
+        let q = random(&[b, t, h * d], 1);
+        let k = random(&[b, t, h * d], 2);
+        let v = random(&[b, t, h * d], 3);
+        let causal: Vec<f32> = (0..t * t)
+            .map(|i| if i % t > i / t { f32::MIN } else { 0.0 })
+            .collect();
+        let shared = Tensor::from_vec(causal, (1, 1, t, t), &Device::Cpu).unwrap();
+        let want = composed(&q, &k, &v, (h, h, d), Some(&shared)).unwrap();
+        let got = attention(&q, &k, &v, h, h, d, Some(&shared), 0.3).unwrap();
+        assert_close("shared mask", &got, &want, 1e-6);
+
+        let short = random(&[b, t - 1, h * d], 4);
+        let narrow = random(&[b, t, d], 5);
+        let wrong_mask =
+            Tensor::zeros((b, 1, 1, t + 1), candle_core::DType::F32, &Device::Cpu).unwrap();
+        for (what, result) in [
+            ("a shorter k", attention(&q, &short, &v, h, h, d, None, 0.3)),
+            (
+                "v of one head",
+                attention(&q, &k, &narrow, h, h, d, None, 0.3),
+            ),
+            ("3 heads over 2", attention(&q, &k, &v, 3, 2, d, None, 0.3)),
+            (
+                "a mask of T + 1 keys",
+                attention(&q, &k, &v, h, h, d, Some(&wrong_mask), 0.3),
+            ),
+        ] {
+            assert!(result.is_err(), "{what} was accepted");
         }
     }
 }

@@ -218,11 +218,12 @@ impl CustomOp3 for Linear {
         &self,
         x: &Tensor,
         weight: &Tensor,
-        _bias: &Tensor,
+        bias: &Tensor,
         _y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dx, dw, db) = backward(x, weight, grad, true)?;
+        let db = db.map(|db| db.reshape(bias.shape())).transpose()?;
         Ok((Some(dx), Some(dw), db))
     }
 }

@@ -43,7 +43,9 @@ struct LayerNorm {
     eps: f32,
 }
 
-/// A row's mean and `1 / σ`, as candle's `layer_norm` computes them.
+/// A row's mean and `1 / σ`, as candle's `layer_norm` computes them
+/// (`E[x²] − mean²`), except that a variance rounded below zero counts as
+/// zero instead of giving NaN.
 #[inline]
 fn mean_inv_std(row: &[f32], eps: f32) -> (f32, f32) {
     let (mut sum, mut sum2) = (0f32, 0f32);
@@ -53,7 +55,7 @@ fn mean_inv_std(row: &[f32], eps: f32) -> (f32, f32) {
     }
     let n = row.len() as f32;
     let mean = sum / n;
-    let var = sum2 / n - mean * mean;
+    let var = (sum2 / n - mean * mean).max(0.0);
     (mean, (var + eps).sqrt().recip())
 }
 
@@ -121,7 +123,7 @@ impl CustomOp3 for LayerNorm {
         &self,
         x: &Tensor,
         weight: &Tensor,
-        _bias: &Tensor,
+        bias: &Tensor,
         _y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -171,7 +173,7 @@ impl CustomOp3 for LayerNorm {
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), device)?),
             Some(Tensor::from_vec(dw, weight.shape(), device)?),
-            Some(Tensor::from_vec(db, weight.shape(), device)?),
+            Some(Tensor::from_vec(db, bias.shape(), device)?),
         ))
     }
 }
