@@ -10,7 +10,7 @@ use candle_onnx::onnx::{
     ValueInfoProto,
 };
 
-use crate::quantize::MatmulPrecision;
+use crate::precision::MatmulPrecision;
 
 /// The element type of a graph input or output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,7 +10,8 @@
 //!   writers and readers share;
 //! - [`graph`]: building graphs node by node; [`graph_file`]: reading,
 //!   checking and writing `.onnx` files (external data);
-//! - [`export`]: the serving directory; [`quantize`]: int8 matrix products;
+//! - [`export`]: the serving directory; [`precision`], [`quantize`]: int8
+//!   matrix products;
 //!   [`cpu_features`]: the instructions int8 kernels depend on;
 //! - [`tensorrt`]: the TensorRT operator lint;
 //! - [`runtime`] (the library and every session's builder), [`providers`],
@@ -28,6 +29,7 @@ pub mod export;
 pub mod graph;
 pub mod graph_file;
 pub mod interface;
+pub mod precision;
 pub mod providers;
 pub mod quantize;
 pub mod rewrite;

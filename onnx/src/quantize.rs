@@ -17,77 +17,9 @@
 //! - `reduce-range` (int8 weights in 7 bits, [-63, 63]): the fast kernel
 //!   with headroom against saturation, at some precision.
 
-use candle_onnx::onnx::tensor_proto::DataType;
-use serde::{Deserialize, Serialize};
-
 use crate::graph::GraphBuilder;
-
-/// The integer kernel an int8 graph asks ONNX Runtime for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum Int8Kernel {
-    /// uint8 activations × int8 weights.
-    #[default]
-    U8s8,
-    /// uint8 activations × uint8 weights (zero point 128).
-    U8u8,
-    /// uint8 activations × 7-bit int8 weights.
-    ReduceRange,
-}
-
-impl Int8Kernel {
-    pub const NAMES: &'static str = "u8s8, u8u8, reduce-range";
-
-    pub fn from_name(name: &str) -> Option<Self> {
-        match name {
-            "u8s8" => Some(Self::U8s8),
-            "u8u8" => Some(Self::U8u8),
-            "reduce-range" => Some(Self::ReduceRange),
-            _ => None,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::U8s8 => "u8s8",
-            Self::U8u8 => "u8u8",
-            Self::ReduceRange => "reduce-range",
-        }
-    }
-
-    /// The largest quantized magnitude of a weight.
-    fn levels(self) -> f32 {
-        match self {
-            Self::U8s8 | Self::U8u8 => 127.0,
-            Self::ReduceRange => 63.0,
-        }
-    }
-}
-
-/// The arithmetic of the transformer's matrix products.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum MatmulPrecision {
-    #[default]
-    Float32,
-    Int8(Int8Kernel),
-}
-
-impl MatmulPrecision {
-    /// `fp32` or `int8`, as gates and records name it.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Float32 => "fp32",
-            Self::Int8(_) => "int8",
-        }
-    }
-
-    pub fn int8_kernel(self) -> Option<Int8Kernel> {
-        match self {
-            Self::Float32 => None,
-            Self::Int8(kernel) => Some(kernel),
-        }
-    }
-}
+pub use crate::precision::{Int8Kernel, MatmulPrecision};
+use candle_onnx::onnx::tensor_proto::DataType;
 
 /// A `(in, out)` matrix quantized per output column.
 #[derive(Debug, Clone, PartialEq)]

@@ -24,7 +24,7 @@ use rayon::prelude::*;
 use std::cell::RefCell;
 
 use super::softmax::softmax_row;
-use super::{cpu_f32, cpu_f32_values, f32_values as values};
+use super::{cpu_f32, cpu_f32_values, f32_values as values, product, Strided, Threads};
 
 /// How one of q, k, v is laid out: the offsets between batches, heads and
 /// sequence positions (the head dimension is contiguous).
@@ -101,43 +101,19 @@ thread_local! {
     static SCORE_GRADS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// `dst (m, n) = [dst +] alpha · lhs (m, k) · rhs (k, n)`, each matrix
-/// given by its start and its (row, column) strides, on one thread. (The
-/// `gemm` crate calls the factor of `dst` alpha and that of the product
-/// beta.)
+/// [`product`] on one thread: each attention task is already one of many.
 ///
 /// # Safety
-/// Every stride and size must stay inside the buffers behind the pointers.
-#[allow(clippy::too_many_arguments)]
-unsafe fn product(
-    (m, n, k): (usize, usize, usize),
-    dst: (*mut f32, usize, usize),
+/// As [`product`].
+unsafe fn product_here(
+    shape: (usize, usize, usize),
+    dst: Strided<*mut f32>,
     accumulate: bool,
-    lhs: (*const f32, usize, usize),
-    rhs: (*const f32, usize, usize),
-    alpha: f32,
+    lhs: Strided<*const f32>,
+    rhs: Strided<*const f32>,
+    scale: f32,
 ) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst.0,
-        dst.2 as isize,
-        dst.1 as isize,
-        accumulate,
-        lhs.0,
-        lhs.2 as isize,
-        lhs.1 as isize,
-        rhs.0,
-        rhs.2 as isize,
-        rhs.1 as isize,
-        1.0,
-        alpha,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    )
+    product(shape, dst, accumulate, lhs, rhs, scale, Threads::One)
 }
 
 /// Whether [`attention`] can run on these inputs (CPU, f32; a mask needs no
@@ -281,7 +257,7 @@ impl Attention {
         // scratch holds T × T.
         unsafe {
             // scores (T, T) = scale · q (T, D) · kᵀ (D, T)
-            product(
+            product_here(
                 (seq, seq, d),
                 (probs.as_mut_ptr(), seq, 1),
                 false,
@@ -313,7 +289,7 @@ impl Attention {
                     // head `h`) belongs to this task alone.
                     unsafe {
                         // context (T, D) = probs (T, T) · v (T, D), into the merged output.
-                        product(
+                        product_here(
                             (seq, d, seq),
                             (out_ptr.at(b * seq * width + h * d), width, 1),
                             false,
@@ -366,7 +342,7 @@ impl Attention {
                             // dv's (batch `b`, head `kv`) belong to this task.
                             unsafe {
                                 // dP (T, T) = dO (T, D) · vᵀ (D, T)
-                                product(
+                                product_here(
                                     (seq, seq, d),
                                     (ds.as_mut_ptr(), seq, 1),
                                     false,
@@ -383,7 +359,7 @@ impl Attention {
                             }
                             unsafe {
                                 // dq (T, D) = scale · dS (T, T) · k (T, D)
-                                product(
+                                product_here(
                                     (seq, d, seq),
                                     (dq_ptr.at(x.q.1.start(b, h)), x.q.1.row, 1),
                                     false,
@@ -392,7 +368,7 @@ impl Attention {
                                     self.scale,
                                 );
                                 // dk (T, D) += scale · dSᵀ (T, T) · q (T, D)
-                                product(
+                                product_here(
                                     (seq, d, seq),
                                     (dk0, x.k.1.row, 1),
                                     accumulate,
@@ -401,7 +377,7 @@ impl Attention {
                                     self.scale,
                                 );
                                 // dv (T, D) += Pᵀ (T, T) · dO (T, D)
-                                product(
+                                product_here(
                                     (seq, d, seq),
                                     (dv0, x.v.1.row, 1),
                                     accumulate,

@@ -9,7 +9,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::{cpu_f32, cpu_f32_values, with_values};
+use super::{cpu_f32, cpu_f32_values, product, with_values, Threads};
 
 /// Whether [`linear`] can run on these inputs (CPU, f32).
 pub fn applies(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> bool {
@@ -28,47 +28,6 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
 
 /// The linear op; with two arguments it has no bias.
 struct Linear;
-
-/// `dst (m, n) = [dst +] lhs (m, k) · rhs (k, n)`, matrices given by their
-/// start and (row, column) strides, on all of rayon's threads when large.
-///
-/// # Safety
-/// Every stride and size must stay inside the buffers behind the pointers.
-unsafe fn product(
-    (m, n, k): (usize, usize, usize),
-    dst: (*mut f32, usize, usize),
-    accumulate: bool,
-    lhs: (*const f32, usize, usize),
-    rhs: (*const f32, usize, usize),
-) {
-    let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 && m * n * k > 1 << 16 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst.0,
-        dst.2 as isize,
-        dst.1 as isize,
-        accumulate,
-        lhs.0,
-        lhs.2 as isize,
-        lhs.1 as isize,
-        rhs.0,
-        rhs.2 as isize,
-        rhs.1 as isize,
-        1.0,
-        1.0,
-        false,
-        false,
-        false,
-        parallelism,
-    )
-}
 
 /// The rows of `x` and the widths, checked against the weight and bias.
 fn dims(x: &[usize], weight: &[usize], bias: Option<usize>) -> Result<(usize, usize, usize)> {
@@ -101,6 +60,8 @@ fn forward(
             bias.is_some(),
             (x.as_ptr(), in_dim, 1),
             (weight.as_ptr(), 1, in_dim),
+            1.0,
+            Threads::All,
         );
     }
     out
@@ -128,6 +89,8 @@ fn backward(
                         false,
                         (gs.as_ptr(), out_dim, 1),
                         (ws.as_ptr(), in_dim, 1),
+                        1.0,
+                        Threads::All,
                     );
                     // dW (out, in) = dyᵀ (out, rows) · x (rows, in)
                     product(
@@ -136,6 +99,8 @@ fn backward(
                         false,
                         (gs.as_ptr(), 1, out_dim),
                         (xs.as_ptr(), in_dim, 1),
+                        1.0,
+                        Threads::All,
                     );
                 }
                 let db = with_bias.then(|| {
@@ -254,16 +219,7 @@ mod tests {
             (Some(&b), want.broadcast_add(&b).unwrap()),
         ] {
             let got = linear(&x, &w, bias).unwrap();
-            let diff: f32 = (got - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let diff = crate::model::kernels::test_support::max_diff(&got, &want);
             assert!(diff < 1e-6, "bias {}: {diff}", bias.is_some());
         }
     }

@@ -18,11 +18,9 @@ pub fn random(shape: &[usize], seed: u64) -> Tensor {
     Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
 }
 
-/// The largest absolute difference between `a` and `b`.
-pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
+/// The largest magnitude in `t`.
+pub fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
         .unwrap()
         .flatten_all()
         .unwrap()
@@ -32,20 +30,16 @@ pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
+/// The largest absolute difference between `a` and `b`.
+pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    max_abs(&(a - b).unwrap())
+}
+
 /// Fails unless `got` and `want` have one shape and differ by at most
 /// `tolerance` times the largest magnitude in `want` (at least 1).
 pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, tolerance: f32) {
     assert_eq!(got.dims(), want.dims(), "{what}: shapes");
-    let scale = want
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-        .max(1.0);
+    let scale = max_abs(want).max(1.0);
     let diff = max_diff(got, want);
     assert!(
         diff <= tolerance * scale,
