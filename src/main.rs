@@ -59,7 +59,20 @@ enum Command {
     Inspect(commands::inspect::InspectArgs),
 }
 
+/// A closed output pipe (`effir export ... | head -1`) ends the process
+/// quietly, as it ends `cat` or `grep`, instead of a panic in `println!`:
+/// Rust ignores SIGPIPE by default, this restores the default action.
+fn end_quietly_on_closed_pipe() {
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to its default, before any
+    // thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> std::process::ExitCode {
+    end_quietly_on_closed_pipe();
     keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(

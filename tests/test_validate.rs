@@ -377,3 +377,25 @@ fn the_committed_configs_parse_and_drive_the_stages() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("| 2 | 8 |"));
 }
+
+/// `effir export ... | head -1`: when the reader closes the pipe, effir ends
+/// as `cat` would (SIGPIPE), with no panic, and the export it finished
+/// before printing is whole.
+#[test]
+fn a_closed_output_pipe_ends_effir_quietly() {
+    use std::process::{Command, Stdio};
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_effir"))
+        .args(["export", "--model", fixture("bert").to_str().unwrap()])
+        .args(["--out", out.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run effir");
+    drop(child.stdout.take());
+    let result = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.join("model.onnx").is_file() && out.join("effir_export.json").is_file());
+}
