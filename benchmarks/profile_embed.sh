@@ -17,6 +17,6 @@ from corpus_sample import scifact_documents, write_jsonl
 write_jsonl(sys.argv[1], scifact_documents(256))
 PY
 perf record -q -F 499 -g -o "$work/perf.data" "$effir" embed --quiet --model "$model" \
-  --input "$work/docs.jsonl" --output "$work/emb.npy" --max-length 256 --batch-size 32
+  --input "$work/docs.jsonl" --output "$work/emb.npy" --max-length 256 --batch-size 32 >/dev/null
 perf report -i "$work/perf.data" --no-children --sort symbol --stdio 2>/dev/null \
   | grep -E '^ +[0-9.]+%' | head -15
