@@ -16,19 +16,10 @@ const KERNELS: [&str; 3] = ["u8s8", "u8u8", "reduce-range"];
 /// `configs/gates.yaml`'s `parity.int8.min_cosine`.
 const INT8_MIN_COSINE: f64 = 0.99;
 
+/// An export with the sentence-transformers profile (the head in the graph).
 fn export(model: &Path, out: &Path, extra: &[&str]) {
-    let mut args = vec![
-        "export",
-        "--model",
-        model.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--profile",
-        "sentence-transformers",
-    ];
-    args.extend_from_slice(extra);
-    let run = effir(&args);
-    assert!(run.status.success(), "export {args:?}: {}", stderr(&run));
+    let args = [&["--profile", "sentence-transformers"], extra].concat();
+    common::export(model, out, &args);
 }
 
 fn op_count(graph: &GraphFile, op: &str) -> usize {

@@ -9,26 +9,13 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use common::{effir, effir_env, stderr};
+use common::{effir, effir_env, export, stderr};
 
 use common::{fixture, minilm_dir};
 use effir_onnx::graph_file::GraphFile;
 
 fn tiny_data() -> PathBuf {
     fixture("eval/tiny")
-}
-
-fn export(model: &Path, out: &Path, extra: &[&str]) {
-    let mut args = vec![
-        "export",
-        "--model",
-        model.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let o = effir(&args);
-    assert!(o.status.success(), "export: {}", stderr(&o));
 }
 
 fn write_gates(dir: &Path, text: &str) -> PathBuf {

@@ -196,3 +196,17 @@ pub fn python_client(export_dir: &Path, reference_dir: &Path, min_cosine: f64) {
         stderr(&out)
     );
 }
+
+/// `effir export --model MODEL --out OUT EXTRA...`, which must succeed.
+pub fn export(model: &Path, out: &Path, extra: &[&str]) {
+    let mut args = vec![
+        "export",
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let run = effir(&args);
+    assert!(run.status.success(), "export {args:?}: {}", stderr(&run));
+}
