@@ -197,7 +197,7 @@ impl AttentionBlock {
         let (h, d) = (self.heads, self.head_dim);
         let context = multi_head_attention(&q, &k, &v, h, h, d, bias, scale)?;
         let out = self.output.forward(&context)?;
-        self.norm.forward(&(out + x)?)
+        self.norm.forward_sum(&out, x)
     }
 
     fn parameter_count(&self) -> usize {
@@ -245,10 +245,10 @@ impl MlpBlock {
         layer: usize,
         hooks: &mut dyn ForwardHooks,
     ) -> CandleResult<Tensor> {
-        let a = self.act.forward(&self.intermediate.forward(x)?)?;
+        let a = self.intermediate.forward_then(x, self.act)?;
         let a = hooks.mlp_activation(layer, a)?;
         let y = self.output.forward(&a)?;
-        self.norm.forward(&(y + x)?)
+        self.norm.forward_sum(&y, x)
     }
 
     fn parameter_count(&self) -> usize {

@@ -184,7 +184,7 @@ impl GatedMlp {
     }
 
     fn forward(&self, x: &Tensor, layer: usize, hooks: &mut dyn ForwardHooks) -> Result<Tensor> {
-        let gate = self.act.forward(&self.gate.forward(x)?)?;
+        let gate = self.gate.forward_then(x, self.act)?;
         let a = hooks.mlp_activation(layer, (gate * self.up.forward(x)?)?)?;
         self.down.forward(&a)
     }

@@ -55,6 +55,31 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// `activation(self.forward(x))`; on the CPU in f32 without a LoRA
+    /// adapter the activation runs in place on the product's buffer when
+    /// nothing is tracked for gradients.
+    pub fn forward_then(&self, x: &Tensor, activation: Activation) -> Result<Tensor> {
+        let kind = activation.kernel();
+        let dims = x.dims();
+        let in_dim = dims[dims.len() - 1];
+        let rows = x.elem_count() / in_dim;
+        let x2 = x.reshape((rows, in_dim))?;
+        match kind {
+            Some(kind)
+                if self.lora.is_none()
+                    && kernels::linear::applies(&x2, &self.weight, self.bias.as_ref()) =>
+            {
+                let mut out_dims = dims.to_vec();
+                *out_dims.last_mut().expect("non-empty dims") = self.weight.dim(0)?;
+                kernels::linear::linear_then(&x2, &self.weight, self.bias.as_ref(), kind)?
+                    .reshape(out_dims)
+            }
+            _ => activation.forward(&self.forward(x)?),
+        }
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims();
@@ -121,6 +146,17 @@ impl Module for LayerNorm {
     }
 }
 
+impl LayerNorm {
+    /// `self.forward(a + b)`: the residual sum and its norm, fused on the CPU
+    /// in f32 when nothing is tracked for gradients.
+    pub fn forward_sum(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        if kernels::norm::applies(a, &[b, &self.weight, &self.bias]) {
+            return kernels::norm::layer_norm_of_sum(a, b, &self.weight, &self.bias, self.eps);
+        }
+        self.forward(&(a + b)?)
+    }
+}
+
 /// RMSNorm. Gemma stores `w` and scales by `1 + w` (`unit_offset`); Llama
 /// stores the scale itself. The offset is added in `forward`, not at load,
 /// so a trained `w` takes effect at once.
@@ -184,14 +220,23 @@ impl Activation {
     }
 }
 
+impl Activation {
+    /// The fused kernel that computes this activation, if there is one.
+    fn kernel(self) -> Option<kernels::activation::Kind> {
+        use kernels::activation::Kind;
+        match self {
+            Self::GeluErf => Some(Kind::GeluErf),
+            Self::GeluTanh => Some(Kind::GeluTanh),
+            Self::Silu => Some(Kind::Silu),
+            Self::Relu => None,
+        }
+    }
+}
+
 impl Module for Activation {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        use crate::model::kernels::activation::Kind;
-        let kind = match self {
-            Self::GeluErf => Kind::GeluErf,
-            Self::GeluTanh => Kind::GeluTanh,
-            Self::Silu => Kind::Silu,
-            Self::Relu => return x.relu(),
+        let Some(kind) = self.kernel() else {
+            return x.relu();
         };
         if kernels::cpu_f32(x) {
             return x.contiguous()?.apply_op1(kind);

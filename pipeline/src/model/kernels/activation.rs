@@ -38,26 +38,81 @@ fn tanh(x: f32) -> f32 {
     ((1.0 - e) / (1.0 + e)).copysign(x)
 }
 
+/// The activation of one value.
 #[inline(always)]
-fn apply_body(kind: Kind, input: &[f32], out: &mut [f32]) {
+fn activate(kind: Kind, x: f32) -> f32 {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
     match kind {
-        Kind::GeluErf => {
-            for (o, &x) in out.iter_mut().zip(input) {
-                *o = 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
-            }
-        }
-        Kind::GeluTanh => {
-            for (o, &x) in out.iter_mut().zip(input) {
-                *o = 0.5 * x * (1.0 + tanh(SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)));
-            }
-        }
-        Kind::Silu => {
-            for (o, &x) in out.iter_mut().zip(input) {
-                *o = x / (1.0 + exp(-x));
-            }
-        }
+        Kind::GeluErf => 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2)),
+        Kind::GeluTanh => 0.5 * x * (1.0 + tanh(SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x))),
+        Kind::Silu => x / (1.0 + exp(-x)),
     }
+}
+
+#[inline(always)]
+fn apply_body(kind: Kind, input: &[f32], out: &mut [f32]) {
+    // One loop per kind, so each vectorises without a branch inside.
+    match kind {
+        Kind::GeluErf => out
+            .iter_mut()
+            .zip(input)
+            .for_each(|(o, &x)| *o = activate(Kind::GeluErf, x)),
+        Kind::GeluTanh => out
+            .iter_mut()
+            .zip(input)
+            .for_each(|(o, &x)| *o = activate(Kind::GeluTanh, x)),
+        Kind::Silu => out
+            .iter_mut()
+            .zip(input)
+            .for_each(|(o, &x)| *o = activate(Kind::Silu, x)),
+    }
+}
+
+#[inline(always)]
+fn in_place_body(kind: Kind, values: &mut [f32]) {
+    match kind {
+        Kind::GeluErf => values
+            .iter_mut()
+            .for_each(|x| *x = activate(Kind::GeluErf, *x)),
+        Kind::GeluTanh => values
+            .iter_mut()
+            .for_each(|x| *x = activate(Kind::GeluTanh, *x)),
+        Kind::Silu => values
+            .iter_mut()
+            .for_each(|x| *x = activate(Kind::Silu, *x)),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn in_place_avx2(kind: Kind, values: &mut [f32]) {
+    in_place_body(kind, values)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn in_place_avx512(kind: Kind, values: &mut [f32]) {
+    in_place_body(kind, values)
+}
+
+fn in_place(kind: Kind, values: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    match super::exp::simd_level() {
+        // SAFETY: the CPU has the features, as `simd_level` detected.
+        super::exp::SimdLevel::Avx512 => return unsafe { in_place_avx512(kind, values) },
+        super::exp::SimdLevel::Avx2 => return unsafe { in_place_avx2(kind, values) },
+        super::exp::SimdLevel::Baseline => {}
+    }
+    in_place_body(kind, values)
+}
+
+/// Replaces every value by its activation, over all threads: for a buffer
+/// the caller owns and needs no more (the linear layer's output, when no
+/// gradient is wanted), so no second buffer is written.
+pub fn apply_in_place(kind: Kind, values: &mut [f32]) {
+    values
+        .par_chunks_mut(CHUNK)
+        .for_each(|chunk| in_place(kind, chunk));
 }
 
 /// `out = grad ⊙ f'(input)`.

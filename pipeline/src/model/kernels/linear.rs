@@ -9,6 +9,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
+use super::activation::{apply_in_place, Kind};
 use super::{cpu_f32, cpu_f32_values, product, with_values, Threads};
 
 /// Whether [`linear`] can run on these inputs (CPU, f32).
@@ -19,15 +20,61 @@ pub fn applies(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> bool {
 /// `x (rows, in) · weightᵀ (in, out) + bias (out)` as `(rows, out)`;
 /// `weight` is PyTorch's `(out, in)`.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    apply(x, weight, bias, Linear { then: None })
+}
+
+/// `activation(linear(x, weight, bias))`. When nothing is tracked for
+/// gradients the activation runs in place on the product's own buffer, the
+/// MLP's widest tensor, instead of writing a second one; otherwise it is
+/// the two ops, each with its backward pass.
+pub fn linear_then(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    activation: Kind,
+) -> Result<Tensor> {
+    if x.track_op() || weight.track_op() || bias.is_some_and(Tensor::track_op) {
+        return linear(x, weight, bias)?.apply_op1(activation);
+    }
+    apply(
+        x,
+        weight,
+        bias,
+        Linear {
+            then: Some(activation),
+        },
+    )
+}
+
+fn apply(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, op: Linear) -> Result<Tensor> {
     let (x, weight) = (x.contiguous()?, weight.contiguous()?);
     match bias {
-        Some(bias) => x.apply_op3(&weight, &bias.contiguous()?, Linear),
-        None => x.apply_op2(&weight, Linear),
+        Some(bias) => x.apply_op3(&weight, &bias.contiguous()?, op),
+        None => x.apply_op2(&weight, op),
     }
 }
 
-/// The linear op; with two arguments it has no bias.
-struct Linear;
+/// The linear op; with two arguments it has no bias. `then`: an activation
+/// applied to the output in place (only built when no gradient is wanted).
+struct Linear {
+    then: Option<Kind>,
+}
+
+impl Linear {
+    fn finish(&self, mut out: Vec<f32>) -> Vec<f32> {
+        if let Some(kind) = self.then {
+            apply_in_place(kind, &mut out);
+        }
+        out
+    }
+
+    fn check_backward(&self) -> Result<()> {
+        if self.then.is_some() {
+            candle_core::bail!("linear with an in-place activation has no backward pass");
+        }
+        Ok(())
+    }
+}
 
 /// The rows of `x` and the widths, checked against the weight and bias.
 fn dims(x: &[usize], weight: &[usize], bias: Option<usize>) -> Result<(usize, usize, usize)> {
@@ -139,6 +186,7 @@ impl CustomOp2 for Linear {
     ) -> Result<(CpuStorage, Shape)> {
         let shape = dims(xl.dims(), wl.dims(), None)?;
         let out = forward(cpu_f32_values(x, xl)?, cpu_f32_values(w, wl)?, None, shape);
+        let out = self.finish(out);
         Ok((CpuStorage::F32(out), Shape::from((shape.0, shape.2))))
     }
 
@@ -149,6 +197,7 @@ impl CustomOp2 for Linear {
         _y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        self.check_backward()?;
         let (dx, dw, _) = backward(x, weight, grad, false)?;
         Ok((Some(dx), Some(dw)))
     }
@@ -176,6 +225,7 @@ impl CustomOp3 for Linear {
             Some(bias),
             shape,
         );
+        let out = self.finish(out);
         Ok((CpuStorage::F32(out), Shape::from((shape.0, shape.2))))
     }
 
@@ -187,6 +237,7 @@ impl CustomOp3 for Linear {
         _y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        self.check_backward()?;
         let (dx, dw, db) = backward(x, weight, grad, true)?;
         let db = db.map(|db| db.reshape(bias.shape())).transpose()?;
         Ok((Some(dx), Some(dw), db))
@@ -249,6 +300,34 @@ mod tests {
             .zip(got.iter().zip(&want))
         {
             assert_close(name, g, w, 1e-5);
+        }
+    }
+
+    /// With an activation fused in, the output is the activation of the
+    /// linear layer, bit for bit, with and without a bias; tracked inputs
+    /// take the two-op path and get the composed gradients.
+    #[test]
+    fn an_activation_fused_in_place_equals_the_two_ops() {
+        use crate::model::kernels::test_support::{assert_close, gradients, random};
+        let x = random(&[41, 19], 5).affine(3.0, 0.0).unwrap();
+        let w = random(&[29, 19], 6);
+        let b = random(&[29], 7);
+        for kind in [Kind::GeluErf, Kind::GeluTanh, Kind::Silu] {
+            for bias in [None, Some(&b)] {
+                let fused = linear_then(&x, &w, bias, kind).unwrap();
+                let two_ops = linear(&x, &w, bias).unwrap().apply_op1(kind).unwrap();
+                assert_close(&format!("{kind:?}"), &fused, &two_ops, 0.0);
+            }
+            let upstream = random(&[41, 29], 8);
+            let got = gradients(&[&x, &w, &b], &upstream, |t| {
+                linear_then(&t[0], &t[1], Some(&t[2]), kind)
+            });
+            let want = gradients(&[&x, &w, &b], &upstream, |t| {
+                linear(&t[0], &t[1], Some(&t[2]))?.apply_op1(kind)
+            });
+            for (name, (g, w)) in ["dx", "dW", "db"].iter().zip(got.iter().zip(&want)) {
+                assert_close(&format!("{kind:?} {name}"), g, w, 0.0);
+            }
         }
     }
 }

@@ -39,6 +39,47 @@ pub fn rms_norm(x: &Tensor, scale: &Tensor, eps: f32) -> Result<Tensor> {
         .apply_op2(&scale.contiguous()?, RmsNorm { eps })
 }
 
+/// `layer_norm(a + b)`, the residual sum and its LayerNorm in one pass over
+/// one new buffer, where the composed form writes the sum to a tensor of its
+/// own first. For inference: when `a` or `b` is tracked for gradients it is
+/// the composed form, whose backward pass [`layer_norm`] has. The result is
+/// bit-identical to `layer_norm(&(a + b)?, …)` either way.
+pub fn layer_norm_of_sum(
+    a: &Tensor,
+    b: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f32,
+) -> Result<Tensor> {
+    if a.track_op() || b.track_op() || a.dims() != b.dims() {
+        return layer_norm(&(a + b)?, weight, bias, eps);
+    }
+    let width = a.dim(candle_core::D::Minus1)?;
+    let out = with_values(a, |a| {
+        with_values(b, |b| {
+            with_values(weight, |w| {
+                with_values(bias, |bias| {
+                    check_params("layer norm", width, &[w, bias])?;
+                    let mut out = vec![0f32; a.len()];
+                    out.par_chunks_mut(width)
+                        .zip(a.par_chunks(width).zip(b.par_chunks(width)))
+                        .for_each(|(out, (a, b))| {
+                            for ((o, a), b) in out.iter_mut().zip(a).zip(b) {
+                                *o = a + b;
+                            }
+                            let (mean, inv_std) = mean_inv_std(out, eps);
+                            for (o, (w, bias)) in out.iter_mut().zip(w.iter().zip(bias)) {
+                                *o = (*o - mean) * inv_std * w + bias;
+                            }
+                        });
+                    Ok(out)
+                })
+            })
+        })
+    })?;
+    Tensor::from_vec(out, a.shape(), a.device())
+}
+
 struct LayerNorm {
     eps: f32,
 }
@@ -297,6 +338,30 @@ mod tests {
         for (name, (g, w)) in ["dx", "dscale"].iter().zip(got.iter().zip(&want)) {
             assert_close(&format!("rms norm {name}"), g, w, 2e-5);
         }
+    }
+
+    /// The fused residual sum and norm is the norm of the sum, bit for bit;
+    /// tracked inputs take the composed path and still get their gradients.
+    #[test]
+    fn layer_norm_of_a_sum_is_the_norm_of_the_sum() {
+        let a = random(&[2, 7, 40], 11).affine(3.0, 0.2).unwrap();
+        let b = random(&[2, 7, 40], 12);
+        let w = random(&[40], 13).affine(0.5, 1.0).unwrap();
+        let bias = random(&[40], 14);
+        let fused = layer_norm_of_sum(&a, &b, &w, &bias, 1e-12).unwrap();
+        let composed = layer_norm(&(&a + &b).unwrap(), &w, &bias, 1e-12).unwrap();
+        assert_close("fused residual norm", &fused, &composed, 0.0);
+
+        let upstream = random(&[2, 7, 40], 15);
+        let got = gradients(&[&a, &b], &upstream, |t| {
+            layer_norm_of_sum(&t[0], &t[1], &w, &bias, 1e-12)
+        });
+        let want = gradients(&[&a, &b], &upstream, |t| {
+            candle_nn::ops::layer_norm_slow(&(&t[0] + &t[1])?, &w, &bias, 1e-12)
+        });
+        assert_close("da", &got[0], &want[0], 2e-5);
+        assert_close("db", &got[1], &want[1], 2e-5);
+        assert!(layer_norm_of_sum(&a, &random(&[2, 7, 39], 16), &w, &bias, 1e-12).is_err());
     }
 
     /// More rows than one backward task takes: the per-task parameter

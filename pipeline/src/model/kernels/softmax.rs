@@ -4,44 +4,60 @@
 
 use super::exp::exp;
 
-const LANES: usize = 8;
+const LANES: usize = 16;
 
 /// Adds `bias` (when given) to `row`, then replaces it by its softmax.
 #[inline(always)]
 fn softmax_row_body(row: &mut [f32], bias: Option<&[f32]>) {
     if let Some(bias) = bias {
-        for (x, b) in row.iter_mut().zip(bias) {
-            *x += b;
+        add_in_place(row, bias);
+    }
+    let max = row_max(row);
+    // The exponentials and their sum in one pass, sixteen running sums.
+    let mut sum = [0.0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for chunk in &mut chunks {
+        for (s, x) in sum.iter_mut().zip(chunk.iter_mut()) {
+            *x = exp(*x - max);
+            *s += *x;
         }
     }
-    // Eight running maxima and sums, so the reductions vectorise.
+    for (s, x) in sum.iter_mut().zip(chunks.into_remainder()) {
+        *x = exp(*x - max);
+        *s += *x;
+    }
+    let inv = 1.0 / sum.iter().sum::<f32>();
+    for x in row.iter_mut() {
+        *x *= inv;
+    }
+}
+
+#[inline(always)]
+fn add_in_place(row: &mut [f32], bias: &[f32]) {
+    for (x, b) in row.iter_mut().zip(bias) {
+        *x += b;
+    }
+}
+
+/// The row's largest value, over sixteen running maxima (one AVX-512
+/// register). `if x > m` rather than `f32::max`, whose NaN rule costs a
+/// compare and a blend per element; a NaN score still makes the whole row
+/// NaN, through the sum of the exponentials.
+#[inline(always)]
+fn row_max(row: &[f32]) -> f32 {
+    let larger = |m: f32, x: f32| if x > m { x } else { m };
     let mut max = [f32::NEG_INFINITY; LANES];
     let mut chunks = row.chunks_exact(LANES);
     for chunk in &mut chunks {
         for (m, x) in max.iter_mut().zip(chunk) {
-            *m = m.max(*x);
+            *m = larger(*m, *x);
         }
     }
-    let max = chunks
+    chunks
         .remainder()
         .iter()
         .chain(&max)
-        .fold(f32::NEG_INFINITY, |m, x| m.max(*x));
-    for x in row.iter_mut() {
-        *x = exp(*x - max);
-    }
-    let mut sum = [0.0f32; LANES];
-    let mut chunks = row.chunks_exact(LANES);
-    for chunk in &mut chunks {
-        for (s, x) in sum.iter_mut().zip(chunk) {
-            *s += x;
-        }
-    }
-    let total: f32 = chunks.remainder().iter().chain(&sum).sum();
-    let inv = 1.0 / total;
-    for x in row.iter_mut() {
-        *x *= inv;
-    }
+        .fold(f32::NEG_INFINITY, |m, x| larger(m, *x))
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -124,6 +140,21 @@ mod tests {
                         mask.is_some()
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn a_nan_score_makes_the_whole_row_nan() {
+        for (build, softmax) in builds() {
+            for at in [0usize, 7, 20] {
+                let mut row: Vec<f32> = (0..21).map(|i| i as f32 * 0.1).collect();
+                row[at] = f32::NAN;
+                softmax(&mut row, None);
+                assert!(
+                    row.iter().all(|x| x.is_nan()),
+                    "{build}, NaN at {at}: {row:?}"
+                );
             }
         }
     }
