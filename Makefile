@@ -15,7 +15,7 @@ PYTHON  ?= python3
 .PHONY: all system-deps build models test lint embed eval eval-scifact python-deps \
         fixtures metric-references bench-embed profile-embed bench-analyze parity-embeddinggemma \
         onnxruntime export export-pruned validate validate-pruned validate-prune-minilm bench-onnx parity-embeddinggemma-onnx \
-        finetune-minilm finetune-minilm-2ep finetune-minilm-unpruned finetune-minilm-unpruned-2ep bench-finetune profile-finetune optimum-fixtures rewrite-minilm \
+        finetune-minilm finetune-minilm-2ep recover-minilm finetune-minilm-unpruned finetune-minilm-unpruned-2ep bench-finetune profile-finetune optimum-fixtures rewrite-minilm \
         analyze-minilm drop-study-minilm prune-minilm results-minilm \
         analyze-embeddinggemma drop-study-embeddinggemma results-embeddinggemma clean
 
@@ -162,6 +162,32 @@ finetune-minilm-unpruned: build models onnxruntime
 
 finetune-minilm-unpruned-2ep: build models onnxruntime
 	$(call finetune_and_validate,$(MINILM),configs/finetune-minilm-2ep.yaml,minilm-ft2ep)
+
+# ---- label-free recovery (issue 14) ----------------------------------------
+# Each MiniLM plan pruned (if not yet), then recovered without labels: the
+# student learns the full model's embeddings of the SciFact corpus text
+# (configs/recover-minilm.yaml; no qrels, no queries), exported with the
+# sentence-transformers profile and validated on SciFact test (whose corpus
+# text it saw) and Cranfield (never seen). An interrupted run resumes from
+# its checkpoints when the target is run again.
+RECOVER_PLANS ?= 25 50 70
+recover-minilm: build models onnxruntime
+	for p in $(RECOVER_PLANS); do \
+	  test -f $(RUNS)/minilm-prune-$$p/config.json || \
+	    $(EFFIR) prune --model $(MINILM) --plan configs/prune-minilm-$$p.yaml --data $(DATA) --out $(RUNS)/minilm-prune-$$p || exit 1; \
+	  if [ ! -f $(RUNS)/minilm-prune-$$p-distill/config.json ]; then \
+	    resume=; [ -d $(RUNS)/minilm-prune-$$p-distill.checkpoints ] && resume=--resume; \
+	    $(EFFIR) finetune --model $(RUNS)/minilm-prune-$$p --train-texts $(DATA) --config configs/recover-minilm.yaml \
+	      --out $(RUNS)/minilm-prune-$$p-distill $$resume || exit 1; \
+	  fi; \
+	  $(EFFIR) export --model $(RUNS)/minilm-prune-$$p-distill --profile sentence-transformers \
+	    --out $(RUNS)/onnx/minilm-prune-$$p-distill --overwrite || exit 1; \
+	  for d in $(DATA) $(HELDOUT); do \
+	    $(EFFIR) validate --reference $(MINILM) --candidate $(RUNS)/onnx/minilm-prune-$$p-distill --data $$d \
+	      --gates configs/gates.yaml --out $(RUNS)/validate-minilm-prune-$$p-distill-$$(basename $$d) \
+	      || echo "minilm-prune-$$p-distill on $$d: gates failed (see its validation.md)"; \
+	  done; \
+	done
 
 # Training examples/s of effir vs sentence-transformers' trainer (PyTorch CPU), same model, batch and length.
 bench-finetune: build models python-deps

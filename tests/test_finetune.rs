@@ -338,8 +338,8 @@ fn lora_merges_into_a_plain_model_and_pruned_widths_survive() {
     );
     assert!(provenance["pruning"]["mlp_keep"].as_f64().unwrap() < 0.6);
     assert_eq!(
-        provenance["tuned_on"].as_str().map(Path::new),
-        Some(train.as_path())
+        provenance["tuned_on"],
+        serde_json::json!([train.to_str().unwrap()])
     );
     let md = std::fs::read_to_string(report_dir.join("validation.md")).unwrap();
     assert!(md.contains("- pruned: MLPs [1] dropped"), "{md}");

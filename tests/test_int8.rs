@@ -104,7 +104,7 @@ fn both_int8_kernels_rank_cranfield_alike_and_validate_records_them() {
             report.to_str().unwrap(),
         ]);
         let json = read_json(&report.join("validation.json"));
-        let value = json["quality"]["candidate_ndcg_at_10"]
+        let value = json["quality"][0]["candidate_ndcg_at_10"]
             .as_f64()
             .unwrap_or_else(|| panic!("{kernel}: no nDCG@10 in {json}"));
         (value, json)

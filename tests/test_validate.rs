@@ -63,7 +63,7 @@ fn a_faithful_export_passes_and_a_perturbed_weight_fails_the_parity_gate() {
     let json = common::read_json(&report.join("validation.json"));
     assert_eq!(json["passed"], true);
     assert!(json["parity"]["min_cosine"].as_f64().unwrap() >= 0.99999);
-    assert_eq!(json["quality"]["ndcg_retention"].as_f64().unwrap(), 1.0);
+    assert_eq!(json["quality"][0]["ndcg_retention"].as_f64().unwrap(), 1.0);
     assert!(report.join("validation.md").is_file());
 
     // One weight perturbed: the graph still runs, but is not the model.
@@ -97,6 +97,64 @@ fn a_faithful_export_passes_and_a_perturbed_weight_fails_the_parity_gate() {
     );
     let json = common::read_json(&report.join("validation.json"));
     assert_eq!(json["passed"], false);
+}
+
+/// `--data` repeats: one quality report per dataset, each gated, parity
+/// texts from the first.
+#[test]
+fn validate_gates_every_dataset_it_is_given() {
+    let work = tempfile::tempdir().unwrap();
+    let gates = write_gates(work.path(), ALL_GATES);
+    let graph = work.path().join("graph");
+    export(
+        &fixture("bert"),
+        &graph,
+        &["--profile", "sentence-transformers"],
+    );
+    // A second dataset: the tiny one with only some of its judgements.
+    let second = work.path().join("tiny-b");
+    std::fs::create_dir_all(second.join("qrels")).unwrap();
+    for f in ["corpus.jsonl", "queries.jsonl"] {
+        std::fs::copy(tiny_data().join(f), second.join(f)).unwrap();
+    }
+    std::fs::write(
+        second.join("qrels/test.tsv"),
+        "query-id\tcorpus-id\tscore\nq2\td2\t1\nq3\td3\t1\n",
+    )
+    .unwrap();
+    let report = work.path().join("report");
+    let out = effir(&[
+        "validate",
+        "--quiet",
+        "--no-cache",
+        "--reference",
+        fixture("bert").to_str().unwrap(),
+        "--candidate",
+        graph.to_str().unwrap(),
+        "--data",
+        tiny_data().to_str().unwrap(),
+        "--data",
+        second.to_str().unwrap(),
+        "--gates",
+        gates.to_str().unwrap(),
+        "--out",
+        report.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json = common::read_json(&report.join("validation.json"));
+    let quality = json["quality"].as_array().unwrap();
+    assert_eq!(quality.len(), 2);
+    assert_eq!(quality[1]["queries"], 2);
+    let gate_names: Vec<&str> = json["gates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["gate"].as_str().unwrap())
+        .collect();
+    assert!(gate_names.contains(&"quality.min_ndcg_retention on tiny"));
+    assert!(gate_names.contains(&"quality.min_ndcg_retention on tiny-b"));
+    let md = std::fs::read_to_string(report.join("validation.md")).unwrap();
+    assert!(md.contains("Worst nDCG@10 retention"), "{md}");
 }
 
 #[test]
@@ -145,7 +203,7 @@ fn a_pruned_minilm_scores_the_same_through_onnx_runtime_as_in_candle() {
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let json = common::read_json(&report.join("validation.json"));
-    let q = &json["quality"];
+    let q = &json["quality"][0];
     let (candle, ort) = (
         q["reference_ndcg_at_10"].as_f64().unwrap(),
         q["candidate_ndcg_at_10"].as_f64().unwrap(),

@@ -263,6 +263,16 @@ pub struct QualityReport {
     pub recall_retention: f64,
 }
 
+impl QualityReport {
+    /// The dataset's directory name (`scifact`, `cranfield`).
+    pub fn name(&self) -> String {
+        self.dataset.file_name().map_or_else(
+            || self.dataset.display().to_string(),
+            |n| n.to_string_lossy().into(),
+        )
+    }
+}
+
 fn mean_metric(report: &EvalReport, name: &str) -> Result<f64> {
     report
         .evaluation
@@ -330,7 +340,7 @@ pub fn apply_gates(
     gates: &Gates,
     precision: &str,
     parity: Option<&ParityReport>,
-    quality: Option<&QualityReport>,
+    quality: &[QualityReport],
 ) -> Vec<GateResult> {
     let mut results = Vec::new();
     // `rule` is ">=" (a floor) or "<=" (a ceiling); gates without a
@@ -360,24 +370,32 @@ pub fn apply_gates(
         p.min_mean_cosine,
         parity.map(|r| r.mean_cosine),
     );
-    check(
-        "quality.min_ndcg_retention",
-        ">=",
-        q.min_ndcg_retention,
-        quality.map(|r| r.ndcg_retention),
-    );
-    check(
-        "quality.min_recall_retention",
-        ">=",
-        q.min_recall_retention,
-        quality.map(|r| r.recall_retention),
-    );
-    check(
-        "quality.min_ndcg",
-        ">=",
-        q.min_ndcg,
-        quality.map(|r| r.candidate_ndcg_at_10),
-    );
+    // The quality gates hold on every dataset, so the worst one decides;
+    // with several datasets each gate names its dataset.
+    for report in quality {
+        let name = |gate: &str| match quality.len() {
+            1 => gate.to_string(),
+            _ => format!("{gate} on {}", report.name()),
+        };
+        check(
+            &name("quality.min_ndcg_retention"),
+            ">=",
+            q.min_ndcg_retention,
+            Some(report.ndcg_retention),
+        );
+        check(
+            &name("quality.min_recall_retention"),
+            ">=",
+            q.min_recall_retention,
+            Some(report.recall_retention),
+        );
+        check(
+            &name("quality.min_ndcg"),
+            ">=",
+            q.min_ndcg,
+            Some(report.candidate_ndcg_at_10),
+        );
+    }
     check(
         &format!("{prefix}.max_abs_diff"),
         "<=",
@@ -394,9 +412,9 @@ pub struct Provenance {
     /// The MLPs pruning dropped (in the order it dropped them), each
     /// layer's MLP width and the share of MLP neurons kept.
     pub pruning: Option<PruningProvenance>,
-    /// The data the candidate was fine-tuned on: quality measured on it
-    /// is not held out.
-    pub tuned_on: Option<PathBuf>,
+    /// The data the candidate was fine-tuned on, labeled (`--train`) or not
+    /// (`--train-texts`): quality measured on it is not held out.
+    pub tuned_on: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -414,7 +432,9 @@ impl Provenance {
             mlp_widths: r.mlp_widths,
             mlp_keep: r.mlp_keep_achieved,
         });
-        let tuned_on = FinetuneRecord::read(model_dir)?.map(|r| r.train);
+        let tuned_on = FinetuneRecord::read(model_dir)?
+            .map(|r| r.train.into_iter().chain(r.train_texts).collect())
+            .unwrap_or_default();
         Ok(Self { pruning, tuned_on })
     }
 
@@ -423,8 +443,8 @@ impl Provenance {
     pub fn was_tuned_on(&self, dataset: &Path) -> bool {
         let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
         self.tuned_on
-            .as_deref()
-            .is_some_and(|train| canonical(train).starts_with(canonical(dataset)))
+            .iter()
+            .any(|train| canonical(train).starts_with(canonical(dataset)))
     }
 }
 
@@ -442,7 +462,8 @@ pub struct ValidationReport {
     /// How the candidate's source model was made.
     pub provenance: Provenance,
     pub parity: Option<ParityReport>,
-    pub quality: Option<QualityReport>,
+    /// One report per dataset (`--data`, repeatable).
+    pub quality: Vec<QualityReport>,
     pub gates: Vec<GateResult>,
     pub passed: bool,
 }
@@ -473,7 +494,7 @@ impl ValidationReport {
                 p.mlp_widths
             );
         }
-        if let Some(train) = &self.provenance.tuned_on {
+        for train in &self.provenance.tuned_on {
             md += &format!("- fine-tuned on: `{}`\n", train.display());
         }
         if let Some(p) = &self.parity {
@@ -486,10 +507,7 @@ impl ValidationReport {
                 p.max_abs_diff
             );
         }
-        if let Some(q) = &self.quality {
-            if self.provenance.was_tuned_on(&q.dataset) {
-                md += "\nThe candidate was fine-tuned on this dataset: its quality here is not held out.\n";
-            }
+        for q in &self.quality {
             md += &format!(
                 "\n## Quality ({}, split {}, {} queries, {} documents)\n\n| | reference | candidate | retention |\n|---|---|---|---|\n| nDCG@10 | {:.4} | {:.4} | {:.4} |\n| Recall@100 | {:.4} | {:.4} | {:.4} |\n",
                 q.dataset.display(),
@@ -502,6 +520,21 @@ impl ValidationReport {
                 q.reference_recall_at_100,
                 q.candidate_recall_at_100,
                 q.recall_retention
+            );
+            if self.provenance.was_tuned_on(&q.dataset) {
+                md += "\nThe candidate was fine-tuned on this dataset's text: its quality here is not held out.\n";
+            }
+        }
+        if let Some(worst) = self
+            .quality
+            .iter()
+            .min_by(|a, b| a.ndcg_retention.total_cmp(&b.ndcg_retention))
+            .filter(|_| self.quality.len() > 1)
+        {
+            md += &format!(
+                "\nWorst nDCG@10 retention: {:.4} ({}).\n",
+                worst.ndcg_retention,
+                worst.name()
             );
         }
         md += "\n## Gates\n\n| gate | rule | value | result |\n|---|---|---|---|\n";
@@ -532,7 +565,7 @@ mod tests {
         std::fs::create_dir_all(&cranfield).unwrap();
         let tuned = |train: &Path| Provenance {
             pruning: None,
-            tuned_on: Some(train.to_path_buf()),
+            tuned_on: vec![train.to_path_buf()],
         };
         assert!(tuned(&scifact).was_tuned_on(&scifact));
         assert!(tuned(&scifact.join("train_hard_negatives.jsonl.gz")).was_tuned_on(&scifact));
@@ -570,10 +603,50 @@ mod tests {
             mean_cosine: 0.999999,
             max_abs_diff: 2e-4,
         };
-        let results = apply_gates(&gates, "fp32", Some(&parity), None);
+        let results = apply_gates(&gates, "fp32", Some(&parity), &[]);
         assert_eq!(results.len(), 2);
         assert!(results[0].passed, "cosine 0.999995 >= 0.99999");
         assert!(!results[1].passed, "diff 2e-4 > 1e-4");
+    }
+
+    /// With several datasets the quality gates hold on each, named by
+    /// dataset, so the worst retention decides.
+    #[test]
+    fn quality_gates_apply_to_every_dataset() {
+        let gates = Gates {
+            parity: ParityGates::default(),
+            quality: QualityGates {
+                min_ndcg_retention: Some(0.98),
+                ..Default::default()
+            },
+        };
+        let report = |dir: &str, retention: f64| QualityReport {
+            dataset: PathBuf::from("data").join(dir),
+            split: "test".into(),
+            documents: 10,
+            queries: 2,
+            reference_ndcg_at_10: 0.5,
+            candidate_ndcg_at_10: 0.5 * retention,
+            reference_recall_at_100: 0.9,
+            candidate_recall_at_100: 0.9,
+            ndcg_retention: retention,
+            recall_retention: 1.0,
+        };
+        let both = [report("scifact", 1.01), report("cranfield", 0.97)];
+        let results = apply_gates(&gates, "fp32", None, &both);
+        assert_eq!(
+            results
+                .iter()
+                .map(|g| (g.gate.as_str(), g.passed))
+                .collect::<Vec<_>>(),
+            [
+                ("quality.min_ndcg_retention on scifact", true),
+                ("quality.min_ndcg_retention on cranfield", false)
+            ]
+        );
+        // One dataset: the plain gate name.
+        let one = apply_gates(&gates, "fp32", None, &both[..1]);
+        assert_eq!(one[0].gate, "quality.min_ndcg_retention");
     }
 
     /// A precision's section replaces the plain parity gates for graphs of
@@ -595,11 +668,11 @@ mod tests {
             mean_cosine: 0.998,
             max_abs_diff: 3e-2,
         };
-        let int8 = apply_gates(&gates, "int8", Some(&parity), None);
+        let int8 = apply_gates(&gates, "int8", Some(&parity), &[]);
         assert_eq!(int8.len(), 1);
         assert_eq!(int8[0].gate, "parity.int8.min_cosine");
         assert!(int8[0].passed);
-        let fp32 = apply_gates(&gates, "fp32", Some(&parity), None);
+        let fp32 = apply_gates(&gates, "fp32", Some(&parity), &[]);
         assert_eq!(
             fp32.iter()
                 .map(|g| (g.gate.as_str(), g.passed))

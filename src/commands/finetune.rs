@@ -1,5 +1,6 @@
-//! `effir finetune`: contrastive retrieval fine-tuning of a model directory
-//! (pruned or not) into a new model directory.
+//! `effir finetune`: retrieval fine-tuning of a model directory (pruned or
+//! not) into a new model directory: contrastive on labeled pairs, label-free
+//! distillation from the unpruned model on unlabeled text, or both.
 
 use std::path::PathBuf;
 
@@ -8,10 +9,11 @@ use clap::Args;
 use effir_pipeline::data::beir::{DanglingPolicy, Dataset};
 use effir_pipeline::data::text_format::TextFormat;
 use effir_pipeline::eval::evaluation::{evaluate_model, EvalSettings};
-use effir_pipeline::finetune::data::{load_examples, TrainingSource};
+use effir_pipeline::finetune::data::{load_examples, TrainingExample, TrainingSource};
 use effir_pipeline::finetune::record::write_model;
-use effir_pipeline::finetune::trainer::TrainingRun;
-use effir_pipeline::finetune::{finetune, FinetuneConfig, FinetuneRecord};
+use effir_pipeline::finetune::texts::load_texts;
+use effir_pipeline::finetune::trainer::{TrainingData, TrainingRun};
+use effir_pipeline::finetune::{finetune, FinetuneConfig, FinetuneRecord, Objective};
 use effir_pipeline::{EncoderSetup, LoadOptions};
 
 #[derive(Debug, Args)]
@@ -19,9 +21,15 @@ pub struct FinetuneArgs {
     /// Model directory to fine-tune (pruned or not).
     #[arg(long, env = "EFFIR_MODEL")]
     pub model: PathBuf,
-    /// Training data: a BEIR directory (train qrels) or a JSONL of {query, pos, neg}.
+    /// Labeled training data (objectives contrastive and combined): a BEIR
+    /// directory (train qrels) or a JSONL of {query, pos, neg}.
     #[arg(long)]
-    pub train: PathBuf,
+    pub train: Option<PathBuf>,
+    /// Unlabeled text for `objective: distill` (repeatable): a BEIR directory
+    /// (its corpus; not its queries), a JSONL of strings or {text, title} objects, or
+    /// a text file with one text per line. No qrels are read.
+    #[arg(long = "train-texts", value_name = "PATH")]
+    pub train_texts: Vec<PathBuf>,
     /// Qrels split of a BEIR --train directory.
     #[arg(long, default_value = "train")]
     pub split: String,
@@ -84,16 +92,11 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
     )
     .with_context(|| format!("loading {}", args.model.display()))?;
     let format = TextFormat::for_model(&setup, None, None)?;
-    let source = if args.train.is_dir() {
-        TrainingSource::Beir {
-            dir: &args.train,
-            split: &args.split,
-            hard_negatives: args.hard_negatives.as_deref(),
-        }
-    } else {
-        TrainingSource::Jsonl(&args.train)
+    let (examples, texts) = training_data(&args, &config, &format)?;
+    let data = match config.objective {
+        Objective::Distill => TrainingData::Texts(&texts),
+        Objective::Contrastive | Objective::Combined => TrainingData::Pairs(&examples),
     };
-    let examples = load_examples(&source, &format)?;
     let dev = match &config.dev {
         Some(dev) => {
             let mut data = Dataset::load(&dev.data, &dev.split, DanglingPolicy::Warn)?;
@@ -105,7 +108,10 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         None => None,
     };
     let fingerprint = {
-        let mut h = effir_pipeline::finetune::data::fingerprint(&examples);
+        let mut h = match data {
+            TrainingData::Pairs(e) => effir_pipeline::finetune::data::fingerprint(e),
+            TrainingData::Texts(t) => effir_pipeline::finetune::texts::fingerprint(t),
+        };
         h.push_str(&format!(
             "|{}|{}|{}",
             serde_json::to_string(&config)?,
@@ -114,10 +120,15 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         ));
         blake3::hash(h.as_bytes()).to_hex().to_string()
     };
-    let total = config.total_steps(examples.len());
+    let total = config.total_steps(data.len());
     eprintln!(
-        "{} training examples, {} steps of {} x {} queries{}",
-        examples.len(),
+        "{} training {}, {} steps of {} x {}{}",
+        data.len(),
+        if texts.is_empty() {
+            "examples"
+        } else {
+            "texts"
+        },
         total,
         config.batch_size,
         config.gradient_accumulation,
@@ -148,7 +159,7 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         .unwrap_or_default();
     let (outcome, weights) = finetune(
         &run,
-        &examples,
+        data,
         &mut |r| {
             use std::io::Write;
             let _ = writeln!(log, "{}", serde_json::to_string(r).unwrap_or_default());
@@ -193,6 +204,7 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         outcome: outcome.clone(),
         source_model: std::fs::canonicalize(&args.model).unwrap_or_else(|_| args.model.clone()),
         train: args.train.clone(),
+        train_texts: args.train_texts.clone(),
     };
     write_model(&args.model, &args.out, &weights, &record)?;
     std::fs::copy(&log_path, args.out.join("train_log.jsonl"))
@@ -214,4 +226,47 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
             .unwrap_or_default()
     );
     Ok(())
+}
+
+/// The labeled examples (contrastive, combined) or the unlabeled texts
+/// (distill) the objective trains on; the other source is refused.
+fn training_data(
+    args: &FinetuneArgs,
+    config: &FinetuneConfig,
+    format: &TextFormat,
+) -> anyhow::Result<(Vec<TrainingExample>, Vec<String>)> {
+    match (config.objective, &args.train) {
+        (Objective::Distill, Some(train)) => bail!(
+            "--train {}: objective distill trains on unlabeled text; pass --train-texts instead",
+            train.display()
+        ),
+        (Objective::Distill, None) => {
+            if args.train_texts.is_empty() {
+                bail!("objective distill needs unlabeled text: pass --train-texts PATH");
+            }
+            Ok((Vec::new(), load_texts(&args.train_texts, format)?))
+        }
+        (objective, None) => bail!(
+            "objective {objective:?} trains on labeled examples: pass --train (or set \
+             objective: distill in the config for --train-texts)"
+        ),
+        (objective, Some(train)) => {
+            if !args.train_texts.is_empty() {
+                bail!(
+                    "--train-texts is for objective distill; objective {objective:?} distills \
+                     on the texts of its labeled batches"
+                );
+            }
+            let source = if train.is_dir() {
+                TrainingSource::Beir {
+                    dir: train,
+                    split: &args.split,
+                    hard_negatives: args.hard_negatives.as_deref(),
+                }
+            } else {
+                TrainingSource::Jsonl(train)
+            };
+            Ok((load_examples(&source, format)?, Vec::new()))
+        }
+    }
 }

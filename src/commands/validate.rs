@@ -32,9 +32,10 @@ pub struct ValidateArgs {
     /// effir.source_model metadata, else the reference].
     #[arg(long)]
     pub candidate_model: Option<PathBuf>,
-    /// BEIR dataset directory.
-    #[arg(long, env = "EFFIR_DATA")]
-    pub data: PathBuf,
+    /// BEIR dataset directory; repeat for several (quality is gated on
+    /// each, so the worst retention decides; parity texts come from the first).
+    #[arg(long, env = "EFFIR_DATA", required = true)]
+    pub data: Vec<PathBuf>,
     /// Gates (YAML): parity.{min_cosine,min_mean_cosine,max_abs_diff},
     /// quality.{min_ndcg_retention,min_recall_retention,min_ndcg}.
     #[arg(long)]
@@ -75,13 +76,20 @@ pub fn run(args: ValidateArgs) -> anyhow::Result<()> {
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    let mut dataset = Dataset::load(&args.data, &args.split, DanglingPolicy::Warn)?;
-    if let Some(n) = args.doc_sample {
-        if n == 0 {
-            bail!("--doc-sample must be at least 1");
-        }
-        dataset = dataset.with_document_sample(n, args.seed);
+    if args.doc_sample == Some(0) {
+        bail!("--doc-sample must be at least 1");
     }
+    let datasets = args
+        .data
+        .iter()
+        .map(|dir| {
+            let data = Dataset::load(dir, &args.split, DanglingPolicy::Warn)?;
+            Ok(match args.doc_sample {
+                Some(n) => data.with_document_sample(n, args.seed),
+                None => data,
+            })
+        })
+        .collect::<anyhow::Result<Vec<Dataset>>>()?;
     let settings = args.providers.settings()?;
     let location = GraphLocation::resolve(&args.candidate)?;
     let options = LoadOptions {
@@ -121,7 +129,7 @@ pub fn run(args: ValidateArgs) -> anyhow::Result<()> {
     let candle = Embedder::load(&candle_model, &options)
         .with_context(|| format!("loading {}", candle_model.display()))?;
     let format = TextFormat::for_model(candle.setup(), None, None)?;
-    let texts = parity_texts(&dataset, &format, args.parity_texts);
+    let texts = parity_texts(&datasets[0], &format, args.parity_texts);
     let parity = check_parity(&candidate, &candle, &texts, args.batch_size)?;
 
     // Quality: the candidate through ONNX Runtime vs the reference in candle.
@@ -142,25 +150,31 @@ pub fn run(args: ValidateArgs) -> anyhow::Result<()> {
             }),
             ..Default::default()
         };
-        Some(check_quality(
-            &reference,
-            &candidate,
-            &dataset,
-            &eval,
-            &mut |which, phase, done, total| {
-                bar.set_message(format!(
-                    "{which}: {}",
-                    match phase {
-                        Phase::Corpus => "encoding corpus",
-                        Phase::Queries => "encoding queries",
-                    }
-                ));
-                bar.set_length(total as u64);
-                bar.set_position(done as u64);
-            },
-        )?)
+        datasets
+            .iter()
+            .map(|dataset| {
+                check_quality(
+                    &reference,
+                    &candidate,
+                    dataset,
+                    &eval,
+                    &mut |which, phase, done, total| {
+                        bar.set_message(format!(
+                            "{}, {which}: {}",
+                            dataset.dir.display(),
+                            match phase {
+                                Phase::Corpus => "encoding corpus",
+                                Phase::Queries => "encoding queries",
+                            }
+                        ));
+                        bar.set_length(total as u64);
+                        bar.set_position(done as u64);
+                    },
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?
     } else {
-        None
+        Vec::new()
     };
     bar.finish_and_clear();
 
@@ -168,7 +182,7 @@ pub fn run(args: ValidateArgs) -> anyhow::Result<()> {
         .metadata("effir.precision")
         .unwrap_or("fp32")
         .to_string();
-    let results = apply_gates(&gates, &precision, Some(&parity), quality.as_ref());
+    let results = apply_gates(&gates, &precision, Some(&parity), &quality);
     let report = ValidationReport {
         reference: args.reference.clone(),
         candidate: candidate.graph().to_path_buf(),

@@ -24,6 +24,59 @@ pub struct DistillationSettings {
     pub temperature: f64,
 }
 
+/// What a run minimises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Objective {
+    /// InfoNCE over labeled query–document pairs (and, with `distillation`,
+    /// KL to the teacher's scores over each query's candidates).
+    #[default]
+    Contrastive,
+    /// Label-free: the student's embeddings of unlabeled text
+    /// (`--train-texts`) match the teacher's (`embedding_distillation`).
+    Distill,
+    /// Both: the contrastive loss, plus the embedding-distillation terms on
+    /// every text of the contrastive batch, so in-domain gains stay anchored
+    /// to the teacher.
+    Combined,
+}
+
+/// How far the student's sentence embeddings are from the teacher's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EmbeddingLoss {
+    /// `1 − cos(student, teacher)`, mean over texts.
+    #[default]
+    Cosine,
+    /// Squared distance between the unit-length embeddings, mean over texts.
+    Mse,
+}
+
+/// Label-free distillation: the teacher's sentence embeddings of the same
+/// texts, and the similarities between the texts of a batch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddingDistillationSettings {
+    /// The teacher model directory (the unpruned model); it must share the
+    /// student's tokenizer and embedding size.
+    pub teacher: PathBuf,
+    #[serde(default)]
+    pub loss: EmbeddingLoss,
+    /// Weight of the embedding term.
+    #[serde(default = "one")]
+    pub weight: f64,
+    /// Weight of the KL between the teacher's and the student's in-batch
+    /// similarity distributions (each text against every other).
+    #[serde(default = "one")]
+    pub similarity_weight: f64,
+    /// Temperature of both similarity distributions.
+    #[serde(default = "default_temperature")]
+    pub similarity_temperature: f64,
+    /// Weight of the contrastive loss beside these terms (`combined` only).
+    #[serde(default = "one")]
+    pub contrastive_weight: f64,
+}
+
 /// Evaluation on a development split every `every` steps; the best
 /// checkpoint becomes the output.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -58,6 +111,7 @@ fn default_metric() -> String {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FinetuneConfig {
+    pub objective: Objective,
     pub epochs: usize,
     /// Stop after this many optimizer steps (overrides `epochs`).
     pub max_steps: Option<usize>,
@@ -87,12 +141,14 @@ pub struct FinetuneConfig {
     pub freeze_embeddings: bool,
     pub lora: Option<LoraSettings>,
     pub distillation: Option<DistillationSettings>,
+    pub embedding_distillation: Option<EmbeddingDistillationSettings>,
     pub dev: Option<DevSettings>,
 }
 
 impl Default for FinetuneConfig {
     fn default() -> Self {
         Self {
+            objective: Objective::Contrastive,
             epochs: 1,
             max_steps: None,
             batch_size: 16,
@@ -112,6 +168,7 @@ impl Default for FinetuneConfig {
             freeze_embeddings: true,
             lora: None,
             distillation: None,
+            embedding_distillation: None,
             dev: None,
         }
     }
@@ -133,7 +190,8 @@ impl FinetuneConfig {
         if self.gradient_accumulation == 0 {
             return bad("gradient_accumulation must be at least 1".into());
         }
-        if self.batch_size == 1 && self.hard_negatives == 0 {
+        if self.batch_size == 1 && self.hard_negatives == 0 && self.objective != Objective::Distill
+        {
             return bad("batch_size 1 without hard negatives leaves no negative".into());
         }
         if !positive(self.temperature) {
@@ -157,6 +215,49 @@ impl FinetuneConfig {
         if let Some(d) = &self.distillation {
             if !(positive(d.weight) || d.weight == 0.0) || !positive(d.temperature) {
                 return bad("distillation weight must be >= 0 and temperature > 0".into());
+            }
+        }
+        match (self.objective, &self.embedding_distillation) {
+            (Objective::Distill | Objective::Combined, None) => {
+                return bad(format!(
+                    "objective {:?} needs an embedding_distillation section naming the teacher",
+                    self.objective
+                ));
+            }
+            (Objective::Contrastive, Some(_)) => {
+                return bad(
+                    "embedding_distillation is set but objective is contrastive; \
+                     set objective: distill or combined"
+                        .into(),
+                );
+            }
+            (_, Some(e)) => {
+                let weights = [e.weight, e.similarity_weight, e.contrastive_weight];
+                if weights.iter().any(|w| !(w.is_finite() && *w >= 0.0))
+                    || e.weight + e.similarity_weight <= 0.0
+                    || !positive(e.similarity_temperature)
+                {
+                    return bad("embedding_distillation weights must be >= 0 (weight or \
+                         similarity_weight above 0) and similarity_temperature > 0"
+                        .into());
+                }
+            }
+            (Objective::Contrastive, None) => {}
+        }
+        if self.objective == Objective::Distill && self.distillation.is_some() {
+            return bad(
+                "distillation (teacher scores over labeled candidates) needs labeled data; \
+                 objective distill has none"
+                    .into(),
+            );
+        }
+        if let (Some(d), Some(e)) = (&self.distillation, &self.embedding_distillation) {
+            if d.teacher != e.teacher {
+                return bad(format!(
+                    "distillation and embedding_distillation name different teachers ({} and {})",
+                    d.teacher.display(),
+                    e.teacher.display()
+                ));
             }
         }
         if let Some(dev) = &self.dev {

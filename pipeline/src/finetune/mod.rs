@@ -1,10 +1,12 @@
 //! Retrieval-specific fine-tuning in candle (EffiR's recovery step): InfoNCE
 //! over in-batch and hard negatives, optional KL distillation from the
-//! unpruned model, full fine-tuning or LoRA, AdamW with warmup and decay,
+//! unpruned model's scores, label-free distillation of its embeddings on
+//! unlabeled text, full fine-tuning or LoRA, AdamW with warmup and decay,
 //! gradient clipping and accumulation, atomic checkpoints with exact resume.
 //!
 //! - [`config`]: the run's settings;
 //! - [`data`]: training examples from BEIR qrels, hard-negative files or JSONL;
+//! - [`texts`]: unlabeled text for label-free distillation;
 //! - [`objective`]: the losses;
 //! - [`optimizer`]: AdamW, schedule, clipping;
 //! - [`lora`]: adapters and merging;
@@ -21,9 +23,13 @@ pub mod objective;
 pub mod optimizer;
 pub mod record;
 pub mod teacher;
+pub mod texts;
 pub mod trainer;
 
-pub use config::{DevSettings, DistillationSettings, FinetuneConfig};
+pub use config::{
+    DevSettings, DistillationSettings, EmbeddingDistillationSettings, EmbeddingLoss,
+    FinetuneConfig, Objective,
+};
 pub use lora::LoraSettings;
 pub use optimizer::Decay;
 pub use record::FinetuneRecord;

@@ -1,8 +1,12 @@
 //! Retrieval training objectives: InfoNCE over in-batch and hard negatives,
-//! and KL distillation from a teacher's scores over each query's own
-//! candidates.
+//! KL distillation from a teacher's scores over each query's own
+//! candidates, and the label-free terms: the distance between the student's
+//! and the teacher's embeddings of a text, and the KL between their in-batch
+//! similarity distributions.
 
 use candle_core::{Result, Tensor, D};
+
+use super::config::EmbeddingLoss;
 
 /// Rows scaled to unit length (cosine similarity by dot product).
 pub fn normalize(x: &Tensor) -> Result<Tensor> {
@@ -44,6 +48,42 @@ pub fn distillation_kl(student: &Tensor, teacher: &Tensor, temperature: f64) -> 
     kl.mean_all()
 }
 
+/// How far the student's embeddings `(N, D)` are from the teacher's, row by
+/// row, mean over rows: `1 − cos` or the squared distance of the unit rows.
+pub fn embedding_distance(
+    student: &Tensor,
+    teacher: &Tensor,
+    loss: EmbeddingLoss,
+) -> Result<Tensor> {
+    let (s, t) = (normalize(student)?, normalize(teacher)?);
+    match loss {
+        EmbeddingLoss::Cosine => (1.0 - (s * t)?.sum(D::Minus1)?.mean_all()?)?.affine(1.0, 0.0),
+        EmbeddingLoss::Mse => (s - t)?.sqr()?.sum(D::Minus1)?.mean_all(),
+    }
+}
+
+/// KL(teacher ‖ student) of each text's similarities to the other texts of
+/// the batch (cosine, at `temperature`; a text's similarity to itself is
+/// left out), mean over texts. `student`, `teacher`: `(N, D)`, N ≥ 2.
+pub fn similarity_kl(student: &Tensor, teacher: &Tensor, temperature: f64) -> Result<Tensor> {
+    let n = student.dim(0)?;
+    if n < 2 {
+        candle_core::bail!("in-batch similarity needs at least 2 texts, got {n}");
+    }
+    // -1e4 on the diagonal: after the temperature its probability is 0 for
+    // both, so it adds nothing to the KL.
+    let self_mask = (Tensor::eye(n, student.dtype(), student.device())? * -1e4)?;
+    let similarities = |x: &Tensor| -> Result<Tensor> {
+        let x = normalize(x)?;
+        x.matmul(&x.t()?)? + &self_mask
+    };
+    distillation_kl(
+        &similarities(student)?,
+        &similarities(teacher)?,
+        temperature,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -76,5 +116,44 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!(same.abs() < 1e-6 && diff > 0.1, "{same} {diff}");
+    }
+
+    #[test]
+    fn embedding_terms_are_zero_for_the_teacher_itself_and_grow_with_distance() {
+        let dev = Device::Cpu;
+        let t = Tensor::new(&[[1f32, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.5, 0.5]], &dev).unwrap();
+        let near =
+            Tensor::new(&[[1f32, 0.1, 0.0], [0.0, 2.0, 0.1], [0.0, 0.5, 0.6]], &dev).unwrap();
+        let far = Tensor::new(&[[0f32, 1.0, 0.0], [1.0, 0.0, 0.0], [0.5, 0.0, 0.5]], &dev).unwrap();
+        let value = |x: Tensor| x.to_scalar::<f32>().unwrap();
+        for loss in [EmbeddingLoss::Cosine, EmbeddingLoss::Mse] {
+            let same = value(embedding_distance(&t, &t, loss).unwrap());
+            let a = value(embedding_distance(&near, &t, loss).unwrap());
+            let b = value(embedding_distance(&far, &t, loss).unwrap());
+            assert!(same.abs() < 1e-6, "{loss:?}: {same}");
+            assert!(0.0 < a && a < b, "{loss:?}: near {a}, far {b}");
+            // Scale does not matter: both losses compare directions.
+            let scaled = value(embedding_distance(&(&t * 3.0).unwrap(), &t, loss).unwrap());
+            assert!(scaled.abs() < 1e-6, "{loss:?}: {scaled}");
+        }
+        // The similarity term sees only how the texts relate to each other:
+        // `far` is `t` rotated (the same similarities), `mixed` is not.
+        let same = value(similarity_kl(&t, &t, 0.05).unwrap());
+        let rotated = value(similarity_kl(&far, &t, 0.05).unwrap());
+        assert!(
+            same.abs() < 1e-6 && rotated.abs() < 1e-6,
+            "{same} {rotated}"
+        );
+        let mixed =
+            Tensor::new(&[[1f32, 0.0, 0.0], [1.0, 0.3, 0.0], [0.0, 0.0, 1.0]], &dev).unwrap();
+        let a = value(similarity_kl(&near, &t, 0.05).unwrap());
+        let b = value(similarity_kl(&mixed, &t, 0.05).unwrap());
+        assert!(same.abs() < 1e-6 && 0.0 < a && a < b, "{same} {a} {b}");
+        assert!(similarity_kl(
+            &t.narrow(0, 0, 1).unwrap(),
+            &t.narrow(0, 0, 1).unwrap(),
+            0.05
+        )
+        .is_err());
     }
 }

@@ -22,7 +22,11 @@ pub struct FinetuneRecord {
     pub outcome: TrainingOutcome,
     /// The model the run started from.
     pub source_model: PathBuf,
-    pub train: PathBuf,
+    /// Labeled training data (`--train`), for contrastive and combined runs.
+    pub train: Option<PathBuf>,
+    /// Unlabeled text (`--train-texts`), for label-free distillation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub train_texts: Vec<PathBuf>,
 }
 
 impl FinetuneRecord {

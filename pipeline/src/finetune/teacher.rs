@@ -72,30 +72,27 @@ impl TeacherEmbeddings {
         })
     }
 
+    /// The teacher's unit embeddings `(N, D)` of `texts`, in order.
+    pub fn embeddings<'a>(&self, texts: impl IntoIterator<Item = &'a str>) -> Result<Tensor> {
+        let rows: Vec<u32> = texts
+            .into_iter()
+            .map(|t| {
+                self.index.get(&key(t)).map(|r| *r as u32).ok_or_else(|| {
+                    Error::InvalidArgument("a training text has no teacher embedding".into())
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(self
+            .matrix
+            .index_select(&Tensor::new(rows.as_slice(), &Device::Cpu)?, 0)?)
+    }
+
     /// Cosine scores `(B, C)` of each query against its candidates.
     pub fn scores(&self, queries: &[&str], candidates: &[Vec<&str>]) -> Result<Tensor> {
-        let row = |t: &str| -> Result<usize> {
-            self.index.get(&key(t)).copied().ok_or_else(|| {
-                Error::InvalidArgument("a training text has no teacher embedding".into())
-            })
-        };
         let b = queries.len();
         let c = candidates.first().map_or(0, Vec::len);
-        let q_rows: Vec<u32> = queries
-            .iter()
-            .map(|q| row(q).map(|r| r as u32))
-            .collect::<Result<_>>()?;
-        let c_rows: Vec<u32> = candidates
-            .iter()
-            .flatten()
-            .map(|t| row(t).map(|r| r as u32))
-            .collect::<Result<_>>()?;
-        let q = self
-            .matrix
-            .index_select(&Tensor::new(q_rows.as_slice(), &Device::Cpu)?, 0)?;
-        let cand = self
-            .matrix
-            .index_select(&Tensor::new(c_rows.as_slice(), &Device::Cpu)?, 0)?;
+        let q = self.embeddings(queries.iter().copied())?;
+        let cand = self.embeddings(candidates.iter().flatten().copied())?;
         Ok(super::objective::candidate_scores(&q, &cand, c)?.reshape((b, c))?)
     }
 }

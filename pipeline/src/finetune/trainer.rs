@@ -1,6 +1,8 @@
 //! The fine-tuning loop. Weights that train are `Var`s inside an ordinary
 //! [`Embedder`], so the model code is the one inference uses; every step
-//! samples a batch (seeded), computes InfoNCE (+ distillation), accumulates
+//! samples a batch (seeded), computes its objective (InfoNCE, with
+//! distillation of the teacher's scores; or label-free distillation of the
+//! teacher's embeddings; or both), accumulates
 //! gradients over micro-batches, clips them and takes an AdamW step.
 //! Checkpoints hold everything the next step depends on, so a resumed run
 //! continues bit for bit.
@@ -13,9 +15,11 @@ use candle_core::{DType, Device, Tensor, Var};
 use serde::Serialize;
 
 use super::checkpoint::{self, LoopState};
-use super::config::FinetuneConfig;
+use super::config::{FinetuneConfig, Objective};
 use super::data::TrainingExample;
-use super::objective::{candidate_scores, distillation_kl, info_nce};
+use super::objective::{
+    candidate_scores, distillation_kl, embedding_distance, info_nce, similarity_kl,
+};
 use super::optimizer::{clip_grad_norm, learning_rate, AdamW, AdamWSettings};
 use super::teacher::TeacherEmbeddings;
 use crate::data::sampling::{shuffled_indices, SplitMix64};
@@ -32,8 +36,13 @@ pub struct StepReport {
     pub total_steps: usize,
     pub epoch: usize,
     pub loss: f64,
-    pub info_nce: f64,
+    /// `None` for label-free distillation.
+    pub info_nce: Option<f64>,
     pub distillation: Option<f64>,
+    /// `1 − cos` (or MSE) to the teacher's embeddings.
+    pub embedding_distance: Option<f64>,
+    /// KL of the in-batch similarity distributions.
+    pub similarity_kl: Option<f64>,
     pub learning_rate: f64,
     pub grad_norm: f64,
     pub examples_per_second: f64,
@@ -61,6 +70,34 @@ pub struct TrainingRun<'a> {
     pub resume: bool,
     /// A hash of the data and settings; a resumed run must match it.
     pub data_fingerprint: String,
+}
+
+/// What a run trains on: labeled query–document examples, or unlabeled
+/// text for label-free distillation.
+#[derive(Debug, Clone, Copy)]
+pub enum TrainingData<'a> {
+    Pairs(&'a [TrainingExample]),
+    Texts(&'a [String]),
+}
+
+impl TrainingData<'_> {
+    /// Examples (or texts) in one epoch.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Pairs(e) => e.len(),
+            Self::Texts(t) => t.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One micro-batch.
+enum Batch<'a> {
+    Pairs(Vec<Sampled<'a>>),
+    Texts(Vec<&'a str>),
 }
 
 /// One query's texts in a batch.
@@ -109,15 +146,72 @@ fn embed_tracked(embedder: &Embedder, texts: &[&str]) -> Result<Tensor> {
     embedder.embed_batch(&input)
 }
 
-/// The loss of one micro-batch: InfoNCE over in-batch positives and the
-/// batch's hard negatives, plus the weighted KL to the teacher's scores
-/// over each query's own candidates. Returns `(loss, info_nce, kl)`.
+/// The values of a micro-batch's loss terms.
+#[derive(Debug, Default, Clone, Copy)]
+struct LossParts {
+    info_nce: Option<f64>,
+    distillation: Option<f64>,
+    embedding_distance: Option<f64>,
+    similarity_kl: Option<f64>,
+}
+
+fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_scalar::<f32>()? as f64)
+}
+
+/// The loss of one micro-batch and its parts.
 fn batch_loss(
+    embedder: &Embedder,
+    batch: &Batch,
+    config: &FinetuneConfig,
+    teacher: Option<&TeacherEmbeddings>,
+) -> Result<(Tensor, LossParts)> {
+    match batch {
+        Batch::Pairs(pairs) => pairs_loss(embedder, pairs, config, teacher),
+        Batch::Texts(texts) => {
+            let student = embed_tracked(embedder, texts)?;
+            let teacher = teacher.ok_or_else(|| {
+                Error::InvalidArgument("label-free distillation without a teacher".into())
+            })?;
+            let target = teacher.embeddings(texts.iter().copied())?;
+            let mut parts = LossParts::default();
+            let loss = embedding_terms(&student, &target, config, &mut parts)?;
+            Ok((loss, parts))
+        }
+    }
+}
+
+/// The label-free terms (`embedding_distillation`) for the student's
+/// embeddings of some texts against the teacher's; records their values.
+fn embedding_terms(
+    student: &Tensor,
+    teacher: &Tensor,
+    config: &FinetuneConfig,
+    parts: &mut LossParts,
+) -> Result<Tensor> {
+    let e = config.embedding_distillation.as_ref().ok_or_else(|| {
+        Error::InvalidArgument("embedding distillation settings are missing".into())
+    })?;
+    let distance = embedding_distance(student, teacher, e.loss)?;
+    parts.embedding_distance = Some(scalar(&distance)?);
+    let mut loss = (distance * e.weight)?;
+    if e.similarity_weight > 0.0 && student.dim(0)? >= 2 {
+        let kl = similarity_kl(student, teacher, e.similarity_temperature)?;
+        parts.similarity_kl = Some(scalar(&kl)?);
+        loss = (loss + (kl * e.similarity_weight)?)?;
+    }
+    Ok(loss)
+}
+
+/// InfoNCE over in-batch positives and the batch's hard negatives, plus
+/// the weighted KL to the teacher's scores over each query's own
+/// candidates, plus (`combined`) the label-free terms on every text.
+fn pairs_loss(
     embedder: &Embedder,
     batch: &[Sampled],
     config: &FinetuneConfig,
     teacher: Option<&TeacherEmbeddings>,
-) -> Result<(Tensor, f64, Option<f64>)> {
+) -> Result<(Tensor, LossParts)> {
     let queries: Vec<&str> = batch.iter().map(|s| s.query).collect();
     let mut docs: Vec<&str> = batch.iter().map(|s| s.positive).collect();
     for s in batch {
@@ -126,33 +220,47 @@ fn batch_loss(
     let q = embed_tracked(embedder, &queries)?;
     let d = embed_tracked(embedder, &docs)?;
     let nce = info_nce(&q, &d, config.temperature)?;
-    let nce_value = nce.to_scalar::<f32>()? as f64;
-    let (Some(distill), Some(teacher)) = (&config.distillation, teacher) else {
-        return Ok((nce, nce_value, None));
+    let mut parts = LossParts {
+        info_nce: Some(scalar(&nce)?),
+        ..Default::default()
     };
-    // Candidates of query i: its positive (row i), then its negatives.
-    let b = batch.len();
-    let per_query = 1 + config.hard_negatives;
-    let mut rows = Vec::with_capacity(b * per_query);
-    let mut candidates: Vec<Vec<&str>> = Vec::with_capacity(b);
-    let mut offset = b;
-    for (i, s) in batch.iter().enumerate() {
-        rows.push(i as u32);
-        for j in 0..s.negatives.len() {
-            rows.push((offset + j) as u32);
+    let mut loss = nce;
+    if let (Some(distill), Some(teacher)) = (&config.distillation, teacher) {
+        // Candidates of query i: its positive (row i), then its negatives.
+        let b = batch.len();
+        let per_query = 1 + config.hard_negatives;
+        let mut rows = Vec::with_capacity(b * per_query);
+        let mut candidates: Vec<Vec<&str>> = Vec::with_capacity(b);
+        let mut offset = b;
+        for (i, s) in batch.iter().enumerate() {
+            rows.push(i as u32);
+            for j in 0..s.negatives.len() {
+                rows.push((offset + j) as u32);
+            }
+            offset += s.negatives.len();
+            let mut c = vec![s.positive];
+            c.extend(s.negatives.iter().copied());
+            candidates.push(c);
         }
-        offset += s.negatives.len();
-        let mut c = vec![s.positive];
-        c.extend(s.negatives.iter().copied());
-        candidates.push(c);
+        let student_candidates = d.index_select(&Tensor::new(rows.as_slice(), d.device())?, 0)?;
+        let student = candidate_scores(&q, &student_candidates, per_query)?;
+        let target = teacher.scores(&queries, &candidates)?;
+        let kl = distillation_kl(&student, &target, distill.temperature)?;
+        parts.distillation = Some(scalar(&kl)?);
+        loss = (loss + (kl * distill.weight)?)?;
     }
-    let student_candidates = d.index_select(&Tensor::new(rows.as_slice(), d.device())?, 0)?;
-    let student = candidate_scores(&q, &student_candidates, per_query)?;
-    let target = teacher.scores(&queries, &candidates)?;
-    let kl = distillation_kl(&student, &target, distill.temperature)?;
-    let kl_value = kl.to_scalar::<f32>()? as f64;
-    let loss = (nce + (kl * distill.weight)?)?;
-    Ok((loss, nce_value, Some(kl_value)))
+    if config.objective == Objective::Combined {
+        let teacher = teacher
+            .ok_or_else(|| Error::InvalidArgument("combined objective without a teacher".into()))?;
+        let e = config.embedding_distillation.as_ref().ok_or_else(|| {
+            Error::InvalidArgument("embedding distillation settings are missing".into())
+        })?;
+        let student = Tensor::cat(&[&q, &d], 0)?;
+        let target = teacher.embeddings(queries.iter().chain(&docs).copied())?;
+        let terms = embedding_terms(&student, &target, config, &mut parts)?;
+        loss = ((loss * e.contrastive_weight)? + terms)?;
+    }
+    Ok((loss, parts))
 }
 
 /// The loss of `examples` (first positive, first negatives) with the model's
@@ -181,41 +289,73 @@ pub fn loss_of_examples(
                 .collect(),
         })
         .collect();
-    Ok(batch_loss(&embedder, &batch, config, None)?.0)
+    Ok(pairs_loss(&embedder, &batch, config, None)?.0)
 }
 
-/// Draws the next `n` examples of the data order, moving to the next
+/// The label-free distillation loss of `texts` against the teacher's
+/// embeddings `teacher` (`(N, D)`) with the model's weights replaced by
+/// `tensors`: for gradient checks.
+pub fn distillation_loss_of_texts(
+    model: &Path,
+    tensors: HashMap<String, Tensor>,
+    texts: &[&str],
+    teacher: &Tensor,
+    config: &FinetuneConfig,
+) -> Result<Tensor> {
+    let options = LoadOptions {
+        max_length: config.max_length,
+        ..Default::default()
+    };
+    let embedder = Embedder::load_with_tensors(model, &options, tensors, &Device::Cpu)?;
+    let student = embed_tracked(&embedder, texts)?;
+    embedding_terms(&student, teacher, config, &mut LossParts::default())
+}
+
+/// Draws the next micro-batch of the data order, moving to the next
 /// epoch's order when one ends.
 fn next_batch<'a>(
-    examples: &'a [TrainingExample],
+    data: TrainingData<'a>,
     config: &FinetuneConfig,
     state: &mut LoopState,
     order: &mut Vec<usize>,
-) -> Vec<Sampled<'a>> {
+) -> Batch<'a> {
     let mut rng = SplitMix64::new(state.rng);
-    let mut batch = Vec::with_capacity(config.batch_size);
-    while batch.len() < config.batch_size {
+    let mut next_index = |state: &mut LoopState| {
         if state.position >= order.len() {
             state.epoch += 1;
             state.position = 0;
-            *order = epoch_order(examples.len(), config.seed, state.epoch);
+            *order = epoch_order(data.len(), config.seed, state.epoch);
         }
-        let e = &examples[order[state.position]];
         state.position += 1;
-        let positive = &e.positives[rng.below(e.positives.len())];
-        let pool = &e.negatives[..e.negatives.len().min(config.negative_pool)];
-        let mut picks: Vec<usize> = (0..pool.len()).collect();
-        let mut negatives = Vec::new();
-        while negatives.len() < config.hard_negatives && !picks.is_empty() {
-            let k = rng.below(picks.len());
-            negatives.push(pool[picks.swap_remove(k)].as_str());
+        order[state.position - 1]
+    };
+    let batch = match data {
+        TrainingData::Texts(texts) => Batch::Texts(
+            (0..config.batch_size)
+                .map(|_| texts[next_index(state)].as_str())
+                .collect(),
+        ),
+        TrainingData::Pairs(examples) => {
+            let mut batch = Vec::with_capacity(config.batch_size);
+            while batch.len() < config.batch_size {
+                let e = &examples[next_index(state)];
+                let positive = &e.positives[rng.below(e.positives.len())];
+                let pool = &e.negatives[..e.negatives.len().min(config.negative_pool)];
+                let mut picks: Vec<usize> = (0..pool.len()).collect();
+                let mut negatives = Vec::new();
+                while negatives.len() < config.hard_negatives && !picks.is_empty() {
+                    let k = rng.below(picks.len());
+                    negatives.push(pool[picks.swap_remove(k)].as_str());
+                }
+                batch.push(Sampled {
+                    query: &e.query,
+                    positive,
+                    negatives,
+                });
+            }
+            Batch::Pairs(batch)
         }
-        batch.push(Sampled {
-            query: &e.query,
-            positive,
-            negatives,
-        });
-    }
+    };
     state.rng = rng.next_u64();
     batch
 }
@@ -224,15 +364,20 @@ fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     shuffled_indices(n, seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
-/// Every text a run with distillation may score.
-fn teacher_texts(examples: &[TrainingExample], config: &FinetuneConfig) -> BTreeSet<String> {
-    let mut texts = BTreeSet::new();
-    for e in examples {
-        texts.insert(e.query.clone());
-        texts.extend(e.positives.iter().cloned());
-        texts.extend(e.negatives.iter().take(config.negative_pool).cloned());
+/// Every text a run with a teacher may score.
+fn teacher_texts(data: TrainingData, config: &FinetuneConfig) -> BTreeSet<String> {
+    match data {
+        TrainingData::Texts(texts) => texts.iter().cloned().collect(),
+        TrainingData::Pairs(examples) => {
+            let mut texts = BTreeSet::new();
+            for e in examples {
+                texts.insert(e.query.clone());
+                texts.extend(e.positives.iter().cloned());
+                texts.extend(e.negatives.iter().take(config.negative_pool).cloned());
+            }
+            texts
+        }
     }
-    texts
 }
 
 /// The current weights, detached, with LoRA merged: a plain checkpoint.
@@ -252,7 +397,7 @@ pub fn merged_weights(all: &HashMap<String, Tensor>) -> Result<HashMap<String, T
 /// development evaluation; else the last step's).
 pub fn finetune(
     run: &TrainingRun,
-    examples: &[TrainingExample],
+    data: TrainingData,
     progress: &mut dyn FnMut(&StepReport),
     after_checkpoint: &mut dyn FnMut(usize),
     teacher_progress: &mut dyn FnMut(usize, usize),
@@ -260,7 +405,21 @@ pub fn finetune(
 ) -> Result<(TrainingOutcome, HashMap<String, Tensor>)> {
     let config = run.config;
     config.validate()?;
-    let total_steps = config.total_steps(examples.len());
+    match (config.objective, data) {
+        (Objective::Distill, TrainingData::Texts(_))
+        | (Objective::Contrastive | Objective::Combined, TrainingData::Pairs(_)) => {}
+        (objective, _) => {
+            return Err(Error::InvalidArgument(format!(
+                "objective {objective:?} trains on {}",
+                if objective == Objective::Distill {
+                    "unlabeled text (--train-texts)"
+                } else {
+                    "labeled examples (--train)"
+                }
+            )))
+        }
+    }
+    let total_steps = config.total_steps(data.len());
     let mut weights = prepare_weights(run.model, config)?;
     let trainable_parameters = weights.vars.values().map(|v| v.elem_count()).sum();
     let mut adam = AdamW::new(AdamWSettings {
@@ -282,14 +441,20 @@ pub fn finetune(
             None,
         ),
     };
-    let teacher = load_teacher(config, examples, teacher_progress)?;
     let options = LoadOptions {
         max_length: config.max_length,
         ..Default::default()
     };
     let embedder =
         Embedder::load_with_tensors(run.model, &options, weights.all.clone(), &Device::Cpu)?;
-    let mut order = epoch_order(examples.len(), config.seed, state.epoch);
+    let teacher = load_teacher(
+        run.model,
+        embedder.dimension(),
+        config,
+        data,
+        teacher_progress,
+    )?;
+    let mut order = epoch_order(data.len(), config.seed, state.epoch);
     let start = Instant::now();
     let steps_at_start = state.step;
     let mut final_loss = f64::NAN;
@@ -299,7 +464,7 @@ pub fn finetune(
         let step = accumulate_gradients(
             &embedder,
             &weights,
-            examples,
+            data,
             config,
             teacher.as_ref(),
             &mut state,
@@ -322,8 +487,10 @@ pub fn finetune(
             total_steps,
             epoch: state.epoch,
             loss: step.loss,
-            info_nce: step.info_nce,
-            distillation: step.distillation,
+            info_nce: step.parts.info_nce,
+            distillation: step.parts.distillation,
+            embedding_distance: step.parts.embedding_distance,
+            similarity_kl: step.parts.similarity_kl,
             learning_rate: lr,
             grad_norm,
             examples_per_second: (config.batch_size * config.gradient_accumulation) as f64
@@ -426,21 +593,27 @@ fn resume(
     Ok(Some((step, ckpt.state)))
 }
 
-/// The teacher's embeddings of every text the run scores, with
-/// distillation; cached by teacher weights and texts, so runs on the same
-/// data share them.
+/// The teacher's embeddings of every text the run scores, with either kind
+/// of distillation; cached by teacher weights and texts, so runs on the
+/// same data share them. The teacher must share the student's tokenizer and
+/// embedding size.
 fn load_teacher(
+    student: &Path,
+    student_dim: usize,
     config: &FinetuneConfig,
-    examples: &[TrainingExample],
+    data: TrainingData,
     teacher_progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Option<TeacherEmbeddings>> {
-    let Some(d) = &config.distillation else {
-        return Ok(None);
+    let teacher_dir = match (&config.distillation, &config.embedding_distillation) {
+        (_, Some(e)) => &e.teacher,
+        (Some(d), None) => &d.teacher,
+        (None, None) => return Ok(None),
     };
-    let texts = teacher_texts(examples, config);
+    check_teacher(student, teacher_dir)?;
+    let texts = teacher_texts(data, config);
     let mut h = blake3::Hasher::new();
     h.update(
-        crate::eval::embedding_cache::fingerprint_dir(&d.teacher)?
+        crate::eval::embedding_cache::fingerprint_dir(teacher_dir)?
             .0
             .as_bytes(),
     );
@@ -452,8 +625,17 @@ fn load_teacher(
         "teacher-{}.safetensors",
         &h.finalize().to_hex()[..32]
     ));
+    let teacher_dim = Embedder::load(teacher_dir, &LoadOptions::default())?.dimension();
+    if config.embedding_distillation.is_some() && teacher_dim != student_dim {
+        return Err(Error::InvalidArgument(format!(
+            "{}: the teacher's embeddings have {teacher_dim} dimensions, the student's ({}) \
+             {student_dim}",
+            teacher_dir.display(),
+            student.display()
+        )));
+    }
     Ok(Some(TeacherEmbeddings::load_or_compute(
-        &d.teacher,
+        teacher_dir,
         &texts,
         &cache,
         32,
@@ -461,19 +643,35 @@ fn load_teacher(
     )?))
 }
 
+/// The teacher reads text as the student does: the same `tokenizer.json`.
+fn check_teacher(student: &Path, teacher: &Path) -> Result<()> {
+    let read = |dir: &Path| -> Result<Vec<u8>> {
+        let path = dir.join("tokenizer.json");
+        std::fs::read(&path).map_err(|e| Error::io(&path, e))
+    };
+    if read(student)? != read(teacher)? {
+        return Err(Error::InvalidArgument(format!(
+            "{}: the teacher's tokenizer.json differs from the student's ({}); \
+             distillation needs a teacher that reads text the same way",
+            teacher.display(),
+            student.display()
+        )));
+    }
+    Ok(())
+}
+
 /// The summed gradients and mean losses of one optimizer step's micro-batches.
 struct AccumulatedStep {
     grads: BTreeMap<String, Tensor>,
     loss: f64,
-    info_nce: f64,
-    distillation: Option<f64>,
+    parts: LossParts,
 }
 
 /// Runs `gradient_accumulation` micro-batches forward and backward.
 fn accumulate_gradients(
     embedder: &Embedder,
     weights: &Weights,
-    examples: &[TrainingExample],
+    data: TrainingData,
     config: &FinetuneConfig,
     teacher: Option<&TeacherEmbeddings>,
     state: &mut LoopState,
@@ -483,18 +681,22 @@ fn accumulate_gradients(
     let mut step = AccumulatedStep {
         grads: BTreeMap::new(),
         loss: 0.0,
-        info_nce: 0.0,
-        distillation: None,
+        parts: LossParts::default(),
+    };
+    let add = |total: &mut Option<f64>, part: Option<f64>| {
+        if let Some(v) = part {
+            *total.get_or_insert(0.0) += v / micro_batches;
+        }
     };
     for _ in 0..config.gradient_accumulation {
-        let batch = next_batch(examples, config, state, order);
-        let (loss, nce, kl) = batch_loss(embedder, &batch, config, teacher)?;
+        let batch = next_batch(data, config, state, order);
+        let (loss, parts) = batch_loss(embedder, &batch, config, teacher)?;
         let scaled = (loss / micro_batches)?;
         step.loss += scaled.to_scalar::<f32>()? as f64;
-        step.info_nce += nce / micro_batches;
-        if let Some(kl) = kl {
-            *step.distillation.get_or_insert(0.0) += kl / micro_batches;
-        }
+        add(&mut step.parts.info_nce, parts.info_nce);
+        add(&mut step.parts.distillation, parts.distillation);
+        add(&mut step.parts.embedding_distance, parts.embedding_distance);
+        add(&mut step.parts.similarity_kl, parts.similarity_kl);
         let store = scaled.backward()?;
         for (name, var) in &weights.vars {
             if let Some(g) = store.get(var.as_tensor()) {

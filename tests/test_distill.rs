@@ -1,0 +1,461 @@
+//! Label-free recovery (`effir finetune` with `objective: distill`): the
+//! student learns the teacher's embeddings of unlabeled text. A model
+//! distilled from itself has nothing to learn, the loss's gradient is
+//! right, a pruned model moves toward its teacher on texts it never saw,
+//! a killed run resumes bit for bit, and bad input fails before training
+//! with nothing written.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use candle_core::{Device, Tensor, Var};
+use common::{effir, fixture, stderr};
+use effir_pipeline::finetune::trainer::distillation_loss_of_texts;
+use effir_pipeline::finetune::{EmbeddingDistillationSettings, FinetuneConfig, Objective};
+use effir_pipeline::{Embedder, LoadOptions};
+
+/// Unlabeled training text: no queries, no judgments.
+const TRAIN_TEXTS: &[&str] = &[
+    "The quick brown fox jumps over the lazy dog.",
+    "Dense retrieval with pruned MLP layers keeps attention intact.",
+    "hello world, how are you",
+    "Numbers 12 345 appear here.",
+    "Attention heads mix information across positions.",
+    "abcdefghijklmnopqrstuvwxyz",
+    "A retriever maps queries and documents to vectors.",
+    "Pruning removes neurons that contribute little.",
+    "The cat sat on the mat.",
+    "Gradient descent follows the slope downhill.",
+    "Vectors close in angle have similar meaning.",
+    "Compression trades quality for speed.",
+];
+
+/// Texts the distillation never sees.
+const HELD_OUT: &[&str] = &[
+    "A dog runs across the field.",
+    "Retrieval quality is measured by nDCG.",
+    "Weights and biases of a linear layer.",
+    "how are you today, world",
+    "Seventeen apples in a basket.",
+    "The fox hides from the hunter.",
+];
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn train_texts(dir: &Path) -> PathBuf {
+    write(dir, "texts.txt", &TRAIN_TEXTS.join("\n"))
+}
+
+fn distill_config(dir: &Path, teacher: &Path, extra: &str) -> PathBuf {
+    write(
+        dir,
+        "distill.yaml",
+        &format!(
+            "objective: distill\nbatch_size: 4\nseed: 3\n{extra}\
+             embedding_distillation:\n  teacher: {}\n  loss: cosine\n  weight: 1.0\n  \
+             similarity_weight: 1.0\n  similarity_temperature: 0.05\n",
+            teacher.display()
+        ),
+    )
+}
+
+fn distill(model: &Path, texts: &[&Path], out: &Path, config: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "finetune".to_string(),
+        "--quiet".into(),
+        "--model".into(),
+        model.display().to_string(),
+        "--out".into(),
+        out.display().to_string(),
+        "--config".into(),
+        config.display().to_string(),
+    ];
+    for t in texts {
+        args.push("--train-texts".into());
+        args.push(t.display().to_string());
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    effir(&refs)
+}
+
+fn step_log(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("train_log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn embed(model: &Path, texts: &[&str]) -> Vec<Vec<f32>> {
+    let e = Embedder::load(model, &LoadOptions::default()).unwrap();
+    let m = e.embed(texts, "", 8, &mut |_| {}).unwrap();
+    m.outer_iter().map(|r| r.to_vec()).collect()
+}
+
+/// Mean `1 − cos` between the rows of `a` and `b`.
+fn mean_distance(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| 1.0 - common::cosine(x, y))
+        .sum::<f64>()
+        / a.len() as f64
+}
+
+#[test]
+fn a_model_distilled_from_itself_starts_at_zero_loss_and_stays_there() {
+    let work = tempfile::tempdir().unwrap();
+    let model = fixture("bert");
+    let texts = train_texts(work.path());
+    // No weight decay, and a small rate: AdamW scales even float-noise
+    // gradients up to about the learning rate per step.
+    let config = distill_config(
+        work.path(),
+        &model,
+        "max_steps: 3\nlearning_rate: 1.0e-6\nweight_decay: 0.0\n",
+    );
+    let out = work.path().join("self");
+    let o = distill(&model, &[&texts], &out, &config, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let log = step_log(&out);
+    assert_eq!(log.len(), 3);
+    for step in &log {
+        assert!(
+            step["info_nce"].is_null(),
+            "label-free steps have no InfoNCE"
+        );
+        for (term, bound) in [
+            ("embedding_distance", 1e-5),
+            ("similarity_kl", 1e-5),
+            ("loss", 1e-5),
+            // At the minimum the gradient vanishes (up to float noise).
+            ("grad_norm", 1e-3),
+        ] {
+            let v = step[term]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{term}: {step}"));
+            assert!(v.abs() < bound, "step {}: {term} {v}", step["step"]);
+        }
+    }
+    let before = embed(&model, HELD_OUT);
+    let after = embed(&out, HELD_OUT);
+    assert!(mean_distance(&before, &after) < 1e-5);
+    let record = common::read_json(&out.join("effir_finetune.json"));
+    assert_eq!(record["config"]["objective"], "distill");
+    assert!(record["train"].is_null());
+    assert_eq!(
+        record["train_texts"],
+        serde_json::json!([texts.to_str().unwrap()])
+    );
+}
+
+#[test]
+fn distillation_gradients_match_finite_differences() {
+    let dir = fixture("bert");
+    let teacher_texts = &TRAIN_TEXTS[..5];
+    let teacher = {
+        let rows = embed(&dir, teacher_texts);
+        let d = rows[0].len();
+        Tensor::from_vec(rows.concat(), (rows.len(), d), &Device::Cpu).unwrap()
+    };
+    let base: HashMap<String, Tensor> =
+        effir_pipeline::io::weights::load_all_tensors(&dir).unwrap();
+    let name = base
+        .keys()
+        .find(|k| k.ends_with("encoder.layer.0.intermediate.dense.weight"))
+        .unwrap()
+        .clone();
+    // Start away from the teacher, where the loss has a gradient.
+    let start = (&base[&name] * 1.5).unwrap();
+    for loss in ["cosine", "mse"] {
+        let config = FinetuneConfig {
+            objective: Objective::Distill,
+            embedding_distillation: Some(EmbeddingDistillationSettings {
+                teacher: dir.clone(),
+                loss: serde_yaml::from_str(loss).unwrap(),
+                weight: 1.0,
+                similarity_weight: 0.5,
+                similarity_temperature: 0.1,
+                contrastive_weight: 1.0,
+            }),
+            ..Default::default()
+        };
+        let loss_with = |weight: Tensor| -> Tensor {
+            let mut t = base.clone();
+            t.insert(name.clone(), weight);
+            distillation_loss_of_texts(&dir, t, teacher_texts, &teacher, &config).unwrap()
+        };
+        let var = Var::from_tensor(&start).unwrap();
+        let grads = loss_with(var.as_tensor().clone()).backward().unwrap();
+        let grad: Vec<f32> = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let norm = grad.iter().map(|g| (*g as f64).powi(2)).sum::<f64>().sqrt();
+        assert!(norm > 0.0, "{loss}: zero gradient");
+        // The derivative along the gradient's direction, numerically.
+        let direction: Vec<f64> = grad.iter().map(|g| *g as f64 / norm).collect();
+        let values: Vec<f32> = start.flatten_all().unwrap().to_vec1().unwrap();
+        let eps = (1e-2 / norm).clamp(1e-4, 5e-2);
+        let at = |step: f64| -> f64 {
+            let v: Vec<f32> = values
+                .iter()
+                .zip(&direction)
+                .map(|(w, u)| (*w as f64 + step * u) as f32)
+                .collect();
+            let t = Tensor::from_vec(v, start.shape().clone(), &Device::Cpu).unwrap();
+            loss_with(t).to_scalar::<f32>().unwrap() as f64
+        };
+        let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
+        // Along the unit gradient the analytic derivative is the norm itself.
+        let err = (numeric - norm).abs() / norm;
+        assert!(
+            err < 0.02,
+            "{loss}: analytic {norm:.6e}, numeric {numeric:.6e}"
+        );
+    }
+}
+
+#[test]
+fn a_pruned_model_moves_toward_its_teacher_on_texts_it_never_saw() {
+    let work = tempfile::tempdir().unwrap();
+    let teacher = fixture("bert");
+    let pruned = common::prune_fixture(
+        "bert",
+        work.path(),
+        TRAIN_TEXTS,
+        &["--drop-layers", "1", "--mlp-keep", "0.5"],
+    );
+    let texts = train_texts(work.path());
+    let config = distill_config(
+        work.path(),
+        &teacher,
+        "epochs: 6\nlearning_rate: 2.0e-3\nwarmup_steps: 2\n",
+    );
+    let out = work.path().join("distilled");
+    let o = distill(&pruned, &[&texts], &out, &config, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = embed(&teacher, HELD_OUT);
+    let before = mean_distance(&embed(&pruned, HELD_OUT), &want);
+    let after = mean_distance(&embed(&out, HELD_OUT), &want);
+    assert!(
+        after < before,
+        "held-out 1 - cos to the teacher: {before:.5} before, {after:.5} after"
+    );
+    // The pruned shape is kept.
+    let widths = |dir: &Path| -> Vec<usize> {
+        let mut w: Vec<(String, usize)> = common::load_tensors(&dir.join("model.safetensors"))
+            .into_iter()
+            .filter(|(k, _)| k.ends_with("intermediate.dense.weight"))
+            .map(|(k, t)| (k, t.dim(0).unwrap()))
+            .collect();
+        w.sort();
+        w.into_iter().map(|(_, d)| d).collect()
+    };
+    assert_eq!(widths(&out), widths(&pruned));
+}
+
+#[test]
+fn a_killed_distillation_resumes_to_the_same_weights_bit_for_bit() {
+    let work = tempfile::tempdir().unwrap();
+    let teacher = fixture("bert");
+    let pruned = common::prune_fixture("bert", work.path(), TRAIN_TEXTS, &["--mlp-keep", "0.5"]);
+    // Texts from two sources, one of them JSONL.
+    let texts = train_texts(work.path());
+    let jsonl = write(
+        work.path(),
+        "more.jsonl",
+        "\"a plain JSON string\"\n{\"title\": \"Titled\", \"text\": \"an object with a title\"}\n",
+    );
+    let config = distill_config(
+        work.path(),
+        &teacher,
+        "max_steps: 6\nlearning_rate: 1.0e-3\ncheckpoint_every: 3\n",
+    );
+    let straight = work.path().join("straight");
+    let o = distill(&pruned, &[&texts, &jsonl], &straight, &config, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let resumed = work.path().join("resumed");
+    let o = distill(
+        &pruned,
+        &[&texts, &jsonl],
+        &resumed,
+        &config,
+        &["--abort-after-step", "3"],
+    );
+    assert!(!o.status.success() && !resumed.exists());
+    let o = distill(&pruned, &[&texts, &jsonl], &resumed, &config, &["--resume"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("resumed at 3"));
+    let a = common::load_tensors(&straight.join("model.safetensors"));
+    let b = common::load_tensors(&resumed.join("model.safetensors"));
+    assert_eq!(a.len(), b.len());
+    for (name, ta) in &a {
+        let va: Vec<f32> = ta.flatten_all().unwrap().to_vec1().unwrap();
+        let vb: Vec<f32> = b[name].flatten_all().unwrap().to_vec1().unwrap();
+        assert!(
+            va.iter().zip(&vb).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{name} differs after resume"
+        );
+    }
+    // Resuming those checkpoints with other text is refused.
+    let checkpoints = work.path().join("resumed.checkpoints");
+    let other = work.path().join("other");
+    let o = distill(
+        &pruned,
+        &[&texts],
+        &other,
+        &config,
+        &["--resume", "--checkpoints", checkpoints.to_str().unwrap()],
+    );
+    assert!(!o.status.success(), "resumed with other text");
+    assert!(stderr(&o).contains("other training data"), "{}", stderr(&o));
+    assert!(!other.exists());
+}
+
+#[test]
+fn bad_distillation_input_fails_before_training_and_writes_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let model = fixture("gemma3");
+    let texts = train_texts(work.path());
+    let empty = write(work.path(), "empty.txt", "\n  \n");
+    let not_utf8 = work.path().join("latin1.txt");
+    std::fs::write(&not_utf8, b"fine line\nsecond line\ncaf\xe9 au lait\n").unwrap();
+    let bad_json = write(work.path(), "bad.jsonl", "\"ok\"\n{\"body\": 3}\n");
+    // Same tokenizer, but the embedding stops after the first Dense layer (96
+    // dimensions instead of 64).
+    let wide = common::copy_model(&model);
+    let modules: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(wide.path().join("modules.json")).unwrap())
+            .unwrap();
+    std::fs::write(
+        wide.path().join("modules.json"),
+        serde_json::to_string(&modules[..3]).unwrap(),
+    )
+    .unwrap();
+    let good = distill_config(work.path(), &model, "max_steps: 1\n");
+    let cases: Vec<(&str, Vec<&Path>, PathBuf, &str)> = vec![
+        (
+            "an empty text file",
+            vec![&empty],
+            good.clone(),
+            "empty.txt: no training text",
+        ),
+        (
+            "a non-UTF-8 line",
+            vec![&not_utf8],
+            good.clone(),
+            "latin1.txt:3",
+        ),
+        (
+            "a JSONL line that is no text",
+            vec![&bad_json],
+            good.clone(),
+            "bad.jsonl:2",
+        ),
+        (
+            "a teacher with another tokenizer",
+            vec![&texts],
+            write(
+                work.path(),
+                "other-tokenizer.yaml",
+                &format!(
+                    "objective: distill\nmax_steps: 1\nembedding_distillation:\n  teacher: {}\n",
+                    fixture("llama").display()
+                ),
+            ),
+            "tokenizer.json differs",
+        ),
+        (
+            "a teacher with another embedding size",
+            vec![&texts],
+            write(
+                work.path(),
+                "other-size.yaml",
+                &format!(
+                    "objective: distill\nmax_steps: 1\nembedding_distillation:\n  teacher: {}\n",
+                    wide.path().display()
+                ),
+            ),
+            "96 dimensions",
+        ),
+        (
+            "a distill objective without a teacher",
+            vec![&texts],
+            write(
+                work.path(),
+                "no-teacher.yaml",
+                "objective: distill\nmax_steps: 1\n",
+            ),
+            "needs an embedding_distillation section",
+        ),
+        (
+            "no --train-texts",
+            vec![],
+            good.clone(),
+            "pass --train-texts",
+        ),
+    ];
+    for (what, sources, config, message) in cases {
+        let out = work.path().join("out");
+        let o = distill(&model, &sources, &out, &config, &[]);
+        assert!(!o.status.success(), "{what}: accepted");
+        let err = stderr(&o);
+        assert!(err.contains(message), "{what}: {err}");
+        assert!(!out.exists(), "{what}: wrote {}", out.display());
+        assert!(
+            !work
+                .path()
+                .join("out.checkpoints")
+                .join("step-0000001")
+                .exists(),
+            "{what}: trained"
+        );
+    }
+    // Labeled data is refused for the label-free objective.
+    let o = effir(&[
+        "finetune",
+        "--model",
+        model.to_str().unwrap(),
+        "--train",
+        texts.to_str().unwrap(),
+        "--out",
+        work.path().join("out").to_str().unwrap(),
+        "--config",
+        good.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success() && stderr(&o).contains("pass --train-texts instead"));
+}
+
+/// Every committed fine-tuning config parses and passes its checks; the
+/// recovery config is label-free.
+#[test]
+fn the_committed_finetune_configs_parse() {
+    let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&configs).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if !(name.starts_with("finetune-") || name.starts_with("recover-")) {
+            continue;
+        }
+        let config: FinetuneConfig = serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap())
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        config.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
+        if name.starts_with("recover-") {
+            assert_eq!(config.objective, Objective::Distill, "{name}");
+        }
+        seen += 1;
+    }
+    assert!(seen >= 3, "found {seen} configs");
+}
