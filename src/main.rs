@@ -45,8 +45,10 @@ enum Command {
     Eval(commands::eval::EvalArgs),
     /// Export a model (pruned or not) as an ONNX graph with its tokenizer and configs.
     Export(commands::export::ExportArgs),
-    /// Contrastive retrieval fine-tuning (InfoNCE, hard negatives, distillation, LoRA) into a new model directory.
+    /// Retrieval fine-tuning into a new model directory: contrastive (InfoNCE, hard negatives, score distillation), label-free embedding distillation, or both; full or LoRA.
     Finetune(commands::finetune::FinetuneArgs),
+    /// Speed against quality of candidate graphs (and peers'): validated on every dataset, timed in one run; the fastest that passes the gates.
+    Frontier(commands::frontier::FrontierArgs),
     /// List the operators of an ONNX graph that TensorRT cannot parse.
     LintOnnx(commands::lint_onnx::LintOnnxArgs),
     /// Slim an existing ONNX export (Optimum, sentence-transformers) for a pruned or fine-tuned model, keeping its interface.
@@ -87,6 +89,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(args) => commands::bench::run(args),
         Command::Export(args) => commands::export::run(args),
         Command::Finetune(args) => commands::finetune::run(args),
+        Command::Frontier(args) => commands::frontier::run(args),
         Command::LintOnnx(args) => commands::lint_onnx::run(args),
         Command::Rewrite(args) => commands::rewrite::run(args),
         Command::Validate(args) => commands::validate::run(args),

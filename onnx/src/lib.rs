@@ -19,13 +19,16 @@
 //! - [`rewrite`]: slimming a third-party export of the same model in place,
 //!   one pass per module;
 //! - [`validate`]: parity and quality gates;
-//! - [`bench`]: latency and throughput of graphs.
+//! - [`bench`]: latency and throughput of graphs;
+//! - [`frontier`]: speed against quality over candidate graphs, the front
+//!   and the fastest graph that passes the gates.
 
 pub mod bench;
 pub mod cpu_features;
 pub mod emit;
 pub mod error;
 pub mod export;
+pub mod frontier;
 pub mod graph;
 pub mod graph_file;
 pub mod interface;

@@ -7,6 +7,7 @@ pub mod embed;
 pub mod eval;
 pub mod export;
 pub mod finetune;
+pub mod frontier;
 pub mod inspect;
 pub mod lint_onnx;
 pub mod model_options;

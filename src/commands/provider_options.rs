@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Args;
 use effir_onnx::providers::{parse_order, ProviderSettings};
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct ProviderArgs {
     /// Execution providers in order of preference, e.g. tensorrt,cuda,cpu [default: cpu].
     #[arg(long)]

@@ -71,6 +71,32 @@ pub struct ValidateArgs {
 }
 
 pub fn run(args: ValidateArgs) -> anyhow::Result<()> {
+    let report = validate(&args)?;
+    if let Some(out) = &args.out {
+        write_report(&report, out)?;
+    }
+    print!("{}", report.to_markdown());
+    let failed = report.failed_gates();
+    if !failed.is_empty() {
+        bail!(
+            "{} gate(s) failed: {}",
+            failed.len(),
+            failed
+                .iter()
+                .map(|g| format!(
+                    "{} ({:.6} {} {} is false)",
+                    g.gate, g.value, g.rule, g.threshold
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Parity and quality of `args.candidate`, judged by the gates; an error
+/// only when something cannot be measured (a failed gate is in the report).
+pub fn validate(args: &ValidateArgs) -> anyhow::Result<ValidationReport> {
     // Cheap checks first: gates, dataset, graph.
     let gates = Gates::load(&args.gates)?;
     if args.batch_size == 0 {
@@ -183,7 +209,7 @@ pub fn run(args: ValidateArgs) -> anyhow::Result<()> {
         .unwrap_or("fp32")
         .to_string();
     let results = apply_gates(&gates, &precision, Some(&parity), &quality);
-    let report = ValidationReport {
+    Ok(ValidationReport {
         reference: args.reference.clone(),
         candidate: candidate.graph().to_path_buf(),
         providers,
@@ -195,30 +221,10 @@ pub fn run(args: ValidateArgs) -> anyhow::Result<()> {
         parity: Some(parity),
         quality,
         gates: results,
-    };
-    if let Some(out) = &args.out {
-        write_report(&report, out)?;
-    }
-    print!("{}", report.to_markdown());
-    let failed = report.failed_gates();
-    if !failed.is_empty() {
-        bail!(
-            "{} gate(s) failed: {}",
-            failed.len(),
-            failed
-                .iter()
-                .map(|g| format!(
-                    "{} ({:.6} {} {} is false)",
-                    g.gate, g.value, g.rule, g.threshold
-                ))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-    }
-    Ok(())
+    })
 }
 
-fn write_report(report: &ValidationReport, out: &Path) -> anyhow::Result<()> {
+pub fn write_report(report: &ValidationReport, out: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let json = serde_json::to_string_pretty(report)? + "\n";
     write_bytes_atomically(&out.join("validation.json"), json.as_bytes())?;
