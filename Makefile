@@ -15,7 +15,7 @@ PYTHON  ?= python3
 .PHONY: all system-deps build models test lint embed eval eval-scifact python-deps \
         fixtures metric-references bench-embed profile-embed bench-analyze parity-embeddinggemma \
         onnxruntime export export-pruned validate validate-pruned validate-prune-minilm bench-onnx parity-embeddinggemma-onnx \
-        finetune-minilm finetune-minilm-2ep recover-minilm finetune-minilm-unpruned finetune-minilm-unpruned-2ep bench-finetune profile-finetune optimum-fixtures rewrite-minilm \
+        finetune-minilm finetune-minilm-2ep recover-minilm frontier-minilm prune-minilm-narrow finetune-minilm-unpruned finetune-minilm-unpruned-2ep bench-finetune profile-finetune optimum-fixtures rewrite-minilm \
         analyze-minilm drop-study-minilm prune-minilm results-minilm \
         analyze-embeddinggemma drop-study-embeddinggemma results-embeddinggemma clean
 
@@ -224,6 +224,46 @@ rewrite-minilm: build models onnxruntime $(OPTIMUM_VENV)/bin/optimum-cli $(RUNS)
 	  --gates configs/gates.yaml --out $(RUNS)/validate-optimum-minilm-prune-50
 	$(EFFIR) bench --graph $(RUNS)/optimum/minilm/model.onnx --graph $(RUNS)/optimum/minilm-prune-50/model.onnx \
 	  --batch 1,32 --length 128,256 --runs 20 --out $(RUNS)/bench-rewrite.json
+
+# ---- the speed/quality frontier (issue 13) ----------------------------------
+# Every MiniLM point as fp32 and int8 (both kernels): the full model and each
+# pruned or recovered model of FRONTIER_MODELS that exists under $(RUNS) (made
+# by prune-minilm, prune-minilm-narrow, recover-minilm, finetune-minilm; a
+# missing one is named and skipped), beside Optimum's fp32 export and its two
+# int8 presets; all validated on SciFact test and Cranfield, timed in one
+# interleaved run (batch 32 x 256 throughput, 1 x 32 latency).
+FRONTIER_MODELS ?= minilm-prune-50-narrow minilm-prune-50-narrow-distill minilm-prune-25 minilm-prune-50 minilm-prune-70 \
+  minilm-prune-25-distill minilm-prune-50-distill minilm-prune-70-distill minilm-prune-50-ft
+FRONTIER_OUT ?= results/minilm/frontier
+FRONTIER_RUNS ?= 10
+frontier-minilm: build models onnxruntime $(OPTIMUM_VENV)/bin/optimum-cli
+	$(OPTIMUM_VENV)/bin/python benchmarks/optimum_peers.py --model $(MINILM) --out $(RUNS)/frontier/peers
+	set -e; points="--candidate full-fp32=$(RUNS)/frontier/full-fp32"; \
+	$(EFFIR) export --model $(MINILM) --profile sentence-transformers --out $(RUNS)/frontier/full-fp32 --overwrite; \
+	for k in u8s8 u8u8; do \
+	  $(EFFIR) export --model $(MINILM) --profile sentence-transformers --precision int8 --int8-kernel $$k \
+	    --out $(RUNS)/frontier/full-int8-$$k --overwrite; \
+	  points="$$points --candidate full-int8-$$k=$(RUNS)/frontier/full-int8-$$k"; \
+	done; \
+	for m in $(FRONTIER_MODELS); do \
+	  if [ ! -f $(RUNS)/$$m/config.json ]; then echo "frontier: $(RUNS)/$$m not built, skipped"; continue; fi; \
+	  $(EFFIR) export --model $(RUNS)/$$m --profile sentence-transformers --out $(RUNS)/frontier/$$m-fp32 --overwrite; \
+	  points="$$points --candidate $$m-fp32=$(RUNS)/frontier/$$m-fp32"; \
+	  for k in u8s8 u8u8; do \
+	    $(EFFIR) export --model $(RUNS)/$$m --profile sentence-transformers --precision int8 --int8-kernel $$k \
+	      --out $(RUNS)/frontier/$$m-int8-$$k --overwrite; \
+	    points="$$points --candidate $$m-int8-$$k=$(RUNS)/frontier/$$m-int8-$$k"; \
+	  done; \
+	done; \
+	$(EFFIR) frontier --reference $(MINILM) $$points \
+	  --peer $(RUNS)/frontier/peers/optimum-fp32 --peer $(RUNS)/frontier/peers/optimum-int8-avx2 \
+	  --peer $(RUNS)/frontier/peers/optimum-int8-avx512-vnni \
+	  --data $(DATA) --data $(HELDOUT) --gates configs/gates.yaml --runs $(FRONTIER_RUNS) --out $(FRONTIER_OUT)
+
+# The narrow-only 50 % plan (every MLP kept, each narrowed).
+prune-minilm-narrow: build models
+	rm -rf $(RUNS)/minilm-prune-50-narrow
+	$(EFFIR) prune --model $(MINILM) --plan configs/prune-minilm-50-narrow.yaml --data $(DATA) --out $(RUNS)/minilm-prune-50-narrow
 	# The same for the fine-tuned pruned model, when `make finetune-minilm` has made it.
 	-if [ -d $(RUNS)/minilm-prune-50-ft ]; then \
 	  rm -rf $(RUNS)/optimum/minilm-prune-50-ft; \
