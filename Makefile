@@ -258,7 +258,7 @@ frontier-minilm: build models onnxruntime $(OPTIMUM_VENV)/bin/optimum-cli
 	$(EFFIR) frontier --reference $(MINILM) $$points \
 	  --peer $(RUNS)/frontier/peers/optimum-fp32 --peer $(RUNS)/frontier/peers/optimum-int8-avx2 \
 	  --peer $(RUNS)/frontier/peers/optimum-int8-avx512-vnni \
-	  --data $(DATA) --data $(HELDOUT) --gates configs/gates.yaml --runs $(FRONTIER_RUNS) --out $(FRONTIER_OUT)
+	  --baseline optimum-fp32 --data $(DATA) --data $(HELDOUT) --gates configs/gates.yaml --runs $(FRONTIER_RUNS) --out $(FRONTIER_OUT)
 
 # The narrow-only 50 % plan (every MLP kept, each narrowed).
 prune-minilm-narrow: build models

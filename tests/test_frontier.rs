@@ -79,7 +79,12 @@ fn the_frontier_scores_times_and_selects_the_fastest_passing_graph() {
         work.path(),
         &gates,
         &out,
-        &["--select", selected.to_str().unwrap()],
+        &[
+            "--select",
+            selected.to_str().unwrap(),
+            "--baseline",
+            "optimum-layout",
+        ],
     );
     assert!(o.status.success(), "{}", stderr(&o));
 
@@ -87,7 +92,8 @@ fn the_frontier_scores_times_and_selects_the_fastest_passing_graph() {
     let points = json["points"].as_array().unwrap();
     let names: Vec<&str> = points.iter().map(|p| p["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["fp32", "bert-int8", "optimum-layout"]);
-    assert_eq!(points[0]["speedup"].as_f64().unwrap(), 1.0);
+    assert_eq!(points[2]["speedup"].as_f64().unwrap(), 1.0);
+    assert_eq!(json["baseline"], "optimum-layout");
     assert_eq!(points[1]["precision"], "int8");
     assert_eq!(points[2]["origin"], "peer");
     for p in points {
@@ -156,7 +162,8 @@ fn no_passing_graph_and_bad_requests_fail_with_nothing_selected() {
         "gates.yaml",
         "quality:\n  min_ndcg_retention: 0.5\n",
     );
-    let cases: [(&[&str], &str); 3] = [
+    let cases: [(&[&str], &str); 4] = [
+        (&["--baseline", "nobody"], "--baseline nobody"),
         (&["--latency", "1by32"], "expected BATCHxLENGTH"),
         (&["--candidate", "/no/such/graph"], "no graph"),
         (

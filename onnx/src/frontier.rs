@@ -45,7 +45,7 @@ pub struct FrontierPoint {
     pub passed: bool,
     /// Texts/s at the throughput shape.
     pub throughput: f64,
-    /// Throughput over the baseline's (the first point).
+    /// Throughput over the baseline point's.
     pub speedup: f64,
     /// Median milliseconds at the latency shape.
     pub latency_ms: f64,
@@ -110,6 +110,8 @@ impl FrontierPoint {
 /// Every point, with speed-ups against the first and the front marked.
 #[derive(Debug, Clone, Serialize)]
 pub struct Frontier {
+    /// The point speed-ups are relative to.
+    pub baseline: String,
     /// The shapes measured: `(batch, length)` for throughput and latency.
     pub throughput_shape: (usize, usize),
     pub latency_shape: (usize, usize),
@@ -126,11 +128,22 @@ pub struct PeerWin {
 impl Frontier {
     /// Speed-ups relative to `points[0]`, and the front.
     pub fn new(
-        mut points: Vec<FrontierPoint>,
+        points: Vec<FrontierPoint>,
         throughput_shape: (usize, usize),
         latency_shape: (usize, usize),
     ) -> Self {
-        let base = points.first().map_or(f64::NAN, |p| p.throughput);
+        Self::with_baseline(points, 0, throughput_shape, latency_shape)
+    }
+
+    /// Speed-ups relative to `points[baseline]`, and the front.
+    pub fn with_baseline(
+        mut points: Vec<FrontierPoint>,
+        baseline: usize,
+        throughput_shape: (usize, usize),
+        latency_shape: (usize, usize),
+    ) -> Self {
+        let base = points.get(baseline).map_or(f64::NAN, |p| p.throughput);
+        let baseline_name = points.get(baseline).map(|p| p.name.clone());
         for p in &mut points {
             p.speedup = p.throughput / base;
         }
@@ -142,6 +155,7 @@ impl Frontier {
             p.on_front = on;
         }
         Self {
+            baseline: baseline_name.unwrap_or_default(),
             throughput_shape,
             latency_shape,
             points,
@@ -198,7 +212,8 @@ impl Frontier {
         let (tb, tl) = self.throughput_shape;
         let (lb, ll) = self.latency_shape;
         let mut md = format!(
-            "# Speed/quality frontier\n\n`{command}`\n\nSpeed: every graph in one ONNX Runtime run, taking turns run by run (medians); speed-up is throughput at batch {tb} × {tl} over the first point's; latency at batch {lb} × {ll}. Retention: nDCG@10 over the reference's; *worst* is the lowest over the datasets. `tuned` marks a dataset whose text the model was fine-tuned on (not held out). ★: on the front (no other point is at least as fast and as good on every dataset, and better in one).\n\n| point | by | precision | MB |"
+            "# Speed/quality frontier\n\n`{command}`\n\nSpeed: every graph in one ONNX Runtime run, taking turns run by run (medians); speed-up is throughput at batch {tb} × {tl} over {}'s; latency at batch {lb} × {ll}. Retention: nDCG@10 over the reference's; *worst* is the lowest over the datasets. `tuned` marks a dataset whose text the model was fine-tuned on (not held out). ★: on the front (no other point is at least as fast and as good on every dataset, and better in one).\n\n| point | by | precision | MB |",
+            self.baseline
         );
         for d in &datasets {
             md += &format!(" {d} nDCG@10 (retention) |");

@@ -24,7 +24,7 @@ pub struct FrontierArgs {
     #[arg(long)]
     pub reference: PathBuf,
     /// An effir graph (directory or .onnx), as NAME=PATH or PATH (named by its
-    /// directory); repeatable. The first candidate is the speed baseline.
+    /// directory); repeatable.
     #[arg(long = "candidate", required = true)]
     pub candidates: Vec<String>,
     /// A peer's graph a user could pick instead (Optimum's exports, another
@@ -37,6 +37,9 @@ pub struct FrontierArgs {
     /// Gates (YAML), as `effir validate` reads them.
     #[arg(long)]
     pub gates: PathBuf,
+    /// The point speed-ups are relative to [default: the first candidate].
+    #[arg(long)]
+    pub baseline: Option<String>,
     /// Throughput shape, BATCHxLENGTH.
     #[arg(long, default_value = "32x256", value_parser = parse_shape)]
     pub throughput: (usize, usize),
@@ -132,6 +135,13 @@ pub fn run(args: FrontierArgs) -> anyhow::Result<()> {
             points.push((name, origin, graph));
         }
     }
+    let baseline = match &args.baseline {
+        None => 0,
+        Some(b) => points
+            .iter()
+            .position(|(n, _, _)| n == b)
+            .ok_or_else(|| anyhow::anyhow!("--baseline {b}: no candidate or peer has that name"))?,
+    };
     let settings = args.providers.settings()?;
 
     let mut reports = Vec::new();
@@ -193,7 +203,8 @@ pub fn run(args: FrontierArgs) -> anyhow::Result<()> {
             )
         })
         .collect();
-    let frontier = Frontier::new(frontier_points, args.throughput, args.latency);
+    let frontier =
+        Frontier::with_baseline(frontier_points, baseline, args.throughput, args.latency);
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let markdown = frontier.to_markdown(&command);
     std::fs::create_dir_all(&args.out)
