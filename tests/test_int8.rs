@@ -164,3 +164,56 @@ fn int8_requests_that_cannot_be_met_fail_before_writing() {
         assert!(!out.exists(), "{extra:?} wrote output");
     }
 }
+
+/// A quantized graph effir did not write (no `effir.precision`, as
+/// Optimum's int8 exports) is recognised by its integer products and judged
+/// by the int8 parity gates; a float graph without metadata stays fp32.
+#[test]
+fn a_third_party_int8_graph_is_judged_by_the_int8_gates() {
+    let work = tempfile::tempdir().unwrap();
+    let gates = work.path().join("gates.yaml");
+    std::fs::write(
+        &gates,
+        "parity:\n  min_cosine: 0.99999\n  int8:\n    min_cosine: 0.9\n",
+    )
+    .unwrap();
+    for (precision, extra) in [("int8", &["--precision", "int8"][..]), ("fp32", &[][..])] {
+        let dir = work.path().join(precision);
+        export(&fixture("bert"), &dir, extra);
+        let path = dir.join("model.onnx");
+        let mut file = GraphFile::read(&path).unwrap();
+        file.model
+            .metadata_props
+            .retain(|p| !p.key.starts_with("effir."));
+        std::fs::write(&path, prost::Message::encode_to_vec(&file.model)).unwrap();
+        assert_eq!(GraphFile::read(&path).unwrap().precision(), precision);
+        let report = work.path().join(format!("report-{precision}"));
+        let out = effir(&[
+            "validate",
+            "--quiet",
+            "--no-cache",
+            "--reference",
+            fixture("bert").to_str().unwrap(),
+            "--candidate",
+            dir.to_str().unwrap(),
+            "--candidate-model",
+            fixture("bert").to_str().unwrap(),
+            "--data",
+            fixture("eval/tiny").to_str().unwrap(),
+            "--gates",
+            gates.to_str().unwrap(),
+            "--out",
+            report.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{precision}: {}", stderr(&out));
+        let json = read_json(&report.join("validation.json"));
+        assert_eq!(json["precision"], precision);
+        let gate = json["gates"][0]["gate"].as_str().unwrap();
+        let want = if precision == "int8" {
+            "parity.int8.min_cosine"
+        } else {
+            "parity.min_cosine"
+        };
+        assert_eq!(gate, want);
+    }
+}

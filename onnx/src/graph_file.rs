@@ -145,6 +145,28 @@ impl GraphFile {
             .map(|&d| d as usize)
     }
 
+    /// The arithmetic of the graph's matrix products: `effir.precision` when
+    /// effir wrote it, else `int8` for a graph with integer products (a
+    /// third-party quantized export: `MatMulInteger`, `QLinearMatMul`,
+    /// `DynamicQuantizeMatMul`, `MatMulIntegerToFloat`), else `fp32`.
+    pub fn precision(&self) -> String {
+        if let Some(p) = self.metadata("effir.precision") {
+            return p.to_string();
+        }
+        const INTEGER_PRODUCTS: [&str; 4] = [
+            "MatMulInteger",
+            "QLinearMatMul",
+            "DynamicQuantizeMatMul",
+            "MatMulIntegerToFloat",
+        ];
+        let integer = self
+            .graph()
+            .node
+            .iter()
+            .any(|n| INTEGER_PRODUCTS.contains(&n.op_type.as_str()));
+        if integer { "int8" } else { "fp32" }.to_string()
+    }
+
     /// How often each operator occurs, keyed `domain::Op` (`Op` for the
     /// default domain).
     pub fn op_counts(&self) -> BTreeMap<String, usize> {

@@ -204,10 +204,12 @@ pub fn validate(args: &ValidateArgs) -> anyhow::Result<ValidationReport> {
     };
     bar.finish_and_clear();
 
-    let precision = candidate
-        .metadata("effir.precision")
-        .unwrap_or("fp32")
-        .to_string();
+    // From effir's metadata, or the graph's operators for a third-party
+    // quantized export: its parity is judged by the int8 gates.
+    let precision = match candidate.metadata("effir.precision") {
+        Some(p) => p.to_string(),
+        None => effir_onnx::graph_file::GraphFile::read(candidate.graph())?.precision(),
+    };
     let results = apply_gates(&gates, &precision, Some(&parity), &quality);
     Ok(ValidationReport {
         reference: args.reference.clone(),
