@@ -60,12 +60,17 @@ impl TeacherEmbeddings {
         if let Some(parent) = cache.parent() {
             std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
         }
-        candle_core::safetensors::save(&map, cache).map_err(|e| Error::weights(cache, e))?;
+        // The keys first, then the embeddings written beside the cache and
+        // renamed into place: a killed run leaves no half-written cache,
+        // and a cache file always has its keys.
         let names_path = cache.with_extension("keys.json");
         crate::io::atomic_file::write_bytes_atomically(
             &names_path,
             serde_json::to_string(&keys).expect("keys").as_bytes(),
         )?;
+        let partial = cache.with_extension("safetensors.partial");
+        candle_core::safetensors::save(&map, &partial).map_err(|e| Error::weights(&partial, e))?;
+        std::fs::rename(&partial, cache).map_err(|e| Error::io(cache, e))?;
         Ok(Self {
             index: keys.into_iter().enumerate().map(|(i, k)| (k, i)).collect(),
             matrix,
