@@ -271,11 +271,7 @@ pub fn loss_of_examples(
     examples: &[TrainingExample],
     config: &FinetuneConfig,
 ) -> Result<Tensor> {
-    let options = LoadOptions {
-        max_length: config.max_length,
-        ..Default::default()
-    };
-    let embedder = Embedder::load_with_tensors(model, &options, tensors, &Device::Cpu)?;
+    let embedder = embedder_with(model, tensors, config)?;
     let batch: Vec<Sampled> = examples
         .iter()
         .map(|e| Sampled {
@@ -302,13 +298,23 @@ pub fn distillation_loss_of_texts(
     teacher: &Tensor,
     config: &FinetuneConfig,
 ) -> Result<Tensor> {
+    let embedder = embedder_with(model, tensors, config)?;
+    let student = embed_tracked(&embedder, texts)?;
+    embedding_terms(&student, teacher, config, &mut LossParts::default())
+}
+
+/// The model in `model` with its weights replaced by `tensors`, encoding
+/// at the run's maximum length.
+fn embedder_with(
+    model: &Path,
+    tensors: HashMap<String, Tensor>,
+    config: &FinetuneConfig,
+) -> Result<Embedder> {
     let options = LoadOptions {
         max_length: config.max_length,
         ..Default::default()
     };
-    let embedder = Embedder::load_with_tensors(model, &options, tensors, &Device::Cpu)?;
-    let student = embed_tracked(&embedder, texts)?;
-    embedding_terms(&student, teacher, config, &mut LossParts::default())
+    Embedder::load_with_tensors(model, &options, tensors, &Device::Cpu)
 }
 
 /// Draws the next micro-batch of the data order, moving to the next
