@@ -459,3 +459,70 @@ fn the_committed_finetune_configs_parse() {
     }
     assert!(seen >= 3, "found {seen} configs");
 }
+
+/// `objective: combined`: the labeled loss plus the label-free terms on the
+/// batch's own texts, each logged every step.
+#[test]
+fn the_combined_objective_trains_on_both_terms() {
+    let work = tempfile::tempdir().unwrap();
+    let model = fixture("bert");
+    let mut pairs = String::new();
+    for (i, t) in TRAIN_TEXTS.iter().enumerate() {
+        pairs += &serde_json::json!({
+            "query": format!("query {i}"),
+            "pos": [t],
+            "neg": [TRAIN_TEXTS[(i + 5) % TRAIN_TEXTS.len()]],
+        })
+        .to_string();
+        pairs.push('\n');
+    }
+    let train = write(work.path(), "pairs.jsonl", &pairs);
+    let config = write(
+        work.path(),
+        "combined.yaml",
+        &format!(
+            "objective: combined\nmax_steps: 2\nbatch_size: 4\ncheckpoint_every: 0\n\
+             embedding_distillation:\n  teacher: {}\n  contrastive_weight: 0.5\n",
+            model.display()
+        ),
+    );
+    let out = work.path().join("combined");
+    let o = effir(&[
+        "finetune",
+        "--quiet",
+        "--model",
+        model.to_str().unwrap(),
+        "--train",
+        train.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for step in step_log(&out) {
+        let term = |k: &str| step[k].as_f64().unwrap_or_else(|| panic!("{k}: {step}"));
+        let (nce, distance, kl) = (
+            term("info_nce"),
+            term("embedding_distance"),
+            term("similarity_kl"),
+        );
+        // The teacher is the model itself: its terms start at zero, InfoNCE does not.
+        assert!(nce > 0.1, "{step}");
+        let loss = term("loss");
+        assert!(
+            (loss - (0.5 * nce + distance + kl)).abs() < 1e-4,
+            "loss {loss} is not 0.5 x InfoNCE + the distillation terms: {step}"
+        );
+    }
+    // --train-texts is refused for it.
+    let texts = train_texts(work.path());
+    let o = distill(
+        &model,
+        &[&texts],
+        &work.path().join("x"),
+        &config,
+        &["--train", train.to_str().unwrap()],
+    );
+    assert!(!o.status.success() && stderr(&o).contains("--train-texts is for objective distill"));
+}
