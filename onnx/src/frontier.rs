@@ -126,17 +126,8 @@ pub struct PeerWin {
 }
 
 impl Frontier {
-    /// Speed-ups relative to `points[0]`, and the front.
-    pub fn new(
-        points: Vec<FrontierPoint>,
-        throughput_shape: (usize, usize),
-        latency_shape: (usize, usize),
-    ) -> Self {
-        Self::with_baseline(points, 0, throughput_shape, latency_shape)
-    }
-
     /// Speed-ups relative to `points[baseline]`, and the front.
-    pub fn with_baseline(
+    pub fn new(
         mut points: Vec<FrontierPoint>,
         baseline: usize,
         throughput_shape: (usize, usize),
@@ -167,14 +158,6 @@ impl Frontier {
         self.points
             .iter()
             .filter(|p| p.passed)
-            .max_by(|a, b| a.throughput.total_cmp(&b.throughput))
-    }
-
-    /// The fastest effir point at or above `retention` on every dataset.
-    pub fn fastest_at(&self, retention: f64) -> Option<&FrontierPoint> {
-        self.points
-            .iter()
-            .filter(|p| p.origin == Origin::Effir && p.worst_retention >= retention)
             .max_by(|a, b| a.throughput.total_cmp(&b.throughput))
     }
 
@@ -408,6 +391,7 @@ mod tests {
                 point("pruned-int8", Origin::Effir, 22.0, 0.89, false),
                 point("peer-int8", Origin::Peer, 20.0, 0.995, true),
             ],
+            0,
             (32, 256),
             (1, 32),
         );
@@ -420,7 +404,6 @@ mod tests {
         assert_eq!(on, ["full", "pruned-int8", "peer-int8"]);
         assert!((f.points[1].speedup - 1.7).abs() < 1e-12);
         assert_eq!(f.fastest_passing().unwrap().name, "peer-int8");
-        assert_eq!(f.fastest_at(0.98).unwrap().name, "int8");
         // effir's own front is full, int8 and pruned-int8; the peer beats int8.
         assert_eq!(
             f.peer_wins(),
@@ -455,7 +438,7 @@ mod tests {
             ..a.scores[1].clone()
         });
         b.worst_retention = 0.95;
-        let f = Frontier::new(vec![a, b], (32, 256), (1, 32));
+        let f = Frontier::new(vec![a, b], 0, (32, 256), (1, 32));
         assert!(f.points.iter().all(|p| p.on_front));
         assert!(f.peer_wins().is_empty());
         assert!(f.to_markdown("x").contains("No peer beats"));

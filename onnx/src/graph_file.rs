@@ -213,6 +213,16 @@ fn io_info(v: &ValueInfoProto) -> IoInfo {
     info
 }
 
+/// The bytes a graph takes on disk: the `.onnx` file and, when
+/// [`write_model`] moved its weights out, the `<file>_data` beside it.
+pub fn graph_bytes(graph: &Path) -> Result<u64> {
+    let graph_len = std::fs::metadata(graph)
+        .map_err(|e| Error::io(graph, e))?
+        .len();
+    let data = graph.with_extension("onnx_data");
+    Ok(graph_len + std::fs::metadata(data).map_or(0, |m| m.len()))
+}
+
 /// Serialises `model` into `dir/file_name`, moving initializers into
 /// `dir/<file_name>_data` when `external` is true. Files are written as
 /// given; the caller stages `dir` and renames it into place.

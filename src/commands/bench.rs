@@ -42,8 +42,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     for g in &args.graphs {
         // Only the graph is needed: no tokenizer or model files.
         let graph = GraphLocation::find_graph(g)?;
-        let size = std::fs::metadata(&graph)?.len()
-            + std::fs::metadata(graph.with_extension("onnx_data")).map_or(0, |m| m.len());
+        let size = effir_onnx::graph_file::graph_bytes(&graph)?;
         sessions.push(
             BenchSession::open(&graph, &settings)
                 .with_context(|| format!("opening {}", graph.display()))?,

@@ -192,19 +192,16 @@ pub fn run(args: FrontierArgs) -> anyhow::Result<()> {
         .zip(&reports)
         .zip(throughput.iter().zip(&latency))
         .map(|(((name, origin, graph), report), (t, l))| {
-            let bytes = std::fs::metadata(graph).map_or(0, |m| m.len())
-                + std::fs::metadata(graph.with_extension("onnx_data")).map_or(0, |m| m.len());
-            FrontierPoint::new(
+            Ok(FrontierPoint::new(
                 name.clone(),
                 *origin,
                 report,
-                bytes as f64 / 1e6,
+                effir_onnx::graph_file::graph_bytes(graph)? as f64 / 1e6,
                 (t.texts_per_second, l.median_ms),
-            )
+            ))
         })
-        .collect();
-    let frontier =
-        Frontier::with_baseline(frontier_points, baseline, args.throughput, args.latency);
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let frontier = Frontier::new(frontier_points, baseline, args.throughput, args.latency);
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let markdown = frontier.to_markdown(&command);
     std::fs::create_dir_all(&args.out)

@@ -108,10 +108,7 @@ pub fn rewrite(
     }
     let mut file = GraphFile::read(graph_path)?;
     let base = graph_path.parent().unwrap_or(Path::new(".")).to_path_buf();
-    let bytes_before = std::fs::metadata(graph_path)
-        .map_err(|e| Error::io(graph_path, e))?
-        .len()
-        + std::fs::metadata(graph_path.with_extension("onnx_data")).map_or(0, |m| m.len());
+    let bytes_before = crate::graph_file::graph_bytes(graph_path)?;
     let graph = file.model.graph.as_mut().expect("checked on read");
     let used_external = inline_external_data(graph, graph_path, &base)?;
     let original = Checkpoint::load(&original_dir, arch)?;
