@@ -23,9 +23,10 @@ fn key(text: &str) -> String {
 
 impl TeacherEmbeddings {
     /// Loads `cache` if it holds every text of `texts`, else embeds them
-    /// with the teacher in `teacher_dir` and writes the cache.
+    /// with the teacher `load_teacher` gives (called only then) and writes
+    /// the cache.
     pub fn load_or_compute(
-        teacher_dir: &Path,
+        load_teacher: impl FnOnce() -> Result<Embedder>,
         texts: &BTreeSet<String>,
         cache: &Path,
         batch_size: usize,
@@ -49,7 +50,7 @@ impl TeacherEmbeddings {
                 }
             }
         }
-        let teacher = Embedder::load(teacher_dir, &crate::LoadOptions::default())?;
+        let teacher = load_teacher()?;
         let list: Vec<&str> = texts.iter().map(String::as_str).collect();
         let total = list.len();
         let m = teacher.embed(&list, "", batch_size, &mut |done| progress(done, total))?;

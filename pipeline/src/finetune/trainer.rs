@@ -447,12 +447,7 @@ pub fn finetune(
             None,
         ),
     };
-    let options = LoadOptions {
-        max_length: config.max_length,
-        ..Default::default()
-    };
-    let embedder =
-        Embedder::load_with_tensors(run.model, &options, weights.all.clone(), &Device::Cpu)?;
+    let embedder = embedder_with(run.model, weights.all.clone(), config)?;
     let teacher = load_teacher(
         run.model,
         embedder.dimension(),
@@ -505,7 +500,7 @@ pub fn finetune(
         };
         if let Some(dev) = &config.dev {
             if state.step.is_multiple_of(dev.every) || state.step == total_steps {
-                let score = evaluate_dev(run.model, &options, &weights, dev_eval)?;
+                let score = evaluate_dev(run.model, config, &weights, dev_eval)?;
                 report.dev = Some(score);
                 if state.best.is_none_or(|(b, _)| score > b) {
                     state.best = Some((score, state.step));
@@ -631,17 +626,26 @@ fn load_teacher(
         "teacher-{}.safetensors",
         &h.finalize().to_hex()[..32]
     ));
-    let teacher_dim = Embedder::load(teacher_dir, &LoadOptions::default())?.dimension();
-    if config.embedding_distillation.is_some() && teacher_dim != student_dim {
-        return Err(Error::InvalidArgument(format!(
-            "{}: the teacher's embeddings have {teacher_dim} dimensions, the student's ({}) \
-             {student_dim}",
-            teacher_dir.display(),
-            student.display()
-        )));
+    let load = || Embedder::load(teacher_dir, &LoadOptions::default());
+    // Embedding distillation compares embeddings directly: the sizes must
+    // match, checked before any text is embedded. The teacher loaded for
+    // the check embeds the texts too, if the cache lacks them.
+    let mut loaded = None;
+    if config.embedding_distillation.is_some() {
+        let teacher = load()?;
+        let teacher_dim = teacher.dimension();
+        if teacher_dim != student_dim {
+            return Err(Error::InvalidArgument(format!(
+                "{}: the teacher's embeddings have {teacher_dim} dimensions, the student's ({}) \
+                 {student_dim}",
+                teacher_dir.display(),
+                student.display()
+            )));
+        }
+        loaded = Some(teacher);
     }
     Ok(Some(TeacherEmbeddings::load_or_compute(
-        teacher_dir,
+        || loaded.map_or_else(load, Ok),
         &texts,
         &cache,
         32,
@@ -721,7 +725,7 @@ fn accumulate_gradients(
 /// The development score of the current weights (a frozen copy).
 fn evaluate_dev(
     model: &Path,
-    options: &LoadOptions,
+    config: &FinetuneConfig,
     weights: &Weights,
     dev_eval: &mut dyn FnMut(&Embedder) -> Result<f64>,
 ) -> Result<f64> {
@@ -730,7 +734,7 @@ fn evaluate_dev(
         .iter()
         .map(|(k, v)| (k.clone(), v.detach()))
         .collect();
-    let frozen = Embedder::load_with_tensors(model, options, snapshot, &Device::Cpu)?;
+    let frozen = embedder_with(model, snapshot, config)?;
     dev_eval(&frozen)
 }
 
