@@ -60,35 +60,36 @@ impl Linear {
     /// adapter the activation runs in place on the product's buffer when
     /// nothing is tracked for gradients.
     pub fn forward_then(&self, x: &Tensor, activation: Activation) -> Result<Tensor> {
-        let kind = activation.kernel();
-        let dims = x.dims();
-        let in_dim = dims[dims.len() - 1];
-        let rows = x.elem_count() / in_dim;
-        let x2 = x.reshape((rows, in_dim))?;
-        match kind {
-            Some(kind)
-                if self.lora.is_none()
-                    && kernels::linear::applies(&x2, &self.weight, self.bias.as_ref()) =>
-            {
-                let mut out_dims = dims.to_vec();
-                *out_dims.last_mut().expect("non-empty dims") = self.weight.dim(0)?;
+        let (x2, out_dims) = self.as_rows(x)?;
+        match activation.kernel() {
+            Some(kind) if self.kernel_applies(&x2) => {
                 kernels::linear::linear_then(&x2, &self.weight, self.bias.as_ref(), kind)?
                     .reshape(out_dims)
             }
             _ => activation.forward(&self.forward(x)?),
         }
     }
+
+    /// `x` as a matrix of rows `(rows, in)`, and the shape of the output.
+    fn as_rows(&self, x: &Tensor) -> Result<(Tensor, Vec<usize>)> {
+        let dims = x.dims();
+        let in_dim = dims[dims.len() - 1];
+        let x2 = x.reshape((x.elem_count() / in_dim, in_dim))?;
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("non-empty dims") = self.weight.dim(0)?;
+        Ok((x2, out_dims))
+    }
+
+    /// Whether the fused CPU kernel computes this layer on `x2`.
+    fn kernel_applies(&self, x2: &Tensor) -> bool {
+        self.lora.is_none() && kernels::linear::applies(x2, &self.weight, self.bias.as_ref())
+    }
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims();
-        let in_dim = dims[dims.len() - 1];
-        let rows = x.elem_count() / in_dim;
-        let x2 = x.reshape((rows, in_dim))?;
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().expect("non-empty dims") = self.weight.dim(0)?;
-        if self.lora.is_none() && kernels::linear::applies(&x2, &self.weight, self.bias.as_ref()) {
+        let (x2, out_dims) = self.as_rows(x)?;
+        if self.kernel_applies(&x2) {
             return kernels::linear::linear(&x2, &self.weight, self.bias.as_ref())?
                 .reshape(out_dims);
         }
