@@ -182,11 +182,9 @@ recover-minilm: build models onnxruntime
 	  fi; \
 	  $(EFFIR) export --model $(RUNS)/minilm-prune-$$p-distill --profile sentence-transformers \
 	    --out $(RUNS)/onnx/minilm-prune-$$p-distill --overwrite || exit 1; \
-	  for d in $(DATA) $(HELDOUT); do \
-	    $(EFFIR) validate --reference $(MINILM) --candidate $(RUNS)/onnx/minilm-prune-$$p-distill --data $$d \
-	      --gates configs/gates.yaml --out $(RUNS)/validate-minilm-prune-$$p-distill-$$(basename $$d) \
-	      || echo "minilm-prune-$$p-distill on $$d: gates failed (see its validation.md)"; \
-	  done; \
+	  $(EFFIR) validate --reference $(MINILM) --candidate $(RUNS)/onnx/minilm-prune-$$p-distill --data $(DATA) --data $(HELDOUT) \
+	    --gates configs/gates.yaml --out $(RUNS)/validate-minilm-prune-$$p-distill \
+	    || echo "minilm-prune-$$p-distill: gates failed (see its validation.md)"; \
 	done
 
 # Training examples/s of effir vs sentence-transformers' trainer (PyTorch CPU), same model, batch and length.
