@@ -281,3 +281,114 @@ impl FinetuneConfig {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn teacher(dir: &str) -> EmbeddingDistillationSettings {
+        EmbeddingDistillationSettings {
+            teacher: dir.into(),
+            loss: EmbeddingLoss::Cosine,
+            weight: 1.0,
+            similarity_weight: 1.0,
+            similarity_temperature: 0.05,
+            contrastive_weight: 1.0,
+        }
+    }
+
+    fn config(objective: Objective, e: Option<EmbeddingDistillationSettings>) -> FinetuneConfig {
+        FinetuneConfig {
+            objective,
+            embedding_distillation: e,
+            ..Default::default()
+        }
+    }
+
+    /// The objective and its sections must agree, before anything loads.
+    #[test]
+    fn objectives_and_their_sections_are_checked() {
+        config(Objective::Distill, Some(teacher("t")))
+            .validate()
+            .unwrap();
+        config(Objective::Combined, Some(teacher("t")))
+            .validate()
+            .unwrap();
+        let scores = |dir: &str| DistillationSettings {
+            teacher: dir.into(),
+            weight: 1.0,
+            temperature: 0.05,
+        };
+        let cases = [
+            (
+                config(Objective::Distill, None),
+                "needs an embedding_distillation section",
+            ),
+            (
+                config(Objective::Combined, None),
+                "needs an embedding_distillation section",
+            ),
+            (
+                config(Objective::Contrastive, Some(teacher("t"))),
+                "objective is contrastive",
+            ),
+            (
+                config(
+                    Objective::Distill,
+                    Some(EmbeddingDistillationSettings {
+                        weight: 0.0,
+                        similarity_weight: 0.0,
+                        ..teacher("t")
+                    }),
+                ),
+                "weight or similarity_weight above 0",
+            ),
+            (
+                config(
+                    Objective::Distill,
+                    Some(EmbeddingDistillationSettings {
+                        similarity_temperature: 0.0,
+                        ..teacher("t")
+                    }),
+                ),
+                "similarity_temperature > 0",
+            ),
+            (
+                config(
+                    Objective::Combined,
+                    Some(EmbeddingDistillationSettings {
+                        contrastive_weight: -1.0,
+                        ..teacher("t")
+                    }),
+                ),
+                "weights must be >= 0",
+            ),
+            (
+                FinetuneConfig {
+                    distillation: Some(scores("t")),
+                    ..config(Objective::Distill, Some(teacher("t")))
+                },
+                "needs labeled data",
+            ),
+            (
+                FinetuneConfig {
+                    distillation: Some(scores("other")),
+                    ..config(Objective::Combined, Some(teacher("t")))
+                },
+                "name different teachers",
+            ),
+        ];
+        for (bad, needle) in cases {
+            let err = bad.validate().unwrap_err().to_string();
+            assert!(err.contains(needle), "{bad:?}: {err}");
+        }
+        // A one-text batch has no in-batch negatives; distillation needs none.
+        FinetuneConfig {
+            batch_size: 1,
+            hard_negatives: 0,
+            ..config(Objective::Distill, Some(teacher("t")))
+        }
+        .validate()
+        .unwrap();
+    }
+}
