@@ -11,8 +11,9 @@ use common::{copy_model, edit_weights, fixture};
 use effir_pipeline::compress::analysis::measure_importance;
 use effir_pipeline::compress::prune::{
     plan_pruning, write_pruned_model, CoarseMode, CoarsePlan, FinePlan, NeuronScore, PruneInputs,
-    PrunePlan, PruneResult,
+    PrunePlan, PruneRecord, PruneResult,
 };
+use effir_pipeline::compress::reconstruct::ReconstructPlan;
 use effir_pipeline::io::weights::load_all_tensors;
 use effir_pipeline::model::arch::{ForwardHooks, ModelConfig, SkippedSublayers};
 use effir_pipeline::{Embedder, LoadOptions};
@@ -576,6 +577,117 @@ fn bad_plans_are_rejected_before_any_work() {
     let mut below_floors = fine(0.2);
     below_floors.fine.as_mut().unwrap().min_width_fraction = 0.5;
     check(below_floors, "below the per-layer floors");
+    // Reconstruction re-fits narrowed MLPs: without a fine step there are none.
+    check(
+        PrunePlan {
+            coarse: CoarsePlan {
+                drop_mlp: Some(1),
+                ..Default::default()
+            },
+            reconstruct: Some(ReconstructPlan::default()),
+            ..Default::default()
+        },
+        "needs a fine step",
+    );
+    for ridge in [0.0, -1e-3, f64::NAN] {
+        let mut bad_ridge = fine(0.5);
+        bad_ridge.reconstruct = Some(ReconstructPlan { ridge });
+        check(bad_ridge, "reconstruct.ridge");
+    }
+}
+
+/// Sum of squared differences between two sets of hidden-state rows.
+fn squared_distance(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
+    a.iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(x, y)| ((x - y) as f64).powi(2))
+        .sum()
+}
+
+/// Reconstruction keeps the same neurons and re-fits each narrowed MLP's
+/// output projection: every layer's output error on the calibration text
+/// falls, and the written model's last hidden state moves closer to the
+/// full model's than the plainly sliced model's, for every architecture
+/// family (post-norm BERT with output biases, gated decoders without).
+#[test]
+fn reconstruction_brings_the_pruned_model_closer_to_the_full_one() {
+    let sliced_plan = PrunePlan {
+        coarse: CoarsePlan {
+            drop_mlp: Some(1),
+            ..Default::default()
+        },
+        fine: Some(FinePlan {
+            mlp_keep: 0.4,
+            score: Default::default(),
+            min_width_fraction: 0.1,
+            alignment: 8,
+        }),
+        ..Default::default()
+    };
+    let refit_plan = PrunePlan {
+        reconstruct: Some(ReconstructPlan { ridge: 1e-4 }),
+        ..sliced_plan.clone()
+    };
+    for arch in ["bert", "llama", "gemma3"] {
+        let (_w1, sliced_dir, sliced) = prune(arch, &sliced_plan);
+        let (_w2, refit_dir, refit) = prune(arch, &refit_plan);
+        assert_eq!(sliced.mlps, refit.mlps, "{arch}: the same neurons are kept");
+        assert!(sliced.reconstruction.is_none());
+        let reconstruction = refit
+            .reconstruction
+            .as_ref()
+            .expect("the plan reconstructs");
+        let narrowed: Vec<usize> = refit
+            .mlps
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| d.neurons().is_some_and(|n| n.len() < 96))
+            .map(|(l, _)| l)
+            .collect();
+        let fitted: Vec<usize> = reconstruction.fits.iter().map(|f| f.layer).collect();
+        assert_eq!(fitted, narrowed, "{arch}: every narrowed layer, in order");
+        for fit in &reconstruction.fits {
+            assert!(fit.tokens > 0);
+            assert!(
+                fit.relative_error_refit < fit.relative_error_sliced,
+                "{arch} layer {}: re-fit error {} not below sliced {}",
+                fit.layer,
+                fit.relative_error_refit,
+                fit.relative_error_sliced
+            );
+        }
+        let full = hidden(&load(&fixture(arch)), &mut NoHooks);
+        let d_sliced = squared_distance(&full, &hidden(&load(&sliced_dir), &mut NoHooks));
+        let d_refit = squared_distance(&full, &hidden(&load(&refit_dir), &mut NoHooks));
+        assert!(
+            d_refit < d_sliced,
+            "{arch}: reconstructed model {d_refit} not closer than sliced {d_sliced}"
+        );
+        // The record carries the fits; the shapes are the sliced model's.
+        let record = PruneRecord::read(&refit_dir).unwrap().unwrap();
+        let recorded = record
+            .reconstruction
+            .as_ref()
+            .expect("the fits are recorded");
+        assert_eq!(recorded.len(), reconstruction.fits.len());
+        for (r, f) in recorded.iter().zip(&reconstruction.fits) {
+            assert_eq!(
+                (r.layer, r.kept, r.width, r.tokens),
+                (f.layer, f.kept, f.width, f.tokens)
+            );
+            assert!((r.relative_error_refit - f.relative_error_refit).abs() < 1e-12);
+        }
+        assert_eq!(record.plan, refit_plan);
+        assert_eq!(
+            PruneRecord::read(&sliced_dir)
+                .unwrap()
+                .unwrap()
+                .reconstruction,
+            None
+        );
+        assert_eq!(load(&refit_dir).shape(), load(&sliced_dir).shape());
+    }
 }
 
 #[test]
@@ -684,6 +796,33 @@ fn the_cli_writes_a_loadable_model_and_its_records() {
         before
     );
 
+    // --reconstruct-ridge re-fits the narrowed MLPs; the report and the
+    // record show each layer's output error before and after.
+    let refit = work.path().join("refit");
+    let ok = run(&[
+        "--out",
+        refit.to_str().unwrap(),
+        "--drop-mlp",
+        "1",
+        "--mlp-keep",
+        "0.5",
+        "--reconstruct-ridge",
+        "1e-4",
+    ]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let report = String::from_utf8_lossy(&ok.stdout);
+    assert!(report.contains("error, re-fitted"), "{report}");
+    let record = PruneRecord::read(&refit).unwrap().unwrap();
+    assert_eq!(
+        record.plan.reconstruct,
+        Some(ReconstructPlan { ridge: 1e-4 })
+    );
+    assert_eq!(record.reconstruction.map(|r| r.len()), Some(2));
+
     // Bad plans, from flags or YAML, and Taylor scores without batches of
     // two or more pairs: refused before any work, nothing written.
     let plan_for_bert = work.path().join("bert-plan.yaml");
@@ -713,6 +852,14 @@ fn the_cli_writes_a_loadable_model_and_its_records() {
                 "1",
             ],
             "at least 2 query-document pairs",
+        ),
+        (
+            vec!["--mlp-keep", "0.5", "--reconstruct-ridge", "0"],
+            "reconstruct.ridge 0 must be a positive number",
+        ),
+        (
+            vec!["--drop-mlp", "1", "--reconstruct-ridge", "1e-4"],
+            "needs a fine step",
         ),
     ] {
         let bad = run(&[&["--out", refused_dir][..], &args].concat());

@@ -10,6 +10,7 @@ use effir_pipeline::compress::prune::{
     check_taylor_inputs, plan_pruning, write_pruned_model, CoarseMode, CoarsePlan, FinePlan,
     NeuronScore, PruneInputs, PrunePlan,
 };
+use effir_pipeline::compress::reconstruct::{LayerFit, ReconstructPlan};
 use effir_pipeline::data::calibration::{training_pairs, CalibrationBudget, CalibrationSet};
 use effir_pipeline::io::atomic_file::write_bytes_atomically;
 use effir_pipeline::io::weights::load_all_tensors;
@@ -56,6 +57,11 @@ pub struct PruneArgs {
     /// Neuron importance of the fine step.
     #[arg(long, value_enum, default_value = "activation")]
     pub score: ScoreArg,
+    /// Re-fit each narrowed MLP's output projection to the full MLP's output
+    /// on the calibration text (least squares, this ridge; 1e-4 is a good
+    /// start). Overrides a plan's `reconstruct`.
+    #[arg(long)]
+    pub reconstruct_ridge: Option<f64>,
     /// Query–document pairs for Taylor scores (from --data's --pairs-split).
     #[arg(long, default_value_t = 64)]
     pub taylor_pairs: usize,
@@ -74,6 +80,13 @@ pub struct PruneArgs {
     /// Token budget of the calibration text.
     #[arg(long, default_value_t = 65_536)]
     pub calib_tokens: usize,
+    /// Queries sampled from --data (queries and documents alternate until
+    /// the token budget is spent).
+    #[arg(long, default_value_t = 256)]
+    pub calib_queries: usize,
+    /// Documents sampled from --data.
+    #[arg(long, default_value_t = 256)]
+    pub calib_documents: usize,
     /// Seed of the calibration sample.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -95,6 +108,22 @@ fn flops_per_token(p: &ParameterReport, attention_width: &[usize], seq_len: usiz
             .sum::<f64>();
     let mlp: f64 = p.layers.iter().map(|l| 2.0 * l.mlp as f64).sum();
     (attention, mlp)
+}
+
+/// Each re-fitted MLP's output error on the calibration tokens.
+fn reconstruction_table(fits: &[LayerFit]) -> String {
+    let mut md = String::from(
+        "\nReconstruction (least-squares re-fit of each narrowed MLP's output projection; \
+         relative error of its output against the full MLP's on the calibration tokens):\n\n\
+         | layer | neurons kept | tokens | error, sliced | error, re-fitted |\n|---:|---:|---:|---:|---:|\n",
+    );
+    for f in fits {
+        md += &format!(
+            "| {} | {} of {} | {} | {:.4} | {:.4} |\n",
+            f.layer, f.kept, f.width, f.tokens, f.relative_error_sliced, f.relative_error_refit
+        );
+    }
+    md
 }
 
 fn report(before: &Embedder, after: &Embedder) -> String {
@@ -146,7 +175,7 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    let plan: PrunePlan = match &args.plan {
+    let mut plan: PrunePlan = match &args.plan {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("{}: cannot read plan", path.display()))?;
@@ -175,6 +204,9 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
             ..Default::default()
         },
     };
+    if let Some(ridge) = args.reconstruct_ridge {
+        plan.reconstruct = Some(ReconstructPlan { ridge });
+    }
     if args.out.exists() {
         bail!(
             "{}: already exists; choose a new output directory",
@@ -200,9 +232,10 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
             &embedder,
             dir,
             &CalibrationBudget {
+                queries: args.calib_queries,
+                documents: args.calib_documents,
                 max_tokens: args.calib_tokens,
                 seed: args.seed,
-                ..Default::default()
             },
         )?,
         _ => bail!("give calibration text with --data DIR or --calib FILE"),
@@ -239,7 +272,10 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
     )?;
     let pruned = Embedder::load(&args.out, &args.model.load_options())
         .with_context(|| format!("re-loading the pruned model {}", args.out.display()))?;
-    let table = report(&embedder, &pruned);
+    let mut table = report(&embedder, &pruned);
+    if let Some(reconstruction) = &result.reconstruction {
+        table += &reconstruction_table(&reconstruction.fits);
+    }
     let md = format!(
         "# Pruning {} -> {}\n\nDropped MLPs: {:?}; MLP widths: {:?}; {:.1}% of the MLP neurons kept; calibration: {} tokens of {}; {:.1}s.\n\n{table}",
         args.model.model.display(),

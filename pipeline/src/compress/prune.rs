@@ -22,6 +22,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::compress::analysis::{measure_importance, ImportanceReport};
+use crate::compress::reconstruct::{reconstruct_mlps, LayerFit, ReconstructPlan, Reconstruction};
 use crate::error::{Error, Result};
 use crate::io::model_files::{copy_model_files, is_backbone_weights};
 use crate::io::weights::WEIGHTS_FILE;
@@ -135,6 +136,10 @@ pub struct PrunePlan {
     pub coarse: CoarsePlan,
     #[serde(default)]
     pub fine: Option<FinePlan>,
+    /// Re-fit each narrowed MLP's output projection to the full MLP's
+    /// output on the calibration text ([`crate::compress::reconstruct`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reconstruct: Option<ReconstructPlan>,
 }
 
 impl PrunePlan {
@@ -190,6 +195,12 @@ impl PrunePlan {
                 "dropping {} of {present} MLPs leaves none; keep at least one",
                 self.drop_count(shape)
             ));
+        }
+        if let Some(r) = &self.reconstruct {
+            if self.fine.is_none() {
+                return bad("reconstruct re-fits narrowed MLPs: it needs a fine step".into());
+            }
+            r.validate()?;
         }
         if let Some(f) = &self.fine {
             if !(f.mlp_keep > 0.0 && f.mlp_keep <= 1.0) {
@@ -283,6 +294,9 @@ pub struct PruneResult {
     /// One decision per layer.
     pub mlps: Vec<MlpDecision>,
     pub importance: ImportanceReport,
+    /// The re-fitted output projections, when the plan asks for them.
+    #[serde(skip)]
+    pub reconstruction: Option<Reconstruction>,
 }
 
 impl PruneResult {
@@ -575,10 +589,32 @@ pub fn plan_pruning(
         )?;
         narrow(&mut mlps, &scores, fine, &source_shape)?;
     }
+    let reconstruction = match &plan.reconstruct {
+        None => None,
+        Some(reconstruct) => {
+            let skipping = Skipping::new(
+                embedder,
+                SkippedSublayers {
+                    mlp: dropped.iter().copied().collect(),
+                    ..Default::default()
+                },
+            )?;
+            Some(reconstruct_mlps(
+                &skipping,
+                tensors,
+                &mlps,
+                reconstruct,
+                inputs.calibration,
+                inputs.batch_size,
+                progress,
+            )?)
+        }
+    };
     Ok(PruneResult {
         source_shape,
         mlps,
         importance,
+        reconstruction,
     })
 }
 
@@ -802,6 +838,10 @@ pub struct PruneRecord {
     pub mlp_keep_achieved: f64,
     pub mlp_widths: Vec<Option<usize>>,
     pub plan: PrunePlan,
+    /// Each re-fitted MLP's output error on the calibration text, sliced
+    /// and re-fitted, when the plan reconstructs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reconstruction: Option<Vec<LayerFit>>,
     pub source_model: PathBuf,
 }
 
@@ -834,7 +874,10 @@ pub fn write_pruned_model(
     copy_model_files(source, staging.path(), &|name| {
         is_backbone_weights(name) || [SHAPE_FILE, PLAN_FILE, "prune_report.md"].contains(&name)
     })?;
-    let tensors = slice_weights(source, tensors, config.checkpoint(), &result.mlps)?;
+    let mut tensors = slice_weights(source, tensors, config.checkpoint(), &result.mlps)?;
+    if let Some(reconstruction) = &result.reconstruction {
+        apply_projections(source, &mut tensors, config.checkpoint(), reconstruction)?;
+    }
     let weights = staging.path().join(WEIGHTS_FILE);
     candle_core::safetensors::save(&tensors, &weights).map_err(|e| Error::weights(&weights, e))?;
     let shape = result.shape();
@@ -866,6 +909,7 @@ pub fn write_pruned_model(
             .map(|l| l.mlp.map(|m| m.intermediate_size))
             .collect(),
         plan: plan.clone(),
+        reconstruction: result.reconstruction.as_ref().map(|r| r.fits.clone()),
         source_model: std::fs::canonicalize(source).unwrap_or_else(|_| source.to_path_buf()),
     };
     let record_path = staging.path().join(PLAN_FILE);
@@ -915,6 +959,45 @@ fn slice_weights(
         tensors.insert(names.down.clone(), down);
     }
     Ok(tensors)
+}
+
+/// Replaces each reconstructed layer's (sliced) output projection and bias
+/// by its re-fit, in the checkpoint's dtype.
+fn apply_projections(
+    source: &Path,
+    tensors: &mut HashMap<String, Tensor>,
+    map: &CheckpointMap,
+    reconstruction: &Reconstruction,
+) -> Result<()> {
+    let prefix = map.prefix(tensors.keys());
+    for (&l, projection) in &reconstruction.projections {
+        let names = map.mlp_tensors(prefix, l);
+        let bias_name = format!(
+            "{}.bias",
+            names.down.strip_suffix(".weight").unwrap_or(&names.down)
+        );
+        let replaced = [
+            (names.down.clone(), Some(&projection.weight)),
+            (bias_name, projection.bias.as_ref()),
+        ];
+        for (name, new) in replaced {
+            let Some(new) = new else { continue };
+            let old = tensors.get(&name).ok_or_else(|| Error::MissingTensor {
+                path: source.to_path_buf(),
+                tensor: name.clone(),
+            })?;
+            if old.dims() != new.dims() {
+                return Err(Error::InvalidArgument(format!(
+                    "{name}: the re-fit is {:?}, the sliced tensor {:?}",
+                    new.dims(),
+                    old.dims()
+                )));
+            }
+            let value = new.to_dtype(old.dtype())?;
+            tensors.insert(name, value);
+        }
+    }
+    Ok(())
 }
 
 /// Adds LLM-Drop's `drop_mlp_list` and `drop_attn_list` to the copied

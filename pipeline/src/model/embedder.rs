@@ -227,6 +227,9 @@ impl Embedder {
             ) -> candle_core::Result<Tensor> {
                 self.hooks.mlp_activation(layer, activation)
             }
+            fn mlp_output(&mut self, layer: usize, output: Tensor) -> candle_core::Result<Tensor> {
+                self.hooks.mlp_output(layer, output)
+            }
         }
         self.backbone.forward_hooked(
             input,

@@ -247,7 +247,7 @@ impl MlpBlock {
     ) -> CandleResult<Tensor> {
         let a = self.intermediate.forward_then(x, self.act)?;
         let a = hooks.mlp_activation(layer, a)?;
-        let y = self.output.forward(&a)?;
+        let y = hooks.mlp_output(layer, self.output.forward(&a)?)?;
         self.norm.forward_sum(&y, x)
     }
 

@@ -186,7 +186,7 @@ impl GatedMlp {
     fn forward(&self, x: &Tensor, layer: usize, hooks: &mut dyn ForwardHooks) -> Result<Tensor> {
         let gate = self.gate.forward_then(x, self.act)?;
         let a = hooks.mlp_activation(layer, (gate * self.up.forward(x)?)?)?;
-        self.down.forward(&a)
+        hooks.mlp_output(layer, self.down.forward(&a)?)
     }
 
     fn parameter_count(&self) -> usize {

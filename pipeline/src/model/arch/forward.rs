@@ -51,6 +51,13 @@ pub trait ForwardHooks {
     fn mlp_activation(&mut self, _layer: usize, activation: Tensor) -> candle_core::Result<Tensor> {
         Ok(activation)
     }
+
+    /// The MLP's output projection `(B, T, H)`, before the residual sum
+    /// and any norm after it; the returned tensor replaces it (pruning's
+    /// reconstruction runs already re-fitted projections through it).
+    fn mlp_output(&mut self, _layer: usize, output: Tensor) -> candle_core::Result<Tensor> {
+        Ok(output)
+    }
 }
 
 /// Sub-layers bypassed at run time, by layer index (drop studies).
