@@ -15,7 +15,7 @@ PYTHON  ?= python3
 .PHONY: all system-deps build models test lint embed eval eval-scifact python-deps \
         fixtures metric-references bench-embed profile-embed bench-analyze parity-embeddinggemma \
         onnxruntime export export-pruned validate validate-pruned validate-prune-minilm bench-onnx parity-embeddinggemma-onnx \
-        finetune-minilm finetune-minilm-2ep recover-minilm frontier-minilm prune-minilm-narrow finetune-minilm-unpruned finetune-minilm-unpruned-2ep bench-finetune profile-finetune optimum-fixtures rewrite-minilm \
+        finetune-minilm finetune-minilm-2ep recover-minilm frontier-minilm prune-minilm-narrow prune-minilm-refit prune-embeddinggemma-refit finetune-minilm-unpruned finetune-minilm-unpruned-2ep bench-finetune profile-finetune optimum-fixtures rewrite-minilm \
         analyze-minilm drop-study-minilm prune-minilm results-minilm \
         analyze-embeddinggemma drop-study-embeddinggemma results-embeddinggemma clean
 
@@ -164,13 +164,15 @@ finetune-minilm-unpruned-2ep: build models onnxruntime
 	$(call finetune_and_validate,$(MINILM),configs/finetune-minilm-2ep.yaml,minilm-ft2ep)
 
 # ---- label-free recovery (issue 14) ----------------------------------------
-# Each MiniLM plan pruned (if not yet), then recovered without labels: the
+# Each MiniLM plan (narrow-only with least-squares reconstruction, by
+# default; RECOVER_PLANS=50 for the drop + narrow plan) pruned (if not yet),
+# then recovered without labels: the
 # student learns the full model's embeddings of the SciFact corpus text
 # (configs/recover-minilm.yaml; no qrels, no queries), exported with the
 # sentence-transformers profile and validated on SciFact test (whose corpus
 # text it saw) and Cranfield (never seen). An interrupted run resumes from
 # its checkpoints when the target is run again.
-RECOVER_PLANS ?= 25 50 70
+RECOVER_PLANS ?= 25-refit 50-refit 70-refit
 recover-minilm: build models onnxruntime
 	for p in $(RECOVER_PLANS); do \
 	  test -f $(RUNS)/minilm-prune-$$p/config.json || \
@@ -222,6 +224,13 @@ rewrite-minilm: build models onnxruntime $(OPTIMUM_VENV)/bin/optimum-cli $(RUNS)
 	  --gates configs/gates.yaml --out $(RUNS)/validate-optimum-minilm-prune-50
 	$(EFFIR) bench --graph $(RUNS)/optimum/minilm/model.onnx --graph $(RUNS)/optimum/minilm-prune-50/model.onnx \
 	  --batch 1,32 --length 128,256 --runs 20 --out $(RUNS)/bench-rewrite.json
+	# The same for the fine-tuned pruned model, when `make finetune-minilm` has made it.
+	-if [ -d $(RUNS)/minilm-prune-50-ft ]; then \
+	  rm -rf $(RUNS)/optimum/minilm-prune-50-ft; \
+	  $(EFFIR) rewrite --onnx $(RUNS)/optimum/minilm/model.onnx --model $(RUNS)/minilm-prune-50-ft --out $(RUNS)/optimum/minilm-prune-50-ft && \
+	  $(EFFIR) validate --reference $(MINILM) --candidate $(RUNS)/optimum/minilm-prune-50-ft --candidate-model $(RUNS)/minilm-prune-50-ft \
+	    --data $(DATA) --gates configs/gates.yaml --out $(RUNS)/validate-optimum-minilm-prune-50-ft; \
+	fi
 
 # ---- the speed/quality frontier (issue 13) ----------------------------------
 # Every MiniLM point as fp32 and int8 (both kernels): the full model and each
@@ -230,7 +239,8 @@ rewrite-minilm: build models onnxruntime $(OPTIMUM_VENV)/bin/optimum-cli $(RUNS)
 # missing one is named and skipped), beside Optimum's fp32 export and its two
 # int8 presets; all validated on SciFact test and Cranfield, timed in one
 # interleaved run (batch 32 x 256 throughput, 1 x 32 latency).
-FRONTIER_MODELS ?= minilm-prune-50-narrow minilm-prune-50-narrow-distill minilm-prune-25 minilm-prune-50 minilm-prune-70 \
+FRONTIER_MODELS ?= minilm-prune-50-narrow minilm-prune-50-narrow-distill minilm-prune-50-refit \
+  minilm-prune-25-refit-distill minilm-prune-50-refit-distill minilm-prune-70-refit-distill minilm-prune-25 minilm-prune-50 minilm-prune-70 \
   minilm-prune-25-distill minilm-prune-50-distill minilm-prune-70-distill minilm-prune-50-ft
 FRONTIER_OUT ?= results/minilm/frontier
 FRONTIER_RUNS ?= 10
@@ -262,13 +272,17 @@ frontier-minilm: build models onnxruntime $(OPTIMUM_VENV)/bin/optimum-cli
 prune-minilm-narrow: build models
 	rm -rf $(RUNS)/minilm-prune-50-narrow
 	$(EFFIR) prune --model $(MINILM) --plan configs/prune-minilm-50-narrow.yaml --data $(DATA) --out $(RUNS)/minilm-prune-50-narrow
-	# The same for the fine-tuned pruned model, when `make finetune-minilm` has made it.
-	-if [ -d $(RUNS)/minilm-prune-50-ft ]; then \
-	  rm -rf $(RUNS)/optimum/minilm-prune-50-ft; \
-	  $(EFFIR) rewrite --onnx $(RUNS)/optimum/minilm/model.onnx --model $(RUNS)/minilm-prune-50-ft --out $(RUNS)/optimum/minilm-prune-50-ft && \
-	  $(EFFIR) validate --reference $(MINILM) --candidate $(RUNS)/optimum/minilm-prune-50-ft --candidate-model $(RUNS)/minilm-prune-50-ft \
-	    --data $(DATA) --gates configs/gates.yaml --out $(RUNS)/validate-optimum-minilm-prune-50-ft; \
-	fi
+
+# The narrow-only plans with least-squares reconstruction (no training),
+# scored on SciFact test and Cranfield: recover-minilm's starting points.
+REFIT_PLANS ?= 25-refit 50-refit 70-refit
+prune-minilm-refit: build models
+	for p in $(REFIT_PLANS); do \
+	  rm -rf $(RUNS)/minilm-prune-$$p; \
+	  $(EFFIR) prune --model $(MINILM) --plan configs/prune-minilm-$$p.yaml --data $(DATA) --out $(RUNS)/minilm-prune-$$p || exit 1; \
+	  $(EFFIR) eval --model $(RUNS)/minilm-prune-$$p --data $(DATA) --out $(RUNS)/minilm-prune-$$p.eval || exit 1; \
+	  $(EFFIR) eval --model $(RUNS)/minilm-prune-$$p --data $(HELDOUT) --out $(RUNS)/minilm-prune-$$p.heldout-eval || exit 1; \
+	done
 
 # EmbeddingGemma-300M exported and run by Python onnxruntime vs sentence-transformers.
 parity-embeddinggemma-onnx: build $(GEMMA)/model.safetensors python-deps onnxruntime
@@ -315,6 +329,17 @@ drop-study-embeddinggemma: build $(GEMMA)/model.safetensors
 
 prune-embeddinggemma: build $(GEMMA)/model.safetensors
 	for p in 25 50 70; do \
+	  rm -rf $(RUNS)/embeddinggemma-prune-$$p; \
+	  $(EFFIR) prune --model $(GEMMA) --max-length 256 --plan configs/prune-embeddinggemma-$$p.yaml --data $(DATA) --calib-tokens 16384 --batch-size 16 --out $(RUNS)/embeddinggemma-prune-$$p || exit 1; \
+	  $(EFFIR) eval --model $(RUNS)/embeddinggemma-prune-$$p --max-length 256 --data $(DATA) $(call sample_flag,$(GEMMA_SAMPLE)) --batch-size 16 --out $(RUNS)/embeddinggemma-prune-$$p.eval || exit 1; \
+	  $(EFFIR) eval --model $(RUNS)/embeddinggemma-prune-$$p --max-length 256 --data $(HELDOUT) --batch-size 16 --out $(RUNS)/embeddinggemma-prune-$$p.heldout-eval || exit 1; \
+	done
+
+# Narrow-only EmbeddingGemma plans with least-squares reconstruction (no
+# training), scored like prune-embeddinggemma.
+GEMMA_REFIT_PLANS ?= 25-refit 50-refit
+prune-embeddinggemma-refit: build $(GEMMA)/model.safetensors
+	for p in $(GEMMA_REFIT_PLANS); do \
 	  rm -rf $(RUNS)/embeddinggemma-prune-$$p; \
 	  $(EFFIR) prune --model $(GEMMA) --max-length 256 --plan configs/prune-embeddinggemma-$$p.yaml --data $(DATA) --calib-tokens 16384 --batch-size 16 --out $(RUNS)/embeddinggemma-prune-$$p || exit 1; \
 	  $(EFFIR) eval --model $(RUNS)/embeddinggemma-prune-$$p --max-length 256 --data $(DATA) $(call sample_flag,$(GEMMA_SAMPLE)) --batch-size 16 --out $(RUNS)/embeddinggemma-prune-$$p.eval || exit 1; \

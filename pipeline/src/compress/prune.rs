@@ -366,6 +366,17 @@ impl<'a> Skipping<'a> {
         embedder.set_skipped(skipped)?;
         Ok(Self { embedder })
     }
+
+    /// The embedder without the MLPs of `layers`.
+    fn mlps(embedder: &'a mut Embedder, layers: &[usize]) -> Result<Self> {
+        Self::new(
+            embedder,
+            SkippedSublayers {
+                mlp: layers.iter().copied().collect(),
+                ..Default::default()
+            },
+        )
+    }
 }
 
 impl std::ops::Deref for Skipping<'_> {
@@ -569,13 +580,7 @@ pub fn plan_pruning(
         mlps[layer] = MlpDecision::Dropped { order };
     }
     if let Some(fine) = &plan.fine {
-        let skipping = Skipping::new(
-            embedder,
-            SkippedSublayers {
-                mlp: dropped.iter().copied().collect(),
-                ..Default::default()
-            },
-        )?;
+        let skipping = Skipping::mlps(embedder, &dropped)?;
         let measured = measure_neurons(&skipping, fine, inputs, progress)?;
         drop(skipping);
         let setup = embedder.setup();
@@ -592,13 +597,7 @@ pub fn plan_pruning(
     let reconstruction = match &plan.reconstruct {
         None => None,
         Some(reconstruct) => {
-            let skipping = Skipping::new(
-                embedder,
-                SkippedSublayers {
-                    mlp: dropped.iter().copied().collect(),
-                    ..Default::default()
-                },
-            )?;
+            let skipping = Skipping::mlps(embedder, &dropped)?;
             Some(reconstruct_mlps(
                 &skipping,
                 tensors,
@@ -972,13 +971,9 @@ fn apply_projections(
     let prefix = map.prefix(tensors.keys());
     for (&l, projection) in &reconstruction.projections {
         let names = map.mlp_tensors(prefix, l);
-        let bias_name = format!(
-            "{}.bias",
-            names.down.strip_suffix(".weight").unwrap_or(&names.down)
-        );
         let replaced = [
             (names.down.clone(), Some(&projection.weight)),
-            (bias_name, projection.bias.as_ref()),
+            (names.down_bias(), projection.bias.as_ref()),
         ];
         for (name, new) in replaced {
             let Some(new) = new else { continue };

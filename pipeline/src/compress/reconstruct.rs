@@ -417,12 +417,8 @@ pub fn reconstruct_mlps(
             )));
         }
         let down: Vec<f64> = down.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
-        let bias_name = format!(
-            "{}.bias",
-            names.down.strip_suffix(".weight").unwrap_or(&names.down)
-        );
         let bias: Option<Vec<f64>> = tensors
-            .get(&bias_name)
+            .get(&names.down_bias())
             .map(|b| b.to_dtype(DType::F64)?.to_vec1())
             .transpose()?;
         let kept = mlps[l].neurons().expect("narrowed layers keep neurons");

@@ -132,6 +132,14 @@ pub struct MlpTensors {
     pub others: Vec<String>,
 }
 
+impl MlpTensors {
+    /// The output projection's bias (absent from checkpoints without one).
+    pub fn down_bias(&self) -> String {
+        let module = self.down.strip_suffix(".weight").unwrap_or(&self.down);
+        format!("{module}.bias")
+    }
+}
+
 impl CheckpointMap {
     /// The key prefix of a checkpoint holding `names`: the nested prefix
     /// when the backbone is nested, else `""`.
