@@ -39,7 +39,11 @@ fn prune(arch: &str, work: &Path) -> PathBuf {
 }
 
 fn rewrite(graph: &Path, model: &Path, out: &Path) -> Output {
-    effir(&[
+    rewrite_with(graph, model, out, &[])
+}
+
+fn rewrite_with(graph: &Path, model: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
         "rewrite",
         "--onnx",
         graph.to_str().unwrap(),
@@ -47,7 +51,9 @@ fn rewrite(graph: &Path, model: &Path, out: &Path) -> Output {
         model.to_str().unwrap(),
         "--out",
         out.to_str().unwrap(),
-    ])
+    ];
+    args.extend_from_slice(extra);
+    effir(&args)
 }
 
 fn embed(model: &dyn TextEmbedder) -> Vec<Vec<f32>> {
@@ -166,6 +172,109 @@ fn fine_tuned_weights_replace_every_matched_weight() {
     let o = rewrite(&optimum_graph("bert"), &tuned, &out);
     assert!(o.status.success(), "{}", stderr(&o));
     check_rewritten(&optimum_graph("bert"), &out, &tuned, "fine-tuned bert");
+}
+
+/// `--precision int8` turns every MatMul by a transformer projection of an
+/// Optimum export into the dynamic int8 chain (standard operators only),
+/// keeping the interface: the graph reads as int8, passes the ONNX checker,
+/// keeps no float product by a weight matrix, and stays within the int8
+/// parity gate (0.99) of the pruned model in candle, for both kernels.
+#[test]
+fn optimum_exports_are_rewritten_to_int8_keeping_their_interface() {
+    let work = tempfile::tempdir().unwrap();
+    for arch in ["bert", "llama", "qwen2", "gemma3"] {
+        let pruned = prune(arch, work.path());
+        for kernel in ["u8s8", "u8u8"] {
+            let out = work.path().join(format!("{arch}-{kernel}"));
+            let o = rewrite_with(
+                &optimum_graph(arch),
+                &pruned,
+                &out,
+                &["--precision", "int8", "--int8-kernel", kernel],
+            );
+            assert!(o.status.success(), "{arch} {kernel}: {}", stderr(&o));
+            let stdout = String::from_utf8_lossy(&o.stdout);
+            assert!(
+                stdout.contains(&format!("projection products in int8 ({kernel})")),
+                "{arch}: {stdout}"
+            );
+            let graph = out.join("model.onnx");
+            assert_eq!(
+                interface(&graph),
+                interface(&optimum_graph(arch)),
+                "{arch}: interface changed"
+            );
+            let file = GraphFile::read(&graph).unwrap();
+            assert_eq!(file.precision(), "int8");
+            let g = file.model.graph.as_ref().unwrap();
+            let initializers: std::collections::HashMap<&str, usize> = g
+                .initializer
+                .iter()
+                .map(|t| (t.name.as_str(), t.dims.len()))
+                .collect();
+            let float_weight_products = g
+                .node
+                .iter()
+                .filter(|n| {
+                    n.op_type == "MatMul" && initializers.get(n.input[1].as_str()) == Some(&2)
+                })
+                .count();
+            assert_eq!(float_weight_products, 0, "{arch}: float products left");
+            let integer = g
+                .node
+                .iter()
+                .filter(|n| n.op_type == "MatMulInteger")
+                .count();
+            assert!(
+                stdout.contains(&format!("; {integer} projection products")),
+                "{arch}: {integer} MatMulInteger nodes, {stdout}"
+            );
+            // The dropped MLP has no product; every other projection has one.
+            assert!(integer >= 3 * 4 + 2 * 2, "{arch}: {integer}");
+            assert!(
+                g.node
+                    .iter()
+                    .all(|n| n.domain.is_empty() || n.domain == "ai.onnx"),
+                "{arch}: a contrib operator"
+            );
+            let onnx = OnnxEncoder::load(
+                GraphLocation::resolve(&graph).unwrap(),
+                &LoadOptions::default(),
+                &ProviderSettings::default(),
+            )
+            .unwrap();
+            let candle = Embedder::load(&pruned, &LoadOptions::default()).unwrap();
+            for (i, (a, b)) in embed(&onnx).iter().zip(embed(&candle)).enumerate() {
+                let cos = common::cosine(a, &b);
+                assert!(cos >= 0.99, "{arch} {kernel}: row {i}: cosine {cos}");
+            }
+            let check = Command::new("python3")
+                .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/onnx_client.py"))
+                .args(["--export", out.to_str().unwrap(), "--check-only"])
+                .output()
+                .unwrap();
+            assert!(
+                check.status.success(),
+                "{arch}: onnx checker: {}",
+                stderr(&check)
+            );
+        }
+    }
+    // Bad requests: refused before anything is written.
+    let pruned = work.path().join("bert-pruned");
+    let out = work.path().join("refused");
+    for (extra, needle) in [
+        (
+            vec!["--int8-kernel", "u8u8"],
+            "--int8-kernel applies to --precision int8 only",
+        ),
+        (vec!["--precision", "fp16"], "invalid value 'fp16'"),
+    ] {
+        let o = rewrite_with(&optimum_graph("bert"), &pruned, &out, &extra);
+        assert!(!o.status.success(), "{extra:?}");
+        assert!(stderr(&o).contains(needle), "{extra:?}: {}", stderr(&o));
+        assert!(!out.exists());
+    }
 }
 
 #[test]
@@ -327,4 +436,16 @@ fn weights_held_in_constant_nodes_are_rewritten() {
         .count();
     // The dropped MLP's weights are gone with it; the rest stay Constants.
     assert!(kept > 0 && kept < n_constants, "{kept} of {n_constants}");
+
+    // int8 quantizes weights held in initializers only: here there are none
+    // to quantize, so it is refused with nothing written.
+    let out = work.path().join("int8");
+    let o = rewrite_with(&original, &pruned, &out, &["--precision", "int8"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("no MatMul of this graph"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!out.exists());
 }

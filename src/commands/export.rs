@@ -120,23 +120,34 @@ pub struct ExportConfig {
     pub external_data: Option<ExternalDataArg>,
 }
 
+/// The matrix-product arithmetic `--precision` and `--int8-kernel` ask for
+/// (`kernel_flag`: an --int8-kernel flag was given, which needs int8).
+pub(crate) fn matmul_precision(
+    precision: Option<PrecisionArg>,
+    kernel_flag: bool,
+    kernel: Option<Int8KernelArg>,
+) -> anyhow::Result<MatmulPrecision> {
+    if kernel_flag && precision != Some(PrecisionArg::Int8) {
+        anyhow::bail!("--int8-kernel applies to --precision int8 only");
+    }
+    Ok(match precision {
+        None | Some(PrecisionArg::Fp32) => MatmulPrecision::Float32,
+        Some(PrecisionArg::Int8) => MatmulPrecision::Int8(match kernel {
+            None | Some(Int8KernelArg::U8s8) => Int8Kernel::U8s8,
+            Some(Int8KernelArg::U8u8) => Int8Kernel::U8u8,
+            Some(Int8KernelArg::ReduceRange) => Int8Kernel::ReduceRange,
+        }),
+    })
+}
+
 pub fn run(args: ExportArgs) -> anyhow::Result<()> {
     let config: ExportConfig = crate::stage_config::load(args.config.as_deref())?;
     // Flags override the config file; an --int8-kernel flag needs int8.
-    let precision = args.precision.or(config.precision);
-    if args.int8_kernel.is_some() && precision != Some(PrecisionArg::Int8) {
-        anyhow::bail!("--int8-kernel applies to --precision int8 only");
-    }
-    let precision = match precision {
-        None | Some(PrecisionArg::Fp32) => MatmulPrecision::Float32,
-        Some(PrecisionArg::Int8) => {
-            MatmulPrecision::Int8(match args.int8_kernel.or(config.int8_kernel) {
-                None | Some(Int8KernelArg::U8s8) => Int8Kernel::U8s8,
-                Some(Int8KernelArg::U8u8) => Int8Kernel::U8u8,
-                Some(Int8KernelArg::ReduceRange) => Int8Kernel::ReduceRange,
-            })
-        }
-    };
+    let precision = matmul_precision(
+        args.precision.or(config.precision),
+        args.int8_kernel.is_some(),
+        args.int8_kernel.or(config.int8_kernel),
+    )?;
     let options = ExportOptions {
         emit: EmitOptions {
             profile: match args

@@ -8,11 +8,14 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::Args;
 use effir_onnx::providers::ProviderSettings;
+use effir_onnx::quantize::MatmulPrecision;
 use effir_onnx::rewrite::rewrite;
 use effir_onnx::validate::compare_embeddings;
 use effir_onnx::{GraphLocation, OnnxEncoder};
 use effir_pipeline::io::model_files::{copy_model_files, is_backbone_weights};
 use effir_pipeline::{Embedder, LoadOptions, TextEmbedder};
+
+use super::export::{matmul_precision, Int8KernelArg, PrecisionArg};
 
 #[derive(Debug, Args)]
 pub struct RewriteArgs {
@@ -31,6 +34,23 @@ pub struct RewriteArgs {
     /// Skip the parity check of the result against the model in candle.
     #[arg(long)]
     pub no_check: bool,
+    /// Arithmetic of the transformer's projections: fp32 (as the export
+    /// has it) or int8 (dynamic quantization, standard operators).
+    #[arg(long, value_enum)]
+    pub precision: Option<PrecisionArg>,
+    /// The ONNX Runtime integer kernel of --precision int8 [default: u8s8].
+    #[arg(long, value_enum)]
+    pub int8_kernel: Option<Int8KernelArg>,
+}
+
+/// Lowest cosine to the model in candle a rewritten graph must reach: the
+/// float graph computes the same model, an int8 one within validate's
+/// int8 parity gate.
+fn required_cosine(precision: MatmulPrecision) -> f64 {
+    match precision {
+        MatmulPrecision::Float32 => 0.9999,
+        MatmulPrecision::Int8(_) => 0.99,
+    }
 }
 
 const CHECK_TEXTS: [&str; 6] = [
@@ -43,8 +63,15 @@ const CHECK_TEXTS: [&str; 6] = [
 ];
 
 pub fn run(args: RewriteArgs) -> anyhow::Result<()> {
-    let summary = rewrite(&args.onnx, &args.model, args.original.as_deref(), &args.out)
-        .with_context(|| format!("rewriting {}", args.onnx.display()))?;
+    let precision = matmul_precision(args.precision, args.int8_kernel.is_some(), args.int8_kernel)?;
+    let summary = rewrite(
+        &args.onnx,
+        &args.model,
+        args.original.as_deref(),
+        &args.out,
+        precision,
+    )
+    .with_context(|| format!("rewriting {}", args.onnx.display()))?;
     let cleanup = |e: anyhow::Error| -> anyhow::Error {
         let _ = std::fs::remove_dir_all(&args.out);
         e
@@ -71,7 +98,7 @@ pub fn run(args: RewriteArgs) -> anyhow::Result<()> {
             Ok((min, diff))
         };
         let (min, diff) = check().map_err(cleanup)?;
-        if min < 0.9999 {
+        if min < required_cosine(precision) {
             let _ = std::fs::remove_dir_all(&args.out);
             bail!(
                 "the rewritten graph does not compute {} (min cosine {min:.6}, max |diff| {diff:.2e}); nothing written",
@@ -83,8 +110,16 @@ pub fn run(args: RewriteArgs) -> anyhow::Result<()> {
             args.model.display()
         );
     }
+    let arithmetic = match summary.int8_kernel {
+        Some(kernel) => format!(
+            "; {} projection products in int8 ({})",
+            summary.quantized_products,
+            kernel.name()
+        ),
+        None => String::new(),
+    };
     println!(
-        "wrote {}: {} weights matched by value, {} replaced; MLPs dropped {:?}, narrowed {:?}; {} -> {} nodes, {:.1} -> {:.1} MB",
+        "wrote {}: {} weights matched by value, {} replaced; MLPs dropped {:?}, narrowed {:?}{arithmetic}; {} -> {} nodes, {:.1} -> {:.1} MB",
         summary.graph.display(),
         summary.matched_weights,
         summary.replaced_weights,

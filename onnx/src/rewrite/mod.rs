@@ -10,11 +10,12 @@
 //! new model's values. Whatever cannot be matched is refused.
 //!
 //! The passes, in order: [`external_data`], [`weight_matching`],
-//! [`mlp_surgery`], [`weight_replacement`]; [`graph_index`] is how they
-//! read the graph.
+//! [`mlp_surgery`], [`weight_replacement`], and with int8 precision
+//! [`int8_products`]; [`graph_index`] is how they read the graph.
 
 mod external_data;
 mod graph_index;
+mod int8_products;
 mod mlp_surgery;
 mod weight_matching;
 mod weight_replacement;
@@ -30,8 +31,10 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::graph_file::{write_model, GraphFile, EXTERNAL_DATA_THRESHOLD};
+use crate::quantize::{Int8Kernel, MatmulPrecision};
 use external_data::inline_external_data;
 use graph_index::index;
+use int8_products::quantize_projections;
 use mlp_surgery::{cut_out_mlps, locate_dropped_mlps};
 pub use weight_matching::Orientation;
 use weight_matching::{match_weights, Checkpoint};
@@ -50,6 +53,11 @@ pub struct RewriteSummary {
     pub nodes_after: usize,
     pub bytes_before: u64,
     pub bytes_after: u64,
+    /// `fp32` or `int8`.
+    pub precision: &'static str,
+    pub int8_kernel: Option<Int8Kernel>,
+    /// Projection `MatMul`s turned into int8 products.
+    pub quantized_products: usize,
 }
 
 /// The root model a pruned or fine-tuned directory descends from, following
@@ -76,12 +84,14 @@ pub fn original_model(dir: &Path) -> Option<PathBuf> {
 }
 
 /// Rewrites `graph_path` for the model in `model_dir` into `out` (a
-/// directory that must not exist).
+/// directory that must not exist), with the transformer's projections in
+/// `precision`.
 pub fn rewrite(
     graph_path: &Path,
     model_dir: &Path,
     original_dir: Option<&Path>,
     out: &Path,
+    precision: MatmulPrecision,
 ) -> Result<RewriteSummary> {
     if out.exists() {
         return Err(Error::InvalidArgument(format!(
@@ -143,9 +153,29 @@ pub fn rewrite(
     let dropped: Vec<usize> = mlp_blocks.keys().copied().collect();
     cut_out_mlps(graph, &idx, &mlp_blocks);
     let replaced = replace_weights(graph, &weights.assigned, &target, arch, &dropped, model_dir)?;
+    let integer_products = |g: &candle_onnx::onnx::GraphProto| {
+        g.node
+            .iter()
+            .filter(|n| n.op_type == "MatMulInteger")
+            .count()
+    };
+    let integer_before = integer_products(graph);
+    if let Some(kernel) = precision.int8_kernel() {
+        let n = quantize_projections(graph, &weights.assigned, arch, kernel, &base)?;
+        if n == 0 {
+            return Err(Error::graph(
+                    graph_path,
+                    "int8 was asked for, but no MatMul of this graph multiplies by a transformer \
+                     projection held in an initializer (Gemm or Constant weights are not quantized); nothing written"
+                    .to_string(),
+            ));
+        }
+    }
     // Dead nodes and initializers go; shape hints of changed tensors too.
     remove_dead(graph);
     graph.value_info.clear();
+    // Those of a dropped MLP went with it.
+    let quantized_products = integer_products(graph) - integer_before;
     let narrowed: Vec<usize> = shape
         .layers
         .iter()
@@ -190,5 +220,8 @@ pub fn rewrite(
         nodes_after,
         bytes_before,
         bytes_after,
+        precision: precision.name(),
+        int8_kernel: precision.int8_kernel(),
+        quantized_products,
     })
 }
