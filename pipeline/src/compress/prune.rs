@@ -598,10 +598,11 @@ pub fn plan_pruning(
         None => None,
         Some(reconstruct) => {
             let skipping = Skipping::mlps(embedder, &dropped)?;
+            let kept: Vec<Option<&[u32]>> = mlps.iter().map(MlpDecision::neurons).collect();
             Some(reconstruct_mlps(
                 &skipping,
                 tensors,
-                &mlps,
+                &kept,
                 reconstruct,
                 inputs.calibration,
                 inputs.batch_size,

@@ -28,7 +28,6 @@ use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use crate::compress::least_squares::{axpy, solve_positive_definite};
-use crate::compress::prune::MlpDecision;
 use crate::error::{Error, Result};
 use crate::model::arch::ForwardHooks;
 use crate::model::embedder::Embedder;
@@ -333,13 +332,15 @@ impl ForwardHooks for ReconstructionPass<'_> {
     }
 }
 
-/// Re-fits the output projection of every narrowed MLP in `mlps`, in layer
-/// order, on `texts`. `embedder` must be the source model that `tensors`
+/// Re-fits the output projection of every narrowed MLP, in layer order, on
+/// `texts`. `kept` holds each layer's kept neurons (ascending indices into
+/// the source MLP; `None` where the layer has no MLP or it was dropped); a
+/// layer that keeps them all is left as it is. `embedder` must be the source model that `tensors`
 /// hold, with the dropped MLPs already skipped.
 pub fn reconstruct_mlps(
     embedder: &Embedder,
     tensors: &std::collections::HashMap<String, Tensor>,
-    mlps: &[MlpDecision],
+    kept: &[Option<&[u32]>],
     plan: &ReconstructPlan,
     texts: &[String],
     batch_size: usize,
@@ -354,25 +355,22 @@ pub fn reconstruct_mlps(
         .iter()
         .map(|l| l.mlp.map(|m| m.intermediate_size))
         .collect();
-    let narrowed: Vec<usize> = mlps
+    let narrowed: Vec<usize> = kept
         .iter()
         .enumerate()
-        .filter_map(|(l, d)| {
-            let kept = d.neurons()?;
-            (Some(kept.len()) != widths[l]).then_some(l)
-        })
+        .filter_map(|(l, k)| (Some((*k)?.len()) != widths[l]).then_some(l))
         .collect();
-    let mut masks = vec![None; mlps.len()];
-    let mut kept_index = vec![None; mlps.len()];
+    let mut masks = vec![None; kept.len()];
+    let mut kept_index = vec![None; kept.len()];
     for &l in &narrowed {
-        let kept = mlps[l].neurons().expect("narrowed layers keep neurons");
+        let neurons = kept[l].expect("narrowed layers keep neurons");
         let width = widths[l].expect("a narrowed layer has an MLP");
         let mut mask = vec![0f32; width];
-        for &j in kept {
+        for &j in neurons {
             mask[j as usize] = 1.0;
         }
         masks[l] = Some(Tensor::new(mask.as_slice(), &Device::Cpu)?);
-        kept_index[l] = Some(Tensor::new(kept, &Device::Cpu)?);
+        kept_index[l] = Some(Tensor::new(neurons, &Device::Cpu)?);
     }
     let mut out = Reconstruction::default();
     for (i, &l) in narrowed.iter().enumerate() {
@@ -421,13 +419,13 @@ pub fn reconstruct_mlps(
             .get(&names.down_bias())
             .map(|b| b.to_dtype(DType::F64)?.to_vec1())
             .transpose()?;
-        let kept = mlps[l].neurons().expect("narrowed layers keep neurons");
+        let neurons = kept[l].expect("narrowed layers keep neurons");
         let FittedProjection {
             weight,
             bias: new_bias,
             error_sliced: sliced,
             error_refit: refit,
-        } = fit_projection(&gram, kept, &down, hidden, bias.as_deref(), plan.ridge)
+        } = fit_projection(&gram, neurons, &down, hidden, bias.as_deref(), plan.ridge)
             .map_err(|e| Error::InvalidArgument(format!("layer {l}'s MLP: {e}")))?;
         tracing::info!(
             layer = l,
@@ -446,13 +444,13 @@ pub fn reconstruct_mlps(
         out.projections.insert(
             l,
             Projection {
-                weight: to_tensor(weight, &[hidden, kept.len()])?,
+                weight: to_tensor(weight, &[hidden, neurons.len()])?,
                 bias: new_bias.map(|b| to_tensor(b, &[hidden])).transpose()?,
             },
         );
         out.fits.push(LayerFit {
             layer: l,
-            kept: kept.len(),
+            kept: neurons.len(),
             width,
             tokens: gram.tokens,
             relative_error_sliced: sliced,
