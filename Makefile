@@ -15,7 +15,7 @@ PYTHON  ?= python3
 .PHONY: all system-deps build models test lint embed eval eval-scifact python-deps \
         fixtures metric-references bench-embed profile-embed bench-analyze parity-embeddinggemma \
         onnxruntime export export-pruned validate validate-pruned validate-prune-minilm bench-onnx parity-embeddinggemma-onnx \
-        finetune-minilm finetune-minilm-2ep recover-minilm frontier-minilm prune-minilm-narrow prune-minilm-refit prune-embeddinggemma-refit finetune-minilm-unpruned finetune-minilm-unpruned-2ep bench-finetune profile-finetune optimum-fixtures rewrite-minilm \
+        finetune-minilm finetune-minilm-2ep recover-minilm frontier-minilm prune-minilm-narrow prune-minilm-refit prune-embeddinggemma-refit recover-embeddinggemma finetune-minilm-unpruned finetune-minilm-unpruned-2ep bench-finetune profile-finetune optimum-fixtures rewrite-minilm \
         analyze-minilm drop-study-minilm prune-minilm results-minilm \
         analyze-embeddinggemma drop-study-embeddinggemma results-embeddinggemma clean
 
@@ -344,6 +344,25 @@ prune-embeddinggemma-refit: build $(GEMMA)/model.safetensors
 	  $(EFFIR) prune --model $(GEMMA) --max-length 256 --plan configs/prune-embeddinggemma-$$p.yaml --data $(DATA) --calib-tokens 16384 --batch-size 16 --out $(RUNS)/embeddinggemma-prune-$$p || exit 1; \
 	  $(EFFIR) eval --model $(RUNS)/embeddinggemma-prune-$$p --max-length 256 --data $(DATA) $(call sample_flag,$(GEMMA_SAMPLE)) --batch-size 16 --out $(RUNS)/embeddinggemma-prune-$$p.eval || exit 1; \
 	  $(EFFIR) eval --model $(RUNS)/embeddinggemma-prune-$$p --max-length 256 --data $(HELDOUT) --batch-size 16 --out $(RUNS)/embeddinggemma-prune-$$p.heldout-eval || exit 1; \
+	done
+
+# Label-free recovery of the EmbeddingGemma refit plans (pruned first if
+# need be): distillation on the SciFact corpus text
+# (configs/recover-embeddinggemma.yaml), scored like prune-embeddinggemma on
+# the $(GEMMA_SAMPLE)-document SciFact sample and Cranfield. An interrupted
+# run resumes from its checkpoints when the target is run again.
+GEMMA_RECOVER_PLANS ?= 25-refit 50-refit
+recover-embeddinggemma: build $(GEMMA)/model.safetensors
+	for p in $(GEMMA_RECOVER_PLANS); do \
+	  test -f $(RUNS)/embeddinggemma-prune-$$p/config.json || \
+	    $(EFFIR) prune --model $(GEMMA) --max-length 256 --plan configs/prune-embeddinggemma-$$p.yaml --data $(DATA) --calib-tokens 16384 --batch-size 16 --out $(RUNS)/embeddinggemma-prune-$$p || exit 1; \
+	  if [ ! -f $(RUNS)/embeddinggemma-prune-$$p-distill/config.json ]; then \
+	    resume=; [ -d $(RUNS)/embeddinggemma-prune-$$p-distill.checkpoints ] && resume=--resume; \
+	    $(EFFIR) finetune --model $(RUNS)/embeddinggemma-prune-$$p --train-texts $(DATA) --config configs/recover-embeddinggemma.yaml \
+	      --out $(RUNS)/embeddinggemma-prune-$$p-distill $$resume || exit 1; \
+	  fi; \
+	  $(EFFIR) eval --model $(RUNS)/embeddinggemma-prune-$$p-distill --max-length 256 --data $(DATA) $(call sample_flag,$(GEMMA_SAMPLE)) --batch-size 16 --out $(RUNS)/embeddinggemma-prune-$$p-distill.eval || exit 1; \
+	  $(EFFIR) eval --model $(RUNS)/embeddinggemma-prune-$$p-distill --max-length 256 --data $(HELDOUT) --batch-size 16 --out $(RUNS)/embeddinggemma-prune-$$p-distill.heldout-eval || exit 1; \
 	done
 
 results-embeddinggemma: analyze-embeddinggemma drop-study-embeddinggemma prune-embeddinggemma
