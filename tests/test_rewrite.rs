@@ -91,18 +91,27 @@ fn check_rewritten(original: &Path, rewritten_dir: &Path, model: &Path, what: &s
         a.model.metadata_props, b.model.metadata_props,
         "{what}: metadata changed"
     );
+    let candle = Embedder::load(model, &LoadOptions::default()).unwrap();
+    assert_rows_match(what, &graph_embeddings(&graph), &embed(&candle));
+    assert_onnx_checker_passes(rewritten_dir, what);
+}
+
+/// The embeddings ONNX Runtime computes with `graph`.
+fn graph_embeddings(graph: &Path) -> Vec<Vec<f32>> {
     let onnx = OnnxEncoder::load(
-        GraphLocation::resolve(&graph).unwrap(),
+        GraphLocation::resolve(graph).unwrap(),
         &LoadOptions::default(),
         &ProviderSettings::default(),
     )
     .unwrap();
-    let candle = Embedder::load(model, &LoadOptions::default()).unwrap();
-    assert_rows_match(what, &embed(&onnx), &embed(&candle));
-    // ONNX checker and shape inference (Python onnx).
+    embed(&onnx)
+}
+
+/// ONNX checker and shape inference (Python onnx) accept the export in `dir`.
+fn assert_onnx_checker_passes(dir: &Path, what: &str) {
     let out = Command::new("python3")
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/onnx_client.py"))
-        .args(["--export", rewritten_dir.to_str().unwrap(), "--check-only"])
+        .args(["--export", dir.to_str().unwrap(), "--check-only"])
         .output()
         .unwrap();
     assert!(
@@ -237,27 +246,16 @@ fn optimum_exports_are_rewritten_to_int8_keeping_their_interface() {
                     .all(|n| n.domain.is_empty() || n.domain == "ai.onnx"),
                 "{arch}: a contrib operator"
             );
-            let onnx = OnnxEncoder::load(
-                GraphLocation::resolve(&graph).unwrap(),
-                &LoadOptions::default(),
-                &ProviderSettings::default(),
-            )
-            .unwrap();
             let candle = Embedder::load(&pruned, &LoadOptions::default()).unwrap();
-            for (i, (a, b)) in embed(&onnx).iter().zip(embed(&candle)).enumerate() {
+            for (i, (a, b)) in graph_embeddings(&graph)
+                .iter()
+                .zip(embed(&candle))
+                .enumerate()
+            {
                 let cos = common::cosine(a, &b);
                 assert!(cos >= 0.99, "{arch} {kernel}: row {i}: cosine {cos}");
             }
-            let check = Command::new("python3")
-                .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/onnx_client.py"))
-                .args(["--export", out.to_str().unwrap(), "--check-only"])
-                .output()
-                .unwrap();
-            assert!(
-                check.status.success(),
-                "{arch}: onnx checker: {}",
-                stderr(&check)
-            );
+            assert_onnx_checker_passes(&out, arch);
         }
     }
     // Bad requests: refused before anything is written.
@@ -275,6 +273,19 @@ fn optimum_exports_are_rewritten_to_int8_keeping_their_interface() {
         assert!(stderr(&o).contains(needle), "{extra:?}: {}", stderr(&o));
         assert!(!out.exists());
     }
+    // A graph older than the int8 operators (opset 10).
+    let mut file = GraphFile::read(&optimum_graph("bert")).unwrap();
+    for o in file.model.opset_import.iter_mut() {
+        if o.domain.is_empty() || o.domain == "ai.onnx" {
+            o.version = 10;
+        }
+    }
+    let old = work.path().join("opset10.onnx");
+    std::fs::write(&old, prost::Message::encode_to_vec(&file.model)).unwrap();
+    let o = rewrite_with(&old, &pruned, &out, &["--precision", "int8"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("int8 needs opset 11"), "{}", stderr(&o));
+    assert!(!out.exists());
 }
 
 #[test]

@@ -358,6 +358,22 @@ impl GraphBuilder {
         self.node("Where", &[condition, a, b], vec![])
     }
 
+    /// Marks `name`, a value of a graph being edited, as taken, so no value
+    /// built from now on is called that.
+    pub fn reserve(&mut self, name: &str) {
+        self.used_names.entry(name.to_string()).or_insert(1);
+    }
+
+    /// The nodes and initializers built so far, leaving the builder's names
+    /// (and shared constants and quantized activations) in place: for
+    /// splicing into a graph being edited.
+    pub fn take_built(&mut self) -> (Vec<NodeProto>, Vec<TensorProto>) {
+        (
+            std::mem::take(&mut self.nodes),
+            std::mem::take(&mut self.initializers),
+        )
+    }
+
     /// Finishes the graph.
     pub fn finish(self, name: &str) -> GraphProto {
         GraphProto {

@@ -40,6 +40,9 @@ pub use weight_matching::Orientation;
 use weight_matching::{match_weights, Checkpoint};
 use weight_replacement::{remove_dead, replace_weights};
 
+/// The first opset with `DynamicQuantizeLinear` and `MatMulInteger`.
+const INT8_MIN_OPSET: i64 = 11;
+
 /// What `rewrite` did.
 #[derive(Debug, Clone, Serialize)]
 pub struct RewriteSummary {
@@ -117,6 +120,13 @@ pub fn rewrite(
         )));
     }
     let mut file = GraphFile::read(graph_path)?;
+    let opset = file.opset().unwrap_or(0);
+    if precision.int8_kernel().is_some() && opset < INT8_MIN_OPSET {
+        return Err(Error::graph(
+            graph_path,
+            format!("int8 needs opset {INT8_MIN_OPSET} (DynamicQuantizeLinear, MatMulInteger); this graph is opset {opset}; nothing written"),
+        ));
+    }
     let base = graph_path.parent().unwrap_or(Path::new(".")).to_path_buf();
     let bytes_before = crate::graph_file::graph_bytes(graph_path)?;
     let graph = file.model.graph.as_mut().expect("checked on read");
@@ -161,7 +171,7 @@ pub fn rewrite(
     };
     let integer_before = integer_products(graph);
     if let Some(kernel) = precision.int8_kernel() {
-        let n = quantize_projections(graph, &weights.assigned, arch, kernel, &base)?;
+        let n = quantize_projections(graph, opset, &weights.assigned, arch, kernel, &base)?;
         if n == 0 {
             return Err(Error::graph(
                     graph_path,
