@@ -327,24 +327,27 @@ drop-study-embeddinggemma: build $(GEMMA)/model.safetensors
 	$(EFFIR) drop-study --model $(GEMMA) --data $(HELDOUT) --max-length 256 --k 4,8 \
 	  --importance $(RUNS)/drop-study-embeddinggemma/importance.json --batch-size 16 --out $(RUNS)/drop-study-embeddinggemma-heldout
 
+# EmbeddingGemma plan $(1) (configs/prune-embeddinggemma-$(1).yaml) pruned
+# into $(RUNS)/embeddinggemma-prune-$(1); a model directory $(1) scored on the
+# SciFact sample and on all of $(HELDOUT) (into $(1).eval, $(1).heldout-eval).
+gemma_prune = $(EFFIR) prune --model $(GEMMA) --max-length 256 --plan configs/prune-embeddinggemma-$(1).yaml --data $(DATA) \
+  --calib-tokens 16384 --batch-size 16 --out $(RUNS)/embeddinggemma-prune-$(1)
+gemma_eval = $(EFFIR) eval --model $(1) --max-length 256 --data $(DATA) $(call sample_flag,$(GEMMA_SAMPLE)) --batch-size 16 --out $(1).eval && \
+  $(EFFIR) eval --model $(1) --max-length 256 --data $(HELDOUT) --batch-size 16 --out $(1).heldout-eval
+
+GEMMA_PLANS ?= 25 50 70
 prune-embeddinggemma: build $(GEMMA)/model.safetensors
-	for p in 25 50 70; do \
+	for p in $(GEMMA_PLANS); do \
 	  rm -rf $(RUNS)/embeddinggemma-prune-$$p; \
-	  $(EFFIR) prune --model $(GEMMA) --max-length 256 --plan configs/prune-embeddinggemma-$$p.yaml --data $(DATA) --calib-tokens 16384 --batch-size 16 --out $(RUNS)/embeddinggemma-prune-$$p || exit 1; \
-	  $(EFFIR) eval --model $(RUNS)/embeddinggemma-prune-$$p --max-length 256 --data $(DATA) $(call sample_flag,$(GEMMA_SAMPLE)) --batch-size 16 --out $(RUNS)/embeddinggemma-prune-$$p.eval || exit 1; \
-	  $(EFFIR) eval --model $(RUNS)/embeddinggemma-prune-$$p --max-length 256 --data $(HELDOUT) --batch-size 16 --out $(RUNS)/embeddinggemma-prune-$$p.heldout-eval || exit 1; \
+	  $(call gemma_prune,$$p) || exit 1; \
+	  $(call gemma_eval,$(RUNS)/embeddinggemma-prune-$$p) || exit 1; \
 	done
 
 # Narrow-only EmbeddingGemma plans with least-squares reconstruction (no
 # training), scored like prune-embeddinggemma.
 GEMMA_REFIT_PLANS ?= 25-refit 50-refit
-prune-embeddinggemma-refit: build $(GEMMA)/model.safetensors
-	for p in $(GEMMA_REFIT_PLANS); do \
-	  rm -rf $(RUNS)/embeddinggemma-prune-$$p; \
-	  $(EFFIR) prune --model $(GEMMA) --max-length 256 --plan configs/prune-embeddinggemma-$$p.yaml --data $(DATA) --calib-tokens 16384 --batch-size 16 --out $(RUNS)/embeddinggemma-prune-$$p || exit 1; \
-	  $(EFFIR) eval --model $(RUNS)/embeddinggemma-prune-$$p --max-length 256 --data $(DATA) $(call sample_flag,$(GEMMA_SAMPLE)) --batch-size 16 --out $(RUNS)/embeddinggemma-prune-$$p.eval || exit 1; \
-	  $(EFFIR) eval --model $(RUNS)/embeddinggemma-prune-$$p --max-length 256 --data $(HELDOUT) --batch-size 16 --out $(RUNS)/embeddinggemma-prune-$$p.heldout-eval || exit 1; \
-	done
+prune-embeddinggemma-refit:
+	$(MAKE) prune-embeddinggemma GEMMA_PLANS="$(GEMMA_REFIT_PLANS)"
 
 # Label-free recovery of the EmbeddingGemma refit plans (pruned first if
 # need be): distillation on the SciFact corpus text
@@ -354,15 +357,13 @@ prune-embeddinggemma-refit: build $(GEMMA)/model.safetensors
 GEMMA_RECOVER_PLANS ?= 25-refit 50-refit
 recover-embeddinggemma: build $(GEMMA)/model.safetensors
 	for p in $(GEMMA_RECOVER_PLANS); do \
-	  test -f $(RUNS)/embeddinggemma-prune-$$p/config.json || \
-	    $(EFFIR) prune --model $(GEMMA) --max-length 256 --plan configs/prune-embeddinggemma-$$p.yaml --data $(DATA) --calib-tokens 16384 --batch-size 16 --out $(RUNS)/embeddinggemma-prune-$$p || exit 1; \
+	  test -f $(RUNS)/embeddinggemma-prune-$$p/config.json || $(call gemma_prune,$$p) || exit 1; \
 	  if [ ! -f $(RUNS)/embeddinggemma-prune-$$p-distill/config.json ]; then \
 	    resume=; [ -d $(RUNS)/embeddinggemma-prune-$$p-distill.checkpoints ] && resume=--resume; \
 	    $(EFFIR) finetune --model $(RUNS)/embeddinggemma-prune-$$p --train-texts $(DATA) --config configs/recover-embeddinggemma.yaml \
 	      --out $(RUNS)/embeddinggemma-prune-$$p-distill $$resume || exit 1; \
 	  fi; \
-	  $(EFFIR) eval --model $(RUNS)/embeddinggemma-prune-$$p-distill --max-length 256 --data $(DATA) $(call sample_flag,$(GEMMA_SAMPLE)) --batch-size 16 --out $(RUNS)/embeddinggemma-prune-$$p-distill.eval || exit 1; \
-	  $(EFFIR) eval --model $(RUNS)/embeddinggemma-prune-$$p-distill --max-length 256 --data $(HELDOUT) --batch-size 16 --out $(RUNS)/embeddinggemma-prune-$$p-distill.heldout-eval || exit 1; \
+	  $(call gemma_eval,$(RUNS)/embeddinggemma-prune-$$p-distill) || exit 1; \
 	done
 
 results-embeddinggemma: analyze-embeddinggemma drop-study-embeddinggemma prune-embeddinggemma
