@@ -974,7 +974,7 @@ fn apply_projections(
         let names = map.mlp_tensors(prefix, l);
         let replaced = [
             (names.down.clone(), Some(&projection.weight)),
-            (names.down_bias(), projection.bias.as_ref()),
+            (names.down_bias.clone(), projection.bias.as_ref()),
         ];
         for (name, new) in replaced {
             let Some(new) = new else { continue };

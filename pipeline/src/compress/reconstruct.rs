@@ -335,8 +335,8 @@ impl ForwardHooks for ReconstructionPass<'_> {
 /// Re-fits the output projection of every narrowed MLP, in layer order, on
 /// `texts`. `kept` holds each layer's kept neurons (ascending indices into
 /// the source MLP; `None` where the layer has no MLP or it was dropped); a
-/// layer that keeps them all is left as it is. `embedder` must be the source model that `tensors`
-/// hold, with the dropped MLPs already skipped.
+/// layer that keeps them all is left as it is. `embedder` must be the
+/// source model that `tensors` hold, with the dropped MLPs already skipped.
 pub fn reconstruct_mlps(
     embedder: &Embedder,
     tensors: &std::collections::HashMap<String, Tensor>,
@@ -416,7 +416,7 @@ pub fn reconstruct_mlps(
         }
         let down: Vec<f64> = down.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
         let bias: Option<Vec<f64>> = tensors
-            .get(&names.down_bias())
+            .get(&names.down_bias)
             .map(|b| b.to_dtype(DType::F64)?.to_vec1())
             .transpose()?;
         let neurons = kept[l].expect("narrowed layers keep neurons");

@@ -128,16 +128,10 @@ pub struct MlpTensors {
     pub rows: Vec<String>,
     /// The output projection: its columns are the neurons.
     pub down: String,
+    /// The output projection's bias (absent from checkpoints without one).
+    pub down_bias: String,
     /// The rest of the residual block (output bias, norms), removed with a dropped MLP.
     pub others: Vec<String>,
-}
-
-impl MlpTensors {
-    /// The output projection's bias (absent from checkpoints without one).
-    pub fn down_bias(&self) -> String {
-        let module = self.down.strip_suffix(".weight").unwrap_or(&self.down);
-        format!("{module}.bias")
-    }
 }
 
 impl CheckpointMap {
@@ -234,13 +228,14 @@ impl CheckpointMap {
             format!("{prefix}{}.{tensor}", self.layer_module(layer, module))
         };
         let inputs: Vec<&str> = self.mlp.gate.into_iter().chain([self.mlp.up]).collect();
+        let down_bias = key(self.mlp.down, "bias");
         MlpTensors {
             rows: ["weight", "bias"]
                 .iter()
                 .flat_map(|t| inputs.iter().map(|m| key(m, t)))
                 .collect(),
             down: key(self.mlp.down, "weight"),
-            others: std::iter::once(key(self.mlp.down, "bias"))
+            others: std::iter::once(down_bias.clone())
                 .chain(
                     self.mlp
                         .norms
@@ -248,6 +243,7 @@ impl CheckpointMap {
                         .flat_map(|(_, n)| [key(n, "weight"), key(n, "bias")]),
                 )
                 .collect(),
+            down_bias,
         }
     }
 
