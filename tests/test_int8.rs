@@ -143,7 +143,18 @@ fn int8_requests_that_cannot_be_met_fail_before_writing() {
         ),
         (
             &["--precision", "int8", "--target", "tensorrt"][..],
-            "TensorRT",
+            "calibration",
+        ),
+        (
+            &[
+                "--precision",
+                "int8",
+                "--target",
+                "tensorrt",
+                "--int8-kernel",
+                "u8u8",
+            ][..],
+            "QDQ",
         ),
     ] {
         let mut args = vec![

@@ -35,6 +35,7 @@ fn options(profile: Profile) -> ExportOptions {
         external_data: ExternalData::Auto,
         target: Target::TensorRt,
         overwrite: false,
+        calibration: None,
     }
 }
 

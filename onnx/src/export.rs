@@ -5,14 +5,21 @@
 
 use std::path::{Path, PathBuf};
 
+use candle_onnx::onnx::ModelProto;
+use effir_pipeline::data::calibration::CalibrationSet;
 use effir_pipeline::io::atomic_file::StagedDir;
+use effir_pipeline::{EncoderSetup, LoadOptions};
 use effir_pipeline::io::model_files::{copy_model_files, is_backbone_weights};
 use serde::Serialize;
 
+use crate::activation_ranges::{self, Statistic};
 use crate::cpu_features::CpuFeatures;
 use crate::emit::{emit_model, EmitOptions};
 use crate::error::{Error, Result};
 use crate::graph_file::{initializer_bytes, write_model, GraphFile, EXTERNAL_DATA_THRESHOLD};
+use crate::half_precision::{self, ProductRange, RangeCheck};
+use crate::projection_products::projection_products;
+use crate::qdq::{self, ActivationScale};
 use crate::quantize::{Int8Kernel, MatmulPrecision};
 use crate::tensorrt::TensorRtSupport;
 
@@ -56,6 +63,41 @@ pub struct ExportOptions {
     pub target: Target,
     /// Replace an existing export in the output directory.
     pub overwrite: bool,
+    /// Text to measure activation ranges on: required by fp16 (the range
+    /// check) and QDQ int8 (the activation scales).
+    pub calibration: Option<Calibration>,
+}
+
+/// Calibration text and how to use it.
+#[derive(Debug, Clone)]
+pub struct Calibration {
+    pub set: CalibrationSet,
+    pub batch_size: usize,
+    pub range_check: RangeCheck,
+    /// QDQ int8: quantize the output projections too (see [`crate::qdq`]).
+    pub qdq_all_products: bool,
+}
+
+/// What calibration measured and decided, in `effir_export.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct CalibrationSummary {
+    pub source: String,
+    pub texts: usize,
+    pub tokens: usize,
+    /// fp16: each product's ranges and whether it stayed float32.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub float16: Option<Float16Summary>,
+    /// QDQ int8: each product's activation scale.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub activation_scales: Option<Vec<ActivationScale>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Float16Summary {
+    pub range_check: RangeCheck,
+    /// Modules the range check kept in float32.
+    pub kept_float32: Vec<String>,
+    pub products: Vec<ProductRange>,
 }
 
 /// What was written, also saved as `effir_export.json`.
@@ -75,9 +117,13 @@ pub struct ExportSummary {
     pub ops: std::collections::BTreeMap<String, usize>,
     pub layout: Layout,
     pub target: Target,
-    /// `fp32` or `int8`: the arithmetic of the transformer's linear layers.
+    /// `fp32`, `int8` or `fp16`: the arithmetic of the transformer's linear layers.
     pub precision: &'static str,
     pub int8_kernel: Option<Int8Kernel>,
+    /// `dynamic` (CPU) or `qdq` (TensorRT), for int8.
+    pub int8_form: Option<&'static str>,
+    /// fp16 and QDQ int8: the calibration behind the conversion.
+    pub calibration: Option<CalibrationSummary>,
     /// The CPU the graph was exported on.
     pub cpu_features: CpuFeatures,
 }
@@ -100,14 +146,40 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
             )));
         }
     }
-    if options.target == Target::TensorRt && options.emit.precision != MatmulPrecision::Float32 {
+    let precision = options.emit.precision;
+    if options.target == Target::TensorRt && matches!(precision, MatmulPrecision::Int8(_)) {
         return Err(Error::InvalidArgument(
-            "int8 for TensorRT needs a QDQ graph, which effir does not emit yet; \
-             export fp32 for TensorRT, or int8 for the CPU"
+            "dynamic int8 (DynamicQuantizeLinear, MatMulInteger) does not parse in TensorRT; \
+             int8 for TensorRT is the QDQ form (`--target tensorrt --precision int8`)"
                 .into(),
         ));
     }
-    let model = emit_model(model_dir, &options.emit)?;
+    if precision.needs_calibration() {
+        if options.calibration.is_none() {
+            return Err(Error::InvalidArgument(format!(
+                "{} needs calibration text (--calib-data DIR or --calib FILE): {}",
+                precision.name(),
+                if precision == MatmulPrecision::Float16 {
+                    "the range check runs it through the model"
+                } else {
+                    "the activation scales are measured on it"
+                }
+            )));
+        }
+        if options.emit.storage != crate::graph::WeightStorage::Float32 {
+            return Err(Error::InvalidArgument(format!(
+                "--fp16 (float16 weight storage) does not combine with {} products; drop --fp16",
+                precision.name()
+            )));
+        }
+    }
+    let mut model = emit_model(model_dir, &options.emit)?;
+    let calibration = match &options.calibration {
+        Some(c) if precision.needs_calibration() => {
+            Some(convert_products(&mut model, model_dir, precision, c)?)
+        }
+        _ => None,
+    };
     let weight_bytes = initializer_bytes(&model);
     let external = match options.external_data {
         ExternalData::Always => true,
@@ -182,6 +254,8 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
         target: options.target,
         precision: options.emit.precision.name(),
         int8_kernel: options.emit.precision.int8_kernel(),
+        int8_form: options.emit.precision.int8_form(),
+        calibration,
         cpu_features: CpuFeatures::detect(),
     };
     let summary_path = staging.path().join(SUMMARY_FILE);
@@ -191,4 +265,87 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
     staging.replace(out)?;
     tracing::info!(graph = %summary.graph.display(), bytes = summary.graph_bytes, external, "export written");
     Ok(summary)
+}
+
+/// Measures the float32 graph's projection products on the calibration
+/// text and converts them to `precision` (fp16 or QDQ int8).
+fn convert_products(
+    model: &mut ModelProto,
+    model_dir: &Path,
+    precision: MatmulPrecision,
+    calibration: &Calibration,
+) -> Result<CalibrationSummary> {
+    let setup = EncoderSetup::load(model_dir, &LoadOptions::default())?;
+    let opset = options_opset(model);
+    let graph = model.graph.as_ref().expect("emitted with a graph");
+    let products = projection_products(graph, setup.architecture());
+    if products.is_empty() {
+        return Err(Error::Export(
+            "the graph has no projection products to convert".into(),
+        ));
+    }
+    let fp16 = precision == MatmulPrecision::Float16;
+    let tensors: Vec<(String, Statistic)> = products
+        .iter()
+        .flat_map(|p| {
+            let output = fp16.then(|| (p.output.clone(), Statistic::Range));
+            std::iter::once((p.input.clone(), Statistic::Range)).chain(output)
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    let set = &calibration.set;
+    let measured = activation_ranges::measure(
+        model,
+        None,
+        &tensors,
+        &setup,
+        &set.texts,
+        calibration.batch_size,
+        &mut |_| {},
+    )?;
+    tracing::info!(
+        texts = set.texts.len(),
+        tokens = set.tokens,
+        seconds = started.elapsed().as_secs_f64(),
+        "activation ranges measured"
+    );
+    let graph = model.graph.as_mut().expect("emitted with a graph");
+    let mut summary = CalibrationSummary {
+        source: set.source.clone(),
+        texts: set.texts.len(),
+        tokens: set.tokens,
+        float16: None,
+        activation_scales: None,
+    };
+    if fp16 {
+        let pairs: Vec<_> = measured.chunks_exact(2).map(|c| (c[0], c[1])).collect();
+        let products =
+            half_precision::convert_products(graph, opset, &products, &pairs, calibration.range_check)?;
+        summary.float16 = Some(Float16Summary {
+            range_check: calibration.range_check,
+            kept_float32: products
+                .iter()
+                .filter(|p| p.precision == "fp32")
+                .map(|p| p.module.clone())
+                .collect(),
+            products,
+        });
+    } else {
+        summary.activation_scales = Some(qdq::quantize_products(
+            graph,
+            opset,
+            &products,
+            &measured,
+            calibration.qdq_all_products,
+        )?);
+    }
+    Ok(summary)
+}
+
+fn options_opset(model: &ModelProto) -> i64 {
+    model
+        .opset_import
+        .iter()
+        .find(|o| o.domain.is_empty())
+        .map_or(crate::emit::DEFAULT_OPSET, |o| o.version)
 }

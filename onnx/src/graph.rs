@@ -117,12 +117,20 @@ impl GraphBuilder {
 
     /// A value name not used before, derived from `hint`.
     pub fn unique(&mut self, hint: &str) -> String {
-        let count = self.used_names.entry(hint.to_string()).or_insert(0);
-        *count += 1;
-        if *count == 1 {
-            hint.to_string()
-        } else {
-            format!("{hint}_{}", *count - 1)
+        // `hint`, then `hint_1`, `hint_2`, ...: the first not taken, also
+        // by a name reserved or generated from another hint.
+        loop {
+            let count = self.used_names.entry(hint.to_string()).or_insert(0);
+            *count += 1;
+            let name = if *count == 1 {
+                hint.to_string()
+            } else {
+                format!("{hint}_{}", *count - 1)
+            };
+            if name == hint || !self.used_names.contains_key(&name) {
+                self.used_names.entry(name.clone()).or_insert(1);
+                return name;
+            }
         }
     }
 

@@ -10,8 +10,11 @@
 //!   writers and readers share;
 //! - [`graph`]: building graphs node by node; [`graph_file`]: reading,
 //!   checking and writing `.onnx` files (external data);
-//! - [`export`]: the serving directory; [`precision`], [`quantize`]: int8
-//!   matrix products;
+//! - [`export`]: the serving directory; [`precision`]: the arithmetic of
+//!   the matrix products; [`projection_products`]: finding and replacing
+//!   them; [`quantize`]: dynamic int8 (CPU), [`qdq`]: static int8
+//!   (TensorRT), [`half_precision`]: float16, the last two from ranges
+//!   [`activation_ranges`] measures on calibration text;
 //!   [`cpu_features`]: the instructions int8 kernels depend on;
 //! - [`tensorrt`]: the TensorRT operator lint;
 //! - [`runtime`] (the library and every session's builder), [`providers`],
@@ -23,6 +26,7 @@
 //! - [`frontier`]: speed against quality over candidate graphs, the front
 //!   and the fastest graph that passes the gates.
 
+pub mod activation_ranges;
 pub mod bench;
 pub mod cpu_features;
 pub mod emit;
@@ -31,9 +35,12 @@ pub mod export;
 pub mod frontier;
 pub mod graph;
 pub mod graph_file;
+pub mod half_precision;
 pub mod interface;
 pub mod precision;
+pub mod projection_products;
 pub mod providers;
+pub mod qdq;
 pub mod quantize;
 pub mod rewrite;
 pub mod runtime;

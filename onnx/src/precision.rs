@@ -39,22 +39,46 @@ impl Int8Kernel {
 pub enum MatmulPrecision {
     #[default]
     Float32,
+    /// Dynamic int8 for the CPU: weights quantized at export, activations
+    /// at run time (`crate::quantize`).
     Int8(Int8Kernel),
+    /// Static int8 as QuantizeLinear/DequantizeLinear pairs, activation
+    /// scales calibrated at export: TensorRT's form (`crate::qdq`).
+    Int8Qdq,
+    /// float16 products, float32 elsewhere, range-checked at export
+    /// (`crate::half_precision`).
+    Float16,
 }
 
 impl MatmulPrecision {
-    /// `fp32` or `int8`, as gates and records name it.
+    /// `fp32`, `int8` or `fp16`, as gates and records name it.
     pub fn name(self) -> &'static str {
         match self {
             Self::Float32 => "fp32",
-            Self::Int8(_) => "int8",
+            Self::Int8(_) | Self::Int8Qdq => "int8",
+            Self::Float16 => "fp16",
         }
     }
 
     pub fn int8_kernel(self) -> Option<Int8Kernel> {
         match self {
-            Self::Float32 => None,
             Self::Int8(kernel) => Some(kernel),
+            Self::Float32 | Self::Int8Qdq | Self::Float16 => None,
         }
+    }
+
+    /// How an int8 graph quantizes: `dynamic` (CPU) or `qdq` (TensorRT).
+    pub fn int8_form(self) -> Option<&'static str> {
+        match self {
+            Self::Int8(_) => Some("dynamic"),
+            Self::Int8Qdq => Some("qdq"),
+            Self::Float32 | Self::Float16 => None,
+        }
+    }
+
+    /// Whether the graph is emitted in float32 first and its products
+    /// converted afterwards, from ranges measured on calibration text.
+    pub fn needs_calibration(self) -> bool {
+        matches!(self, Self::Int8Qdq | Self::Float16)
     }
 }

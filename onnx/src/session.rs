@@ -191,29 +191,7 @@ impl OnnxEncoder {
 
     /// Embeddings of one padded batch, `(B, D)`.
     pub fn embed_batch(&self, input: &ModelInput) -> Result<Array2<f32>> {
-        let (b, t) = input.input_ids.dims2()?;
-        let as_i64 = |x: &Tensor| -> Result<Array2<i64>> {
-            let v: Vec<u32> = x.flatten_all()?.to_vec1()?;
-            Ok(
-                Array2::from_shape_vec((b, t), v.into_iter().map(i64::from).collect())
-                    .expect("batch shape"),
-            )
-        };
-        let mut feeds = Vec::with_capacity(self.input_names.len());
-        for name in &self.input_names {
-            let array = match name.as_str() {
-                INPUT_IDS => as_i64(&input.input_ids)?,
-                ATTENTION_MASK => as_i64(&input.attention_mask)?,
-                TOKEN_TYPE_IDS => match &input.token_type_ids {
-                    Some(types) => as_i64(types)?,
-                    None => Array2::zeros((b, t)),
-                },
-                other => unreachable!("checked input {other}"),
-            };
-            let value = OrtTensor::from_array(array)
-                .map_err(|e| Error::runtime("creating an input tensor", e))?;
-            feeds.push((name.clone(), value));
-        }
+        let feeds = token_feeds(&self.input_names, input)?;
         let mut session = self.session.lock().expect("session lock");
         let outputs = session
             .run(feeds)
@@ -305,8 +283,44 @@ impl TextEmbedder for OnnxEncoder {
     }
 }
 
+/// The feeds of one padded batch for a graph taking `input_names` (token
+/// ids, attention mask, token types: zeros when the tokenizer has none).
+pub(crate) fn token_feeds(
+    input_names: &[String],
+    input: &ModelInput,
+) -> Result<Vec<(String, OrtTensor<i64>)>> {
+    let (b, t) = input.input_ids.dims2()?;
+    let as_i64 = |x: &Tensor| -> Result<Array2<i64>> {
+        let v: Vec<u32> = x.flatten_all()?.to_vec1()?;
+        Ok(
+            Array2::from_shape_vec((b, t), v.into_iter().map(i64::from).collect())
+                .expect("batch shape"),
+        )
+    };
+    let mut feeds = Vec::with_capacity(input_names.len());
+    for name in input_names {
+        let array = match name.as_str() {
+            INPUT_IDS => as_i64(&input.input_ids)?,
+            ATTENTION_MASK => as_i64(&input.attention_mask)?,
+            TOKEN_TYPE_IDS => match &input.token_type_ids {
+                Some(types) => as_i64(types)?,
+                None => Array2::zeros((b, t)),
+            },
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "graph input `{other}` is not one the tokenizer produces"
+                )))
+            }
+        };
+        let value =
+            OrtTensor::from_array(array).map_err(|e| Error::runtime("creating an input tensor", e))?;
+        feeds.push((name.clone(), value));
+    }
+    Ok(feeds)
+}
+
 /// Carries an ONNX error through the pipeline's error type.
-fn into_pipeline(error: Error) -> effir_pipeline::Error {
+pub(crate) fn into_pipeline(error: Error) -> effir_pipeline::Error {
     match error {
         Error::Pipeline(e) => e,
         other => effir_pipeline::Error::InvalidArgument(other.to_string()),

@@ -13,6 +13,7 @@ use effir_pipeline::TextEmbedder;
 use ndarray::Array2;
 use serde::{Deserialize, Serialize};
 
+use crate::activation_ranges::{first_non_finite, NonFiniteOrigin};
 use crate::error::{Error, Result};
 
 /// Thresholds; an absent one is not checked. Unknown keys are an error.
@@ -37,15 +38,17 @@ pub struct ParityGates {
     /// graph's metadata), used instead of the ones above for those graphs.
     pub fp32: Option<Box<ParityGates>>,
     pub int8: Option<Box<ParityGates>>,
+    pub fp16: Option<Box<ParityGates>>,
 }
 
 impl ParityGates {
-    /// The section for `precision` (`fp32`, `int8`) and its name
+    /// The section for `precision` (`fp32`, `int8`, `fp16`) and its name
     /// prefix in reports (`parity.int8`), or these gates (`parity`).
     pub fn for_precision(&self, precision: &str) -> (&ParityGates, String) {
         let section = match precision {
             "fp32" => self.fp32.as_deref(),
             "int8" => self.int8.as_deref(),
+            "fp16" => self.fp16.as_deref(),
             _ => None,
         };
         match section {
@@ -54,10 +57,11 @@ impl ParityGates {
         }
     }
 
-    fn sections(&self) -> [(&'static str, Option<&ParityGates>); 2] {
+    fn sections(&self) -> [(&'static str, Option<&ParityGates>); 3] {
         [
             ("fp32", self.fp32.as_deref()),
             ("int8", self.int8.as_deref()),
+            ("fp16", self.fp16.as_deref()),
         ]
     }
 }
@@ -153,6 +157,10 @@ pub struct ParityReport {
     pub min_cosine: f64,
     pub mean_cosine: f64,
     pub max_abs_diff: f64,
+    /// Embedding components of the candidate that were NaN or Inf.
+    pub non_finite: usize,
+    /// Where the graph first produced them.
+    pub non_finite_origin: Option<NonFiniteOrigin>,
 }
 
 /// Compares the rows of two embedding matrices.
@@ -239,13 +247,50 @@ pub fn check_parity(
     let a = candidate.embed_texts(&refs, "", batch_size, &mut |_| {})?;
     let b = candle.embed_texts(&refs, "", batch_size, &mut |_| {})?;
     let (min_cosine, mean_cosine, max_abs_diff) = compare_embeddings(&a, &b)?;
+    let non_finite = a.iter().filter(|v| !v.is_finite()).count();
+    let non_finite_origin = if non_finite > 0 {
+        locate_non_finite(candidate, texts, &a, batch_size)
+    } else {
+        None
+    };
     Ok(ParityReport {
         candle_model: candle.source().to_path_buf(),
         texts: texts.len(),
         min_cosine,
         mean_cosine,
         max_abs_diff,
+        non_finite,
+        non_finite_origin,
     })
+}
+
+/// Where an ONNX candidate's NaN/Inf embeddings come from: its graph run
+/// again on (up to 8 of) the texts whose embeddings were not finite.
+fn locate_non_finite(
+    candidate: &dyn TextEmbedder,
+    texts: &[String],
+    embeddings: &Array2<f32>,
+    batch_size: usize,
+) -> Option<NonFiniteOrigin> {
+    let graph = candidate.source();
+    if graph.extension().and_then(|e| e.to_str()) != Some("onnx") {
+        return None;
+    }
+    let bad: Vec<String> = embeddings
+        .rows()
+        .into_iter()
+        .zip(texts)
+        .filter(|(row, _)| row.iter().any(|v| !v.is_finite()))
+        .map(|(_, t)| t.clone())
+        .take(8)
+        .collect();
+    match first_non_finite(graph, candidate.setup(), &bad, batch_size) {
+        Ok(origin) => origin,
+        Err(e) => {
+            tracing::warn!("could not locate the first NaN/Inf in {}: {e}", graph.display());
+            None
+        }
+    }
 }
 
 /// Retrieval quality of the candidate against the reference.
@@ -332,6 +377,9 @@ pub struct GateResult {
     pub threshold: f64,
     pub value: f64,
     pub passed: bool,
+    /// What a failure means, where a number does not say it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 /// Applies `gates` to whatever was measured on a candidate of `precision`
@@ -354,6 +402,7 @@ pub fn apply_gates(
                 threshold: t,
                 value: v,
                 passed,
+                detail: None,
             });
         }
     };
@@ -402,6 +451,20 @@ pub fn apply_gates(
         p.max_abs_diff,
         parity.map(|r| r.max_abs_diff),
     );
+    // NaN or Inf fails any precision, with where it came from.
+    if let Some(r) = parity {
+        results.push(GateResult {
+            gate: "parity.non_finite".into(),
+            rule: "<=",
+            threshold: 0.0,
+            value: r.non_finite as f64,
+            passed: r.non_finite == 0,
+            detail: (r.non_finite > 0).then(|| match &r.non_finite_origin {
+                Some(origin) => origin.to_string(),
+                None => "NaN/Inf in the embeddings; its origin in the graph was not found".into(),
+            }),
+        });
+    }
     results
 }
 
@@ -540,12 +603,13 @@ impl ValidationReport {
         md += "\n## Gates\n\n| gate | rule | value | result |\n|---|---|---|---|\n";
         for g in &self.gates {
             md += &format!(
-                "| {} | {} {} | {:.6} | {} |\n",
+                "| {} | {} {} | {:.6} | {}{} |\n",
                 g.gate,
                 g.rule,
                 g.threshold,
                 g.value,
-                if g.passed { "pass" } else { "FAIL" }
+                if g.passed { "pass" } else { "FAIL" },
+                g.detail.as_deref().map_or(String::new(), |d| format!(": {d}"))
             );
         }
         md

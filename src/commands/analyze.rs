@@ -76,9 +76,9 @@ pub fn run(args: AnalyzeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("loading model {}", args.model.model.display()))?;
     let calibration = match (&args.calib, &args.data) {
         (Some(file), None) => {
-            CalibrationSet::from_file(&embedder, file, &Prompt::None, budget.max_tokens)?
+            CalibrationSet::from_file(embedder.setup(), file, &Prompt::None, budget.max_tokens)?
         }
-        (None, Some(dir)) => CalibrationSet::from_dataset(&embedder, dir, &budget)?,
+        (None, Some(dir)) => CalibrationSet::from_dataset(embedder.setup(), dir, &budget)?,
         _ => bail!("give calibration text with --calib FILE or --data DIR"),
     };
     let bar = super::progress::progress_bar(

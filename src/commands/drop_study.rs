@@ -116,7 +116,7 @@ pub fn run(args: DropStudyArgs) -> anyhow::Result<()> {
                 seed: args.seed,
                 ..Default::default()
             };
-            let calibration = CalibrationSet::from_dataset(&embedder, &args.data, &budget)?;
+            let calibration = CalibrationSet::from_dataset(embedder.setup(), &args.data, &budget)?;
             let bar = super::progress::progress_bar(args.quiet, 0, super::progress::PHASE_TEMPLATE);
             bar.set_message("analyzing");
             bar.set_length(calibration.texts.len() as u64);

@@ -3,10 +3,13 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use effir_onnx::emit::{EmitOptions, Profile, DEFAULT_OPSET};
-use effir_onnx::export::{export, ExportOptions, ExternalData, Layout, Target};
+use effir_onnx::export::{export, Calibration, ExportOptions, ExternalData, Layout, Target};
+use effir_onnx::half_precision::RangeCheck;
+use effir_pipeline::data::calibration::{CalibrationBudget, CalibrationSet};
+use effir_pipeline::{EncoderSetup, LoadOptions, Prompt};
 use effir_onnx::graph::WeightStorage;
 use effir_onnx::quantize::{Int8Kernel, MatmulPrecision};
 use serde::Deserialize;
@@ -42,8 +45,10 @@ pub enum LayoutArg {
 pub enum PrecisionArg {
     /// float32 arithmetic.
     Fp32,
-    /// Dynamically quantized int8 linear layers (CPU): int8 weights per output channel.
+    /// int8 linear layers: dynamically quantized for the CPU; with --target tensorrt, static QDQ calibrated on --calib-data.
     Int8,
+    /// float16 linear layers (GPU), range-checked on --calib-data; norms, softmax and the residual stream stay float32.
+    Fp16,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -104,6 +109,24 @@ pub struct ExportArgs {
     /// Replace an earlier export in --out.
     #[arg(long)]
     pub overwrite: bool,
+    /// Calibration text for fp16's range check and QDQ int8's scales: a BEIR dataset directory.
+    #[arg(long)]
+    pub calib_data: Option<PathBuf>,
+    /// Calibration text from a file (JSONL with `text`, or lines) instead of --calib-data.
+    #[arg(long)]
+    pub calib: Option<PathBuf>,
+    /// Token budget of the calibration text [default: 16384].
+    #[arg(long)]
+    pub calib_tokens: Option<usize>,
+    /// fp16: a product stays float16 only if its largest calibration value times this fits float16 [default: 4].
+    #[arg(long)]
+    pub fp16_headroom: Option<f32>,
+    /// fp16: refuse the export when a product fails the range check, instead of keeping it float32.
+    #[arg(long)]
+    pub strict: bool,
+    /// int8 for TensorRT: quantize the output projections (attention output, MLP down) too; by default they stay float.
+    #[arg(long)]
+    pub qdq_all_products: bool,
 }
 
 /// `configs/export.yaml`.
@@ -118,6 +141,11 @@ pub struct ExportConfig {
     pub target: Option<TargetArg>,
     pub layout: Option<LayoutArg>,
     pub external_data: Option<ExternalDataArg>,
+    pub calib_data: Option<PathBuf>,
+    pub calib_tokens: Option<usize>,
+    pub fp16_headroom: Option<f32>,
+    pub strict: Option<bool>,
+    pub qdq_all_products: Option<bool>,
 }
 
 /// The matrix-product arithmetic `--precision` and `--int8-kernel` ask for
@@ -132,6 +160,7 @@ pub(crate) fn matmul_precision(
     }
     Ok(match precision {
         None | Some(PrecisionArg::Fp32) => MatmulPrecision::Float32,
+        Some(PrecisionArg::Fp16) => MatmulPrecision::Float16,
         Some(PrecisionArg::Int8) => MatmulPrecision::Int8(match kernel {
             None | Some(Int8KernelArg::U8s8) => Int8Kernel::U8s8,
             Some(Int8KernelArg::U8u8) => Int8Kernel::U8u8,
@@ -148,6 +177,61 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         args.int8_kernel.is_some(),
         args.int8_kernel.or(config.int8_kernel),
     )?;
+    let target = args.target.or(config.target).unwrap_or(TargetArg::Any);
+    // int8 for TensorRT is the static QDQ form; the kernels are ONNX Runtime CPU's.
+    let precision = match (target, precision) {
+        (TargetArg::Tensorrt, MatmulPrecision::Int8(_)) => {
+            if args.int8_kernel.or(config.int8_kernel).is_some() {
+                bail!("--int8-kernel chooses ONNX Runtime's CPU kernel; int8 for --target tensorrt is QDQ, which has none");
+            }
+            MatmulPrecision::Int8Qdq
+        }
+        (_, p) => p,
+    };
+    let calib_data = args.calib_data.clone().or(config.calib_data.clone());
+    let calibration = if precision.needs_calibration() {
+        let tokens = args.calib_tokens.or(config.calib_tokens).unwrap_or(16_384);
+        let setup = EncoderSetup::load(&args.model, &LoadOptions::default())
+            .with_context(|| format!("loading {}", args.model.display()))?;
+        let set = match (&args.calib, &calib_data) {
+            (Some(file), None) => CalibrationSet::from_file(&setup, file, &Prompt::None, tokens)?,
+            (None, Some(dir)) => CalibrationSet::from_dataset(
+                &setup,
+                dir,
+                &CalibrationBudget {
+                    max_tokens: tokens,
+                    ..CalibrationBudget::default()
+                },
+            )?,
+            (Some(_), Some(_)) => bail!("give calibration text with --calib or --calib-data, not both"),
+            (None, None) => bail!(
+                "--precision {} needs calibration text: --calib-data DIR (a BEIR dataset) or --calib FILE",
+                precision.name()
+            ),
+        };
+        Some(Calibration {
+            set,
+            batch_size: 8,
+            range_check: RangeCheck {
+                headroom: args
+                    .fp16_headroom
+                    .or(config.fp16_headroom)
+                    .unwrap_or(RangeCheck::default().headroom),
+                strict: args.strict || config.strict.unwrap_or(false),
+            },
+            qdq_all_products: args.qdq_all_products || config.qdq_all_products.unwrap_or(false),
+        })
+    } else {
+        if args.calib.is_some()
+            || calib_data.is_some()
+            || args.strict
+            || args.fp16_headroom.is_some()
+            || args.qdq_all_products
+        {
+            bail!("--calib, --calib-data, --strict, --fp16-headroom and --qdq-all-products apply to --precision fp16 and to int8 for --target tensorrt");
+        }
+        None
+    };
     let options = ExportOptions {
         emit: EmitOptions {
             profile: match args
@@ -179,11 +263,12 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
             ExternalDataArg::Always => ExternalData::Always,
             ExternalDataArg::Never => ExternalData::Never,
         },
-        target: match args.target.or(config.target).unwrap_or(TargetArg::Any) {
+        target: match target {
             TargetArg::Any => Target::Any,
             TargetArg::Tensorrt => Target::TensorRt,
         },
         overwrite: args.overwrite,
+        calibration,
     };
     let summary = export(&args.model, &args.out, &options)
         .with_context(|| format!("exporting {}", args.model.display()))?;
@@ -211,6 +296,29 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
             / 1e6,
         summary.nodes
     );
+    if let Some(c) = &summary.calibration {
+        println!(
+            "  calibrated on {} texts ({} tokens) of {}",
+            c.texts, c.tokens, c.source
+        );
+        if let Some(f) = &c.float16 {
+            let peak = f
+                .products
+                .iter()
+                .map(|p| p.input_max_abs.max(p.output_max_abs))
+                .fold(0f32, f32::max);
+            println!(
+                "  float16 products: {} of {} (largest value {peak:.0}); kept float32: {}",
+                f.products.len() - f.kept_float32.len(),
+                f.products.len(),
+                if f.kept_float32.is_empty() {
+                    "none".to_string()
+                } else {
+                    f.kept_float32.join(", ")
+                }
+            );
+        }
+    }
     println!("  inputs  {}", summary.inputs.join(", "));
     println!("  outputs {}", summary.outputs.join(", "));
     if summary.int8_kernel == Some(Int8Kernel::U8s8) && summary.cpu_features.u8s8_may_saturate() {

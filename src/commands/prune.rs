@@ -226,10 +226,10 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
     }
     let calibration = match (&args.calib, &args.data) {
         (Some(file), None) => {
-            CalibrationSet::from_file(&embedder, file, &Prompt::None, args.calib_tokens)?
+            CalibrationSet::from_file(embedder.setup(), file, &Prompt::None, args.calib_tokens)?
         }
         (None, Some(dir)) => CalibrationSet::from_dataset(
-            &embedder,
+            embedder.setup(),
             dir,
             &CalibrationBudget {
                 queries: args.calib_queries,
@@ -242,7 +242,7 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
     };
     let pairs = match (&args.data, taylor) {
         (_, false) => Vec::new(),
-        (Some(dir), true) => training_pairs(&embedder, dir, &args.pairs_split, args.taylor_pairs, args.seed)?,
+        (Some(dir), true) => training_pairs(embedder.setup(), dir, &args.pairs_split, args.taylor_pairs, args.seed)?,
         (None, true) => bail!("Taylor scores need query-document pairs: give --data DIR (a BEIR dataset with a {} split)", args.pairs_split),
     };
     if taylor {

@@ -49,7 +49,8 @@ pub struct RewriteArgs {
 fn required_cosine(precision: MatmulPrecision) -> f64 {
     match precision {
         MatmulPrecision::Float32 => 0.9999,
-        MatmulPrecision::Int8(_) => 0.99,
+        MatmulPrecision::Int8(_) | MatmulPrecision::Int8Qdq => 0.99,
+        MatmulPrecision::Float16 => 0.9995,
     }
 }
 
@@ -64,6 +65,9 @@ const CHECK_TEXTS: [&str; 6] = [
 
 pub fn run(args: RewriteArgs) -> anyhow::Result<()> {
     let precision = matmul_precision(args.precision, args.int8_kernel.is_some(), args.int8_kernel)?;
+    if precision == MatmulPrecision::Float16 {
+        bail!("rewrite writes fp32 or int8 products; for fp16, export the model with `effir export --precision fp16`");
+    }
     let summary = rewrite(
         &args.onnx,
         &args.model,

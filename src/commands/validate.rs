@@ -84,8 +84,12 @@ pub fn run(args: ValidateArgs) -> anyhow::Result<()> {
             failed
                 .iter()
                 .map(|g| format!(
-                    "{} ({:.6} {} {} is false)",
-                    g.gate, g.value, g.rule, g.threshold
+                    "{} ({:.6} {} {} is false{})",
+                    g.gate,
+                    g.value,
+                    g.rule,
+                    g.threshold,
+                    g.detail.as_deref().map_or(String::new(), |d| format!("; {d}"))
                 ))
                 .collect::<Vec<_>>()
                 .join(", ")

@@ -88,7 +88,9 @@ pub fn linear(
     let weight = w.get(&format!("{name}.weight"), &[out_dim, in_dim])?;
     let w_t = values(&weight.t()?.contiguous()?)?;
     let y = match g.matmul_precision() {
-        MatmulPrecision::Float32 => {
+        // fp16 and QDQ int8 are applied to the float32 graph afterwards,
+        // with ranges measured on it (`crate::half_precision`, `crate::qdq`).
+        MatmulPrecision::Float32 | MatmulPrecision::Float16 | MatmulPrecision::Int8Qdq => {
             let wt = g.weight(&format!("{name}.weight_t"), &[in_dim, out_dim], &w_t);
             g.matmul(x, &wt)
         }

@@ -177,6 +177,9 @@ pub fn emit_model(dir: &Path, options: &EmitOptions) -> Result<ModelProto> {
     if let Some(kernel) = options.precision.int8_kernel() {
         metadata.push(("effir.int8_kernel", kernel.name().to_string()));
     }
+    if let Some(form) = options.precision.int8_form() {
+        metadata.push(("effir.int8_form", form.to_string()));
+    }
     if let Ok(plan) = std::fs::read_to_string(dir.join(effir_pipeline::compress::prune::PLAN_FILE))
     {
         metadata.push(("effir.pruning_plan", plan));

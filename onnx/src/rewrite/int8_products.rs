@@ -23,7 +23,7 @@ use effir_pipeline::Architecture;
 use super::graph_index::{float_values, Source};
 use super::weight_matching::Orientation;
 use crate::error::Result;
-use crate::graph::{GraphBuilder, WeightStorage};
+use crate::projection_products::splice_products;
 use crate::quantize::{int8_matmul, Int8Kernel};
 
 /// Replaces each projection `MatMul` by the int8 chain; returns how many.
@@ -50,41 +50,18 @@ pub(super) fn quantize_projections(
                 .then(|| (graph.initializer[*i].name.clone(), *i))
         })
         .collect();
-    // The chains are built apart, under names the graph does not already have.
-    let mut builder = GraphBuilder::new(opset, WeightStorage::Float32);
-    for name in graph
-        .input
+    let sites: HashMap<usize, usize> = graph
+        .node
         .iter()
-        .map(|v| &v.name)
-        .chain(graph.initializer.iter().map(|t| &t.name))
-        .chain(graph.node.iter().flat_map(|n| &n.output))
-    {
-        builder.reserve(name);
-    }
-    let mut nodes = Vec::with_capacity(graph.node.len());
-    let mut count = 0;
-    for node in std::mem::take(&mut graph.node) {
-        let weight = (node.op_type == "MatMul" && node.input.len() == 2)
-            .then(|| projections.get(&node.input[1]))
-            .flatten();
-        let Some(&w) = weight else {
-            nodes.push(node);
-            continue;
-        };
-        let tensor = &graph.initializer[w];
+        .enumerate()
+        .filter(|(_, n)| n.op_type == "MatMul" && n.input.len() == 2)
+        .filter_map(|(i, n)| Some((i, *projections.get(&n.input[1])?)))
+        .collect();
+    let count = splice_products(graph, opset, &sites, &mut |g, x, tensor| {
         let dims = (tensor.dims[0] as usize, tensor.dims[1] as usize);
         let values = float_values(tensor, base)?.expect("projections are float matrices");
         let stem = format!("{}_int8", tensor.name);
-        let product = int8_matmul(&mut builder, &node.input[0], &stem, &values, dims, kernel);
-        let (mut chain, initializers) = builder.take_built();
-        // The chain's last node computes the product: it takes the MatMul's place.
-        let last = chain.last_mut().expect("the chain has nodes");
-        debug_assert_eq!(last.output, [product]);
-        last.output = node.output.clone();
-        nodes.extend(chain);
-        graph.initializer.extend(initializers);
-        count += 1;
-    }
-    graph.node = nodes;
+        Ok(int8_matmul(g, x, &stem, &values, dims, kernel))
+    })?;
     Ok(count)
 }

@@ -119,6 +119,12 @@ pub fn rewrite(
             arch
         )));
     }
+    if precision.needs_calibration() {
+        return Err(Error::InvalidArgument(format!(
+            "rewrite writes fp32 or dynamic int8 products, not {}; export the model with `effir export` for that",
+            precision.name()
+        )));
+    }
     let mut file = GraphFile::read(graph_path)?;
     let opset = file.opset().unwrap_or(0);
     if precision.int8_kernel().is_some() && opset < INT8_MIN_OPSET {

@@ -9,8 +9,7 @@ use crate::data::sampling::shuffled_indices;
 use crate::data::text_format::TextFormat;
 use crate::error::{Error, Result};
 use crate::io::text_input::{read_texts, InputFormat};
-use crate::model::embedder::Embedder;
-use crate::model::encoder_setup::Prompt;
+use crate::model::encoder_setup::{EncoderSetup, Prompt};
 
 /// How much calibration text to take.
 #[derive(Debug, Clone, Copy)]
@@ -43,7 +42,7 @@ pub struct CalibrationSet {
 }
 
 fn cut_to_budget(
-    embedder: &Embedder,
+    setup: &EncoderSetup,
     texts: Vec<String>,
     max_tokens: usize,
     source: String,
@@ -53,7 +52,7 @@ fn cut_to_budget(
             "the calibration token budget must be at least 1".into(),
         ));
     }
-    let encoded = embedder.encode_texts(&texts, "")?;
+    let encoded = setup.text.encode(&texts, "")?;
     let mut kept = Vec::new();
     let mut tokens = 0;
     for (text, enc) in texts.into_iter().zip(&encoded) {
@@ -81,13 +80,13 @@ impl CalibrationSet {
     /// Queries and documents of the BEIR dataset in `dir`, sampled with
     /// `budget.seed`, alternating so a small budget still mixes both.
     pub fn from_dataset(
-        embedder: &Embedder,
+        setup: &EncoderSetup,
         dir: &Path,
         budget: &CalibrationBudget,
     ) -> Result<Self> {
         let corpus = load_corpus(dir)?;
         let queries = load_queries(dir)?;
-        let format = TextFormat::for_model(embedder.setup(), None, None)?;
+        let format = TextFormat::for_model(setup, None, None)?;
         let q: Vec<String> = shuffled_indices(queries.len(), budget.seed)
             .into_iter()
             .take(budget.queries)
@@ -107,7 +106,7 @@ impl CalibrationSet {
             }
         }
         cut_to_budget(
-            embedder,
+            setup,
             texts,
             budget.max_tokens,
             dir.display().to_string(),
@@ -116,17 +115,17 @@ impl CalibrationSet {
 
     /// The texts of `path` (JSONL with `text`, or lines), with `prompt` applied.
     pub fn from_file(
-        embedder: &Embedder,
+        setup: &EncoderSetup,
         path: &Path,
         prompt: &Prompt,
         max_tokens: usize,
     ) -> Result<Self> {
-        let prefix = embedder.prefix(prompt)?;
+        let prefix = setup.prefix(prompt)?;
         let texts = read_texts(path, InputFormat::from_extension(path))?
             .into_iter()
             .map(|t| format!("{prefix}{t}"))
             .collect();
-        cut_to_budget(embedder, texts, max_tokens, path.display().to_string())
+        cut_to_budget(setup, texts, max_tokens, path.display().to_string())
     }
 }
 
@@ -134,7 +133,7 @@ impl CalibrationSet {
 /// ≥ 1), one pair per query, seeded; prompts and document template as
 /// evaluation uses them. For gradient-based scores.
 pub fn training_pairs(
-    embedder: &Embedder,
+    setup: &EncoderSetup,
     dir: &Path,
     split: &str,
     count: usize,
@@ -145,7 +144,7 @@ pub fn training_pairs(
     let queries = load_queries(dir)?;
     let docs: std::collections::HashMap<&str, &crate::data::beir::Document> =
         corpus.iter().map(|d| (d.id.as_str(), d)).collect();
-    let format = TextFormat::for_model(embedder.setup(), None, None)?;
+    let format = TextFormat::for_model(setup, None, None)?;
     let mut pairs = Vec::new();
     for q in &queries {
         let Some(judged) = qrels.get(&q.id) else {

@@ -1,0 +1,317 @@
+//! What a graph's intermediate values look like on real text, measured in
+//! ONNX Runtime on the graph itself: for each chosen tensor, its largest
+//! magnitude and how many of its elements are NaN or infinite.
+//!
+//! The graph is extended with a small reduction per tensor, every one
+//! computed in float32 whatever the tensor's type:
+//!
+//! ```text
+//! t ─ Cast(float) ─┬─ Abs ─ ReduceMax            → largest magnitude
+//!                  └─ IsNaN ∨ IsInf ─ Cast ─ ReduceSum → non-finite count
+//! ```
+//!
+//! and those scalars become its only outputs, so a batch costs one run of
+//! the graph and returns a few numbers per tensor, never the tensors.
+//! Used for fp16's range check and QDQ int8's activation scales (export)
+//! and to name the first node that produces a NaN or Inf (validate).
+
+use std::path::Path;
+
+use candle_core::Device;
+use candle_onnx::onnx::{tensor_proto::DataType, type_proto, ModelProto, TypeProto, ValueInfoProto};
+use effir_pipeline::EncoderSetup;
+use ort::session::Session;
+use prost::Message;
+
+use crate::error::{Error, Result};
+use crate::graph::{attr_int, GraphBuilder, WeightStorage};
+use crate::session::{into_pipeline, token_feeds};
+
+/// One tensor's values over every text measured.
+#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize)]
+pub struct TensorRange {
+    /// Largest `|x|` of the finite and infinite elements (NaN is ignored by
+    /// the maximum; see `non_finite`).
+    pub max_abs: f32,
+    /// Elements that were NaN or ±Inf.
+    pub non_finite: u64,
+}
+
+/// What to measure of one tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Statistic {
+    /// Largest magnitude and non-finite count.
+    Range,
+    /// Non-finite count only (safe for tensors that may be empty, such
+    /// as shapes).
+    NonFinite,
+}
+
+/// Extends `model` with the reductions of `tensors` and makes them its only
+/// outputs: `(max_abs output or None, non_finite output)` per tensor.
+fn probe_model(
+    model: &ModelProto,
+    tensors: &[(String, Statistic)],
+) -> (ModelProto, Vec<(Option<String>, String)>) {
+    let mut probe = model.clone();
+    let opset = probe
+        .opset_import
+        .iter()
+        .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
+        .map_or(17, |o| o.version);
+    let graph = probe.graph.as_mut().expect("a model with a graph");
+    let mut g = GraphBuilder::new(opset, WeightStorage::Float32);
+    for name in graph
+        .input
+        .iter()
+        .map(|v| &v.name)
+        .chain(graph.initializer.iter().map(|t| &t.name))
+        .chain(graph.node.iter().flat_map(|n| n.output.iter().chain([&n.name])))
+    {
+        g.reserve(name);
+    }
+    let keep_dims = || vec![attr_int("keepdims", 0)];
+    let mut outputs = Vec::with_capacity(tensors.len());
+    for (tensor, statistic) in tensors {
+        let x = g.cast(tensor, DataType::Float);
+        let max = (*statistic == Statistic::Range).then(|| {
+            let abs = g.unary("Abs", &x);
+            g.node("ReduceMax", &[&abs], keep_dims())
+        });
+        let nan = g.unary("IsNaN", &x);
+        let inf = g.unary("IsInf", &x);
+        let bad = g.node("Or", &[&nan, &inf], vec![]);
+        let bad = g.cast(&bad, DataType::Float);
+        let count = g.node("ReduceSum", &[&bad], keep_dims());
+        outputs.push((max, count));
+    }
+    let (nodes, initializers) = g.take_built();
+    graph.node.extend(nodes);
+    graph.initializer.extend(initializers);
+    graph.output = outputs
+        .iter()
+        .flat_map(|(max, count)| max.iter().chain([count]))
+        .map(|name| scalar_output(name))
+        .collect();
+    (probe, outputs)
+}
+
+fn scalar_output(name: &str) -> ValueInfoProto {
+    ValueInfoProto {
+        name: name.to_string(),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: DataType::Float as i32,
+                shape: Some(Default::default()),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Runs `model` over `texts` (already formatted, tokenized by `setup`) in
+/// batches of `batch_size` and returns each tensor's range, in the order of
+/// `tensors`. `weights_dir` is where the graph's external data lives, if it
+/// has any. Runs on the CPU provider with ONNX Runtime's default
+/// optimisations, as the graph is served.
+pub fn measure(
+    model: &ModelProto,
+    weights_dir: Option<&Path>,
+    tensors: &[(String, Statistic)],
+    setup: &EncoderSetup,
+    texts: &[String],
+    batch_size: usize,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Vec<TensorRange>> {
+    if texts.is_empty() {
+        return Err(Error::InvalidArgument(
+            "no texts to measure activation ranges on".into(),
+        ));
+    }
+    let mut ranges = vec![TensorRange::default(); tensors.len()];
+    if tensors.is_empty() {
+        return Ok(ranges);
+    }
+    let (probe, outputs) = probe_model(model, tensors);
+    let input_names: Vec<String> = {
+        let graph = probe.graph.as_ref().expect("a model with a graph");
+        graph
+            .input
+            .iter()
+            .filter(|i| !graph.initializer.iter().any(|t| t.name == i.name))
+            .map(|i| i.name.clone())
+            .collect()
+    };
+    let bytes = probe.encode_to_vec();
+    drop(probe);
+    let mut session = probe_session(&bytes, weights_dir)?;
+    drop(bytes);
+    let mut done = 0;
+    setup.for_each_batch(texts, "", batch_size, &Device::Cpu, &mut |input, chunk| {
+        let feeds = token_feeds(&input_names, input).map_err(into_pipeline)?;
+        let run = session
+            .run(feeds)
+            .map_err(|e| into_pipeline(Error::runtime("measuring activation ranges", e)))?;
+        let scalar = |name: &str| -> effir_pipeline::Result<f32> {
+            let view = run[name].try_extract_array::<f32>().map_err(|e| {
+                into_pipeline(Error::runtime(format!("reading the probe {name}"), e))
+            })?;
+            Ok(view.iter().copied().next().unwrap_or(0.0))
+        };
+        for (range, (max, count)) in ranges.iter_mut().zip(&outputs) {
+            if let Some(max) = max {
+                let m = scalar(max)?;
+                // ReduceMax of an all-NaN tensor is NaN: that is counted below.
+                if m > range.max_abs {
+                    range.max_abs = m;
+                }
+            }
+            range.non_finite += scalar(count)? as u64;
+        }
+        done += chunk.len();
+        progress(done);
+        Ok(())
+    })?;
+    Ok(ranges)
+}
+
+fn probe_session(bytes: &[u8], weights_dir: Option<&Path>) -> Result<Session> {
+    let env = crate::runtime::environment()?;
+    let mut builder =
+        Session::builder(env).map_err(|e| Error::runtime("creating a probe session", e))?;
+    if let Some(dir) = weights_dir {
+        builder = builder
+            .with_config_entry(
+                "session.model_external_initializers_file_folder_path",
+                dir.to_string_lossy(),
+            )
+            .map_err(ort::Error::<()>::from)
+            .map_err(|e| Error::runtime("pointing the probe at external data", e))?;
+    }
+    builder
+        .commit_from_memory(bytes)
+        .map_err(|e| Error::runtime("loading the probe graph", e))
+}
+
+/// The first node, in graph order, whose output holds a NaN or an Inf:
+/// where a graph's non-finite values come from.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct NonFiniteOrigin {
+    pub node: String,
+    pub op: String,
+    pub output: String,
+    /// The weights it reads, or failing that the nearest ones upstream:
+    /// they name the layer (`encoder.layer.3.output.dense.weight_t`).
+    pub weights: Vec<String>,
+    /// NaN or Inf elements of that output over the texts run.
+    pub elements: u64,
+}
+
+impl std::fmt::Display for NonFiniteOrigin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "first NaN/Inf at node `{}` ({}, output `{}`, {} elements)",
+            self.node, self.op, self.output, self.elements
+        )?;
+        if !self.weights.is_empty() {
+            write!(f, ", reading {}", self.weights.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs `graph` (a file; external data beside it) over `texts` and returns
+/// the first node whose output is not finite, if any is.
+pub fn first_non_finite(
+    graph: &Path,
+    setup: &EncoderSetup,
+    texts: &[String],
+    batch_size: usize,
+) -> Result<Option<NonFiniteOrigin>> {
+    let file = crate::graph_file::GraphFile::read(graph)?;
+    let g = file.model.graph.as_ref().expect("checked on read");
+    let outputs: Vec<(usize, String)> = g
+        .node
+        .iter()
+        .enumerate()
+        .flat_map(|(i, n)| {
+            n.output
+                .iter()
+                .filter(|o| !o.is_empty())
+                .map(move |o| (i, o.clone()))
+        })
+        .collect();
+    let tensors: Vec<(String, Statistic)> = outputs
+        .iter()
+        .map(|(_, o)| (o.clone(), Statistic::NonFinite))
+        .collect();
+    let ranges = measure(
+        &file.model,
+        graph.parent(),
+        &tensors,
+        setup,
+        texts,
+        batch_size,
+        &mut |_| {},
+    )?;
+    let Some(((node, output), range)) = outputs
+        .iter()
+        .zip(&ranges)
+        .find(|(_, r)| r.non_finite > 0)
+    else {
+        return Ok(None);
+    };
+    let n = &g.node[*node];
+    Ok(Some(NonFiniteOrigin {
+        node: n.name.clone(),
+        op: n.op_type.clone(),
+        output: output.clone(),
+        weights: nearest_weights(g, *node),
+        elements: range.non_finite,
+    }))
+}
+
+/// The matrices (initializers of rank ≥ 2) node `start` reads, or the
+/// nearest ones upstream, breadth first.
+fn nearest_weights(graph: &candle_onnx::onnx::GraphProto, start: usize) -> Vec<String> {
+    use std::collections::{HashMap, HashSet, VecDeque};
+    let matrices: HashSet<&str> = graph
+        .initializer
+        .iter()
+        .filter(|t| t.dims.len() >= 2)
+        .map(|t| t.name.as_str())
+        .collect();
+    let producer: HashMap<&str, usize> = graph
+        .node
+        .iter()
+        .enumerate()
+        .flat_map(|(i, n)| n.output.iter().map(move |o| (o.as_str(), i)))
+        .collect();
+    let mut queue = VecDeque::from([start]);
+    let mut seen = HashSet::from([start]);
+    while !queue.is_empty() {
+        // One level of the search at a time: the nearest weights win.
+        let level: Vec<usize> = queue.drain(..).collect();
+        let found: Vec<String> = level
+            .iter()
+            .flat_map(|&i| &graph.node[i].input)
+            .filter(|x| matrices.contains(x.as_str()))
+            .cloned()
+            .collect();
+        if !found.is_empty() {
+            return found;
+        }
+        for i in level {
+            for x in &graph.node[i].input {
+                if let Some(&p) = producer.get(x.as_str()) {
+                    if seen.insert(p) {
+                        queue.push_back(p);
+                    }
+                }
+            }
+        }
+    }
+    Vec::new()
+}
