@@ -122,7 +122,11 @@ fn fp16_exports_of_every_architecture_stay_within_the_fp16_gate() {
         );
         // Every float32 matrix product is still a MatMul; the projections'
         // weights are float16 now, and the head and embeddings float32.
-        assert_eq!(op_count(&fp32, "MatMul"), op_count(&fp16, "MatMul"), "{arch}");
+        assert_eq!(
+            op_count(&fp32, "MatMul"),
+            op_count(&fp16, "MatMul"),
+            "{arch}"
+        );
         let summary = read_json(&dir.join("effir_export.json"));
         let products = summary["calibration"]["float16"]["products"]
             .as_array()
@@ -131,8 +135,16 @@ fn fp16_exports_of_every_architecture_stay_within_the_fp16_gate() {
             .iter()
             .filter(|(_, t)| *t == 10)
             .count();
-        assert_eq!(half_weights, products.len(), "{arch}: one float16 matrix per product");
-        assert!(products.len() >= 4 * 2, "{arch}: {} products", products.len());
+        assert_eq!(
+            half_weights,
+            products.len(),
+            "{arch}: one float16 matrix per product"
+        );
+        assert!(
+            products.len() >= 4 * 2,
+            "{arch}: {} products",
+            products.len()
+        );
         for p in products {
             assert_eq!(p["precision"], "fp16", "{arch}: {p}");
             assert!(p["input_max_abs"].as_f64().unwrap() > 0.0, "{arch}: {p}");
@@ -174,7 +186,10 @@ fn qdq_int8_exports_parse_in_tensorrt_and_stay_within_the_int8_gate() {
         let quantized: Vec<&serde_json::Value> =
             scales.iter().filter(|s| s["quantized"] == true).collect();
         // Q, K, V (and gate), up are quantized; the output projections not.
-        assert!(!quantized.is_empty() && quantized.len() < scales.len(), "{arch}");
+        assert!(
+            !quantized.is_empty() && quantized.len() < scales.len(),
+            "{arch}"
+        );
         for s in &quantized {
             let module = s["module"].as_str().unwrap();
             assert!(
@@ -183,24 +198,45 @@ fn qdq_int8_exports_parse_in_tensorrt_and_stay_within_the_int8_gate() {
                     .any(|o| module.ends_with(o)),
                 "{arch}: {module} is an output projection"
             );
-            let (max, scale) = (s["input_max_abs"].as_f64().unwrap(), s["scale"].as_f64().unwrap());
-            assert!((scale * 127.0 - max).abs() <= 1e-5 * max.max(1.0), "{arch}: {s}");
+            let (max, scale) = (
+                s["input_max_abs"].as_f64().unwrap(),
+                s["scale"].as_f64().unwrap(),
+            );
+            assert!(
+                (scale * 127.0 - max).abs() <= 1e-5 * max.max(1.0),
+                "{arch}: {s}"
+            );
         }
         // One weight DequantizeLinear per quantized product, and one
         // activation pair per distinct input (Q, K and V share theirs).
-        assert!(op_count(&qdq, "DequantizeLinear") > quantized.len(), "{arch}");
+        assert!(
+            op_count(&qdq, "DequantizeLinear") > quantized.len(),
+            "{arch}"
+        );
         assert!(op_count(&qdq, "QuantizeLinear") < quantized.len(), "{arch}");
         // Symmetric: every zero point TensorRT reads is an int8 zero.
         let g = qdq.model.graph.as_ref().unwrap();
-        for t in g.initializer.iter().filter(|t| t.name.contains("zero_point")) {
+        for t in g
+            .initializer
+            .iter()
+            .filter(|t| t.name.contains("zero_point"))
+        {
             assert_eq!(t.data_type, 3, "{arch}: {} is not int8", t.name);
-            assert!(t.raw_data.iter().all(|&b| b == 0), "{arch}: {} not zero", t.name);
+            assert!(
+                t.raw_data.iter().all(|&b| b == 0),
+                "{arch}: {} not zero",
+                t.name
+            );
         }
         assert_eq!(summary["int8_form"], "qdq");
         assert_eq!(summary["target"], "tensorrt");
         assert_eq!(qdq.metadata("effir.int8_form"), Some("qdq"));
         let lint = effir(&["lint-onnx", dir.join("model.onnx").to_str().unwrap()]);
-        assert!(lint.status.success(), "{arch}: TensorRT lint: {}", stderr(&lint));
+        assert!(
+            lint.status.success(),
+            "{arch}: TensorRT lint: {}",
+            stderr(&lint)
+        );
         python_client(&dir, &model, INT8_MIN_COSINE);
     }
 }
@@ -248,7 +284,12 @@ fn the_range_check_keeps_an_overflowing_product_in_float32_or_refuses_it() {
     // With the product kept float32 the graph is still the model (its
     // fixture reference embeddings are the unedited model's: compare with
     // the edited model in candle).
-    let report = validate(model.path(), &dir, &configs_gates(), &work.path().join("report"));
+    let report = validate(
+        model.path(),
+        &dir,
+        &configs_gates(),
+        &work.path().join("report"),
+    );
     let fp16 = gate(&report, "parity.fp16.min_cosine");
     assert_eq!(fp16["passed"], true, "{fp16}");
 
@@ -257,7 +298,13 @@ fn the_range_check_keeps_an_overflowing_product_in_float32_or_refuses_it() {
     let run = export(
         model.path(),
         &strict,
-        &["--precision", "fp16", "--calib", calib.to_str().unwrap(), "--strict"],
+        &[
+            "--precision",
+            "fp16",
+            "--calib",
+            calib.to_str().unwrap(),
+            "--strict",
+        ],
     );
     assert!(!run.status.success());
     let err = stderr(&run);
@@ -360,14 +407,30 @@ fn calibrated_precisions_refuse_bad_requests_before_writing() {
     for (extra, needle) in [
         (&["--precision", "fp16"][..], "calibration text"),
         (&["--precision", "fp8", "--calib", c][..], "fp8"),
-        (&["--precision", "fp16", "--calib", c, "--fp16"][..], "--fp16"),
         (
-            &["--precision", "fp16", "--calib", c, "--fp16-headroom", "0.5"][..],
+            &["--precision", "fp16", "--calib", c, "--fp16"][..],
+            "--fp16",
+        ),
+        (
+            &[
+                "--precision",
+                "fp16",
+                "--calib",
+                c,
+                "--fp16-headroom",
+                "0.5",
+            ][..],
             "headroom",
         ),
-        (&["--precision", "fp16", "--calib", empty.to_str().unwrap()][..], "empty.txt"),
+        (
+            &["--precision", "fp16", "--calib", empty.to_str().unwrap()][..],
+            "empty.txt",
+        ),
         (&["--calib", c][..], "apply to --precision fp16"),
-        (&["--precision", "int8", "--strict"][..], "apply to --precision fp16"),
+        (
+            &["--precision", "int8", "--strict"][..],
+            "apply to --precision fp16",
+        ),
     ] {
         let run = export(&model, &out, extra);
         assert!(!run.status.success(), "{extra:?} succeeded");

@@ -18,7 +18,9 @@
 use std::path::Path;
 
 use candle_core::Device;
-use candle_onnx::onnx::{tensor_proto::DataType, type_proto, ModelProto, TypeProto, ValueInfoProto};
+use candle_onnx::onnx::{
+    tensor_proto::DataType, type_proto, ModelProto, TypeProto, ValueInfoProto,
+};
 use effir_pipeline::EncoderSetup;
 use ort::session::Session;
 use prost::Message;
@@ -66,7 +68,12 @@ fn probe_model(
         .iter()
         .map(|v| &v.name)
         .chain(graph.initializer.iter().map(|t| &t.name))
-        .chain(graph.node.iter().flat_map(|n| n.output.iter().chain([&n.name])))
+        .chain(
+            graph
+                .node
+                .iter()
+                .flat_map(|n| n.output.iter().chain([&n.name])),
+        )
     {
         g.reserve(name);
     }
@@ -202,7 +209,7 @@ pub struct NonFiniteOrigin {
     pub op: String,
     pub output: String,
     /// The weights it reads, or failing that the nearest ones upstream:
-    /// they name the layer (`encoder.layer.3.output.dense.weight_t`).
+    /// they name the layer (a projection's `{module}.weight_t` in effir's graphs).
     pub weights: Vec<String>,
     /// NaN or Inf elements of that output over the texts run.
     pub elements: u64,
@@ -256,10 +263,7 @@ pub fn first_non_finite(
         batch_size,
         &mut |_| {},
     )?;
-    let Some(((node, output), range)) = outputs
-        .iter()
-        .zip(&ranges)
-        .find(|(_, r)| r.non_finite > 0)
+    let Some(((node, output), range)) = outputs.iter().zip(&ranges).find(|(_, r)| r.non_finite > 0)
     else {
         return Ok(None);
     };

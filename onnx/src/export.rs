@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use candle_onnx::onnx::ModelProto;
 use effir_pipeline::data::calibration::CalibrationSet;
 use effir_pipeline::io::atomic_file::StagedDir;
-use effir_pipeline::{EncoderSetup, LoadOptions};
 use effir_pipeline::io::model_files::{copy_model_files, is_backbone_weights};
+use effir_pipeline::{EncoderSetup, LoadOptions};
 use serde::Serialize;
 
 use crate::activation_ranges::{self, Statistic};
@@ -319,8 +319,13 @@ fn convert_products(
     };
     if fp16 {
         let pairs: Vec<_> = measured.chunks_exact(2).map(|c| (c[0], c[1])).collect();
-        let products =
-            half_precision::convert_products(graph, opset, &products, &pairs, calibration.range_check)?;
+        let products = half_precision::convert_products(
+            graph,
+            opset,
+            &products,
+            &pairs,
+            calibration.range_check,
+        )?;
         summary.float16 = Some(Float16Summary {
             range_check: calibration.range_check,
             kept_float32: products

@@ -125,7 +125,12 @@ pub fn convert_products(
             .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
             .collect();
         let dims: Vec<usize> = weight.dims.iter().map(|&d| d as usize).collect();
-        let w16 = g.raw_weight(&format!("{}_fp16", weight.name), DataType::Float16, &dims, raw);
+        let w16 = g.raw_weight(
+            &format!("{}_fp16", weight.name),
+            DataType::Float16,
+            &dims,
+            raw,
+        );
         let x16 = match half_inputs.get(x) {
             Some(x16) => x16.clone(),
             None => {

@@ -20,7 +20,7 @@ use crate::graph::{GraphBuilder, WeightStorage};
 pub struct ProjectionProduct {
     /// Index of the `MatMul` in `graph.node`.
     pub node: usize,
-    /// The checkpoint module (`encoder.layer.3.intermediate.dense`).
+    /// The checkpoint module of the projection, under its layer's path.
     pub module: String,
     pub layer: usize,
     pub role: Projection,
@@ -83,7 +83,12 @@ pub fn splice_products(
         .iter()
         .map(|v| &v.name)
         .chain(graph.initializer.iter().map(|t| &t.name))
-        .chain(graph.node.iter().flat_map(|n| n.output.iter().chain([&n.name])))
+        .chain(
+            graph
+                .node
+                .iter()
+                .flat_map(|n| n.output.iter().chain([&n.name])),
+        )
     {
         builder.reserve(name);
     }
@@ -98,7 +103,10 @@ pub fn splice_products(
         let product = build(&mut builder, &node.input[0], &graph.initializer[w])?;
         let (mut chain, initializers) = builder.take_built();
         let last = chain.last_mut().ok_or_else(|| {
-            Error::Export(format!("no nodes were built for the product {}", node.output[0]))
+            Error::Export(format!(
+                "no nodes were built for the product {}",
+                node.output[0]
+            ))
         })?;
         debug_assert_eq!(last.output, [product]);
         last.output = node.output.clone();

@@ -132,7 +132,11 @@ pub fn quantize_products(
             &[cols],
             q.zero_points,
         );
-        let wd = g.node("DequantizeLinear", &[&wq, &ws, &wz], vec![attr_int("axis", 1)]);
+        let wd = g.node(
+            "DequantizeLinear",
+            &[&wq, &ws, &wz],
+            vec![attr_int("axis", 1)],
+        );
         Ok(g.matmul(&xd, &wd))
     })?;
     Ok(scales)

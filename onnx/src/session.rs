@@ -312,8 +312,8 @@ pub(crate) fn token_feeds(
                 )))
             }
         };
-        let value =
-            OrtTensor::from_array(array).map_err(|e| Error::runtime("creating an input tensor", e))?;
+        let value = OrtTensor::from_array(array)
+            .map_err(|e| Error::runtime("creating an input tensor", e))?;
         feeds.push((name.clone(), value));
     }
     Ok(feeds)

@@ -287,7 +287,10 @@ fn locate_non_finite(
     match first_non_finite(graph, candidate.setup(), &bad, batch_size) {
         Ok(origin) => origin,
         Err(e) => {
-            tracing::warn!("could not locate the first NaN/Inf in {}: {e}", graph.display());
+            tracing::warn!(
+                "could not locate the first NaN/Inf in {}: {e}",
+                graph.display()
+            );
             None
         }
     }
@@ -609,7 +612,9 @@ impl ValidationReport {
                 g.threshold,
                 g.value,
                 if g.passed { "pass" } else { "FAIL" },
-                g.detail.as_deref().map_or(String::new(), |d| format!(": {d}"))
+                g.detail
+                    .as_deref()
+                    .map_or(String::new(), |d| format!(": {d}"))
             );
         }
         md
@@ -666,11 +671,15 @@ mod tests {
             min_cosine: 0.999995,
             mean_cosine: 0.999999,
             max_abs_diff: 2e-4,
+            non_finite: 0,
+            non_finite_origin: None,
         };
         let results = apply_gates(&gates, "fp32", Some(&parity), &[]);
-        assert_eq!(results.len(), 2);
+        assert_eq!(results.len(), 3);
         assert!(results[0].passed, "cosine 0.999995 >= 0.99999");
         assert!(!results[1].passed, "diff 2e-4 > 1e-4");
+        assert_eq!(results[2].gate, "parity.non_finite");
+        assert!(results[2].passed, "no NaN or Inf");
     }
 
     /// With several datasets the quality gates hold on each, named by
@@ -731,9 +740,11 @@ mod tests {
             min_cosine: 0.995,
             mean_cosine: 0.998,
             max_abs_diff: 3e-2,
+            non_finite: 0,
+            non_finite_origin: None,
         };
         let int8 = apply_gates(&gates, "int8", Some(&parity), &[]);
-        assert_eq!(int8.len(), 1);
+        assert_eq!(int8.len(), 2);
         assert_eq!(int8[0].gate, "parity.int8.min_cosine");
         assert!(int8[0].passed);
         let fp32 = apply_gates(&gates, "fp32", Some(&parity), &[]);
@@ -741,7 +752,11 @@ mod tests {
             fp32.iter()
                 .map(|g| (g.gate.as_str(), g.passed))
                 .collect::<Vec<_>>(),
-            [("parity.min_cosine", false), ("parity.max_abs_diff", false)]
+            [
+                ("parity.min_cosine", false),
+                ("parity.max_abs_diff", false),
+                ("parity.non_finite", true)
+            ]
         );
 
         for (yaml, needle) in [

@@ -7,11 +7,11 @@ use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use effir_onnx::emit::{EmitOptions, Profile, DEFAULT_OPSET};
 use effir_onnx::export::{export, Calibration, ExportOptions, ExternalData, Layout, Target};
+use effir_onnx::graph::WeightStorage;
 use effir_onnx::half_precision::RangeCheck;
+use effir_onnx::quantize::{Int8Kernel, MatmulPrecision};
 use effir_pipeline::data::calibration::{CalibrationBudget, CalibrationSet};
 use effir_pipeline::{EncoderSetup, LoadOptions, Prompt};
-use effir_onnx::graph::WeightStorage;
-use effir_onnx::quantize::{Int8Kernel, MatmulPrecision};
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]

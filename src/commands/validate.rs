@@ -89,7 +89,9 @@ pub fn run(args: ValidateArgs) -> anyhow::Result<()> {
                     g.value,
                     g.rule,
                     g.threshold,
-                    g.detail.as_deref().map_or(String::new(), |d| format!("; {d}"))
+                    g.detail
+                        .as_deref()
+                        .map_or(String::new(), |d| format!("; {d}"))
                 ))
                 .collect::<Vec<_>>()
                 .join(", ")

@@ -105,12 +105,7 @@ impl CalibrationSet {
                 (a, b) => texts.extend(a.into_iter().chain(b)),
             }
         }
-        cut_to_budget(
-            setup,
-            texts,
-            budget.max_tokens,
-            dir.display().to_string(),
-        )
+        cut_to_budget(setup, texts, budget.max_tokens, dir.display().to_string())
     }
 
     /// The texts of `path` (JSONL with `text`, or lines), with `prompt` applied.
