@@ -15,7 +15,7 @@ PYTHON  ?= python3
 .PHONY: all system-deps build models test lint embed eval eval-scifact python-deps \
         fixtures metric-references bench-embed profile-embed bench-analyze parity-embeddinggemma \
         onnxruntime export export-pruned validate validate-pruned validate-prune-minilm bench-onnx parity-embeddinggemma-onnx \
-        finetune-minilm finetune-minilm-2ep recover-minilm frontier-minilm prune-minilm-narrow prune-minilm-refit prune-embeddinggemma-refit recover-embeddinggemma finetune-minilm-unpruned finetune-minilm-unpruned-2ep bench-finetune profile-finetune optimum-fixtures rewrite-minilm \
+        finetune-minilm finetune-minilm-2ep recover-minilm frontier-minilm precision-checks prune-minilm-narrow prune-minilm-refit prune-embeddinggemma-refit recover-embeddinggemma finetune-minilm-unpruned finetune-minilm-unpruned-2ep bench-finetune profile-finetune optimum-fixtures rewrite-minilm \
         analyze-minilm drop-study-minilm prune-minilm results-minilm \
         analyze-embeddinggemma drop-study-embeddinggemma results-embeddinggemma clean
 
@@ -267,6 +267,33 @@ frontier-minilm: build models onnxruntime $(OPTIMUM_VENV)/bin/optimum-cli
 	  --peer $(RUNS)/frontier/peers/optimum-fp32 --peer $(RUNS)/frontier/peers/optimum-int8-avx2 \
 	  --peer $(RUNS)/frontier/peers/optimum-int8-avx512-vnni \
 	  --baseline optimum-fp32 --data $(DATA) --data $(HELDOUT) --gates configs/gates.yaml --runs $(FRONTIER_RUNS) --out $(FRONTIER_OUT)
+
+# fp16 and TensorRT's QDQ int8 checked on the CPU (issue 13): each graph
+# exported with calibration on SciFact and its parity with the model in
+# candle measured by `effir validate` (parity gates only); the fp16
+# arithmetic also emulated in PyTorch (benchmarks/fp16_emulation.py), since
+# ONNX Runtime's CPU provider runs float16 MatMuls in float32. Reports in
+# results/<model>/precision/.
+PRECISION_GATES = configs/gates-parity.yaml
+precision_validate = $(EFFIR) validate --reference $(1) --candidate $(RUNS)/precision/$(2) --data $(DATA) \
+  --gates $(PRECISION_GATES) --parity-texts $(3) --max-length 256 --batch-size 8 --out results/$(4)/precision/$(2)
+precision-checks: build models onnxruntime python-deps $(GEMMA)/model.safetensors
+	mkdir -p results/minilm/precision results/embeddinggemma/precision
+	$(EFFIR) export --model $(MINILM) --profile sentence-transformers --precision fp16 --calib-data $(DATA) \
+	  --out $(RUNS)/precision/minilm-fp16 --overwrite
+	$(EFFIR) export --model $(MINILM) --profile sentence-transformers --target tensorrt --precision int8 --calib-data $(DATA) \
+	  --out $(RUNS)/precision/minilm-qdq --overwrite
+	$(EFFIR) export --model $(MINILM) --profile sentence-transformers --target tensorrt --precision int8 --calib-data $(DATA) \
+	  --qdq-all-products --out $(RUNS)/precision/minilm-qdq-all --overwrite
+	$(EFFIR) export --model $(GEMMA) --profile sentence-transformers --precision fp16 --calib-data $(DATA) --calib-tokens 8192 \
+	  --out $(RUNS)/precision/embeddinggemma-fp16 --overwrite
+	-$(call precision_validate,$(MINILM),minilm-fp16,256,minilm)
+	-$(call precision_validate,$(MINILM),minilm-qdq,256,minilm)
+	-$(call precision_validate,$(MINILM),minilm-qdq-all,256,minilm)
+	-$(call precision_validate,$(GEMMA),embeddinggemma-fp16,64,embeddinggemma)
+	$(PYTHON) benchmarks/fp16_emulation.py --model $(MINILM) --data $(DATA) --texts 256 > results/minilm/precision/fp16-emulation.json
+	$(PYTHON) benchmarks/fp16_emulation.py --model $(GEMMA) --data $(DATA) --texts 128 --batch-size 8 > results/embeddinggemma/precision/fp16-emulation.json
+	for d in $(RUNS)/precision/*/; do cp $$d/effir_export.json results/$$(case $$d in *gemma*) echo embeddinggemma;; *) echo minilm;; esac)/precision/$$(basename $$d)-export.json; done
 
 # The narrow-only 50 % plan (every MLP kept, each narrowed).
 prune-minilm-narrow: build models

@@ -9,6 +9,7 @@ use candle_onnx::onnx::ModelProto;
 use effir_pipeline::data::calibration::CalibrationSet;
 use effir_pipeline::io::atomic_file::StagedDir;
 use effir_pipeline::io::model_files::{copy_model_files, is_backbone_weights};
+use effir_pipeline::model::text_encoder::ServingTokenizer;
 use effir_pipeline::{EncoderSetup, LoadOptions};
 use serde::Serialize;
 
@@ -126,6 +127,9 @@ pub struct ExportSummary {
     pub calibration: Option<CalibrationSummary>,
     /// The CPU the graph was exported on.
     pub cpu_features: CpuFeatures,
+    /// How the written `tokenizer.json` encodes (effir's encoding settings,
+    /// not the source file's).
+    pub tokenizer: ServingTokenizer,
 }
 
 /// The file recording an export.
@@ -202,6 +206,9 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
             || name.ends_with(".onnx")
             || name.ends_with(".onnx_data")
     })?;
+    let tokenizer = EncoderSetup::load(model_dir, &LoadOptions::default())?
+        .text
+        .save_serving_tokenizer(&staging.path().join("tokenizer.json"))?;
     let graph_dir = match options.layout {
         Layout::Flat => staging.path().to_path_buf(),
         Layout::OnnxSubdir => staging.path().join("onnx"),
@@ -257,6 +264,7 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
         int8_form: options.emit.precision.int8_form(),
         calibration,
         cpu_features: CpuFeatures::detect(),
+        tokenizer,
     };
     let summary_path = staging.path().join(SUMMARY_FILE);
     let json = serde_json::to_string_pretty(&summary).map_err(|e| Error::Export(e.to_string()))?;

@@ -879,7 +879,7 @@ pub fn write_pruned_model(
         apply_projections(source, &mut tensors, config.checkpoint(), reconstruction)?;
     }
     let weights = staging.path().join(WEIGHTS_FILE);
-    candle_core::safetensors::save(&tensors, &weights).map_err(|e| Error::weights(&weights, e))?;
+    crate::io::atomic_file::save_safetensors(&tensors, &weights)?;
     let shape = result.shape();
     shape.save(staging.path())?;
     let drop_mlp_list: Vec<usize> = shape

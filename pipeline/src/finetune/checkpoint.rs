@@ -56,12 +56,11 @@ pub fn save(
     keep: usize,
 ) -> Result<PathBuf> {
     std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
-    let staging = tempfile::Builder::new()
-        .prefix(".effir-checkpoint-")
+    let staging = crate::io::atomic_file::output_builder(".effir-checkpoint-", true)
         .tempdir_in(root)
         .map_err(|e| Error::io(root, e))?;
     let w = staging.path().join(WEIGHTS);
-    candle_core::safetensors::save(weights, &w).map_err(|e| Error::weights(&w, e))?;
+    crate::io::atomic_file::save_safetensors(weights, &w)?;
     let mut moments: HashMap<String, Tensor> = HashMap::new();
     for (k, v) in first {
         moments.insert(format!("m.{k}"), v.clone());
@@ -70,7 +69,7 @@ pub fn save(
         moments.insert(format!("v.{k}"), v.clone());
     }
     let o = staging.path().join(OPTIMIZER);
-    candle_core::safetensors::save(&moments, &o).map_err(|e| Error::weights(&o, e))?;
+    crate::io::atomic_file::save_safetensors(&moments, &o)?;
     let s = staging.path().join(STATE);
     let json = serde_json::to_string_pretty(state).expect("state serialises");
     std::fs::write(&s, json).map_err(|e| Error::io(&s, e))?;

@@ -54,7 +54,7 @@ pub fn write_model(
         crate::io::model_files::is_backbone_weights(name) || name == FINETUNE_FILE
     })?;
     let path = staging.path().join(crate::io::weights::WEIGHTS_FILE);
-    candle_core::safetensors::save(weights, &path).map_err(|e| Error::weights(&path, e))?;
+    crate::io::atomic_file::save_safetensors(weights, &path)?;
     let record_path = staging.path().join(FINETUNE_FILE);
     std::fs::write(&record_path, record.to_json()).map_err(|e| Error::io(&record_path, e))?;
     staging.publish(out)

@@ -70,7 +70,7 @@ impl TeacherEmbeddings {
             serde_json::to_string(&keys).expect("keys").as_bytes(),
         )?;
         let partial = cache.with_extension("safetensors.partial");
-        candle_core::safetensors::save(&map, &partial).map_err(|e| Error::weights(&partial, e))?;
+        crate::io::atomic_file::save_safetensors(&map, &partial)?;
         std::fs::rename(&partial, cache).map_err(|e| Error::io(cache, e))?;
         Ok(Self {
             index: keys.into_iter().enumerate().map(|(i, k)| (k, i)).collect(),

@@ -3,10 +3,29 @@
 //! Every file effir writes goes through [`write_atomically`]: the content is
 //! written to a temporary file in the destination directory, flushed, and
 //! renamed over the destination only when the writer succeeded. A failure
-//! half-way leaves no partial output behind.
+//! half-way leaves no partial output behind. Files are created 0666 and
+//! directories 0777, less the umask (what `std::fs::write` and `mkdir` give),
+//! not the owner-only modes of temporary files: a server running as another
+//! user reads what effir wrote.
 
 use std::io::{BufWriter, Write};
 use std::path::Path;
+
+/// Temporary files and directories that become outputs: the modes of
+/// ordinary ones (the umask applies).
+pub fn output_builder<'a>(prefix: &'a str, directory: bool) -> tempfile::Builder<'a, 'a> {
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(prefix);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = if directory { 0o777 } else { 0o666 };
+        builder.permissions(std::fs::Permissions::from_mode(mode));
+    }
+    #[cfg(not(unix))]
+    let _ = directory;
+    builder
+}
 
 use crate::error::{Error, Result};
 
@@ -23,8 +42,7 @@ where
     if !dir.is_dir() {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
-    let tmp = tempfile::Builder::new()
-        .prefix(".effir-")
+    let tmp = output_builder(".effir-", false)
         .suffix(".tmp")
         .tempfile_in(dir)
         .map_err(|e| Error::io(dir, e))?;
@@ -36,6 +54,39 @@ where
     tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
     Ok(())
+}
+
+/// Saves `tensors` to `path` as safetensors. The safetensors crate writes
+/// through an owner-only temporary file; the result gets the mode an
+/// ordinary file gets (0666 less the umask).
+pub fn save_safetensors<K: AsRef<str> + Ord + std::fmt::Display>(
+    tensors: &std::collections::HashMap<K, candle_core::Tensor>,
+    path: &Path,
+) -> Result<()> {
+    candle_core::safetensors::save(tensors, path).map_err(|e| Error::weights(path, e))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = 0o666 & !process_umask();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| Error::io(path, e))?;
+    }
+    Ok(())
+}
+
+/// The process's umask, from `/proc/self/status` (Linux); 022 where it
+/// cannot be read.
+#[cfg(unix)]
+fn process_umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Umask:"))
+                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        })
+        .unwrap_or(0o022)
 }
 
 /// Writes `bytes` to `path`, atomically.
@@ -70,8 +121,7 @@ impl StagedDir {
             _ => Path::new("."),
         };
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        let dir = tempfile::Builder::new()
-            .prefix(".effir-staging-")
+        let dir = output_builder(".effir-staging-", true)
             .tempdir_in(parent)
             .map_err(|e| Error::io(parent, e))?;
         Ok(Self { dir })

@@ -6,8 +6,8 @@
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use serde::Deserialize;
-use tokenizers::{Tokenizer, TruncationParams};
+use serde::{Deserialize, Serialize};
+use tokenizers::{PaddingDirection, PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
 use crate::error::{Error, Result};
 use crate::io::json_file::read_json_if_exists;
@@ -57,6 +57,23 @@ struct TokenizerConfigFile {
     padding_side: Option<String>,
     #[serde(default)]
     model_max_length: Option<f64>,
+}
+
+/// How a `tokenizer.json` written by [`TextEncoder::save_serving_tokenizer`]
+/// encodes, and what it cannot express (recorded beside it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServingTokenizer {
+    /// Truncation length: the length effir encodes and validates at.
+    pub max_length: usize,
+    /// Always `batch-longest`: each batch padded to its longest text.
+    pub padding: &'static str,
+    pub padding_side: &'static str,
+    pub pad_id: u32,
+    /// A token effir appends when a text does not end with it (last-token
+    /// pooling); tokenizer.json cannot express it, clients must.
+    pub append_eos: Option<u32>,
+    /// Whether texts are lower-cased before tokenizing (likewise).
+    pub lowercase: bool,
 }
 
 /// A tokenizer with the model's encoding settings.
@@ -124,6 +141,45 @@ impl TextEncoder {
             tokenizer,
             settings,
             padding_side,
+        })
+    }
+
+    /// Writes the tokenizer as effir encodes with it: truncation at
+    /// [`Self::max_length`], padding per batch to the longest text on the
+    /// model's side with its pad id, so that clients reading `tokenizer.json`
+    /// alone (fastembed, text-embeddings-inference, Rust `tokenizers`)
+    /// encode what `effir validate` measured, not the source file's settings.
+    pub fn save_serving_tokenizer(&self, path: &Path) -> Result<ServingTokenizer> {
+        let mut tokenizer = self.tokenizer.clone();
+        let pad_token = tokenizer
+            .id_to_token(self.settings.pad_id)
+            .unwrap_or_default();
+        tokenizer.with_padding(Some(PaddingParams {
+            strategy: PaddingStrategy::BatchLongest,
+            direction: match self.padding_side {
+                PaddingSide::Left => PaddingDirection::Left,
+                PaddingSide::Right => PaddingDirection::Right,
+            },
+            pad_to_multiple_of: None,
+            pad_id: self.settings.pad_id,
+            pad_type_id: 0,
+            pad_token,
+        }));
+        let json = tokenizer.to_string(true).map_err(|e| Error::Tokenizer {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        crate::io::atomic_file::write_bytes_atomically(path, json.as_bytes())?;
+        Ok(ServingTokenizer {
+            max_length: self.settings.max_length,
+            padding: "batch-longest",
+            padding_side: match self.padding_side {
+                PaddingSide::Left => "left",
+                PaddingSide::Right => "right",
+            },
+            pad_id: self.settings.pad_id,
+            append_eos: self.settings.append_eos,
+            lowercase: self.settings.lowercase,
         })
     }
 

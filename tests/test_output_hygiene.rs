@@ -1,0 +1,109 @@
+//! What effir writes is readable by whoever serves it, and a served
+//! tokenizer encodes what was validated:
+//! - output files get the modes ordinary files get (0666 less the umask),
+//!   directories those of ordinary directories, never the owner-only
+//!   modes of temporary files;
+//! - an export's `tokenizer.json` truncates at the length effir encodes at
+//!   and pads each batch to its longest text, whatever the source file
+//!   said (all-MiniLM-L6-v2's pads every text to 128 tokens), and
+//!   `effir_export.json` records those settings.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use common::{effir, files_under, fixture, minilm_dir, prune_fixture, read_json, stderr};
+
+/// The mode bits (`rwxrwxrwx`) of `path`.
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// Every file and directory under `dir` has the mode an ordinary file or
+/// directory created here gets, with this process's umask.
+fn assert_ordinary_modes(dir: &Path, work: &Path) {
+    let probe_file = work.join("probe-file");
+    std::fs::write(&probe_file, b"x").unwrap();
+    let probe_dir = work.join("probe-dir");
+    std::fs::create_dir_all(&probe_dir).unwrap();
+    let (file_mode, dir_mode) = (mode(&probe_file), mode(&probe_dir));
+    let files = files_under(dir);
+    let dirs: std::collections::BTreeSet<&Path> = files
+        .iter()
+        .flat_map(|f| f.ancestors().skip(1).take_while(|d| d.starts_with(dir)))
+        .collect();
+    assert!(dirs.contains(dir));
+    for path in files.iter().map(|f| f.as_path()).chain(dirs) {
+        // Who may read (and enter) it, as for an ordinary file or
+        // directory; copied files may differ in write bits.
+        let (want, bits) = if path.is_dir() {
+            (dir_mode, 0o555)
+        } else {
+            (file_mode, 0o444)
+        };
+        assert_eq!(
+            mode(path) & bits,
+            want & bits,
+            "{}: mode {:o}, ordinary ones get {:o}",
+            path.display(),
+            mode(path),
+            want
+        );
+    }
+}
+
+#[test]
+fn pruned_and_exported_directories_are_readable_by_other_users() {
+    let work = tempfile::tempdir().unwrap();
+    let pruned = prune_fixture(
+        "bert",
+        work.path(),
+        &["some calibration text", "and a little more of it"],
+        &["--mlp-keep", "0.5"],
+    );
+    assert_ordinary_modes(&pruned, work.path());
+    let export = work.path().join("export");
+    let run = effir(&[
+        "export",
+        "--model",
+        pruned.to_str().unwrap(),
+        "--out",
+        export.to_str().unwrap(),
+        "--layout",
+        "onnx-subdir",
+    ]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert_ordinary_modes(&export, work.path());
+}
+
+#[test]
+fn the_exported_tokenizer_encodes_as_effir_validated() {
+    let work = tempfile::tempdir().unwrap();
+    for (name, model) in [("bert", fixture("bert")), ("minilm", minilm_dir())] {
+        let export = work.path().join(name);
+        let run = effir(&[
+            "export",
+            "--model",
+            model.to_str().unwrap(),
+            "--out",
+            export.to_str().unwrap(),
+        ]);
+        assert!(run.status.success(), "{}", stderr(&run));
+        let summary = read_json(&export.join("effir_export.json"));
+        let settings = &summary["tokenizer"];
+        let tokenizer = read_json(&export.join("tokenizer.json"));
+        let max_length = settings["max_length"].as_u64().unwrap();
+        assert_eq!(tokenizer["truncation"]["max_length"], max_length, "{name}");
+        assert_eq!(tokenizer["padding"]["strategy"], "BatchLongest", "{name}");
+        assert_eq!(settings["padding"], "batch-longest", "{name}");
+        if name == "minilm" {
+            // sentence-transformers encodes all-MiniLM-L6-v2 at 256 tokens;
+            // its own tokenizer.json says 128, padded to 128.
+            assert_eq!(max_length, 256);
+            let source = read_json(&model.join("tokenizer.json"));
+            assert_eq!(source["truncation"]["max_length"], 128);
+            assert_eq!(tokenizer["padding"]["pad_token"], "[PAD]");
+        }
+    }
+}
