@@ -107,3 +107,88 @@ fn the_exported_tokenizer_encodes_as_effir_validated() {
         }
     }
 }
+
+/// Where any of `needles`, absolute paths, occurs as an absolute path in
+/// the files under `dir` (not as the tail of a relative path climbing to
+/// it, `../../work/...`).
+fn files_containing(dir: &Path, needles: &[String]) -> Vec<String> {
+    files_under(dir)
+        .into_iter()
+        .filter_map(|path| {
+            let bytes = std::fs::read(&path).unwrap();
+            needles
+                .iter()
+                .find(|n| {
+                    bytes
+                        .windows(n.len())
+                        .enumerate()
+                        .any(|(i, w)| w == n.as_bytes() && (i == 0 || bytes[i - 1] != b'.'))
+                })
+                .map(|n| format!("{} holds {n}", path.display()))
+        })
+        .collect()
+}
+
+/// Pruned, fine-tuned, exported and rewritten directories name the
+/// directories they came from relative to themselves, never by a path of
+/// this machine, and `validate` still finds the source model from them.
+#[test]
+fn outputs_record_no_absolute_machine_paths() {
+    let work = tempfile::tempdir().unwrap();
+    let pruned = prune_fixture(
+        "bert",
+        work.path(),
+        &["some calibration text", "and a little more of it"],
+        &["--mlp-keep", "0.5"],
+    );
+    let export = work.path().join("exports/bert");
+    let run = effir(&[
+        "export",
+        "--model",
+        pruned.to_str().unwrap(),
+        "--out",
+        export.to_str().unwrap(),
+    ]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let needles: Vec<String> = [
+        std::fs::canonicalize(work.path()).unwrap(),
+        work.path().to_path_buf(),
+        std::fs::canonicalize(env!("CARGO_MANIFEST_DIR")).unwrap(),
+    ]
+    .iter()
+    .map(|p| p.display().to_string())
+    .collect();
+    for dir in [&pruned, &export] {
+        let found = files_containing(dir, &needles);
+        assert!(found.is_empty(), "absolute paths:\n{}", found.join("\n"));
+    }
+    let summary = read_json(&export.join("effir_export.json"));
+    assert_eq!(summary["source_model"], "../../bert-pruned");
+    assert_eq!(summary["graph"], "model.onnx");
+    // validate resolves the recorded source: the pruned model, not the
+    // reference, is what the graph is compared with.
+    let gates = work.path().join("gates.yaml");
+    std::fs::write(&gates, "parity:\n  min_cosine: 0.99999\n").unwrap();
+    let report = work.path().join("report");
+    let run = effir(&[
+        "validate",
+        "--quiet",
+        "--no-cache",
+        "--reference",
+        fixture("bert").to_str().unwrap(),
+        "--candidate",
+        export.to_str().unwrap(),
+        "--data",
+        fixture("eval/tiny").to_str().unwrap(),
+        "--parity-texts",
+        "4",
+        "--gates",
+        gates.to_str().unwrap(),
+        "--out",
+        report.to_str().unwrap(),
+    ]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let json = read_json(&report.join("validation.json"));
+    let candle = json["parity"]["candle_model"].as_str().unwrap();
+    assert!(candle.ends_with("bert-pruned"), "{candle}");
+}

@@ -9,6 +9,7 @@ use candle_onnx::onnx::ModelProto;
 use effir_pipeline::data::calibration::CalibrationSet;
 use effir_pipeline::io::atomic_file::StagedDir;
 use effir_pipeline::io::model_files::{copy_model_files, is_backbone_weights};
+use effir_pipeline::io::recorded_path::relative_to;
 use effir_pipeline::model::text_encoder::ServingTokenizer;
 use effir_pipeline::{EncoderSetup, LoadOptions};
 use serde::Serialize;
@@ -104,6 +105,7 @@ pub struct Float16Summary {
 /// What was written, also saved as `effir_export.json`.
 #[derive(Debug, Clone, Serialize)]
 pub struct ExportSummary {
+    /// Relative to the export directory, as `graph` is.
     pub source_model: PathBuf,
     pub graph: PathBuf,
     pub profile: &'static str,
@@ -134,6 +136,23 @@ pub struct ExportSummary {
 
 /// The file recording an export.
 pub const SUMMARY_FILE: &str = "effir_export.json";
+
+/// The graph metadata naming the model a graph computes, relative to the
+/// graph's directory (`validate` compares the graph with it).
+pub const SOURCE_MODEL_KEY: &str = "effir.source_model";
+
+/// Sets (or adds) the graph metadata entry `key`.
+pub fn set_metadata(model: &mut ModelProto, key: &str, value: &str) {
+    match model.metadata_props.iter_mut().find(|p| p.key == key) {
+        Some(entry) => entry.value = value.to_string(),
+        None => model
+            .metadata_props
+            .push(candle_onnx::onnx::StringStringEntryProto {
+                key: key.to_string(),
+                value: value.to_string(),
+            }),
+    }
+}
 
 pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<ExportSummary> {
     if out.exists() {
@@ -178,6 +197,16 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
         }
     }
     let mut model = emit_model(model_dir, &options.emit)?;
+    // Where the graph came from, relative to the graph's directory.
+    let graph_dir_final = match options.layout {
+        Layout::Flat => out.to_path_buf(),
+        Layout::OnnxSubdir => out.join("onnx"),
+    };
+    set_metadata(
+        &mut model,
+        SOURCE_MODEL_KEY,
+        &relative_to(&graph_dir_final, model_dir).to_string_lossy(),
+    );
     let calibration = match &options.calibration {
         Some(c) if precision.needs_calibration() => {
             Some(convert_products(&mut model, model_dir, precision, c)?)
@@ -240,8 +269,8 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
         Layout::OnnxSubdir => PathBuf::from("onnx/model.onnx"),
     };
     let summary = ExportSummary {
-        source_model: model_dir.to_path_buf(),
-        graph: out.join(&relative_graph),
+        source_model: relative_to(out, model_dir),
+        graph: relative_graph,
         profile: options.emit.profile.name(),
         opset: options.emit.opset,
         weights: match options.emit.storage {

@@ -1,7 +1,7 @@
 //! `effir prune`: coarse MLP dropping and fine width reduction into a new,
 //! smaller model directory.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -13,6 +13,7 @@ use effir_pipeline::compress::prune::{
 use effir_pipeline::compress::reconstruct::{LayerFit, ReconstructPlan};
 use effir_pipeline::data::calibration::{training_pairs, CalibrationBudget, CalibrationSet};
 use effir_pipeline::io::atomic_file::write_bytes_atomically;
+use effir_pipeline::io::recorded_path::relative_to;
 use effir_pipeline::io::weights::load_all_tensors;
 use effir_pipeline::{Embedder, ParameterReport, Prompt};
 
@@ -276,15 +277,16 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
     if let Some(reconstruction) = &result.reconstruction {
         table += &reconstruction_table(&reconstruction.fits);
     }
+    // Paths relative to the pruned directory, as its records hold them.
+    let relative = |p: &Path| relative_to(&args.out, p).display().to_string();
     let md = format!(
-        "# Pruning {} -> {}\n\nDropped MLPs: {:?}; MLP widths: {:?}; {:.1}% of the MLP neurons kept; calibration: {} tokens of {}; {:.1}s.\n\n{table}",
-        args.model.model.display(),
-        args.out.display(),
+        "# Pruning {} (paths relative to this directory)\n\nDropped MLPs: {:?}; MLP widths: {:?}; {:.1}% of the MLP neurons kept; calibration: {} tokens of {}; {:.1}s.\n\n{table}",
+        relative(&args.model.model),
         result.dropped_mlps(),
         result.shape().layers.iter().map(|l| l.mlp.map(|m| m.intermediate_size)).collect::<Vec<_>>(),
         100.0 * result.mlp_keep_achieved(),
         calibration.tokens,
-        calibration.source,
+        relative(Path::new(&calibration.source)),
         start.elapsed().as_secs_f64()
     );
     write_bytes_atomically(&args.out.join("prune_report.md"), md.as_bytes())?;

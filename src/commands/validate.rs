@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::Args;
+use effir_onnx::export::SOURCE_MODEL_KEY;
 use effir_onnx::validate::{
     apply_gates, check_parity, check_quality, parity_texts, Gates, Provenance, ValidationReport,
 };
@@ -16,6 +17,7 @@ use effir_pipeline::data::text_format::TextFormat;
 use effir_pipeline::eval::embedding_cache::EmbeddingCache;
 use effir_pipeline::eval::evaluation::{EvalSettings, Phase};
 use effir_pipeline::io::atomic_file::write_bytes_atomically;
+use effir_pipeline::io::recorded_path::resolve;
 use effir_pipeline::{Embedder, LoadOptions};
 
 use super::provider_options::ProviderArgs;
@@ -134,8 +136,11 @@ pub fn validate(args: &ValidateArgs) -> anyhow::Result<ValidationReport> {
     let candle_model = match &args.candidate_model {
         Some(dir) => dir.clone(),
         None => candidate
-            .metadata("effir.source_model")
-            .map(PathBuf::from)
+            .metadata(SOURCE_MODEL_KEY)
+            .map(|recorded| {
+                let graph_dir = candidate.graph().parent().unwrap_or(Path::new("."));
+                resolve(graph_dir, Path::new(recorded))
+            })
             .filter(|p| p.join("config.json").is_file())
             .unwrap_or_else(|| args.reference.clone()),
     };

@@ -157,7 +157,6 @@ pub fn emit_model(dir: &Path, options: &EmitOptions) -> Result<ModelProto> {
     let shape_json = serde_json::to_string(&shape).map_err(|e| Error::Export(e.to_string()))?;
     let mut metadata = vec![
         ("effir.version", env!("CARGO_PKG_VERSION").to_string()),
-        ("effir.source_model", absolute(dir)),
         ("effir.architecture", arch.model_type().to_string()),
         ("effir.profile", options.profile.name().to_string()),
         ("effir.pooling", setup.pooling.to_string()),
@@ -192,10 +191,10 @@ pub fn emit_model(dir: &Path, options: &EmitOptions) -> Result<ModelProto> {
         }],
         producer_name: "effir".into(),
         producer_version: env!("CARGO_PKG_VERSION").into(),
+        // The source model is in the metadata, relative to the graph.
         doc_string: format!(
-            "{} retriever exported by effir from {}",
-            arch.model_type(),
-            dir.display()
+            "{} retriever exported by effir (source: metadata effir.source_model)",
+            arch.model_type()
         ),
         graph: Some(g.finish(&format!("effir_{}", arch.model_type()))),
         metadata_props: metadata
@@ -216,11 +215,4 @@ fn ir_version(opset: i64) -> i64 {
         19 | 20 => 9,
         _ => 10,
     }
-}
-
-fn absolute(dir: &Path) -> String {
-    std::fs::canonicalize(dir)
-        .unwrap_or_else(|_| dir.to_path_buf())
-        .display()
-        .to_string()
 }

@@ -210,6 +210,12 @@ pub fn rewrite(
     let weight_bytes = crate::graph_file::initializer_bytes(&file.model);
     let external = used_external || weight_bytes > EXTERNAL_DATA_THRESHOLD;
 
+    // The model this graph now computes, for `validate`.
+    crate::export::set_metadata(
+        &mut file.model,
+        crate::export::SOURCE_MODEL_KEY,
+        &effir_pipeline::io::recorded_path::relative_to(out, model_dir).to_string_lossy(),
+    );
     let staging = effir_pipeline::io::atomic_file::StagedDir::beside(out)?;
     let file_name = graph_path
         .file_name()

@@ -842,13 +842,20 @@ pub struct PruneRecord {
     /// and re-fitted, when the plan reconstructs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reconstruction: Option<Vec<LayerFit>>,
+    /// Relative to the pruned directory in the file; [`PruneRecord::read`]
+    /// resolves it.
     pub source_model: PathBuf,
 }
 
 impl PruneRecord {
-    /// The record in `dir`, if `dir` is a pruned model.
+    /// The record in `dir`, if `dir` is a pruned model, its source model
+    /// resolved against `dir` (it is recorded relative to it).
     pub fn read(dir: &Path) -> Result<Option<Self>> {
-        crate::io::json_file::read_json_if_exists(&dir.join(PLAN_FILE))
+        let record: Option<Self> = crate::io::json_file::read_json_if_exists(&dir.join(PLAN_FILE))?;
+        Ok(record.map(|mut r| {
+            r.source_model = crate::io::recorded_path::resolve(dir, &r.source_model);
+            r
+        }))
     }
 
     /// The record as `effir_prune.json` holds it (sorted keys, pretty, newline).
@@ -910,7 +917,7 @@ pub fn write_pruned_model(
             .collect(),
         plan: plan.clone(),
         reconstruction: result.reconstruction.as_ref().map(|r| r.fits.clone()),
-        source_model: std::fs::canonicalize(source).unwrap_or_else(|_| source.to_path_buf()),
+        source_model: crate::io::recorded_path::relative_to(out, source),
     };
     let record_path = staging.path().join(PLAN_FILE);
     std::fs::write(&record_path, record.to_json()).map_err(|e| Error::io(&record_path, e))?;

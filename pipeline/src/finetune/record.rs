@@ -20,7 +20,9 @@ pub struct FinetuneRecord {
     pub effir_version: String,
     pub hard_negatives: Option<PathBuf>,
     pub outcome: TrainingOutcome,
-    /// The model the run started from.
+    /// The model the run started from. This and the data paths are relative
+    /// to the fine-tuned directory in the file; [`FinetuneRecord::read`]
+    /// resolves them.
     pub source_model: PathBuf,
     /// Labeled training data (`--train`), for contrastive and combined runs.
     pub train: Option<PathBuf>,
@@ -30,9 +32,21 @@ pub struct FinetuneRecord {
 }
 
 impl FinetuneRecord {
-    /// The record in `dir`, if `dir` is a fine-tuned model.
+    /// The record in `dir`, if `dir` is a fine-tuned model, its paths
+    /// resolved against `dir` (they are recorded relative to it).
     pub fn read(dir: &Path) -> Result<Option<Self>> {
-        crate::io::json_file::read_json_if_exists(&dir.join(FINETUNE_FILE))
+        let record: Option<Self> =
+            crate::io::json_file::read_json_if_exists(&dir.join(FINETUNE_FILE))?;
+        Ok(record.map(|r| r.with_paths(&|p| crate::io::recorded_path::resolve(dir, p))))
+    }
+
+    /// The record with every path it holds mapped by `map`.
+    fn with_paths(mut self, map: &dyn Fn(&Path) -> PathBuf) -> Self {
+        self.source_model = map(&self.source_model);
+        self.hard_negatives = self.hard_negatives.as_deref().map(map);
+        self.train = self.train.as_deref().map(map);
+        self.train_texts = self.train_texts.iter().map(|p| map(p)).collect();
+        self
     }
 
     /// The record as `effir_finetune.json` holds it (sorted keys, pretty, newline).
@@ -55,6 +69,10 @@ pub fn write_model(
     })?;
     let path = staging.path().join(crate::io::weights::WEIGHTS_FILE);
     crate::io::atomic_file::save_safetensors(weights, &path)?;
+    // Paths are recorded relative to the output.
+    let record = record
+        .clone()
+        .with_paths(&|p| crate::io::recorded_path::relative_to(out, p));
     let record_path = staging.path().join(FINETUNE_FILE);
     std::fs::write(&record_path, record.to_json()).map_err(|e| Error::io(&record_path, e))?;
     staging.publish(out)

@@ -1,9 +1,10 @@
-//! Files on disk: atomic writes, JSON, npy, text input, safetensors weights
-//! and copying a model directory's files.
+//! Files on disk: atomic writes, JSON, npy, text input, safetensors weights,
+//! copying a model directory's files and the paths records hold.
 
 pub mod atomic_file;
 pub mod json_file;
 pub mod model_files;
 pub mod npy;
+pub mod recorded_path;
 pub mod text_input;
 pub mod weights;
