@@ -11,11 +11,12 @@ set -euo pipefail
 PYTHON=${PYTHON:-python3}
 ORT_VERSION=${ORT_VERSION:-1.32.0}
 ONNX_VERSION=${ONNX_VERSION:-1.23.2}
-# safetensors, tokenizers: the test suite's Python ONNX client (tests/onnx_client.py).
-have=$($PYTHON -c "import onnxruntime, onnx, safetensors, tokenizers; print(onnxruntime.__version__)" 2>/dev/null || true)
+# safetensors, tokenizers: the test suite's Python ONNX client (tests/onnx_client.py);
+# tritonclient[grpc]: Triton's model_config.proto, compiled, for tests/triton_config_check.py.
+have=$($PYTHON -c "import onnxruntime, onnx, safetensors, tokenizers; from tritonclient.grpc import model_config_pb2; print(onnxruntime.__version__)" 2>/dev/null || true)
 if [ "$have" != "$ORT_VERSION" ]; then
-  echo "installing onnxruntime==$ORT_VERSION onnx==$ONNX_VERSION safetensors tokenizers" >&2
-  $PYTHON -m pip install -q "onnxruntime==$ORT_VERSION" "onnx==$ONNX_VERSION" safetensors tokenizers numpy
+  echo "installing onnxruntime==$ORT_VERSION onnx==$ONNX_VERSION safetensors tokenizers tritonclient[grpc]" >&2
+  $PYTHON -m pip install -q "onnxruntime==$ORT_VERSION" "onnx==$ONNX_VERSION" safetensors tokenizers numpy "tritonclient[grpc]"
 fi
 capi=$($PYTHON -c "import onnxruntime, os; print(os.path.join(os.path.dirname(onnxruntime.__file__), 'capi'))")
 lib=$(ls "$capi"/libonnxruntime.so.* | head -1)

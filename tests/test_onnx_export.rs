@@ -36,6 +36,7 @@ fn options(profile: Profile) -> ExportOptions {
         target: Target::TensorRt,
         overwrite: false,
         calibration: None,
+        triton: None,
     }
 }
 

@@ -24,6 +24,7 @@ use crate::projection_products::projection_products;
 use crate::qdq::{self, ActivationScale};
 use crate::quantize::{Int8Kernel, MatmulPrecision};
 use crate::tensorrt::TensorRtSupport;
+use crate::triton::{model_config, Placement, TritonOptions};
 
 /// Where the graph goes in the output directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -34,6 +35,29 @@ pub enum Layout {
     /// `DIR/onnx/model.onnx` (the Hugging Face Hub layout that
     /// text-embeddings-inference and transformers.js read).
     OnnxSubdir,
+    /// A Triton model repository: `DIR/NAME/1/model.onnx`,
+    /// `DIR/NAME/config.pbtxt`, the model files in `DIR/NAME`
+    /// ([`crate::triton`]).
+    Triton,
+}
+
+impl Layout {
+    /// Where the model files (tokenizer, configs, `effir_export.json`) and
+    /// the graph go, relative to the output directory.
+    fn dirs(self, triton: Option<&TritonOptions>) -> Result<(PathBuf, PathBuf)> {
+        Ok(match self {
+            Layout::Flat => (PathBuf::new(), PathBuf::new()),
+            Layout::OnnxSubdir => (PathBuf::new(), PathBuf::from("onnx")),
+            Layout::Triton => {
+                let options = triton.ok_or_else(|| {
+                    Error::InvalidArgument("the Triton layout needs a model name (--name)".into())
+                })?;
+                options.validate()?;
+                let model = PathBuf::from(&options.name);
+                (model.clone(), model.join("1"))
+            }
+        })
+    }
 }
 
 /// When weights go into a separate `model.onnx_data` file.
@@ -68,6 +92,8 @@ pub struct ExportOptions {
     /// Text to measure activation ranges on: required by fp16 (the range
     /// check) and QDQ int8 (the activation scales).
     pub calibration: Option<Calibration>,
+    /// The model's name and batch size under [`Layout::Triton`].
+    pub triton: Option<TritonOptions>,
 }
 
 /// Calibration text and how to use it.
@@ -155,8 +181,14 @@ pub fn set_metadata(model: &mut ModelProto, key: &str, value: &str) {
 }
 
 pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<ExportSummary> {
+    if options.triton.is_some() && options.layout != Layout::Triton {
+        return Err(Error::InvalidArgument(
+            "a Triton model name applies to the Triton layout (--layout triton)".into(),
+        ));
+    }
+    let (files_rel, graph_rel) = options.layout.dirs(options.triton.as_ref())?;
     if out.exists() {
-        let previous = out.join(SUMMARY_FILE).is_file();
+        let previous = out.join(&files_rel).join(SUMMARY_FILE).is_file();
         if !(options.overwrite && previous) {
             return Err(Error::InvalidArgument(format!(
                 "{}: already exists; choose a new output directory{}",
@@ -198,10 +230,7 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
     }
     let mut model = emit_model(model_dir, &options.emit)?;
     // Where the graph came from, relative to the graph's directory.
-    let graph_dir_final = match options.layout {
-        Layout::Flat => out.to_path_buf(),
-        Layout::OnnxSubdir => out.join("onnx"),
-    };
+    let graph_dir_final = out.join(&graph_rel);
     set_metadata(
         &mut model,
         SOURCE_MODEL_KEY,
@@ -228,7 +257,9 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
     };
 
     let staging = StagedDir::beside_existing(out)?;
-    copy_model_files(model_dir, staging.path(), &|name| {
+    let files_dir = staging.path().join(&files_rel);
+    std::fs::create_dir_all(&files_dir).map_err(|e| Error::io(&files_dir, e))?;
+    copy_model_files(model_dir, &files_dir, &|name| {
         is_backbone_weights(name)
             || name == "onnx"
             || name == SUMMARY_FILE
@@ -237,11 +268,8 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
     })?;
     let tokenizer = EncoderSetup::load(model_dir, &LoadOptions::default())?
         .text
-        .save_serving_tokenizer(&staging.path().join("tokenizer.json"))?;
-    let graph_dir = match options.layout {
-        Layout::Flat => staging.path().to_path_buf(),
-        Layout::OnnxSubdir => staging.path().join("onnx"),
-    };
+        .save_serving_tokenizer(&files_dir.join("tokenizer.json"))?;
+    let graph_dir = staging.path().join(&graph_rel);
     std::fs::create_dir_all(&graph_dir).map_err(|e| Error::io(&graph_dir, e))?;
     let nodes = model.graph.as_ref().map_or(0, |g| g.node.len());
     write_model(model, &graph_dir, "model.onnx", external)?;
@@ -264,12 +292,25 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
             )));
         }
     }
-    let relative_graph = match options.layout {
-        Layout::Flat => PathBuf::from("model.onnx"),
-        Layout::OnnxSubdir => PathBuf::from("onnx/model.onnx"),
-    };
+    // Paths in the summary are relative to its own directory.
+    let relative_graph = graph_rel
+        .strip_prefix(&files_rel)
+        .unwrap_or(&graph_rel)
+        .join("model.onnx");
+    if let Some(triton) = &options.triton {
+        let placement = match (options.target, precision) {
+            (Target::TensorRt, MatmulPrecision::Float16) => Placement::TensorRt("FP16"),
+            (Target::TensorRt, MatmulPrecision::Int8Qdq) => Placement::TensorRt("INT8"),
+            (Target::TensorRt, _) => Placement::TensorRt("FP32"),
+            (Target::Any, MatmulPrecision::Float16) => Placement::Gpu,
+            (Target::Any, _) => Placement::Cpu,
+        };
+        let config = model_config(triton, &file.inputs(), &file.outputs(), placement)?;
+        let path = files_dir.join("config.pbtxt");
+        std::fs::write(&path, config).map_err(|e| Error::io(&path, e))?;
+    }
     let summary = ExportSummary {
-        source_model: relative_to(out, model_dir),
+        source_model: relative_to(&out.join(&files_rel), model_dir),
         graph: relative_graph,
         profile: options.emit.profile.name(),
         opset: options.emit.opset,
@@ -295,7 +336,7 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
         cpu_features: CpuFeatures::detect(),
         tokenizer,
     };
-    let summary_path = staging.path().join(SUMMARY_FILE);
+    let summary_path = files_dir.join(SUMMARY_FILE);
     let json = serde_json::to_string_pretty(&summary).map_err(|e| Error::Export(e.to_string()))?;
     std::fs::write(&summary_path, json + "\n").map_err(|e| Error::io(&summary_path, e))?;
 

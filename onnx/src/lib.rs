@@ -16,7 +16,8 @@
 //!   (TensorRT), [`half_precision`]: float16, the last two from ranges
 //!   [`activation_ranges`] measures on calibration text;
 //!   [`cpu_features`]: the instructions int8 kernels depend on;
-//! - [`tensorrt`]: the TensorRT operator lint;
+//! - [`tensorrt`]: the TensorRT operator lint; [`triton`]: Triton model
+//!   repositories;
 //! - [`runtime`] (the library and every session's builder), [`providers`],
 //!   [`session`]: ONNX Runtime;
 //! - [`rewrite`]: slimming a third-party export of the same model in place,
@@ -46,6 +47,7 @@ pub mod rewrite;
 pub mod runtime;
 pub mod session;
 pub mod tensorrt;
+pub mod triton;
 pub mod validate;
 
 /// The ONNX protobuf types (`ModelProto`, `NodeProto`, ...) effir reads and writes.

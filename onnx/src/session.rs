@@ -65,16 +65,24 @@ pub struct GraphLocation {
 }
 
 impl GraphLocation {
-    /// The graph `path` names: the file itself, or `model.onnx` or
-    /// `onnx/model.onnx` in the directory.
+    /// The graph `path` names: the file itself, or `model.onnx`,
+    /// `onnx/model.onnx` or (a Triton model directory) `1/model.onnx` in
+    /// the directory.
     pub fn find_graph(path: &Path) -> Result<PathBuf> {
         if path.is_dir() {
-            [path.join("model.onnx"), path.join("onnx/model.onnx")]
-                .into_iter()
-                .find(|p| p.is_file())
-                .ok_or_else(|| {
-                    Error::graph(path, "no model.onnx or onnx/model.onnx in this directory")
-                })
+            [
+                path.join("model.onnx"),
+                path.join("onnx/model.onnx"),
+                path.join("1/model.onnx"),
+            ]
+            .into_iter()
+            .find(|p| p.is_file())
+            .ok_or_else(|| {
+                Error::graph(
+                    path,
+                    "no model.onnx, onnx/model.onnx or 1/model.onnx in this directory",
+                )
+            })
         } else if path.is_file() {
             Ok(path.to_path_buf())
         } else {

@@ -10,6 +10,7 @@ use effir_onnx::export::{export, Calibration, ExportOptions, ExternalData, Layou
 use effir_onnx::graph::WeightStorage;
 use effir_onnx::half_precision::RangeCheck;
 use effir_onnx::quantize::{Int8Kernel, MatmulPrecision};
+use effir_onnx::triton::TritonOptions;
 use effir_pipeline::data::calibration::{CalibrationBudget, CalibrationSet};
 use effir_pipeline::{EncoderSetup, LoadOptions, Prompt};
 use serde::Deserialize;
@@ -38,6 +39,8 @@ pub enum LayoutArg {
     Flat,
     /// OUT/onnx/model.onnx (Hugging Face Hub layout)
     OnnxSubdir,
+    /// A Triton model repository: OUT/NAME/1/model.onnx and OUT/NAME/config.pbtxt (needs --name)
+    Triton,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -109,6 +112,12 @@ pub struct ExportArgs {
     /// Replace an earlier export in --out.
     #[arg(long)]
     pub overwrite: bool,
+    /// The model's name in a Triton repository (--layout triton).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Triton's max_batch_size (--layout triton) [default: 32].
+    #[arg(long)]
+    pub max_batch_size: Option<u32>,
     /// Calibration text for fp16's range check and QDQ int8's scales: a BEIR dataset directory.
     #[arg(long)]
     pub calib_data: Option<PathBuf>,
@@ -141,6 +150,8 @@ pub struct ExportConfig {
     pub target: Option<TargetArg>,
     pub layout: Option<LayoutArg>,
     pub external_data: Option<ExternalDataArg>,
+    pub name: Option<String>,
+    pub max_batch_size: Option<u32>,
     pub calib_data: Option<PathBuf>,
     pub calib_tokens: Option<usize>,
     pub fp16_headroom: Option<f32>,
@@ -187,6 +198,23 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
             MatmulPrecision::Int8Qdq
         }
         (_, p) => p,
+    };
+    let layout = args.layout.or(config.layout).unwrap_or(LayoutArg::Flat);
+    let name = args.name.clone().or(config.name.clone());
+    let max_batch_size = args.max_batch_size.or(config.max_batch_size);
+    let triton = match (layout, name) {
+        (LayoutArg::Triton, Some(name)) => Some(TritonOptions {
+            name,
+            max_batch_size: max_batch_size.unwrap_or(32),
+        }),
+        (LayoutArg::Triton, None) => {
+            bail!("--layout triton needs --name, the model's name in the repository")
+        }
+        (_, Some(_)) => bail!("--name applies to --layout triton"),
+        (_, None) if max_batch_size.is_some() => {
+            bail!("--max-batch-size applies to --layout triton")
+        }
+        (_, None) => None,
     };
     let calib_data = args.calib_data.clone().or(config.calib_data.clone());
     let calibration = if precision.needs_calibration() {
@@ -250,9 +278,10 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
             },
             precision,
         },
-        layout: match args.layout.or(config.layout).unwrap_or(LayoutArg::Flat) {
+        layout: match layout {
             LayoutArg::Flat => Layout::Flat,
             LayoutArg::OnnxSubdir => Layout::OnnxSubdir,
+            LayoutArg::Triton => Layout::Triton,
         },
         external_data: match args
             .external_data
@@ -269,12 +298,15 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         },
         overwrite: args.overwrite,
         calibration,
+        triton,
     };
     let summary = export(&args.model, &args.out, &options)
         .with_context(|| format!("exporting {}", args.model.display()))?;
+    // The summary's paths are relative to the model's directory.
+    let triton_dir = options.triton.as_ref().map_or("", |t| t.name.as_str());
     println!(
         "wrote {} ({} profile, opset {}, {} weights, {}{}{}): {:.1} MB, {} nodes",
-        summary.graph.display(),
+        args.out.join(triton_dir).join(&summary.graph).display(),
         summary.profile,
         summary.opset,
         summary.weights,
