@@ -192,3 +192,73 @@ fn outputs_record_no_absolute_machine_paths() {
     let candle = json["parity"]["candle_model"].as_str().unwrap();
     assert!(candle.ends_with("bert-pruned"), "{candle}");
 }
+
+/// A pruned directory, and its export, carry a model card of their own: the
+/// source's card is kept as SOURCE_README.md, its licence carried over.
+#[test]
+fn pruned_and_exported_directories_carry_their_own_model_card() {
+    let work = tempfile::tempdir().unwrap();
+    let source = common::copy_model(&fixture("bert"));
+    let original =
+        "---\nlicense: mit\nlanguage: en\n---\n# A tiny BERT\n\nScores 0.99 on everything.\n";
+    std::fs::write(source.path().join("README.md"), original).unwrap();
+    let calib = work.path().join("calib.txt");
+    std::fs::write(&calib, "some calibration text\nand a little more of it\n").unwrap();
+    let pruned = work.path().join("pruned");
+    let run = effir(&[
+        "prune",
+        "--model",
+        source.path().to_str().unwrap(),
+        "--calib",
+        calib.to_str().unwrap(),
+        "--mlp-keep",
+        "0.5",
+        "--out",
+        pruned.to_str().unwrap(),
+    ]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let export = work.path().join("export");
+    let run = effir(&[
+        "export",
+        "--model",
+        pruned.to_str().unwrap(),
+        "--out",
+        export.to_str().unwrap(),
+        "--precision",
+        "int8",
+    ]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    for (dir, sections) in [
+        (
+            &pruned,
+            &[
+                "## Pruning",
+                "## Parameters and FLOPs",
+                "## Recovery",
+                "## Made with",
+            ][..],
+        ),
+        (
+            &export,
+            &[
+                "## Pruning",
+                "## Recovery",
+                "## ONNX export",
+                "precision: int8",
+            ][..],
+        ),
+    ] {
+        let card = std::fs::read_to_string(dir.join("README.md")).unwrap();
+        assert!(card.starts_with("---\nlicense: mit\n"), "{card}");
+        assert!(!card.contains("Scores 0.99"), "the source's claims: {card}");
+        for s in sections {
+            assert!(card.contains(s), "{}: no `{s}` in\n{card}", dir.display());
+        }
+        assert_eq!(
+            std::fs::read_to_string(dir.join("SOURCE_README.md")).unwrap(),
+            original,
+            "{}",
+            dir.display()
+        );
+    }
+}

@@ -5,7 +5,8 @@
 //! regenerates the file with `EFFIR_UPDATE_PINS=1 cargo test --release
 //! --test test_output_pin` and says why in its commit.
 //!
-//! Machine paths (the fixture's and the temporary directory's) are replaced
+//! Machine paths (the fixture's and the temporary directory's, absolute or
+//! relative to the output that records them) are replaced
 //! by placeholders before hashing, so the pins hold in any clone; ONNX files
 //! are decoded, their strings normalised, and re-encoded for the same reason
 //! (a path's length is part of the protobuf bytes). `effir_export.json`'s
@@ -19,6 +20,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use effir_onnx::proto::ModelProto;
+use effir_pipeline::io::recorded_path::relative_to;
 use prost::Message;
 
 const ARCHITECTURES: [&str; 6] = ["bert", "gemma3", "llama", "mistral", "qwen2", "qwen3"];
@@ -101,7 +103,19 @@ fn path_forms(path: &Path, placeholder: &'static str) -> Vec<(String, &'static s
 #[test]
 fn prune_and_export_write_the_pinned_bytes_on_every_fixture() {
     let work = tempfile::tempdir().unwrap();
-    let mut paths = path_forms(work.path(), "<work>");
+    // Outputs record their source relative to themselves: from a temporary
+    // directory to the fixtures, that path climbs through this clone's
+    // location, so its relative forms are placeholders too (replaced before
+    // the absolute forms they contain).
+    let mut paths = Vec::new();
+    for arch in ARCHITECTURES {
+        let fixture = common::fixture(arch);
+        for output in [format!("{arch}-pruned"), format!("{arch}-onnx")] {
+            let relative = relative_to(&work.path().join(output), &fixture);
+            paths.push((relative.display().to_string(), "<fixture>"));
+        }
+    }
+    paths.extend(path_forms(work.path(), "<work>"));
     for arch in ARCHITECTURES {
         paths.extend(path_forms(&common::fixture(arch), "<fixture>"));
     }

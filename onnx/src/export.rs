@@ -336,6 +336,7 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
         cpu_features: CpuFeatures::detect(),
         tokenizer,
     };
+    write_card(&files_dir, model_dir, &out.join(&files_rel), &summary)?;
     let summary_path = files_dir.join(SUMMARY_FILE);
     let json = serde_json::to_string_pretty(&summary).map_err(|e| Error::Export(e.to_string()))?;
     std::fs::write(&summary_path, json + "\n").map_err(|e| Error::io(&summary_path, e))?;
@@ -431,4 +432,78 @@ fn options_opset(model: &ModelProto) -> i64 {
         .iter()
         .find(|o| o.domain.is_empty())
         .map_or(crate::emit::DEFAULT_OPSET, |o| o.version)
+}
+
+/// The export's model card: how the model was pruned and recovered (from
+/// the records its directory carries) and what the graph computes.
+fn write_card(dir: &Path, model_dir: &Path, out: &Path, summary: &ExportSummary) -> Result<()> {
+    use effir_pipeline::compress::prune::PruneRecord;
+    use effir_pipeline::finetune::FinetuneRecord;
+    use effir_pipeline::io::model_card::{command_line, ModelCard};
+    let name = model_dir
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "model".into());
+    let mut card = ModelCard::new(format!(
+        "{name}: ONNX export by effir ({}{})",
+        summary.precision,
+        summary
+            .int8_form
+            .map_or(String::new(), |f| format!(", {f}"))
+    ));
+    if let Some(pruned) = PruneRecord::read(model_dir)? {
+        card = card.section("Pruning", pruned.card_section());
+    }
+    if dir.join("prune_report.md").is_file() {
+        card = card.section(
+            "Parameters and FLOPs",
+            "Before and after pruning: `prune_report.md`.",
+        );
+    }
+    card = card.section(
+        "Recovery",
+        match FinetuneRecord::read(model_dir)? {
+            Some(record) => record.card_section(out),
+            None => "None: not fine-tuned.".into(),
+        },
+    );
+    let mut export = format!(
+        "- graph: `{}` ({} profile, opset {}, {:.1} MB{}); inputs {}; outputs {}\n- precision: {}{}{}\n- target: {:?}\n- tokenizer.json: truncation at {} tokens, padding per batch ({} side){}\n",
+        summary.graph.display(),
+        summary.profile,
+        summary.opset,
+        (summary.graph_bytes as f64
+            + if summary.external_data {
+                summary.initializer_bytes as f64
+            } else {
+                0.0
+            })
+            / 1e6,
+        if summary.external_data { ", weights in model.onnx_data" } else { "" },
+        summary.inputs.join(", "),
+        summary.outputs.join(", "),
+        summary.precision,
+        summary.int8_kernel.map_or(String::new(), |k| format!(", ONNX Runtime kernel {}", k.name())),
+        summary.int8_form.map_or(String::new(), |f| format!(", {f} quantization")),
+        summary.target,
+        summary.tokenizer.max_length,
+        summary.tokenizer.padding_side,
+        summary.tokenizer.append_eos.map_or(String::new(), |id| format!(
+            "; clients must append token {id} (EOS) when a text does not end with it"
+        )),
+    );
+    if let Some(c) = &summary.calibration {
+        export += &format!(
+            "- calibrated on {} texts ({} tokens) of `{}`\n",
+            c.texts,
+            c.tokens,
+            effir_pipeline::io::recorded_path::relative_to(out, Path::new(&c.source)).display()
+        );
+    }
+    export += "\nValidate it against its source model with `effir validate`.";
+    card.section("ONNX export", export)
+        .section("Made with", format!("```sh\n{}\n```", command_line(out)))
+        .write(dir, model_dir, out)
+        .map_err(Error::from)
 }

@@ -202,6 +202,7 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         effir_version: env!("CARGO_PKG_VERSION").to_string(),
         hard_negatives: args.hard_negatives.clone(),
         outcome: outcome.clone(),
+        paths_relative_to_record: false,
         source_model: args.model.clone(),
         train: args.train.clone(),
         train_texts: args.train_texts.clone(),

@@ -8,11 +8,12 @@ use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use effir_pipeline::compress::prune::{
     check_taylor_inputs, plan_pruning, write_pruned_model, CoarseMode, CoarsePlan, FinePlan,
-    NeuronScore, PruneInputs, PrunePlan,
+    NeuronScore, PruneInputs, PrunePlan, PruneRecord,
 };
 use effir_pipeline::compress::reconstruct::{LayerFit, ReconstructPlan};
 use effir_pipeline::data::calibration::{training_pairs, CalibrationBudget, CalibrationSet};
 use effir_pipeline::io::atomic_file::write_bytes_atomically;
+use effir_pipeline::io::model_card::{command_line, ModelCard};
 use effir_pipeline::io::recorded_path::relative_to;
 use effir_pipeline::io::weights::load_all_tensors;
 use effir_pipeline::{Embedder, ParameterReport, Prompt};
@@ -290,6 +291,26 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
         start.elapsed().as_secs_f64()
     );
     write_bytes_atomically(&args.out.join("prune_report.md"), md.as_bytes())?;
+    let record = PruneRecord::read(&args.out)?.context("the pruned model's record")?;
+    ModelCard::new(format!(
+        "{}: {:.0} % of the MLP neurons kept, pruned by effir",
+        args.out
+            .file_name()
+            .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned()),
+        100.0 * record.mlp_keep_achieved
+    ))
+    .section("Pruning", record.card_section())
+    .section("Parameters and FLOPs", report(&embedder, &pruned))
+    .section(
+        "Recovery",
+        "None: pruned only, not fine-tuned. `effir finetune` recovers quality.",
+    )
+    .section("Precision", "float32 safetensors (`model.safetensors`).")
+    .section(
+        "Made with",
+        format!("```sh\n{}\n```", command_line(&args.out)),
+    )
+    .write(&args.out, &args.model.model, &args.out)?;
     print!("{md}");
     Ok(())
 }

@@ -862,6 +862,29 @@ impl PruneRecord {
     pub fn to_json(&self) -> String {
         crate::io::json_file::to_json_document(self)
     }
+
+    /// What pruning did, for a model card.
+    pub fn card_section(&self) -> String {
+        let widths: Vec<String> = self
+            .mlp_widths
+            .iter()
+            .map(|w| w.map_or("dropped".into(), |w| w.to_string()))
+            .collect();
+        format!(
+            "- MLPs dropped: {:?}\n- MLP width per layer: {}\n- MLP neurons kept: {:.1} %\n- reconstruction: {}\n\nThe plan:\n\n```json\n{}\n```\n",
+            self.drop_mlp_list,
+            widths.join(", "),
+            100.0 * self.mlp_keep_achieved,
+            match &self.reconstruction {
+                Some(fits) => format!(
+                    "{} narrowed MLP output projections re-fitted by least squares on the calibration text",
+                    fits.len()
+                ),
+                None => "none".into(),
+            },
+            serde_json::to_string_pretty(&self.plan).unwrap_or_default()
+        )
+    }
 }
 
 /// Writes the pruned model into `out` (which must not exist): sliced

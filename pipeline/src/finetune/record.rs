@@ -20,6 +20,11 @@ pub struct FinetuneRecord {
     pub effir_version: String,
     pub hard_negatives: Option<PathBuf>,
     pub outcome: TrainingOutcome,
+    /// Whether the paths below are relative to the fine-tuned directory
+    /// (records written before effir recorded them so hold them absolute
+    /// or relative to where the command ran, and are read as they are).
+    #[serde(default)]
+    pub paths_relative_to_record: bool,
     /// The model the run started from. This and the data paths are relative
     /// to the fine-tuned directory in the file; [`FinetuneRecord::read`]
     /// resolves them.
@@ -37,7 +42,13 @@ impl FinetuneRecord {
     pub fn read(dir: &Path) -> Result<Option<Self>> {
         let record: Option<Self> =
             crate::io::json_file::read_json_if_exists(&dir.join(FINETUNE_FILE))?;
-        Ok(record.map(|r| r.with_paths(&|p| crate::io::recorded_path::resolve(dir, p))))
+        Ok(record.map(|r| {
+            if r.paths_relative_to_record {
+                r.with_paths(&|p| crate::io::recorded_path::resolve(dir, p))
+            } else {
+                r
+            }
+        }))
     }
 
     /// The record with every path it holds mapped by `map`.
@@ -46,7 +57,53 @@ impl FinetuneRecord {
         self.hard_negatives = self.hard_negatives.as_deref().map(map);
         self.train = self.train.as_deref().map(map);
         self.train_texts = self.train_texts.iter().map(|p| map(p)).collect();
+        if let Some(d) = self.config.distillation.as_mut() {
+            d.teacher = map(&d.teacher);
+        }
+        if let Some(d) = self.config.embedding_distillation.as_mut() {
+            d.teacher = map(&d.teacher);
+        }
         self
+    }
+
+    /// The recovery recipe, for a model card; data paths relative to `out`.
+    pub fn card_section(&self, out: &Path) -> String {
+        let relative = |p: &Path| {
+            crate::io::recorded_path::relative_to(out, p)
+                .display()
+                .to_string()
+        };
+        let mut data: Vec<String> = self
+            .train
+            .iter()
+            .map(|p| format!("labeled: `{}`", relative(p)))
+            .collect();
+        data.extend(
+            self.train_texts
+                .iter()
+                .map(|p| format!("unlabeled text: `{}`", relative(p))),
+        );
+        let c = &self.config;
+        format!(
+            "- objective: {:?}{}\n- data: {}\n- {} epochs, {} steps, batch {} × {} accumulation, learning rate {:e}, seed {}\n- {}\n- final loss {:.4}; {:.0} s ({:.2} examples/s)\n",
+            c.objective,
+            c.distillation
+                .as_ref()
+                .map(|d| &d.teacher)
+                .or(c.embedding_distillation.as_ref().map(|d| &d.teacher))
+                .map_or(String::new(), |t| format!(" (teacher `{}`)", relative(t))),
+            if data.is_empty() { "none recorded".into() } else { data.join("; ") },
+            c.epochs,
+            self.outcome.steps,
+            c.batch_size,
+            c.gradient_accumulation,
+            c.learning_rate,
+            c.seed,
+            if c.lora.is_some() { "LoRA adapters, merged" } else { "full fine-tuning" },
+            self.outcome.final_loss,
+            self.outcome.seconds,
+            self.outcome.examples_per_second,
+        )
     }
 
     /// The record as `effir_finetune.json` holds it (sorted keys, pretty, newline).
@@ -70,13 +127,43 @@ pub fn write_model(
     let path = staging.path().join(crate::io::weights::WEIGHTS_FILE);
     crate::io::atomic_file::save_safetensors(weights, &path)?;
     // Paths are recorded relative to the output.
-    let record = record
+    let mut record = record
         .clone()
         .with_paths(&|p| crate::io::recorded_path::relative_to(out, p));
+    record.paths_relative_to_record = true;
     let record_path = staging.path().join(FINETUNE_FILE);
     std::fs::write(&record_path, record.to_json()).map_err(|e| Error::io(&record_path, e))?;
+    card(staging.path(), source, out)?;
     staging.publish(out)
 }
 
 /// The record of a fine-tuning run in its output directory.
 pub const FINETUNE_FILE: &str = "effir_finetune.json";
+
+/// The fine-tuned directory's model card: how it was pruned (when its
+/// source was) and recovered.
+fn card(dir: &Path, source: &Path, out: &Path) -> Result<()> {
+    use crate::io::model_card::{command_line, ModelCard};
+    let record = FinetuneRecord::read(dir)?.expect("written just before");
+    let pruned = crate::compress::prune::PruneRecord::read(dir)?;
+    let name = out
+        .file_name()
+        .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned());
+    let mut card = ModelCard::new(format!(
+        "{name}: {}fine-tuned by effir",
+        if pruned.is_some() { "pruned and " } else { "" }
+    ));
+    if let Some(pruned) = &pruned {
+        card = card.section("Pruning", pruned.card_section());
+    }
+    if dir.join("prune_report.md").is_file() {
+        card = card.section(
+            "Parameters and FLOPs",
+            "Before and after pruning: `prune_report.md`.",
+        );
+    }
+    card.section("Recovery", record.card_section(out))
+        .section("Precision", "float32 safetensors (`model.safetensors`).")
+        .section("Made with", format!("```sh\n{}\n```", command_line(out)))
+        .write(dir, source, out)
+}

@@ -3,6 +3,7 @@
 
 pub mod atomic_file;
 pub mod json_file;
+pub mod model_card;
 pub mod model_files;
 pub mod npy;
 pub mod recorded_path;
