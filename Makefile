@@ -41,8 +41,15 @@ models: $(MINILM)/model.safetensors
 onnxruntime:
 	scripts/install-onnxruntime.sh
 
-test: system-deps models onnxruntime
-	EFFIR_MINILM_DIR=$(MINILM) cargo test --release --workspace
+# fastembed, the tokenizer-only client the tests load exports with, in a
+# venv of its own (it brings its own onnxruntime).
+FASTEMBED_VENV ?= $(RUNS)/venv-fastembed
+$(FASTEMBED_VENV)/bin/python:
+	$(PYTHON) -m venv $(FASTEMBED_VENV)
+	$(FASTEMBED_VENV)/bin/pip install -q "fastembed==0.9.1"
+
+test: system-deps models onnxruntime $(FASTEMBED_VENV)/bin/python
+	EFFIR_MINILM_DIR=$(MINILM) EFFIR_FASTEMBED_PYTHON=$(FASTEMBED_VENV)/bin/python cargo test --release --workspace
 
 lint:
 	cargo fmt --all --check

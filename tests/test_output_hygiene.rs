@@ -262,3 +262,83 @@ fn pruned_and_exported_directories_carry_their_own_model_card() {
         );
     }
 }
+
+/// The Python of the venv holding fastembed (`make test` makes it):
+/// `$EFFIR_FASTEMBED_PYTHON`, else `runs/venv-fastembed/bin/python`.
+fn fastembed_python() -> std::path::PathBuf {
+    let python = std::env::var_os("EFFIR_FASTEMBED_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("runs/venv-fastembed/bin/python")
+        });
+    assert!(
+        python.is_file(),
+        "{}: no fastembed venv; `make test` makes it (or set EFFIR_FASTEMBED_PYTHON)",
+        python.display()
+    );
+    python
+}
+
+/// fastembed, a client that reads tokenizer.json and tokenizer_config.json
+/// itself, loads the full and a pruned MiniLM export as custom models and
+/// gets effir's embeddings, a text longer than the model's 256 tokens
+/// included (the source's files say 128 and 512).
+#[test]
+fn fastembed_loads_exports_and_embeds_as_effir_does() {
+    use effir_pipeline::{Embedder, LoadOptions, TextEmbedder};
+    let work = tempfile::tempdir().unwrap();
+    let long = "Dense retrieval compresses a language model into one vector per text. ".repeat(40);
+    let texts = vec![
+        "What is dense retrieval?".to_string(),
+        "MLP sub-layers are far more prunable than attention in LLM retrievers.".to_string(),
+        long,
+        "hello".to_string(),
+    ];
+    let texts_file = work.path().join("texts.json");
+    std::fs::write(&texts_file, serde_json::to_string(&texts).unwrap()).unwrap();
+    let pruned = work.path().join("minilm-pruned");
+    let calib = work.path().join("calib.txt");
+    std::fs::write(&calib, texts.join("\n")).unwrap();
+    let run = effir(&[
+        "prune",
+        "--model",
+        minilm_dir().to_str().unwrap(),
+        "--calib",
+        calib.to_str().unwrap(),
+        "--mlp-keep",
+        "0.5",
+        "--out",
+        pruned.to_str().unwrap(),
+    ]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    for (name, model) in [("full", minilm_dir()), ("pruned", pruned)] {
+        let export = work.path().join(format!("{name}-onnx"));
+        let run = effir(&[
+            "export",
+            "--model",
+            model.to_str().unwrap(),
+            "--out",
+            export.to_str().unwrap(),
+        ]);
+        assert!(run.status.success(), "{}", stderr(&run));
+        let out = std::process::Command::new(fastembed_python())
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fastembed_client.py"))
+            .args(["--export", export.to_str().unwrap()])
+            .args(["--texts", texts_file.to_str().unwrap()])
+            .args(["--dim", "384"])
+            .output()
+            .expect("fastembed client");
+        assert!(out.status.success(), "{name}: {}", stderr(&out));
+        let got: Vec<Vec<f32>> = serde_json::from_slice(&out.stdout).unwrap();
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let want = Embedder::load(&model, &LoadOptions::default())
+            .unwrap()
+            .embed_texts(&refs, "", 4, &mut |_| {})
+            .unwrap();
+        for (i, (g, w)) in got.iter().zip(want.rows()).enumerate() {
+            let cos = common::cosine(g, &w.to_vec());
+            assert!(cos >= 0.99999, "{name}: text {i}: cosine {cos}");
+        }
+        assert_eq!(got.len(), texts.len());
+    }
+}

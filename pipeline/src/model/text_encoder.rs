@@ -148,7 +148,8 @@ impl TextEncoder {
     /// [`Self::max_length`], padding per batch to the longest text on the
     /// model's side with its pad id, so that clients reading `tokenizer.json`
     /// alone (fastembed, text-embeddings-inference, Rust `tokenizers`)
-    /// encode what `effir validate` measured, not the source file's settings.
+    /// encode what `effir validate` measured, not the source file's settings;
+    /// `tokenizer_config.json` beside it gets the same `model_max_length`.
     pub fn save_serving_tokenizer(&self, path: &Path) -> Result<ServingTokenizer> {
         let mut tokenizer = self.tokenizer.clone();
         let pad_token = tokenizer
@@ -170,6 +171,18 @@ impl TextEncoder {
             message: e.to_string(),
         })?;
         crate::io::atomic_file::write_bytes_atomically(path, json.as_bytes())?;
+        // Clients that read tokenizer_config.json (transformers, fastembed)
+        // truncate at its model_max_length: the same length.
+        let config_path = path.with_file_name("tokenizer_config.json");
+        let mut config: serde_json::Map<String, serde_json::Value> =
+            read_json_if_exists(&config_path)?.unwrap_or_default();
+        config.insert("model_max_length".into(), self.settings.max_length.into());
+        if config.contains_key("max_length") {
+            config.insert("max_length".into(), self.settings.max_length.into());
+        }
+        let text = serde_json::to_string_pretty(&config)
+            .map_err(|e| Error::config(&config_path, e.to_string()))?;
+        crate::io::atomic_file::write_bytes_atomically(&config_path, (text + "\n").as_bytes())?;
         Ok(ServingTokenizer {
             max_length: self.settings.max_length,
             padding: "batch-longest",
