@@ -61,23 +61,7 @@ fn exported(model: &Path, out: &Path, extra: &[&str]) -> GraphFile {
 /// gates file `gates`, on the tiny fixture dataset; returns
 /// `validation.json` (the exit status is the caller's to judge).
 fn validate(model: &Path, graph_dir: &Path, gates: &Path, report: &Path) -> serde_json::Value {
-    let _ = effir(&[
-        "validate",
-        "--quiet",
-        "--no-cache",
-        "--reference",
-        model.to_str().unwrap(),
-        "--candidate",
-        graph_dir.to_str().unwrap(),
-        "--data",
-        fixture("eval/tiny").to_str().unwrap(),
-        "--parity-texts",
-        "8",
-        "--gates",
-        gates.to_str().unwrap(),
-        "--out",
-        report.to_str().unwrap(),
-    ]);
+    let _ = common::validate_on_tiny(model, graph_dir, gates, Some(report));
     read_json(&report.join("validation.json"))
 }
 
@@ -332,23 +316,7 @@ fn validate_fails_a_graph_that_produces_nan_naming_where() {
     let report = work.path().join("report");
     let gates = work.path().join("gates.yaml");
     std::fs::write(&gates, "parity:\n  min_cosine: 0.99\n").unwrap();
-    let run = effir(&[
-        "validate",
-        "--quiet",
-        "--no-cache",
-        "--reference",
-        model.path().to_str().unwrap(),
-        "--candidate",
-        dir.to_str().unwrap(),
-        "--data",
-        fixture("eval/tiny").to_str().unwrap(),
-        "--parity-texts",
-        "8",
-        "--gates",
-        gates.to_str().unwrap(),
-        "--out",
-        report.to_str().unwrap(),
-    ]);
+    let run = common::validate_on_tiny(model.path(), &dir, &gates, Some(&report));
     assert!(!run.status.success());
     let err = stderr(&run);
     assert!(err.contains("parity.non_finite"), "{err}");

@@ -15,6 +15,23 @@ use std::path::Path;
 
 use common::{effir, files_under, fixture, minilm_dir, prune_fixture, read_json, stderr};
 
+/// `effir prune` of `model` to half its MLP neurons, calibrated on the
+/// text file `calib`, into `out`.
+fn prune_half(model: &Path, calib: &Path, out: &Path) {
+    let run = effir(&[
+        "prune",
+        "--model",
+        model.to_str().unwrap(),
+        "--calib",
+        calib.to_str().unwrap(),
+        "--mlp-keep",
+        "0.5",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(run.status.success(), "{}", stderr(&run));
+}
+
 /// The mode bits (`rwxrwxrwx`) of `path`.
 fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
@@ -64,16 +81,7 @@ fn pruned_and_exported_directories_are_readable_by_other_users() {
     );
     assert_ordinary_modes(&pruned, work.path());
     let export = work.path().join("export");
-    let run = effir(&[
-        "export",
-        "--model",
-        pruned.to_str().unwrap(),
-        "--out",
-        export.to_str().unwrap(),
-        "--layout",
-        "onnx-subdir",
-    ]);
-    assert!(run.status.success(), "{}", stderr(&run));
+    common::export(&pruned, &export, &["--layout", "onnx-subdir"]);
     assert_ordinary_modes(&export, work.path());
 }
 
@@ -82,14 +90,7 @@ fn the_exported_tokenizer_encodes_as_effir_validated() {
     let work = tempfile::tempdir().unwrap();
     for (name, model) in [("bert", fixture("bert")), ("minilm", minilm_dir())] {
         let export = work.path().join(name);
-        let run = effir(&[
-            "export",
-            "--model",
-            model.to_str().unwrap(),
-            "--out",
-            export.to_str().unwrap(),
-        ]);
-        assert!(run.status.success(), "{}", stderr(&run));
+        common::export(&model, &export, &[]);
         let summary = read_json(&export.join("effir_export.json"));
         let settings = &summary["tokenizer"];
         let tokenizer = read_json(&export.join("tokenizer.json"));
@@ -142,14 +143,7 @@ fn outputs_record_no_absolute_machine_paths() {
         &["--mlp-keep", "0.5"],
     );
     let export = work.path().join("exports/bert");
-    let run = effir(&[
-        "export",
-        "--model",
-        pruned.to_str().unwrap(),
-        "--out",
-        export.to_str().unwrap(),
-    ]);
-    assert!(run.status.success(), "{}", stderr(&run));
+    common::export(&pruned, &export, &[]);
     let needles: Vec<String> = [
         std::fs::canonicalize(work.path()).unwrap(),
         work.path().to_path_buf(),
@@ -170,23 +164,7 @@ fn outputs_record_no_absolute_machine_paths() {
     let gates = work.path().join("gates.yaml");
     std::fs::write(&gates, "parity:\n  min_cosine: 0.99999\n").unwrap();
     let report = work.path().join("report");
-    let run = effir(&[
-        "validate",
-        "--quiet",
-        "--no-cache",
-        "--reference",
-        fixture("bert").to_str().unwrap(),
-        "--candidate",
-        export.to_str().unwrap(),
-        "--data",
-        fixture("eval/tiny").to_str().unwrap(),
-        "--parity-texts",
-        "4",
-        "--gates",
-        gates.to_str().unwrap(),
-        "--out",
-        report.to_str().unwrap(),
-    ]);
+    let run = common::validate_on_tiny(&fixture("bert"), &export, &gates, Some(&report));
     assert!(run.status.success(), "{}", stderr(&run));
     let json = read_json(&report.join("validation.json"));
     let candle = json["parity"]["candle_model"].as_str().unwrap();
@@ -205,29 +183,9 @@ fn pruned_and_exported_directories_carry_their_own_model_card() {
     let calib = work.path().join("calib.txt");
     std::fs::write(&calib, "some calibration text\nand a little more of it\n").unwrap();
     let pruned = work.path().join("pruned");
-    let run = effir(&[
-        "prune",
-        "--model",
-        source.path().to_str().unwrap(),
-        "--calib",
-        calib.to_str().unwrap(),
-        "--mlp-keep",
-        "0.5",
-        "--out",
-        pruned.to_str().unwrap(),
-    ]);
-    assert!(run.status.success(), "{}", stderr(&run));
+    prune_half(source.path(), &calib, &pruned);
     let export = work.path().join("export");
-    let run = effir(&[
-        "export",
-        "--model",
-        pruned.to_str().unwrap(),
-        "--out",
-        export.to_str().unwrap(),
-        "--precision",
-        "int8",
-    ]);
-    assert!(run.status.success(), "{}", stderr(&run));
+    common::export(&pruned, &export, &["--precision", "int8"]);
     for (dir, sections) in [
         (
             &pruned,
@@ -299,28 +257,10 @@ fn fastembed_loads_exports_and_embeds_as_effir_does() {
     let pruned = work.path().join("minilm-pruned");
     let calib = work.path().join("calib.txt");
     std::fs::write(&calib, texts.join("\n")).unwrap();
-    let run = effir(&[
-        "prune",
-        "--model",
-        minilm_dir().to_str().unwrap(),
-        "--calib",
-        calib.to_str().unwrap(),
-        "--mlp-keep",
-        "0.5",
-        "--out",
-        pruned.to_str().unwrap(),
-    ]);
-    assert!(run.status.success(), "{}", stderr(&run));
+    prune_half(&minilm_dir(), &calib, &pruned);
     for (name, model) in [("full", minilm_dir()), ("pruned", pruned)] {
         let export = work.path().join(format!("{name}-onnx"));
-        let run = effir(&[
-            "export",
-            "--model",
-            model.to_str().unwrap(),
-            "--out",
-            export.to_str().unwrap(),
-        ]);
-        assert!(run.status.success(), "{}", stderr(&run));
+        common::export(&model, &export, &[]);
         let out = std::process::Command::new(fastembed_python())
             .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fastembed_client.py"))
             .args(["--export", export.to_str().unwrap()])

@@ -84,21 +84,7 @@ fn a_triton_repository_passes_tritons_schema_and_matches_the_graph() {
     // the model directory.
     let gates = work.path().join("gates.yaml");
     std::fs::write(&gates, "parity:\n  min_cosine: 0.99999\n").unwrap();
-    let run = effir(&[
-        "validate",
-        "--quiet",
-        "--no-cache",
-        "--reference",
-        fixture("bert").to_str().unwrap(),
-        "--candidate",
-        model_dir.to_str().unwrap(),
-        "--data",
-        fixture("eval/tiny").to_str().unwrap(),
-        "--parity-texts",
-        "4",
-        "--gates",
-        gates.to_str().unwrap(),
-    ]);
+    let run = common::validate_on_tiny(&fixture("bert"), &model_dir, &gates, None);
     assert!(run.status.success(), "{}", stderr(&run));
 
     // The check can fail: a configuration the schema rejects, and one whose

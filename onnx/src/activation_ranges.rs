@@ -26,7 +26,7 @@ use ort::session::Session;
 use prost::Message;
 
 use crate::error::{Error, Result};
-use crate::graph::{attr_int, GraphBuilder, WeightStorage};
+use crate::graph::{attr_int, GraphBuilder};
 use crate::session::{into_pipeline, token_feeds};
 
 /// One tensor's values over every text measured.
@@ -62,21 +62,7 @@ fn probe_model(
         .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
         .map_or(17, |o| o.version);
     let graph = probe.graph.as_mut().expect("a model with a graph");
-    let mut g = GraphBuilder::new(opset, WeightStorage::Float32);
-    for name in graph
-        .input
-        .iter()
-        .map(|v| &v.name)
-        .chain(graph.initializer.iter().map(|t| &t.name))
-        .chain(
-            graph
-                .node
-                .iter()
-                .flat_map(|n| n.output.iter().chain([&n.name])),
-        )
-    {
-        g.reserve(name);
-    }
+    let mut g = GraphBuilder::editing(graph, opset);
     let keep_dims = || vec![attr_int("keepdims", 0)];
     let mut outputs = Vec::with_capacity(tensors.len());
     for (tensor, statistic) in tensors {

@@ -160,6 +160,18 @@ pub struct ExportSummary {
     pub tokenizer: ServingTokenizer,
 }
 
+impl ExportSummary {
+    /// The graph's size on disk in MB, its external weights included.
+    pub fn megabytes(&self) -> f64 {
+        let external = if self.external_data {
+            self.initializer_bytes as f64
+        } else {
+            0.0
+        };
+        (self.graph_bytes as f64 + external) / 1e6
+    }
+}
+
 /// The file recording an export.
 pub const SUMMARY_FILE: &str = "effir_export.json";
 
@@ -473,13 +485,7 @@ fn write_card(dir: &Path, model_dir: &Path, out: &Path, summary: &ExportSummary)
         summary.graph.display(),
         summary.profile,
         summary.opset,
-        (summary.graph_bytes as f64
-            + if summary.external_data {
-                summary.initializer_bytes as f64
-            } else {
-                0.0
-            })
-            / 1e6,
+        summary.megabytes(),
         if summary.external_data { ", weights in model.onnx_data" } else { "" },
         summary.inputs.join(", "),
         summary.outputs.join(", "),

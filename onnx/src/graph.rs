@@ -84,6 +84,27 @@ impl GraphBuilder {
         }
     }
 
+    /// A builder for nodes to splice into `graph`: every value and node
+    /// name the graph has is taken, so nothing built clashes with it.
+    pub fn editing(graph: &GraphProto, opset: i64) -> Self {
+        let mut builder = Self::new(opset, WeightStorage::Float32);
+        for name in graph
+            .input
+            .iter()
+            .map(|v| &v.name)
+            .chain(graph.initializer.iter().map(|t| &t.name))
+            .chain(
+                graph
+                    .node
+                    .iter()
+                    .flat_map(|n| n.output.iter().chain([&n.name])),
+            )
+        {
+            builder.reserve(name);
+        }
+        builder
+    }
+
     pub fn matmul_precision(&self) -> MatmulPrecision {
         self.matmul_precision
     }

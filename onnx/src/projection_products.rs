@@ -13,7 +13,7 @@ use effir_pipeline::model::arch::checkpoint_map::Projection;
 use effir_pipeline::Architecture;
 
 use crate::error::{Error, Result};
-use crate::graph::{GraphBuilder, WeightStorage};
+use crate::graph::GraphBuilder;
 
 /// One projection `MatMul(x, Wᵀ)` of an emitted graph.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,21 +77,7 @@ pub fn splice_products(
     products: &HashMap<usize, usize>,
     build: &mut dyn FnMut(&mut GraphBuilder, &str, &TensorProto) -> Result<String>,
 ) -> Result<usize> {
-    let mut builder = GraphBuilder::new(opset, WeightStorage::Float32);
-    for name in graph
-        .input
-        .iter()
-        .map(|v| &v.name)
-        .chain(graph.initializer.iter().map(|t| &t.name))
-        .chain(
-            graph
-                .node
-                .iter()
-                .flat_map(|n| n.output.iter().chain([&n.name])),
-        )
-    {
-        builder.reserve(name);
-    }
+    let mut builder = GraphBuilder::editing(graph, opset);
     let mut nodes = Vec::with_capacity(graph.node.len());
     let mut added = Vec::new();
     let mut count = 0;

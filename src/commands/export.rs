@@ -319,13 +319,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         } else {
             ""
         },
-        (summary.graph_bytes as f64
-            + if summary.external_data {
-                summary.initializer_bytes as f64
-            } else {
-                0.0
-            })
-            / 1e6,
+        summary.megabytes(),
         summary.nodes
     );
     if let Some(c) = &summary.calibration {

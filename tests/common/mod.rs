@@ -210,3 +210,34 @@ pub fn export(model: &Path, out: &Path, extra: &[&str]) {
     let run = effir(&args);
     assert!(run.status.success(), "export {args:?}: {}", stderr(&run));
 }
+
+/// `effir validate --quiet --no-cache` of the graph `candidate` against
+/// `reference` in candle on the tiny fixture dataset (8 parity texts), with
+/// the gates file `gates`, writing its report into `report` when given.
+pub fn validate_on_tiny(
+    reference: &Path,
+    candidate: &Path,
+    gates: &Path,
+    report: Option<&Path>,
+) -> std::process::Output {
+    let data = fixture("eval/tiny");
+    let mut args = vec![
+        "validate",
+        "--quiet",
+        "--no-cache",
+        "--reference",
+        reference.to_str().unwrap(),
+        "--candidate",
+        candidate.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--parity-texts",
+        "8",
+        "--gates",
+        gates.to_str().unwrap(),
+    ];
+    if let Some(report) = report {
+        args.extend(["--out", report.to_str().unwrap()]);
+    }
+    effir(&args)
+}
