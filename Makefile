@@ -15,7 +15,7 @@ PYTHON  ?= python3
 .PHONY: all system-deps build models test lint embed eval eval-scifact python-deps \
         fixtures metric-references bench-embed profile-embed bench-analyze parity-embeddinggemma \
         onnxruntime export export-pruned validate validate-pruned validate-prune-minilm bench-onnx parity-embeddinggemma-onnx \
-        finetune-minilm finetune-minilm-2ep recover-minilm frontier-minilm precision-checks prune-minilm-narrow prune-minilm-refit prune-embeddinggemma-refit recover-embeddinggemma finetune-minilm-unpruned finetune-minilm-unpruned-2ep bench-finetune profile-finetune optimum-fixtures rewrite-minilm \
+        finetune-minilm finetune-minilm-2ep recover-minilm frontier-minilm frontier-embeddinggemma precision-checks prune-minilm-narrow prune-minilm-refit prune-embeddinggemma-refit recover-embeddinggemma finetune-minilm-unpruned finetune-minilm-unpruned-2ep bench-finetune profile-finetune optimum-fixtures rewrite-minilm \
         analyze-minilm drop-study-minilm prune-minilm results-minilm \
         analyze-embeddinggemma drop-study-embeddinggemma results-embeddinggemma clean
 
@@ -274,6 +274,38 @@ frontier-minilm: build models onnxruntime $(OPTIMUM_VENV)/bin/optimum-cli
 	  --peer $(RUNS)/frontier/peers/optimum-fp32 --peer $(RUNS)/frontier/peers/optimum-int8-avx2 \
 	  --peer $(RUNS)/frontier/peers/optimum-int8-avx512-vnni \
 	  --baseline optimum-fp32 --data $(DATA) --data $(HELDOUT) --gates configs/gates.yaml --runs $(FRONTIER_RUNS) --out $(FRONTIER_OUT)
+
+# The EmbeddingGemma frontier (issue 13): the full model and every pruned
+# plan of GEMMA_FRONTIER_MODELS that exists under $(RUNS) (made by
+# prune-embeddinggemma, prune-embeddinggemma-refit, recover-embeddinggemma; a
+# missing one is named and skipped), each as fp32 and int8 (u8s8), plus the
+# full model as fp16 (range-checked; its parity measured on the CPU, where
+# ONNX Runtime computes float16 products in float32). Scored on the
+# $(GEMMA_SAMPLE)-document SciFact sample and Cranfield, timed in one
+# interleaved run. No Optimum peers: optimum_peers.py exports BERT models.
+# About 3 hours on 2 cores.
+GEMMA_FRONTIER_MODELS ?= embeddinggemma-prune-25-refit embeddinggemma-prune-50-refit embeddinggemma-prune-25 \
+  embeddinggemma-prune-50 embeddinggemma-prune-70 embeddinggemma-prune-25-refit-distill embeddinggemma-prune-50-refit-distill
+GEMMA_FRONTIER_OUT ?= results/embeddinggemma/frontier
+frontier-embeddinggemma: build onnxruntime $(GEMMA)/model.safetensors
+	set -e; points=""; \
+	$(EFFIR) export --model $(GEMMA) --profile sentence-transformers --out $(RUNS)/frontier-gemma/full-fp32 --overwrite; \
+	$(EFFIR) export --model $(GEMMA) --profile sentence-transformers --precision fp16 --calib-data $(DATA) --calib-tokens 8192 \
+	  --out $(RUNS)/frontier-gemma/full-fp16 --overwrite; \
+	points="--candidate full-fp32=$(RUNS)/frontier-gemma/full-fp32 --candidate full-fp16=$(RUNS)/frontier-gemma/full-fp16"; \
+	for m in full $(GEMMA_FRONTIER_MODELS); do \
+	  src=$(RUNS)/$$m; [ $$m = full ] && src=$(GEMMA); \
+	  if [ ! -f $$src/config.json ]; then echo "frontier: $$src not built, skipped"; continue; fi; \
+	  if [ $$m != full ]; then \
+	    $(EFFIR) export --model $$src --profile sentence-transformers --out $(RUNS)/frontier-gemma/$$m-fp32 --overwrite; \
+	    points="$$points --candidate $$m-fp32=$(RUNS)/frontier-gemma/$$m-fp32"; \
+	  fi; \
+	  $(EFFIR) export --model $$src --profile sentence-transformers --precision int8 --int8-kernel u8s8 \
+	    --out $(RUNS)/frontier-gemma/$$m-int8-u8s8 --overwrite; \
+	  points="$$points --candidate $$m-int8-u8s8=$(RUNS)/frontier-gemma/$$m-int8-u8s8"; \
+	done; \
+	$(EFFIR) frontier --reference $(GEMMA) $$points --baseline full-fp32 --data $(DATA) --data $(HELDOUT) \
+	  $(call sample_flag,$(GEMMA_SAMPLE)) --max-length 256 --gates configs/gates.yaml --runs 5 --out $(GEMMA_FRONTIER_OUT)
 
 # fp16 and TensorRT's QDQ int8 checked on the CPU (issue 13): each graph
 # exported with calibration on SciFact and its parity with the model in
