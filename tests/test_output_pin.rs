@@ -35,20 +35,6 @@ fn normalise(text: &str, paths: &[(String, &str)]) -> String {
         })
 }
 
-/// `prune_report.md` states how long pruning took (`…; 0.3s.`): the only
-/// figure that varies between runs.
-fn without_elapsed_time(text: &str) -> String {
-    text.lines()
-        .map(|line| match line.rfind("; ") {
-            Some(i) if line.starts_with("Dropped MLPs:") && line.ends_with("s.") => {
-                format!("{}; <seconds>.", &line[..i])
-            }
-            _ => line.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 fn file_hash(path: &Path, paths: &[(String, &str)]) -> String {
     let bytes = std::fs::read(path).unwrap();
     let normalised = if path.extension().is_some_and(|e| e == "onnx") {
@@ -70,9 +56,6 @@ fn file_hash(path: &Path, paths: &[(String, &str)]) -> String {
                         .unwrap_or_else(|| panic!("effir_export.json records {varying}"));
                 }
                 normalise(&serde_json::to_string_pretty(&summary).unwrap(), paths).into_bytes()
-            }
-            Ok(text) if path.ends_with("prune_report.md") => {
-                without_elapsed_time(&normalise(&text, paths)).into_bytes()
             }
             Ok(text) => normalise(&text, paths).into_bytes(),
             Err(e) => e.into_bytes(),

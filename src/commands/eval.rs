@@ -186,7 +186,10 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         t.query_encode_seconds, t.search_seconds
     );
     if let Some(out) = &args.out {
-        println!("  wrote {0}/metrics.json and {0}/run.trec", out.display());
+        println!(
+            "  wrote {0}/metrics.json, {0}/run.trec and {0}/timings.json",
+            out.display()
+        );
     }
     Ok(())
 }

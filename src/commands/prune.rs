@@ -281,15 +281,16 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
     // Paths relative to the pruned directory, as its records hold them.
     let relative = |p: &Path| relative_to(&args.out, p).display().to_string();
     let md = format!(
-        "# Pruning {} (paths relative to this directory)\n\nDropped MLPs: {:?}; MLP widths: {:?}; {:.1}% of the MLP neurons kept; calibration: {} tokens of {}; {:.1}s.\n\n{table}",
+        "# Pruning {} (paths relative to this directory)\n\nDropped MLPs: {:?}; MLP widths: {:?}; {:.1}% of the MLP neurons kept; calibration: {} tokens of {}.\n\n{table}",
         relative(&args.model.model),
         result.dropped_mlps(),
         result.shape().layers.iter().map(|l| l.mlp.map(|m| m.intermediate_size)).collect::<Vec<_>>(),
         100.0 * result.mlp_keep_achieved(),
         calibration.tokens,
         relative(Path::new(&calibration.source)),
-        start.elapsed().as_secs_f64()
     );
+    // The report is the same bytes for the same inputs; the time is not.
+    eprintln!("pruned in {:.1} s", start.elapsed().as_secs_f64());
     write_bytes_atomically(&args.out.join("prune_report.md"), md.as_bytes())?;
     let record = PruneRecord::read(&args.out)?.context("the pruned model's record")?;
     ModelCard::new(format!(

@@ -75,6 +75,9 @@ pub struct EvalReport {
     pub max_length: usize,
     #[serde(flatten)]
     pub evaluation: Evaluation,
+    /// Written apart (`timings.json`): `metrics.json` and `run.trec` are the
+    /// same bytes for the same inputs.
+    #[serde(skip)]
     pub timings: Timings,
     #[serde(skip)]
     pub run: Run,
@@ -228,8 +231,17 @@ pub fn evaluate_model(
     })
 }
 
-/// Writes `metrics.json` and `run.trec` (top `depth` per query) into `out`.
+/// Writes `metrics.json` and `run.trec` (top `depth` per query), which are
+/// the same bytes for the same inputs, and `timings.json` into `out`.
 pub fn write_report(report: &EvalReport, out: &Path, depth: usize, tag: &str) -> Result<()> {
+    let timings_path = out.join("timings.json");
+    write_atomically(&timings_path, |w| {
+        serde_json::to_writer_pretty(&mut *w, &report.timings).map_err(|error| Error::Json {
+            path: timings_path.clone(),
+            error,
+        })?;
+        w.write_all(b"\n").map_err(|e| Error::io(&timings_path, e))
+    })?;
     let metrics_path = out.join("metrics.json");
     write_atomically(&metrics_path, |w| {
         serde_json::to_writer_pretty(&mut *w, report).map_err(|error| Error::Json {
