@@ -102,10 +102,19 @@ impl TextEncoder {
         if !path.exists() {
             return Err(Error::MissingFile { path });
         }
-        let mut tokenizer = Tokenizer::from_file(&path).map_err(|e| Error::Tokenizer {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
+        // The tokenizers crate panics on some malformed files (an untagged
+        // decoder it cannot read): those are errors naming the file too.
+        let mut tokenizer = std::panic::catch_unwind(|| Tokenizer::from_file(&path))
+            .map_err(|_| Error::Tokenizer {
+                path: path.clone(),
+                message:
+                    "not a tokenizer file the tokenizers library can read (it crashed parsing it)"
+                        .into(),
+            })?
+            .map_err(|e| Error::Tokenizer {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
         if settings.max_length == 0 {
             return Err(Error::InvalidArgument(
                 "max length must be at least 1".into(),
@@ -121,6 +130,29 @@ impl TextEncoder {
                 message: e.to_string(),
             })?;
         tokenizer.with_padding(None);
+        // The tokenizers crate accepts some inconsistent files (a template
+        // naming a special token it does not define) and panics on the
+        // first encoding: try one here, so such a file is an error naming it.
+        let probe = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            tokenizer.encode("a", true).map(|_| ())
+        }));
+        match probe {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(Error::Tokenizer {
+                    path,
+                    message: format!("cannot encode a text: {e}"),
+                })
+            }
+            Err(_) => {
+                return Err(Error::Tokenizer {
+                    path,
+                    message: "the tokenizer crashes on encoding a text (an inconsistent \
+                              post-processor or vocabulary?)"
+                        .into(),
+                })
+            }
+        }
         let config_path = dir.join("tokenizer_config.json");
         let declared = read_json_if_exists::<TokenizerConfigFile>(&config_path)?
             .and_then(|c| c.padding_side)
