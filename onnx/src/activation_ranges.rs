@@ -56,11 +56,7 @@ fn probe_model(
     tensors: &[(String, Statistic)],
 ) -> (ModelProto, Vec<(Option<String>, String)>) {
     let mut probe = model.clone();
-    let opset = probe
-        .opset_import
-        .iter()
-        .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
-        .map_or(17, |o| o.version);
+    let opset = crate::graph_file::default_opset(&probe).unwrap_or(crate::emit::DEFAULT_OPSET);
     let graph = probe.graph.as_mut().expect("a model with a graph");
     let mut g = GraphBuilder::editing(graph, opset);
     let keep_dims = || vec![attr_int("keepdims", 0)];

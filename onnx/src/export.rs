@@ -248,10 +248,15 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
         SOURCE_MODEL_KEY,
         &relative_to(&graph_dir_final, model_dir).to_string_lossy(),
     );
+    let setup = EncoderSetup::load(model_dir, &LoadOptions::default())?;
     let calibration = match &options.calibration {
-        Some(c) if precision.needs_calibration() => {
-            Some(convert_products(&mut model, model_dir, precision, c)?)
-        }
+        Some(c) if precision.needs_calibration() => Some(convert_products(
+            &mut model,
+            &setup,
+            options.emit.opset,
+            precision,
+            c,
+        )?),
         _ => None,
     };
     let weight_bytes = initializer_bytes(&model);
@@ -278,7 +283,7 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
             || name.ends_with(".onnx")
             || name.ends_with(".onnx_data")
     })?;
-    let tokenizer = EncoderSetup::load(model_dir, &LoadOptions::default())?
+    let tokenizer = setup
         .text
         .save_serving_tokenizer(&files_dir.join("tokenizer.json"))?;
     let graph_dir = staging.path().join(&graph_rel);
@@ -362,12 +367,11 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
 /// text and converts them to `precision` (fp16 or QDQ int8).
 fn convert_products(
     model: &mut ModelProto,
-    model_dir: &Path,
+    setup: &EncoderSetup,
+    opset: i64,
     precision: MatmulPrecision,
     calibration: &Calibration,
 ) -> Result<CalibrationSummary> {
-    let setup = EncoderSetup::load(model_dir, &LoadOptions::default())?;
-    let opset = options_opset(model);
     let graph = model.graph.as_ref().expect("emitted with a graph");
     let products = projection_products(graph, setup.architecture());
     if products.is_empty() {
@@ -389,7 +393,7 @@ fn convert_products(
         model,
         None,
         &tensors,
-        &setup,
+        setup,
         &set.texts,
         calibration.batch_size,
         &mut |_| {},
@@ -436,14 +440,6 @@ fn convert_products(
         )?);
     }
     Ok(summary)
-}
-
-fn options_opset(model: &ModelProto) -> i64 {
-    model
-        .opset_import
-        .iter()
-        .find(|o| o.domain.is_empty())
-        .map_or(crate::emit::DEFAULT_OPSET, |o| o.version)
 }
 
 /// The export's model card: how the model was pruned and recovered (from

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_onnx::onnx::{
-    tensor_proto::DataLocation, tensor_shape_proto::dimension, type_proto, ModelProto,
-    StringStringEntryProto, ValueInfoProto,
+    tensor_proto::DataLocation, tensor_proto::DataType, tensor_shape_proto::dimension, type_proto,
+    ModelProto, StringStringEntryProto, TensorProto, ValueInfoProto,
 };
 use prost::Message;
 
@@ -97,11 +97,7 @@ impl GraphFile {
 
     /// The default-domain opset.
     pub fn opset(&self) -> Option<i64> {
-        self.model
-            .opset_import
-            .iter()
-            .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
-            .map(|o| o.version)
+        default_opset(&self.model)
     }
 
     /// Size of `last_hidden_state`'s last axis, if fixed.
@@ -211,6 +207,70 @@ fn io_info(v: &ValueInfoProto) -> IoInfo {
         }
     }
     info
+}
+
+/// The default-domain opset of `model`.
+pub fn default_opset(model: &ModelProto) -> Option<i64> {
+    model
+        .opset_import
+        .iter()
+        .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
+        .map(|o| o.version)
+}
+
+/// The values of a float32 tensor of a graph, held in `raw_data`,
+/// `float_data` or external data (relative to `base`, the graph's
+/// directory; only this tensor's bytes are read); `None` for other types.
+pub fn float_values(t: &TensorProto, base: &Path) -> Result<Option<Vec<f32>>> {
+    if t.data_type != DataType::Float as i32 {
+        return Ok(None);
+    }
+    if t.data_location == DataLocation::External as i32 {
+        let get = |k: &str| {
+            t.external_data
+                .iter()
+                .find(|e| e.key == k)
+                .map(|e| e.value.clone())
+        };
+        let location = get("location").ok_or_else(|| {
+            Error::graph(base, format!("{}: external data without location", t.name))
+        })?;
+        let offset: u64 = get("offset").and_then(|o| o.parse().ok()).unwrap_or(0);
+        let path = base.join(location);
+        let count: usize = t.dims.iter().product::<i64>() as usize;
+        // Only this tensor's bytes are read.
+        let mut bytes = vec![0u8; count * 4];
+        let mut read = || -> std::io::Result<()> {
+            use std::io::{Read, Seek, SeekFrom};
+            let mut file = std::fs::File::open(&path)?;
+            file.seek(SeekFrom::Start(offset))?;
+            file.read_exact(&mut bytes)
+        };
+        read().map_err(|e| {
+            Error::graph(
+                &path,
+                format!(
+                    "{}: cannot read its external data (truncated?): {e}",
+                    t.name
+                ),
+            )
+        })?;
+        return Ok(Some(
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        ));
+    }
+    if !t.raw_data.is_empty() {
+        return Ok(Some(
+            t.raw_data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        ));
+    }
+    Ok(Some(t.float_data.clone()))
 }
 
 /// The bytes a graph takes on disk: the `.onnx` file and, when

@@ -17,13 +17,15 @@
 //! export record; with `strict` the export is refused instead, naming it.
 
 use std::collections::HashMap;
+use std::path::Path;
 
 use candle_onnx::onnx::{tensor_proto::DataType, GraphProto};
 use serde::Serialize;
 
 use crate::activation_ranges::TensorRange;
 use crate::error::{Error, Result};
-use crate::projection_products::{float32_values, splice_products, ProjectionProduct};
+use crate::graph_file::float_values;
+use crate::projection_products::{splice_products, ProjectionProduct};
 
 /// float16's largest finite value.
 pub const FLOAT16_MAX: f32 = 65504.0;
@@ -119,7 +121,8 @@ pub fn convert_products(
     // Q, K and V read one x: one Cast serves them.
     let mut half_inputs: HashMap<String, String> = HashMap::new();
     splice_products(graph, opset, &converted, &mut |g, x, weight| {
-        let values = float32_values(weight)?;
+        // The emitted graph holds its weights: no external data to read.
+        let values = float_values(weight, Path::new("."))?.expect("projection weights are float32");
         let raw: Vec<u8> = values
             .iter()
             .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())

@@ -124,23 +124,3 @@ fn drop_unread_initializers(graph: &mut GraphProto) {
     graph.initializer.retain(|t| !unread.contains(&t.name));
     graph.input.retain(|i| !unread.contains(&i.name));
 }
-
-/// The values of a float32 initializer held in `raw_data` or `float_data`.
-pub fn float32_values(t: &TensorProto) -> Result<Vec<f32>> {
-    if t.data_type != DataType::Float as i32 {
-        return Err(Error::Export(format!("{}: not a float32 tensor", t.name)));
-    }
-    if !t.raw_data.is_empty() {
-        Ok(t.raw_data
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect())
-    } else if !t.float_data.is_empty() {
-        Ok(t.float_data.clone())
-    } else {
-        Err(Error::Export(format!(
-            "{}: its values are not in the graph (external data?)",
-            t.name
-        )))
-    }
-}

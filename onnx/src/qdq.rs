@@ -25,6 +25,7 @@
 //! with the output projections float. `all_products` quantizes them too.
 
 use std::collections::HashMap;
+use std::path::Path;
 
 use candle_onnx::onnx::{tensor_proto::DataType, GraphProto};
 use serde::Serialize;
@@ -32,8 +33,9 @@ use serde::Serialize;
 use crate::activation_ranges::TensorRange;
 use crate::error::{Error, Result};
 use crate::graph::attr_int;
+use crate::graph_file::float_values;
 use crate::precision::Int8Kernel;
-use crate::projection_products::{float32_values, splice_products, ProjectionProduct};
+use crate::projection_products::{splice_products, ProjectionProduct};
 use crate::quantize::quantize_columns;
 
 /// The first opset whose `DequantizeLinear` takes per-axis scales.
@@ -117,7 +119,9 @@ pub fn quantize_products(
             }
         };
         let (rows, cols) = (weight.dims[0] as usize, weight.dims[1] as usize);
-        let q = quantize_columns(&float32_values(weight)?, rows, cols, Int8Kernel::U8s8);
+        // The emitted graph holds its weights: no external data to read.
+        let values = float_values(weight, Path::new("."))?.expect("projection weights are float32");
+        let q = quantize_columns(&values, rows, cols, Int8Kernel::U8s8);
         let wq = g.raw_weight(
             &format!("{}_int8", weight.name),
             DataType::Int8,

@@ -274,7 +274,8 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
     )?;
     let pruned = Embedder::load(&args.out, &args.model.load_options())
         .with_context(|| format!("re-loading the pruned model {}", args.out.display()))?;
-    let mut table = report(&embedder, &pruned);
+    let parameters = report(&embedder, &pruned);
+    let mut table = parameters.clone();
     if let Some(reconstruction) = &result.reconstruction {
         table += &reconstruction_table(&reconstruction.fits);
     }
@@ -301,7 +302,7 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
         100.0 * record.mlp_keep_achieved
     ))
     .section("Pruning", record.card_section())
-    .section("Parameters and FLOPs", report(&embedder, &pruned))
+    .section("Parameters and FLOPs", parameters)
     .section(
         "Recovery",
         "None: pruned only, not fine-tuned. `effir finetune` recovers quality.",

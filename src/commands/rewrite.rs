@@ -65,9 +65,6 @@ const CHECK_TEXTS: [&str; 6] = [
 
 pub fn run(args: RewriteArgs) -> anyhow::Result<()> {
     let precision = matmul_precision(args.precision, args.int8_kernel.is_some(), args.int8_kernel)?;
-    if precision == MatmulPrecision::Float16 {
-        bail!("rewrite writes fp32 or int8 products; for fp16, export the model with `effir export --precision fp16`");
-    }
     let summary = rewrite(
         &args.onnx,
         &args.model,

@@ -4,8 +4,8 @@ use std::path::Path;
 
 use candle_onnx::onnx::{tensor_proto::DataLocation, tensor_proto::DataType, GraphProto};
 
-use super::graph_index::float_values;
 use crate::error::{Error, Result};
+use crate::graph_file::float_values;
 
 /// Brings weights held in external data into the graph, so that no tensor
 /// keeps pointing into the original's data file (the output's is written

@@ -20,9 +20,10 @@ use std::path::Path;
 use candle_onnx::onnx::GraphProto;
 use effir_pipeline::Architecture;
 
-use super::graph_index::{float_values, Source};
+use super::graph_index::Source;
 use super::weight_matching::Orientation;
 use crate::error::Result;
+use crate::graph_file::float_values;
 use crate::projection_products::splice_products;
 use crate::quantize::{int8_matmul, Int8Kernel};
 

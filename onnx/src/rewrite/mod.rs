@@ -121,8 +121,11 @@ pub fn rewrite(
     }
     if precision.needs_calibration() {
         return Err(Error::InvalidArgument(format!(
-            "rewrite writes fp32 or dynamic int8 products, not {}; export the model with `effir export` for that",
-            precision.name()
+            "rewrite writes fp32 or int8 products (dynamic int8, for the CPU), not {0}; for {0}, export the model with `effir export`",
+            match precision {
+                MatmulPrecision::Int8Qdq => "QDQ int8",
+                other => other.name(),
+            }
         )));
     }
     let mut file = GraphFile::read(graph_path)?;

@@ -10,8 +10,9 @@ use effir_pipeline::model::arch::checkpoint_map::{CheckpointMap, NormPlacement};
 use effir_pipeline::Architecture;
 use serde::Serialize;
 
-use super::graph_index::{float_values, hash, value_of, Index, Source};
+use super::graph_index::{hash, value_of, Index, Source};
 use crate::error::Result;
+use crate::graph_file::float_values;
 
 /// How a graph weight relates to a checkpoint tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

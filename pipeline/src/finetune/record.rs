@@ -127,13 +127,13 @@ pub fn write_model(
     let path = staging.path().join(crate::io::weights::WEIGHTS_FILE);
     crate::io::atomic_file::save_safetensors(weights, &path)?;
     // Paths are recorded relative to the output.
-    let mut record = record
+    let mut recorded = record
         .clone()
         .with_paths(&|p| crate::io::recorded_path::relative_to(out, p));
-    record.paths_relative_to_record = true;
+    recorded.paths_relative_to_record = true;
     let record_path = staging.path().join(FINETUNE_FILE);
-    std::fs::write(&record_path, record.to_json()).map_err(|e| Error::io(&record_path, e))?;
-    card(staging.path(), source, out)?;
+    std::fs::write(&record_path, recorded.to_json()).map_err(|e| Error::io(&record_path, e))?;
+    card(staging.path(), source, out, record)?;
     staging.publish(out)
 }
 
@@ -141,10 +141,9 @@ pub fn write_model(
 pub const FINETUNE_FILE: &str = "effir_finetune.json";
 
 /// The fine-tuned directory's model card: how it was pruned (when its
-/// source was) and recovered.
-fn card(dir: &Path, source: &Path, out: &Path) -> Result<()> {
+/// source was) and recovered (`record`, its paths as given).
+fn card(dir: &Path, source: &Path, out: &Path, record: &FinetuneRecord) -> Result<()> {
     use crate::io::model_card::{command_line, ModelCard};
-    let record = FinetuneRecord::read(dir)?.expect("written just before");
     let pruned = crate::compress::prune::PruneRecord::read(dir)?;
     let name = out
         .file_name()

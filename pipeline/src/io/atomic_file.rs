@@ -11,6 +11,8 @@
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
+use crate::error::{Error, Result};
+
 /// Temporary files and directories that become outputs: the modes of
 /// ordinary ones (the umask applies).
 pub fn output_builder<'a>(prefix: &'a str, directory: bool) -> tempfile::Builder<'a, 'a> {
@@ -26,8 +28,6 @@ pub fn output_builder<'a>(prefix: &'a str, directory: bool) -> tempfile::Builder
     let _ = directory;
     builder
 }
-
-use crate::error::{Error, Result};
 
 /// Writes `path` through `write`, atomically. The closure's error aborts the
 /// write and the destination is left untouched.
