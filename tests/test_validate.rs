@@ -7,7 +7,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
 
 use common::{effir, effir_env, export, stderr};
 
@@ -26,27 +25,6 @@ fn write_gates(dir: &Path, text: &str) -> PathBuf {
 
 const ALL_GATES: &str = "parity:\n  min_cosine: 0.99999\n  max_abs_diff: 1.0e-4\nquality:\n  min_ndcg_retention: 0.98\n  min_recall_retention: 0.98\n";
 
-fn validate(reference: &Path, candidate: &Path, gates: &Path, out: Option<&Path>) -> Output {
-    let data = tiny_data();
-    let mut args = vec![
-        "validate",
-        "--quiet",
-        "--no-cache",
-        "--reference",
-        reference.to_str().unwrap(),
-        "--candidate",
-        candidate.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--gates",
-        gates.to_str().unwrap(),
-    ];
-    if let Some(out) = out {
-        args.extend(["--out", out.to_str().unwrap()]);
-    }
-    effir(&args)
-}
-
 #[test]
 fn a_faithful_export_passes_and_a_perturbed_weight_fails_the_parity_gate() {
     let work = tempfile::tempdir().unwrap();
@@ -58,7 +36,7 @@ fn a_faithful_export_passes_and_a_perturbed_weight_fails_the_parity_gate() {
         &["--profile", "sentence-transformers"],
     );
     let report = work.path().join("report-good");
-    let out = validate(&fixture("bert"), &good, &gates, Some(&report));
+    let out = common::validate_on_tiny(&fixture("bert"), &good, &gates, Some(&report));
     assert!(out.status.success(), "{}", stderr(&out));
     let json = common::read_json(&report.join("validation.json"));
     assert_eq!(json["passed"], true);
@@ -88,7 +66,7 @@ fn a_faithful_export_passes_and_a_perturbed_weight_fails_the_parity_gate() {
     }
     std::fs::write(&path, prost::Message::encode_to_vec(&file.model)).unwrap();
     let report = work.path().join("report-broken");
-    let out = validate(&fixture("bert"), &broken, &gates, Some(&report));
+    let out = common::validate_on_tiny(&fixture("bert"), &broken, &gates, Some(&report));
     assert!(!out.status.success(), "a broken candidate passed");
     let err = stderr(&out);
     assert!(
@@ -239,7 +217,7 @@ fn corrupt_graphs_and_bad_gates_fail_clearly_and_write_nothing() {
         export(&fixture("bert"), &dir, &[]);
         std::fs::write(dir.join("model.onnx"), content).unwrap();
         let report = work.path().join(format!("report-{name}"));
-        let out = validate(&fixture("bert"), &dir, &gates, Some(&report));
+        let out = common::validate_on_tiny(&fixture("bert"), &dir, &gates, Some(&report));
         assert!(!out.status.success(), "{name}");
         let err = stderr(&out);
         assert!(
@@ -255,7 +233,7 @@ fn corrupt_graphs_and_bad_gates_fail_clearly_and_write_nothing() {
         ("quality:\n  min_ndcg: 1.5\n", "quality.min_ndcg"),
     ] {
         let bad = write_gates(work.path(), text);
-        let out = validate(&fixture("bert"), &good, &bad, None);
+        let out = common::validate_on_tiny(&fixture("bert"), &good, &bad, None);
         assert!(!out.status.success());
         let err = stderr(&out);
         assert!(err.contains("gates.yaml") && err.contains(expect), "{err}");
@@ -301,7 +279,7 @@ fn a_graph_that_does_not_fit_the_tokenizer_is_refused() {
     export(&fixture("bert"), &swapped, &[]);
     export(&fixture("llama"), &llama, &[]);
     std::fs::copy(llama.join("model.onnx"), swapped.join("model.onnx")).unwrap();
-    let out = validate(&fixture("bert"), &swapped, &gates, None);
+    let out = common::validate_on_tiny(&fixture("bert"), &swapped, &gates, None);
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(
@@ -314,7 +292,7 @@ fn a_graph_that_does_not_fit_the_tokenizer_is_refused() {
     let mut file = GraphFile::read(&path).unwrap();
     file.model.metadata_props.clear();
     std::fs::write(&path, prost::Message::encode_to_vec(&file.model)).unwrap();
-    let out = validate(&fixture("bert"), &swapped, &gates, None);
+    let out = common::validate_on_tiny(&fixture("bert"), &swapped, &gates, None);
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(
