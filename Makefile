@@ -48,8 +48,18 @@ $(FASTEMBED_VENV)/bin/python:
 	$(PYTHON) -m venv $(FASTEMBED_VENV)
 	$(FASTEMBED_VENV)/bin/pip install -q "fastembed==0.9.1"
 
-test: system-deps models onnxruntime $(FASTEMBED_VENV)/bin/python
-	EFFIR_MINILM_DIR=$(MINILM) EFFIR_FASTEMBED_PYTHON=$(FASTEMBED_VENV)/bin/python cargo test --release --workspace
+# torch (PyPI's build, large), transformers and sentence-transformers, which
+# the tests load pruned directories with (tests/transformers_client.py), in
+# a venv of their own. It sees the system's packages, so a machine that
+# already has these versions installs nothing.
+TRANSFORMERS_VENV ?= $(RUNS)/venv-transformers
+$(TRANSFORMERS_VENV)/bin/python:
+	$(PYTHON) -m venv --system-site-packages $(TRANSFORMERS_VENV)
+	$(TRANSFORMERS_VENV)/bin/pip install -q "torch==2.15.0" "transformers==5.24.0" "sentence-transformers==6.2.0" safetensors numpy
+
+test: system-deps models onnxruntime $(FASTEMBED_VENV)/bin/python $(TRANSFORMERS_VENV)/bin/python
+	EFFIR_MINILM_DIR=$(MINILM) EFFIR_FASTEMBED_PYTHON=$(FASTEMBED_VENV)/bin/python \
+	  EFFIR_TRANSFORMERS_PYTHON=$(TRANSFORMERS_VENV)/bin/python cargo test --release --workspace
 
 lint:
 	cargo fmt --all --check

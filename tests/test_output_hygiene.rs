@@ -152,10 +152,6 @@ fn outputs_record_no_absolute_machine_paths() {
     .iter()
     .map(|p| p.display().to_string())
     .collect();
-    for dir in [&pruned, &export] {
-        let found = files_containing(dir, &needles);
-        assert!(found.is_empty(), "absolute paths:\n{}", found.join("\n"));
-    }
     let summary = read_json(&export.join("effir_export.json"));
     assert_eq!(summary["source_model"], "../../bert-pruned");
     assert_eq!(summary["graph"], "model.onnx");
@@ -169,6 +165,14 @@ fn outputs_record_no_absolute_machine_paths() {
     let json = read_json(&report.join("validation.json"));
     let candle = json["parity"]["candle_model"].as_str().unwrap();
     assert!(candle.ends_with("bert-pruned"), "{candle}");
+    // validate wrote its figures into the export's card, with no machine
+    // path either.
+    let card = std::fs::read_to_string(export.join("README.md")).unwrap();
+    assert!(card.contains("## Validation"), "{card}");
+    for dir in [&pruned, &export] {
+        let found = files_containing(dir, &needles);
+        assert!(found.is_empty(), "absolute paths:\n{}", found.join("\n"));
+    }
 }
 
 /// A pruned directory, and its export, carry a model card of their own: the
@@ -219,6 +223,38 @@ fn pruned_and_exported_directories_carry_their_own_model_card() {
             dir.display()
         );
     }
+    // The latest validation's figures go into the export's card; the
+    // source's card is never edited.
+    let gates = work.path().join("gates.yaml");
+    std::fs::write(
+        &gates,
+        "parity:\n  min_cosine: 0.99\nquality:\n  min_ndcg_retention: 0.1\n",
+    )
+    .unwrap();
+    let run = common::validate_on_tiny(source.path(), &export, &gates, None);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let card = std::fs::read_to_string(export.join("README.md")).unwrap();
+    let validation = &card[card.find("## Validation").expect("a Validation section")..];
+    for needle in [
+        "Result: **PASS**",
+        "lowest cosine",
+        "| tiny | test |",
+        "effir validate",
+    ] {
+        assert!(
+            validation.contains(needle),
+            "no `{needle}` in\n{validation}"
+        );
+    }
+    let pruned_card = std::fs::read_to_string(pruned.join("README.md")).unwrap();
+    assert!(
+        pruned_card.contains("## Loading in transformers"),
+        "{pruned_card}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(source.path().join("README.md")).unwrap(),
+        original
+    );
 }
 
 /// The Python of the venv holding fastembed (`make test` makes it):

@@ -539,6 +539,64 @@ impl ValidationReport {
         self.gates.iter().filter(|g| !g.passed).collect()
     }
 
+    /// The figures for the candidate's model card, with no machine path:
+    /// directories are named by their last component.
+    pub fn card_section(&self) -> String {
+        let name = |p: &Path| {
+            p.file_name().map_or_else(
+                || p.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            )
+        };
+        let mut md = format!(
+            "Result: **{}** ({} on {}; reference model `{}`).\n",
+            if self.passed { "PASS" } else { "FAIL" },
+            self.precision,
+            self.providers.join(", "),
+            name(&self.reference),
+        );
+        if let Some(p) = &self.parity {
+            md += &format!(
+                "\n- parity with `{}` in candle, {} texts: lowest cosine {:.7}, mean {:.7}\n",
+                name(&p.candle_model),
+                p.texts,
+                p.min_cosine,
+                p.mean_cosine
+            );
+        }
+        if !self.quality.is_empty() {
+            md += "\n| dataset | split | documents | nDCG@10 | reference | retention | held out |\n|---|---|---:|---:|---:|---:|---|\n";
+        }
+        for q in &self.quality {
+            md += &format!(
+                "| {} | {} | {} | {:.4} | {:.4} | {:.1} % | {} |\n",
+                name(&q.dataset),
+                q.split,
+                q.documents,
+                q.candidate_ndcg_at_10,
+                q.reference_ndcg_at_10,
+                100.0 * q.ndcg_retention,
+                if self.provenance.was_tuned_on(&q.dataset) {
+                    "no: fine-tuned on it"
+                } else {
+                    "yes"
+                }
+            );
+        }
+        let failed = self.failed_gates();
+        if !failed.is_empty() {
+            md += &format!(
+                "\nFailed gates: {}.\n",
+                failed
+                    .iter()
+                    .map(|g| format!("`{}` ({:.6} {} {})", g.gate, g.value, g.rule, g.threshold))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        md
+    }
+
     pub fn to_markdown(&self) -> String {
         let mut md = format!(
             "# effir validate\n\n- reference: `{}`\n- candidate: `{}` ({}{})\n- execution providers: {}\n- CPU: {}\n- result: **{}**\n",

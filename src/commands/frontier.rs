@@ -162,6 +162,7 @@ pub fn run(args: FrontierArgs) -> anyhow::Result<()> {
             max_length: args.max_length,
             batch_size: 32,
             out: None,
+            no_card: true,
             cache_dir: None,
             no_cache: false,
             providers: args.providers.clone(),

@@ -15,6 +15,7 @@ use effir_pipeline::data::calibration::{training_pairs, CalibrationBudget, Calib
 use effir_pipeline::io::atomic_file::write_bytes_atomically;
 use effir_pipeline::io::model_card::{command_line, ModelCard};
 use effir_pipeline::io::recorded_path::relative_to;
+use effir_pipeline::io::transformers_loading::read_loading_form;
 use effir_pipeline::io::weights::load_all_tensors;
 use effir_pipeline::{Embedder, ParameterReport, Prompt};
 
@@ -308,6 +309,10 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
         "None: pruned only, not fine-tuned. `effir finetune` recovers quality.",
     )
     .section("Precision", "float32 safetensors (`model.safetensors`).")
+    .section(
+        "Loading in transformers",
+        read_loading_form(&args.out)?.describe(),
+    )
     .section(
         "Made with",
         format!("```sh\n{}\n```", command_line(&args.out)),

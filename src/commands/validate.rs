@@ -17,6 +17,7 @@ use effir_pipeline::data::text_format::TextFormat;
 use effir_pipeline::eval::embedding_cache::EmbeddingCache;
 use effir_pipeline::eval::evaluation::{EvalSettings, Phase};
 use effir_pipeline::io::atomic_file::write_bytes_atomically;
+use effir_pipeline::io::model_card::{command_line, update_section};
 use effir_pipeline::io::recorded_path::resolve;
 use effir_pipeline::{Embedder, LoadOptions};
 
@@ -61,6 +62,11 @@ pub struct ValidateArgs {
     /// Directory for validation.json and validation.md.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Leave the candidate's model card as it is (by default its
+    /// "Validation" section gets this run's figures, when the candidate's
+    /// directory has a card effir wrote).
+    #[arg(long)]
+    pub no_card: bool,
     /// Corpus-embedding cache [default: $EFFIR_CACHE_DIR or ~/.cache/effir].
     #[arg(long, env = "EFFIR_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
@@ -76,6 +82,9 @@ pub fn run(args: ValidateArgs) -> anyhow::Result<()> {
     let report = validate(&args)?;
     if let Some(out) = &args.out {
         write_report(&report, out)?;
+    }
+    if !args.no_card {
+        record_in_card(&report, &args.candidate);
     }
     print!("{}", report.to_markdown());
     let failed = report.failed_gates();
@@ -235,6 +244,29 @@ pub fn validate(args: &ValidateArgs) -> anyhow::Result<ValidationReport> {
         quality,
         gates: results,
     })
+}
+
+/// Writes the figures into the candidate's model card ("Validation"), with
+/// the command that measured them; a card that cannot be written (a
+/// read-only artifact) is a warning, not a failed validation.
+fn record_in_card(report: &ValidationReport, candidate: &Path) {
+    let Ok(location) = GraphLocation::resolve(candidate) else {
+        return;
+    };
+    let dir = location.model_dir;
+    let body = format!(
+        "The latest `effir validate` of this graph:\n\n{}\n```sh\n{}\n```",
+        report.card_section(),
+        command_line(&dir)
+    );
+    match update_section(&dir, "Validation", &body) {
+        Ok(true) => tracing::info!(
+            "validation figures written into {}/README.md",
+            dir.display()
+        ),
+        Ok(false) => {}
+        Err(e) => tracing::warn!("could not write the validation figures into the model card: {e}"),
+    }
 }
 
 pub fn write_report(report: &ValidationReport, out: &Path) -> anyhow::Result<()> {

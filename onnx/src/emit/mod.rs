@@ -89,7 +89,7 @@ pub fn emit_model(dir: &Path, options: &EmitOptions) -> Result<ModelProto> {
     }
     let setup = EncoderSetup::load(dir, &LoadOptions::default())?;
     let config = &setup.config;
-    let shape = ModelShape::load_or(dir, config.uniform_shape())?;
+    let shape = ModelShape::load_or(dir, config.described_shape())?;
     let tensors = effir_pipeline::io::weights::load_all_tensors(dir)?;
     let arch = config.architecture();
     let map = config.checkpoint();

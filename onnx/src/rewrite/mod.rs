@@ -104,7 +104,7 @@ pub fn rewrite(
     }
     let config = ModelConfig::from_file(&model_dir.join("config.json"))?;
     let arch = config.architecture();
-    let shape = ModelShape::load_or(model_dir, config.uniform_shape())?;
+    let shape = ModelShape::load_or(model_dir, config.described_shape())?;
     let original_dir = match original_dir {
         Some(d) => d.to_path_buf(),
         None => original_model(model_dir).unwrap_or_else(|| model_dir.to_path_buf()),

@@ -889,8 +889,9 @@ impl PruneRecord {
 
 /// Writes the pruned model into `out` (which must not exist): sliced
 /// weights, the other files of `source` (whose parsed `config.json` is
-/// `config`) copied, `effir_shape.json`, and `effir_prune.json` (the plan,
-/// the decisions, and the LLM-Drop and DeciLM translations). The directory
+/// `config`) copied, `effir_shape.json`, `effir_prune.json` (the plan,
+/// the decisions, and the LLM-Drop and DeciLM translations), and what
+/// `transformers` needs to load it ([`crate::io::transformers_loading`]). The directory
 /// appears whole or not at all.
 pub fn write_pruned_model(
     source: &Path,
@@ -920,6 +921,11 @@ pub fn write_pruned_model(
         .map(|(i, _)| i)
         .collect();
     add_llm_drop_keys(&staging.path().join("config.json"), &drop_mlp_list)?;
+    crate::io::transformers_loading::write_loading_files(
+        staging.path(),
+        config.architecture(),
+        &shape,
+    )?;
     let decilm = match config.decoder_spec() {
         Some(spec) => crate::compress::decilm::block_configs(spec, &shape),
         None => Err("BERT is an encoder; DeciLM describes Llama-style decoders".to_string()),

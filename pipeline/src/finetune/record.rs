@@ -112,8 +112,8 @@ impl FinetuneRecord {
     }
 }
 
-/// Writes the fine-tuned model: `source`'s files, the new weights, and
-/// `effir_finetune.json`. The directory appears whole or not at all.
+/// Writes the fine-tuned model: `source`'s files, the new weights,
+/// `effir_finetune.json`, and what `transformers` needs to load it. The directory appears whole or not at all.
 pub fn write_model(
     source: &Path,
     out: &Path,
@@ -126,6 +126,15 @@ pub fn write_model(
     })?;
     let path = staging.path().join(crate::io::weights::WEIGHTS_FILE);
     crate::io::atomic_file::save_safetensors(weights, &path)?;
+    // The source's loading code is copied; written anew, it is current and
+    // also covers sources pruned before effir wrote it.
+    let config = crate::model::arch::ModelConfig::from_file(&staging.path().join("config.json"))?;
+    let shape = crate::model::shape::ModelShape::load_or(staging.path(), config.described_shape())?;
+    crate::io::transformers_loading::write_loading_files(
+        staging.path(),
+        config.architecture(),
+        &shape,
+    )?;
     // Paths are recorded relative to the output.
     let mut recorded = record
         .clone()
@@ -163,6 +172,10 @@ fn card(dir: &Path, source: &Path, out: &Path, record: &FinetuneRecord) -> Resul
     }
     card.section("Recovery", record.card_section(out))
         .section("Precision", "float32 safetensors (`model.safetensors`).")
+        .section(
+            "Loading in transformers",
+            crate::io::transformers_loading::read_loading_form(dir)?.describe(),
+        )
         .section("Made with", format!("```sh\n{}\n```", command_line(out)))
         .write(dir, source, out)
 }

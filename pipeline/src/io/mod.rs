@@ -8,4 +8,5 @@ pub mod model_files;
 pub mod npy;
 pub mod recorded_path;
 pub mod text_input;
+pub mod transformers_loading;
 pub mod weights;

@@ -89,6 +89,37 @@ impl ModelCard {
     }
 }
 
+/// Sets the section `heading` of the effir card in `dir` to `body`
+/// (replacing that section if the card has it, else appending it), written
+/// atomically. Returns `false`, changing nothing, when `dir` has no card
+/// effir wrote (a source model's own card is never edited).
+pub fn update_section(dir: &Path, heading: &str, body: &str) -> Result<bool> {
+    let path = dir.join(CARD_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) if text.contains(MARKER) => text,
+        Ok(_) => return Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(Error::io(&path, e)),
+    };
+    let section = format!("\n## {heading}\n\n{}\n", body.trim_end());
+    let start_marker = format!("\n## {heading}\n");
+    let updated = match text.find(&start_marker) {
+        Some(start) => {
+            let after = start + start_marker.len();
+            let end = text[after..]
+                .find("\n## ")
+                .map_or(text.len(), |i| after + i);
+            format!("{}{section}{}", &text[..start], &text[end..])
+        }
+        None => format!(
+            "{}{section}",
+            text.trim_end_matches('\n').to_string() + "\n"
+        ),
+    };
+    crate::io::atomic_file::write_bytes_atomically(&path, updated.as_bytes())?;
+    Ok(true)
+}
+
 /// `license:` of a card's YAML front matter.
 fn front_matter_licence(card: &str) -> Option<String> {
     let rest = card.strip_prefix("---")?;
@@ -101,8 +132,9 @@ fn front_matter_licence(card: &str) -> Option<String> {
 }
 
 /// The command line that made an output, with every argument naming an
-/// existing path written relative to `out`, so the card holds no machine
-/// path.
+/// existing path written relative to `out` (see
+/// [`crate::io::recorded_path::display_from`]), so the card holds no
+/// machine path.
 pub fn command_line(out: &Path) -> String {
     let mut args = std::env::args();
     let program = args.next().map_or_else(
@@ -117,7 +149,7 @@ pub fn command_line(out: &Path) -> String {
         .chain(args.map(|a| {
             let path = Path::new(&a);
             if path.is_absolute() || path.exists() {
-                relative_to(out, path).display().to_string()
+                crate::io::recorded_path::display_from(out, path)
             } else {
                 a
             }
@@ -138,6 +170,35 @@ mod tests {
             front_matter_licence("# no front matter\nlicense: x\n"),
             None
         );
+    }
+
+    #[test]
+    fn a_section_is_replaced_in_place_and_a_source_card_never_edited() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = dir.path().join("source");
+        ModelCard::new("Exported")
+            .section("Precision", "fp32")
+            .section("Made with", "effir export")
+            .write(dir.path(), &source, dir.path())
+            .unwrap();
+        assert!(update_section(dir.path(), "Validation", "PASS, first").unwrap());
+        assert!(update_section(dir.path(), "Precision", "int8").unwrap());
+        assert!(update_section(dir.path(), "Validation", "FAIL, latest").unwrap());
+        let card = std::fs::read_to_string(dir.path().join(CARD_FILE)).unwrap();
+        assert!(
+            card.ends_with("## Precision\n\nint8\n\n## Made with\n\neffir export\n\n## Validation\n\nFAIL, latest\n"),
+            "{card}"
+        );
+        assert!(!card.contains("first") && !card.contains("fp32"));
+        // A card effir did not write is left alone.
+        let other = tempfile::tempdir().unwrap();
+        std::fs::write(other.path().join(CARD_FILE), "# Someone's model\n").unwrap();
+        assert!(!update_section(other.path(), "Validation", "PASS").unwrap());
+        assert_eq!(
+            std::fs::read_to_string(other.path().join(CARD_FILE)).unwrap(),
+            "# Someone's model\n"
+        );
+        assert!(!update_section(&dir.path().join("missing"), "Validation", "PASS").unwrap());
     }
 
     #[test]

@@ -33,6 +33,36 @@ pub fn relative_to(base_dir: &Path, target: &Path) -> PathBuf {
     }
 }
 
+/// `target` for display in a file under `base_dir` (a model card's
+/// command line): relative to `base_dir` when the two share a directory
+/// below the filesystem root; otherwise (the path would climb to the root,
+/// which is an absolute path in disguise) as typed when that is relative,
+/// else its file name after `…/`. No machine path is shown either way.
+pub fn display_from(base_dir: &Path, target: &Path) -> String {
+    let shares_more_than_root = match (absolute(base_dir), absolute(target)) {
+        (Some(base), Some(to)) => {
+            base.components()
+                .zip(to.components())
+                .take_while(|(a, b)| a == b)
+                .count()
+                > 1
+        }
+        _ => false,
+    };
+    if shares_more_than_root {
+        relative_to(base_dir, target).display().to_string()
+    } else if target.is_relative() {
+        target.display().to_string()
+    } else {
+        format!(
+            "…/{}",
+            target
+                .file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+        )
+    }
+}
+
 /// A recorded path read back from a record in `record_dir`.
 pub fn resolve(record_dir: &Path, recorded: &Path) -> PathBuf {
     if recorded.is_absolute() {
@@ -104,5 +134,19 @@ mod tests {
         assert_eq!(relative_to(&model, &model), Path::new("."));
         // Old records hold absolute paths: they read as they are.
         assert_eq!(resolve(&out, &model), model);
+    }
+
+    #[test]
+    fn a_displayed_path_never_climbs_to_the_root() {
+        let work = tempfile::tempdir().unwrap();
+        let out = work.path().join("runs/export");
+        let model = work.path().join("models/minilm");
+        assert_eq!(display_from(&out, &model), "../../models/minilm");
+        // Sharing only `/`: as typed when relative, else its name.
+        assert_eq!(display_from(&out, Path::new("/proc/self")), "…/self",);
+        let cwd = std::env::current_dir().unwrap();
+        if cwd.components().nth(1) != work.path().components().nth(1) {
+            assert_eq!(display_from(&out, Path::new("Cargo.toml")), "Cargo.toml");
+        }
     }
 }

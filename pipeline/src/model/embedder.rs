@@ -79,7 +79,7 @@ impl Embedder {
         device: &Device,
     ) -> Result<Self> {
         let setup = EncoderSetup::load(dir, options)?;
-        let shape = ModelShape::load_or(dir, setup.config.uniform_shape())?;
+        let shape = ModelShape::load_or(dir, setup.config.described_shape())?;
         let backbone = Backbone::load(vb, &setup.config, &shape)?;
         let head = EmbeddingHead::load(
             &setup.sentence,

@@ -50,18 +50,22 @@ pub struct Registration {
     pub architecture: Architecture,
     pub model_type: &'static str,
     pub checkpoint: &'static CheckpointMap,
+    /// The `transformers` classes of the unpruned architecture
+    /// (configuration, backbone model), which the Python code written into
+    /// a pruned directory extends ([`crate::io::transformers_loading`]).
+    pub transformers_classes: (&'static str, &'static str),
     parse: fn(&Path, &Value) -> Result<ParsedConfig>,
 }
 
 /// Every architecture effir implements.
 #[rustfmt::skip]
 pub const REGISTRY: [Registration; 6] = [
-    Registration { architecture: Architecture::Bert, model_type: "bert", checkpoint: &checkpoint_map::BERT, parse: |p, v| Ok(bert::parse(p, v)?.into()) },
-    Registration { architecture: Architecture::Gemma3, model_type: "gemma3_text", checkpoint: &checkpoint_map::GEMMA3, parse: |p, v| Ok(gemma3::parse(p, v)?.into()) },
-    Registration { architecture: Architecture::Llama, model_type: "llama", checkpoint: &checkpoint_map::LLAMA, parse: |p, v| Ok(decoder_config::parse::<llama::Config>(p, v)?.into()) },
-    Registration { architecture: Architecture::Mistral, model_type: "mistral", checkpoint: &checkpoint_map::LLAMA, parse: |p, v| Ok(decoder_config::parse::<mistral::Config>(p, v)?.into()) },
-    Registration { architecture: Architecture::Qwen2, model_type: "qwen2", checkpoint: &checkpoint_map::LLAMA, parse: |p, v| Ok(decoder_config::parse::<qwen2::Config>(p, v)?.into()) },
-    Registration { architecture: Architecture::Qwen3, model_type: "qwen3", checkpoint: &checkpoint_map::QWEN3, parse: |p, v| Ok(decoder_config::parse::<qwen3::Config>(p, v)?.into()) },
+    Registration { architecture: Architecture::Bert, model_type: "bert", checkpoint: &checkpoint_map::BERT, transformers_classes: ("BertConfig", "BertModel"), parse: |p, v| Ok(bert::parse(p, v)?.into()) },
+    Registration { architecture: Architecture::Gemma3, model_type: "gemma3_text", checkpoint: &checkpoint_map::GEMMA3, transformers_classes: ("Gemma3TextConfig", "Gemma3TextModel"), parse: |p, v| Ok(gemma3::parse(p, v)?.into()) },
+    Registration { architecture: Architecture::Llama, model_type: "llama", checkpoint: &checkpoint_map::LLAMA, transformers_classes: ("LlamaConfig", "LlamaModel"), parse: |p, v| Ok(decoder_config::parse::<llama::Config>(p, v)?.into()) },
+    Registration { architecture: Architecture::Mistral, model_type: "mistral", checkpoint: &checkpoint_map::LLAMA, transformers_classes: ("MistralConfig", "MistralModel"), parse: |p, v| Ok(decoder_config::parse::<mistral::Config>(p, v)?.into()) },
+    Registration { architecture: Architecture::Qwen2, model_type: "qwen2", checkpoint: &checkpoint_map::LLAMA, transformers_classes: ("Qwen2Config", "Qwen2Model"), parse: |p, v| Ok(decoder_config::parse::<qwen2::Config>(p, v)?.into()) },
+    Registration { architecture: Architecture::Qwen3, model_type: "qwen3", checkpoint: &checkpoint_map::QWEN3, transformers_classes: ("Qwen3Config", "Qwen3Model"), parse: |p, v| Ok(decoder_config::parse::<qwen3::Config>(p, v)?.into()) },
 ];
 
 impl Architecture {
@@ -98,6 +102,11 @@ impl Architecture {
         self.registration().checkpoint
     }
 
+    /// The `transformers` configuration and backbone classes.
+    pub fn transformers_classes(self) -> (&'static str, &'static str) {
+        self.registration().transformers_classes
+    }
+
     /// Encoders read the whole sequence; decoders are causal language models
     /// (EmbeddingGemma's Gemma3 is a decoder made bidirectional).
     pub fn is_decoder(self) -> bool {
@@ -109,6 +118,41 @@ impl std::fmt::Display for Architecture {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.model_type())
     }
+}
+
+/// `uniform` with the MLP widths of `effir_intermediate_sizes` (one entry
+/// per layer, a width or `null` for a dropped MLP), if the config has them.
+fn described_widths(
+    path: &Path,
+    value: &Value,
+    uniform: &ModelShape,
+) -> Result<Option<ModelShape>> {
+    use crate::io::transformers_loading::WIDTHS_KEY;
+    let Some(widths) = value.get(WIDTHS_KEY) else {
+        return Ok(None);
+    };
+    let bad = |m: String| Error::config(path, format!("`{WIDTHS_KEY}`: {m}"));
+    let widths = widths.as_array().ok_or_else(|| bad("not a list".into()))?;
+    if widths.len() != uniform.layers.len() {
+        return Err(bad(format!(
+            "{} entries for {} layers",
+            widths.len(),
+            uniform.layers.len()
+        )));
+    }
+    let mut shape = uniform.clone();
+    for (i, (layer, width)) in shape.layers.iter_mut().zip(widths).enumerate() {
+        layer.mlp = match width {
+            Value::Null => None,
+            w => match w.as_u64() {
+                Some(n) if n > 0 => Some(crate::model::shape::MlpShape {
+                    intermediate_size: n as usize,
+                }),
+                _ => return Err(bad(format!("layer {i}: {w} is not a width or null"))),
+            },
+        };
+    }
+    Ok(Some(shape))
 }
 
 /// The backbone a `config.json` describes.
@@ -163,6 +207,8 @@ pub struct ModelConfig {
     architecture: Architecture,
     pub backbone: BackboneConfig,
     uniform_shape: ModelShape,
+    /// The per-layer widths `config.json` itself gives (`effir_intermediate_sizes`).
+    described_shape: Option<ModelShape>,
     vocab_size: usize,
     pub special_tokens: SpecialTokens,
     pub max_position_embeddings: Option<usize>,
@@ -202,10 +248,12 @@ impl ModelConfig {
                 _ => Vec::new(),
             }
         };
+        let described_shape = described_widths(path, &value, &parsed.uniform_shape)?;
         Ok(Self {
             path: path.to_path_buf(),
             architecture: registration.architecture,
             backbone: parsed.backbone,
+            described_shape,
             uniform_shape: parsed.uniform_shape,
             vocab_size: parsed.vocab_size,
             special_tokens: SpecialTokens {
@@ -231,6 +279,16 @@ impl ModelConfig {
     /// The shape of the unpruned model `config.json` describes.
     pub fn uniform_shape(&self) -> ModelShape {
         self.uniform_shape.clone()
+    }
+
+    /// The per-layer widths `config.json` describes: the uniform stack, or
+    /// the widths of `effir_intermediate_sizes` (which effir writes for
+    /// `transformers`; see [`crate::io::transformers_loading`]). An
+    /// `effir_shape.json` beside it takes precedence ([`ModelShape::load_or`]).
+    pub fn described_shape(&self) -> ModelShape {
+        self.described_shape
+            .clone()
+            .unwrap_or_else(|| self.uniform_shape.clone())
     }
 
     /// Rows of the token embedding table.
