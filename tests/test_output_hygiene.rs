@@ -10,10 +10,9 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use common::{effir, files_under, fixture, minilm_dir, prune_fixture, read_json, stderr};
+use common::{effir, fixture, minilm_dir, prune_fixture, read_json, stderr};
 
 /// `effir prune` of `model` to half its MLP neurons, calibrated on the
 /// text file `calib`, into `out`.
@@ -32,44 +31,6 @@ fn prune_half(model: &Path, calib: &Path, out: &Path) {
     assert!(run.status.success(), "{}", stderr(&run));
 }
 
-/// The mode bits (`rwxrwxrwx`) of `path`.
-fn mode(path: &Path) -> u32 {
-    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
-}
-
-/// Every file and directory under `dir` has the mode an ordinary file or
-/// directory created here gets, with this process's umask.
-fn assert_ordinary_modes(dir: &Path, work: &Path) {
-    let probe_file = work.join("probe-file");
-    std::fs::write(&probe_file, b"x").unwrap();
-    let probe_dir = work.join("probe-dir");
-    std::fs::create_dir_all(&probe_dir).unwrap();
-    let (file_mode, dir_mode) = (mode(&probe_file), mode(&probe_dir));
-    let files = files_under(dir);
-    let dirs: std::collections::BTreeSet<&Path> = files
-        .iter()
-        .flat_map(|f| f.ancestors().skip(1).take_while(|d| d.starts_with(dir)))
-        .collect();
-    assert!(dirs.contains(dir));
-    for path in files.iter().map(|f| f.as_path()).chain(dirs) {
-        // Who may read (and enter) it, as for an ordinary file or
-        // directory; copied files may differ in write bits.
-        let (want, bits) = if path.is_dir() {
-            (dir_mode, 0o555)
-        } else {
-            (file_mode, 0o444)
-        };
-        assert_eq!(
-            mode(path) & bits,
-            want & bits,
-            "{}: mode {:o}, ordinary ones get {:o}",
-            path.display(),
-            mode(path),
-            want
-        );
-    }
-}
-
 #[test]
 fn pruned_and_exported_directories_are_readable_by_other_users() {
     let work = tempfile::tempdir().unwrap();
@@ -79,10 +40,10 @@ fn pruned_and_exported_directories_are_readable_by_other_users() {
         &["some calibration text", "and a little more of it"],
         &["--mlp-keep", "0.5"],
     );
-    assert_ordinary_modes(&pruned, work.path());
+    common::assert_ordinary_modes(&pruned);
     let export = work.path().join("export");
     common::export(&pruned, &export, &["--layout", "onnx-subdir"]);
-    assert_ordinary_modes(&export, work.path());
+    common::assert_ordinary_modes(&export);
 }
 
 #[test]
@@ -107,27 +68,6 @@ fn the_exported_tokenizer_encodes_as_effir_validated() {
             assert_eq!(tokenizer["padding"]["pad_token"], "[PAD]");
         }
     }
-}
-
-/// Where any of `needles`, absolute paths, occurs as an absolute path in
-/// the files under `dir` (not as the tail of a relative path climbing to
-/// it, `../../work/...`).
-fn files_containing(dir: &Path, needles: &[String]) -> Vec<String> {
-    files_under(dir)
-        .into_iter()
-        .filter_map(|path| {
-            let bytes = std::fs::read(&path).unwrap();
-            needles
-                .iter()
-                .find(|n| {
-                    bytes
-                        .windows(n.len())
-                        .enumerate()
-                        .any(|(i, w)| w == n.as_bytes() && (i == 0 || bytes[i - 1] != b'.'))
-                })
-                .map(|n| format!("{} holds {n}", path.display()))
-        })
-        .collect()
 }
 
 /// Pruned, fine-tuned, exported and rewritten directories name the
@@ -170,7 +110,7 @@ fn outputs_record_no_absolute_machine_paths() {
     let card = std::fs::read_to_string(export.join("README.md")).unwrap();
     assert!(card.contains("## Validation"), "{card}");
     for dir in [&pruned, &export] {
-        let found = files_containing(dir, &needles);
+        let found = common::files_containing(dir, &needles);
         assert!(found.is_empty(), "absolute paths:\n{}", found.join("\n"));
     }
 }

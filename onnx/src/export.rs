@@ -349,7 +349,13 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
         precision: options.emit.precision.name(),
         int8_kernel: options.emit.precision.int8_kernel(),
         int8_form: options.emit.precision.int8_form(),
-        calibration,
+        // The calibration text's path, relative to the summary like the source model's.
+        calibration: calibration.map(|c| CalibrationSummary {
+            source: relative_to(&out.join(&files_rel), Path::new(&c.source))
+                .display()
+                .to_string(),
+            ..c
+        }),
         cpu_features: CpuFeatures::detect(),
         tokenizer,
     };

@@ -130,13 +130,107 @@ pub fn effir(args: &[&str]) -> std::process::Output {
 }
 
 /// Runs the `effir` binary with `args` and extra environment variables.
+/// A model directory a command writes (`prune`, `finetune`, `export`,
+/// `rewrite` with `--out`) is checked on success, in every test: ordinary
+/// file modes and no absolute path of this machine in any file.
 pub fn effir_env(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_effir"));
     cmd.args(args);
     for (k, v) in env {
         cmd.env(k, v);
     }
-    cmd.output().expect("run effir")
+    let output = cmd.output().expect("run effir");
+    let writes_model = ["prune", "finetune", "export", "rewrite"].contains(&args[0]);
+    let out = args
+        .iter()
+        .position(|a| *a == "--out")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from);
+    if let (true, true, Some(out)) = (output.status.success(), writes_model, out) {
+        if out.is_dir() {
+            assert_ordinary_modes(&out);
+            assert_no_machine_paths(&out);
+        }
+    }
+    output
+}
+
+/// The mode bits (`rwxrwxrwx`) of `path`.
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// Every file and directory under `dir` has the mode an ordinary file or
+/// directory created here gets, with this process's umask (read, and for
+/// directories enter, bits).
+pub fn assert_ordinary_modes(dir: &Path) {
+    let probe = tempfile::tempdir().unwrap();
+    let probe_file = probe.path().join("file");
+    std::fs::write(&probe_file, b"x").unwrap();
+    let probe_dir = probe.path().join("dir");
+    std::fs::create_dir_all(&probe_dir).unwrap();
+    let (file_mode, dir_mode) = (mode(&probe_file), mode(&probe_dir));
+    let files = files_under(dir);
+    let dirs: std::collections::BTreeSet<&Path> = files
+        .iter()
+        .flat_map(|f| f.ancestors().skip(1).take_while(|d| d.starts_with(dir)))
+        .collect();
+    for path in files.iter().map(|f| f.as_path()).chain(dirs) {
+        // Who may read (and enter) it, as for an ordinary file or
+        // directory; copied files may differ in write bits.
+        let (want, bits) = if path.is_dir() {
+            (dir_mode, 0o555)
+        } else {
+            (file_mode, 0o444)
+        };
+        assert_eq!(
+            mode(path) & bits,
+            want & bits,
+            "{}: mode {:o}, ordinary ones get {:o}",
+            path.display(),
+            mode(path),
+            want
+        );
+    }
+}
+
+/// No file under the model directory `out` names the repository or the
+/// directory `out` was written in by an absolute path.
+pub fn assert_no_machine_paths(out: &Path) {
+    let mut needles = vec![std::fs::canonicalize(env!("CARGO_MANIFEST_DIR")).unwrap()];
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        needles.push(parent.to_path_buf());
+        needles.extend(std::fs::canonicalize(parent));
+    }
+    let needles: Vec<String> = needles
+        .iter()
+        .filter(|p| p.is_absolute() && p.components().count() > 2)
+        .map(|p| p.display().to_string())
+        .collect();
+    let found = files_containing(out, &needles);
+    assert!(found.is_empty(), "absolute paths:\n{}", found.join("\n"));
+}
+
+/// Where any of `needles`, absolute paths, occurs as an absolute path in
+/// the files under `dir` (not as the tail of a relative path climbing to
+/// it, `../../work/...`).
+pub fn files_containing(dir: &Path, needles: &[String]) -> Vec<String> {
+    files_under(dir)
+        .into_iter()
+        .filter_map(|path| {
+            let bytes = std::fs::read(&path).unwrap();
+            needles
+                .iter()
+                .find(|n| {
+                    bytes
+                        .windows(n.len())
+                        .enumerate()
+                        .any(|(i, w)| w == n.as_bytes() && (i == 0 || bytes[i - 1] != b'.'))
+                })
+                .map(|n| format!("{} holds {n}", path.display()))
+        })
+        .collect()
 }
 
 pub fn stderr(out: &std::process::Output) -> String {

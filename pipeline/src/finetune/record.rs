@@ -63,16 +63,15 @@ impl FinetuneRecord {
         if let Some(d) = self.config.embedding_distillation.as_mut() {
             d.teacher = map(&d.teacher);
         }
+        if let Some(d) = self.config.dev.as_mut() {
+            d.data = map(&d.data);
+        }
         self
     }
 
     /// The recovery recipe, for a model card; data paths relative to `out`.
     pub fn card_section(&self, out: &Path) -> String {
-        let relative = |p: &Path| {
-            crate::io::recorded_path::relative_to(out, p)
-                .display()
-                .to_string()
-        };
+        let relative = |p: &Path| crate::io::recorded_path::display_from(out, p);
         let mut data: Vec<String> = self
             .train
             .iter()

@@ -31,8 +31,7 @@ use crate::error::{Error, Result};
 use crate::model::arch::{Architecture, CheckpointMap};
 use crate::model::shape::ModelShape;
 
-/// The `config.json` key with each layer's MLP width (`null`: dropped).
-pub const WIDTHS_KEY: &str = "effir_intermediate_sizes";
+pub use crate::model::shape::CONFIG_WIDTHS_KEY as WIDTHS_KEY;
 
 /// The module names of effir's code files (configuration, modeling).
 const EFFIR_MODULE_PREFIXES: (&str, &str) = ("configuration_effir_", "modeling_effir_");
@@ -321,15 +320,34 @@ mod tests {
 
     #[test]
     fn gemma_drops_both_mlp_norms_and_llama_its_pre_norm() {
+        let quoted = |names: &[&str]| {
+            names
+                .iter()
+                .map(|n| format!("\"{n}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let gemma_map = Architecture::Gemma3.checkpoint();
         let gemma = CodeFiles::new(Architecture::Gemma3).modeling_code(Architecture::Gemma3);
-        assert!(gemma.contains(
-            r#"MLP_NORMS = ["pre_feedforward_layernorm", "post_feedforward_layernorm"]"#
-        ));
+        let both = [
+            gemma_map.mlp.norms.input.unwrap(),
+            gemma_map.mlp.norms.output.unwrap(),
+        ];
+        assert!(
+            gemma.contains(&format!("MLP_NORMS = [{}]", quoted(&both))),
+            "{gemma}"
+        );
+        let llama_map = Architecture::Llama.checkpoint();
         let llama = CodeFiles::new(Architecture::Llama).modeling_code(Architecture::Llama);
-        assert!(llama.contains(r#"MLP_NORMS = ["post_attention_layernorm"]"#));
-        assert!(llama.contains(r#"MLP_MODULE = "mlp""#) && llama.contains(r#"LAYERS = "layers""#));
+        let pre = [llama_map.mlp.norms.input.unwrap()];
+        assert!(
+            llama.contains(&format!("MLP_NORMS = [{}]", quoted(&pre))),
+            "{llama}"
+        );
+        assert!(llama.contains(&format!("LAYERS = \"{}\"", llama_map.layers)));
+        let bert_map = Architecture::Bert.checkpoint();
         let bert = CodeFiles::new(Architecture::Bert).modeling_code(Architecture::Bert);
-        assert!(bert.contains(r#"LAYERS = "encoder.layer""#));
-        assert!(bert.contains(r#"OUTPUT_MODULE = "output""#));
+        assert!(bert.contains(&format!("LAYERS = \"{}\"", bert_map.layers)));
+        assert!(!bert.contains("MLP_NORMS"));
     }
 }

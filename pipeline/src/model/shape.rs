@@ -15,6 +15,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+/// The `config.json` key with each layer's MLP width (`null`: dropped),
+/// which effir writes for `transformers` and reads when a directory has no
+/// shape record.
+pub const CONFIG_WIDTHS_KEY: &str = "effir_intermediate_sizes";
+
 /// File name of the shape record inside a model directory.
 pub const SHAPE_FILE: &str = "effir_shape.json";
 const SHAPE_VERSION: u32 = 1;

@@ -52,7 +52,7 @@ pub struct Registration {
     pub checkpoint: &'static CheckpointMap,
     /// The `transformers` classes of the unpruned architecture
     /// (configuration, backbone model), which the Python code written into
-    /// a pruned directory extends ([`crate::io::transformers_loading`]).
+    /// a pruned directory extends.
     pub transformers_classes: (&'static str, &'static str),
     parse: fn(&Path, &Value) -> Result<ParsedConfig>,
 }
@@ -127,7 +127,7 @@ fn described_widths(
     value: &Value,
     uniform: &ModelShape,
 ) -> Result<Option<ModelShape>> {
-    use crate::io::transformers_loading::WIDTHS_KEY;
+    use crate::model::shape::CONFIG_WIDTHS_KEY as WIDTHS_KEY;
     let Some(widths) = value.get(WIDTHS_KEY) else {
         return Ok(None);
     };
@@ -283,7 +283,7 @@ impl ModelConfig {
 
     /// The per-layer widths `config.json` describes: the uniform stack, or
     /// the widths of `effir_intermediate_sizes` (which effir writes for
-    /// `transformers`; see [`crate::io::transformers_loading`]). An
+    /// `transformers`). An
     /// `effir_shape.json` beside it takes precedence ([`ModelShape::load_or`]).
     pub fn described_shape(&self) -> ModelShape {
         self.described_shape
