@@ -10,7 +10,7 @@ use candle_core::{Device, Tensor};
 use common::{copy_model, edit_weights, fixture};
 use effir_pipeline::compress::analysis::measure_importance;
 use effir_pipeline::compress::prune::{
-    plan_pruning, write_pruned_model, CoarseMode, CoarsePlan, FinePlan, NeuronScore, PruneInputs,
+    plan_pruning, stage_pruned_model, CoarseMode, CoarsePlan, FinePlan, NeuronScore, PruneInputs,
     PrunePlan, PruneRecord, PruneResult,
 };
 use effir_pipeline::compress::reconstruct::ReconstructPlan;
@@ -65,7 +65,7 @@ fn prune(name: &str, plan: &PrunePlan) -> (tempfile::TempDir, PathBuf, PruneResu
     .unwrap();
     let work = tempfile::tempdir().unwrap();
     let out = work.path().join("pruned");
-    write_pruned_model(
+    stage_pruned_model(
         &source,
         &out,
         tensors,
@@ -73,6 +73,8 @@ fn prune(name: &str, plan: &PrunePlan) -> (tempfile::TempDir, PathBuf, PruneResu
         plan,
         &result,
     )
+    .unwrap()
+    .publish(&out)
     .unwrap();
     (work, out, result)
 }

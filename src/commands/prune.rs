@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use effir_pipeline::compress::prune::{
-    check_taylor_inputs, plan_pruning, write_pruned_model, CoarseMode, CoarsePlan, FinePlan,
+    check_taylor_inputs, plan_pruning, stage_pruned_model, CoarseMode, CoarsePlan, FinePlan,
     NeuronScore, PruneInputs, PrunePlan, PruneRecord,
 };
 use effir_pipeline::compress::reconstruct::{LayerFit, ReconstructPlan};
@@ -265,7 +265,10 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
         },
         &mut |step| eprintln!("{step} …"),
     )?;
-    write_pruned_model(
+    // Everything, reports and card included, is written into a staging
+    // directory that becomes `--out` at the end: a killed run leaves no
+    // partial model.
+    let staged = stage_pruned_model(
         &args.model.model,
         &args.out,
         tensors,
@@ -273,8 +276,9 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
         &plan,
         &result,
     )?;
-    let pruned = Embedder::load(&args.out, &args.model.load_options())
-        .with_context(|| format!("re-loading the pruned model {}", args.out.display()))?;
+    let dir = staged.path().to_path_buf();
+    let pruned = Embedder::load(&dir, &args.model.load_options())
+        .with_context(|| format!("re-loading the pruned model {}", dir.display()))?;
     let parameters = report(&embedder, &pruned);
     let mut table = parameters.clone();
     if let Some(reconstruction) = &result.reconstruction {
@@ -293,8 +297,8 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
     );
     // The report is the same bytes for the same inputs; the time is not.
     eprintln!("pruned in {:.1} s", start.elapsed().as_secs_f64());
-    write_bytes_atomically(&args.out.join("prune_report.md"), md.as_bytes())?;
-    let record = PruneRecord::read(&args.out)?.context("the pruned model's record")?;
+    write_bytes_atomically(&dir.join("prune_report.md"), md.as_bytes())?;
+    let record = PruneRecord::read(&dir)?.context("the pruned model's record")?;
     ModelCard::new(format!(
         "{}: {:.0} % of the MLP neurons kept, pruned by effir",
         args.out
@@ -311,13 +315,14 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
     .section("Precision", "float32 safetensors (`model.safetensors`).")
     .section(
         "Loading in transformers",
-        read_loading_form(&args.out)?.describe(),
+        read_loading_form(&dir)?.describe(),
     )
     .section(
         "Made with",
         format!("```sh\n{}\n```", command_line(&args.out)),
     )
-    .write(&args.out, &args.model.model, &args.out)?;
+    .write(&dir, &args.model.model, &args.out)?;
+    staged.publish(&args.out)?;
     print!("{md}");
     Ok(())
 }

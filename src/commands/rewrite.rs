@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use effir_onnx::providers::ProviderSettings;
 use effir_onnx::quantize::MatmulPrecision;
-use effir_onnx::rewrite::rewrite;
+use effir_onnx::rewrite::stage_rewrite;
 use effir_onnx::validate::compare_embeddings;
 use effir_onnx::{GraphLocation, OnnxEncoder};
 use effir_pipeline::io::model_files::{copy_model_files, is_backbone_weights};
@@ -65,7 +65,9 @@ const CHECK_TEXTS: [&str; 6] = [
 
 pub fn run(args: RewriteArgs) -> anyhow::Result<()> {
     let precision = matmul_precision(args.precision, args.int8_kernel.is_some(), args.int8_kernel)?;
-    let summary = rewrite(
+    // The graph, the model files and the parity check all happen in a
+    // staging directory that becomes `--out` only when they succeed.
+    let (staged, mut summary) = stage_rewrite(
         &args.onnx,
         &args.model,
         args.original.as_deref(),
@@ -73,17 +75,12 @@ pub fn run(args: RewriteArgs) -> anyhow::Result<()> {
         precision,
     )
     .with_context(|| format!("rewriting {}", args.onnx.display()))?;
-    let cleanup = |e: anyhow::Error| -> anyhow::Error {
-        let _ = std::fs::remove_dir_all(&args.out);
-        e
-    };
-    copy_model_files(&args.model, &args.out, &|name| {
+    copy_model_files(&args.model, staged.path(), &|name| {
         is_backbone_weights(name)
             || name.ends_with(".onnx")
             || name.ends_with(".onnx_data")
             || name == "onnx"
-    })
-    .map_err(|e| cleanup(e.into()))?;
+    })?;
     if !args.no_check {
         let check = || -> anyhow::Result<(f64, f64)> {
             let location = GraphLocation::resolve(&summary.graph)?;
@@ -98,9 +95,8 @@ pub fn run(args: RewriteArgs) -> anyhow::Result<()> {
             let (min, _, diff) = compare_embeddings(&a, &b)?;
             Ok((min, diff))
         };
-        let (min, diff) = check().map_err(cleanup)?;
+        let (min, diff) = check()?;
         if min < required_cosine(precision) {
-            let _ = std::fs::remove_dir_all(&args.out);
             bail!(
                 "the rewritten graph does not compute {} (min cosine {min:.6}, max |diff| {diff:.2e}); nothing written",
                 args.model.display()
@@ -111,6 +107,8 @@ pub fn run(args: RewriteArgs) -> anyhow::Result<()> {
             args.model.display()
         );
     }
+    staged.publish(&args.out)?;
+    summary.graph = args.out.join(summary.graph.file_name().unwrap_or_default());
     let arithmetic = match summary.int8_kernel {
         Some(kernel) => format!(
             "; {} projection products in int8 ({})",

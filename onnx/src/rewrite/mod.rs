@@ -96,6 +96,22 @@ pub fn rewrite(
     out: &Path,
     precision: MatmulPrecision,
 ) -> Result<RewriteSummary> {
+    let (staged, mut summary) = stage_rewrite(graph_path, model_dir, original_dir, out, precision)?;
+    staged.publish(out)?;
+    summary.graph = out.join(summary.graph.file_name().unwrap_or_default());
+    Ok(summary)
+}
+
+/// [`rewrite`], staged beside `out` and not yet published: the summary's
+/// graph is the staged one. The caller adds files and checks, then
+/// publishes, so `out` appears whole or not at all.
+pub fn stage_rewrite(
+    graph_path: &Path,
+    model_dir: &Path,
+    original_dir: Option<&Path>,
+    out: &Path,
+    precision: MatmulPrecision,
+) -> Result<(effir_pipeline::io::atomic_file::StagedDir, RewriteSummary)> {
     if out.exists() {
         return Err(Error::InvalidArgument(format!(
             "{}: already exists; choose a new output directory",
@@ -233,20 +249,23 @@ pub fn rewrite(
         .len()
         + std::fs::metadata(staging.path().join(format!("{file_name}_data")))
             .map_or(0, |m| m.len());
-    staging.publish(out)?;
-    Ok(RewriteSummary {
-        original_graph: graph_path.to_path_buf(),
-        graph: out.join(file_name),
-        matched_weights: weights.assigned.len(),
-        replaced_weights: replaced,
-        dropped_mlps: dropped,
-        narrowed_mlps: narrowed,
-        nodes_before,
-        nodes_after,
-        bytes_before,
-        bytes_after,
-        precision: precision.name(),
-        int8_kernel: precision.int8_kernel(),
-        quantized_products,
-    })
+    let graph = staging.path().join(&file_name);
+    Ok((
+        staging,
+        RewriteSummary {
+            original_graph: graph_path.to_path_buf(),
+            graph,
+            matched_weights: weights.assigned.len(),
+            replaced_weights: replaced,
+            dropped_mlps: dropped,
+            narrowed_mlps: narrowed,
+            nodes_before,
+            nodes_after,
+            bytes_before,
+            bytes_after,
+            precision: precision.name(),
+            int8_kernel: precision.int8_kernel(),
+            quantized_products,
+        },
+    ))
 }

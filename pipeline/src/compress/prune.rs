@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::compress::analysis::{measure_importance, ImportanceReport};
 use crate::compress::reconstruct::{reconstruct_mlps, LayerFit, ReconstructPlan, Reconstruction};
 use crate::error::{Error, Result};
+use crate::io::atomic_file::StagedDir;
 use crate::io::model_files::{copy_model_files, is_backbone_weights};
 use crate::io::weights::WEIGHTS_FILE;
 use crate::model::arch::{CheckpointMap, ForwardHooks, ModelConfig, SkippedSublayers};
@@ -887,21 +888,22 @@ impl PruneRecord {
     }
 }
 
-/// Writes the pruned model into `out` (which must not exist): sliced
+/// Stages the pruned model for `out` (which must not exist): sliced
 /// weights, the other files of `source` (whose parsed `config.json` is
 /// `config`) copied, `effir_shape.json`, `effir_prune.json` (the plan,
 /// the decisions, and the LLM-Drop and DeciLM translations), and what
-/// `transformers` needs to load it ([`crate::io::transformers_loading`]). The directory
-/// appears whole or not at all.
-pub fn write_pruned_model(
+/// `transformers` needs to load it ([`crate::io::transformers_loading`]).
+/// The directory is staged beside `out`: the caller adds its reports and
+/// publishes it ([`StagedDir::publish`]), so it appears whole or not at all.
+pub fn stage_pruned_model(
     source: &Path,
     out: &Path,
     tensors: HashMap<String, Tensor>,
     config: &ModelConfig,
     plan: &PrunePlan,
     result: &PruneResult,
-) -> Result<()> {
-    let staging = crate::io::atomic_file::StagedDir::beside(out)?;
+) -> Result<StagedDir> {
+    let staging = StagedDir::beside(out)?;
     copy_model_files(source, staging.path(), &|name| {
         is_backbone_weights(name) || [SHAPE_FILE, PLAN_FILE, "prune_report.md"].contains(&name)
     })?;
@@ -950,7 +952,7 @@ pub fn write_pruned_model(
     };
     let record_path = staging.path().join(PLAN_FILE);
     std::fs::write(&record_path, record.to_json()).map_err(|e| Error::io(&record_path, e))?;
-    staging.publish(out)
+    Ok(staging)
 }
 
 /// The source's tensors with dropped MLPs removed and narrowed MLPs sliced

@@ -232,8 +232,17 @@ pub fn evaluate_model(
 }
 
 /// Writes `metrics.json` and `run.trec` (top `depth` per query), which are
-/// the same bytes for the same inputs, and `timings.json` into `out`.
+/// the same bytes for the same inputs, and `timings.json` into `out`, all
+/// three at once: they are staged beside `out` and exchanged with it
+/// (anything else `out` holds is kept), so `out` never holds the metrics
+/// of one run with the ranking of another.
 pub fn write_report(report: &EvalReport, out: &Path, depth: usize, tag: &str) -> Result<()> {
+    let staged = crate::io::atomic_file::StagedDir::beside_existing(out)?;
+    write_report_files(report, staged.path(), depth, tag)?;
+    staged.replace_keeping_others(out)
+}
+
+fn write_report_files(report: &EvalReport, out: &Path, depth: usize, tag: &str) -> Result<()> {
     let timings_path = out.join("timings.json");
     write_atomically(&timings_path, |w| {
         serde_json::to_writer_pretty(&mut *w, &report.timings).map_err(|error| Error::Json {

@@ -3,7 +3,14 @@
 //! Every file effir writes goes through [`write_atomically`]: the content is
 //! written to a temporary file in the destination directory, flushed, and
 //! renamed over the destination only when the writer succeeded. A failure
-//! half-way leaves no partial output behind. Files are created 0666 and
+//! half-way leaves no partial output behind. Output directories are staged
+//! beside their destination ([`StagedDir`]) and moved into place whole; an
+//! existing one is exchanged with the new one in a single rename. While a
+//! directory is staged its destination is locked, so a second process
+//! writing the same output fails with a message instead of interleaving.
+//! Temporary names carry the writer's process id, and a later run removes
+//! those whose writer is gone (a killed run leaves nothing that lasts).
+//! Files are created 0666 and
 //! directories 0777, less the umask (what `std::fs::write` and `mkdir` give),
 //! not the owner-only modes of temporary files: a server running as another
 //! user reads what effir wrote.
@@ -42,7 +49,9 @@ where
     if !dir.is_dir() {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
-    let tmp = output_builder(".effir-", false)
+    remove_stale_temporaries(dir);
+    let prefix = format!("{FILE_PREFIX}{}-", std::process::id());
+    let tmp = output_builder(&prefix, false)
         .suffix(".tmp")
         .tempfile_in(dir)
         .map_err(|e| Error::io(dir, e))?;
@@ -94,10 +103,133 @@ pub fn write_bytes_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomically(path, |w| w.write_all(bytes).map_err(|e| Error::io(path, e)))
 }
 
+/// Prefixes of the temporary files and directories effir writes beside its
+/// outputs, each followed by the writer's process id and a `-`.
+const FILE_PREFIX: &str = ".effir-";
+const STAGING_PREFIX: &str = ".effir-staging-";
+
+/// Removes the temporary files and staging directories in `dir` whose
+/// writer (the process id in their name) no longer runs: what a killed run
+/// left. Best effort; what cannot be removed stays.
+pub fn remove_stale_temporaries(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let rest = if let Some(rest) = name.strip_prefix(STAGING_PREFIX) {
+            rest
+        } else if let Some(rest) = name
+            .strip_prefix(FILE_PREFIX)
+            .filter(|_| name.ends_with(".tmp"))
+        {
+            rest
+        } else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == std::process::id() || process_runs(pid) {
+            continue;
+        }
+        let path = entry.path();
+        let removed = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        match removed {
+            Ok(()) => tracing::info!(
+                "removed {}, left by a run that did not finish",
+                path.display()
+            ),
+            Err(e) => tracing::warn!("could not remove {}: {e}", path.display()),
+        }
+    }
+}
+
+/// Whether a process with this id runs on this machine.
+fn process_runs(pid: u32) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        Path::new(&format!("/proc/{pid}")).exists()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = pid;
+        true
+    }
+}
+
+/// An exclusive lock on an output path, held while it is being written:
+/// `.NAME.effir-lock` beside it, locked with `flock` (released by the
+/// kernel when the process dies, however it dies).
+struct OutputLock {
+    path: std::path::PathBuf,
+    _file: std::fs::File,
+}
+
+impl OutputLock {
+    fn acquire(out: &Path, parent: &Path) -> Result<Self> {
+        let name = out
+            .file_name()
+            .map_or_else(|| "output".into(), |n| n.to_string_lossy().into_owned());
+        let path = parent.join(format!(".{name}.effir-lock"));
+        loop {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(|e| Error::io(&path, e))?;
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(Error::InvalidArgument(format!(
+                        "{}: another process is writing this output (it holds {}); wait for it to finish or choose another output",
+                        out.display(),
+                        path.display()
+                    )))
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
+            }
+            // The holder before us removes the file when done; a lock on a
+            // file that is no longer at `path` locks nothing: try again.
+            if same_file(&file, &path) {
+                return Ok(Self { path, _file: file });
+            }
+        }
+    }
+}
+
+impl Drop for OutputLock {
+    fn drop(&mut self) {
+        // Removed while still locked, so a waiter that opened it retries.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(unix)]
+fn same_file(file: &std::fs::File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+#[cfg(not(unix))]
+fn same_file(_: &std::fs::File, path: &Path) -> bool {
+    path.exists()
+}
+
 /// A directory built next to its destination and renamed into place when
-/// complete; dropped unpublished, it is removed with everything in it.
+/// complete; dropped unpublished, it is removed with everything in it. The
+/// destination is locked from creation to publication.
 pub struct StagedDir {
     dir: tempfile::TempDir,
+    _lock: OutputLock,
 }
 
 impl StagedDir {
@@ -110,7 +242,15 @@ impl StagedDir {
                 out.display()
             )));
         }
-        Self::beside_existing(out)
+        let staged = Self::beside_existing(out)?;
+        // Another process may have published it while we waited to lock.
+        if out.exists() {
+            return Err(Error::InvalidArgument(format!(
+                "{}: already exists; choose a new output directory",
+                out.display()
+            )));
+        }
+        Ok(staged)
     }
 
     /// Like [`StagedDir::beside`], for a destination [`StagedDir::replace`]
@@ -121,10 +261,13 @@ impl StagedDir {
             _ => Path::new("."),
         };
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        let dir = output_builder(".effir-staging-", true)
+        let lock = OutputLock::acquire(out, parent)?;
+        remove_stale_temporaries(parent);
+        let prefix = format!("{STAGING_PREFIX}{}-", std::process::id());
+        let dir = output_builder(&prefix, true)
             .tempdir_in(parent)
             .map_err(|e| Error::io(parent, e))?;
-        Ok(Self { dir })
+        Ok(Self { dir, _lock: lock })
     }
 
     pub fn path(&self) -> &Path {
@@ -133,24 +276,189 @@ impl StagedDir {
 
     /// Renames the staged directory to `out`.
     pub fn publish(self, out: &Path) -> Result<()> {
-        let staged = self.dir.keep();
+        let Self { dir, _lock } = self;
+        let staged = dir.keep();
         std::fs::rename(&staged, out).map_err(|e| Error::io(out, e))
     }
 
-    /// Publishes over an existing `out`: the old directory is moved aside,
-    /// the new one moved in, then the old one removed.
+    /// Publishes over an existing `out`: the two directories are exchanged
+    /// in one rename (Linux `renameat2(RENAME_EXCHANGE)`), so `out` is at
+    /// every moment the old directory or the new one, then the old one is
+    /// removed. Where the exchange is not available, the old directory is
+    /// moved aside first (for an instant `out` does not exist).
     pub fn replace(self, out: &Path) -> Result<()> {
         if !out.exists() {
             return self.publish(out);
         }
-        let aside = tempfile::Builder::new()
-            .prefix(".effir-replaced-")
-            .tempdir_in(self.dir.path().parent().unwrap_or(Path::new(".")))
-            .map_err(|e| Error::io(out, e))?;
-        let old = aside.path().join("old");
-        std::fs::rename(out, &old).map_err(|e| Error::io(out, e))?;
-        self.publish(out)?;
-        drop(aside);
+        let Self { dir, _lock } = self;
+        let staged = dir.keep();
+        match exchange(&staged, out) {
+            Ok(()) => {
+                // `staged` now holds the old directory, named as a
+                // temporary of this process: removed here, or by a later
+                // run if this one is killed first.
+                std::fs::remove_dir_all(&staged).map_err(|e| Error::io(&staged, e))
+            }
+            Err(_) => {
+                let parent = staged.parent().unwrap_or(Path::new("."));
+                let aside =
+                    output_builder(&format!("{STAGING_PREFIX}{}-", std::process::id()), true)
+                        .tempdir_in(parent)
+                        .map_err(|e| Error::io(out, e))?;
+                let old = aside.path().join("old");
+                std::fs::rename(out, &old).map_err(|e| Error::io(out, e))?;
+                std::fs::rename(&staged, out).map_err(|e| Error::io(out, e))?;
+                drop(aside);
+                Ok(())
+            }
+        }
+    }
+
+    /// Publishes over an existing `out` keeping what it holds besides the
+    /// staged entries: every other top-level entry of `out` is hard-linked
+    /// (or copied) into the staged directory first, then the two are
+    /// exchanged ([`StagedDir::replace`]). For outputs several commands
+    /// write into (an evaluation's directory).
+    pub fn replace_keeping_others(self, out: &Path) -> Result<()> {
+        if let Ok(entries) = std::fs::read_dir(out) {
+            for entry in entries {
+                let entry = entry.map_err(|e| Error::io(out, e))?;
+                let to = self.path().join(entry.file_name());
+                if to.exists() {
+                    continue;
+                }
+                link_tree(&entry.path(), &to)?;
+            }
+        }
+        self.replace(out)
+    }
+}
+
+/// `from` (a file or a directory tree) hard-linked at `to`, copying where a
+/// link cannot be made.
+fn link_tree(from: &Path, to: &Path) -> Result<()> {
+    if from.is_dir() {
+        std::fs::create_dir_all(to).map_err(|e| Error::io(to, e))?;
+        for entry in std::fs::read_dir(from).map_err(|e| Error::io(from, e))? {
+            let entry = entry.map_err(|e| Error::io(from, e))?;
+            link_tree(&entry.path(), &to.join(entry.file_name()))?;
+        }
         Ok(())
+    } else if std::fs::hard_link(from, to).is_ok() {
+        Ok(())
+    } else {
+        std::fs::copy(from, to)
+            .map(|_| ())
+            .map_err(|e| Error::io(from, e))
+    }
+}
+
+/// Exchanges two paths in one rename.
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let a = CString::new(a.as_os_str().as_bytes())?;
+    let b = CString::new(b.as_os_str().as_bytes())?;
+    // SAFETY: both are valid NUL-terminated paths; AT_FDCWD resolves
+    // relative ones against the working directory.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn exchange(_: &Path, _: &Path) -> std::io::Result<()> {
+    Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_writer_of_the_same_output_is_refused_until_the_first_is_done() {
+        let work = tempfile::tempdir().unwrap();
+        let out = work.path().join("out");
+        let first = StagedDir::beside(&out).unwrap();
+        let Err(second) = StagedDir::beside(&out) else {
+            panic!("a second writer got the output");
+        };
+        assert!(
+            second.to_string().contains("another process is writing"),
+            "{second}"
+        );
+        std::fs::write(first.path().join("a"), "1").unwrap();
+        first.publish(&out).unwrap();
+        // Done: the lock is gone, and a replacement may start.
+        assert!(!work.path().join(".out.effir-lock").exists());
+        let next = StagedDir::beside_existing(&out).unwrap();
+        std::fs::write(next.path().join("b"), "2").unwrap();
+        next.replace(&out).unwrap();
+        assert!(out.join("b").is_file() && !out.join("a").exists());
+        let names: Vec<_> = std::fs::read_dir(work.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(
+            names,
+            vec![std::ffi::OsString::from("out")],
+            "leftovers: {names:?}"
+        );
+    }
+
+    #[test]
+    fn leftovers_of_a_dead_writer_are_removed_and_a_live_ones_kept() {
+        let work = tempfile::tempdir().unwrap();
+        // No process has id 0 in a name we write; u32::MAX is never a pid.
+        let dead = work
+            .path()
+            .join(format!("{STAGING_PREFIX}{}-abc", u32::MAX));
+        std::fs::create_dir_all(dead.join("inner")).unwrap();
+        let dead_file = work
+            .path()
+            .join(format!("{FILE_PREFIX}{}-xyz.tmp", u32::MAX));
+        std::fs::write(&dead_file, "partial").unwrap();
+        let live = work
+            .path()
+            .join(format!("{STAGING_PREFIX}{}-def", std::process::id()));
+        std::fs::create_dir_all(&live).unwrap();
+        let unrelated = work.path().join(".effir-notes");
+        std::fs::write(&unrelated, "kept").unwrap();
+        remove_stale_temporaries(work.path());
+        assert!(!dead.exists() && !dead_file.exists());
+        assert!(live.exists() && unrelated.exists());
+    }
+
+    #[test]
+    fn replacing_keeps_the_entries_the_new_output_does_not_write() {
+        let work = tempfile::tempdir().unwrap();
+        let out = work.path().join("eval");
+        std::fs::create_dir_all(out.join("cache")).unwrap();
+        std::fs::write(out.join("metrics.json"), "old").unwrap();
+        std::fs::write(out.join("cache/x"), "kept").unwrap();
+        let staged = StagedDir::beside_existing(&out).unwrap();
+        std::fs::write(staged.path().join("metrics.json"), "new").unwrap();
+        staged.replace_keeping_others(&out).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(out.join("metrics.json")).unwrap(),
+            "new"
+        );
+        assert_eq!(
+            std::fs::read_to_string(out.join("cache/x")).unwrap(),
+            "kept"
+        );
     }
 }
