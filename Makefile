@@ -12,7 +12,7 @@ RUNS    ?= runs
 EFFIR   := target/release/effir
 PYTHON  ?= python3
 
-.PHONY: all system-deps build models test lint embed eval eval-scifact python-deps \
+.PHONY: all system-deps build models test lint fuzz embed eval eval-scifact python-deps \
         fixtures metric-references bench-embed profile-embed bench-analyze parity-embeddinggemma \
         onnxruntime export export-pruned validate validate-pruned validate-prune-minilm bench-onnx parity-embeddinggemma-onnx \
         finetune-minilm finetune-minilm-2ep recover-minilm frontier-minilm frontier-embeddinggemma precision-checks prune-minilm-narrow prune-minilm-refit prune-embeddinggemma-refit recover-embeddinggemma finetune-minilm-unpruned finetune-minilm-unpruned-2ep bench-finetune profile-finetune optimum-fixtures rewrite-minilm \
@@ -60,6 +60,16 @@ $(TRANSFORMERS_VENV)/bin/python:
 test: system-deps models onnxruntime $(FASTEMBED_VENV)/bin/python $(TRANSFORMERS_VENV)/bin/python
 	EFFIR_MINILM_DIR=$(MINILM) EFFIR_FASTEMBED_PYTHON=$(FASTEMBED_VENV)/bin/python \
 	  EFFIR_TRANSFORMERS_PYTHON=$(TRANSFORMERS_VENV)/bin/python cargo test --release --workspace
+
+# The readers' fuzz targets for FUZZ_SECONDS in all (shared by the readers),
+# from a random seed (FUZZ_SEED=N repeats one); an input that panics is
+# saved under tests/fixtures/fuzz-regressions/, which every test run replays.
+FUZZ_SECONDS ?= 600
+fuzz:
+	mkdir -p $(RUNS)
+	EFFIR_FUZZ_SECONDS=$(FUZZ_SECONDS) $(if $(FUZZ_SEED),EFFIR_FUZZ_SEED=$(FUZZ_SEED)) \
+	  cargo test --release --test test_fuzz -- --test-threads=1 --nocapture > $(RUNS)/fuzz.log 2>&1; \
+	  status=$$?; grep -E "^fuzz |^test |panicked at tests|replayed|memory allocation|test result" $(RUNS)/fuzz.log; exit $$status
 
 lint:
 	cargo fmt --all --check

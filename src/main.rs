@@ -29,6 +29,15 @@ fn keep_freed_memory() {
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Refuse a line of a text, JSONL or qrels file longer than this many MB.
+    #[arg(long, global = true, default_value_t = 16)]
+    max_line_mb: u64,
+    /// Refuse a data file larger than this many GB (after decompression).
+    #[arg(long, global = true, default_value_t = 16)]
+    max_input_gb: u64,
+    /// Refuse a tokenizer.json larger than this many MB.
+    #[arg(long, global = true, default_value_t = 128)]
+    max_tokenizer_mb: u64,
 }
 
 #[derive(Subcommand)]
@@ -84,6 +93,11 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    effir_pipeline::io::input_limits::set(effir_pipeline::io::input_limits::InputLimits {
+        max_line_bytes: (cli.max_line_mb << 20) as usize,
+        max_input_bytes: cli.max_input_gb << 30,
+        max_tokenizer_bytes: cli.max_tokenizer_mb << 20,
+    });
     let result = match cli.command {
         Command::Analyze(args) => commands::analyze::run(args),
         Command::Bench(args) => commands::bench::run(args),

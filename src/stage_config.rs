@@ -10,7 +10,6 @@ pub fn load<T: DeserializeOwned + Default>(path: Option<&Path>) -> anyhow::Resul
     let Some(path) = path else {
         return Ok(T::default());
     };
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read config", path.display()))?;
-    serde_yaml::from_str(&text).with_context(|| format!("{}: invalid config", path.display()))
+    effir_pipeline::io::yaml_file::read_yaml(path)
+        .with_context(|| format!("{}: invalid config", path.display()))
 }

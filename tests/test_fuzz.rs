@@ -1,26 +1,128 @@
 //! Every reader of files that come from strangers, fed mutated copies of
 //! real files (bit flips, truncation, spliced and duplicated spans, extreme
-//! numbers, deep nesting, very long lines) in-process, with a fixed seed:
-//! none may panic, and each error names the file it could not read.
+//! numbers, deep nesting, very long lines) in-process: none may panic, each
+//! error names the file it could not read, and no single allocation is
+//! larger than [`ALLOCATION_LIMIT`] (a header that claims 2^60 bytes
+//! allocates nothing of that size).
 //!
 //! Readers: ONNX graphs, `config.json`, safetensors weights, `tokenizer.json`,
-//! BEIR corpus, queries and qrels, gates YAML.
+//! sentence-transformers files, `effir_shape.json`, BEIR corpus, queries and
+//! qrels, pruning plans, fine-tuning configs, gates YAML.
+//!
+//! In CI each reader gets [`ITERATIONS`] mutations from a fixed seed.
+//! `make fuzz FUZZ_SECONDS=600` sets `EFFIR_FUZZ_SECONDS` (shared by the
+//! readers) and a random seed (`EFFIR_FUZZ_SEED` to repeat one), and saves
+//! any input that panics under `tests/fixtures/fuzz-regressions/<reader>/`,
+//! which every run replays.
 
 mod common;
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use common::fixture;
 use effir_onnx::graph_file::GraphFile;
 use effir_onnx::validate::Gates;
+use effir_pipeline::compress::prune::PrunePlan;
 use effir_pipeline::data::beir::{load_corpus, load_qrels, load_queries};
+use effir_pipeline::finetune::FinetuneConfig;
 use effir_pipeline::io::weights::check_safetensors;
+use effir_pipeline::io::yaml_file::read_yaml;
 use effir_pipeline::model::arch::ModelConfig;
+use effir_pipeline::model::sentence_transformers::SentenceConfig;
+use effir_pipeline::model::shape::ModelShape;
 use effir_pipeline::model::text_encoder::{TextEncoder, TextEncoderSettings};
+
+/// No reader may ask for more than this in one allocation, whatever its
+/// input claims (the seed files are at most a few MB).
+const ALLOCATION_LIMIT: usize = 256 << 20;
+
+/// The system allocator, recording the largest single request.
+struct Tracking;
+
+static LARGEST: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Tracking {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LARGEST.fetch_max(new_size, Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Tracking = Tracking;
+
+fn assert_allocations_bounded(what: &str) {
+    let largest = LARGEST.load(Ordering::Relaxed);
+    assert!(
+        largest <= ALLOCATION_LIMIT,
+        "{what}: one allocation of {largest} bytes (limit {ALLOCATION_LIMIT})"
+    );
+}
 
 /// Iterations per reader in CI (a few seconds in all).
 const ITERATIONS: usize = 500;
+
+/// How long and from which seed: CI's fixed budget, or `make fuzz`'s.
+struct Budget {
+    seed: u64,
+    until: Option<Instant>,
+}
+
+impl Budget {
+    fn for_reader(reader: &str) -> Self {
+        let seconds: Option<f64> = std::env::var("EFFIR_FUZZ_SECONDS")
+            .ok()
+            .and_then(|s| s.parse().ok());
+        let fixed = 0x9E37_79B9_7F4A_7C15 ^ reader.len() as u64;
+        let seed = match std::env::var("EFFIR_FUZZ_SEED")
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+        {
+            Some(seed) => seed ^ reader.len() as u64,
+            None if seconds.is_some() => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                now.as_nanos() as u64 ^ fixed
+            }
+            None => fixed,
+        };
+        Self {
+            seed: seed.max(1),
+            until: seconds
+                .map(|s| Instant::now() + Duration::from_secs_f64(s / ALL_READERS.len() as f64)),
+        }
+    }
+
+    fn more(&self, done: usize) -> bool {
+        match self.until {
+            Some(until) => Instant::now() < until,
+            None => done < ITERATIONS,
+        }
+    }
+}
+
+/// Where inputs that made a reader panic are kept, and replayed by every run.
+fn regressions_dir(reader: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/fuzz-regressions")
+        .join(reader)
+}
 
 /// xorshift64*: the same mutations on every machine.
 struct Rng(u64);
@@ -97,41 +199,109 @@ fn mutate(seed: &[u8], rng: &mut Rng) -> Vec<u8> {
     out
 }
 
-/// Feeds `ITERATIONS` mutations of the file `seed_dir/name` to `read`, each
-/// in a copy of `seed_dir` with that file replaced.
-fn fuzz(reader: &str, seed_dir: &Path, name: &str, read: &dyn Fn(&Path) -> Result<(), String>) {
-    let seed = std::fs::read(seed_dir.join(name)).unwrap();
+/// A reader under test: reads the directory it is given.
+type ReadFn = Box<dyn Fn(&Path) -> Result<(), String>>;
+
+/// One reader: the file `name` in a copy of `seed_dir` is what it reads.
+struct Reader {
+    name: &'static str,
+    seed_dir: PathBuf,
+    file: &'static str,
+    read: ReadFn,
+}
+
+/// Reads `input` as the reader's file: `Err` with the panic's message if
+/// the reader panicked, else whether the reader accepted it, or its error
+/// (which must name the file).
+fn check_input(reader: &Reader, dir: &Path, input: &[u8]) -> Result<Result<(), String>, String> {
+    std::fs::write(dir.join(reader.file), input).unwrap();
+    match catch_unwind(AssertUnwindSafe(|| (reader.read)(dir))) {
+        Ok(result) => Ok(result),
+        Err(panic) => Err(panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default()),
+    }
+}
+
+/// A copy of the reader's seed directory to mutate in.
+fn workspace(reader: &Reader) -> (tempfile::TempDir, PathBuf) {
     let work = tempfile::tempdir().unwrap();
     let dir = work.path().join("input");
-    copy_dir(seed_dir, &dir);
-    let target = dir.join(name);
+    copy_dir(&reader.seed_dir, &dir);
+    (work, dir)
+}
+
+/// Mutations of the reader's seed file until the budget is spent; a
+/// panicking input is saved as a regression and fails the test.
+fn fuzz(reader: &Reader) {
+    let seed = std::fs::read(reader.seed_dir.join(reader.file)).unwrap();
+    let (_work, dir) = workspace(reader);
     // The unmutated file reads.
-    assert_eq!(read(&dir), Ok(()), "{reader}: the seed file itself");
-    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ reader.len() as u64);
-    let mut errors = 0;
-    for i in 0..ITERATIONS {
+    assert_eq!(
+        check_input(reader, &dir, &seed),
+        Ok(Ok(())),
+        "{}: the seed file itself",
+        reader.name
+    );
+    let budget = Budget::for_reader(reader.name);
+    let mut rng = Rng(budget.seed);
+    let (mut done, mut refused) = (0, 0);
+    // A long run keeps the input being read on disk: an input that aborts
+    // the process (an allocation the system refuses) stays there, and
+    // every later run replays it.
+    let in_flight = budget
+        .until
+        .map(|_| regressions_dir(reader.name).join("in-flight.bin"));
+    while budget.more(done) {
         let input = mutate(&seed, &mut rng);
-        std::fs::write(&target, &input).unwrap();
-        match catch_unwind(AssertUnwindSafe(|| read(&dir))) {
+        if let Some(path) = &in_flight {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, &input).unwrap();
+        }
+        match check_input(reader, &dir, &input) {
             Ok(Ok(())) => {}
             Ok(Err(message)) => {
-                errors += 1;
+                refused += 1;
                 assert!(
-                    message.contains(name),
-                    "{reader}: iteration {i}: the error does not name {name}: {message}"
+                    message.contains(
+                        Path::new(reader.file)
+                            .file_name()
+                            .unwrap()
+                            .to_str()
+                            .unwrap()
+                    ),
+                    "{}: iteration {done}: the error does not name {}: {message}",
+                    reader.name,
+                    reader.file
                 );
             }
-            Err(_) => {
-                let kept = std::env::temp_dir().join(format!("effir-fuzz-{reader}-{i}"));
-                std::fs::write(&kept, &input).unwrap();
+            Err(panic) => {
+                let kept = regressions_dir(reader.name);
+                std::fs::create_dir_all(&kept).unwrap();
+                let file = kept.join(format!("{}.bin", &blake3::hash(&input).to_hex()[..16]));
+                std::fs::write(&file, &input).unwrap();
                 panic!(
-                    "{reader}: iteration {i} panicked; input kept in {}",
-                    kept.display()
+                    "{}: iteration {done} (seed {}) panicked: {panic}; input saved as {}",
+                    reader.name,
+                    budget.seed,
+                    file.display()
                 );
             }
         }
+        done += 1;
     }
-    assert!(errors > 0, "{reader}: no mutation was refused");
+    if let Some(path) = &in_flight {
+        let _ = std::fs::remove_file(path);
+        let _ = std::fs::remove_dir(path.parent().unwrap());
+    }
+    assert!(refused > 0, "{}: no mutation was refused", reader.name);
+    assert_allocations_bounded(reader.name);
+    eprintln!(
+        "fuzz {}: {done} inputs ({refused} refused with an error naming the file), seed {}",
+        reader.name, budget.seed
+    );
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -151,74 +321,275 @@ fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
+/// A pruned copy of the BERT fixture (its `effir_shape.json` is a seed).
+fn pruned_bert() -> PathBuf {
+    static DIR: std::sync::OnceLock<(tempfile::TempDir, PathBuf)> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let work = tempfile::tempdir().unwrap();
+        let out = common::prune_fixture(
+            "bert",
+            work.path(),
+            &["some calibration text", "and more of it"],
+            &["--drop-layers", "1", "--mlp-keep", "0.5"],
+        );
+        (work, out)
+    })
+    .1
+    .clone()
+}
+
+fn repo_file_dir(files: &[&str]) -> PathBuf {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    let dir = DIR.get_or_init(|| tempfile::tempdir().unwrap()).path();
+    for f in files {
+        let from = Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
+        std::fs::copy(&from, dir.join(from.file_name().unwrap())).unwrap();
+    }
+    dir.to_path_buf()
+}
+
+/// Every reader and its seed.
+fn reader(name: &str) -> Reader {
+    let tiny = fixture("eval/tiny");
+    let r = |name, seed_dir, file, read: ReadFn| Reader {
+        name,
+        seed_dir,
+        file,
+        read,
+    };
+    match name {
+        "onnx" => r(
+            "onnx",
+            fixture("optimum/bert"),
+            "model.onnx",
+            Box::new(|d| {
+                GraphFile::read(&d.join("model.onnx"))
+                    .map(|_| ())
+                    .map_err(err)
+            }),
+        ),
+        "config" => r(
+            "config",
+            fixture("llama"),
+            "config.json",
+            Box::new(|d| {
+                ModelConfig::from_file(&d.join("config.json"))
+                    .map(|_| ())
+                    .map_err(err)
+            }),
+        ),
+        "safetensors" => r(
+            "safetensors",
+            fixture("bert"),
+            "model.safetensors",
+            Box::new(|d| check_safetensors(&d.join("model.safetensors")).map_err(err)),
+        ),
+        "tokenizer" => r(
+            "tokenizer",
+            fixture("bert"),
+            "tokenizer.json",
+            Box::new(|d| {
+                let settings = TextEncoderSettings {
+                    max_length: 64,
+                    lowercase: false,
+                    append_eos: None,
+                    padding_side: None,
+                    pad_id: 0,
+                    token_type_ids: true,
+                };
+                let encoder = TextEncoder::load(d, settings).map_err(err)?;
+                encoder
+                    .encode(&["a text to encode", ""], "")
+                    .map(|_| ())
+                    .map_err(err)
+            }),
+        ),
+        "modules" => r(
+            "modules",
+            fixture("gemma3"),
+            "modules.json",
+            Box::new(|d| SentenceConfig::load(d).map(|_| ()).map_err(err)),
+        ),
+        "pooling" => r(
+            "pooling",
+            fixture("gemma3"),
+            "1_Pooling/config.json",
+            Box::new(|d| SentenceConfig::load(d).map(|_| ()).map_err(err)),
+        ),
+        "shape" => r(
+            "shape",
+            pruned_bert(),
+            "effir_shape.json",
+            Box::new(|d| {
+                let config = ModelConfig::from_file(&d.join("config.json")).map_err(err)?;
+                ModelShape::load_or(d, config.uniform_shape())
+                    .map(|_| ())
+                    .map_err(err)
+            }),
+        ),
+        "corpus" => r(
+            "corpus",
+            tiny,
+            "corpus.jsonl",
+            Box::new(|d| load_corpus(d).map(|_| ()).map_err(err)),
+        ),
+        "queries" => r(
+            "queries",
+            tiny,
+            "queries.jsonl",
+            Box::new(|d| load_queries(d).map(|_| ()).map_err(err)),
+        ),
+        "qrels" => r(
+            "qrels",
+            tiny,
+            "qrels/test.tsv",
+            Box::new(|d| load_qrels(d, "test").map(|_| ()).map_err(err)),
+        ),
+        "plan" => r(
+            "plan",
+            repo_file_dir(&["configs/prune-minilm-50.yaml"]),
+            "prune-minilm-50.yaml",
+            Box::new(|d| {
+                read_yaml::<PrunePlan>(&d.join("prune-minilm-50.yaml"))
+                    .map(|_| ())
+                    .map_err(err)
+            }),
+        ),
+        "finetune-config" => r(
+            "finetune-config",
+            repo_file_dir(&["configs/finetune-minilm.yaml"]),
+            "finetune-minilm.yaml",
+            Box::new(|d| {
+                let path = d.join("finetune-minilm.yaml");
+                let config: FinetuneConfig = read_yaml(&path).map_err(err)?;
+                config
+                    .validate()
+                    .map_err(|e| format!("{}: {e}", path.display()))
+            }),
+        ),
+        "gates" => r(
+            "gates",
+            repo_file_dir(&["configs/gates.yaml"]),
+            "gates.yaml",
+            Box::new(|d| Gates::load(&d.join("gates.yaml")).map(|_| ()).map_err(err)),
+        ),
+        other => panic!("no reader {other}"),
+    }
+}
+
+/// Every reader with a target; `make fuzz` shares its time among them.
+const ALL_READERS: [&str; 13] = [
+    "onnx",
+    "config",
+    "safetensors",
+    "tokenizer",
+    "modules",
+    "pooling",
+    "shape",
+    "corpus",
+    "queries",
+    "qrels",
+    "plan",
+    "finetune-config",
+    "gates",
+];
+
 #[test]
 fn onnx_graphs() {
-    let dir: PathBuf = fixture("optimum/bert");
-    fuzz("onnx", &dir, "model.onnx", &|d| {
-        GraphFile::read(&d.join("model.onnx"))
-            .map(|_| ())
-            .map_err(err)
-    });
+    fuzz(&reader("onnx"));
 }
 
 #[test]
 fn model_configs() {
-    fuzz("config", &fixture("llama"), "config.json", &|d| {
-        ModelConfig::from_file(&d.join("config.json"))
-            .map(|_| ())
-            .map_err(err)
-    });
+    fuzz(&reader("config"));
 }
 
 #[test]
 fn safetensors_weights() {
-    fuzz("safetensors", &fixture("bert"), "model.safetensors", &|d| {
-        check_safetensors(&d.join("model.safetensors")).map_err(err)
-    });
+    fuzz(&reader("safetensors"));
 }
 
 #[test]
 fn tokenizers() {
-    fuzz("tokenizer", &fixture("bert"), "tokenizer.json", &|d| {
-        let settings = TextEncoderSettings {
-            max_length: 64,
-            lowercase: false,
-            append_eos: None,
-            padding_side: None,
-            pad_id: 0,
-            token_type_ids: true,
-        };
-        let encoder = TextEncoder::load(d, settings).map_err(err)?;
-        encoder
-            .encode(&["a text to encode", ""], "")
-            .map(|_| ())
-            .map_err(err)
-    });
+    fuzz(&reader("tokenizer"));
+}
+
+#[test]
+fn sentence_transformers_files() {
+    fuzz(&reader("modules"));
+    fuzz(&reader("pooling"));
+}
+
+#[test]
+fn shape_records() {
+    fuzz(&reader("shape"));
 }
 
 #[test]
 fn beir_files() {
-    let tiny = fixture("eval/tiny");
-    fuzz("corpus", &tiny, "corpus.jsonl", &|d| {
-        load_corpus(d).map(|_| ()).map_err(err)
-    });
-    fuzz("queries", &tiny, "queries.jsonl", &|d| {
-        load_queries(d).map(|_| ()).map_err(err)
-    });
-    fuzz("qrels", &tiny, "qrels/test.tsv", &|d| {
-        load_qrels(d, "test").map(|_| ()).map_err(err)
-    });
+    fuzz(&reader("corpus"));
+    fuzz(&reader("queries"));
+    fuzz(&reader("qrels"));
 }
 
 #[test]
-fn gates_files() {
+fn plans_and_configs() {
+    fuzz(&reader("plan"));
+    fuzz(&reader("finetune-config"));
+    fuzz(&reader("gates"));
+}
+
+/// Every input a long `make fuzz` found panicking is read again, forever.
+#[test]
+fn saved_regressions_replay_without_panicking() {
+    let mut replayed = 0;
+    for name in ALL_READERS {
+        let Ok(entries) = std::fs::read_dir(regressions_dir(name)) else {
+            continue;
+        };
+        let reader = reader(name);
+        let (_work, dir) = workspace(&reader);
+        for entry in entries.flatten() {
+            let input = std::fs::read(entry.path()).unwrap();
+            match check_input(&reader, &dir, &input) {
+                Ok(Ok(())) => {}
+                Ok(Err(message)) => assert!(
+                    message.contains(
+                        Path::new(reader.file)
+                            .file_name()
+                            .unwrap()
+                            .to_str()
+                            .unwrap()
+                    ),
+                    "{name}: {}: {message}",
+                    entry.path().display()
+                ),
+                Err(panic) => panic!("{name}: {} panics again: {panic}", entry.path().display()),
+            }
+            replayed += 1;
+        }
+    }
+    eprintln!("replayed {replayed} saved fuzz inputs");
+}
+
+/// A safetensors header that claims 2^60 bytes, and one tensor claiming
+/// more data than the file has: refused, naming the file, with no
+/// allocation of that size.
+#[test]
+fn a_header_claiming_2_to_the_60_bytes_allocates_nothing_of_that_size() {
     let work = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/gates.yaml"),
-        work.path().join("gates.yaml"),
-    )
-    .unwrap();
-    fuzz("gates", work.path(), "gates.yaml", &|d| {
-        Gates::load(&d.join("gates.yaml")).map(|_| ()).map_err(err)
-    });
+    let path = work.path().join("model.safetensors");
+    let mut bytes = (1u64 << 60).to_le_bytes().to_vec();
+    bytes.extend_from_slice(b"{}");
+    std::fs::write(&path, &bytes).unwrap();
+    let e = check_safetensors(&path).unwrap_err().to_string();
+    assert!(e.contains("model.safetensors"), "{e}");
+    let header = br#"{"w":{"dtype":"F32","shape":[1073741824,1073741824],"data_offsets":[0,4611686018427387904]}}"#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header);
+    bytes.extend_from_slice(&[0; 16]);
+    std::fs::write(&path, &bytes).unwrap();
+    let e = check_safetensors(&path).unwrap_err().to_string();
+    assert!(e.contains("model.safetensors"), "{e}");
+    assert_allocations_bounded("safetensors headers");
 }

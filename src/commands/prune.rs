@@ -179,12 +179,8 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
         bail!("--batch-size must be at least 1");
     }
     let mut plan: PrunePlan = match &args.plan {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("{}: cannot read plan", path.display()))?;
-            serde_yaml::from_str(&text)
-                .with_context(|| format!("{}: invalid pruning plan", path.display()))?
-        }
+        Some(path) => effir_pipeline::io::yaml_file::read_yaml(path)
+            .with_context(|| format!("{}: invalid pruning plan", path.display()))?,
         None => PrunePlan {
             coarse: CoarsePlan {
                 drop_mlp: args.drop_mlp,

@@ -2,6 +2,7 @@
 //! copying a model directory's files and the paths records hold.
 
 pub mod atomic_file;
+pub mod input_limits;
 pub mod json_file;
 pub mod model_card;
 pub mod model_files;
@@ -10,3 +11,4 @@ pub mod recorded_path;
 pub mod text_input;
 pub mod transformers_loading;
 pub mod weights;
+pub mod yaml_file;

@@ -74,19 +74,57 @@ pub fn read_texts(path: &Path, format: InputFormat) -> Result<Vec<String>> {
     Ok(texts)
 }
 
-/// The bytes of `path`, decompressed when its name ends in `.gz`.
+/// The bytes of `path`, decompressed when its name ends in `.gz`. More
+/// than the input limit ([`crate::io::input_limits`]) after decompression
+/// (a gzip bomb) is refused before it is held in memory.
 pub fn read_maybe_gzip(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut bytes = Vec::new();
-    let mut reader: Box<dyn std::io::Read> = if path.extension().is_some_and(|e| e == "gz") {
+    let reader: Box<dyn std::io::Read> = if path.extension().is_some_and(|e| e == "gz") {
         Box::new(flate2::read::MultiGzDecoder::new(std::io::BufReader::new(
             file,
         )))
     } else {
         Box::new(std::io::BufReader::new(file))
     };
+    let limit = crate::io::input_limits::limits().max_input_bytes;
+    let mut bytes = Vec::new();
     reader
+        .take(limit.saturating_add(1))
         .read_to_end(&mut bytes)
         .map_err(|e| Error::io(path, e))?;
+    if bytes.len() as u64 > limit {
+        return Err(Error::Input {
+            path: path.to_path_buf(),
+            line: 0,
+            message: format!(
+                "more than {} of data (raise the limit with --max-input-gb)",
+                crate::io::input_limits::megabytes(limit)
+            ),
+        });
+    }
+    check_line_lengths(path, &bytes)?;
     Ok(bytes)
+}
+
+/// Refuses a line longer than the line limit, naming it.
+fn check_line_lengths(path: &Path, bytes: &[u8]) -> Result<()> {
+    let limit = crate::io::input_limits::limits().max_line_bytes;
+    if bytes.len() <= limit {
+        return Ok(());
+    }
+    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        if line.len() > limit {
+            return Err(Error::Input {
+                path: path.to_path_buf(),
+                line: i + 1,
+                message: format!(
+                    "a line of {} bytes, over the {} limit (raise it with --max-line-mb)",
+                    line.len(),
+                    crate::io::input_limits::megabytes(limit as u64)
+                ),
+            });
+        }
+    }
+    Ok(())
 }

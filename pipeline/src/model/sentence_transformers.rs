@@ -171,11 +171,38 @@ impl SentenceConfig {
         for (i, module) in modules.iter().enumerate() {
             let kind = module.kind.rsplit('.').next().unwrap_or(&module.kind);
             let module_dir = dir.join(&module.path);
+            // Pooling and Dense modules keep their files in a folder of their own.
+            let own_folder = || -> Result<()> {
+                let path = Path::new(&module.path);
+                let plain = path.components().count() > 0
+                    && path
+                        .components()
+                        .all(|c| matches!(c, std::path::Component::Normal(_)));
+                if plain {
+                    Ok(())
+                } else {
+                    Err(Error::config(
+                        &modules_path,
+                        format!(
+                            "module #{i} ({kind}) has path `{}`; it must be a folder inside the model directory",
+                            module.path
+                        ),
+                    ))
+                }
+            };
+            let in_module =
+                |e: Error| Error::config(&modules_path, format!("module #{i} ({kind}): {e}"));
             match kind {
                 "Transformer" if i == 0 => {}
-                "Pooling" if i == 1 => config.pooling = Some(read_pooling(&module_dir)?),
+                "Pooling" if i == 1 => {
+                    own_folder()?;
+                    config.pooling = Some(read_pooling(&module_dir).map_err(in_module)?)
+                }
                 "Dense" if config.pooling.is_some() => {
-                    config.post_pooling.push(PostPooling::Dense(read_dense(&module_dir)?))
+                    own_folder()?;
+                    config
+                        .post_pooling
+                        .push(PostPooling::Dense(read_dense(&module_dir).map_err(in_module)?))
                 }
                 "Normalize" if config.pooling.is_some() => {
                     config.post_pooling.push(PostPooling::Normalize)

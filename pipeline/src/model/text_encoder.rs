@@ -102,6 +102,20 @@ impl TextEncoder {
         if !path.exists() {
             return Err(Error::MissingFile { path });
         }
+        let limit = crate::io::input_limits::limits().max_tokenizer_bytes;
+        let size = std::fs::metadata(&path)
+            .map_err(|e| Error::io(&path, e))?
+            .len();
+        if size > limit {
+            return Err(Error::Tokenizer {
+                path,
+                message: format!(
+                    "{} bytes, over the {} limit for a tokenizer (raise it with --max-tokenizer-mb)",
+                    size,
+                    crate::io::input_limits::megabytes(limit)
+                ),
+            });
+        }
         // The tokenizers crate panics on some malformed files (an untagged
         // decoder it cannot read): those are errors naming the file too.
         let mut tokenizer = std::panic::catch_unwind(|| Tokenizer::from_file(&path))

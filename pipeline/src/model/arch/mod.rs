@@ -120,6 +120,36 @@ impl std::fmt::Display for Architecture {
     }
 }
 
+/// The largest value a dimension of `config.json` may take: far above any
+/// real model (GPT-scale models have ~100 layers, hidden sizes of ~20k,
+/// vocabularies of ~250k), so a corrupt or hostile number is refused
+/// before anything is allocated from it.
+const DIMENSION_LIMITS: [(&str, u64); 9] = [
+    ("num_hidden_layers", 4096),
+    ("num_attention_heads", 4096),
+    ("num_key_value_heads", 4096),
+    ("hidden_size", 1 << 20),
+    ("intermediate_size", 1 << 22),
+    ("head_dim", 1 << 16),
+    ("vocab_size", 1 << 26),
+    ("max_position_embeddings", 1 << 26),
+    ("type_vocab_size", 1 << 16),
+];
+
+fn check_dimensions(path: &Path, value: &Value) -> Result<()> {
+    for (key, limit) in DIMENSION_LIMITS {
+        if let Some(n) = value.get(key).and_then(Value::as_u64) {
+            if n > limit {
+                return Err(Error::config(
+                    path,
+                    format!("`{key}` is {n}, more than any model has (at most {limit})"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `uniform` with the MLP widths of `effir_intermediate_sizes` (one entry
 /// per layer, a width or `null` for a dropped MLP), if the config has them.
 fn described_widths(
@@ -235,6 +265,7 @@ impl ModelConfig {
                     .collect::<Vec<_>>()
                     .join(", "),
             })?;
+        check_dimensions(path, &value)?;
         let mut parsed = (registration.parse)(path, &value)?;
         parsed.uniform_shape.model_type = registration.model_type.to_string();
         let token_ids = |key: &str| -> Vec<u32> {
