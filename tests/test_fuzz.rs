@@ -6,8 +6,10 @@
 //! allocates nothing of that size).
 //!
 //! Readers: ONNX graphs, `config.json`, safetensors weights, `tokenizer.json`,
-//! sentence-transformers files, `effir_shape.json`, BEIR corpus, queries and
-//! qrels, pruning plans, fine-tuning configs, gates YAML.
+//! sentence-transformers files (`modules.json`, the pooling config,
+//! `sentence_bert_config.json`, `config_sentence_transformers.json`),
+//! effir's records (`effir_shape.json`, `effir_prune.json`), BEIR corpus,
+//! queries and qrels, pruning plans, fine-tuning configs, gates YAML.
 //!
 //! In CI each reader gets [`ITERATIONS`] mutations from a fixed seed.
 //! `make fuzz FUZZ_SECONDS=600` sets `EFFIR_FUZZ_SECONDS` (shared by the
@@ -26,7 +28,7 @@ use std::time::{Duration, Instant};
 use common::fixture;
 use effir_onnx::graph_file::GraphFile;
 use effir_onnx::validate::Gates;
-use effir_pipeline::compress::prune::PrunePlan;
+use effir_pipeline::compress::prune::{PrunePlan, PruneRecord};
 use effir_pipeline::data::beir::{load_corpus, load_qrels, load_queries};
 use effir_pipeline::finetune::FinetuneConfig;
 use effir_pipeline::io::weights::check_safetensors;
@@ -416,6 +418,24 @@ fn reader(name: &str) -> Reader {
             "1_Pooling/config.json",
             Box::new(|d| SentenceConfig::load(d).map(|_| ()).map_err(err)),
         ),
+        "sentence-bert-config" => r(
+            "sentence-bert-config",
+            fixture("gemma3"),
+            "sentence_bert_config.json",
+            Box::new(|d| SentenceConfig::load(d).map(|_| ()).map_err(err)),
+        ),
+        "sentence-transformers-config" => r(
+            "sentence-transformers-config",
+            fixture("gemma3"),
+            "config_sentence_transformers.json",
+            Box::new(|d| SentenceConfig::load(d).map(|_| ()).map_err(err)),
+        ),
+        "prune-record" => r(
+            "prune-record",
+            pruned_bert(),
+            "effir_prune.json",
+            Box::new(|d| PruneRecord::read(d).map(|_| ()).map_err(err)),
+        ),
         "shape" => r(
             "shape",
             pruned_bert(),
@@ -518,11 +538,14 @@ fn tokenizers() {
 fn sentence_transformers_files() {
     fuzz(&reader("modules"));
     fuzz(&reader("pooling"));
+    fuzz(&reader("sentence-bert-config"));
+    fuzz(&reader("sentence-transformers-config"));
 }
 
 #[test]
-fn shape_records() {
+fn effir_records() {
     fuzz(&reader("shape"));
+    fuzz(&reader("prune-record"));
 }
 
 #[test]
