@@ -93,10 +93,12 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // Limits beyond what a u64 of bytes holds mean "no limit".
     effir_pipeline::io::input_limits::set(effir_pipeline::io::input_limits::InputLimits {
-        max_line_bytes: (cli.max_line_mb << 20) as usize,
-        max_input_bytes: cli.max_input_gb << 30,
-        max_tokenizer_bytes: cli.max_tokenizer_mb << 20,
+        max_line_bytes: usize::try_from(cli.max_line_mb.saturating_mul(1 << 20))
+            .unwrap_or(usize::MAX),
+        max_input_bytes: cli.max_input_gb.saturating_mul(1 << 30),
+        max_tokenizer_bytes: cli.max_tokenizer_mb.saturating_mul(1 << 20),
     });
     let result = match cli.command {
         Command::Analyze(args) => commands::analyze::run(args),

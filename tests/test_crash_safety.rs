@@ -312,3 +312,27 @@ fn a_second_process_writing_the_same_output_is_refused() {
     assert!(third.status.success(), "{}", stderr(&third));
     assert_eq!(leftovers(work.path()), Vec::<String>::new());
 }
+
+#[test]
+fn eval_writes_into_the_working_directory_with_out_dot() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("here");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("notes.txt"), "kept").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_effir"))
+        .current_dir(&dir)
+        .args(["eval", "--quiet", "--no-cache", "--model"])
+        .arg(fixture("bert"))
+        .arg("--data")
+        .arg(fixture("eval/tiny"))
+        .args(["--out", "."])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(dir.join("metrics.json").is_file() && dir.join("run.trec").is_file());
+    assert_eq!(
+        std::fs::read_to_string(dir.join("notes.txt")).unwrap(),
+        "kept"
+    );
+    assert_eq!(leftovers(work.path()), Vec::<String>::new());
+}

@@ -8,7 +8,7 @@ use effir_pipeline::data::beir::{DanglingPolicy, Dataset};
 use effir_pipeline::data::text_format::DocumentTemplate;
 use effir_pipeline::eval::embedding_cache::EmbeddingCache;
 use effir_pipeline::eval::evaluation::{
-    evaluate_model, mean_table, write_report, EvalSettings, Phase,
+    evaluate_model, mean_table, stage_report, write_staged_report, EvalSettings, Phase,
 };
 use effir_pipeline::{Embedder, Prompt};
 use serde::Deserialize;
@@ -140,6 +140,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     }
     let embedder = Embedder::load(&args.model.model, &args.model.load_options())
         .with_context(|| format!("loading model {}", args.model.model.display()))?;
+    // The output is claimed before the work, so a clash shows at once.
+    let staged = args.out.as_deref().map(stage_report).transpose()?;
 
     let bar = super::progress::progress_bar(
         args.quiet,
@@ -156,8 +158,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     })?;
     bar.finish_and_clear();
 
-    if let Some(out) = &args.out {
-        write_report(&report, out, run_depth, &settings.run_tag)?;
+    if let Some((staged, out)) = staged {
+        write_staged_report(staged, &report, &out, run_depth, &settings.run_tag)?;
     }
     println!(
         "{} on {} ({split}): {} queries, {} documents, max length {}",

@@ -207,9 +207,7 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         train: args.train.clone(),
         train_texts: args.train_texts.clone(),
     };
-    write_model(&args.model, &args.out, &weights, &record)?;
-    std::fs::copy(&log_path, args.out.join("train_log.jsonl"))
-        .with_context(|| format!("copying {}", log_path.display()))?;
+    write_model(&args.model, &args.out, &weights, &record, Some(&log_path))?;
     println!(
         "wrote {}: {} steps{} in {:.0} s ({:.2} examples/s), final loss {:.4}{}",
         args.out.display(),

@@ -237,7 +237,33 @@ pub fn evaluate_model(
 /// (anything else `out` holds is kept), so `out` never holds the metrics
 /// of one run with the ranking of another.
 pub fn write_report(report: &EvalReport, out: &Path, depth: usize, tag: &str) -> Result<()> {
-    let staged = crate::io::atomic_file::StagedDir::beside_existing(out)?;
+    let (staged, out) = stage_report(out)?;
+    write_staged_report(staged, report, &out, depth, tag)
+}
+
+/// Claims `out` for an evaluation's report before the evaluation runs (a
+/// second process writing it is refused at once, not after hours of
+/// encoding): the staging directory and `out` as a path with a final name
+/// (`.` becomes the directory it names).
+pub fn stage_report(out: &Path) -> Result<(crate::io::atomic_file::StagedDir, PathBuf)> {
+    let out = if out.file_name().is_none() {
+        out.canonicalize().map_err(|e| Error::io(out, e))?
+    } else {
+        out.to_path_buf()
+    };
+    let staged = crate::io::atomic_file::StagedDir::beside_existing(&out)?;
+    Ok((staged, out))
+}
+
+/// Writes the report into `staged` and puts it in place at `out` (from
+/// [`stage_report`]).
+pub fn write_staged_report(
+    staged: crate::io::atomic_file::StagedDir,
+    report: &EvalReport,
+    out: &Path,
+    depth: usize,
+    tag: &str,
+) -> Result<()> {
     write_report_files(report, staged.path(), depth, tag)?;
     staged.replace_keeping_others(out)
 }

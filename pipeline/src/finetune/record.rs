@@ -112,17 +112,25 @@ impl FinetuneRecord {
 }
 
 /// Writes the fine-tuned model: `source`'s files, the new weights,
-/// `effir_finetune.json`, and what `transformers` needs to load it. The directory appears whole or not at all.
+/// `effir_finetune.json`, the training log (`train_log`, when given), and
+/// what `transformers` needs to load it. The directory appears whole or not at all.
 pub fn write_model(
     source: &Path,
     out: &Path,
     weights: &HashMap<String, Tensor>,
     record: &FinetuneRecord,
+    train_log: Option<&Path>,
 ) -> Result<()> {
     let staging = crate::io::atomic_file::StagedDir::beside(out)?;
     crate::io::model_files::copy_model_files(source, staging.path(), &|name| {
-        crate::io::model_files::is_backbone_weights(name) || name == FINETUNE_FILE
+        crate::io::model_files::is_backbone_weights(name)
+            || name == FINETUNE_FILE
+            || name == TRAIN_LOG_FILE
     })?;
+    if let Some(log) = train_log {
+        let to = staging.path().join(TRAIN_LOG_FILE);
+        std::fs::copy(log, &to).map_err(|e| Error::io(log, e))?;
+    }
     let path = staging.path().join(crate::io::weights::WEIGHTS_FILE);
     crate::io::atomic_file::save_safetensors(weights, &path)?;
     // The source's loading code is copied; written anew, it is current and
@@ -147,6 +155,8 @@ pub fn write_model(
 
 /// The record of a fine-tuning run in its output directory.
 pub const FINETUNE_FILE: &str = "effir_finetune.json";
+/// The training log (one JSON line per step) in the output directory.
+pub const TRAIN_LOG_FILE: &str = "train_log.jsonl";
 
 /// The fine-tuned directory's model card: how it was pruned (when its
 /// source was) and recovered (`record`, its paths as given).

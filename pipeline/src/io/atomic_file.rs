@@ -55,6 +55,8 @@ where
         .suffix(".tmp")
         .tempfile_in(dir)
         .map_err(|e| Error::io(dir, e))?;
+    // Held while it is written: a cleanup by another process sees it alive.
+    let _ = tmp.as_file().try_lock();
     {
         let mut out = BufWriter::new(tmp.as_file());
         write(&mut out)?;
@@ -107,24 +109,34 @@ pub fn write_bytes_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 /// outputs, each followed by the writer's process id and a `-`.
 const FILE_PREFIX: &str = ".effir-";
 const STAGING_PREFIX: &str = ".effir-staging-";
+/// A previous output moved aside while a new one takes its place (where
+/// directories cannot be exchanged in one rename); holds `old` and, in
+/// [`TARGET_FILE`], the name of the output it belongs to.
+const REPLACED_PREFIX: &str = ".effir-replaced-";
+const TARGET_FILE: &str = "target";
 
-/// Removes the temporary files and staging directories in `dir` whose
-/// writer (the process id in their name) no longer runs: what a killed run
-/// left. Best effort; what cannot be removed stays.
+/// Removes the temporary files and staging directories in `dir` that no
+/// writer holds any more: what a killed run left. A writer holds each of
+/// its temporaries locked (`flock`) and names it with its process id; an
+/// entry is removed only when that process does not run here and the lock
+/// is free, so a live writer in another container or on another machine
+/// sharing the directory keeps its files. A previous output moved aside by
+/// a killed replacement is put back where its output is missing. Best
+/// effort; what cannot be removed stays.
 pub fn remove_stale_temporaries(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let rest = if let Some(rest) = name.strip_prefix(STAGING_PREFIX) {
-            rest
-        } else if let Some(rest) = name
-            .strip_prefix(FILE_PREFIX)
-            .filter(|_| name.ends_with(".tmp"))
-        {
-            rest
-        } else {
+        let rest = [STAGING_PREFIX, REPLACED_PREFIX]
+            .iter()
+            .find_map(|p| name.strip_prefix(p))
+            .or_else(|| {
+                name.strip_prefix(FILE_PREFIX)
+                    .filter(|_| name.ends_with(".tmp"))
+            });
+        let Some(rest) = rest else {
             continue;
         };
         let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
@@ -134,6 +146,16 @@ pub fn remove_stale_temporaries(dir: &Path) {
             continue;
         }
         let path = entry.path();
+        // Held by a writer this machine cannot see: leave it.
+        let Ok(handle) = std::fs::File::open(&path) else {
+            continue;
+        };
+        if handle.try_lock().is_err() {
+            continue;
+        }
+        if name.starts_with(REPLACED_PREFIX) {
+            restore_moved_aside(dir, &path);
+        }
         let removed = if path.is_dir() {
             std::fs::remove_dir_all(&path)
         } else {
@@ -145,6 +167,28 @@ pub fn remove_stale_temporaries(dir: &Path) {
                 path.display()
             ),
             Err(e) => tracing::warn!("could not remove {}: {e}", path.display()),
+        }
+    }
+}
+
+/// Puts a previous output that a killed replacement moved aside back in
+/// place, if its output is missing.
+fn restore_moved_aside(dir: &Path, aside: &Path) {
+    let Ok(target) = std::fs::read_to_string(aside.join(TARGET_FILE)) else {
+        return;
+    };
+    let target = target.trim();
+    if target.is_empty() || target.contains('/') {
+        return;
+    }
+    let out = dir.join(target);
+    if !out.exists() && aside.join("old").exists() {
+        match std::fs::rename(aside.join("old"), &out) {
+            Ok(()) => tracing::warn!(
+                "put the previous {} back: a replacement of it was interrupted",
+                out.display()
+            ),
+            Err(e) => tracing::warn!("could not put the previous {} back: {e}", out.display()),
         }
     }
 }
@@ -229,6 +273,8 @@ fn same_file(_: &std::fs::File, path: &Path) -> bool {
 /// destination is locked from creation to publication.
 pub struct StagedDir {
     dir: tempfile::TempDir,
+    /// The staging directory itself, locked while this process uses it.
+    _held: Option<std::fs::File>,
     _lock: OutputLock,
 }
 
@@ -256,6 +302,12 @@ impl StagedDir {
     /// Like [`StagedDir::beside`], for a destination [`StagedDir::replace`]
     /// may overwrite.
     pub fn beside_existing(out: &Path) -> Result<Self> {
+        if out.file_name().is_none() {
+            return Err(Error::InvalidArgument(format!(
+                "{}: not a path effir can write an output to (it must end in a name)",
+                out.display()
+            )));
+        }
         let parent = match out.parent() {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
@@ -267,7 +319,14 @@ impl StagedDir {
         let dir = output_builder(&prefix, true)
             .tempdir_in(parent)
             .map_err(|e| Error::io(parent, e))?;
-        Ok(Self { dir, _lock: lock })
+        let held = std::fs::File::open(dir.path())
+            .ok()
+            .filter(|f| f.try_lock().is_ok());
+        Ok(Self {
+            dir,
+            _held: held,
+            _lock: lock,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -276,7 +335,7 @@ impl StagedDir {
 
     /// Renames the staged directory to `out`.
     pub fn publish(self, out: &Path) -> Result<()> {
-        let Self { dir, _lock } = self;
+        let Self { dir, _held, _lock } = self;
         let staged = dir.keep();
         std::fs::rename(&staged, out).map_err(|e| Error::io(out, e))
     }
@@ -290,28 +349,50 @@ impl StagedDir {
         if !out.exists() {
             return self.publish(out);
         }
-        let Self { dir, _lock } = self;
+        let Self { dir, _held, _lock } = self;
         let staged = dir.keep();
-        match exchange(&staged, out) {
-            Ok(()) => {
-                // `staged` now holds the old directory, named as a
-                // temporary of this process: removed here, or by a later
-                // run if this one is killed first.
-                std::fs::remove_dir_all(&staged).map_err(|e| Error::io(&staged, e))
+        if exchange(&staged, out).is_ok() {
+            // `staged` now holds the old directory, named as a temporary
+            // of this process: removed here, or by a later run if this one
+            // is killed first. The new output is in place either way.
+            if let Err(e) = std::fs::remove_dir_all(&staged) {
+                tracing::warn!(
+                    "could not remove the previous output ({}): {e}",
+                    staged.display()
+                );
             }
-            Err(_) => {
-                let parent = staged.parent().unwrap_or(Path::new("."));
-                let aside =
-                    output_builder(&format!("{STAGING_PREFIX}{}-", std::process::id()), true)
-                        .tempdir_in(parent)
-                        .map_err(|e| Error::io(out, e))?;
-                let old = aside.path().join("old");
-                std::fs::rename(out, &old).map_err(|e| Error::io(out, e))?;
-                std::fs::rename(&staged, out).map_err(|e| Error::io(out, e))?;
-                drop(aside);
-                Ok(())
-            }
+            return Ok(());
         }
+        // No exchange here (NFS, FUSE, CIFS): move the old one aside, with
+        // the name of its output, then the new one in. Killed in between, a
+        // later run puts the old one back ([`remove_stale_temporaries`]).
+        let parent = staged.parent().unwrap_or(Path::new("."));
+        let aside = output_builder(&format!("{REPLACED_PREFIX}{}-", std::process::id()), true)
+            .tempdir_in(parent)
+            .map_err(|e| Error::io(out, e))?
+            .keep();
+        let _held_aside = std::fs::File::open(&aside)
+            .ok()
+            .filter(|f| f.try_lock().is_ok());
+        let name = out
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        std::fs::write(aside.join(TARGET_FILE), &name).map_err(|e| Error::io(&aside, e))?;
+        let old = aside.join("old");
+        std::fs::rename(out, &old).map_err(|e| Error::io(out, e))?;
+        if let Err(e) = std::fs::rename(&staged, out) {
+            // Put the previous output back; the new one stays staged.
+            let _ = std::fs::rename(&old, out);
+            return Err(Error::io(out, e));
+        }
+        if let Err(e) = std::fs::remove_dir_all(&aside) {
+            tracing::warn!(
+                "could not remove the previous output ({}): {e}",
+                aside.display()
+            );
+        }
+        Ok(())
     }
 
     /// Publishes over an existing `out` keeping what it holds besides the
@@ -334,10 +415,31 @@ impl StagedDir {
     }
 }
 
-/// `from` (a file or a directory tree) hard-linked at `to`, copying where a
-/// link cannot be made.
+/// `from` (a file, a symbolic link or a directory tree) hard-linked at
+/// `to`, copying where a link cannot be made; symbolic links are recreated,
+/// not followed, and effir's own temporaries and locks are left out.
 fn link_tree(from: &Path, to: &Path) -> Result<()> {
-    if from.is_dir() {
+    let name = from
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if name.starts_with(FILE_PREFIX) || name.ends_with(".effir-lock") {
+        return Ok(());
+    }
+    let kind = std::fs::symlink_metadata(from)
+        .map_err(|e| Error::io(from, e))?
+        .file_type();
+    if kind.is_symlink() {
+        let target = std::fs::read_link(from).map_err(|e| Error::io(from, e))?;
+        #[cfg(unix)]
+        return std::os::unix::fs::symlink(&target, to).map_err(|e| Error::io(to, e));
+        #[cfg(not(unix))]
+        return Err(Error::io(
+            to,
+            std::io::Error::from(std::io::ErrorKind::Unsupported),
+        ));
+    }
+    if kind.is_dir() {
         std::fs::create_dir_all(to).map_err(|e| Error::io(to, e))?;
         for entry in std::fs::read_dir(from).map_err(|e| Error::io(from, e))? {
             let entry = entry.map_err(|e| Error::io(from, e))?;
@@ -440,6 +542,41 @@ mod tests {
         remove_stale_temporaries(work.path());
         assert!(!dead.exists() && !dead_file.exists());
         assert!(live.exists() && unrelated.exists());
+    }
+
+    #[test]
+    fn a_previous_output_moved_aside_by_a_killed_replacement_is_put_back() {
+        let work = tempfile::tempdir().unwrap();
+        let aside = work
+            .path()
+            .join(format!("{REPLACED_PREFIX}{}-abc", u32::MAX));
+        std::fs::create_dir_all(aside.join("old")).unwrap();
+        std::fs::write(aside.join("old/metrics.json"), "previous").unwrap();
+        std::fs::write(aside.join(TARGET_FILE), "eval").unwrap();
+        remove_stale_temporaries(work.path());
+        assert_eq!(
+            std::fs::read_to_string(work.path().join("eval/metrics.json")).unwrap(),
+            "previous"
+        );
+        assert!(!aside.exists());
+    }
+
+    #[test]
+    fn a_dead_writers_temporary_that_is_still_locked_is_kept() {
+        // A writer this machine cannot see (another PID namespace) holds
+        // its lock: the entry stays.
+        let work = tempfile::tempdir().unwrap();
+        let file = work
+            .path()
+            .join(format!("{FILE_PREFIX}{}-held.tmp", u32::MAX));
+        std::fs::write(&file, "being written").unwrap();
+        let holder = std::fs::File::open(&file).unwrap();
+        holder.lock().unwrap();
+        remove_stale_temporaries(work.path());
+        assert!(file.exists());
+        drop(holder);
+        remove_stale_temporaries(work.path());
+        assert!(!file.exists());
     }
 
     #[test]

@@ -175,10 +175,15 @@ fn described_widths(
         layer.mlp = match width {
             Value::Null => None,
             w => match w.as_u64() {
-                Some(n) if n > 0 => Some(crate::model::shape::MlpShape {
+                Some(n) if n > 0 && n <= 1 << 22 => Some(crate::model::shape::MlpShape {
                     intermediate_size: n as usize,
                 }),
-                _ => return Err(bad(format!("layer {i}: {w} is not a width or null"))),
+                _ => {
+                    return Err(bad(format!(
+                        "layer {i}: {w} is not a width (1 to {}) or null",
+                        1u64 << 22
+                    )))
+                }
             },
         };
     }
