@@ -189,20 +189,11 @@ fn a_killed_prune_leaves_the_whole_model_or_nothing() {
 #[test]
 fn a_killed_finetune_leaves_the_whole_model_or_nothing() {
     let work = tempfile::tempdir().unwrap();
-    let train = work.path().join("train.jsonl");
-    let lines: Vec<String> = (0..8)
-        .map(|i| {
-            serde_json::json!({"query": format!("query {i}"), "pos": [format!("document {i}")], "neg": ["other"]})
-                .to_string()
-        })
-        .collect();
-    std::fs::write(&train, lines.join("\n")).unwrap();
-    let config = work.path().join("ft.yaml");
-    std::fs::write(
-        &config,
+    let (train, config) = common::tiny_finetune_inputs(
+        work.path(),
+        &["query text", "document text", "other text"],
         "max_steps: 3\nbatch_size: 4\nlearning_rate: 1.0e-3\ncheckpoint_every: 0\n",
-    )
-    .unwrap();
+    );
     let out = work.path().join("tuned");
     let source = fixture("bert");
     let new = strings(&[

@@ -227,6 +227,20 @@ fn check_input(reader: &Reader, dir: &Path, input: &[u8]) -> Result<Result<(), S
     }
 }
 
+/// An error a reader returned must name the file it read.
+fn assert_names_file(reader: &Reader, message: &str, context: &str) {
+    let name = Path::new(reader.file)
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap();
+    assert!(
+        message.contains(name),
+        "{}: {context}: the error does not name {name}: {message}",
+        reader.name
+    );
+}
+
 /// A copy of the reader's seed directory to mutate in.
 fn workspace(reader: &Reader) -> (tempfile::TempDir, PathBuf) {
     let work = tempfile::tempdir().unwrap();
@@ -266,18 +280,7 @@ fn fuzz(reader: &Reader) {
             Ok(Ok(())) => {}
             Ok(Err(message)) => {
                 refused += 1;
-                assert!(
-                    message.contains(
-                        Path::new(reader.file)
-                            .file_name()
-                            .unwrap()
-                            .to_str()
-                            .unwrap()
-                    ),
-                    "{}: iteration {done}: the error does not name {}: {message}",
-                    reader.name,
-                    reader.file
-                );
+                assert_names_file(reader, &message, &format!("iteration {done}"));
             }
             Err(panic) => {
                 let kept = regressions_dir(reader.name);
@@ -576,17 +579,9 @@ fn saved_regressions_replay_without_panicking() {
             let input = std::fs::read(entry.path()).unwrap();
             match check_input(&reader, &dir, &input) {
                 Ok(Ok(())) => {}
-                Ok(Err(message)) => assert!(
-                    message.contains(
-                        Path::new(reader.file)
-                            .file_name()
-                            .unwrap()
-                            .to_str()
-                            .unwrap()
-                    ),
-                    "{name}: {}: {message}",
-                    entry.path().display()
-                ),
+                Ok(Err(message)) => {
+                    assert_names_file(&reader, &message, &entry.path().display().to_string())
+                }
                 Err(panic) => panic!("{name}: {} panics again: {panic}", entry.path().display()),
             }
             replayed += 1;

@@ -160,33 +160,13 @@ fn fine_tuned_weights_replace_every_matched_weight() {
     let pruned = prune("bert", work.path());
     // A few steps of full fine-tuning change every layer's weights, the
     // LayerNorms included (identical in the original: resolved by structure).
-    let train = work.path().join("train.jsonl");
-    let lines: Vec<String> = (0..8)
-        .map(|i| {
-            serde_json::json!({"query": format!("{} {i}", TEXTS[i % 4]), "pos": [TEXTS[(i + 1) % 4]], "neg": [TEXTS[(i + 2) % 4]]})
-                .to_string()
-        })
-        .collect();
-    std::fs::write(&train, lines.join("\n")).unwrap();
-    let config = work.path().join("ft.yaml");
-    std::fs::write(
-        &config,
+    let (train, config) = common::tiny_finetune_inputs(
+        work.path(),
+        &TEXTS,
         "max_steps: 3\nbatch_size: 4\nlearning_rate: 1.0e-2\ncheckpoint_every: 0\n",
-    )
-    .unwrap();
+    );
     let tuned = work.path().join("tuned");
-    let o = effir(&[
-        "finetune",
-        "--quiet",
-        "--model",
-        pruned.to_str().unwrap(),
-        "--train",
-        train.to_str().unwrap(),
-        "--config",
-        config.to_str().unwrap(),
-        "--out",
-        tuned.to_str().unwrap(),
-    ]);
+    let o = common::finetune(&pruned, &train, &config, &tuned);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = work.path().join("rewritten");
     let o = rewrite(&optimum_graph("bert"), &tuned, &out);

@@ -282,37 +282,13 @@ fn a_fine_tuned_pruned_model_keeps_its_loading_code() {
     // A source pruned before effir wrote loading code: the fine-tuned copy
     // gets it anyway.
     std::fs::remove_file(pruned.join("modeling_effir_bert.py")).unwrap();
-    let train = work.path().join("train.jsonl");
-    let lines: Vec<String> = (0..8)
-        .map(|i| {
-            serde_json::json!({
-                "query": format!("query {i} {}", CALIBRATION[i % 4]),
-                "pos": [CALIBRATION[(i + 1) % 4]],
-                "neg": [CALIBRATION[(i + 2) % 4]],
-            })
-            .to_string()
-        })
-        .collect();
-    std::fs::write(&train, lines.join("\n")).unwrap();
-    let config = work.path().join("ft.yaml");
-    std::fs::write(
-        &config,
+    let (train, config) = common::tiny_finetune_inputs(
+        work.path(),
+        CALIBRATION,
         "max_steps: 2\nbatch_size: 4\nlearning_rate: 1.0e-3\ncheckpoint_every: 0\n",
-    )
-    .unwrap();
+    );
     let tuned = work.path().join("tuned");
-    let o = effir(&[
-        "finetune",
-        "--quiet",
-        "--model",
-        pruned.to_str().unwrap(),
-        "--train",
-        train.to_str().unwrap(),
-        "--out",
-        tuned.to_str().unwrap(),
-        "--config",
-        config.to_str().unwrap(),
-    ]);
+    let o = common::finetune(&pruned, &train, &config, &tuned);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(tuned.join("modeling_effir_bert.py").is_file());
     let card = std::fs::read_to_string(tuned.join("README.md")).unwrap();
@@ -320,18 +296,7 @@ fn a_fine_tuned_pruned_model_keeps_its_loading_code() {
     assert_loads(&tuned, work.path(), "tuned", "sentence-transformers", false);
     // The unpruned fixture fine-tuned stays plain, config untouched.
     let plain_tuned = work.path().join("plain-tuned");
-    let o = effir(&[
-        "finetune",
-        "--quiet",
-        "--model",
-        fixture("bert").to_str().unwrap(),
-        "--train",
-        train.to_str().unwrap(),
-        "--out",
-        plain_tuned.to_str().unwrap(),
-        "--config",
-        config.to_str().unwrap(),
-    ]);
+    let o = common::finetune(&fixture("bert"), &train, &config, &plain_tuned);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(
         std::fs::read(plain_tuned.join("config.json")).unwrap(),

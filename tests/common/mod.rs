@@ -291,6 +291,44 @@ pub fn python_client(export_dir: &Path, reference_dir: &Path, min_cosine: f64) {
     );
 }
 
+/// A small fine-tuning run's inputs in `dir`: `train.jsonl`, 8 queries
+/// built from `texts` (at least 3), each with a positive and a negative
+/// from them, and `ft.yaml` holding `config`. Returns their paths.
+pub fn tiny_finetune_inputs(dir: &Path, texts: &[&str], config: &str) -> (PathBuf, PathBuf) {
+    let n = texts.len();
+    let train = dir.join("train.jsonl");
+    let lines: Vec<String> = (0..8)
+        .map(|i| {
+            serde_json::json!({
+                "query": format!("{} {i}", texts[i % n]),
+                "pos": [texts[(i + 1) % n]],
+                "neg": [texts[(i + 2) % n]],
+            })
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&train, lines.join("\n")).unwrap();
+    let yaml = dir.join("ft.yaml");
+    std::fs::write(&yaml, config).unwrap();
+    (train, yaml)
+}
+
+/// `effir finetune --quiet --model MODEL --train TRAIN --config CONFIG --out OUT`.
+pub fn finetune(model: &Path, train: &Path, config: &Path, out: &Path) -> std::process::Output {
+    effir(&[
+        "finetune",
+        "--quiet",
+        "--model",
+        model.to_str().unwrap(),
+        "--train",
+        train.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ])
+}
+
 /// `effir export --model MODEL --out OUT EXTRA...`, which must succeed.
 pub fn export(model: &Path, out: &Path, extra: &[&str]) {
     let mut args = vec![
