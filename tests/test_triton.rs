@@ -171,3 +171,32 @@ fn triton_requests_that_cannot_be_met_fail_before_writing() {
         assert!(!out.exists(), "{extra:?} wrote output");
     }
 }
+
+#[test]
+fn models_share_a_repository_and_overwriting_one_keeps_the_others() {
+    let work = tempfile::tempdir().unwrap();
+    let repo = work.path().join("repository");
+    for name in ["first", "second"] {
+        let run = export(&repo, &["--name", name]);
+        assert!(run.status.success(), "{name}: {}", stderr(&run));
+    }
+    let second_graph = std::fs::read(repo.join("second/1/model.onnx")).unwrap();
+    // Without --overwrite an existing model is refused; with it, only that
+    // model is replaced.
+    let run = export(&repo, &["--name", "first"]);
+    assert!(!run.status.success());
+    assert!(stderr(&run).contains("--overwrite"), "{}", stderr(&run));
+    let run = export(
+        &repo,
+        &["--name", "first", "--overwrite", "--precision", "int8"],
+    );
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert_eq!(
+        std::fs::read(repo.join("second/1/model.onnx")).unwrap(),
+        second_graph
+    );
+    assert!(repo.join("first/config.pbtxt").is_file());
+    for name in ["first", "second"] {
+        assert!(triton_check(&repo.join(name), &[]).0, "{name}");
+    }
+}

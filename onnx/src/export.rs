@@ -199,6 +199,15 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
         ));
     }
     let (files_rel, graph_rel) = options.layout.dirs(options.triton.as_ref())?;
+    // A Triton model is one directory of a repository that may hold others:
+    // that directory (`OUT/NAME`) is what is written, checked and replaced.
+    let model_out = out.join(&files_rel);
+    let out = model_out.as_path();
+    let graph_rel = graph_rel
+        .strip_prefix(&files_rel)
+        .map(Path::to_path_buf)
+        .unwrap_or(graph_rel);
+    let files_rel = PathBuf::new();
     if out.exists() {
         let previous = out.join(&files_rel).join(SUMMARY_FILE).is_file();
         if !(options.overwrite && previous) {
