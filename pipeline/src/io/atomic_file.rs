@@ -114,6 +114,8 @@ const STAGING_PREFIX: &str = ".effir-staging-";
 /// [`TARGET_FILE`], the name of the output it belongs to.
 const REPLACED_PREFIX: &str = ".effir-replaced-";
 const TARGET_FILE: &str = "target";
+/// The suffix of an output's lock file, `.NAME.effir-lock`.
+const LOCK_SUFFIX: &str = ".effir-lock";
 
 /// Removes the temporary files and staging directories in `dir` that no
 /// writer holds any more: what a killed run left. A writer holds each of
@@ -129,6 +131,10 @@ pub fn remove_stale_temporaries(dir: &Path) {
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && name.ends_with(LOCK_SUFFIX) {
+            remove_free_lock(&entry.path());
+            continue;
+        }
         let rest = [STAGING_PREFIX, REPLACED_PREFIX]
             .iter()
             .find_map(|p| name.strip_prefix(p))
@@ -168,6 +174,18 @@ pub fn remove_stale_temporaries(dir: &Path) {
             ),
             Err(e) => tracing::warn!("could not remove {}: {e}", path.display()),
         }
+    }
+}
+
+/// Removes an output lock file nobody holds (its writer was killed). A
+/// process about to lock it notices it is gone and makes a new one
+/// ([`OutputLock::acquire`]).
+fn remove_free_lock(path: &Path) {
+    let Ok(file) = std::fs::OpenOptions::new().write(true).open(path) else {
+        return;
+    };
+    if file.try_lock().is_ok() && same_file(&file, path) {
+        let _ = std::fs::remove_file(path);
     }
 }
 
@@ -219,7 +237,7 @@ impl OutputLock {
         let name = out
             .file_name()
             .map_or_else(|| "output".into(), |n| n.to_string_lossy().into_owned());
-        let path = parent.join(format!(".{name}.effir-lock"));
+        let path = parent.join(format!(".{name}{LOCK_SUFFIX}"));
         loop {
             let file = std::fs::OpenOptions::new()
                 .create(true)
@@ -229,6 +247,8 @@ impl OutputLock {
                 .map_err(|e| Error::io(&path, e))?;
             match file.try_lock() {
                 Ok(()) => {}
+                // Held by a cleanup that is removing it: try a new one.
+                Err(std::fs::TryLockError::WouldBlock) if !same_file(&file, &path) => continue,
                 Err(std::fs::TryLockError::WouldBlock) => {
                     return Err(Error::InvalidArgument(format!(
                         "{}: another process is writing this output (it holds {}); wait for it to finish or choose another output",
@@ -423,7 +443,7 @@ fn link_tree(from: &Path, to: &Path) -> Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    if name.starts_with(FILE_PREFIX) || name.ends_with(".effir-lock") {
+    if name.starts_with(FILE_PREFIX) || name.ends_with(LOCK_SUFFIX) {
         return Ok(());
     }
     let kind = std::fs::symlink_metadata(from)
@@ -539,8 +559,10 @@ mod tests {
         std::fs::create_dir_all(&live).unwrap();
         let unrelated = work.path().join(".effir-notes");
         std::fs::write(&unrelated, "kept").unwrap();
+        let free_lock = work.path().join(format!(".out{LOCK_SUFFIX}"));
+        std::fs::write(&free_lock, "").unwrap();
         remove_stale_temporaries(work.path());
-        assert!(!dead.exists() && !dead_file.exists());
+        assert!(!dead.exists() && !dead_file.exists() && !free_lock.exists());
         assert!(live.exists() && unrelated.exists());
     }
 
