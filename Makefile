@@ -44,20 +44,23 @@ onnxruntime:
 # fastembed, the tokenizer-only client the tests load exports with, in a
 # venv of its own (it brings its own onnxruntime).
 FASTEMBED_VENV ?= $(RUNS)/venv-fastembed
-$(FASTEMBED_VENV)/bin/python:
+# (The stamp file is written last: an interrupted install is redone.)
+$(FASTEMBED_VENV)/.installed:
 	$(PYTHON) -m venv $(FASTEMBED_VENV)
 	$(FASTEMBED_VENV)/bin/pip install -q "fastembed==0.9.1"
+	touch $@
 
 # torch (PyPI's build, large), transformers and sentence-transformers, which
 # the tests load pruned directories with (tests/transformers_client.py), in
 # a venv of their own. It sees the system's packages, so a machine that
 # already has these versions installs nothing.
 TRANSFORMERS_VENV ?= $(RUNS)/venv-transformers
-$(TRANSFORMERS_VENV)/bin/python:
+$(TRANSFORMERS_VENV)/.installed:
 	$(PYTHON) -m venv --system-site-packages $(TRANSFORMERS_VENV)
 	$(TRANSFORMERS_VENV)/bin/pip install -q "torch==2.15.0" "transformers==5.24.0" "sentence-transformers==6.2.0" safetensors numpy
+	touch $@
 
-test: system-deps models onnxruntime $(FASTEMBED_VENV)/bin/python $(TRANSFORMERS_VENV)/bin/python
+test: system-deps models onnxruntime $(FASTEMBED_VENV)/.installed $(TRANSFORMERS_VENV)/.installed
 	EFFIR_MINILM_DIR=$(MINILM) EFFIR_FASTEMBED_PYTHON=$(FASTEMBED_VENV)/bin/python \
 	  EFFIR_TRANSFORMERS_PYTHON=$(TRANSFORMERS_VENV)/bin/python cargo test --release --workspace
 
