@@ -485,18 +485,7 @@ fn the_combined_objective_trains_on_both_terms() {
         ),
     );
     let out = work.path().join("combined");
-    let o = effir(&[
-        "finetune",
-        "--quiet",
-        "--model",
-        model.to_str().unwrap(),
-        "--train",
-        train.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--config",
-        config.to_str().unwrap(),
-    ]);
+    let o = common::finetune(&model, &train, &out, &config, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     for step in step_log(&out) {
         let term = |k: &str| step[k].as_f64().unwrap_or_else(|| panic!("{k}: {step}"));

@@ -6,9 +6,8 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Output;
 
-use common::{effir, stderr};
+use common::{effir, finetune, stderr};
 
 use candle_core::{Tensor, Var};
 use common::fixture;
@@ -157,23 +156,6 @@ fn loss_gradients_match_finite_differences() {
 }
 
 const RESUME_CONFIG: &str = "max_steps: 6\nbatch_size: 3\nlearning_rate: 1.0e-3\nwarmup_steps: 2\nhard_negatives: 1\ncheckpoint_every: 3\nseed: 7\n";
-
-fn finetune(model: &Path, train: &Path, out: &Path, config: &Path, extra: &[&str]) -> Output {
-    let mut args = vec![
-        "finetune",
-        "--quiet",
-        "--model",
-        model.to_str().unwrap(),
-        "--train",
-        train.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--config",
-        config.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    effir(&args)
-}
 
 #[test]
 fn a_killed_run_resumes_to_the_same_weights_bit_for_bit() {

@@ -166,7 +166,7 @@ fn fine_tuned_weights_replace_every_matched_weight() {
         "max_steps: 3\nbatch_size: 4\nlearning_rate: 1.0e-2\ncheckpoint_every: 0\n",
     );
     let tuned = work.path().join("tuned");
-    let o = common::finetune(&pruned, &train, &config, &tuned);
+    let o = common::finetune(&pruned, &train, &tuned, &config, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = work.path().join("rewritten");
     let o = rewrite(&optimum_graph("bert"), &tuned, &out);

@@ -47,6 +47,17 @@ fn transformers_python() -> PathBuf {
     python
 }
 
+/// The fixture `arch` pruned so that `config.json` cannot describe it: MLP
+/// 1 dropped, the others narrowed to half their neurons in all.
+fn prune_unevenly(arch: &str, work: &Path) -> PathBuf {
+    common::prune_fixture(
+        arch,
+        work,
+        CALIBRATION,
+        &["--drop-layers", "1", "--mlp-keep", "0.5"],
+    )
+}
+
 /// effir's embeddings of [`TEXTS`] by `model`, as `.npy`, and the texts as JSON.
 fn effir_embeddings(model: &Path, work: &Path, name: &str) -> (PathBuf, PathBuf) {
     let input = work.join(format!("{name}-texts.txt"));
@@ -110,12 +121,7 @@ fn assert_loads(model: &Path, work: &Path, name: &str, loader: &str, plain: bool
 #[test]
 fn a_pruned_bert_loads_in_transformers_and_sentence_transformers() {
     let work = tempfile::tempdir().unwrap();
-    let pruned = common::prune_fixture(
-        "bert",
-        work.path(),
-        CALIBRATION,
-        &["--drop-layers", "1", "--mlp-keep", "0.5"],
-    );
+    let pruned = prune_unevenly("bert", work.path());
     let config = common::read_json(&pruned.join("config.json"));
     assert_eq!(
         config["auto_map"]["AutoModel"],
@@ -134,12 +140,7 @@ fn a_pruned_gemma3_with_dense_head_loads_in_both() {
     // Gemma3's MLP sub-layer has a norm before and after it; a dropped MLP
     // takes both along.
     let work = tempfile::tempdir().unwrap();
-    let pruned = common::prune_fixture(
-        "gemma3",
-        work.path(),
-        CALIBRATION,
-        &["--drop-layers", "1", "--mlp-keep", "0.5"],
-    );
+    let pruned = prune_unevenly("gemma3", work.path());
     for loader in ["transformers", "sentence-transformers"] {
         assert_loads(&pruned, work.path(), "gemma3", loader, false);
     }
@@ -153,12 +154,7 @@ fn pruned_llama_qwen2_qwen3_and_mistral_load_in_transformers() {
     // effir's input rule.
     let work = tempfile::tempdir().unwrap();
     for arch in ["llama", "qwen2", "qwen3", "mistral"] {
-        let pruned = common::prune_fixture(
-            arch,
-            work.path(),
-            CALIBRATION,
-            &["--drop-layers", "1", "--mlp-keep", "0.5"],
-        );
+        let pruned = prune_unevenly(arch, work.path());
         assert_loads(&pruned, work.path(), arch, "transformers", false);
     }
 }
@@ -194,12 +190,7 @@ fn the_client_notices_a_model_built_with_the_wrong_widths() {
     // uniform stack, which cannot hold the narrowed weights; the check
     // fails rather than passing by accident.
     let work = tempfile::tempdir().unwrap();
-    let pruned = common::prune_fixture(
-        "bert",
-        work.path(),
-        CALIBRATION,
-        &["--drop-layers", "1", "--mlp-keep", "0.5"],
-    );
+    let pruned = prune_unevenly("bert", work.path());
     let (npy, _) = effir_embeddings(&pruned, work.path(), "before");
     let path = pruned.join("config.json");
     let mut config = common::read_json(&path);
@@ -241,12 +232,7 @@ fn effir_reads_the_widths_from_config_json_after_a_transformers_round_trip() {
     // widths and auto_map), the code, the weights; no effir_shape.json.
     // effir loads that directory and gives the same embeddings.
     let work = tempfile::tempdir().unwrap();
-    let pruned = common::prune_fixture(
-        "gemma3",
-        work.path(),
-        CALIBRATION,
-        &["--drop-layers", "1", "--mlp-keep", "0.5"],
-    );
+    let pruned = prune_unevenly("gemma3", work.path());
     let saved = work.path().join("saved");
     let o = client(
         &pruned,
@@ -273,12 +259,7 @@ fn effir_reads_the_widths_from_config_json_after_a_transformers_round_trip() {
 #[test]
 fn a_fine_tuned_pruned_model_keeps_its_loading_code() {
     let work = tempfile::tempdir().unwrap();
-    let pruned = common::prune_fixture(
-        "bert",
-        work.path(),
-        CALIBRATION,
-        &["--drop-layers", "1", "--mlp-keep", "0.5"],
-    );
+    let pruned = prune_unevenly("bert", work.path());
     // A source pruned before effir wrote loading code: the fine-tuned copy
     // gets it anyway.
     std::fs::remove_file(pruned.join("modeling_effir_bert.py")).unwrap();
@@ -288,7 +269,7 @@ fn a_fine_tuned_pruned_model_keeps_its_loading_code() {
         "max_steps: 2\nbatch_size: 4\nlearning_rate: 1.0e-3\ncheckpoint_every: 0\n",
     );
     let tuned = work.path().join("tuned");
-    let o = common::finetune(&pruned, &train, &config, &tuned);
+    let o = common::finetune(&pruned, &train, &tuned, &config, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(tuned.join("modeling_effir_bert.py").is_file());
     let card = std::fs::read_to_string(tuned.join("README.md")).unwrap();
@@ -296,7 +277,7 @@ fn a_fine_tuned_pruned_model_keeps_its_loading_code() {
     assert_loads(&tuned, work.path(), "tuned", "sentence-transformers", false);
     // The unpruned fixture fine-tuned stays plain, config untouched.
     let plain_tuned = work.path().join("plain-tuned");
-    let o = common::finetune(&fixture("bert"), &train, &config, &plain_tuned);
+    let o = common::finetune(&fixture("bert"), &train, &plain_tuned, &config, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(
         std::fs::read(plain_tuned.join("config.json")).unwrap(),

@@ -42,8 +42,10 @@ pub enum Layout {
 }
 
 impl Layout {
-    /// Where the model files (tokenizer, configs, `effir_export.json`) and
-    /// the graph go, relative to the output directory.
+    /// The model's directory relative to the output directory (a Triton
+    /// model is one directory of a repository), and the graph's relative to
+    /// the model's directory, which holds the model files (tokenizer,
+    /// configs, `effir_export.json`).
     fn dirs(self, triton: Option<&TritonOptions>) -> Result<(PathBuf, PathBuf)> {
         Ok(match self {
             Layout::Flat => (PathBuf::new(), PathBuf::new()),
@@ -53,8 +55,7 @@ impl Layout {
                     Error::InvalidArgument("the Triton layout needs a model name (--name)".into())
                 })?;
                 options.validate()?;
-                let model = PathBuf::from(&options.name);
-                (model.clone(), model.join("1"))
+                (PathBuf::from(&options.name), PathBuf::from("1"))
             }
         })
     }
@@ -198,18 +199,13 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
             "a Triton model name applies to the Triton layout (--layout triton)".into(),
         ));
     }
-    let (files_rel, graph_rel) = options.layout.dirs(options.triton.as_ref())?;
+    let (model_rel, graph_rel) = options.layout.dirs(options.triton.as_ref())?;
     // A Triton model is one directory of a repository that may hold others:
     // that directory (`OUT/NAME`) is what is written, checked and replaced.
-    let model_out = out.join(&files_rel);
+    let model_out = out.join(&model_rel);
     let out = model_out.as_path();
-    let graph_rel = graph_rel
-        .strip_prefix(&files_rel)
-        .map(Path::to_path_buf)
-        .unwrap_or(graph_rel);
-    let files_rel = PathBuf::new();
     if out.exists() {
-        let previous = out.join(&files_rel).join(SUMMARY_FILE).is_file();
+        let previous = out.join(SUMMARY_FILE).is_file();
         if !(options.overwrite && previous) {
             return Err(Error::InvalidArgument(format!(
                 "{}: already exists; choose a new output directory{}",
@@ -283,9 +279,8 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
     };
 
     let staging = StagedDir::beside_existing(out)?;
-    let files_dir = staging.path().join(&files_rel);
-    std::fs::create_dir_all(&files_dir).map_err(|e| Error::io(&files_dir, e))?;
-    copy_model_files(model_dir, &files_dir, &|name| {
+    let files_dir = staging.path();
+    copy_model_files(model_dir, files_dir, &|name| {
         is_backbone_weights(name)
             || name == "onnx"
             || name == SUMMARY_FILE
@@ -319,10 +314,7 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
         }
     }
     // Paths in the summary are relative to its own directory.
-    let relative_graph = graph_rel
-        .strip_prefix(&files_rel)
-        .unwrap_or(&graph_rel)
-        .join("model.onnx");
+    let relative_graph = graph_rel.join("model.onnx");
     if let Some(triton) = &options.triton {
         let placement = match (options.target, precision) {
             (Target::TensorRt, MatmulPrecision::Float16) => Placement::TensorRt("FP16"),
@@ -336,7 +328,7 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
         std::fs::write(&path, config).map_err(|e| Error::io(&path, e))?;
     }
     let summary = ExportSummary {
-        source_model: relative_to(&out.join(&files_rel), model_dir),
+        source_model: relative_to(out, model_dir),
         graph: relative_graph,
         profile: options.emit.profile.name(),
         opset: options.emit.opset,
@@ -360,15 +352,13 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
         int8_form: options.emit.precision.int8_form(),
         // The calibration text's path, relative to the summary like the source model's.
         calibration: calibration.map(|c| CalibrationSummary {
-            source: relative_to(&out.join(&files_rel), Path::new(&c.source))
-                .display()
-                .to_string(),
+            source: relative_to(out, Path::new(&c.source)).display().to_string(),
             ..c
         }),
         cpu_features: CpuFeatures::detect(),
         tokenizer,
     };
-    write_card(&files_dir, model_dir, &out.join(&files_rel), &summary)?;
+    write_card(files_dir, model_dir, out, &summary)?;
     let summary_path = files_dir.join(SUMMARY_FILE);
     let json = serde_json::to_string_pretty(&summary).map_err(|e| Error::Export(e.to_string()))?;
     std::fs::write(&summary_path, json + "\n").map_err(|e| Error::io(&summary_path, e))?;

@@ -67,7 +67,7 @@ pub fn run(args: RewriteArgs) -> anyhow::Result<()> {
     let precision = matmul_precision(args.precision, args.int8_kernel.is_some(), args.int8_kernel)?;
     // The graph, the model files and the parity check all happen in a
     // staging directory that becomes `--out` only when they succeed.
-    let (staged, mut summary) = stage_rewrite(
+    let staged = stage_rewrite(
         &args.onnx,
         &args.model,
         args.original.as_deref(),
@@ -75,7 +75,8 @@ pub fn run(args: RewriteArgs) -> anyhow::Result<()> {
         precision,
     )
     .with_context(|| format!("rewriting {}", args.onnx.display()))?;
-    copy_model_files(&args.model, staged.path(), &|name| {
+    let summary = &staged.summary;
+    copy_model_files(&args.model, staged.dir.path(), &|name| {
         is_backbone_weights(name)
             || name.ends_with(".onnx")
             || name.ends_with(".onnx_data")
@@ -107,8 +108,7 @@ pub fn run(args: RewriteArgs) -> anyhow::Result<()> {
             args.model.display()
         );
     }
-    staged.publish(&args.out)?;
-    summary.graph = args.out.join(summary.graph.file_name().unwrap_or_default());
+    let summary = staged.publish(&args.out)?;
     let arithmetic = match summary.int8_kernel {
         Some(kernel) => format!(
             "; {} projection products in int8 ({})",

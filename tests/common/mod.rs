@@ -313,20 +313,28 @@ pub fn tiny_finetune_inputs(dir: &Path, texts: &[&str], config: &str) -> (PathBu
     (train, yaml)
 }
 
-/// `effir finetune --quiet --model MODEL --train TRAIN --config CONFIG --out OUT`.
-pub fn finetune(model: &Path, train: &Path, config: &Path, out: &Path) -> std::process::Output {
-    effir(&[
+/// `effir finetune --quiet --model MODEL --train TRAIN --out OUT --config CONFIG EXTRA...`.
+pub fn finetune(
+    model: &Path,
+    train: &Path,
+    out: &Path,
+    config: &Path,
+    extra: &[&str],
+) -> std::process::Output {
+    let mut args = vec![
         "finetune",
         "--quiet",
         "--model",
         model.to_str().unwrap(),
         "--train",
         train.to_str().unwrap(),
-        "--config",
-        config.to_str().unwrap(),
         "--out",
         out.to_str().unwrap(),
-    ])
+        "--config",
+        config.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    effir(&args)
 }
 
 /// `effir export --model MODEL --out OUT EXTRA...`, which must succeed.

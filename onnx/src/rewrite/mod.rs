@@ -96,10 +96,25 @@ pub fn rewrite(
     out: &Path,
     precision: MatmulPrecision,
 ) -> Result<RewriteSummary> {
-    let (staged, mut summary) = stage_rewrite(graph_path, model_dir, original_dir, out, precision)?;
-    staged.publish(out)?;
-    summary.graph = out.join(summary.graph.file_name().unwrap_or_default());
-    Ok(summary)
+    stage_rewrite(graph_path, model_dir, original_dir, out, precision)?.publish(out)
+}
+
+/// A rewritten graph staged beside its output, not yet published.
+pub struct StagedRewrite {
+    /// The staging directory (add files here before publishing).
+    pub dir: effir_pipeline::io::atomic_file::StagedDir,
+    /// What was done; its graph is the staged one until published.
+    pub summary: RewriteSummary,
+}
+
+impl StagedRewrite {
+    /// Moves the staged directory to `out`; the summary's graph follows.
+    pub fn publish(self, out: &Path) -> Result<RewriteSummary> {
+        let Self { dir, mut summary } = self;
+        dir.publish(out)?;
+        summary.graph = out.join(summary.graph.file_name().unwrap_or_default());
+        Ok(summary)
+    }
 }
 
 /// [`rewrite`], staged beside `out` and not yet published: the summary's
@@ -111,7 +126,7 @@ pub fn stage_rewrite(
     original_dir: Option<&Path>,
     out: &Path,
     precision: MatmulPrecision,
-) -> Result<(effir_pipeline::io::atomic_file::StagedDir, RewriteSummary)> {
+) -> Result<StagedRewrite> {
     if out.exists() {
         return Err(Error::InvalidArgument(format!(
             "{}: already exists; choose a new output directory",
@@ -249,12 +264,11 @@ pub fn stage_rewrite(
         .len()
         + std::fs::metadata(staging.path().join(format!("{file_name}_data")))
             .map_or(0, |m| m.len());
-    let graph = staging.path().join(&file_name);
-    Ok((
-        staging,
-        RewriteSummary {
+    Ok(StagedRewrite {
+        dir: staging,
+        summary: RewriteSummary {
             original_graph: graph_path.to_path_buf(),
-            graph,
+            graph: staged_graph,
             matched_weights: weights.assigned.len(),
             replaced_weights: replaced,
             dropped_mlps: dropped,
@@ -267,5 +281,5 @@ pub fn stage_rewrite(
             int8_kernel: precision.int8_kernel(),
             quantized_products,
         },
-    ))
+    })
 }

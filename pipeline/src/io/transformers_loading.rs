@@ -33,8 +33,10 @@ use crate::model::shape::ModelShape;
 
 pub use crate::model::shape::CONFIG_WIDTHS_KEY as WIDTHS_KEY;
 
-/// The module names of effir's code files (configuration, modeling).
-const EFFIR_MODULE_PREFIXES: (&str, &str) = ("configuration_effir_", "modeling_effir_");
+/// Whether an `auto_map` target (`module.Class`) names effir's code.
+fn is_effir_code(target: &str) -> bool {
+    target.starts_with("configuration_effir_") || target.starts_with("modeling_effir_")
+}
 
 const CONFIGURATION_TEMPLATE: &str = include_str!("transformers_loading/configuration.py");
 const BERT_TEMPLATE: &str = include_str!("transformers_loading/modeling_bert.py");
@@ -77,9 +79,7 @@ pub fn read_loading_form(dir: &Path) -> Result<LoadingForm> {
             .get("auto_map")
             .and_then(|m| m.get(key))
             .and_then(Value::as_str)
-            .filter(|t| {
-                t.starts_with(EFFIR_MODULE_PREFIXES.1) || t.starts_with(EFFIR_MODULE_PREFIXES.0)
-            })
+            .filter(|t| is_effir_code(t))
             .map(|t| format!("{}.py", t.rsplit_once('.').map_or(t, |(m, _)| m)))
     };
     Ok(match (target("AutoConfig"), target("AutoModel")) {
@@ -114,11 +114,7 @@ pub fn write_loading_files(
     }
     config.remove(WIDTHS_KEY);
     if let Some(Value::Object(auto_map)) = config.get_mut("auto_map") {
-        auto_map.retain(|_, target| {
-            !target.as_str().is_some_and(|t| {
-                t.starts_with(EFFIR_MODULE_PREFIXES.0) || t.starts_with(EFFIR_MODULE_PREFIXES.1)
-            })
-        });
+        auto_map.retain(|_, target| !target.as_str().is_some_and(is_effir_code));
         if auto_map.is_empty() {
             config.remove("auto_map");
         }

@@ -120,6 +120,9 @@ impl std::fmt::Display for Architecture {
     }
 }
 
+/// The widest MLP a config (or a layer of `effir_intermediate_sizes`) may give.
+const MAX_INTERMEDIATE_SIZE: u64 = 1 << 22;
+
 /// The largest value a dimension of `config.json` may take: far above any
 /// real model (GPT-scale models have ~100 layers, hidden sizes of ~20k,
 /// vocabularies of ~250k), so a corrupt or hostile number is refused
@@ -129,7 +132,7 @@ const DIMENSION_LIMITS: [(&str, u64); 9] = [
     ("num_attention_heads", 4096),
     ("num_key_value_heads", 4096),
     ("hidden_size", 1 << 20),
-    ("intermediate_size", 1 << 22),
+    ("intermediate_size", MAX_INTERMEDIATE_SIZE),
     ("head_dim", 1 << 16),
     ("vocab_size", 1 << 26),
     ("max_position_embeddings", 1 << 26),
@@ -175,13 +178,14 @@ fn described_widths(
         layer.mlp = match width {
             Value::Null => None,
             w => match w.as_u64() {
-                Some(n) if n > 0 && n <= 1 << 22 => Some(crate::model::shape::MlpShape {
-                    intermediate_size: n as usize,
-                }),
+                Some(n) if n > 0 && n <= MAX_INTERMEDIATE_SIZE => {
+                    Some(crate::model::shape::MlpShape {
+                        intermediate_size: n as usize,
+                    })
+                }
                 _ => {
                     return Err(bad(format!(
-                        "layer {i}: {w} is not a width (1 to {}) or null",
-                        1u64 << 22
+                        "layer {i}: {w} is not a width (1 to {MAX_INTERMEDIATE_SIZE}) or null"
                     )))
                 }
             },
