@@ -15,7 +15,7 @@ PYTHON  ?= python3
 .PHONY: all system-deps build models test lint fuzz embed eval eval-scifact python-deps \
         fixtures metric-references bench-embed profile-embed bench-analyze parity-embeddinggemma \
         onnxruntime export export-pruned validate validate-pruned validate-prune-minilm bench-onnx parity-embeddinggemma-onnx \
-        finetune-minilm finetune-minilm-2ep recover-minilm frontier-minilm frontier-embeddinggemma precision-checks prune-minilm-narrow prune-minilm-refit prune-embeddinggemma-refit recover-embeddinggemma finetune-minilm-unpruned finetune-minilm-unpruned-2ep bench-finetune profile-finetune optimum-fixtures rewrite-minilm \
+        finetune-minilm finetune-minilm-2ep recover-minilm frontier-minilm frontier-embeddinggemma precision-checks prune-minilm-narrow prune-minilm-refit prune-embeddinggemma-refit recover-embeddinggemma gguf-parity finetune-minilm-unpruned finetune-minilm-unpruned-2ep bench-finetune profile-finetune optimum-fixtures rewrite-minilm \
         analyze-minilm drop-study-minilm prune-minilm results-minilm \
         analyze-embeddinggemma drop-study-embeddinggemma results-embeddinggemma clean
 
@@ -51,13 +51,14 @@ $(FASTEMBED_VENV)/.installed:
 	touch $@
 
 # torch (PyPI's build, large), transformers and sentence-transformers, which
-# the tests load pruned directories with (tests/transformers_client.py), in
+# the tests load pruned directories with (tests/transformers_client.py), and
+# llama.cpp's gguf package (tests/fixtures/make_gguf.py), in
 # a venv of their own. It sees the system's packages, so a machine that
 # already has these versions installs nothing.
 TRANSFORMERS_VENV ?= $(RUNS)/venv-transformers
 $(TRANSFORMERS_VENV)/.installed:
 	$(PYTHON) -m venv --system-site-packages $(TRANSFORMERS_VENV)
-	$(TRANSFORMERS_VENV)/bin/pip install -q "torch==2.15.0" "transformers==5.24.0" "sentence-transformers==6.2.0" safetensors numpy
+	$(TRANSFORMERS_VENV)/bin/pip install -q "torch==2.15.0" "transformers==5.24.0" "sentence-transformers==6.2.0" "gguf==0.17.1" safetensors numpy
 	touch $@
 
 test: system-deps models onnxruntime $(FASTEMBED_VENV)/.installed $(TRANSFORMERS_VENV)/.installed
@@ -73,6 +74,38 @@ fuzz:
 	EFFIR_FUZZ_SECONDS=$(FUZZ_SECONDS) $(if $(FUZZ_SEED),EFFIR_FUZZ_SEED=$(FUZZ_SEED)) \
 	  cargo test --release --test test_fuzz -- --test-threads=1 --nocapture > $(RUNS)/fuzz.log 2>&1; \
 	  status=$$?; grep -E "^fuzz |^test |panicked at tests|replayed|memory allocation|test result" $(RUNS)/fuzz.log; exit $$status
+
+# ---- GGUF import (issue 17) -------------------------------------------------
+# The causal LLMs on these machines come as GGUF files. `gguf-parity` imports
+# each (`effir import-gguf`) and compares the directory with transformers' own
+# GGUF loader: tokenizer ids, every dequantized weight, last hidden states
+# on every token and effir's last-token embeddings of varied texts
+# (benchmarks/gguf_parity.py). Reports: results/gguf/.
+SMOLLM2_GGUF ?= $(MODELS)/smollm2-gguf/SmolLM2-135M-Instruct.Q4_1.gguf
+QWEN_GGUF    ?= $(MODELS)/qwen2.5-0.5b-gguf/model.gguf
+SMOLLM2      ?= $(RUNS)/smollm2-135m
+QWEN         ?= $(RUNS)/qwen2.5-0.5b
+
+$(SMOLLM2_GGUF): | system-deps
+	scripts/fetch-model.sh smollm2-gguf $(dir $@)
+
+$(QWEN_GGUF): | system-deps
+	scripts/fetch-model.sh qwen2.5-0.5b-gguf $(dir $@)
+
+$(SMOLLM2)/config.json: $(SMOLLM2_GGUF) | build
+	$(EFFIR) import-gguf --gguf $< --out $(SMOLLM2)
+
+$(QWEN)/config.json: $(QWEN_GGUF) | build
+	$(EFFIR) import-gguf --gguf $< --out $(QWEN)
+
+gguf-parity: build $(TRANSFORMERS_VENV)/.installed $(SMOLLM2)/config.json $(QWEN)/config.json
+	mkdir -p results/gguf
+	set -e; for pair in "$(SMOLLM2) $(SMOLLM2_GGUF)" "$(QWEN) $(QWEN_GGUF)"; do \
+	  set -- $$pair; name=$$(basename $$1); \
+	  $(EFFIR) embed --model $$1 --input benchmarks/gguf_parity_texts.txt --output $(RUNS)/$$name-parity.npy; \
+	  $(TRANSFORMERS_VENV)/bin/python benchmarks/gguf_parity.py --gguf $$2 --model $$1 \
+	    --texts benchmarks/gguf_parity_texts.txt --embeddings $(RUNS)/$$name-parity.npy --out results/gguf/$$name-parity.json; \
+	done
 
 lint:
 	cargo fmt --all --check

@@ -58,6 +58,8 @@ enum Command {
     Finetune(commands::finetune::FinetuneArgs),
     /// Speed against quality of candidate graphs (and peers'): validated on every dataset, timed in one run; the fastest that passes the gates.
     Frontier(commands::frontier::FrontierArgs),
+    /// Import a llama.cpp GGUF file (dequantized) as a Hugging Face model directory with config.json, model.safetensors and tokenizer.json.
+    ImportGguf(commands::import_gguf::ImportGgufArgs),
     /// List the operators of an ONNX graph that TensorRT cannot parse.
     LintOnnx(commands::lint_onnx::LintOnnxArgs),
     /// Slim an existing ONNX export (Optimum, sentence-transformers) for a pruned or fine-tuned model, keeping its interface.
@@ -106,6 +108,7 @@ fn main() -> std::process::ExitCode {
         Command::Export(args) => commands::export::run(args),
         Command::Finetune(args) => commands::finetune::run(args),
         Command::Frontier(args) => commands::frontier::run(args),
+        Command::ImportGguf(args) => commands::import_gguf::run(args),
         Command::LintOnnx(args) => commands::lint_onnx::run(args),
         Command::Rewrite(args) => commands::rewrite::run(args),
         Command::Validate(args) => commands::validate::run(args),

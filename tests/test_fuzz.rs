@@ -31,6 +31,9 @@ use effir_onnx::validate::Gates;
 use effir_pipeline::compress::prune::{PrunePlan, PruneRecord};
 use effir_pipeline::data::beir::{load_corpus, load_qrels, load_queries};
 use effir_pipeline::finetune::FinetuneConfig;
+use effir_pipeline::import::gguf_file::GgufFile;
+use effir_pipeline::import::gguf_model::{check_tensors, GgufModel};
+use effir_pipeline::import::gguf_tokenizer::GgufTokenizer;
 use effir_pipeline::io::weights::check_safetensors;
 use effir_pipeline::io::yaml_file::read_yaml;
 use effir_pipeline::model::arch::ModelConfig;
@@ -373,6 +376,33 @@ fn reader(name: &str) -> Reader {
                     .map_err(err)
             }),
         ),
+        // Every tensor of every type, dequantized.
+        "gguf-tensors" => r(
+            "gguf-tensors",
+            fixture("gguf"),
+            "types.gguf",
+            Box::new(|d| {
+                let file = GgufFile::open(&d.join("types.gguf")).map_err(err)?;
+                for info in &file.tensors {
+                    file.dequantize(info).map_err(err)?;
+                }
+                Ok(())
+            }),
+        ),
+        // A model's metadata, tensor directory and tokenizer, as
+        // `import-gguf` checks them before writing anything.
+        "gguf-model" => r(
+            "gguf-model",
+            fixture("gguf"),
+            "llama.gguf",
+            Box::new(|d| {
+                let file = GgufFile::open(&d.join("llama.gguf")).map_err(err)?;
+                let model = GgufModel::read(&file).map_err(err)?;
+                check_tensors(&file, &model).map_err(err)?;
+                GgufTokenizer::read(&file, model.context_length).map_err(err)?;
+                Ok(())
+            }),
+        ),
         "config" => r(
             "config",
             fixture("llama"),
@@ -501,7 +531,7 @@ fn reader(name: &str) -> Reader {
 }
 
 /// Every reader with a target; `make fuzz` shares its time among them.
-const ALL_READERS: [&str; 13] = [
+const ALL_READERS: [&str; 15] = [
     "onnx",
     "config",
     "safetensors",
@@ -515,11 +545,19 @@ const ALL_READERS: [&str; 13] = [
     "plan",
     "finetune-config",
     "gates",
+    "gguf-tensors",
+    "gguf-model",
 ];
 
 #[test]
 fn onnx_graphs() {
     fuzz(&reader("onnx"));
+}
+
+#[test]
+fn gguf_files() {
+    fuzz(&reader("gguf-tensors"));
+    fuzz(&reader("gguf-model"));
 }
 
 #[test]

@@ -11,7 +11,8 @@
 //! - [`eval`]: retrieval evaluation, metrics, exact search, the embedding cache;
 //! - [`compress`]: sub-layer analysis, drop studies, pruning, the DeciLM
 //!   translation, charts;
-//! - [`finetune`]: recovery training.
+//! - [`finetune`]: recovery training;
+//! - [`import`]: models from other formats (GGUF) as Hugging Face directories.
 //!
 //! Each folder uses only the ones listed before it (and [`error`]).
 
@@ -20,6 +21,7 @@ pub mod data;
 pub mod error;
 pub mod eval;
 pub mod finetune;
+pub mod import;
 pub mod io;
 pub mod model;
 

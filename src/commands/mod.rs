@@ -8,6 +8,7 @@ pub mod eval;
 pub mod export;
 pub mod finetune;
 pub mod frontier;
+pub mod import_gguf;
 pub mod inspect;
 pub mod lint_onnx;
 pub mod model_options;

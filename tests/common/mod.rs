@@ -131,7 +131,7 @@ pub fn effir(args: &[&str]) -> std::process::Output {
 
 /// Runs the `effir` binary with `args` and extra environment variables.
 /// A model directory a command writes (`prune`, `finetune`, `export`,
-/// `rewrite` with `--out`) is checked on success, in every test: ordinary
+/// `rewrite`, `import-gguf` with `--out`) is checked on success, in every test: ordinary
 /// file modes and no absolute path of this machine in any file.
 pub fn effir_env(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_effir"));
@@ -140,7 +140,7 @@ pub fn effir_env(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
         cmd.env(k, v);
     }
     let output = cmd.output().expect("run effir");
-    let writes_model = ["prune", "finetune", "export", "rewrite"].contains(&args[0]);
+    let writes_model = ["prune", "finetune", "export", "rewrite", "import-gguf"].contains(&args[0]);
     let out = args
         .iter()
         .position(|a| *a == "--out")
