@@ -15,7 +15,7 @@ PYTHON  ?= python3
 .PHONY: all system-deps build models test lint fuzz embed eval eval-scifact python-deps \
         fixtures metric-references bench-embed profile-embed bench-analyze parity-embeddinggemma \
         onnxruntime export export-pruned validate validate-pruned validate-prune-minilm bench-onnx parity-embeddinggemma-onnx \
-        finetune-minilm finetune-minilm-2ep recover-minilm frontier-minilm frontier-embeddinggemma precision-checks prune-minilm-narrow prune-minilm-refit prune-embeddinggemma-refit recover-embeddinggemma gguf-parity finetune-minilm-unpruned finetune-minilm-unpruned-2ep bench-finetune profile-finetune optimum-fixtures rewrite-minilm \
+        finetune-minilm finetune-minilm-2ep recover-minilm frontier-minilm frontier-embeddinggemma precision-checks prune-minilm-narrow prune-minilm-refit prune-embeddinggemma-refit recover-embeddinggemma gguf-parity smollm2-retriever finetune-minilm-unpruned finetune-minilm-unpruned-2ep bench-finetune profile-finetune optimum-fixtures rewrite-minilm \
         analyze-minilm drop-study-minilm prune-minilm results-minilm \
         analyze-embeddinggemma drop-study-embeddinggemma results-embeddinggemma clean
 
@@ -106,6 +106,28 @@ gguf-parity: build $(TRANSFORMERS_VENV)/.installed $(SMOLLM2)/config.json $(QWEN
 	  $(TRANSFORMERS_VENV)/bin/python benchmarks/gguf_parity.py --gguf $$2 --model $$1 \
 	    --texts benchmarks/gguf_parity_texts.txt --embeddings $(RUNS)/$$name-parity.npy --out results/gguf/$$name-parity.json; \
 	done
+
+# SmolLM2-135M-Instruct made a causal, last-token retriever: the imported
+# model with sentence-transformers files (configs/smollm2-retriever/: last-
+# token pooling, normalisation, an instruction before each query), trained
+# on SciFact train (configs/finetune-smollm2-retriever.yaml: InfoNCE with a
+# BM25 hard negative, KL to all-MiniLM-L6-v2's scores), scored like the
+# EmbeddingGemma runs: the $(SMOLLM2_SAMPLE)-document SciFact sample (every
+# judged document plus random others, seed 0; SMOLLM2_SAMPLE= for the full
+# corpus) and all of Cranfield (never trained on). Resumes when interrupted.
+SMOLLM2_SAMPLE ?= 2000
+SMOLLM2_RETRIEVER ?= $(RUNS)/smollm2-135m-retriever
+smollm2-retriever: build $(SMOLLM2)/config.json
+	test -d $(SMOLLM2)-st || { rm -rf $(SMOLLM2)-st.tmp && cp -r $(SMOLLM2) $(SMOLLM2)-st.tmp && \
+	  cp -r configs/smollm2-retriever/. $(SMOLLM2)-st.tmp/ && mv $(SMOLLM2)-st.tmp $(SMOLLM2)-st; }
+	if [ ! -f $(SMOLLM2_RETRIEVER)/config.json ]; then \
+	  resume=; [ -d $(SMOLLM2_RETRIEVER).checkpoints ] && resume=--resume; \
+	  $(EFFIR) finetune --model $(SMOLLM2)-st --train $(DATA) --hard-negatives $(DATA)/train_hard_negatives.jsonl.gz \
+	    --config configs/finetune-smollm2-retriever.yaml --out $(SMOLLM2_RETRIEVER) $$resume || exit 1; \
+	fi
+	$(EFFIR) eval --model $(SMOLLM2_RETRIEVER) --max-length 256 --data $(DATA) $(call sample_flag,$(SMOLLM2_SAMPLE)) \
+	  --batch-size 16 --out $(SMOLLM2_RETRIEVER).eval
+	$(EFFIR) eval --model $(SMOLLM2_RETRIEVER) --max-length 256 --data $(HELDOUT) --batch-size 16 --out $(SMOLLM2_RETRIEVER).heldout-eval
 
 lint:
 	cargo fmt --all --check

@@ -499,3 +499,46 @@ fn bad_training_input_fails_before_training() {
     );
     assert!(!second.exists());
 }
+
+/// Score distillation compares scores, not embeddings: a teacher of another
+/// architecture and tokenizer (BERT teaching a Llama decoder, as
+/// all-MiniLM-L6-v2 teaches SmolLM2) trains, reading each text as it
+/// formats text itself. A teacher that writes documents another way is
+/// refused before training, with nothing written.
+#[test]
+fn a_teacher_with_another_tokenizer_teaches_scores() {
+    let work = tempfile::tempdir().unwrap();
+    let train = write_jsonl(work.path());
+    let config = write_config(
+        work.path(),
+        "cross.yaml",
+        &format!(
+            "max_steps: 2\nbatch_size: 4\nhard_negatives: 1\nfreeze_embeddings: true\n\
+             distillation:\n  teacher: {}\n  weight: 1.0\n",
+            fixture("bert").display()
+        ),
+    );
+    let out = work.path().join("llama-taught-by-bert");
+    let run = finetune(&fixture("llama"), &train, &out, &config, &[]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
+    for line in log.lines() {
+        let step: serde_json::Value = serde_json::from_str(line).unwrap();
+        let kl = step["distillation"].as_f64().expect("a distillation term");
+        assert!(kl.is_finite() && kl > 0.0, "step {}: KL {kl}", step["step"]);
+    }
+
+    // EmbeddingGemma-style document prompts against BERT's plain documents.
+    let refused = work.path().join("gemma3-taught-by-bert");
+    let run = finetune(&fixture("gemma3"), &train, &refused, &config, &[]);
+    assert!(
+        !run.status.success(),
+        "a teacher writing documents differently was accepted"
+    );
+    assert!(
+        stderr(&run).contains("writes documents as"),
+        "{}",
+        stderr(&run)
+    );
+    assert!(!refused.exists());
+}

@@ -2,13 +2,43 @@
 //! score, computed once with the teacher model and cached on disk, so each
 //! step's teacher scores are dot products.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
+use crate::data::text_format::TextFormat;
 use crate::error::{Error, Result};
 use crate::model::embedder::Embedder;
+
+/// What a teacher that formats text its own way embeds for each student
+/// text (`true`: a query): queries lose the student's query prefix and get
+/// the teacher's; documents stay, and must be written the same way by both
+/// (an error says how each writes them).
+pub fn texts_in_teacher_format(
+    texts: &BTreeMap<String, bool>,
+    student: &TextFormat,
+    teacher: &TextFormat,
+) -> std::result::Result<BTreeMap<String, String>, String> {
+    let rendered = |f: &TextFormat| f.template.0.replace("{prompt}", &f.document_prompt);
+    if rendered(student) != rendered(teacher) {
+        return Err(format!(
+            "the teacher writes documents as `{}`, the student as `{}`",
+            rendered(teacher),
+            rendered(student)
+        ));
+    }
+    Ok(texts
+        .iter()
+        .map(|(text, &is_query)| {
+            let view = match text.strip_prefix(student.query_prefix.as_str()) {
+                Some(query) if is_query => format!("{}{query}", teacher.query_prefix),
+                _ => text.clone(),
+            };
+            (text.clone(), view)
+        })
+        .collect())
+}
 
 /// Teacher embeddings by text.
 pub struct TeacherEmbeddings {
@@ -24,15 +54,17 @@ fn key(text: &str) -> String {
 impl TeacherEmbeddings {
     /// Loads `cache` if it holds every text of `texts`, else embeds them
     /// with the teacher `load_teacher` gives (called only then) and writes
-    /// the cache.
+    /// the cache. `texts` maps each text the student scores to the text the
+    /// teacher embeds for it (the same text, or the text in the teacher's
+    /// own format).
     pub fn load_or_compute(
         load_teacher: impl FnOnce() -> Result<Embedder>,
-        texts: &BTreeSet<String>,
+        texts: &BTreeMap<String, String>,
         cache: &Path,
         batch_size: usize,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
-        let keys: Vec<String> = texts.iter().map(|t| key(t)).collect();
+        let keys: Vec<String> = texts.keys().map(|t| key(t)).collect();
         if cache.is_file() {
             let tensors = candle_core::safetensors::load(cache, &Device::Cpu)
                 .map_err(|e| Error::weights(cache, e))?;
@@ -51,7 +83,7 @@ impl TeacherEmbeddings {
             }
         }
         let teacher = load_teacher()?;
-        let list: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let list: Vec<&str> = texts.values().map(String::as_str).collect();
         let total = list.len();
         let m = teacher.embed(&list, "", batch_size, &mut |done| progress(done, total))?;
         let (n, d) = m.dim();
@@ -100,5 +132,54 @@ impl TeacherEmbeddings {
         let q = self.embeddings(queries.iter().copied())?;
         let cand = self.embeddings(candidates.iter().flatten().copied())?;
         Ok(super::objective::candidate_scores(&q, &cand, c)?.reshape((b, c))?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::text_format::DocumentTemplate;
+
+    fn format(template: &str, document_prompt: &str, query_prefix: &str) -> TextFormat {
+        TextFormat {
+            template: DocumentTemplate(template.into()),
+            document_prompt: document_prompt.into(),
+            query_prefix: query_prefix.into(),
+        }
+    }
+
+    #[test]
+    fn a_teacher_reads_queries_with_its_own_prompt_and_documents_as_they_are() {
+        let student = format("{prompt}{title} {text}", "", "Instruct: find it\nQuery: ");
+        let teacher = format("{title} {text}", "", "");
+        let texts = BTreeMap::from([
+            ("Instruct: find it\nQuery: what is X?".to_string(), true),
+            ("Title Body of a document.".to_string(), false),
+        ]);
+        let view = texts_in_teacher_format(&texts, &student, &teacher).unwrap();
+        assert_eq!(view["Instruct: find it\nQuery: what is X?"], "what is X?");
+        assert_eq!(
+            view["Title Body of a document."],
+            "Title Body of a document."
+        );
+
+        let prompted_teacher = format("{title} {text}", "", "query: ");
+        let view = texts_in_teacher_format(&texts, &student, &prompted_teacher).unwrap();
+        assert_eq!(
+            view["Instruct: find it\nQuery: what is X?"],
+            "query: what is X?"
+        );
+    }
+
+    #[test]
+    fn documents_written_differently_are_refused() {
+        let student = format("{prompt}{title} {text}", "", "");
+        let teacher = format("title: {title_or_none} | text: {text}", "", "");
+        let texts = BTreeMap::from([("a document".to_string(), false)]);
+        let err = texts_in_teacher_format(&texts, &student, &teacher).unwrap_err();
+        assert!(
+            err.contains("title: {title_or_none} | text: {text}"),
+            "{err}"
+        );
     }
 }

@@ -7,7 +7,7 @@
 //! Checkpoints hold everything the next step depends on, so a resumed run
 //! continues bit for bit.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::Instant;
 
@@ -21,8 +21,9 @@ use super::objective::{
     candidate_scores, distillation_kl, embedding_distance, info_nce, similarity_kl,
 };
 use super::optimizer::{clip_grad_norm, learning_rate, AdamW, AdamWSettings};
-use super::teacher::TeacherEmbeddings;
+use super::teacher::{texts_in_teacher_format, TeacherEmbeddings};
 use crate::data::sampling::{shuffled_indices, SplitMix64};
+use crate::data::text_format::TextFormat;
 use crate::error::{Error, Result};
 use crate::model::arch::ModelConfig;
 use crate::model::embedder::Embedder;
@@ -370,16 +371,24 @@ fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     shuffled_indices(n, seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
-/// Every text a run with a teacher may score.
-fn teacher_texts(data: TrainingData, config: &FinetuneConfig) -> BTreeSet<String> {
+/// Every text a run with a teacher may score (as the student reads it),
+/// with whether it is a query.
+fn teacher_texts(data: TrainingData, config: &FinetuneConfig) -> BTreeMap<String, bool> {
     match data {
-        TrainingData::Texts(texts) => texts.iter().cloned().collect(),
+        TrainingData::Texts(texts) => texts.iter().map(|t| (t.clone(), false)).collect(),
         TrainingData::Pairs(examples) => {
-            let mut texts = BTreeSet::new();
+            let mut texts = BTreeMap::new();
             for e in examples {
-                texts.insert(e.query.clone());
-                texts.extend(e.positives.iter().cloned());
-                texts.extend(e.negatives.iter().take(config.negative_pool).cloned());
+                for doc in e
+                    .positives
+                    .iter()
+                    .chain(e.negatives.iter().take(config.negative_pool))
+                {
+                    texts.entry(doc.clone()).or_insert(false);
+                }
+            }
+            for e in examples {
+                texts.insert(e.query.clone(), true);
             }
             texts
         }
@@ -448,13 +457,7 @@ pub fn finetune(
         ),
     };
     let embedder = embedder_with(run.model, weights.all.clone(), config)?;
-    let teacher = load_teacher(
-        run.model,
-        embedder.dimension(),
-        config,
-        data,
-        teacher_progress,
-    )?;
+    let teacher = load_teacher(&embedder, config, data, teacher_progress)?;
     let mut order = epoch_order(data.len(), config.seed, state.epoch);
     let start = Instant::now();
     let steps_at_start = state.step;
@@ -596,11 +599,16 @@ fn resume(
 
 /// The teacher's embeddings of every text the run scores, with either kind
 /// of distillation; cached by teacher weights and texts, so runs on the
-/// same data share them. The teacher must share the student's tokenizer and
-/// embedding size.
+/// same data share them.
+///
+/// Embedding distillation compares embeddings of the same text, so its
+/// teacher must share the student's tokenizer and embedding size. Score
+/// distillation compares only scores: a teacher of another architecture
+/// (all-MiniLM-L6-v2 teaching a decoder LLM) reads each text as it formats
+/// text itself, its own query prompt in place of the student's; both must
+/// write documents the same way.
 fn load_teacher(
-    student: &Path,
-    student_dim: usize,
+    student: &Embedder,
     config: &FinetuneConfig,
     data: TrainingData,
     teacher_progress: &mut dyn FnMut(usize, usize),
@@ -610,64 +618,90 @@ fn load_teacher(
         (Some(d), None) => &d.teacher,
         (None, None) => return Ok(None),
     };
-    check_teacher(student, teacher_dir)?;
+    let student_dir = student.dir();
+    let same_tokenizer = same_tokenizer(student_dir, teacher_dir)?;
+    if !same_tokenizer && config.embedding_distillation.is_some() {
+        return Err(Error::InvalidArgument(format!(
+            "{}: the teacher's tokenizer.json differs from the student's ({}); \
+             embedding distillation needs a teacher that reads text the same way",
+            teacher_dir.display(),
+            student_dir.display()
+        )));
+    }
+    let load = || Embedder::load(teacher_dir, &LoadOptions::default());
+    let mut loaded = None;
     let texts = teacher_texts(data, config);
+    // What the teacher embeds for each student text.
+    let teacher_view: BTreeMap<String, String> = if same_tokenizer {
+        texts.keys().map(|t| (t.clone(), t.clone())).collect()
+    } else {
+        let teacher = load()?;
+        let ours = TextFormat::for_model(student.setup(), None, None)?;
+        let theirs = TextFormat::for_model(teacher.setup(), None, None)?;
+        let view = texts_in_teacher_format(&texts, &ours, &theirs).map_err(|message| {
+            Error::InvalidArgument(format!(
+                "{}: {message} (the student, {}); score distillation from a teacher with another \
+                 tokenizer needs the same document text",
+                teacher_dir.display(),
+                student_dir.display()
+            ))
+        })?;
+        loaded = Some(teacher);
+        view
+    };
     let mut h = blake3::Hasher::new();
     h.update(
         crate::eval::embedding_cache::fingerprint_dir(teacher_dir)?
             .0
             .as_bytes(),
     );
-    for t in &texts {
-        h.update(t.as_bytes());
+    for (text, view) in &teacher_view {
+        h.update(text.as_bytes());
         h.update(&[0]);
+        if text != view {
+            h.update(view.as_bytes());
+            h.update(&[1]);
+        }
     }
     let cache = crate::eval::embedding_cache::EmbeddingCache::default_dir().join(format!(
         "teacher-{}.safetensors",
         &h.finalize().to_hex()[..32]
     ));
-    let load = || Embedder::load(teacher_dir, &LoadOptions::default());
     // Embedding distillation compares embeddings directly: the sizes must
     // match, checked before any text is embedded. The teacher loaded for
     // the check embeds the texts too, if the cache lacks them.
-    let mut loaded = None;
     if config.embedding_distillation.is_some() {
-        let teacher = load()?;
-        let teacher_dim = teacher.dimension();
+        let teacher = match loaded.take() {
+            Some(t) => t,
+            None => load()?,
+        };
+        let (teacher_dim, student_dim) = (teacher.dimension(), student.dimension());
         if teacher_dim != student_dim {
             return Err(Error::InvalidArgument(format!(
                 "{}: the teacher's embeddings have {teacher_dim} dimensions, the student's ({}) \
                  {student_dim}",
                 teacher_dir.display(),
-                student.display()
+                student_dir.display()
             )));
         }
         loaded = Some(teacher);
     }
     Ok(Some(TeacherEmbeddings::load_or_compute(
         || loaded.map_or_else(load, Ok),
-        &texts,
+        &teacher_view,
         &cache,
         32,
         teacher_progress,
     )?))
 }
 
-/// The teacher reads text as the student does: the same `tokenizer.json`.
-fn check_teacher(student: &Path, teacher: &Path) -> Result<()> {
+/// Whether the teacher reads text as the student does: the same `tokenizer.json`.
+fn same_tokenizer(student: &Path, teacher: &Path) -> Result<bool> {
     let read = |dir: &Path| -> Result<Vec<u8>> {
         let path = dir.join("tokenizer.json");
         std::fs::read(&path).map_err(|e| Error::io(&path, e))
     };
-    if read(student)? != read(teacher)? {
-        return Err(Error::InvalidArgument(format!(
-            "{}: the teacher's tokenizer.json differs from the student's ({}); \
-             distillation needs a teacher that reads text the same way",
-            teacher.display(),
-            student.display()
-        )));
-    }
-    Ok(())
+    Ok(read(student)? == read(teacher)?)
 }
 
 /// The summed gradients and mean losses of one optimizer step's micro-batches.
