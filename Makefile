@@ -15,7 +15,7 @@ PYTHON  ?= python3
 .PHONY: all system-deps build models test lint fuzz embed eval eval-scifact python-deps \
         fixtures metric-references bench-embed profile-embed bench-analyze parity-embeddinggemma \
         onnxruntime export export-pruned validate validate-pruned validate-prune-minilm bench-onnx parity-embeddinggemma-onnx \
-        finetune-minilm finetune-minilm-2ep recover-minilm frontier-minilm frontier-embeddinggemma precision-checks prune-minilm-narrow prune-minilm-refit prune-embeddinggemma-refit recover-embeddinggemma gguf-parity smollm2-retriever finetune-minilm-unpruned finetune-minilm-unpruned-2ep bench-finetune profile-finetune optimum-fixtures rewrite-minilm \
+        finetune-minilm finetune-minilm-2ep recover-minilm frontier-minilm frontier-embeddinggemma precision-checks prune-minilm-narrow prune-minilm-refit prune-embeddinggemma-refit recover-embeddinggemma gguf-parity smollm2-retriever results-smollm2 recover-minilm-labeled finetune-minilm-unpruned finetune-minilm-unpruned-2ep bench-finetune profile-finetune optimum-fixtures rewrite-minilm \
         analyze-minilm drop-study-minilm prune-minilm results-minilm \
         analyze-embeddinggemma drop-study-embeddinggemma results-embeddinggemma clean
 
@@ -129,6 +129,34 @@ smollm2-retriever: build $(SMOLLM2)/config.json
 	  --batch-size 16 --out $(SMOLLM2_RETRIEVER).eval
 	$(EFFIR) eval --model $(SMOLLM2_RETRIEVER) --max-length 256 --data $(HELDOUT) --batch-size 16 --out $(SMOLLM2_RETRIEVER).heldout-eval
 
+# The EffiR study on the causal, last-token retriever (issue 17), as on
+# MiniLM and EmbeddingGemma: sub-layer importance; the zero-shot drop study
+# (k attention against k MLP sub-layers of 30), calibrated and scored on
+# the SciFact sample, then the same drops on Cranfield; the refit plans at
+# 25/50/70 % (configs/prune-smollm2-*-refit.yaml), each scored, then
+# recovered by label-free distillation from the retriever on SciFact corpus
+# text (configs/recover-smollm2.yaml) and scored again. Hours on 2 cores.
+SMOLLM2_PLANS ?= 25-refit 50-refit 70-refit
+smollm2_eval = $(EFFIR) eval --model $(1) --max-length 256 --data $(DATA) $(call sample_flag,$(SMOLLM2_SAMPLE)) --batch-size 16 --out $(1).eval && \
+  $(EFFIR) eval --model $(1) --max-length 256 --data $(HELDOUT) --batch-size 16 --out $(1).heldout-eval
+results-smollm2: smollm2-retriever
+	$(EFFIR) analyze --model $(SMOLLM2_RETRIEVER) --data $(DATA) --max-length 256 --calib-tokens 8192 --out $(RUNS)/analyze-smollm2
+	$(EFFIR) drop-study --model $(SMOLLM2_RETRIEVER) --data $(DATA) --max-length 256 --k 2,4,8,12 --calib-tokens 8192 \
+	  $(call sample_flag,$(SMOLLM2_SAMPLE)) --batch-size 16 --out $(RUNS)/drop-study-smollm2
+	$(EFFIR) drop-study --model $(SMOLLM2_RETRIEVER) --data $(HELDOUT) --max-length 256 --k 2,4,8,12 \
+	  --importance $(RUNS)/drop-study-smollm2/importance.json --batch-size 16 --out $(RUNS)/drop-study-smollm2-heldout
+	for p in $(SMOLLM2_PLANS); do \
+	  m=$(RUNS)/smollm2-retriever-prune-$$p; \
+	  test -f $$m/config.json || $(EFFIR) prune --model $(SMOLLM2_RETRIEVER) --max-length 256 --plan configs/prune-smollm2-$$p.yaml \
+	    --data $(DATA) --calib-tokens 16384 --batch-size 16 --out $$m || exit 1; \
+	  $(call smollm2_eval,$$m) || exit 1; \
+	  if [ ! -f $$m-distill/config.json ]; then \
+	    resume=; [ -d $$m-distill.checkpoints ] && resume=--resume; \
+	    $(EFFIR) finetune --model $$m --train-texts $(DATA) --config configs/recover-smollm2.yaml --out $$m-distill $$resume || exit 1; \
+	  fi; \
+	  $(call smollm2_eval,$$m-distill) || exit 1; \
+	done
+
 lint:
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
@@ -231,7 +259,7 @@ define finetune_and_validate
 	$(EFFIR) finetune --model $(1) --train $(DATA) --hard-negatives $(DATA)/train_hard_negatives.jsonl.gz \
 	  --config $(2) --out $(RUNS)/$(3)
 	$(EFFIR) export --model $(RUNS)/$(3) --out $(RUNS)/onnx/$(3) --overwrite
-	-$(EFFIR) validate --reference $(MINILM) --candidate $(RUNS)/onnx/$(3) --data $(DATA) \
+	-$(EFFIR) validate --reference $(MINILM) --candidate $(RUNS)/onnx/$(3) --data $(DATA) --data $(HELDOUT) \
 	  --gates configs/gates.yaml --out $(RUNS)/validate-$(3)
 endef
 
@@ -272,6 +300,29 @@ recover-minilm: build models onnxruntime
 	  $(EFFIR) validate --reference $(MINILM) --candidate $(RUNS)/onnx/minilm-prune-$$p-distill --data $(DATA) --data $(HELDOUT) \
 	    --gates configs/gates.yaml --out $(RUNS)/validate-minilm-prune-$$p-distill \
 	    || echo "minilm-prune-$$p-distill: gates failed (see its validation.md)"; \
+	done
+
+# The labeled SciFact recipe (configs/finetune-minilm-2ep.yaml) and the same
+# combined with label-free embedding distillation
+# (configs/finetune-minilm-combined.yaml) on the refit plans, each exported
+# and validated on SciFact test (tuned on its train split) and Cranfield
+# (held out). Resumes when interrupted.
+LABELED_PLANS ?= 50-refit
+recover-minilm-labeled: build models onnxruntime
+	for p in $(LABELED_PLANS); do \
+	  test -f $(RUNS)/minilm-prune-$$p/config.json || \
+	    $(EFFIR) prune --model $(MINILM) --plan configs/prune-minilm-$$p.yaml --data $(DATA) --out $(RUNS)/minilm-prune-$$p || exit 1; \
+	  for recipe in ft2ep:finetune-minilm-2ep combined:finetune-minilm-combined; do \
+	    name=minilm-prune-$$p-$${recipe%%:*}; \
+	    if [ ! -f $(RUNS)/$$name/config.json ]; then \
+	      resume=; [ -d $(RUNS)/$$name.checkpoints ] && resume=--resume; \
+	      $(EFFIR) finetune --model $(RUNS)/minilm-prune-$$p --train $(DATA) --hard-negatives $(DATA)/train_hard_negatives.jsonl.gz \
+	        --config configs/$${recipe#*:}.yaml --out $(RUNS)/$$name $$resume || exit 1; \
+	    fi; \
+	    $(EFFIR) export --model $(RUNS)/$$name --profile sentence-transformers --out $(RUNS)/onnx/$$name --overwrite || exit 1; \
+	    $(EFFIR) validate --reference $(MINILM) --candidate $(RUNS)/onnx/$$name --data $(DATA) --data $(HELDOUT) \
+	      --gates configs/gates.yaml --out $(RUNS)/validate-$$name || echo "$$name: gates failed (see its validation.md)"; \
+	  done; \
 	done
 
 # Training examples/s of effir vs sentence-transformers' trainer (PyTorch CPU), same model, batch and length.

@@ -1022,6 +1022,18 @@ fn the_shipped_plans_are_valid() {
             }),
         },
     );
+    let smollm2 = ModelShape::uniform(
+        "llama",
+        30,
+        LayerShape {
+            num_heads: 9,
+            num_kv_heads: 3,
+            head_dim: 64,
+            mlp: Some(MlpShape {
+                intermediate_size: 1536,
+            }),
+        },
+    );
     let mut seen = 0;
     for entry in std::fs::read_dir(&configs).unwrap() {
         let path = entry.unwrap().path();
@@ -1033,6 +1045,8 @@ fn the_shipped_plans_are_valid() {
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         let shape = if name.contains("embeddinggemma") {
             &gemma
+        } else if name.contains("smollm2") {
+            &smollm2
         } else {
             &minilm
         };
