@@ -60,9 +60,11 @@ def main():
     # Weights: every tensor of effir's file against transformers' dequantized one.
     hf_state = hf.state_dict()
     effir_state = load_file(str(Path(args.model) / "model.safetensors"))
-    worst_weight = ("", 0.0)
+    worst_weight = (None, 0.0)
+    identical = 0
     for name, tensor in effir_state.items():
         diff = (tensor.float() - hf_state[name].float()).abs().max().item()
+        identical += diff == 0.0
         if diff > worst_weight[1]:
             worst_weight = (name, diff)
     missing = sorted(set(k for k in hf_state if not k.startswith("lm_head")) - set(effir_state))
@@ -98,6 +100,8 @@ def main():
         "texts": len(texts),
         "tokens": tokens,
         "token_id_mismatches": id_mismatches,
+        "tensors_compared": len(effir_state),
+        "tensors_bit_identical": identical,
         "largest_weight_difference": {"tensor": worst_weight[0], "max_abs": worst_weight[1]},
         "tensors_missing_from_effir": missing,
         "lowest_hidden_state_cosine": lowest_token,
