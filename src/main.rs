@@ -50,6 +50,8 @@ enum Command {
     DropStudy(commands::drop_study::DropStudyArgs),
     /// Embed texts from a JSONL or plain-text file into .npy or JSONL.
     Embed(commands::embed::EmbedArgs),
+    /// One shard of a BEIR corpus's document embeddings (--shard I/N), resumable; eval --embeddings merges the shards.
+    Encode(commands::encode::EncodeArgs),
     /// Retrieval quality (nDCG, recall, MRR, MAP, P) on a BEIR dataset.
     Eval(commands::eval::EvalArgs),
     /// Export a model (pruned or not) as an ONNX graph with its tokenizer and configs.
@@ -114,6 +116,7 @@ fn main() -> std::process::ExitCode {
         Command::Validate(args) => commands::validate::run(args),
         Command::DropStudy(args) => commands::drop_study::run(args),
         Command::Embed(args) => commands::embed::run(args),
+        Command::Encode(args) => commands::encode::run(args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Prune(args) => commands::prune::run(args),

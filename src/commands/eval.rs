@@ -6,14 +6,18 @@ use anyhow::{bail, Context};
 use clap::Args;
 use effir_pipeline::data::beir::{DanglingPolicy, Dataset};
 use effir_pipeline::data::text_format::DocumentTemplate;
+use effir_pipeline::data::text_format::TextFormat;
+use effir_pipeline::eval::corpus_shards::merge_shards;
 use effir_pipeline::eval::embedding_cache::EmbeddingCache;
 use effir_pipeline::eval::evaluation::{
-    evaluate_model, mean_table, stage_report, write_staged_report, EvalSettings, Phase,
+    evaluate_model, evaluate_with_corpus_embeddings, mean_table, stage_report, write_staged_report,
+    EvalSettings, Phase,
 };
-use effir_pipeline::{Embedder, Prompt};
+use effir_pipeline::Prompt;
 use serde::Deserialize;
 
-use super::model_options::ModelArgs;
+use super::model_options::{load_text_embedder, ModelArgs};
+use super::provider_options::ProviderArgs;
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
@@ -64,6 +68,15 @@ pub struct EvalArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// --model is an ONNX export (directory or graph), run by ONNX Runtime.
+    #[arg(long)]
+    pub onnx: bool,
+    #[command(flatten)]
+    pub providers: ProviderArgs,
+    /// Corpus embeddings from `effir encode` shards (repeatable, e.g. runs/enc/shard-*): every
+    /// shard of one encoding by this model, merged; only the queries are encoded here.
+    #[arg(long)]
+    pub embeddings: Vec<PathBuf>,
 }
 
 /// `configs/eval.yaml`.
@@ -138,8 +151,22 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             dataset.dangling.unknown_documents, dataset.dangling.unknown_queries
         );
     }
-    let embedder = Embedder::load(&args.model.model, &args.model.load_options())
-        .with_context(|| format!("loading model {}", args.model.model.display()))?;
+    let embedder = load_text_embedder(&args.model, args.onnx, &args.providers)?;
+    let embedder = embedder.as_ref();
+    // Merged shards are checked before any query is encoded.
+    let corpus_embeddings = if args.embeddings.is_empty() {
+        None
+    } else {
+        let format = TextFormat::for_model(
+            embedder.setup(),
+            settings.document_template.clone(),
+            settings.query_prompt.clone(),
+        )?;
+        Some(
+            merge_shards(&args.embeddings, embedder, &dataset, &format)
+                .context("merging the corpus shards")?,
+        )
+    };
     // The output is claimed before the work, so a clash shows at once.
     let staged = args.out.as_deref().map(stage_report).transpose()?;
 
@@ -148,14 +175,20 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         0,
         "{spinner} {msg} {pos}/{len} [{elapsed_precise}<{eta_precise}] {per_sec}",
     );
-    let report = evaluate_model(&embedder, &dataset, &settings, &mut |phase, done, total| {
+    let mut progress = |phase, done, total| {
         bar.set_message(match phase {
             Phase::Corpus => "encoding corpus",
             Phase::Queries => "encoding queries",
         });
         bar.set_length(total as u64);
         bar.set_position(done as u64);
-    })?;
+    };
+    let report = match corpus_embeddings {
+        Some(corpus) => {
+            evaluate_with_corpus_embeddings(embedder, &dataset, &settings, corpus, &mut progress)?
+        }
+        None => evaluate_model(embedder, &dataset, &settings, &mut progress)?,
+    };
     bar.finish_and_clear();
 
     if let Some((staged, out)) = staged {
@@ -177,6 +210,10 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         Some(rate) => println!(
             "  corpus encoding {:.1}s ({rate:.1} docs/s)",
             t.corpus_encode_seconds
+        ),
+        None if !args.embeddings.is_empty() => println!(
+            "  corpus embeddings merged from {} shards",
+            args.embeddings.len()
         ),
         None => println!(
             "  corpus embeddings from cache ({:.2}s)",

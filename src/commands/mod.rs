@@ -4,6 +4,7 @@ pub mod analyze;
 pub mod bench;
 pub mod drop_study;
 pub mod embed;
+pub mod encode;
 pub mod eval;
 pub mod export;
 pub mod finetune;

@@ -70,3 +70,26 @@ impl ModelArgs {
         }
     }
 }
+
+/// The model of `model` as a text embedder: candle on the model directory,
+/// or, with `onnx`, ONNX Runtime on the export (a directory or graph file)
+/// under `providers`.
+pub fn load_text_embedder(
+    model: &ModelArgs,
+    onnx: bool,
+    providers: &super::provider_options::ProviderArgs,
+) -> anyhow::Result<Box<dyn effir_pipeline::TextEmbedder>> {
+    use anyhow::Context;
+    let path = &model.model;
+    Ok(if onnx {
+        let location = effir_onnx::GraphLocation::resolve(path)?;
+        let encoder =
+            effir_onnx::OnnxEncoder::load(location, &model.load_options(), &providers.settings()?)
+                .with_context(|| format!("opening the ONNX graph of {}", path.display()))?;
+        Box::new(encoder)
+    } else {
+        let embedder = effir_pipeline::Embedder::load(path, &model.load_options())
+            .with_context(|| format!("loading model {}", path.display()))?;
+        Box::new(embedder)
+    })
+}

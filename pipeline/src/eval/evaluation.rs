@@ -10,12 +10,13 @@ use serde::Serialize;
 use crate::data::beir::Dataset;
 use crate::data::text_format::{DocumentTemplate, TextFormat};
 use crate::error::{Error, Result};
-use crate::eval::embedding_cache::{fingerprint_file, CacheKey, EmbeddingCache};
+use crate::eval::embedding_cache::{fingerprint_file, CacheKey, EmbeddingCache, Fingerprint};
 use crate::eval::metrics::{evaluate, trec_order, Evaluation, Run};
 use crate::eval::search::{search, SearchOptions};
 use crate::eval::text_embedder::TextEmbedder;
 use crate::io::atomic_file::write_atomically;
-use crate::model::encoder_setup::Prompt;
+use crate::model::encoder_setup::{Prompt, BATCHING_BLOCK};
+use ndarray::Array2;
 
 /// Settings of one evaluation.
 #[derive(Debug, Clone)]
@@ -109,40 +110,17 @@ pub fn evaluate_model(
             "run depth must be at least 1".into(),
         ));
     }
-    let setup = embedder.setup();
-    let format = TextFormat::for_model(
-        setup,
-        settings.document_template.clone(),
-        settings.query_prompt.clone(),
-    )?;
+    let format = eval_format(embedder, settings)?;
     // Corpus, from the cache when the same model, corpus and settings were seen.
     let docs: Vec<String> = dataset.corpus.iter().map(|d| format.document(d)).collect();
     let docs: Vec<&str> = docs.iter().map(String::as_str).collect();
     let n = docs.len();
     let cache = match &settings.cache {
         Some(dir) => {
-            let model = embedder.fingerprint()?;
-            let corpus_file = crate::data::beir::find_file(&dataset.dir, "corpus.jsonl")?;
-            let corpus = fingerprint_file(&corpus_file)?;
-            // The documents encoded (a sample of the corpus, or all of it).
-            let mut ids = blake3::Hasher::new();
-            for doc in &dataset.corpus {
-                ids.update(doc.id.as_bytes());
-                ids.update(&[0]);
-            }
-            let settings_text = format!(
-                "docs={} template={:?} prompt={:?} max_length={} pooling={} dim={} {}",
-                ids.finalize().to_hex(),
-                format.template.0,
-                format.document_prompt,
-                setup.text.max_length(),
-                setup.pooling,
-                embedder.dimension(),
-                embedder.variant()
-            );
+            let identity = CorpusEncoding::of(embedder, dataset, &format)?;
             Some((
                 EmbeddingCache::new(dir),
-                CacheKey::new(&model, &corpus, &settings_text),
+                CacheKey::new(&identity.model, &identity.corpus, &identity.settings),
             ))
         }
         None => None,
@@ -168,7 +146,113 @@ pub fn evaluate_model(
         }
     };
     let corpus_encode_seconds = start.elapsed().as_secs_f64();
+    let corpus_timing = (
+        corpus_encode_seconds,
+        (!corpus_from_cache).then(|| n as f64 / corpus_encode_seconds),
+        corpus_from_cache,
+    );
+    score_corpus(
+        embedder,
+        dataset,
+        settings,
+        &format,
+        corpus_embeddings,
+        corpus_timing,
+        progress,
+    )
+}
 
+/// Scores `dataset` against corpus embeddings computed elsewhere (merged
+/// `effir encode` shards, rows in corpus order): queries are encoded by
+/// `embedder`, then searched and scored exactly as [`evaluate_model`] does.
+pub fn evaluate_with_corpus_embeddings(
+    embedder: &dyn TextEmbedder,
+    dataset: &Dataset,
+    settings: &EvalSettings,
+    corpus_embeddings: Array2<f32>,
+    progress: &mut dyn FnMut(Phase, usize, usize),
+) -> Result<EvalReport> {
+    let format = eval_format(embedder, settings)?;
+    if corpus_embeddings.dim() != (dataset.corpus.len(), embedder.dimension()) {
+        return Err(Error::InvalidArgument(format!(
+            "corpus embeddings of shape {:?} for {} documents of dimension {}",
+            corpus_embeddings.dim(),
+            dataset.corpus.len(),
+            embedder.dimension()
+        )));
+    }
+    score_corpus(
+        embedder,
+        dataset,
+        settings,
+        &format,
+        corpus_embeddings,
+        (0.0, None, false),
+        progress,
+    )
+}
+
+fn eval_format(embedder: &dyn TextEmbedder, settings: &EvalSettings) -> Result<TextFormat> {
+    TextFormat::for_model(
+        embedder.setup(),
+        settings.document_template.clone(),
+        settings.query_prompt.clone(),
+    )
+}
+
+/// What identifies a corpus encoding: the model, the corpus file and the
+/// settings that change the embeddings (the documents encoded, their
+/// format, length, pooling, size, run-time variant and batching). The
+/// embedding cache is keyed by it, and corpus shards must agree on it.
+pub struct CorpusEncoding {
+    pub model: Fingerprint,
+    pub corpus: Fingerprint,
+    pub settings: String,
+}
+
+impl CorpusEncoding {
+    pub fn of(embedder: &dyn TextEmbedder, dataset: &Dataset, format: &TextFormat) -> Result<Self> {
+        let setup = embedder.setup();
+        let model = embedder.fingerprint()?;
+        let corpus_file = crate::data::beir::find_file(&dataset.dir, "corpus.jsonl")?;
+        let corpus = fingerprint_file(&corpus_file)?;
+        // The documents encoded (a sample of the corpus, or all of it).
+        let mut ids = blake3::Hasher::new();
+        for doc in &dataset.corpus {
+            ids.update(doc.id.as_bytes());
+            ids.update(&[0]);
+        }
+        let settings = format!(
+            "docs={} template={:?} prompt={:?} max_length={} pooling={} dim={} batching=blocks-of-{} {}",
+            ids.finalize().to_hex(),
+            format.template.0,
+            format.document_prompt,
+            setup.text.max_length(),
+            setup.pooling,
+            embedder.dimension(),
+            BATCHING_BLOCK,
+            embedder.variant()
+        );
+        Ok(Self {
+            model,
+            corpus,
+            settings,
+        })
+    }
+}
+
+/// Encodes the queries, searches the corpus embeddings and scores the run.
+fn score_corpus(
+    embedder: &dyn TextEmbedder,
+    dataset: &Dataset,
+    settings: &EvalSettings,
+    format: &TextFormat,
+    corpus_embeddings: Array2<f32>,
+    (corpus_encode_seconds, corpus_docs_per_second, corpus_from_cache): (f64, Option<f64>, bool),
+    progress: &mut dyn FnMut(Phase, usize, usize),
+) -> Result<EvalReport> {
+    let setup = embedder.setup();
+    let n = corpus_embeddings.nrows();
     let start = Instant::now();
     let query_texts: Vec<&str> = dataset.queries.iter().map(|q| q.text.as_str()).collect();
     let nq = query_texts.len();
@@ -216,13 +300,13 @@ pub fn evaluate_model(
         split: dataset.split.clone(),
         num_documents: n,
         num_queries: nq,
-        document_template: format.template,
-        query_prefix: format.query_prefix,
+        document_template: format.template.clone(),
+        query_prefix: format.query_prefix.clone(),
         max_length: setup.text.max_length(),
         evaluation,
         timings: Timings {
             corpus_encode_seconds,
-            corpus_docs_per_second: (!corpus_from_cache).then(|| n as f64 / corpus_encode_seconds),
+            corpus_docs_per_second,
             corpus_from_cache,
             query_encode_seconds,
             search_seconds,

@@ -51,6 +51,10 @@ pub struct EncoderSetup {
     pub text: TextEncoder,
 }
 
+/// Texts are batched within consecutive blocks of this many
+/// ([`EncoderSetup::for_each_batch`]); corpus shards are whole blocks.
+pub const BATCHING_BLOCK: usize = 1024;
+
 impl EncoderSetup {
     /// Reads `dir`'s `config.json`, sentence-transformers files and
     /// tokenizer; `options` override the model's own choices.
@@ -136,9 +140,13 @@ impl EncoderSetup {
     }
 
     /// Encodes `texts` (with `prefix`) and calls `f` on padded batches of at
-    /// most `batch_size` texts of similar length, longest first, with the
-    /// indices of the batch's texts. Similar lengths waste little padding,
-    /// and the slowest batches come first, so progress estimates are honest.
+    /// most `batch_size` texts of similar length, with the indices of the
+    /// batch's texts. Texts are batched within consecutive blocks of
+    /// [`BATCHING_BLOCK`], longest first inside each block: similar lengths
+    /// waste little padding, and a block is batched the same way whatever
+    /// texts come before or after it, so a shard made of whole blocks
+    /// (`effir encode --shard`) embeds each text bit for bit as a run over
+    /// the whole corpus does.
     pub fn for_each_batch<S: AsRef<str>>(
         &self,
         texts: &[S],
@@ -153,11 +161,14 @@ impl EncoderSetup {
             ));
         }
         let encoded = self.text.encode(texts, prefix)?;
-        let mut order: Vec<usize> = (0..encoded.len()).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse(encoded[i].len()));
-        for chunk in order.chunks(batch_size) {
-            let batch: Vec<&EncodedText> = chunk.iter().map(|&i| &encoded[i]).collect();
-            f(&self.text.batch(&batch, device)?, chunk)?;
+        let indices: Vec<usize> = (0..encoded.len()).collect();
+        for block in indices.chunks(BATCHING_BLOCK) {
+            let mut order = block.to_vec();
+            order.sort_by_key(|&i| std::cmp::Reverse(encoded[i].len()));
+            for chunk in order.chunks(batch_size) {
+                let batch: Vec<&EncodedText> = chunk.iter().map(|&i| &encoded[i]).collect();
+                f(&self.text.batch(&batch, device)?, chunk)?;
+            }
         }
         Ok(())
     }

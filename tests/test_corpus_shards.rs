@@ -1,0 +1,287 @@
+//! Corpus encoding across processes: `effir encode --shard I/N` writes one
+//! shard of a corpus's document embeddings, `effir eval --embeddings`
+//! merges them. The merged shards are the single run's embeddings bit for
+//! bit, so the metrics are the same bytes; an interrupted shard resumes
+//! from the blocks it finished; shards that do not make up one encoding
+//! are refused by name.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{effir, fixture, stderr};
+use effir_pipeline::io::npy::read_npy;
+
+/// A BEIR directory of `docs` documents of varied length (so batches pad
+/// differently), 12 queries and their judgements.
+fn corpus(dir: &Path, docs: usize) -> PathBuf {
+    let data = dir.join("data");
+    std::fs::create_dir_all(data.join("qrels")).unwrap();
+    let words = [
+        "fox",
+        "retrieval",
+        "pruning",
+        "attention",
+        "vector",
+        "dog",
+        "layer",
+        "query",
+    ];
+    let mut corpus = String::new();
+    for i in 0..docs {
+        let text: Vec<&str> = (0..(i * 7919) % 23 + 1)
+            .map(|j| words[(i + j * 3) % words.len()])
+            .collect();
+        corpus += &serde_json::json!({"_id": format!("d{i}"), "title": format!("t{}", i % 5), "text": text.join(" ")}).to_string();
+        corpus.push('\n');
+    }
+    std::fs::write(data.join("corpus.jsonl"), corpus).unwrap();
+    let mut queries = String::new();
+    let mut qrels = String::from("query-id\tcorpus-id\tscore\n");
+    for q in 0..12 {
+        queries += &serde_json::json!({"_id": format!("q{q}"), "text": format!("{} {}", words[q % 8], words[(q + 3) % 8])}).to_string();
+        queries.push('\n');
+        qrels += &format!(
+            "q{q}\td{}\t1\nq{q}\td{}\t2\n",
+            q * 97 % docs,
+            q * 389 % docs
+        );
+    }
+    std::fs::write(data.join("queries.jsonl"), queries).unwrap();
+    std::fs::write(data.join("qrels/test.tsv"), qrels).unwrap();
+    data
+}
+
+fn run_ok(args: &[&str]) {
+    let out = effir(args);
+    assert!(
+        out.status.success(),
+        "effir {}: {}",
+        args.join(" "),
+        stderr(&out)
+    );
+}
+
+fn encode(model: &Path, data: &Path, shard: &str, out: &Path) {
+    run_ok(&[
+        "encode",
+        "--quiet",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--shard",
+        shard,
+        "--out",
+        out.to_str().unwrap(),
+        "--batch-size",
+        "16",
+    ]);
+}
+
+fn eval_args<'a>(model: &'a str, data: &'a str, out: &'a str) -> Vec<&'a str> {
+    vec![
+        "eval",
+        "--quiet",
+        "--no-cache",
+        "--model",
+        model,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--batch-size",
+        "16",
+    ]
+}
+
+#[test]
+fn merged_shards_score_the_same_bytes_as_a_single_run() {
+    let work = tempfile::tempdir().unwrap();
+    let data = corpus(work.path(), 2500); // three blocks of 1,024 (the last partial)
+    let model = fixture("bert");
+    let (m, d) = (model.to_str().unwrap(), data.to_str().unwrap());
+
+    let single = work.path().join("single");
+    run_ok(&eval_args(m, d, single.to_str().unwrap()));
+    let shards: Vec<PathBuf> = (0..3)
+        .map(|i| work.path().join(format!("shard-{i}")))
+        .collect();
+    for (i, dir) in shards.iter().enumerate() {
+        encode(&model, &data, &format!("{i}/3"), dir);
+    }
+    let merged = work.path().join("merged");
+    let mut args = eval_args(m, d, merged.to_str().unwrap());
+    for dir in &shards {
+        args.extend(["--embeddings", dir.to_str().unwrap()]);
+    }
+    run_ok(&args);
+    for file in ["metrics.json", "run.trec"] {
+        assert_eq!(
+            std::fs::read(single.join(file)).unwrap(),
+            std::fs::read(merged.join(file)).unwrap(),
+            "{file} of the merged shards differs from the single run's"
+        );
+    }
+
+    // Each row is bit-equal to the one-shard encoding of the whole corpus.
+    let whole = work.path().join("whole");
+    encode(&model, &data, "0/1", &whole);
+    let all = read_npy(&whole.join("embeddings.npy")).unwrap();
+    let mut row = 0;
+    for (i, dir) in shards.iter().enumerate() {
+        let part = read_npy(&dir.join("embeddings.npy")).unwrap();
+        let ids = std::fs::read_to_string(dir.join("ids.txt")).unwrap();
+        assert_eq!(ids.lines().next(), Some(format!("d{}", i * 1024).as_str()));
+        for (r, line) in part.rows().into_iter().zip(ids.lines()) {
+            let index: usize = line[1..].parse().unwrap();
+            let bits =
+                |v: ndarray::ArrayView1<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(r), bits(all.row(index)), "document {line}");
+            row += 1;
+        }
+    }
+    assert_eq!(row, 2500);
+}
+
+#[test]
+fn an_interrupted_shard_resumes_from_its_finished_blocks() {
+    let work = tempfile::tempdir().unwrap();
+    let data = corpus(work.path(), 2500);
+    let model = fixture("bert");
+    // Shard 0/2 holds blocks 0 and 2.
+    let reference = work.path().join("reference");
+    encode(&model, &data, "0/2", &reference);
+    let manifest = std::fs::read(reference.join("shard.json")).unwrap();
+
+    // What a run killed after its first block leaves: the manifest and
+    // block 0, here marked (all 7.0) to show it is taken, not recomputed.
+    let out = work.path().join("resumed");
+    let partial = work.path().join("resumed.partial");
+    std::fs::create_dir_all(&partial).unwrap();
+    std::fs::write(partial.join("shard.json"), &manifest).unwrap();
+    let marked = ndarray::Array2::<f32>::from_elem((1024, 64), 7.0);
+    effir_pipeline::io::npy::write_npy(&partial.join("block-000000.npy"), &marked).unwrap();
+    encode(&model, &data, "0/2", &out);
+    assert!(
+        !partial.exists(),
+        "the partial directory is removed once the shard is published"
+    );
+    let got = read_npy(&out.join("embeddings.npy")).unwrap();
+    let want = read_npy(&reference.join("embeddings.npy")).unwrap();
+    assert!(
+        got.slice(ndarray::s![..1024, ..]).iter().all(|&v| v == 7.0),
+        "block 0 was recomputed"
+    );
+    assert_eq!(
+        got.slice(ndarray::s![1024.., ..]),
+        want.slice(ndarray::s![1024.., ..]),
+        "block 2"
+    );
+
+    // A partial directory of another shard is not mixed in.
+    let other = work.path().join("other");
+    let other_partial = work.path().join("other.partial");
+    std::fs::create_dir_all(&other_partial).unwrap();
+    std::fs::write(other_partial.join("shard.json"), &manifest).unwrap();
+    let run = effir(&[
+        "encode",
+        "--quiet",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--shard",
+        "1/2",
+        "--out",
+        other.to_str().unwrap(),
+        "--batch-size",
+        "16",
+    ]);
+    assert!(!run.status.success());
+    assert!(
+        stderr(&run).contains("other.partial: an interrupted run of another shard"),
+        "{}",
+        stderr(&run)
+    );
+    assert!(!other.exists());
+}
+
+#[test]
+fn shards_that_are_not_one_encoding_are_refused() {
+    let work = tempfile::tempdir().unwrap();
+    let data = corpus(work.path(), 2100);
+    let model = fixture("bert");
+    let shard = |name: &str, spec: &str, model: &Path| {
+        let dir = work.path().join(name);
+        encode(model, &data, spec, &dir);
+        dir
+    };
+    let s0 = shard("s0", "0/3", &model);
+    let s1 = shard("s1", "1/3", &model);
+    let s2 = shard("s2", "2/3", &model);
+    let half = shard("half", "0/2", &model);
+    let pruned = common::prune_fixture(
+        "bert",
+        work.path(),
+        &["a calibration text about foxes"],
+        &["--mlp-keep", "0.5"],
+    );
+    let p2 = shard("p2", "2/3", &pruned);
+
+    let cases: Vec<(&str, Vec<&Path>, &str)> = vec![
+        ("a missing shard", vec![&s0, &s1], "shards missing: 2/3"),
+        (
+            "a shard twice",
+            vec![&s0, &s1, &s1, &s2],
+            "shard 1/3 is given twice",
+        ),
+        (
+            "another shard count",
+            vec![&s0, &s1, &half],
+            "shards of different encodings",
+        ),
+        (
+            "another model's shard",
+            vec![&s0, &s1, &p2],
+            "shards of different encodings",
+        ),
+    ];
+    for (what, dirs, needle) in cases {
+        let out = work.path().join("out");
+        let mut args = eval_args(
+            model.to_str().unwrap(),
+            data.to_str().unwrap(),
+            out.to_str().unwrap(),
+        );
+        for dir in &dirs {
+            args.extend(["--embeddings", dir.to_str().unwrap()]);
+        }
+        let run = effir(&args);
+        assert!(!run.status.success(), "{what}: accepted");
+        assert!(stderr(&run).contains(needle), "{what}: {}", stderr(&run));
+        assert!(!out.join("metrics.json").exists(), "{what}: wrote metrics");
+    }
+    // Every shard of the pruned model, scored with the full one.
+    let out = work.path().join("out");
+    let mut args = eval_args(
+        pruned.to_str().unwrap(),
+        data.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    args.extend([
+        "--embeddings",
+        s0.to_str().unwrap(),
+        "--embeddings",
+        s1.to_str().unwrap(),
+        "--embeddings",
+        s2.to_str().unwrap(),
+    ]);
+    let run = effir(&args);
+    assert!(!run.status.success());
+    assert!(
+        stderr(&run).contains("encoded with another model"),
+        "{}",
+        stderr(&run)
+    );
+}
