@@ -285,3 +285,51 @@ fn shards_that_are_not_one_encoding_are_refused() {
         stderr(&run)
     );
 }
+
+/// The exported graph encodes shards too (`--onnx`), as a GPU cluster
+/// would run it, and merges into the same metrics as its single run.
+#[test]
+fn an_onnx_export_encodes_shards() {
+    let work = tempfile::tempdir().unwrap();
+    let data = corpus(work.path(), 1100);
+    let export = work.path().join("onnx");
+    common::export(&fixture("bert"), &export, &[]);
+    let (m, d) = (export.to_str().unwrap(), data.to_str().unwrap());
+    let single = work.path().join("single");
+    let mut args = eval_args(m, d, single.to_str().unwrap());
+    args.push("--onnx");
+    run_ok(&args);
+    for i in 0..2 {
+        let out = work.path().join(format!("shard-{i}"));
+        run_ok(&[
+            "encode",
+            "--quiet",
+            "--onnx",
+            "--model",
+            m,
+            "--data",
+            d,
+            "--shard",
+            &format!("{i}/2"),
+            "--out",
+            out.to_str().unwrap(),
+            "--batch-size",
+            "16",
+        ]);
+    }
+    let merged = work.path().join("merged");
+    let mut args = eval_args(m, d, merged.to_str().unwrap());
+    let (s0, s1) = (work.path().join("shard-0"), work.path().join("shard-1"));
+    args.extend([
+        "--onnx",
+        "--embeddings",
+        s0.to_str().unwrap(),
+        "--embeddings",
+        s1.to_str().unwrap(),
+    ]);
+    run_ok(&args);
+    assert_eq!(
+        std::fs::read(single.join("metrics.json")).unwrap(),
+        std::fs::read(merged.join("metrics.json")).unwrap()
+    );
+}
