@@ -10,4 +10,5 @@ pub mod kernels;
 pub mod pooling;
 pub mod sentence_transformers;
 pub mod shape;
+pub mod synthetic;
 pub mod text_encoder;
