@@ -270,7 +270,7 @@ pub fn write_synthetic_model(
         }
         header.insert("__metadata__".into(), json!({"format": "pt"}));
         let mut header = Value::Object(header).to_string().into_bytes();
-        while header.len() % 8 != 0 {
+        while !header.len().is_multiple_of(8) {
             header.push(b' ');
         }
         let file = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
