@@ -333,3 +333,33 @@ fn an_onnx_export_encodes_shards() {
         std::fs::read(merged.join("metrics.json")).unwrap()
     );
 }
+
+/// The batching rule the shards rely on: texts are batched within blocks
+/// of 1,024, so embedding a list at once or block by block gives the same
+/// bits (here with a batch size that does not divide the block).
+#[test]
+fn a_list_embeds_the_same_bits_whole_or_block_by_block() {
+    use effir_pipeline::{Embedder, LoadOptions};
+    let embedder = Embedder::load(&fixture("bert"), &LoadOptions::default()).unwrap();
+    let words = ["fox", "retrieval", "pruning", "attention", "vector"];
+    let texts: Vec<String> = (0..1500)
+        .map(|i| {
+            (0..(i * 31) % 17 + 1)
+                .map(|j| words[(i + j) % 5])
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    let whole = embedder.embed(&texts, "", 24, &mut |_| {}).unwrap();
+    let first = embedder.embed(&texts[..1024], "", 24, &mut |_| {}).unwrap();
+    let rest = embedder.embed(&texts[1024..], "", 24, &mut |_| {}).unwrap();
+    let bits = |a: ndarray::ArrayView2<f32>| a.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(
+        bits(whole.slice(ndarray::s![..1024, ..])),
+        bits(first.view())
+    );
+    assert_eq!(
+        bits(whole.slice(ndarray::s![1024.., ..])),
+        bits(rest.view())
+    );
+}

@@ -518,8 +518,16 @@ fn a_teacher_with_another_tokenizer_teaches_scores() {
             fixture("bert").display()
         ),
     );
+    // The student asks for an instruction before each query; the teacher
+    // reads the bare query.
+    let student = common::copy_model(&fixture("llama"));
+    std::fs::write(
+        student.path().join("config_sentence_transformers.json"),
+        r#"{"prompts": {"query": "Instruct: find the answer\nQuery: ", "document": ""}}"#,
+    )
+    .unwrap();
     let out = work.path().join("llama-taught-by-bert");
-    let run = finetune(&fixture("llama"), &train, &out, &config, &[]);
+    let run = finetune(student.path(), &train, &out, &config, &[]);
     assert!(run.status.success(), "{}", stderr(&run));
     let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
     for line in log.lines() {

@@ -270,3 +270,36 @@ fn bad_files_are_refused_by_name_and_nothing_is_written() {
     std::fs::write(&not_gguf, b"PK\x03\x04 a zip file").unwrap();
     assert_refused(&not_gguf, &["not a GGUF file"]);
 }
+
+/// `general.alignment` 1 puts tensors at any address (an f32 tensor 2
+/// bytes past a multiple of 4 here): read without assuming alignment.
+#[test]
+fn tensors_at_unaligned_addresses_read_correctly() {
+    let file = GgufFile::open(&gguf("align1.gguf")).unwrap();
+    let reference = load_tensors(&gguf("align1-reference.safetensors"));
+    for info in &file.tensors {
+        let got = file.dequantize(info).unwrap();
+        let want: Vec<f32> = reference[&info.name]
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(got, want, "{}", info.name);
+    }
+}
+
+/// A one-byte change that claims millions of layers is refused at once,
+/// before any per-layer bookkeeping is allocated.
+#[test]
+fn a_layer_count_the_file_cannot_hold_is_refused() {
+    let mut bytes = std::fs::read(gguf("llama.gguf")).unwrap();
+    let key = b"llama.block_count";
+    let at = bytes.windows(key.len()).position(|w| w == key).unwrap() + key.len();
+    // value type (u32 = 4), then the value.
+    assert_eq!(u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()), 4);
+    bytes[at + 4..at + 8].copy_from_slice(&8_388_610u32.to_le_bytes());
+    let work = tempfile::tempdir().unwrap();
+    let path = work.path().join("layers.gguf");
+    std::fs::write(&path, bytes).unwrap();
+    assert_refused(&path, &["8388610 layers", "too few"]);
+}

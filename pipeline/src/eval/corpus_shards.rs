@@ -295,10 +295,18 @@ pub fn merge_shards(
             index: manifest.shard,
             count: manifest.shards,
         };
-        if manifest.blocks != spec.blocks(documents) || manifest.block_size != BATCHING_BLOCK {
+        let block_rows: usize = manifest
+            .blocks
+            .iter()
+            .map(|&b| (documents.min((b + 1) * BATCHING_BLOCK)).saturating_sub(b * BATCHING_BLOCK))
+            .sum();
+        if manifest.blocks != spec.blocks(documents)
+            || manifest.block_size != BATCHING_BLOCK
+            || manifest.rows != block_rows
+        {
             return Err(Error::config(
                 dir.join(MANIFEST_FILE),
-                "its blocks are not the ones its shard number implies",
+                "its blocks and rows are not the ones its shard number implies",
             ));
         }
         let embeddings_path = dir.join(EMBEDDINGS_FILE);

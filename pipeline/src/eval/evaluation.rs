@@ -102,14 +102,7 @@ pub fn evaluate_model(
     let _span =
         tracing::info_span!("eval", model = %embedder.source().display(), split = %dataset.split)
             .entered();
-    if settings.ks.contains(&0) || settings.ks.is_empty() {
-        return Err(Error::InvalidArgument("every k must be at least 1".into()));
-    }
-    if settings.run_depth == 0 {
-        return Err(Error::InvalidArgument(
-            "run depth must be at least 1".into(),
-        ));
-    }
+    check_settings(settings)?;
     let format = eval_format(embedder, settings)?;
     // Corpus, from the cache when the same model, corpus and settings were seen.
     let docs: Vec<String> = dataset.corpus.iter().map(|d| format.document(d)).collect();
@@ -172,6 +165,7 @@ pub fn evaluate_with_corpus_embeddings(
     corpus_embeddings: Array2<f32>,
     progress: &mut dyn FnMut(Phase, usize, usize),
 ) -> Result<EvalReport> {
+    check_settings(settings)?;
     let format = eval_format(embedder, settings)?;
     if corpus_embeddings.dim() != (dataset.corpus.len(), embedder.dimension()) {
         return Err(Error::InvalidArgument(format!(
@@ -190,6 +184,18 @@ pub fn evaluate_with_corpus_embeddings(
         (0.0, None, false),
         progress,
     )
+}
+
+fn check_settings(settings: &EvalSettings) -> Result<()> {
+    if settings.ks.contains(&0) || settings.ks.is_empty() {
+        return Err(Error::InvalidArgument("every k must be at least 1".into()));
+    }
+    if settings.run_depth == 0 {
+        return Err(Error::InvalidArgument(
+            "run depth must be at least 1".into(),
+        ));
+    }
+    Ok(())
 }
 
 fn eval_format(embedder: &dyn TextEmbedder, settings: &EvalSettings) -> Result<TextFormat> {

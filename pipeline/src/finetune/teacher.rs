@@ -28,16 +28,25 @@ pub fn texts_in_teacher_format(
             rendered(student)
         ));
     }
-    Ok(texts
+    texts
         .iter()
         .map(|(text, &is_query)| {
-            let view = match text.strip_prefix(student.query_prefix.as_str()) {
-                Some(query) if is_query => format!("{}{query}", teacher.query_prefix),
-                _ => text.clone(),
+            let view = if is_query {
+                let query = text
+                    .strip_prefix(student.query_prefix.as_str())
+                    .ok_or_else(|| {
+                        format!(
+                            "the query `{text}` lacks the student's prompt `{}`",
+                            student.query_prefix
+                        )
+                    })?;
+                format!("{}{query}", teacher.query_prefix)
+            } else {
+                text.clone()
             };
-            (text.clone(), view)
+            Ok((text.clone(), view))
         })
-        .collect())
+        .collect()
 }
 
 /// Teacher embeddings by text.
@@ -169,6 +178,11 @@ mod tests {
             view["Instruct: find it\nQuery: what is X?"],
             "query: what is X?"
         );
+
+        // A query without the student's prompt was not formatted by it.
+        let stray = BTreeMap::from([("what is X?".to_string(), true)]);
+        let err = texts_in_teacher_format(&stray, &student, &teacher).unwrap_err();
+        assert!(err.contains("lacks the student's prompt"), "{err}");
     }
 
     #[test]

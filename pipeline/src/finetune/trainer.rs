@@ -640,8 +640,8 @@ fn load_teacher(
         let theirs = TextFormat::for_model(teacher.setup(), None, None)?;
         let view = texts_in_teacher_format(&texts, &ours, &theirs).map_err(|message| {
             Error::InvalidArgument(format!(
-                "{}: {message} (the student, {}); score distillation from a teacher with another \
-                 tokenizer needs the same document text",
+                "{}: score distillation from a teacher with another tokenizer: {message} \
+                 (the student: {})",
                 teacher_dir.display(),
                 student_dir.display()
             ))

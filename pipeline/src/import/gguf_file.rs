@@ -414,9 +414,20 @@ impl GgufFile {
                 ),
             )
         };
+        // candle reads the bytes as f32 values or block structs in place;
+        // a file with a small `general.alignment` may place them at any
+        // address, so they are copied to an 8-byte-aligned buffer first.
+        let raw = self.raw(info);
+        let mut aligned = vec![0u64; raw.len().div_ceil(8)];
+        // SAFETY: a u64 buffer viewed as bytes: same memory, no alignment
+        // requirement for u8, length within the allocation.
+        let bytes: &mut [u8] = unsafe {
+            std::slice::from_raw_parts_mut(aligned.as_mut_ptr().cast::<u8>(), aligned.len() * 8)
+        };
+        bytes[..raw.len()].copy_from_slice(raw);
         let quantized = candle_core::quantized::ggml_file::qtensor_from_ggml(
             info.ty.ggml(),
-            self.raw(info),
+            &bytes[..raw.len()],
             info.dims.clone(),
             &cpu,
         )

@@ -139,6 +139,12 @@ impl GgufModel {
                 format!("{heads} attention heads, {kv_heads} key/value heads and hidden size {hidden_size} do not divide"),
             ));
         }
+        if architecture.permutes_query_key() && head_dim % 2 != 0 {
+            return Err(Error::unsupported(
+                path,
+                format!("an odd head size ({head_dim}) with llama.cpp's rotary row permutation"),
+            ));
+        }
         if let Some(v) = gguf.metadata.get(&key("attention.value_length")) {
             if v.as_u64() != Some(head_dim as u64) {
                 return Err(Error::unsupported(
@@ -264,7 +270,11 @@ impl GgufModel {
         }
         let rest = name.strip_prefix("blk.")?;
         let (layer, tensor) = rest.split_once('.')?;
-        let layer: usize = layer.parse().ok().filter(|&l| l < self.layers)?;
+        // Only the canonical spelling: `blk.01` or `blk.+1` would alias `blk.1`.
+        let layer: usize = layer
+            .parse()
+            .ok()
+            .filter(|&l: &usize| l < self.layers && l.to_string() == layer)?;
         let (module, suffix) = tensor.rsplit_once('.')?;
         let permute = self.architecture.permutes_query_key() && suffix == "weight";
         let (module_path, shape, unpermute_heads): (&str, Vec<usize>, Option<usize>) = match module
@@ -421,6 +431,19 @@ fn missing(path: &Path, tensor: &str) -> Error {
 /// metadata implies.
 pub fn check_tensors(gguf: &GgufFile, model: &GgufModel) -> Result<()> {
     let path = gguf.path();
+    // Each layer has at least nine tensors: a layer count the directory
+    // cannot hold is refused before any name is built.
+    if model.layers.saturating_mul(9).saturating_add(2) > gguf.tensors.len() {
+        return Err(Error::config(
+            path,
+            format!(
+                "`{}.block_count` says {} layers; the file holds {} tensors, too few for them",
+                model.architecture.name(),
+                model.layers,
+                gguf.tensors.len()
+            ),
+        ));
+    }
     for name in model.required_tensors() {
         if gguf.tensor(&name).is_none() {
             return Err(missing(path, &name));

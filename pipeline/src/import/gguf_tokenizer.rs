@@ -151,10 +151,13 @@ impl GgufTokenizer {
         let alphabet = byte_alphabet();
         let spelled: std::collections::HashSet<char> = alphabet.iter().copied().collect();
         let mut vocab = Map::new();
-        for (id, token) in tokens.iter().enumerate() {
+        for (id, (token, ty)) in tokens.iter().zip(&types).enumerate() {
             // Tokens the converter wrote in plain text are respelled in the
-            // byte alphabet, as the vocabulary's other tokens are.
-            let key = if token.chars().all(|c| spelled.contains(&c)) {
+            // byte alphabet, as the vocabulary's other tokens are; control
+            // and user-defined tokens are matched whole as added tokens and
+            // keep their text.
+            let added = *ty == CONTROL || *ty == USER_DEFINED;
+            let key = if added || token.chars().all(|c| spelled.contains(&c)) {
                 (*token).to_string()
             } else {
                 token.bytes().map(|b| alphabet[b as usize]).collect()
@@ -180,8 +183,7 @@ impl GgufTokenizer {
 
         let mut added = Vec::new();
         for (id, (token, ty)) in tokens.iter().zip(&types).enumerate() {
-            let byte_spelled = token.chars().all(|c| spelled.contains(&c));
-            if byte_spelled && (*ty == CONTROL || *ty == USER_DEFINED) {
+            if *ty == CONTROL || *ty == USER_DEFINED {
                 added.push(json!({
                     "id": id, "content": token, "single_word": false, "lstrip": false,
                     "rstrip": false, "normalized": false, "special": *ty == CONTROL,
@@ -195,14 +197,17 @@ impl GgufTokenizer {
             unk: token_id(gguf, "tokenizer.ggml.unknown_token_id", vocab_size)?,
             pad: token_id(gguf, "tokenizer.ggml.padding_token_id", vocab_size)?,
         };
-        let flag = |key: &str| {
+        // llama.cpp's defaults where the file does not say: Llama 3's
+        // tokenizer adds BOS and takes whole-word tokens before merging.
+        let llama3 = matches!(pre.as_str(), "llama-bpe" | "llama3" | "llama-v3");
+        let flag = |key: &str, default: bool| {
             gguf.metadata
                 .get(key)
                 .and_then(MetadataValue::as_bool)
-                .unwrap_or(false)
+                .unwrap_or(default)
         };
-        let add_bos = flag("tokenizer.ggml.add_bos_token");
-        let add_eos = flag("tokenizer.ggml.add_eos_token");
+        let add_bos = flag("tokenizer.ggml.add_bos_token", llama3);
+        let add_eos = flag("tokenizer.ggml.add_eos_token", false);
         let name = |id: Option<u32>| id.map(|i| tokens[i as usize].to_string());
         let post_processor = if add_bos || add_eos {
             let mut single = Vec::new();
@@ -246,7 +251,7 @@ impl GgufTokenizer {
             "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
             "model": {
                 "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": llama3,
                 "vocab": vocab, "merges": merges,
             },
         });
