@@ -15,7 +15,7 @@ PYTHON  ?= python3
 .PHONY: all system-deps build models test lint fuzz embed eval eval-scifact python-deps \
         fixtures metric-references bench-embed profile-embed bench-analyze parity-embeddinggemma \
         onnxruntime export export-pruned validate validate-pruned validate-prune-minilm bench-onnx parity-embeddinggemma-onnx \
-        finetune-minilm finetune-minilm-2ep recover-minilm frontier-minilm frontier-embeddinggemma precision-checks prune-minilm-narrow prune-minilm-refit prune-embeddinggemma-refit recover-embeddinggemma gguf-parity smollm2-retriever results-smollm2 recover-minilm-labeled finetune-minilm-unpruned finetune-minilm-unpruned-2ep bench-finetune profile-finetune optimum-fixtures rewrite-minilm \
+        finetune-minilm finetune-minilm-2ep recover-minilm frontier-minilm frontier-embeddinggemma precision-checks prune-minilm-narrow prune-minilm-refit prune-embeddinggemma-refit recover-embeddinggemma gguf-parity smollm2-retriever results-smollm2 recover-minilm-labeled shard-scifact finetune-minilm-unpruned finetune-minilm-unpruned-2ep bench-finetune profile-finetune optimum-fixtures rewrite-minilm \
         analyze-minilm drop-study-minilm prune-minilm results-minilm \
         analyze-embeddinggemma drop-study-embeddinggemma results-embeddinggemma clean
 
@@ -324,6 +324,12 @@ recover-minilm-labeled: build models onnxruntime
 	      --gates configs/gates.yaml --out $(RUNS)/validate-$$name || echo "$$name: gates failed (see its validation.md)"; \
 	  done; \
 	done
+
+# Sharded corpus encoding of SciFact (issue 18): three local `effir encode`
+# processes, one killed and resumed, merged by `effir eval --embeddings`,
+# against a single `effir eval` (benchmarks/shard_scifact.sh).
+shard-scifact: build models
+	benchmarks/shard_scifact.sh $(EFFIR) $(MINILM) $(DATA) $(RUNS)/shard-scifact | tee results/minilm/shard-scifact.txt
 
 # Training examples/s of effir vs sentence-transformers' trainer (PyTorch CPU), same model, batch and length.
 bench-finetune: build models python-deps
