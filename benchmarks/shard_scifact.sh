@@ -18,10 +18,15 @@ for i in 0 1 2; do
   "$EFFIR" encode --quiet --model "$MODEL" --data "$DATA" --shard "$i/3" --out "$OUT/shard-$i" > "$OUT/shard-$i.log" 2>&1 &
   pids+=($!)
 done
-until [ -f "$OUT/shard-0.partial/block-000000.npy" ]; do sleep 0.2; done
-kill "${pids[0]}"; wait "${pids[0]}" || true
-echo "shard 0 killed with $(ls "$OUT/shard-0.partial" | grep -c block-) finished block(s) on disk"
-"$EFFIR" encode --quiet --model "$MODEL" --data "$DATA" --shard 0/3 --out "$OUT/shard-0" > "$OUT/shard-0-resumed.log" 2>&1
+while kill -0 "${pids[0]}" 2>/dev/null && [ ! -f "$OUT/shard-0.partial/block-000000.npy" ]; do sleep 0.05; done
+if kill "${pids[0]}" 2>/dev/null; then
+  wait "${pids[0]}" || true
+  echo "shard 0 killed with $(ls "$OUT/shard-0.partial" | grep -c block-) finished block(s) on disk; run again:"
+  "$EFFIR" encode --quiet --model "$MODEL" --data "$DATA" --shard 0/3 --out "$OUT/shard-0" > "$OUT/shard-0-resumed.log" 2>&1
+  cat "$OUT/shard-0-resumed.log"
+else
+  echo "shard 0 finished before it could be killed"
+fi
 wait "${pids[1]}" "${pids[2]}"
 t2=$(date +%s.%N)
 "$EFFIR" eval --quiet --no-cache --model "$MODEL" --data "$DATA" --out "$OUT/merged" \

@@ -76,7 +76,7 @@ pub fn run(args: EncodeArgs) -> anyhow::Result<()> {
     );
     bar.set_message(format!("{}/{}", args.shard.index, args.shard.count));
     let started = std::time::Instant::now();
-    let manifest = encode_shard(
+    let (manifest, resumed) = encode_shard(
         embedder.as_ref(),
         &dataset,
         &format,
@@ -90,7 +90,7 @@ pub fn run(args: EncodeArgs) -> anyhow::Result<()> {
     )?;
     bar.finish_and_clear();
     println!(
-        "{}: shard {}/{} of {} ({} of {} documents in {} blocks) in {:.1}s",
+        "{}: shard {}/{} of {} ({} of {} documents in {} blocks, {resumed} of them from an interrupted run) in {:.1}s",
         args.out.display(),
         manifest.shard,
         manifest.shards,

@@ -107,7 +107,8 @@ fn partial_dir(out: &Path) -> PathBuf {
 /// Encodes shard `spec` of `dataset`'s corpus into the directory `out`
 /// (which must not exist), resuming from `OUT.partial/` when an earlier
 /// run of the same shard was interrupted. `progress` gets (documents done,
-/// documents in the shard).
+/// documents in the shard). Returns the manifest and how many blocks came
+/// from the interrupted run.
 pub fn encode_shard(
     embedder: &dyn TextEmbedder,
     dataset: &Dataset,
@@ -116,7 +117,7 @@ pub fn encode_shard(
     batch_size: usize,
     out: &Path,
     progress: &mut dyn FnMut(usize, usize),
-) -> Result<ShardManifest> {
+) -> Result<(ShardManifest, usize)> {
     if out.exists() {
         return Err(Error::InvalidArgument(format!(
             "{}: already exists (a finished shard); choose a new output directory",
@@ -162,10 +163,13 @@ pub fn encode_shard(
     let block_file = |b: usize| partial.join(format!("block-{b:06}.npy"));
     let total = manifest.rows;
     let mut done = 0;
+    let mut resumed = 0;
     for &b in &manifest.blocks {
         let rows = block_rows(b);
         let file = block_file(b);
-        if !file.is_file() {
+        if file.is_file() {
+            resumed += 1;
+        } else {
             let texts: Vec<&str> = docs[rows.clone()].iter().map(String::as_str).collect();
             let base = done;
             let embeddings =
@@ -209,7 +213,7 @@ pub fn encode_shard(
     )?;
     staged.publish(out)?;
     std::fs::remove_dir_all(&partial).map_err(|e| Error::io(&partial, e))?;
-    Ok(manifest)
+    Ok((manifest, resumed))
 }
 
 /// Merges shard directories into corpus embeddings, rows in corpus order,
