@@ -13,6 +13,8 @@ use serde_json::{json, Map, Value};
 
 use crate::error::{Error, Result};
 use crate::io::atomic_file::{write_bytes_atomically, StagedDir};
+use crate::model::arch::checkpoint_map::{CheckpointMap, Projection, LLAMA};
+use crate::model::arch::Sublayer;
 
 /// A named model shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,43 +91,41 @@ impl SyntheticShape {
         self.hidden / self.heads
     }
 
-    /// Every tensor, in checkpoint order: name, shape, and whether it is a norm.
+    /// Every tensor, in checkpoint order: name, shape, and whether it is a
+    /// norm; names from the Llama [`CheckpointMap`] (Mistral's is the same).
     pub fn tensors(&self) -> Vec<(String, Vec<usize>, bool)> {
+        let map: &CheckpointMap = &LLAMA;
+        let prefix = map.nested_prefix;
         let (h, f, d) = (self.hidden, self.intermediate, self.head_dim());
+        let weight = |module: String| format!("{prefix}{module}.weight");
         let mut out = vec![(
-            "model.embed_tokens.weight".to_string(),
+            weight(map.embeddings.tokens.to_string()),
             vec![self.vocab, h],
             false,
         )];
+        let rows = |role: Projection| match role {
+            Projection::Query => (self.heads * d, h),
+            Projection::Key | Projection::Value => (self.kv_heads * d, h),
+            Projection::AttentionOutput => (h, self.heads * d),
+            Projection::Gate | Projection::Up => (f, h),
+            Projection::Down => (h, f),
+        };
         for l in 0..self.layers {
-            let p = format!("model.layers.{l}.");
-            out.push((format!("{p}input_layernorm.weight"), vec![h], true));
-            out.push((
-                format!("{p}self_attn.q_proj.weight"),
-                vec![self.heads * d, h],
-                false,
-            ));
-            out.push((
-                format!("{p}self_attn.k_proj.weight"),
-                vec![self.kv_heads * d, h],
-                false,
-            ));
-            out.push((
-                format!("{p}self_attn.v_proj.weight"),
-                vec![self.kv_heads * d, h],
-                false,
-            ));
-            out.push((
-                format!("{p}self_attn.o_proj.weight"),
-                vec![h, self.heads * d],
-                false,
-            ));
-            out.push((format!("{p}post_attention_layernorm.weight"), vec![h], true));
-            out.push((format!("{p}mlp.gate_proj.weight"), vec![f, h], false));
-            out.push((format!("{p}mlp.up_proj.weight"), vec![f, h], false));
-            out.push((format!("{p}mlp.down_proj.weight"), vec![h, f], false));
+            for sublayer in [Sublayer::Attention, Sublayer::Mlp] {
+                for (_, norm) in map.norms(sublayer).all() {
+                    out.push((weight(map.layer_module(l, norm)), vec![h], true));
+                }
+                for (role, module) in map.projections() {
+                    if role.sublayer() == sublayer {
+                        let (r, c) = rows(role);
+                        out.push((weight(map.layer_module(l, module)), vec![r, c], false));
+                    }
+                }
+            }
         }
-        out.push(("model.norm.weight".to_string(), vec![h], true));
+        if let Some(norm) = map.final_norm {
+            out.push((weight(norm.to_string()), vec![h], true));
+        }
         if !self.tied_embeddings {
             out.push(("lm_head.weight".to_string(), vec![self.vocab, h], false));
         }
