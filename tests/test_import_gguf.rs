@@ -36,18 +36,34 @@ fn import(file: &Path, out: &Path, extra: &[&str]) {
     );
 }
 
+/// Each tensor of fixture `name`.gguf, dequantized by effir and by the
+/// `gguf` package (`name`-reference.safetensors).
+fn dequantized_with_reference(
+    name: &str,
+) -> Vec<(
+    effir_pipeline::import::gguf_file::TensorInfo,
+    Vec<f32>,
+    Vec<f32>,
+)> {
+    let file = GgufFile::open(&gguf(&format!("{name}.gguf"))).unwrap();
+    let reference = load_tensors(&gguf(&format!("{name}-reference.safetensors")));
+    file.tensors
+        .iter()
+        .map(|info| {
+            let want = reference[&info.name]
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            (info.clone(), file.dequantize(info).unwrap(), want)
+        })
+        .collect()
+}
+
 #[test]
 fn every_supported_type_dequantizes_as_the_gguf_package_does() {
-    let file = GgufFile::open(&gguf("types.gguf")).unwrap();
-    let reference = load_tensors(&gguf("types-reference.safetensors"));
     let mut seen: Vec<TensorType> = Vec::new();
-    for info in &file.tensors {
-        let got = file.dequantize(info).unwrap();
-        let want: Vec<f32> = reference[&info.name]
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+    for (info, got, want) in dequantized_with_reference("types") {
         assert_eq!(got.len(), want.len(), "{}", info.name);
         // Both compute scale × quant in f32 from the same bytes: equal up to
         // the last bit of the f32 product order (numpy may fuse differently).
@@ -275,15 +291,7 @@ fn bad_files_are_refused_by_name_and_nothing_is_written() {
 /// bytes past a multiple of 4 here): read without assuming alignment.
 #[test]
 fn tensors_at_unaligned_addresses_read_correctly() {
-    let file = GgufFile::open(&gguf("align1.gguf")).unwrap();
-    let reference = load_tensors(&gguf("align1-reference.safetensors"));
-    for info in &file.tensors {
-        let got = file.dequantize(info).unwrap();
-        let want: Vec<f32> = reference[&info.name]
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+    for (info, got, want) in dequantized_with_reference("align1") {
         assert_eq!(got, want, "{}", info.name);
     }
 }
