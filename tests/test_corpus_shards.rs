@@ -62,21 +62,31 @@ fn run_ok(args: &[&str]) {
     );
 }
 
-fn encode(model: &Path, data: &Path, shard: &str, out: &Path) {
-    run_ok(&[
+/// `effir encode --quiet --model MODEL --data DATA --shard SHARD --out OUT --batch-size 16`.
+fn encode_args<'a>(model: &'a str, data: &'a str, shard: &'a str, out: &'a str) -> Vec<&'a str> {
+    vec![
         "encode",
         "--quiet",
         "--model",
-        model.to_str().unwrap(),
+        model,
         "--data",
-        data.to_str().unwrap(),
+        data,
         "--shard",
         shard,
         "--out",
-        out.to_str().unwrap(),
+        out,
         "--batch-size",
         "16",
-    ]);
+    ]
+}
+
+fn encode(model: &Path, data: &Path, shard: &str, out: &Path) {
+    run_ok(&encode_args(
+        model.to_str().unwrap(),
+        data.to_str().unwrap(),
+        shard,
+        out.to_str().unwrap(),
+    ));
 }
 
 fn eval_args<'a>(model: &'a str, data: &'a str, out: &'a str) -> Vec<&'a str> {
@@ -184,20 +194,12 @@ fn an_interrupted_shard_resumes_from_its_finished_blocks() {
     let other_partial = work.path().join("other.partial");
     std::fs::create_dir_all(&other_partial).unwrap();
     std::fs::write(other_partial.join("shard.json"), &manifest).unwrap();
-    let run = effir(&[
-        "encode",
-        "--quiet",
-        "--model",
+    let run = effir(&encode_args(
         model.to_str().unwrap(),
-        "--data",
         data.to_str().unwrap(),
-        "--shard",
         "1/2",
-        "--out",
         other.to_str().unwrap(),
-        "--batch-size",
-        "16",
-    ]);
+    ));
     assert!(!run.status.success());
     assert!(
         stderr(&run).contains("other.partial: an interrupted run of another shard"),
@@ -301,21 +303,10 @@ fn an_onnx_export_encodes_shards() {
     run_ok(&args);
     for i in 0..2 {
         let out = work.path().join(format!("shard-{i}"));
-        run_ok(&[
-            "encode",
-            "--quiet",
-            "--onnx",
-            "--model",
-            m,
-            "--data",
-            d,
-            "--shard",
-            &format!("{i}/2"),
-            "--out",
-            out.to_str().unwrap(),
-            "--batch-size",
-            "16",
-        ]);
+        let shard = format!("{i}/2");
+        let mut args = encode_args(m, d, &shard, out.to_str().unwrap());
+        args.push("--onnx");
+        run_ok(&args);
     }
     let merged = work.path().join("merged");
     let mut args = eval_args(m, d, merged.to_str().unwrap());

@@ -54,7 +54,20 @@ impl FromStr for ShardSpec {
     }
 }
 
+/// The corpus rows of block `block` of a corpus of `documents`.
+fn block_range(block: usize, documents: usize) -> std::ops::Range<usize> {
+    (block * BATCHING_BLOCK).min(documents)..((block + 1) * BATCHING_BLOCK).min(documents)
+}
+
 impl ShardSpec {
+    /// How many documents of a corpus of `documents` this shard encodes.
+    pub fn rows(&self, documents: usize) -> usize {
+        self.blocks(documents)
+            .into_iter()
+            .map(|b| block_range(b, documents).len())
+            .sum()
+    }
+
     /// The blocks of a corpus of `documents` this shard encodes.
     pub fn blocks(&self, documents: usize) -> Vec<usize> {
         (0..documents.div_ceil(BATCHING_BLOCK))
@@ -127,7 +140,6 @@ pub fn encode_shard(
     let identity = CorpusEncoding::of(embedder, dataset, format)?;
     let documents = dataset.corpus.len();
     let blocks = spec.blocks(documents);
-    let block_rows = |b: usize| (b * BATCHING_BLOCK)..((b + 1) * BATCHING_BLOCK).min(documents);
     let manifest = ShardManifest {
         shard: spec.index,
         shards: spec.count,
@@ -138,7 +150,7 @@ pub fn encode_shard(
         settings: identity.settings,
         documents,
         dimension: embedder.dimension(),
-        rows: blocks.iter().map(|&b| block_rows(b).len()).sum(),
+        rows: spec.rows(documents),
         blocks,
     };
 
@@ -165,7 +177,7 @@ pub fn encode_shard(
     let mut done = 0;
     let mut resumed = 0;
     for &b in &manifest.blocks {
-        let rows = block_rows(b);
+        let rows = block_range(b, documents);
         let file = block_file(b);
         if file.is_file() {
             resumed += 1;
@@ -185,7 +197,7 @@ pub fn encode_shard(
     let mut ids = String::new();
     let mut at = 0;
     for &b in &manifest.blocks {
-        let rows = block_rows(b);
+        let rows = block_range(b, documents);
         let block = read_npy(&block_file(b))?;
         if block.dim() != (rows.len(), manifest.dimension) {
             return Err(Error::InvalidArgument(format!(
@@ -299,14 +311,9 @@ pub fn merge_shards(
             index: manifest.shard,
             count: manifest.shards,
         };
-        let block_rows: usize = manifest
-            .blocks
-            .iter()
-            .map(|&b| (documents.min((b + 1) * BATCHING_BLOCK)).saturating_sub(b * BATCHING_BLOCK))
-            .sum();
         if manifest.blocks != spec.blocks(documents)
             || manifest.block_size != BATCHING_BLOCK
-            || manifest.rows != block_rows
+            || manifest.rows != spec.rows(documents)
         {
             return Err(Error::config(
                 dir.join(MANIFEST_FILE),
@@ -337,8 +344,7 @@ pub fn merge_shards(
         }
         let mut at = 0;
         for &b in &manifest.blocks {
-            let start = b * BATCHING_BLOCK;
-            let end = (start + BATCHING_BLOCK).min(documents);
+            let std::ops::Range { start, end } = block_range(b, documents);
             for (offset, doc) in dataset.corpus[start..end].iter().enumerate() {
                 if ids[at + offset] != doc.id {
                     return Err(Error::config(
@@ -380,6 +386,14 @@ mod tests {
             .collect();
         seen.sort_unstable();
         assert_eq!(seen, (0..6).collect::<Vec<_>>());
+        let rows: usize = (0..3)
+            .map(|i| ShardSpec { index: i, count: 3 }.rows(documents))
+            .sum();
+        assert_eq!(rows, documents);
+        assert_eq!(
+            ShardSpec { index: 2, count: 3 }.rows(documents),
+            BATCHING_BLOCK + 7
+        );
         assert_eq!(ShardSpec { index: 2, count: 8 }.blocks(documents), vec![2]);
         assert!(ShardSpec { index: 7, count: 8 }
             .blocks(documents)

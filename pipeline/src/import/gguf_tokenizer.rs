@@ -16,6 +16,7 @@ use serde_json::{json, Map, Value};
 use super::gguf_file::{GgufFile, MetadataValue};
 use super::gguf_model::SpecialTokenIds;
 use crate::error::{Error, Result};
+use crate::model::byte_level::byte_alphabet;
 
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -36,25 +37,6 @@ pub struct GgufTokenizer {
     pub pre: String,
     pub add_bos: bool,
     pub add_eos: bool,
-}
-
-/// GPT-2's map of bytes to printable characters, which byte-level BPE
-/// vocabularies are spelled in.
-fn byte_alphabet() -> [char; 256] {
-    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32).collect();
-    printable.extend(0xA1..=0xAC);
-    printable.extend(0xAE..=0xFF);
-    let mut map = ['\0'; 256];
-    let mut extra = 0;
-    for b in 0..256u32 {
-        map[b as usize] = if printable.contains(&b) {
-            char::from_u32(b).expect("latin-1")
-        } else {
-            extra += 1;
-            char::from_u32(255 + extra).expect("valid code point")
-        };
-    }
-    map
 }
 
 fn strings<'a>(gguf: &'a GgufFile, key: &str) -> Result<Vec<&'a str>> {

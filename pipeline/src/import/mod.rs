@@ -20,6 +20,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::eval::embedding_cache::fingerprint_file;
 use crate::io::atomic_file::{save_safetensors, write_bytes_atomically, StagedDir};
 use crate::io::json_file::to_json_document;
 use crate::io::weights::WEIGHTS_FILE;
@@ -132,7 +133,7 @@ pub fn import_gguf(gguf_path: &Path, out: &Path, options: &ImportOptions) -> Res
         source: gguf_path
             .file_name()
             .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
-        source_blake3: file_blake3(gguf_path)?,
+        source_blake3: fingerprint_file(gguf_path)?.0,
         gguf_version: gguf.version,
         architecture: model.architecture.name().to_string(),
         tensors: gguf.tensors.len(),
@@ -155,11 +156,4 @@ pub fn import_gguf(gguf_path: &Path, out: &Path, options: &ImportOptions) -> Res
     }
     staged.publish(out)?;
     Ok(record)
-}
-
-fn file_blake3(path: &Path) -> Result<String> {
-    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut hasher = blake3::Hasher::new();
-    std::io::copy(&mut file, &mut hasher).map_err(|e| Error::io(path, e))?;
-    Ok(hasher.finalize().to_hex().to_string())
 }

@@ -3,6 +3,7 @@
 //! per-layer widths of a pruned model ([`shape`]).
 
 pub mod arch;
+pub mod byte_level;
 pub mod embedder;
 pub mod encoder_setup;
 pub mod head;

@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::io::atomic_file::{write_bytes_atomically, StagedDir};
 use crate::model::arch::checkpoint_map::{CheckpointMap, Projection, LLAMA};
 use crate::model::arch::Sublayer;
+use crate::model::byte_level::byte_alphabet;
 
 /// A named model shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,21 +179,11 @@ impl SyntheticShape {
 /// A byte-level BPE tokenizer with no merges: `<unk>`, `<s>`, `</s>`, then
 /// the 256 bytes, so any text tokenizes (one token a byte).
 fn byte_tokenizer() -> Value {
-    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32).collect();
-    printable.extend(0xA1..=0xAC);
-    printable.extend(0xAE..=0xFF);
     let mut vocab = Map::new();
     for (id, token) in ["<unk>", "<s>", "</s>"].iter().enumerate() {
         vocab.insert((*token).into(), json!(id));
     }
-    let mut extra = 0;
-    for b in 0..256u32 {
-        let c = if printable.contains(&b) {
-            char::from_u32(b).expect("latin-1")
-        } else {
-            extra += 1;
-            char::from_u32(255 + extra).expect("code point")
-        };
+    for (b, c) in byte_alphabet().iter().enumerate() {
         vocab.insert(c.to_string(), json!(3 + b));
     }
     let added: Vec<Value> = ["<unk>", "<s>", "</s>"]
