@@ -5,8 +5,9 @@
 //!
 //! Shapes: mistral-7b (hidden 4096, 32 layers, MLP 14336, 32/8 heads,
 //! vocab 32000), llama-3b (3072, 28, 8192, 24/8, 128256), llama-200m,
-//! tiny. Writes config.json, bf16 safetensors shards of at most 2 GB with
-//! model.safetensors.index.json, and a byte-level tokenizer, tensor by
+//! tiny. Writes config.json, bf16 safetensors in shards of at most 2 GB
+//! (with model.safetensors.index.json when there are several), and a
+//! byte-level tokenizer, tensor by
 //! tensor (nothing the size of the model is held in memory).
 
 use effir_pipeline::model::synthetic::{write_synthetic_model, SyntheticShape, SHAPES};

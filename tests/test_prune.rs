@@ -11,7 +11,7 @@ use common::{copy_model, edit_weights, fixture};
 use effir_pipeline::compress::analysis::measure_importance;
 use effir_pipeline::compress::prune::{
     plan_pruning, stage_pruned_model, CoarseMode, CoarsePlan, FinePlan, NeuronScore, PruneInputs,
-    PrunePlan, PruneRecord, PruneResult,
+    PrunePlan, PruneRecord, PruneResult, SourceWeights,
 };
 use effir_pipeline::compress::reconstruct::ReconstructPlan;
 use effir_pipeline::io::weights::load_all_tensors;
@@ -68,7 +68,7 @@ fn prune(name: &str, plan: &PrunePlan) -> (tempfile::TempDir, PathBuf, PruneResu
     stage_pruned_model(
         &source,
         &out,
-        tensors,
+        SourceWeights::Loaded(tensors),
         &embedder.setup().config,
         plan,
         &result,

@@ -8,8 +8,9 @@ use candle_core::{DType, Tensor, D};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::model::arch::{ForwardHooks, Sublayer};
+use crate::model::arch::{ForwardHooks, ModelInput, Sublayer};
 use crate::model::embedder::Embedder;
+use crate::model::layer_stream::LayerStream;
 
 /// Importance of one layer's parts; `None` for a sub-layer that is absent or
 /// skipped.
@@ -109,7 +110,59 @@ fn slot(sublayer: Sublayer) -> usize {
     }
 }
 
+impl CosineDistanceMeter {
+    fn new(layers: usize) -> Self {
+        Self {
+            mask: None,
+            sums: vec![[0.0; 3]; layers],
+            seen: vec![[false; 3]; layers],
+        }
+    }
+
+    /// The mean distances over `tokens` real tokens of `texts` texts.
+    fn report(&self, texts: usize, tokens: usize) -> Result<ImportanceReport> {
+        if tokens == 0 {
+            return Err(Error::InvalidArgument(
+                "the calibration text has no tokens".into(),
+            ));
+        }
+        let mean = |layer: usize, s: Sublayer| {
+            self.seen[layer][slot(s)].then(|| self.sums[layer][slot(s)] / tokens as f64)
+        };
+        Ok(ImportanceReport {
+            layers: (0..self.sums.len())
+                .map(|l| LayerImportance {
+                    layer: l,
+                    attention: mean(l, Sublayer::Attention),
+                    mlp: mean(l, Sublayer::Mlp),
+                    block: mean(l, Sublayer::Block).unwrap_or(0.0),
+                })
+                .collect(),
+            texts,
+            tokens,
+        })
+    }
+}
+
+/// Real tokens and non-empty texts of a batch.
+fn count_tokens(input: &ModelInput) -> Result<(usize, usize)> {
+    let lengths: Vec<f32> = input
+        .attention_mask
+        .to_dtype(DType::F32)?
+        .sum(1)?
+        .to_vec1()?;
+    Ok((
+        lengths.iter().sum::<f32>() as usize,
+        lengths.iter().filter(|l| **l > 0.0).count(),
+    ))
+}
+
 impl ForwardHooks for CosineDistanceMeter {
+    fn begin_batch(&mut self, input: &ModelInput) -> candle_core::Result<()> {
+        self.mask = Some(input.attention_mask.to_dtype(DType::F32)?);
+        Ok(())
+    }
+
     fn observe(
         &mut self,
         layer: usize,
@@ -143,44 +196,40 @@ pub fn measure_importance<S: AsRef<str>>(
     progress: &mut dyn FnMut(usize),
 ) -> Result<ImportanceReport> {
     let _span = tracing::info_span!("analyze", texts = texts.len()).entered();
-    let layers = embedder.shape().layers.len();
-    let mut meter = CosineDistanceMeter {
-        mask: None,
-        sums: vec![[0.0; 3]; layers],
-        seen: vec![[false; 3]; layers],
-    };
+    let mut meter = CosineDistanceMeter::new(embedder.shape().layers.len());
     let (mut done, mut tokens, mut used_texts) = (0, 0, 0);
     embedder.for_each_batch(texts, "", batch_size, &mut |input, indices| {
-        let mask = input.attention_mask.to_dtype(DType::F32)?;
-        let lengths: Vec<f32> = mask.sum(1)?.to_vec1()?;
-        tokens += lengths.iter().sum::<f32>() as usize;
-        used_texts += lengths.iter().filter(|l| **l > 0.0).count();
-        meter.mask = Some(mask);
+        let (batch_tokens, batch_texts) = count_tokens(input)?;
+        tokens += batch_tokens;
+        used_texts += batch_texts;
+        meter.begin_batch(input)?;
         embedder.hidden_states_hooked(input, &mut meter)?;
         done += indices.len();
         progress(done);
         Ok(())
     })?;
-    if tokens == 0 {
-        return Err(Error::InvalidArgument(
-            "the calibration text has no tokens".into(),
-        ));
+    meter.report(used_texts, tokens)
+}
+
+/// [`measure_importance`] one layer at a time (models larger than
+/// memory): the same report, bit for bit. `progress` gets layers done.
+pub fn measure_importance_streamed<S: AsRef<str>>(
+    stream: &LayerStream,
+    texts: &[S],
+    batch_size: usize,
+    progress: &mut dyn FnMut(usize),
+) -> Result<ImportanceReport> {
+    let _span = tracing::info_span!("analyze (streamed)", texts = texts.len()).entered();
+    let batches = stream.batches(texts, "", batch_size)?;
+    let (mut tokens, mut used_texts) = (0, 0);
+    for batch in &batches {
+        let (batch_tokens, batch_texts) = count_tokens(&batch.input)?;
+        tokens += batch_tokens;
+        used_texts += batch_texts;
     }
-    let mean = |layer: usize, s: Sublayer| {
-        meter.seen[layer][slot(s)].then(|| meter.sums[layer][slot(s)] / tokens as f64)
-    };
-    Ok(ImportanceReport {
-        layers: (0..layers)
-            .map(|l| LayerImportance {
-                layer: l,
-                attention: mean(l, Sublayer::Attention),
-                mlp: mean(l, Sublayer::Mlp),
-                block: mean(l, Sublayer::Block).unwrap_or(0.0),
-            })
-            .collect(),
-        texts: used_texts,
-        tokens,
-    })
+    let mut meter = CosineDistanceMeter::new(stream.shape().layers.len());
+    stream.hidden_states(&batches, &mut meter, progress)?;
+    meter.report(used_texts, tokens)
 }
 
 impl ImportanceReport {

@@ -9,4 +9,6 @@ pub mod decilm;
 pub mod drop_study;
 pub mod least_squares;
 pub mod prune;
+pub mod pruned_weights;
 pub mod reconstruct;
+pub mod streamed_prune;

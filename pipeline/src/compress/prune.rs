@@ -18,16 +18,18 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::compress::analysis::{measure_importance, ImportanceReport};
+pub use crate::compress::pruned_weights::SourceWeights;
+use crate::compress::pruned_weights::{slice_weights, write_sliced_weights};
 use crate::compress::reconstruct::{reconstruct_mlps, LayerFit, ReconstructPlan, Reconstruction};
 use crate::error::{Error, Result};
 use crate::io::atomic_file::StagedDir;
 use crate::io::model_files::{copy_model_files, is_backbone_weights};
 use crate::io::weights::WEIGHTS_FILE;
-use crate::model::arch::{CheckpointMap, ForwardHooks, ModelConfig, SkippedSublayers};
+use crate::model::arch::{CheckpointMap, ForwardHooks, ModelConfig, ModelInput, SkippedSublayers};
 use crate::model::embedder::Embedder;
 use crate::model::shape::{MlpShape, ModelShape, SHAPE_FILE};
 
@@ -396,13 +398,27 @@ impl Drop for Skipping<'_> {
 }
 
 /// Sums `a_j²` over real tokens for every MLP neuron.
-struct ActivationMeter {
+pub(crate) struct ActivationMeter {
     /// `(B, T, 1)`.
     mask: Option<Tensor>,
-    sum_sq: Vec<Option<Vec<f64>>>,
+    pub(crate) sum_sq: Vec<Option<Vec<f64>>>,
+}
+
+impl ActivationMeter {
+    pub(crate) fn new(layers: usize) -> Self {
+        Self {
+            mask: None,
+            sum_sq: vec![None; layers],
+        }
+    }
 }
 
 impl ForwardHooks for ActivationMeter {
+    fn begin_batch(&mut self, input: &ModelInput) -> candle_core::Result<()> {
+        self.mask = Some(input.attention_mask.to_dtype(DType::F32)?.unsqueeze(2)?);
+        Ok(())
+    }
+
     fn mlp_activation(&mut self, layer: usize, activation: Tensor) -> candle_core::Result<Tensor> {
         let mask = self.mask.as_ref().expect("mask set before each batch");
         let s: Vec<f32> = activation
@@ -423,12 +439,9 @@ fn activation_sum_sq(
     texts: &[String],
     batch_size: usize,
 ) -> Result<Vec<Option<Vec<f64>>>> {
-    let mut meter = ActivationMeter {
-        mask: None,
-        sum_sq: vec![None; embedder.shape().layers.len()],
-    };
+    let mut meter = ActivationMeter::new(embedder.shape().layers.len());
     embedder.for_each_batch(texts, "", batch_size.max(1), &mut |input, _| {
-        meter.mask = Some(input.attention_mask.to_dtype(DType::F32)?.unsqueeze(2)?);
+        meter.begin_batch(input)?;
         embedder.hidden_states_hooked(input, &mut meter)?;
         Ok(())
     })?;
@@ -567,28 +580,25 @@ pub fn plan_pruning(
     let importance =
         measure_importance(embedder, inputs.calibration, inputs.batch_size, &mut |_| {})?;
     let dropped = choose_dropped_mlps(embedder, plan, &importance, inputs, progress)?;
-    let mut mlps: Vec<MlpDecision> = source_shape
-        .layers
-        .iter()
-        .map(|l| match l.mlp {
-            None => MlpDecision::Absent,
-            Some(m) => MlpDecision::Kept {
-                neurons: (0..m.intermediate_size as u32).collect(),
-            },
-        })
-        .collect();
-    for (order, &layer) in dropped.iter().enumerate() {
-        mlps[layer] = MlpDecision::Dropped { order };
-    }
+    let mut mlps = initial_decisions(&source_shape, &dropped);
     if let Some(fine) = &plan.fine {
         let skipping = Skipping::mlps(embedder, &dropped)?;
         let measured = measure_neurons(&skipping, fine, inputs, progress)?;
         drop(skipping);
         let setup = embedder.setup();
+        let dir = &setup.dir;
         let scores = neuron_scores(
-            &setup.dir,
             setup.config.checkpoint(),
-            tensors,
+            setup.config.checkpoint().prefix(tensors.keys()),
+            &|name| {
+                tensors
+                    .get(name)
+                    .cloned()
+                    .ok_or_else(|| Error::MissingTensor {
+                        path: dir.to_path_buf(),
+                        tensor: name.to_string(),
+                    })
+            },
             &mlps,
             fine,
             &measured,
@@ -627,40 +637,76 @@ fn choose_dropped_mlps(
     inputs: PruneInputs,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Vec<usize>> {
+    if let Some(dropped) = drops_without_remeasuring(plan, embedder.shape(), importance) {
+        return Ok(dropped);
+    }
+    // Iterative: re-measure after each drop.
     let n_drop = plan.drop_count(embedder.shape());
-    Ok(match (&plan.coarse.layers, plan.coarse.mode) {
-        (Some(list), _) => list.clone(),
-        (None, CoarseMode::OneShot) => importance
-            .mlps_by_importance()
-            .iter()
-            .take(n_drop)
-            .map(|(l, _)| *l)
-            .collect(),
-        (None, CoarseMode::Iterative) => {
-            let mut dropped: Vec<usize> = Vec::new();
-            for step in 0..n_drop {
-                progress(&format!(
-                    "iterative drop {}/{n_drop}: re-measuring",
-                    step + 1
-                ));
-                let skipping = Skipping::new(
-                    embedder,
-                    SkippedSublayers {
-                        mlp: dropped.iter().copied().collect(),
-                        ..Default::default()
-                    },
-                )?;
-                let report = measure_importance(
-                    &skipping,
-                    inputs.calibration,
-                    inputs.batch_size,
-                    &mut |_| {},
-                )?;
-                dropped.push(report.mlps_by_importance()[0].0);
-            }
-            dropped
-        }
-    })
+    let mut dropped: Vec<usize> = Vec::new();
+    for step in 0..n_drop {
+        progress(&format!(
+            "iterative drop {}/{n_drop}: re-measuring",
+            step + 1
+        ));
+        let skipping = Skipping::new(
+            embedder,
+            SkippedSublayers {
+                mlp: dropped.iter().copied().collect(),
+                ..Default::default()
+            },
+        )?;
+        let report = measure_importance(
+            &skipping,
+            inputs.calibration,
+            inputs.batch_size,
+            &mut |_| {},
+        )?;
+        dropped.push(report.mlps_by_importance()[0].0);
+    }
+    Ok(dropped)
+}
+
+/// The MLPs to drop when the plan needs no re-measuring: its explicit
+/// list, or the least important in one shot (also when nothing is
+/// dropped); `None` for an iterative plan.
+pub(crate) fn drops_without_remeasuring(
+    plan: &PrunePlan,
+    shape: &ModelShape,
+    importance: &ImportanceReport,
+) -> Option<Vec<usize>> {
+    let n_drop = plan.drop_count(shape);
+    match (&plan.coarse.layers, plan.coarse.mode) {
+        (Some(list), _) => Some(list.clone()),
+        (None, CoarseMode::OneShot) => Some(
+            importance
+                .mlps_by_importance()
+                .iter()
+                .take(n_drop)
+                .map(|(l, _)| *l)
+                .collect(),
+        ),
+        (None, CoarseMode::Iterative) if n_drop == 0 => Some(Vec::new()),
+        (None, CoarseMode::Iterative) => None,
+    }
+}
+
+/// The decisions before narrowing: every MLP kept whole, `dropped` dropped
+/// in that order.
+pub(crate) fn initial_decisions(shape: &ModelShape, dropped: &[usize]) -> Vec<MlpDecision> {
+    let mut mlps: Vec<MlpDecision> = shape
+        .layers
+        .iter()
+        .map(|l| match l.mlp {
+            None => MlpDecision::Absent,
+            Some(m) => MlpDecision::Kept {
+                neurons: (0..m.intermediate_size as u32).collect(),
+            },
+        })
+        .collect();
+    for (order, &layer) in dropped.iter().enumerate() {
+        mlps[layer] = MlpDecision::Dropped { order };
+    }
+    mlps
 }
 
 /// Per-neuron statistics of every remaining MLP: `Σ a_j²` over calibration
@@ -683,28 +729,23 @@ fn measure_neurons(
     }
 }
 
-/// Each kept MLP's neuron scores, normalised by the layer's mean.
-fn neuron_scores(
-    dir: &Path,
+/// Each kept MLP's neuron scores, normalised by the layer's mean;
+/// `tensor` gives a checkpoint tensor by name (the output projections).
+pub(crate) fn neuron_scores(
     map: &CheckpointMap,
-    tensors: &HashMap<String, Tensor>,
+    prefix: &str,
+    tensor: &dyn Fn(&str) -> Result<Tensor>,
     mlps: &[MlpDecision],
     fine: &FinePlan,
     measured: &[Option<Vec<f64>>],
 ) -> Result<BTreeMap<usize, Vec<f64>>> {
-    let prefix = map.prefix(tensors.keys());
     let mut scores = BTreeMap::new();
     for (l, decision) in mlps.iter().enumerate() {
         if decision.neurons().is_none() {
             continue;
         }
         let down_name = map.mlp_tensors(prefix, l).down;
-        let down = tensors
-            .get(&down_name)
-            .ok_or_else(|| Error::MissingTensor {
-                path: dir.to_path_buf(),
-                tensor: down_name.clone(),
-            })?;
+        let down = tensor(&down_name)?;
         let stats = measured[l].as_ref().ok_or_else(|| {
             Error::InvalidArgument(format!("no statistics were recorded for layer {l}'s MLP"))
         })?;
@@ -736,7 +777,7 @@ fn neuron_scores(
 
 /// Fine step: each kept MLP keeps its best-scoring neurons, as many as a
 /// global ranking above per-layer floors gives it.
-fn narrow(
+pub(crate) fn narrow(
     mlps: &mut [MlpDecision],
     scores: &BTreeMap<usize, Vec<f64>>,
     fine: &FinePlan,
@@ -898,7 +939,7 @@ impl PruneRecord {
 pub fn stage_pruned_model(
     source: &Path,
     out: &Path,
-    tensors: HashMap<String, Tensor>,
+    weights: SourceWeights,
     config: &ModelConfig,
     plan: &PrunePlan,
     result: &PruneResult,
@@ -907,12 +948,25 @@ pub fn stage_pruned_model(
     copy_model_files(source, staging.path(), &|name| {
         is_backbone_weights(name) || [SHAPE_FILE, PLAN_FILE, "prune_report.md"].contains(&name)
     })?;
-    let mut tensors = slice_weights(source, tensors, config.checkpoint(), &result.mlps)?;
-    if let Some(reconstruction) = &result.reconstruction {
-        apply_projections(source, &mut tensors, config.checkpoint(), reconstruction)?;
+    let kept: Vec<Option<&[u32]>> = result.mlps.iter().map(MlpDecision::neurons).collect();
+    match weights {
+        SourceWeights::Loaded(tensors) => {
+            let mut tensors = slice_weights(tensors, config.checkpoint(), &kept)?;
+            if let Some(reconstruction) = &result.reconstruction {
+                apply_projections(source, &mut tensors, config.checkpoint(), reconstruction)?;
+            }
+            let weights = staging.path().join(WEIGHTS_FILE);
+            crate::io::atomic_file::save_safetensors(&tensors, &weights)?;
+        }
+        SourceWeights::Streamed(store) => {
+            if result.reconstruction.is_some() {
+                return Err(Error::InvalidPlan(
+                    "reconstruction is not available when streaming (drop --stream)".into(),
+                ));
+            }
+            write_sliced_weights(store, config.checkpoint(), &kept, staging.path())?;
+        }
     }
-    let weights = staging.path().join(WEIGHTS_FILE);
-    crate::io::atomic_file::save_safetensors(&tensors, &weights)?;
     let shape = result.shape();
     shape.save(staging.path())?;
     let drop_mlp_list: Vec<usize> = shape
@@ -953,50 +1007,6 @@ pub fn stage_pruned_model(
     let record_path = staging.path().join(PLAN_FILE);
     std::fs::write(&record_path, record.to_json()).map_err(|e| Error::io(&record_path, e))?;
     Ok(staging)
-}
-
-/// The source's tensors with dropped MLPs removed and narrowed MLPs sliced
-/// to their kept neurons.
-fn slice_weights(
-    source: &Path,
-    mut tensors: HashMap<String, Tensor>,
-    map: &CheckpointMap,
-    mlps: &[MlpDecision],
-) -> Result<HashMap<String, Tensor>> {
-    let prefix = map.prefix(tensors.keys());
-    for (l, decision) in mlps.iter().enumerate() {
-        let names = map.mlp_tensors(prefix, l);
-        let Some(keep) = decision.neurons() else {
-            for name in names.rows.iter().chain([&names.down]).chain(&names.others) {
-                tensors.remove(name);
-            }
-            continue;
-        };
-        let full = tensors
-            .get(&names.down)
-            .map(|t| t.dim(1))
-            .transpose()?
-            .unwrap_or(keep.len());
-        if keep.len() == full {
-            continue;
-        }
-        let index = Tensor::new(keep, &Device::Cpu)?;
-        for name in &names.rows {
-            if let Some(t) = tensors.get(name) {
-                let sliced = t.index_select(&index, 0)?;
-                tensors.insert(name.clone(), sliced);
-            }
-        }
-        let down = tensors
-            .get(&names.down)
-            .ok_or_else(|| Error::MissingTensor {
-                path: source.to_path_buf(),
-                tensor: names.down.clone(),
-            })?
-            .index_select(&index, 1)?;
-        tensors.insert(names.down.clone(), down);
-    }
-    Ok(tensors)
 }
 
 /// Replaces each reconstructed layer's (sliced) output projection and bias

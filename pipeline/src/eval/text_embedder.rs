@@ -10,6 +10,7 @@ use crate::error::Result;
 use crate::eval::embedding_cache::{fingerprint_dir, Fingerprint};
 use crate::model::embedder::Embedder;
 use crate::model::encoder_setup::EncoderSetup;
+use crate::model::layer_stream::LayerStream;
 
 pub trait TextEmbedder {
     /// The model directory or graph file, as reports name it.
@@ -64,6 +65,40 @@ impl TextEmbedder for Embedder {
         } else {
             format!("skipped={:?}", self.skipped())
         }
+    }
+
+    fn embed_texts(
+        &self,
+        texts: &[&str],
+        prefix: &str,
+        batch_size: usize,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Array2<f32>> {
+        self.embed(texts, prefix, batch_size, progress)
+    }
+}
+
+/// The layer-at-a-time pass: the same embeddings as [`Embedder`], bit for
+/// bit, for models larger than memory.
+impl TextEmbedder for LayerStream {
+    fn source(&self) -> &Path {
+        &self.setup().dir
+    }
+
+    fn setup(&self) -> &EncoderSetup {
+        LayerStream::setup(self)
+    }
+
+    fn dimension(&self) -> usize {
+        self.dimension()
+    }
+
+    fn fingerprint(&self) -> Result<Fingerprint> {
+        fingerprint_dir(&self.setup().dir)
+    }
+
+    fn variant(&self) -> String {
+        String::new()
     }
 
     fn embed_texts(

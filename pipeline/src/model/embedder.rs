@@ -9,7 +9,8 @@ use ndarray::Array2;
 use crate::error::{Error, Result};
 use crate::io::weights;
 use crate::model::arch::{
-    Architecture, Backbone, ForwardHooks, LayerParameters, ModelInput, SkippedSublayers, Sublayer,
+    Architecture, Backbone, ForwardHooks, LayerParameters, ModelInput, SkippedSublayers,
+    WithSkipped,
 };
 use crate::model::encoder_setup::{EncoderSetup, LoadOptions, Prompt};
 use crate::model::head::EmbeddingHead;
@@ -203,37 +204,9 @@ impl Embedder {
         input: &ModelInput,
         hooks: &mut dyn ForwardHooks,
     ) -> Result<Tensor> {
-        struct Both<'a> {
-            skipped: &'a SkippedSublayers,
-            hooks: &'a mut dyn ForwardHooks,
-        }
-        impl ForwardHooks for Both<'_> {
-            fn skip(&self, layer: usize, sublayer: Sublayer) -> bool {
-                self.skipped.skip(layer, sublayer) || self.hooks.skip(layer, sublayer)
-            }
-            fn observe(
-                &mut self,
-                layer: usize,
-                sublayer: Sublayer,
-                input: &Tensor,
-                output: &Tensor,
-            ) -> candle_core::Result<()> {
-                self.hooks.observe(layer, sublayer, input, output)
-            }
-            fn mlp_activation(
-                &mut self,
-                layer: usize,
-                activation: Tensor,
-            ) -> candle_core::Result<Tensor> {
-                self.hooks.mlp_activation(layer, activation)
-            }
-            fn mlp_output(&mut self, layer: usize, output: Tensor) -> candle_core::Result<Tensor> {
-                self.hooks.mlp_output(layer, output)
-            }
-        }
         self.backbone.forward_hooked(
             input,
-            &mut Both {
+            &mut WithSkipped {
                 skipped: &self.skipped,
                 hooks,
             },

@@ -8,6 +8,7 @@ pub mod embedder;
 pub mod encoder_setup;
 pub mod head;
 pub mod kernels;
+pub mod layer_stream;
 pub mod pooling;
 pub mod sentence_transformers;
 pub mod shape;

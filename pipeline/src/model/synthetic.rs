@@ -1,18 +1,20 @@
 //! Random-weight models of a named shape, for checking memory and time at
 //! the paper's scale without the paper's weights: a Llama-layout
-//! `config.json`, bf16 safetensors shards with their index, written tensor
-//! by tensor (nothing the size of the model is ever in memory), and a
+//! `config.json`, bf16 safetensors (shards with their index when the model
+//! is larger than one shard), written tensor by tensor ([`ShardedWriter`]) (nothing the size of the model is ever in memory), and a
 //! byte-level tokenizer. The weights are uniform with the standard
 //! deviation of a freshly initialised transformer (0.02), norms are one;
 //! the same shape and seed give the same bytes.
 
-use std::io::{BufWriter, Write};
 use std::path::Path;
+
+use candle_core::DType;
 
 use serde_json::{json, Map, Value};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::io::atomic_file::{write_bytes_atomically, StagedDir};
+use crate::io::safetensors_shards::{PlannedTensor, ShardedWriter};
 use crate::model::arch::checkpoint_map::{CheckpointMap, Projection, LLAMA};
 use crate::model::arch::Sublayer;
 use crate::model::byte_level::byte_alphabet;
@@ -227,54 +229,24 @@ pub fn write_synthetic_model(
     let staged = StagedDir::beside(out)?;
     let dir = staged.path();
     let tensors = shape.tensors();
-    // Group tensors into shards in order.
-    let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
-    let mut size = 0u64;
-    for (i, (_, dims, _)) in tensors.iter().enumerate() {
-        let bytes = 2 * dims.iter().product::<usize>() as u64;
-        if size > 0 && size + bytes > shard_bytes {
-            shards.push(Vec::new());
-            size = 0;
-        }
-        shards.last_mut().expect("one shard").push(i);
-        size += bytes;
-    }
-    let count = shards.len();
-    let mut weight_map = Map::new();
-    let mut total = 0u64;
+    let planned = tensors
+        .iter()
+        .map(|(name, dims, _)| PlannedTensor {
+            name: name.clone(),
+            dtype: DType::BF16,
+            shape: dims.clone(),
+        })
+        .collect();
+    let mut writer = ShardedWriter::new(dir, planned, shard_bytes)?;
     let std = 0.02f32;
     let half_width = std * 3f32.sqrt();
-    for (k, members) in shards.iter().enumerate() {
-        let name = format!("model-{:05}-of-{count:05}.safetensors", k + 1);
-        let path = dir.join(&name);
-        let mut header = Map::new();
-        let mut offset = 0u64;
-        for &i in members {
-            let (tensor, dims, _) = &tensors[i];
-            let bytes = 2 * dims.iter().product::<usize>() as u64;
-            header.insert(
-                tensor.clone(),
-                json!({"dtype": "BF16", "shape": dims, "data_offsets": [offset, offset + bytes]}),
-            );
-            offset += bytes;
-            weight_map.insert(tensor.clone(), json!(name));
-        }
-        header.insert("__metadata__".into(), json!({"format": "pt"}));
-        let mut header = Value::Object(header).to_string().into_bytes();
-        while !header.len().is_multiple_of(8) {
-            header.push(b' ');
-        }
-        let file = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
-        let mut w = BufWriter::with_capacity(1 << 20, file);
-        let io = |e| Error::io(&path, e);
-        w.write_all(&(header.len() as u64).to_le_bytes())
-            .map_err(io)?;
-        w.write_all(&header).map_err(io)?;
-        for &i in members {
-            let (_, dims, is_norm) = &tensors[i];
-            let n = dims.iter().product::<usize>();
-            let mut rng = SplitMix64(seed ^ (i as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407));
-            let mut chunk = Vec::with_capacity(2 * n.min(1 << 20));
+    let mut total = 0u64;
+    for (i, (name, dims, is_norm)) in tensors.iter().enumerate() {
+        let n = dims.iter().product::<usize>();
+        total += 2 * n as u64;
+        let mut rng = SplitMix64(seed ^ (i as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407));
+        let mut chunk = Vec::with_capacity(2 * n.min(1 << 20));
+        writer.write_with(name, DType::BF16, dims, &mut |w| {
             let mut left = n;
             while left > 0 {
                 let m = left.min(1 << 20);
@@ -291,18 +263,13 @@ pub fn write_synthetic_model(
                     let rounded = bits.wrapping_add(0x7FFF + ((bits >> 16) & 1)) >> 16;
                     chunk.extend_from_slice(&(rounded as u16).to_le_bytes());
                 }
-                w.write_all(&chunk).map_err(io)?;
+                w.write_all(&chunk)?;
                 left -= m;
             }
-        }
-        w.flush().map_err(io)?;
-        total += offset;
+            Ok(())
+        })?;
     }
-    let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-    write_bytes_atomically(
-        &dir.join("model.safetensors.index.json"),
-        index.to_string().as_bytes(),
-    )?;
+    writer.finish()?;
     write_bytes_atomically(
         &dir.join("config.json"),
         shape.config().to_string().as_bytes(),

@@ -216,7 +216,8 @@ impl<F> Residual<F> {
     }
 }
 
-struct DecoderLayer {
+/// One layer's weights and which shared mask and rotary table it uses.
+pub struct DecoderLayer {
     attention: Residual<Attention>,
     mlp: Option<Residual<GatedMlp>>,
     /// Index into the per-forward masks.
@@ -225,89 +226,259 @@ struct DecoderLayer {
     rotary: usize,
 }
 
-/// A decoder stack whose layers may lack their MLP or have their own width.
-pub struct Model {
-    token_embeddings: Tensor,
-    embed_scale: Option<f64>,
-    layers: Vec<DecoderLayer>,
-    norm: RmsNorm,
+impl DecoderLayer {
+    /// Runs layer `i` on the residual stream `x`.
+    pub(crate) fn forward(
+        &self,
+        i: usize,
+        x: Tensor,
+        context: &ForwardContext,
+        hooks: &mut dyn ForwardHooks,
+    ) -> Result<Tensor> {
+        let (cos, sin) = &context.cos_sin[self.rotary];
+        let layer_in = x.clone();
+        let mut x = x;
+        if !hooks.skip(i, Sublayer::Attention) {
+            let attn = &self.attention;
+            let y = attn.inner.forward(
+                &attn.pre_norm.forward(&x)?,
+                &context.masks[self.mask],
+                cos,
+                sin,
+            )?;
+            let out = attn.finish(&x, y)?;
+            hooks.observe(i, Sublayer::Attention, &x, &out)?;
+            x = out;
+        }
+        if let Some(mlp) = self.mlp.as_ref().filter(|_| !hooks.skip(i, Sublayer::Mlp)) {
+            let y = mlp.inner.forward(&mlp.pre_norm.forward(&x)?, i, hooks)?;
+            let out = mlp.finish(&x, y)?;
+            hooks.observe(i, Sublayer::Mlp, &x, &out)?;
+            x = out;
+        }
+        hooks.observe(i, Sublayer::Block, &layer_in, &x)?;
+        Ok(x)
+    }
+
+    fn parameters(&self) -> LayerParameters {
+        LayerParameters {
+            attention: self.attention.inner.parameter_count() + self.attention.norm_parameters(),
+            mlp: self
+                .mlp
+                .as_ref()
+                .map_or(0, |m| m.inner.parameter_count() + m.norm_parameters()),
+        }
+    }
+}
+
+/// What every layer of one forward pass shares: the attention masks of
+/// each pattern and the rotary tables of each kind of layer.
+pub struct ForwardContext {
+    masks: Vec<Tensor>,
+    cos_sin: Vec<(Tensor, Tensor)>,
+}
+
+/// How a decoder's parts are found and built, holding no weight: each
+/// `load_*` reads its part from the builder it is given. [`Model`] loads
+/// them all, a layer-at-a-time pass ([`crate::model::layer_stream`]) one
+/// at a time, through the same code.
+pub struct DecoderParts {
+    spec: DecoderSpec,
+    shape: ModelShape,
+    /// `model.` when the checkpoint nests the stack (`*ForCausalLM`).
+    prefix: &'static str,
     /// Distinct attention patterns; layers refer to them by index.
     patterns: Vec<AttentionPattern>,
     rotaries: Vec<Rotary>,
-    hidden_size: usize,
+    /// Each layer's (mask, rotary) indices.
+    layer_slots: Vec<(usize, usize)>,
 }
 
-impl Model {
-    pub(crate) fn load(vb: VarBuilder, spec: &DecoderSpec, shape: &ModelShape) -> Result<Self> {
+impl DecoderParts {
+    /// The parts of the checkpoint `vb` reads (nested under `model.` or not).
+    pub fn new(vb: &VarBuilder, spec: &DecoderSpec, shape: &ModelShape) -> Result<Self> {
         let map = spec.checkpoint;
-        // `*ForCausalLM` checkpoints nest the stack under `model.`.
-        let nested = map.nested_prefix.trim_end_matches('.');
-        let vb = if vb.contains_tensor(&map.nested_probe()) {
-            vb.pp(nested)
+        let prefix = if vb.contains_tensor(&map.nested_probe()) {
+            map.nested_prefix
         } else {
-            vb
+            ""
         };
-        let h = spec.hidden_size;
-        let norm = |vb: VarBuilder| RmsNorm::load(vb, h, spec.norm_eps, spec.norm_unit_offset);
-        let norms = |vb: &VarBuilder, norms: SublayerNorms| -> Result<(RmsNorm, Option<RmsNorm>)> {
-            let input = norms.input.ok_or_else(|| {
-                candle_core::Error::Msg("a pre-norm decoder sub-layer has an input norm".into())
-            })?;
-            Ok((
-                norm(vb.pp(input))?,
-                norms.output.map(|o| norm(vb.pp(o))).transpose()?,
-            ))
-        };
+        if shape.layers.len() != spec.layers.len() {
+            return Err(candle_core::Error::Msg(format!(
+                "the shape has {} layers, the config {}",
+                shape.layers.len(),
+                spec.layers.len()
+            )));
+        }
         let mut patterns: Vec<AttentionPattern> = Vec::new();
         let mut ropes: Vec<(RopeSpec, usize)> = Vec::new();
-        let mut layers = Vec::with_capacity(shape.layers.len());
-        for (i, (layer_shape, attn_spec)) in shape.layers.iter().zip(&spec.layers).enumerate() {
-            let vb = vb.pp(map.layers).pp(i);
-            let mask = index_of_or_push(&mut patterns, attn_spec.pattern);
-            let rotary = index_of_or_push(&mut ropes, (attn_spec.rope, layer_shape.head_dim));
-            let (pre_norm, post_norm) = norms(&vb, map.attention.norms)?;
-            let attention = Residual {
-                pre_norm,
-                inner: Attention::load(vb.clone(), spec, layer_shape)?,
-                post_norm,
-            };
-            let mlp = match layer_shape.mlp {
-                None => None,
-                Some(mlp_shape) => {
-                    let (pre_norm, post_norm) = norms(&vb, map.mlp.norms)?;
-                    Some(Residual {
-                        pre_norm,
-                        inner: GatedMlp::load(vb.clone(), spec, mlp_shape)?,
-                        post_norm,
-                    })
-                }
-            };
-            layers.push(DecoderLayer {
-                attention,
-                mlp,
-                mask,
-                rotary,
-            });
-        }
+        let layer_slots = shape
+            .layers
+            .iter()
+            .zip(&spec.layers)
+            .map(|(layer_shape, attn_spec)| {
+                (
+                    index_of_or_push(&mut patterns, attn_spec.pattern),
+                    index_of_or_push(&mut ropes, (attn_spec.rope, layer_shape.head_dim)),
+                )
+            })
+            .collect();
         let rotaries = ropes
             .iter()
             .map(|(rope, head_dim)| Rotary::new(*head_dim, rope.theta, rope.scaling))
             .collect();
         Ok(Self {
-            token_embeddings: vb.get(
-                (spec.vocab_size, h),
-                &format!("{}.weight", map.embeddings.tokens),
-            )?,
-            embed_scale: spec.embed_scale,
-            layers,
-            norm: norm(
-                vb.pp(map
-                    .final_norm
-                    .ok_or_else(|| candle_core::Error::Msg("a decoder has a final norm".into()))?),
-            )?,
+            spec: spec.clone(),
+            shape: shape.clone(),
+            prefix,
             patterns,
             rotaries,
-            hidden_size: h,
+            layer_slots,
+        })
+    }
+
+    /// `vb` at the stack's root (under the nested prefix, if any).
+    fn stack(&self, vb: &VarBuilder<'static>) -> VarBuilder<'static> {
+        match self.prefix {
+            "" => vb.clone(),
+            nested => vb.pp(nested.trim_end_matches('.')),
+        }
+    }
+
+    pub fn layer_count(&self) -> usize {
+        self.shape.layers.len()
+    }
+
+    /// The checkpoint name of the token embedding table.
+    pub fn token_table_name(&self) -> String {
+        format!(
+            "{}{}.weight",
+            self.prefix, self.spec.checkpoint.embeddings.tokens
+        )
+    }
+
+    fn norm(&self, vb: VarBuilder) -> Result<RmsNorm> {
+        let spec = &self.spec;
+        RmsNorm::load(vb, spec.hidden_size, spec.norm_eps, spec.norm_unit_offset)
+    }
+
+    fn sublayer_norms(
+        &self,
+        vb: &VarBuilder,
+        norms: SublayerNorms,
+    ) -> Result<(RmsNorm, Option<RmsNorm>)> {
+        let input = norms.input.ok_or_else(|| {
+            candle_core::Error::Msg("a pre-norm decoder sub-layer has an input norm".into())
+        })?;
+        Ok((
+            self.norm(vb.pp(input))?,
+            norms.output.map(|o| self.norm(vb.pp(o))).transpose()?,
+        ))
+    }
+
+    /// Loads layer `i`'s weights from `vb`.
+    pub fn load_layer(&self, vb: &VarBuilder<'static>, i: usize) -> Result<DecoderLayer> {
+        let (spec, map) = (&self.spec, self.spec.checkpoint);
+        let layer_shape = &self.shape.layers[i];
+        let vb = self.stack(vb).pp(map.layers).pp(i);
+        let (mask, rotary) = self.layer_slots[i];
+        let (pre_norm, post_norm) = self.sublayer_norms(&vb, map.attention.norms)?;
+        let attention = Residual {
+            pre_norm,
+            inner: Attention::load(vb.clone(), spec, layer_shape)?,
+            post_norm,
+        };
+        let mlp = match layer_shape.mlp {
+            None => None,
+            Some(mlp_shape) => {
+                let (pre_norm, post_norm) = self.sublayer_norms(&vb, map.mlp.norms)?;
+                Some(Residual {
+                    pre_norm,
+                    inner: GatedMlp::load(vb.clone(), spec, mlp_shape)?,
+                    post_norm,
+                })
+            }
+        };
+        Ok(DecoderLayer {
+            attention,
+            mlp,
+            mask,
+            rotary,
+        })
+    }
+
+    /// Loads the norm after the last layer from `vb`.
+    pub(crate) fn load_final_norm(&self, vb: &VarBuilder<'static>) -> Result<RmsNorm> {
+        self.norm(
+            self.stack(vb).pp(self
+                .spec
+                .checkpoint
+                .final_norm
+                .ok_or_else(|| candle_core::Error::Msg("a decoder has a final norm".into()))?),
+        )
+    }
+
+    /// Loads the whole token embedding table from `vb`.
+    fn load_token_table(&self, vb: &VarBuilder<'static>) -> Result<Tensor> {
+        self.stack(vb).get(
+            (self.spec.vocab_size, self.spec.hidden_size),
+            &format!("{}.weight", self.spec.checkpoint.embeddings.tokens),
+        )
+    }
+
+    /// The residual stream entering layer 0, from the table rows of the
+    /// batch's tokens (`(B·T, H)`, in `input_ids` order).
+    pub fn embed(&self, rows: Tensor, input: &ModelInput) -> Result<Tensor> {
+        let (b, t) = input.input_ids.dims2()?;
+        let x = rows.reshape((b, t, self.spec.hidden_size))?;
+        match self.spec.embed_scale {
+            Some(scale) => x * scale,
+            None => Ok(x),
+        }
+    }
+
+    /// The masks and rotary tables of one batch.
+    pub fn context(&self, input: &ModelInput) -> Result<ForwardContext> {
+        let t = input.input_ids.dim(1)?;
+        let device = input.input_ids.device();
+        Ok(ForwardContext {
+            masks: self
+                .patterns
+                .iter()
+                .map(|p| attention_bias(&input.attention_mask, *p))
+                .collect::<Result<Vec<_>>>()?,
+            cos_sin: self
+                .rotaries
+                .iter()
+                .map(|r| r.cos_sin(t, device))
+                .collect::<Result<Vec<_>>>()?,
+        })
+    }
+}
+
+/// A decoder stack whose layers may lack their MLP or have their own width.
+pub struct Model {
+    parts: DecoderParts,
+    token_embeddings: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+}
+
+impl Model {
+    pub(crate) fn load(
+        vb: VarBuilder<'static>,
+        spec: &DecoderSpec,
+        shape: &ModelShape,
+    ) -> Result<Self> {
+        let parts = DecoderParts::new(&vb, spec, shape)?;
+        let layers = (0..parts.layer_count())
+            .map(|i| parts.load_layer(&vb, i))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            token_embeddings: parts.load_token_table(&vb)?,
+            norm: parts.load_final_norm(&vb)?,
+            layers,
+            parts,
         })
     }
 
@@ -317,53 +488,19 @@ impl Model {
     /// padding RoPE's relative form makes the result independent of the pad
     /// count.
     pub fn forward(&self, input: &ModelInput, hooks: &mut dyn ForwardHooks) -> Result<Tensor> {
-        let (b, t) = input.input_ids.dims2()?;
-        let device = input.input_ids.device();
-        let mut x = self
+        let rows = self
             .token_embeddings
-            .index_select(&input.input_ids.flatten_all()?, 0)?
-            .reshape((b, t, self.hidden_size))?;
-        if let Some(scale) = self.embed_scale {
-            x = (x * scale)?;
-        }
-        let masks = self
-            .patterns
-            .iter()
-            .map(|p| attention_bias(&input.attention_mask, *p))
-            .collect::<Result<Vec<_>>>()?;
-        let cos_sin = self
-            .rotaries
-            .iter()
-            .map(|r| r.cos_sin(t, device))
-            .collect::<Result<Vec<_>>>()?;
+            .index_select(&input.input_ids.flatten_all()?, 0)?;
+        let mut x = self.parts.embed(rows, input)?;
+        let context = self.parts.context(input)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let (cos, sin) = &cos_sin[layer.rotary];
-            let layer_in = x.clone();
-            if !hooks.skip(i, Sublayer::Attention) {
-                let attn = &layer.attention;
-                let y = attn.inner.forward(
-                    &attn.pre_norm.forward(&x)?,
-                    &masks[layer.mask],
-                    cos,
-                    sin,
-                )?;
-                let out = attn.finish(&x, y)?;
-                hooks.observe(i, Sublayer::Attention, &x, &out)?;
-                x = out;
-            }
-            if let Some(mlp) = layer.mlp.as_ref().filter(|_| !hooks.skip(i, Sublayer::Mlp)) {
-                let y = mlp.inner.forward(&mlp.pre_norm.forward(&x)?, i, hooks)?;
-                let out = mlp.finish(&x, y)?;
-                hooks.observe(i, Sublayer::Mlp, &x, &out)?;
-                x = out;
-            }
-            hooks.observe(i, Sublayer::Block, &layer_in, &x)?;
+            x = layer.forward(i, x, &context, hooks)?;
         }
         self.norm.forward(&x)
     }
 
     pub fn hidden_size(&self) -> usize {
-        self.hidden_size
+        self.parts.spec.hidden_size
     }
 
     pub fn embedding_parameters(&self) -> usize {
@@ -371,16 +508,7 @@ impl Model {
     }
 
     pub fn layer_parameters(&self) -> Vec<LayerParameters> {
-        self.layers
-            .iter()
-            .map(|l| LayerParameters {
-                attention: l.attention.inner.parameter_count() + l.attention.norm_parameters(),
-                mlp: l
-                    .mlp
-                    .as_ref()
-                    .map_or(0, |m| m.inner.parameter_count() + m.norm_parameters()),
-            })
-            .collect()
+        self.layers.iter().map(DecoderLayer::parameters).collect()
     }
 }
 

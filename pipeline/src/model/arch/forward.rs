@@ -30,6 +30,13 @@ pub enum Sublayer {
 /// residual block: for pre-norm decoders `x` and `x + f(norm(x))`, for
 /// post-norm BERT `x` and `LN(x + f(x))`.
 pub trait ForwardHooks {
+    /// Called with each batch before the layers run on it (a
+    /// layer-at-a-time pass calls it once per layer and batch): meters
+    /// take the batch's padding mask here.
+    fn begin_batch(&mut self, _input: &ModelInput) -> candle_core::Result<()> {
+        Ok(())
+    }
+
     /// Whether to bypass a sub-layer (its residual block becomes the identity).
     fn skip(&self, _layer: usize, _sublayer: Sublayer) -> bool {
         false
@@ -80,6 +87,36 @@ impl ForwardHooks for SkippedSublayers {
             Sublayer::Mlp => self.mlp.contains(&layer),
             Sublayer::Block => false,
         }
+    }
+}
+
+/// `hooks`, with `skipped` sub-layers bypassed as well.
+pub struct WithSkipped<'a> {
+    pub skipped: &'a SkippedSublayers,
+    pub hooks: &'a mut dyn ForwardHooks,
+}
+
+impl ForwardHooks for WithSkipped<'_> {
+    fn begin_batch(&mut self, input: &ModelInput) -> candle_core::Result<()> {
+        self.hooks.begin_batch(input)
+    }
+    fn skip(&self, layer: usize, sublayer: Sublayer) -> bool {
+        self.skipped.skip(layer, sublayer) || self.hooks.skip(layer, sublayer)
+    }
+    fn observe(
+        &mut self,
+        layer: usize,
+        sublayer: Sublayer,
+        input: &Tensor,
+        output: &Tensor,
+    ) -> candle_core::Result<()> {
+        self.hooks.observe(layer, sublayer, input, output)
+    }
+    fn mlp_activation(&mut self, layer: usize, activation: Tensor) -> candle_core::Result<Tensor> {
+        self.hooks.mlp_activation(layer, activation)
+    }
+    fn mlp_output(&mut self, layer: usize, output: Tensor) -> candle_core::Result<Tensor> {
+        self.hooks.mlp_output(layer, output)
     }
 }
 

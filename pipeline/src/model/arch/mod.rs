@@ -28,7 +28,9 @@ use serde_json::Value;
 
 pub use checkpoint_map::{CheckpointMap, MlpTensors};
 use decoder::DecoderSpec;
-pub use forward::{ForwardHooks, LayerParameters, ModelInput, NoHooks, SkippedSublayers, Sublayer};
+pub use forward::{
+    ForwardHooks, LayerParameters, ModelInput, NoHooks, SkippedSublayers, Sublayer, WithSkipped,
+};
 
 use crate::error::{Error, Result};
 use crate::model::shape::ModelShape;
@@ -354,7 +356,7 @@ pub enum Backbone {
 
 impl Backbone {
     /// Loads the stack of `config` with the widths of `shape` from `vb`.
-    pub fn load(vb: VarBuilder, config: &ModelConfig, shape: &ModelShape) -> Result<Self> {
+    pub fn load(vb: VarBuilder<'static>, config: &ModelConfig, shape: &ModelShape) -> Result<Self> {
         let weights_err =
             |error| Error::weights(config.path.parent().unwrap_or(Path::new(".")), error);
         tracing::info!(architecture = %config.architecture(), layers = shape.layers.len(), mlps = shape.mlp_count(), "loading backbone");
