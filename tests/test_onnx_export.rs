@@ -37,6 +37,7 @@ fn options(profile: Profile) -> ExportOptions {
         overwrite: false,
         calibration: None,
         triton: None,
+        stream: false,
     }
 }
 

@@ -16,9 +16,11 @@ use serde::Serialize;
 
 use crate::activation_ranges::{self, Statistic};
 use crate::cpu_features::CpuFeatures;
-use crate::emit::{emit_model, EmitOptions};
+use crate::emit::{emit_model, emit_model_streamed, EmitOptions};
 use crate::error::{Error, Result};
-use crate::graph_file::{initializer_bytes, write_model, GraphFile, EXTERNAL_DATA_THRESHOLD};
+use crate::graph_file::{
+    initializer_bytes, write_model, ExternalDataFile, GraphFile, EXTERNAL_DATA_THRESHOLD,
+};
 use crate::half_precision::{self, ProductRange, RangeCheck};
 use crate::projection_products::projection_products;
 use crate::qdq::{self, ActivationScale};
@@ -95,6 +97,10 @@ pub struct ExportOptions {
     pub calibration: Option<Calibration>,
     /// The model's name and batch size under [`Layout::Triton`].
     pub triton: Option<TritonOptions>,
+    /// Read the model one tensor at a time and write each initializer into
+    /// `model.onnx_data` as it is made ([`emit_model_streamed`]): models
+    /// larger than memory.
+    pub stream: bool,
 }
 
 /// Calibration text and how to use it.
@@ -240,12 +246,42 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
         }
         if options.emit.storage != crate::graph::WeightStorage::Float32 {
             return Err(Error::InvalidArgument(format!(
-                "--fp16 (float16 weight storage) does not combine with {} products; drop --fp16",
+                "--fp16/--bf16 (half-precision weight storage) does not combine with {} products; drop it",
                 precision.name()
             )));
         }
     }
-    let mut model = emit_model(model_dir, &options.emit)?;
+    if options.stream {
+        if precision.needs_calibration() {
+            return Err(Error::InvalidArgument(format!(
+                "{} products are calibrated on the whole model in memory; they do not combine \
+                 with --stream (fp32 and dynamic int8 do)",
+                precision.name()
+            )));
+        }
+        if options.external_data == ExternalData::Never {
+            return Err(Error::InvalidArgument(
+                "a streamed export writes its weights into model.onnx_data as it goes; \
+                 --external-data never contradicts --stream"
+                    .into(),
+            ));
+        }
+    }
+    // A streamed graph's weights go straight into the staged directory;
+    // otherwise the graph is emitted first and staged once it exists.
+    let (staging, mut model, streamed_bytes) = if options.stream {
+        let staging = StagedDir::beside_existing(out)?;
+        let graph_dir = staging.path().join(&graph_rel);
+        std::fs::create_dir_all(&graph_dir).map_err(|e| Error::io(&graph_dir, e))?;
+        let data = ExternalDataFile::create(&graph_dir, "model.onnx")?;
+        let (model, bytes) = emit_model_streamed(model_dir, &options.emit, data)?;
+        (staging, model, Some(bytes))
+    } else {
+        let model = emit_model(model_dir, &options.emit)?;
+        (StagedDir::beside_existing(out)?, model, None)
+    };
+    let graph_dir = staging.path().join(&graph_rel);
+    std::fs::create_dir_all(&graph_dir).map_err(|e| Error::io(&graph_dir, e))?;
     // Where the graph came from, relative to the graph's directory.
     let graph_dir_final = out.join(&graph_rel);
     set_metadata(
@@ -264,8 +300,9 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
         )?),
         _ => None,
     };
-    let weight_bytes = initializer_bytes(&model);
+    let weight_bytes = streamed_bytes.unwrap_or_else(|| initializer_bytes(&model));
     let external = match options.external_data {
+        _ if streamed_bytes.is_some() => true,
         ExternalData::Always => true,
         ExternalData::Never => {
             if weight_bytes >= 2 * EXTERNAL_DATA_THRESHOLD {
@@ -278,7 +315,6 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
         ExternalData::Auto => weight_bytes > EXTERNAL_DATA_THRESHOLD,
     };
 
-    let staging = StagedDir::beside_existing(out)?;
     let files_dir = staging.path();
     copy_model_files(model_dir, files_dir, &|name| {
         is_backbone_weights(name)
@@ -290,10 +326,14 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
     let tokenizer = setup
         .text
         .save_serving_tokenizer(&files_dir.join("tokenizer.json"))?;
-    let graph_dir = staging.path().join(&graph_rel);
-    std::fs::create_dir_all(&graph_dir).map_err(|e| Error::io(&graph_dir, e))?;
     let nodes = model.graph.as_ref().map_or(0, |g| g.node.len());
-    write_model(model, &graph_dir, "model.onnx", external)?;
+    // A streamed graph's weights are in model.onnx_data already.
+    write_model(
+        model,
+        &graph_dir,
+        "model.onnx",
+        external && streamed_bytes.is_none(),
+    )?;
 
     // Read the file back: what is checked is what was written.
     let staged_graph = graph_dir.join("model.onnx");
@@ -332,10 +372,7 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
         graph: relative_graph,
         profile: options.emit.profile.name(),
         opset: options.emit.opset,
-        weights: match options.emit.storage {
-            crate::graph::WeightStorage::Float32 => "float32",
-            crate::graph::WeightStorage::Float16 => "float16",
-        },
+        weights: options.emit.storage.name(),
         external_data: external,
         graph_bytes: std::fs::metadata(&staged_graph)
             .map_err(|e| Error::io(&staged_graph, e))?

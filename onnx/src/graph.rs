@@ -10,6 +10,7 @@ use candle_onnx::onnx::{
     ValueInfoProto,
 };
 
+use crate::graph_file::ExternalDataFile;
 use crate::precision::MatmulPrecision;
 
 /// The element type of a graph input or output.
@@ -48,6 +49,37 @@ pub enum WeightStorage {
     /// Matrices stored as float16 and cast to float32 where they are used:
     /// half the file size, float32 arithmetic.
     Float16,
+    /// Matrices stored as bfloat16 (a bf16 checkpoint's own values, no
+    /// rounding) and cast to float32 where they are used.
+    BFloat16,
+}
+
+/// A half-precision storage: the stored name's suffix, the ONNX type, and
+/// the conversion of one value to its little-endian bytes.
+type HalfPrecision = (&'static str, DataType, fn(f32) -> [u8; 2]);
+
+impl WeightStorage {
+    /// How matrices are stored, when not as float32.
+    fn half_precision(self) -> Option<HalfPrecision> {
+        match self {
+            Self::Float16 => Some(("fp16", DataType::Float16, |x| {
+                half::f16::from_f32(x).to_le_bytes()
+            })),
+            Self::BFloat16 => Some(("bf16", DataType::Bfloat16, |x| {
+                half::bf16::from_f32(x).to_le_bytes()
+            })),
+            Self::Float32 => None,
+        }
+    }
+
+    /// The name effir's metadata and summaries give it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Float32 => "float32",
+            Self::Float16 => "float16",
+            Self::BFloat16 => "bfloat16",
+        }
+    }
 }
 
 /// A graph under construction.
@@ -66,6 +98,10 @@ pub struct GraphBuilder {
     /// `DynamicQuantizeLinear` outputs by input, so the products reading
     /// one tensor (q, k and v) share one.
     quantized_activations: HashMap<String, [String; 3]>,
+    /// Where initializers go as they are made (streamed export).
+    external_data: Option<ExternalDataFile>,
+    /// Bytes of the initializers made so far, wherever they went.
+    initializer_bytes: usize,
 }
 
 impl GraphBuilder {
@@ -81,7 +117,26 @@ impl GraphBuilder {
             constants: HashMap::new(),
             matmul_precision: MatmulPrecision::Float32,
             quantized_activations: HashMap::new(),
+            external_data: None,
+            initializer_bytes: 0,
         }
+    }
+
+    /// Writes every initializer of 1 KiB or more into `data` as soon as it
+    /// is made, so the graph under construction holds no weights.
+    pub fn with_external_data(mut self, data: ExternalDataFile) -> Self {
+        self.external_data = Some(data);
+        self
+    }
+
+    /// The external data file, to be closed once the graph is finished.
+    pub fn take_external_data(&mut self) -> Option<ExternalDataFile> {
+        self.external_data.take()
+    }
+
+    /// Bytes of the initializers made so far (in the graph or moved out).
+    pub fn initializer_bytes(&self) -> usize {
+        self.initializer_bytes
     }
 
     /// A builder for nodes to splice into `graph`: every value and node
@@ -214,14 +269,12 @@ impl GraphBuilder {
     /// [`WeightStorage`] says; returns the float32 value to use.
     pub fn weight(&mut self, name: &str, dims: &[usize], data: &[f32]) -> String {
         let dims: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
-        match self.storage {
-            WeightStorage::Float16 if dims.len() >= 2 => {
-                let stored = self.unique(&format!("{name}_fp16"));
-                let raw: Vec<u8> = data
-                    .iter()
-                    .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
-                    .collect();
-                self.push_initializer(&stored, DataType::Float16, dims, raw);
+        let half = self.storage.half_precision();
+        match half {
+            Some((suffix, data_type, convert)) if dims.len() >= 2 => {
+                let stored = self.unique(&format!("{name}_{suffix}"));
+                let raw: Vec<u8> = data.iter().flat_map(|&x| convert(x)).collect();
+                self.push_initializer(&stored, data_type, dims, raw);
                 self.node_named(
                     "Cast",
                     &[&stored],
@@ -254,13 +307,18 @@ impl GraphBuilder {
     }
 
     fn push_initializer(&mut self, name: &str, data_type: DataType, dims: Vec<i64>, raw: Vec<u8>) {
-        self.initializers.push(TensorProto {
+        self.initializer_bytes += raw.len();
+        let mut tensor = TensorProto {
             dims,
             data_type: data_type as i32,
             name: name.to_string(),
             raw_data: raw,
             ..Default::default()
-        });
+        };
+        if let Some(data) = self.external_data.as_mut() {
+            data.move_out(&mut tensor);
+        }
+        self.initializers.push(tensor);
     }
 
     fn constant(&mut self, data_type: DataType, dims: Vec<i64>, raw: Vec<u8>) -> String {

@@ -293,34 +293,94 @@ pub fn write_model(
     external: bool,
 ) -> Result<()> {
     if external {
-        let data_name = format!("{file_name}_data");
-        let data_path = dir.join(&data_name);
-        let mut data: Vec<u8> = Vec::new();
+        let mut data = ExternalDataFile::create(dir, file_name)?;
         if let Some(graph) = model.graph.as_mut() {
             for tensor in &mut graph.initializer {
-                if tensor.raw_data.len() < 1024 {
-                    continue;
-                }
-                // 4 KiB alignment lets ONNX Runtime memory-map the weights.
-                let offset = data.len().next_multiple_of(4096);
-                data.resize(offset, 0);
-                data.extend_from_slice(&tensor.raw_data);
-                let length = tensor.raw_data.len();
-                tensor.raw_data = Vec::new();
-                tensor.data_location = DataLocation::External as i32;
-                tensor.external_data = vec![
-                    entry("location", &data_name),
-                    entry("offset", &offset.to_string()),
-                    entry("length", &length.to_string()),
-                ];
+                data.move_out(tensor);
             }
         }
-        std::fs::write(&data_path, &data).map_err(|e| Error::io(&data_path, e))?;
+        data.close()?;
     }
     let bytes = model.encode_to_vec();
     let path = dir.join(file_name);
     std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
     Ok(())
+}
+
+/// The `<graph>_data` file initializers are moved into as they are made
+/// (a streamed export never holds the weights) or when a graph is written.
+pub struct ExternalDataFile {
+    path: PathBuf,
+    location: String,
+    out: std::io::BufWriter<std::fs::File>,
+    offset: u64,
+    /// The first write error, reported by [`ExternalDataFile::close`].
+    error: Option<std::io::Error>,
+}
+
+impl ExternalDataFile {
+    /// Creates `dir/<graph_file>_data`.
+    pub fn create(dir: &Path, graph_file: &str) -> Result<Self> {
+        let location = format!("{graph_file}_data");
+        let path = dir.join(&location);
+        let file = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
+        Ok(Self {
+            path,
+            location,
+            out: std::io::BufWriter::with_capacity(1 << 20, file),
+            offset: 0,
+            error: None,
+        })
+    }
+
+    /// Moves `tensor`'s raw data (1 KiB or more; smaller ones stay in the
+    /// graph) to the end of the file, 4 KiB-aligned so ONNX Runtime can
+    /// memory-map it, and points the tensor there. After a write error the
+    /// data is dropped (the graph is unusable; [`ExternalDataFile::close`]
+    /// reports the error), so a failing streamed export does not gather
+    /// the remaining weights in memory.
+    pub fn move_out(&mut self, tensor: &mut TensorProto) {
+        use std::io::Write;
+        if tensor.raw_data.len() < 1024 {
+            return;
+        }
+        if self.error.is_some() {
+            tensor.raw_data = Vec::new();
+            return;
+        }
+        let offset = self.offset.next_multiple_of(4096);
+        let padding = vec![0u8; (offset - self.offset) as usize];
+        let written = self
+            .out
+            .write_all(&padding)
+            .and_then(|_| self.out.write_all(&tensor.raw_data));
+        if let Err(e) = written {
+            self.error = Some(e);
+            tensor.raw_data = Vec::new();
+            return;
+        }
+        let length = tensor.raw_data.len();
+        self.offset = offset + length as u64;
+        tensor.raw_data = Vec::new();
+        tensor.data_location = DataLocation::External as i32;
+        tensor.external_data = vec![
+            entry("location", &self.location),
+            entry("offset", &offset.to_string()),
+            entry("length", &length.to_string()),
+        ];
+    }
+
+    /// Flushes the file; the first write error, if any, is returned here.
+    pub fn close(mut self) -> Result<()> {
+        if let Some(e) = self.error.take() {
+            return Err(Error::io(&self.path, e));
+        }
+        let file = self
+            .out
+            .into_inner()
+            .map_err(|e| Error::io(&self.path, e.into_error()))?;
+        file.sync_all().map_err(|e| Error::io(&self.path, e))
+    }
 }
 
 fn entry(key: &str, value: &str) -> StringStringEntryProto {

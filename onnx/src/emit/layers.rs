@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
 use candle_onnx::onnx::tensor_proto::DataType;
+use effir_pipeline::io::weight_store::WeightStore;
 use effir_pipeline::model::arch::layers::{Activation, AttentionPattern, MASKED};
 use effir_pipeline::Error as PipelineError;
 
@@ -24,9 +25,17 @@ pub struct BackboneInputs {
     pub token_type_ids: Option<String>,
 }
 
+/// Where the checkpoint's tensors come from.
+enum TensorSource {
+    /// All in memory.
+    Loaded(HashMap<String, Tensor>),
+    /// Memory-mapped, read when asked (a streamed export).
+    Streamed(WeightStore),
+}
+
 /// The checkpoint's tensors, by name under a prefix (`bert.`, `model.`).
 pub struct Weights {
-    tensors: HashMap<String, Tensor>,
+    tensors: TensorSource,
     prefix: String,
     dir: PathBuf,
 }
@@ -34,36 +43,53 @@ pub struct Weights {
 impl Weights {
     pub fn new(tensors: HashMap<String, Tensor>, prefix: &str, dir: &Path) -> Self {
         Self {
-            tensors,
+            tensors: TensorSource::Loaded(tensors),
             prefix: prefix.to_string(),
             dir: dir.to_path_buf(),
         }
     }
 
+    /// Tensors read from `store` one at a time, as the emitters ask for them.
+    pub fn streamed(store: WeightStore, prefix: &str) -> Self {
+        Self {
+            dir: store.dir().to_path_buf(),
+            tensors: TensorSource::Streamed(store),
+            prefix: prefix.to_string(),
+        }
+    }
+
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(&format!("{}{name}", self.prefix))
+        let full = format!("{}{name}", self.prefix);
+        match &self.tensors {
+            TensorSource::Loaded(tensors) => tensors.contains_key(&full),
+            TensorSource::Streamed(store) => store.contains(&full),
+        }
     }
 
     /// The tensor `prefix + name` as float32, with its shape checked.
     pub fn get(&self, name: &str, dims: &[usize]) -> Result<Tensor> {
         let full = format!("{}{name}", self.prefix);
-        let tensor = self
-            .tensors
-            .get(&full)
-            .ok_or_else(|| PipelineError::MissingTensor {
-                path: self.dir.clone(),
-                tensor: full.clone(),
-            })?;
-        if tensor.dims() != dims {
+        let missing = || PipelineError::MissingTensor {
+            path: self.dir.clone(),
+            tensor: full.clone(),
+        };
+        let stored_dims: &[usize] = match &self.tensors {
+            TensorSource::Loaded(tensors) => tensors.get(&full).ok_or_else(missing)?.dims(),
+            TensorSource::Streamed(store) => &store.info(&full).ok_or_else(missing)?.shape,
+        };
+        if stored_dims != dims {
             return Err(PipelineError::ShapeMismatch {
                 path: self.dir.clone(),
                 tensor: full,
                 expected: dims.to_vec(),
-                got: tensor.dims().to_vec(),
+                got: stored_dims.to_vec(),
             }
             .into());
         }
-        Ok(tensor.to_dtype(DType::F32)?)
+        Ok(match &self.tensors {
+            TensorSource::Loaded(tensors) => tensors[&full].to_dtype(DType::F32)?,
+            TensorSource::Streamed(store) => store.load(&full, DType::F32)?,
+        })
     }
 }
 

@@ -15,10 +15,12 @@ use effir_pipeline::{EncoderSetup, LoadOptions, ModelShape};
 
 use crate::error::{Error, Result};
 use crate::graph::{Dim, ElementType, GraphBuilder, WeightStorage};
+use crate::graph_file::ExternalDataFile;
 use crate::interface::{
     ATTENTION_MASK, INPUT_IDS, LAST_HIDDEN_STATE, SENTENCE_EMBEDDING, TOKEN_TYPE_IDS,
 };
 use crate::quantize::MatmulPrecision;
+use effir_pipeline::io::weight_store::WeightStore;
 use layers::{BackboneInputs, Weights};
 
 /// The opsets effir emits: 17 (LayerNormalization) and later.
@@ -81,23 +83,73 @@ impl Default for EmitOptions {
 /// Emits the model in `dir` (unpruned or pruned: its `effir_shape.json`
 /// gives every layer's MLP width or its absence).
 pub fn emit_model(dir: &Path, options: &EmitOptions) -> Result<ModelProto> {
+    check_opset(options)?;
+    let setup = EncoderSetup::load(dir, &LoadOptions::default())?;
+    let tensors = effir_pipeline::io::weights::load_all_tensors(dir)?;
+    let prefix = setup.config.checkpoint().prefix(tensors.keys());
+    let weights = Weights::new(tensors, prefix, dir);
+    let g = GraphBuilder::new(options.opset, options.storage);
+    emit(setup, &weights, g, options).map(|emitted| emitted.model)
+}
+
+/// [`emit_model`] for models larger than memory: each tensor is read from
+/// the memory-mapped files when the emitter reaches it, and each
+/// initializer goes into `data` as soon as it is made, so neither the
+/// source's weights nor the graph's are ever held whole. Returns the
+/// graph (its initializers pointing into `data`) and the initializers'
+/// bytes.
+pub fn emit_model_streamed(
+    dir: &Path,
+    options: &EmitOptions,
+    data: ExternalDataFile,
+) -> Result<(ModelProto, usize)> {
+    check_opset(options)?;
+    let setup = EncoderSetup::load(dir, &LoadOptions::default())?;
+    let store = WeightStore::open(dir)?;
+    let prefix = setup.config.checkpoint().prefix(store.names().iter());
+    let weights = Weights::streamed(store, prefix);
+    let g = GraphBuilder::new(options.opset, options.storage).with_external_data(data);
+    let emitted = emit(setup, &weights, g, options)?;
+    emitted
+        .external_data
+        .expect("the builder writes external data")
+        .close()?;
+    Ok((emitted.model, emitted.initializer_bytes))
+}
+
+fn check_opset(options: &EmitOptions) -> Result<()> {
     if !(MIN_OPSET..=MAX_OPSET).contains(&options.opset) {
         return Err(Error::InvalidArgument(format!(
             "opset {} is not supported; effir emits opsets {MIN_OPSET} to {MAX_OPSET}",
             options.opset
         )));
     }
-    let setup = EncoderSetup::load(dir, &LoadOptions::default())?;
+    Ok(())
+}
+
+/// What [`emit`] made.
+struct Emitted {
+    model: ModelProto,
+    initializer_bytes: usize,
+    /// The builder's external data file, still open.
+    external_data: Option<ExternalDataFile>,
+}
+
+/// Emits the graph of the model `setup` describes, reading `weights`
+/// through `g`.
+fn emit(
+    setup: EncoderSetup,
+    weights: &Weights,
+    mut g: GraphBuilder,
+    options: &EmitOptions,
+) -> Result<Emitted> {
+    let dir = setup.dir.as_path();
     let config = &setup.config;
     let shape = ModelShape::load_or(dir, config.described_shape())?;
-    let tensors = effir_pipeline::io::weights::load_all_tensors(dir)?;
     let arch = config.architecture();
     let map = config.checkpoint();
-    let prefix = map.prefix(tensors.keys());
-    let weights = Weights::new(tensors, prefix, dir);
     tracing::info!(architecture = %arch, layers = shape.layers.len(), mlps = shape.mlp_count(), profile = options.profile.name(), "emitting ONNX graph");
 
-    let mut g = GraphBuilder::new(options.opset, options.storage);
     g.set_matmul_precision(options.precision);
     let batch_seq = [
         Dim::Dynamic("batch_size".into()),
@@ -114,11 +166,11 @@ pub fn emit_model(dir: &Path, options: &EmitOptions) -> Result<ModelProto> {
     };
     let (hidden, hidden_size) = match &config.backbone {
         BackboneConfig::Bert(cfg) => (
-            bert::emit(&mut g, &weights, cfg, map, &shape, &inputs)?,
+            bert::emit(&mut g, weights, cfg, map, &shape, &inputs)?,
             cfg.hidden_size,
         ),
         BackboneConfig::Decoder(spec) => (
-            decoder::emit(&mut g, &weights, spec, &shape, &inputs)?,
+            decoder::emit(&mut g, weights, spec, &shape, &inputs)?,
             spec.hidden_size,
         ),
     };
@@ -163,14 +215,7 @@ pub fn emit_model(dir: &Path, options: &EmitOptions) -> Result<ModelProto> {
         ("effir.max_length", setup.text.max_length().to_string()),
         ("effir.vocab_size", config.vocab_size().to_string()),
         ("effir.shape", shape_json),
-        (
-            "effir.weights",
-            match options.storage {
-                WeightStorage::Float32 => "float32",
-                WeightStorage::Float16 => "float16",
-            }
-            .to_string(),
-        ),
+        ("effir.weights", options.storage.name().to_string()),
     ];
     metadata.push(("effir.precision", options.precision.name().to_string()));
     if let Some(kernel) = options.precision.int8_kernel() {
@@ -183,7 +228,9 @@ pub fn emit_model(dir: &Path, options: &EmitOptions) -> Result<ModelProto> {
     {
         metadata.push(("effir.pruning_plan", plan));
     }
-    Ok(ModelProto {
+    let initializer_bytes = g.initializer_bytes();
+    let external_data = g.take_external_data();
+    let model = ModelProto {
         ir_version: ir_version(options.opset),
         opset_import: vec![OperatorSetIdProto {
             domain: String::new(),
@@ -205,6 +252,11 @@ pub fn emit_model(dir: &Path, options: &EmitOptions) -> Result<ModelProto> {
             })
             .collect(),
         ..Default::default()
+    };
+    Ok(Emitted {
+        model,
+        initializer_bytes,
+        external_data,
     })
 }
 
