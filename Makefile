@@ -15,7 +15,7 @@ PYTHON  ?= python3
 .PHONY: all system-deps build models test lint fuzz embed eval eval-scifact python-deps \
         fixtures metric-references bench-embed profile-embed bench-analyze parity-embeddinggemma \
         onnxruntime export export-pruned validate validate-pruned validate-prune-minilm bench-onnx parity-embeddinggemma-onnx \
-        finetune-minilm finetune-minilm-2ep recover-minilm frontier-minilm frontier-embeddinggemma precision-checks prune-minilm-narrow prune-minilm-refit prune-embeddinggemma-refit recover-embeddinggemma gguf-parity smollm2-retriever results-smollm2 recover-minilm-labeled shard-scifact finetune-minilm-unpruned finetune-minilm-unpruned-2ep bench-finetune profile-finetune optimum-fixtures rewrite-minilm \
+        finetune-minilm finetune-minilm-2ep recover-minilm frontier-minilm frontier-embeddinggemma precision-checks prune-minilm-narrow prune-minilm-refit prune-embeddinggemma-refit recover-embeddinggemma gguf-parity smollm2-retriever results-smollm2 recover-minilm-labeled recover-minilm-query-text shard-scifact scale-7b scale-3b finetune-minilm-unpruned finetune-minilm-unpruned-2ep bench-finetune profile-finetune optimum-fixtures rewrite-minilm \
         analyze-minilm drop-study-minilm prune-minilm results-minilm \
         analyze-embeddinggemma drop-study-embeddinggemma results-embeddinggemma clean
 
@@ -302,6 +302,28 @@ recover-minilm: build models onnxruntime
 	    || echo "minilm-prune-$$p-distill: gates failed (see its validation.md)"; \
 	done
 
+# The label-free recipe on SciFact corpus text plus the text of SciFact's
+# train queries (never their judgements): the student also learns the
+# teacher's embeddings of query-like text. Scored like recover-minilm.
+$(RUNS)/scifact-train-queries.jsonl:
+	$(PYTHON) scripts/beir-query-texts.py $(DATA) train $@
+
+QUERY_TEXT_PLANS ?= 50-refit 70-refit
+recover-minilm-query-text: build models onnxruntime $(RUNS)/scifact-train-queries.jsonl
+	for p in $(QUERY_TEXT_PLANS); do \
+	  test -f $(RUNS)/minilm-prune-$$p/config.json || \
+	    $(EFFIR) prune --model $(MINILM) --plan configs/prune-minilm-$$p.yaml --data $(DATA) --out $(RUNS)/minilm-prune-$$p || exit 1; \
+	  name=minilm-prune-$$p-distill-queries; \
+	  if [ ! -f $(RUNS)/$$name/config.json ]; then \
+	    resume=; [ -d $(RUNS)/$$name.checkpoints ] && resume=--resume; \
+	    $(EFFIR) finetune --model $(RUNS)/minilm-prune-$$p --train-texts $(DATA) --train-texts $(RUNS)/scifact-train-queries.jsonl \
+	      --config configs/recover-minilm.yaml --out $(RUNS)/$$name $$resume || exit 1; \
+	  fi; \
+	  $(EFFIR) export --model $(RUNS)/$$name --profile sentence-transformers --out $(RUNS)/onnx/$$name --overwrite || exit 1; \
+	  $(EFFIR) validate --reference $(MINILM) --candidate $(RUNS)/onnx/$$name --data $(DATA) --data $(HELDOUT) \
+	    --gates configs/gates.yaml --out $(RUNS)/validate-$$name || echo "$$name: gates failed (see its validation.md)"; \
+	done
+
 # The labeled SciFact recipe (configs/finetune-minilm-2ep.yaml) and the same
 # combined with label-free embedding distillation
 # (configs/finetune-minilm-combined.yaml) on the refit plans, each exported
@@ -330,6 +352,19 @@ recover-minilm-labeled: build models onnxruntime
 # against a single `effir eval` (benchmarks/shard_scifact.sh).
 shard-scifact: build models
 	benchmarks/shard_scifact.sh $(EFFIR) $(MINILM) $(DATA) $(RUNS)/shard-scifact | tee results/minilm/shard-scifact.txt
+
+# Paper scale on this machine (issue #18): random-weight Mistral-7B / Llama-3B
+# shapes in bf16, analyzed, pruned (drop 8 MLPs, narrow the rest to 50 %)
+# and exported (fp16 weights, external data) one layer at a time, each stage
+# under /usr/bin/time -v; scale-3b also checks candle against ONNX Runtime.
+# Needs ~35 GB of disk for 7B (model, pruned model, graph) and ~20 GB for 3B.
+scale-7b: build $(TRANSFORMERS_VENV)/.installed
+	cargo build --release --example synthetic_model
+	EFFIR=$(EFFIR) DATA=$(DATA) benchmarks/scale.sh mistral-7b
+
+scale-3b: build $(TRANSFORMERS_VENV)/.installed
+	cargo build --release --example synthetic_model
+	EFFIR=$(EFFIR) DATA=$(DATA) benchmarks/scale.sh llama-3b validate
 
 # Training examples/s of effir vs sentence-transformers' trainer (PyTorch CPU), same model, batch and length.
 bench-finetune: build models python-deps

@@ -1,6 +1,7 @@
 //! `effir`: make dense retrievers small and fast, and ship them as ONNX.
 
 mod commands;
+mod peak_memory;
 mod stage_config;
 
 use clap::{Parser, Subcommand};

@@ -3,15 +3,15 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::Args;
-use effir_pipeline::compress::analysis::measure_importance;
+use effir_pipeline::compress::analysis::{measure_importance, measure_importance_streamed};
 use effir_pipeline::data::calibration::{CalibrationBudget, CalibrationSet};
 use effir_pipeline::io::atomic_file::write_bytes_atomically;
-use effir_pipeline::{Embedder, Prompt};
+use effir_pipeline::Prompt;
 use serde::Deserialize;
 
-use super::model_options::ModelArgs;
+use super::model_options::{ModelArgs, OpenedModel};
 
 #[derive(Debug, Args)]
 pub struct AnalyzeArgs {
@@ -47,6 +47,10 @@ pub struct AnalyzeArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Stream the model one layer at a time from its memory-mapped files
+    /// (decoders; models larger than memory). Same report, bit for bit.
+    #[arg(long)]
+    pub stream: bool,
 }
 
 /// `configs/analyze.yaml`.
@@ -72,25 +76,43 @@ pub fn run(args: AnalyzeArgs) -> anyhow::Result<()> {
     if batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    let embedder = Embedder::load(&args.model.model, &args.model.load_options())
-        .with_context(|| format!("loading model {}", args.model.model.display()))?;
+    let model = OpenedModel::open(&args.model, args.stream)?;
+    let setup = model.setup();
     let calibration = match (&args.calib, &args.data) {
         (Some(file), None) => {
-            CalibrationSet::from_file(embedder.setup(), file, &Prompt::None, budget.max_tokens)?
+            CalibrationSet::from_file(setup, file, &Prompt::None, budget.max_tokens)?
         }
-        (None, Some(dir)) => CalibrationSet::from_dataset(embedder.setup(), dir, &budget)?,
+        (None, Some(dir)) => CalibrationSet::from_dataset(setup, dir, &budget)?,
         _ => bail!("give calibration text with --calib FILE or --data DIR"),
     };
-    let bar = super::progress::progress_bar(
-        args.quiet,
-        calibration.texts.len() as u64,
-        "{spinner} analyzing {pos}/{len} texts [{elapsed_precise}<{eta_precise}]",
-    );
     let start = Instant::now();
-    let report = measure_importance(&embedder, &calibration.texts, batch_size, &mut |d| {
-        bar.set_position(d as u64)
-    })?;
-    bar.finish_and_clear();
+    let report = match &model {
+        OpenedModel::Loaded(embedder) => {
+            let bar = super::progress::progress_bar(
+                args.quiet,
+                calibration.texts.len() as u64,
+                "{spinner} analyzing {pos}/{len} texts [{elapsed_precise}<{eta_precise}]",
+            );
+            let report = measure_importance(embedder, &calibration.texts, batch_size, &mut |d| {
+                bar.set_position(d as u64)
+            })?;
+            bar.finish_and_clear();
+            report
+        }
+        OpenedModel::Streamed(stream) => {
+            let bar = super::progress::progress_bar(
+                args.quiet,
+                stream.shape().layers.len() as u64,
+                "{spinner} analyzing layer {pos}/{len} [{elapsed_precise}<{eta_precise}]",
+            );
+            let report =
+                measure_importance_streamed(stream, &calibration.texts, batch_size, &mut |d| {
+                    bar.set_position(d as u64)
+                })?;
+            bar.finish_and_clear();
+            report
+        }
+    };
     let seconds = start.elapsed().as_secs_f64();
 
     let name = args
@@ -122,5 +144,6 @@ pub fn run(args: AnalyzeArgs) -> anyhow::Result<()> {
         seconds * 1000.0 / report.tokens as f64,
         args.out.display()
     );
+    crate::peak_memory::report("analyze");
     Ok(())
 }

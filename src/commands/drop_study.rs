@@ -5,13 +5,16 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use effir_pipeline::compress::analysis::{measure_importance, ImportanceReport};
+use effir_pipeline::compress::analysis::{
+    measure_importance, measure_importance_streamed, ImportanceReport,
+};
 use effir_pipeline::compress::drop_study::drop_study;
 use effir_pipeline::data::beir::{DanglingPolicy, Dataset};
 use effir_pipeline::data::calibration::{CalibrationBudget, CalibrationSet};
 use effir_pipeline::eval::embedding_cache::EmbeddingCache;
 use effir_pipeline::eval::evaluation::{EvalSettings, Phase};
 use effir_pipeline::io::atomic_file::write_bytes_atomically;
+use effir_pipeline::model::layer_stream::LayerStream;
 use effir_pipeline::Embedder;
 
 use super::model_options::ModelArgs;
@@ -56,6 +59,39 @@ pub struct DropStudyArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Measure importance one layer at a time from the memory-mapped
+    /// weights (decoders), before the model is loaded whole for the
+    /// retrieval runs. Same report, bit for bit.
+    #[arg(long, conflicts_with = "importance")]
+    pub stream: bool,
+}
+
+/// The calibration budget of the importance measurement.
+fn calibration_budget(args: &DropStudyArgs) -> CalibrationBudget {
+    CalibrationBudget {
+        max_tokens: args.calib_tokens,
+        seed: args.seed,
+        ..Default::default()
+    }
+}
+
+/// Importance measured layer by layer (`--stream`).
+fn streamed_importance(args: &DropStudyArgs) -> anyhow::Result<ImportanceReport> {
+    let stream = LayerStream::open(&args.model.model, &args.model.load_options())
+        .with_context(|| format!("opening model {}", args.model.model.display()))?;
+    let calibration =
+        CalibrationSet::from_dataset(stream.setup(), &args.data, &calibration_budget(args))?;
+    let bar = super::progress::progress_bar(
+        args.quiet,
+        stream.shape().layers.len() as u64,
+        "{spinner} analyzing layer {pos}/{len} [{elapsed_precise}<{eta_precise}]",
+    );
+    let report =
+        measure_importance_streamed(&stream, &calibration.texts, args.batch_size, &mut |d| {
+            bar.set_position(d as u64)
+        })?;
+    bar.finish_and_clear();
+    Ok(report)
 }
 
 pub fn run(args: DropStudyArgs) -> anyhow::Result<()> {
@@ -70,14 +106,19 @@ pub fn run(args: DropStudyArgs) -> anyhow::Result<()> {
     if let Some(n) = args.doc_sample {
         dataset = dataset.with_document_sample(n, args.seed);
     }
+    let streamed = args
+        .stream
+        .then(|| streamed_importance(&args))
+        .transpose()?;
     let mut embedder = Embedder::load(&args.model.model, &args.model.load_options())
         .with_context(|| format!("loading model {}", args.model.model.display()))?;
     let layers = embedder.shape().layers.len();
     if let Some(k) = args.k.iter().find(|k| **k > layers) {
         bail!("--k {k}: the model has {layers} layers");
     }
-    let importance = match &args.importance {
-        Some(path) => {
+    let importance = match (&args.importance, streamed) {
+        (_, Some(report)) => report,
+        (Some(path), None) => {
             let report = ImportanceReport::read(path)?;
             if report.layers.len() != layers {
                 bail!(
@@ -110,13 +151,12 @@ pub fn run(args: DropStudyArgs) -> anyhow::Result<()> {
             }
             report
         }
-        None => {
-            let budget = CalibrationBudget {
-                max_tokens: args.calib_tokens,
-                seed: args.seed,
-                ..Default::default()
-            };
-            let calibration = CalibrationSet::from_dataset(embedder.setup(), &args.data, &budget)?;
+        (None, None) => {
+            let calibration = CalibrationSet::from_dataset(
+                embedder.setup(),
+                &args.data,
+                &calibration_budget(&args),
+            )?;
             let bar = super::progress::progress_bar(args.quiet, 0, super::progress::PHASE_TEMPLATE);
             bar.set_message("analyzing");
             bar.set_length(calibration.texts.len() as u64);

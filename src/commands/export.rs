@@ -93,6 +93,10 @@ pub struct ExportArgs {
     /// Store weight matrices as float16 (half the size; computed in float32).
     #[arg(long)]
     pub fp16: bool,
+    /// Store weight matrices as bfloat16 (a bf16 checkpoint's own values;
+    /// half the size; computed in float32).
+    #[arg(long, conflicts_with = "fp16")]
+    pub bf16: bool,
     /// Arithmetic of the transformer's linear layers [default: fp32]; the
     /// embedding tables and the pooling/Dense head stay float32.
     #[arg(long, value_enum)]
@@ -136,6 +140,11 @@ pub struct ExportArgs {
     /// int8 for TensorRT: quantize the output projections (attention output, MLP down) too; by default they stay float.
     #[arg(long)]
     pub qdq_all_products: bool,
+    /// Read the model one tensor at a time and write each weight into
+    /// model.onnx_data as it is made (models larger than memory; fp32 and
+    /// dynamic int8 products).
+    #[arg(long)]
+    pub stream: bool,
 }
 
 /// `configs/export.yaml`.
@@ -145,6 +154,7 @@ pub struct ExportConfig {
     pub profile: Option<ProfileArg>,
     pub opset: Option<i64>,
     pub fp16: Option<bool>,
+    pub bf16: Option<bool>,
     pub precision: Option<PrecisionArg>,
     pub int8_kernel: Option<Int8KernelArg>,
     pub target: Option<TargetArg>,
@@ -271,10 +281,16 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
                 ProfileArg::SentenceTransformers => Profile::SentenceTransformers,
             },
             opset: args.opset.or(config.opset).unwrap_or(DEFAULT_OPSET),
-            storage: if args.fp16 || config.fp16.unwrap_or(false) {
-                WeightStorage::Float16
-            } else {
-                WeightStorage::Float32
+            storage: match (
+                args.fp16 || config.fp16.unwrap_or(false),
+                args.bf16 || config.bf16.unwrap_or(false),
+            ) {
+                (true, true) => {
+                    bail!("--fp16 and --bf16 (or the config's fp16 and bf16) exclude each other")
+                }
+                (true, false) => WeightStorage::Float16,
+                (false, true) => WeightStorage::BFloat16,
+                (false, false) => WeightStorage::Float32,
             },
             precision,
         },
@@ -297,6 +313,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
             TargetArg::Tensorrt => Target::TensorRt,
         },
         overwrite: args.overwrite,
+        stream: args.stream,
         calibration,
         triton,
     };
@@ -353,5 +370,6 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
              validate the graph, or export with --int8-kernel u8u8 or reduce-range"
         );
     }
+    crate::peak_memory::report("export");
     Ok(())
 }

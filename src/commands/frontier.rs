@@ -167,6 +167,7 @@ pub fn run(args: FrontierArgs) -> anyhow::Result<()> {
             no_cache: false,
             providers: args.providers.clone(),
             quiet: args.quiet,
+            stream: false,
         };
         let report = validate(&validate_args).with_context(|| format!("validating `{name}`"))?;
         write_report(&report, &args.out.join("validations").join(name))?;

@@ -93,3 +93,50 @@ pub fn load_text_embedder(
         Box::new(embedder)
     })
 }
+
+/// A model as a command holds it: loaded whole, or opened for
+/// layer-at-a-time passes (`--stream`).
+pub enum OpenedModel {
+    Loaded(effir_pipeline::Embedder),
+    Streamed(effir_pipeline::model::layer_stream::LayerStream),
+}
+
+impl OpenedModel {
+    /// Opens the model of `model`, streamed when `stream` is set.
+    pub fn open(model: &ModelArgs, stream: bool) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let (dir, options) = (&model.model, model.load_options());
+        Ok(if stream {
+            Self::Streamed(
+                effir_pipeline::model::layer_stream::LayerStream::open(dir, &options)
+                    .with_context(|| format!("opening model {}", dir.display()))?,
+            )
+        } else {
+            Self::Loaded(
+                effir_pipeline::Embedder::load(dir, &options)
+                    .with_context(|| format!("loading model {}", dir.display()))?,
+            )
+        })
+    }
+
+    pub fn setup(&self) -> &effir_pipeline::EncoderSetup {
+        match self {
+            Self::Loaded(e) => e.setup(),
+            Self::Streamed(s) => s.setup(),
+        }
+    }
+
+    pub fn shape(&self) -> &effir_pipeline::ModelShape {
+        match self {
+            Self::Loaded(e) => e.shape(),
+            Self::Streamed(s) => s.shape(),
+        }
+    }
+
+    pub fn parameters(&self) -> anyhow::Result<effir_pipeline::ParameterReport> {
+        Ok(match self {
+            Self::Loaded(e) => e.parameters(),
+            Self::Streamed(s) => s.parameters()?,
+        })
+    }
+}

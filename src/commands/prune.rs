@@ -8,18 +8,20 @@ use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use effir_pipeline::compress::prune::{
     check_taylor_inputs, plan_pruning, stage_pruned_model, CoarseMode, CoarsePlan, FinePlan,
-    NeuronScore, PruneInputs, PrunePlan, PruneRecord,
+    NeuronScore, PruneInputs, PrunePlan, PruneRecord, SourceWeights,
 };
 use effir_pipeline::compress::reconstruct::{LayerFit, ReconstructPlan};
+use effir_pipeline::compress::streamed_prune::{check_streamable, plan_pruning_streamed};
 use effir_pipeline::data::calibration::{training_pairs, CalibrationBudget, CalibrationSet};
 use effir_pipeline::io::atomic_file::write_bytes_atomically;
 use effir_pipeline::io::model_card::{command_line, ModelCard};
 use effir_pipeline::io::recorded_path::relative_to;
 use effir_pipeline::io::transformers_loading::read_loading_form;
 use effir_pipeline::io::weights::load_all_tensors;
+use effir_pipeline::model::layer_stream::LayerStream;
 use effir_pipeline::{Embedder, ParameterReport, Prompt};
 
-use super::model_options::ModelArgs;
+use super::model_options::{ModelArgs, OpenedModel};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ModeArg {
@@ -96,6 +98,12 @@ pub struct PruneArgs {
     /// Texts per forward pass.
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
+    /// Stream the model one layer at a time from its memory-mapped files
+    /// and write the pruned weights tensor by tensor (decoders; models
+    /// larger than memory). One-shot or listed drops and activation scores
+    /// only.
+    #[arg(long)]
+    pub stream: bool,
 }
 
 fn flops_per_token(p: &ParameterReport, attention_width: &[usize], seq_len: usize) -> (f64, f64) {
@@ -129,18 +137,34 @@ fn reconstruction_table(fits: &[LayerFit]) -> String {
     md
 }
 
-fn report(before: &Embedder, after: &Embedder) -> String {
-    let seq = before.text_encoder().max_length();
-    let widths = |e: &Embedder| {
-        e.shape()
-            .layers
-            .iter()
-            .map(|l| l.num_heads * l.head_dim)
-            .collect::<Vec<_>>()
-    };
-    let (pb, pa) = (before.parameters(), after.parameters());
-    let (ab, mb) = flops_per_token(&pb, &widths(before), seq);
-    let (aa, ma) = flops_per_token(&pa, &widths(after), seq);
+/// What a model's size report reads: parameters, attention widths and
+/// the sequence length FLOPs are counted at.
+struct Size {
+    parameters: ParameterReport,
+    attention_widths: Vec<usize>,
+    seq: usize,
+}
+
+impl Size {
+    fn of(source: &OpenedModel) -> anyhow::Result<Self> {
+        Ok(Self {
+            parameters: source.parameters()?,
+            attention_widths: source
+                .shape()
+                .layers
+                .iter()
+                .map(|l| l.num_heads * l.head_dim)
+                .collect(),
+            seq: source.setup().text.max_length(),
+        })
+    }
+}
+
+fn report(before: &Size, after: &Size) -> String {
+    let seq = before.seq;
+    let (pb, pa) = (&before.parameters, &after.parameters);
+    let (ab, mb) = flops_per_token(pb, &before.attention_widths, seq);
+    let (aa, ma) = flops_per_token(pa, &after.attention_widths, seq);
     let sum = |p: &ParameterReport,
                f: fn(&effir_pipeline::model::embedder::LayerParameterReport) -> usize|
      -> usize { p.layers.iter().map(f).sum() };
@@ -158,13 +182,13 @@ fn report(before: &Embedder, after: &Embedder) -> String {
     );
     md += &row(
         "attention parameters",
-        sum(&pb, |l| l.attention) as f64,
-        sum(&pa, |l| l.attention) as f64,
+        sum(pb, |l| l.attention) as f64,
+        sum(pa, |l| l.attention) as f64,
     );
     md += &row(
         "MLP parameters",
-        sum(&pb, |l| l.mlp) as f64,
-        sum(&pa, |l| l.mlp) as f64,
+        sum(pb, |l| l.mlp) as f64,
+        sum(pa, |l| l.mlp) as f64,
     );
     md += &row("head (Dense) parameters", pb.head as f64, pa.head as f64);
     md += &row("total parameters", pb.total as f64, pa.total as f64);
@@ -212,10 +236,12 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
             args.out.display()
         );
     }
-    let mut embedder = Embedder::load(&args.model.model, &args.model.load_options())
-        .with_context(|| format!("loading model {}", args.model.model.display()))?;
+    let mut source = OpenedModel::open(&args.model, args.stream)?;
     // Every check on the plan before any work.
-    plan.validate(embedder.shape())?;
+    plan.validate(source.shape())?;
+    if args.stream {
+        check_streamable(&plan, source.shape())?;
+    }
     let taylor = plan
         .fine
         .as_ref()
@@ -225,10 +251,10 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
     }
     let calibration = match (&args.calib, &args.data) {
         (Some(file), None) => {
-            CalibrationSet::from_file(embedder.setup(), file, &Prompt::None, args.calib_tokens)?
+            CalibrationSet::from_file(source.setup(), file, &Prompt::None, args.calib_tokens)?
         }
         (None, Some(dir)) => CalibrationSet::from_dataset(
-            embedder.setup(),
+            source.setup(),
             dir,
             &CalibrationBudget {
                 queries: args.calib_queries,
@@ -241,41 +267,63 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
     };
     let pairs = match (&args.data, taylor) {
         (_, false) => Vec::new(),
-        (Some(dir), true) => training_pairs(embedder.setup(), dir, &args.pairs_split, args.taylor_pairs, args.seed)?,
+        (Some(dir), true) => training_pairs(source.setup(), dir, &args.pairs_split, args.taylor_pairs, args.seed)?,
         (None, true) => bail!("Taylor scores need query-document pairs: give --data DIR (a BEIR dataset with a {} split)", args.pairs_split),
     };
     if taylor {
         check_taylor_inputs(pairs.len(), args.batch_size)
             .with_context(|| format!("the {} split of --data", args.pairs_split))?;
     }
-    let tensors = load_all_tensors(&args.model.model)?;
     let start = Instant::now();
-    let result = plan_pruning(
-        &mut embedder,
-        &tensors,
-        &plan,
-        PruneInputs {
-            calibration: &calibration.texts,
-            pairs: &pairs,
-            batch_size: args.batch_size,
-        },
-        &mut |step| eprintln!("{step} …"),
-    )?;
+    let inputs = PruneInputs {
+        calibration: &calibration.texts,
+        pairs: &pairs,
+        batch_size: args.batch_size,
+    };
+    let mut progress = |step: &str| eprintln!("{step} …");
     // Everything, reports and card included, is written into a staging
     // directory that becomes `--out` at the end: a killed run leaves no
     // partial model.
-    let staged = stage_pruned_model(
-        &args.model.model,
-        &args.out,
-        tensors,
-        &embedder.setup().config,
-        &plan,
-        &result,
-    )?;
+    let (result, staged) = match &mut source {
+        OpenedModel::Loaded(embedder) => {
+            let tensors = load_all_tensors(&args.model.model)?;
+            let result = plan_pruning(embedder, &tensors, &plan, inputs, &mut progress)?;
+            let staged = stage_pruned_model(
+                &args.model.model,
+                &args.out,
+                SourceWeights::Loaded(tensors),
+                &embedder.setup().config,
+                &plan,
+                &result,
+            )?;
+            (result, staged)
+        }
+        OpenedModel::Streamed(stream) => {
+            let result = plan_pruning_streamed(stream, &plan, inputs, &mut progress)?;
+            progress("writing the pruned weights, tensor by tensor");
+            let staged = stage_pruned_model(
+                &args.model.model,
+                &args.out,
+                SourceWeights::Streamed(stream.store()),
+                &stream.setup().config,
+                &plan,
+                &result,
+            )?;
+            (result, staged)
+        }
+    };
     let dir = staged.path().to_path_buf();
-    let pruned = Embedder::load(&dir, &args.model.load_options())
-        .with_context(|| format!("re-loading the pruned model {}", dir.display()))?;
-    let parameters = report(&embedder, &pruned);
+    let pruned = match &source {
+        OpenedModel::Loaded(_) => OpenedModel::Loaded(
+            Embedder::load(&dir, &args.model.load_options())
+                .with_context(|| format!("re-loading the pruned model {}", dir.display()))?,
+        ),
+        OpenedModel::Streamed(_) => OpenedModel::Streamed(
+            LayerStream::open(&dir, &args.model.load_options())
+                .with_context(|| format!("re-opening the pruned model {}", dir.display()))?,
+        ),
+    };
+    let parameters = report(&Size::of(&source)?, &Size::of(&pruned)?);
     let mut table = parameters.clone();
     if let Some(reconstruction) = &result.reconstruction {
         table += &reconstruction_table(&reconstruction.fits);
@@ -308,7 +356,10 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
         "Recovery",
         "None: pruned only, not fine-tuned. `effir finetune` recovers quality.",
     )
-    .section("Precision", "float32 safetensors (`model.safetensors`).")
+    .section(
+        "Precision",
+        "The source's dtype (sliced, not converted), in safetensors.",
+    )
     .section(
         "Loading in transformers",
         read_loading_form(&dir)?.describe(),
@@ -318,7 +369,9 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
         format!("```sh\n{}\n```", command_line(&args.out)),
     )
     .write(&dir, &args.model.model, &args.out)?;
+    drop(pruned);
     staged.publish(&args.out)?;
     print!("{md}");
+    crate::peak_memory::report("prune");
     Ok(())
 }

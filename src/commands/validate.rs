@@ -19,7 +19,8 @@ use effir_pipeline::eval::evaluation::{EvalSettings, Phase};
 use effir_pipeline::io::atomic_file::write_bytes_atomically;
 use effir_pipeline::io::model_card::{command_line, update_section};
 use effir_pipeline::io::recorded_path::resolve;
-use effir_pipeline::{Embedder, LoadOptions};
+use effir_pipeline::model::layer_stream::LayerStream;
+use effir_pipeline::{Embedder, LoadOptions, TextEmbedder};
 
 use super::provider_options::ProviderArgs;
 
@@ -76,6 +77,28 @@ pub struct ValidateArgs {
     pub providers: ProviderArgs,
     #[arg(long)]
     pub quiet: bool,
+    /// Run the candle side one layer at a time from the memory-mapped
+    /// weights (decoders; models larger than memory). Same embeddings.
+    #[arg(long)]
+    pub stream: bool,
+}
+
+/// The candle side of the comparison: loaded whole, or streamed.
+fn open_candle(
+    dir: &Path,
+    options: &LoadOptions,
+    stream: bool,
+) -> anyhow::Result<Box<dyn TextEmbedder>> {
+    Ok(if stream {
+        Box::new(
+            LayerStream::open(dir, options)
+                .with_context(|| format!("opening {}", dir.display()))?,
+        )
+    } else {
+        Box::new(
+            Embedder::load(dir, options).with_context(|| format!("loading {}", dir.display()))?,
+        )
+    })
 }
 
 pub fn run(args: ValidateArgs) -> anyhow::Result<()> {
@@ -172,11 +195,10 @@ pub fn validate(args: &ValidateArgs) -> anyhow::Result<ValidationReport> {
 
     // Parity: the same texts through the graph and through candle.
     bar.set_message("parity");
-    let candle = Embedder::load(&candle_model, &options)
-        .with_context(|| format!("loading {}", candle_model.display()))?;
+    let candle = open_candle(&candle_model, &options, args.stream)?;
     let format = TextFormat::for_model(candle.setup(), None, None)?;
     let texts = parity_texts(&datasets[0], &format, args.parity_texts);
-    let parity = check_parity(&candidate, &candle, &texts, args.batch_size)?;
+    let parity = check_parity(&candidate, candle.as_ref(), &texts, args.batch_size)?;
 
     // Quality: the candidate through ONNX Runtime vs the reference in candle.
     let quality = if gates.wants_quality() {
@@ -184,8 +206,7 @@ pub fn validate(args: &ValidateArgs) -> anyhow::Result<ValidationReport> {
             candle
         } else {
             drop(candle);
-            Embedder::load(&args.reference, &options)
-                .with_context(|| format!("loading reference {}", args.reference.display()))?
+            open_candle(&args.reference, &options, args.stream).context("the reference model")?
         };
         let eval = EvalSettings {
             batch_size: args.batch_size,
@@ -200,7 +221,7 @@ pub fn validate(args: &ValidateArgs) -> anyhow::Result<ValidationReport> {
             .iter()
             .map(|dataset| {
                 check_quality(
-                    &reference,
+                    reference.as_ref(),
                     &candidate,
                     dataset,
                     &eval,

@@ -1,0 +1,44 @@
+"""The texts of one split's queries of a BEIR dataset, as JSONL
+({"text": ...} per line), for label-free distillation on query text
+(`effir finetune --train-texts`): only the queries, never their judgements.
+
+    python3 scripts/beir-query-texts.py DATASET SPLIT OUT.jsonl
+"""
+import csv
+import gzip
+import json
+import os
+import sys
+
+
+def open_text(path):
+    if os.path.exists(path):
+        return open(path, encoding="utf-8")
+    return gzip.open(path + ".gz", "rt", encoding="utf-8")
+
+
+def main():
+    dataset, split, out = sys.argv[1:]
+    ids = set()
+    with open(os.path.join(dataset, "qrels", f"{split}.tsv"), encoding="utf-8") as f:
+        for row in csv.reader(f, delimiter="\t"):
+            if row and row[0] != "query-id":
+                ids.add(row[0])
+    texts = []
+    with open_text(os.path.join(dataset, "queries.jsonl")) as f:
+        for line in f:
+            query = json.loads(line)
+            if query["_id"] in ids:
+                texts.append(query["text"])
+    if not texts:
+        sys.exit(f"{dataset}: no queries of split {split}")
+    tmp = out + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for text in texts:
+            f.write(json.dumps({"text": text}) + "\n")
+    os.replace(tmp, out)
+    print(f"{out}: {len(texts)} queries of {dataset} {split}")
+
+
+if __name__ == "__main__":
+    main()
