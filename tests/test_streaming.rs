@@ -79,6 +79,14 @@ fn streamed_embeddings_are_the_whole_model_embeddings_bit_for_bit() {
         let expected = whole.embed(&TEXTS, "query: ", 2, &mut |_| {}).unwrap();
         let got = stream.embed(&TEXTS, "query: ", 2, &mut |_| {}).unwrap();
         assert_eq!(got, expected, "{}", dir.display());
+        // In groups of a batch or two (a pass over the layers each): the same.
+        let mut done = Vec::new();
+        let grouped = stream
+            .embed_in_groups(&TEXTS, "query: ", 2, 40, &mut |d| done.push(d))
+            .unwrap();
+        assert_eq!(grouped, expected, "{}", dir.display());
+        assert!(done.len() > 1, "one group: {done:?}");
+        assert_eq!(done.last(), Some(&TEXTS.len()));
         assert_eq!(stream.dimension(), whole.dimension());
         assert_eq!(stream.parameters().unwrap(), whole.parameters());
     }

@@ -278,11 +278,25 @@ impl LayerStream {
         batch_size: usize,
         progress: &mut dyn FnMut(usize),
     ) -> Result<Array2<f32>> {
+        self.embed_in_groups(texts, prefix, batch_size, EMBED_GROUP_TOKENS, progress)
+    }
+
+    /// [`LayerStream::embed`], holding the residual streams of at most
+    /// `group_tokens` padded tokens at once (one pass over the layers per
+    /// group; the embeddings do not depend on it).
+    pub fn embed_in_groups<S: AsRef<str>>(
+        &self,
+        texts: &[S],
+        prefix: &str,
+        batch_size: usize,
+        group_tokens: usize,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Array2<f32>> {
         let head = self.head()?;
         let batches = self.batches(texts, prefix, batch_size)?;
         let mut out = Array2::<f32>::zeros((texts.len(), head.dimension()));
         let mut done = 0;
-        for group in token_groups(&batches, EMBED_GROUP_TOKENS) {
+        for group in token_groups(&batches, group_tokens) {
             let hidden =
                 self.hidden_states(group, &mut crate::model::arch::NoHooks, &mut |_| {})?;
             for (batch, hidden) in group.iter().zip(hidden) {
