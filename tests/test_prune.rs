@@ -20,14 +20,7 @@ use effir_pipeline::{Embedder, LoadOptions};
 
 const SAME: f32 = 1e-5;
 
-const CALIBRATION: [&str; 6] = [
-    "The quick brown fox jumps over the lazy dog near the river bank today.",
-    "hello world",
-    "Dense retrieval with pruned MLP layers keeps attention intact.",
-    "Numbers 12 345 and symbols % & $ appear here.",
-    "abcdefghijklmnopqrstuvwxyz",
-    "pruning mlp sub layers keeps attention layers intact",
-];
+const CALIBRATION: [&str; 6] = common::SAMPLE_TEXTS;
 
 fn calibration() -> Vec<String> {
     CALIBRATION.iter().map(|s| s.to_string()).collect()

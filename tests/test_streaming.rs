@@ -21,18 +21,15 @@ use effir_pipeline::model::layer_stream::LayerStream;
 use effir_pipeline::model::synthetic::{write_synthetic_model, SyntheticShape};
 use effir_pipeline::{Embedder, LoadOptions};
 
-const TEXTS: [&str; 7] = [
-    "The quick brown fox jumps over the lazy dog near the river bank today.",
-    "hello world",
-    "Dense retrieval with pruned MLP layers keeps attention intact.",
-    "Numbers 12 345 and symbols % & $ appear here.",
-    "abcdefghijklmnopqrstuvwxyz",
-    "pruning mlp sub layers keeps attention layers intact",
-    "a",
-];
+/// The shared sample texts and a one-letter one.
+fn text_refs() -> Vec<&'static str> {
+    let mut texts = common::SAMPLE_TEXTS.to_vec();
+    texts.push("a");
+    texts
+}
 
 fn texts() -> Vec<String> {
-    TEXTS.iter().map(|s| s.to_string()).collect()
+    text_refs().into_iter().map(String::from).collect()
 }
 
 /// The synthetic `tiny` Llama in bf16 shards (the layout of the paper-scale
@@ -76,17 +73,21 @@ fn streamed_embeddings_are_the_whole_model_embeddings_bit_for_bit() {
     for dir in decoders(work.path()) {
         let whole = Embedder::load(&dir, &LoadOptions::default()).unwrap();
         let stream = LayerStream::open(&dir, &LoadOptions::default()).unwrap();
-        let expected = whole.embed(&TEXTS, "query: ", 2, &mut |_| {}).unwrap();
-        let got = stream.embed(&TEXTS, "query: ", 2, &mut |_| {}).unwrap();
+        let expected = whole
+            .embed(&text_refs(), "query: ", 2, &mut |_| {})
+            .unwrap();
+        let got = stream
+            .embed(&text_refs(), "query: ", 2, &mut |_| {})
+            .unwrap();
         assert_eq!(got, expected, "{}", dir.display());
         // In groups of a batch or two (a pass over the layers each): the same.
         let mut done = Vec::new();
         let grouped = stream
-            .embed_in_groups(&TEXTS, "query: ", 2, 40, &mut |d| done.push(d))
+            .embed_in_groups(&text_refs(), "query: ", 2, 40, &mut |d| done.push(d))
             .unwrap();
         assert_eq!(grouped, expected, "{}", dir.display());
         assert!(done.len() > 1, "one group: {done:?}");
-        assert_eq!(done.last(), Some(&TEXTS.len()));
+        assert_eq!(done.last(), Some(&text_refs().len()));
         assert_eq!(stream.dimension(), whole.dimension());
         assert_eq!(stream.parameters().unwrap(), whole.parameters());
     }
@@ -180,7 +181,7 @@ fn a_streamed_prune_decides_and_writes_what_the_whole_model_run_does() {
         // And the streamed pruned model runs.
         let pruned = Embedder::load(&streamed_out, &LoadOptions::default()).unwrap();
         assert!(pruned
-            .embed(&TEXTS, "", 4, &mut |_| {})
+            .embed(&text_refs(), "", 4, &mut |_| {})
             .unwrap()
             .iter()
             .all(|v| v.is_finite()));
@@ -290,7 +291,7 @@ fn what_streaming_cannot_do_is_refused_before_anything_is_written() {
     let work = tempfile::tempdir().unwrap();
     let tiny = synthetic_tiny(work.path());
     let calib = work.path().join("calib.txt");
-    std::fs::write(&calib, TEXTS.join("\n")).unwrap();
+    std::fs::write(&calib, text_refs().join("\n")).unwrap();
     let out = work.path().join("out");
     let prune = |model: &Path, plan: &[&str]| {
         let mut args = vec![
@@ -382,7 +383,7 @@ fn a_streamed_prune_of_a_200m_model_stays_within_its_weight_size() {
     .unwrap();
     let bound = (1.3 * weight_bytes as f64) as u64;
     let calib = work.path().join("calib.txt");
-    std::fs::write(&calib, TEXTS.join("\n")).unwrap();
+    std::fs::write(&calib, text_refs().join("\n")).unwrap();
     let prune = |stream: bool| {
         let out = work.path().join(format!("pruned-{stream}"));
         let mut args = vec![

@@ -7,6 +7,17 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 
 /// Minimum cosine similarity between an effir embedding and its reference.
+/// Varied short texts (sentences, numbers and symbols, a run of letters)
+/// that tests calibrate and embed with.
+pub const SAMPLE_TEXTS: [&str; 6] = [
+    "The quick brown fox jumps over the lazy dog near the river bank today.",
+    "hello world",
+    "Dense retrieval with pruned MLP layers keeps attention intact.",
+    "Numbers 12 345 and symbols % & $ appear here.",
+    "abcdefghijklmnopqrstuvwxyz",
+    "pruning mlp sub layers keeps attention layers intact",
+];
+
 pub const MIN_COSINE: f64 = 0.99999;
 /// Maximum absolute difference of any embedding or hidden-state component.
 pub const MAX_ABS_DIFF: f32 = 1e-4;

@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::model::arch::{ForwardHooks, ModelInput, Sublayer};
 use crate::model::embedder::Embedder;
-use crate::model::layer_stream::LayerStream;
+use crate::model::layer_stream::{LayerStream, StreamBatch};
 
 /// Importance of one layer's parts; `None` for a sub-layer that is absent or
 /// skipped.
@@ -221,14 +221,24 @@ pub fn measure_importance_streamed<S: AsRef<str>>(
 ) -> Result<ImportanceReport> {
     let _span = tracing::info_span!("analyze (streamed)", texts = texts.len()).entered();
     let batches = stream.batches(texts, "", batch_size)?;
+    importance_of_batches(stream, &batches, progress)
+}
+
+/// [`measure_importance_streamed`] on texts already batched by
+/// [`LayerStream::batches`] (a pruning run reuses them for its second pass).
+pub fn importance_of_batches(
+    stream: &LayerStream,
+    batches: &[StreamBatch],
+    progress: &mut dyn FnMut(usize),
+) -> Result<ImportanceReport> {
     let (mut tokens, mut used_texts) = (0, 0);
-    for batch in &batches {
+    for batch in batches {
         let (batch_tokens, batch_texts) = count_tokens(&batch.input)?;
         tokens += batch_tokens;
         used_texts += batch_texts;
     }
     let mut meter = CosineDistanceMeter::new(stream.shape().layers.len());
-    stream.hidden_states(&batches, &mut meter, progress)?;
+    stream.hidden_states(batches, &mut meter, progress)?;
     meter.report(used_texts, tokens)
 }
 

@@ -12,7 +12,7 @@
 //! (fits that need the repaired model's inputs) are refused with a clear
 //! error rather than run slowly.
 
-use crate::compress::analysis::measure_importance_streamed;
+use crate::compress::analysis::importance_of_batches;
 use crate::compress::prune::{
     drops_without_remeasuring, initial_decisions, narrow, neuron_scores, ActivationMeter,
     NeuronScore, PruneInputs, PrunePlan, PruneResult,
@@ -66,16 +66,16 @@ pub fn plan_pruning_streamed(
     check_streamable(plan, &source_shape)?;
     let layers = source_shape.layers.len();
     progress("measuring sub-layer importance, layer by layer");
-    let importance =
-        measure_importance_streamed(stream, inputs.calibration, inputs.batch_size, &mut |done| {
-            tracing::debug!(done, layers, "importance")
-        })?;
+    // One tokenization and batching for both passes.
+    let batches = stream.batches(inputs.calibration, "", inputs.batch_size)?;
+    let importance = importance_of_batches(stream, &batches, &mut |done| {
+        tracing::debug!(done, layers, "importance")
+    })?;
     let dropped = drops_without_remeasuring(plan, &source_shape, &importance)
         .expect("check_streamable refused iterative plans");
     let mut mlps = initial_decisions(&source_shape, &dropped);
     if let Some(fine) = &plan.fine {
         progress("measuring neuron activations, layer by layer");
-        let batches = stream.batches(inputs.calibration, "", inputs.batch_size.max(1))?;
         let skipped = SkippedSublayers {
             mlp: dropped.iter().copied().collect(),
             ..Default::default()
