@@ -112,9 +112,15 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
             TrainingData::Pairs(e) => effir_pipeline::finetune::data::fingerprint(e),
             TrainingData::Texts(t) => effir_pipeline::finetune::texts::fingerprint(t),
         };
+        // Gradient checkpointing changes memory, not results: a run that
+        // ran out of memory resumes with it switched on.
+        let results_settings = FinetuneConfig {
+            gradient_checkpointing: false,
+            ..config.clone()
+        };
         h.push_str(&format!(
             "|{}|{}|{}",
-            serde_json::to_string(&config)?,
+            serde_json::to_string(&results_settings)?,
             args.model.display(),
             args.split
         ));
@@ -224,6 +230,7 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
             .map(|(s, step)| format!(", best dev {s:.4} at step {step}"))
             .unwrap_or_default()
     );
+    crate::peak_memory::report("finetune");
     Ok(())
 }
 

@@ -139,6 +139,13 @@ pub struct FinetuneConfig {
     pub keep_checkpoints: usize,
     /// Token embeddings stay frozen (full fine-tuning).
     pub freeze_embeddings: bool,
+    /// Keep only each layer's input during the forward pass and recompute
+    /// the layer in the backward pass: one more forward pass of compute for
+    /// activation memory of one layer instead of all
+    /// ([`crate::finetune::gradient_checkpointing`]). Results are unchanged,
+    /// so a run may resume with it switched on or off.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub gradient_checkpointing: bool,
     pub lora: Option<LoraSettings>,
     pub distillation: Option<DistillationSettings>,
     pub embedding_distillation: Option<EmbeddingDistillationSettings>,
@@ -166,6 +173,7 @@ impl Default for FinetuneConfig {
             checkpoint_every: 50,
             keep_checkpoints: 2,
             freeze_embeddings: true,
+            gradient_checkpointing: false,
             lora: None,
             distillation: None,
             embedding_distillation: None,

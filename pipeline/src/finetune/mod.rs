@@ -11,6 +11,8 @@
 //! - [`optimizer`]: AdamW, schedule, clipping;
 //! - [`lora`]: adapters and merging;
 //! - [`checkpoint`]: saving and restoring the whole training state;
+//! - [`gradient_checkpointing`]: recomputing layers in the backward pass
+//!   instead of keeping their activations;
 //! - [`teacher`]: the distillation teacher's cached embeddings;
 //! - [`trainer`]: the loop;
 //! - [`record`]: what a run writes into its output (`effir_finetune.json`).
@@ -18,6 +20,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod gradient_checkpointing;
 pub mod lora;
 pub mod objective;
 pub mod optimizer;

@@ -11,12 +11,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::Instant;
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use serde::Serialize;
 
 use super::checkpoint::{self, LoopState};
 use super::config::{FinetuneConfig, Objective};
 use super::data::TrainingExample;
+use super::gradient_checkpointing::{backpropagate_stems, embed_checkpointed, Checkpointed};
 use super::objective::{
     candidate_scores, distillation_kl, embedding_distance, info_nce, similarity_kl,
 };
@@ -139,12 +141,49 @@ fn prepare_weights(model: &Path, config: &FinetuneConfig) -> Result<Weights> {
     Ok(Weights { all, vars })
 }
 
-/// Embeddings `(N, D)` of already formatted texts, tracked for gradients.
-fn embed_tracked(embedder: &Embedder, texts: &[&str]) -> Result<Tensor> {
-    let encoded = embedder.encode_texts(texts, "")?;
-    let refs: Vec<&EncodedText> = encoded.iter().collect();
-    let input = embedder.batch(&refs)?;
-    embedder.embed_batch(&input)
+/// The forward passes of one micro-batch: ordinary ones, whose graphs the
+/// loss's backward pass walks whole, or checkpointed ones
+/// (`gradient_checkpointing`), kept for [`Passes::backward`] to recompute
+/// layer by layer.
+struct Passes<'a> {
+    embedder: &'a Embedder,
+    checkpointed: Option<Vec<Checkpointed>>,
+}
+
+impl<'a> Passes<'a> {
+    fn new(embedder: &'a Embedder, config: &FinetuneConfig) -> Self {
+        Self {
+            embedder,
+            checkpointed: config.gradient_checkpointing.then(Vec::new),
+        }
+    }
+
+    /// Embeddings `(N, D)` of already formatted texts, tracked for gradients.
+    fn embed(&mut self, texts: &[&str]) -> Result<Tensor> {
+        let encoded = self.embedder.encode_texts(texts, "")?;
+        let refs: Vec<&EncodedText> = encoded.iter().collect();
+        let input = self.embedder.batch(&refs)?;
+        match &mut self.checkpointed {
+            None => self.embedder.embed_batch(&input),
+            Some(kept) => {
+                let (embeddings, pass) = embed_checkpointed(self.embedder, &input)?;
+                kept.push(pass);
+                Ok(embeddings)
+            }
+        }
+    }
+
+    /// The gradients of `loss` with respect to `parameters` (and, without
+    /// checkpointing, everything else it depends on).
+    fn backward(self, loss: &Tensor, parameters: &[&Tensor]) -> Result<GradStore> {
+        let mut grads = loss.backward()?;
+        let mut stems = Vec::new();
+        for pass in self.checkpointed.into_iter().flatten() {
+            stems.extend(pass.backpropagate_layers(self.embedder, parameters, &mut grads)?);
+        }
+        backpropagate_stems(&stems, parameters, &mut grads)?;
+        Ok(grads)
+    }
 }
 
 /// The values of a micro-batch's loss terms.
@@ -162,15 +201,15 @@ fn scalar(t: &Tensor) -> Result<f64> {
 
 /// The loss of one micro-batch and its parts.
 fn batch_loss(
-    embedder: &Embedder,
+    passes: &mut Passes,
     batch: &Batch,
     config: &FinetuneConfig,
     teacher: Option<&TeacherEmbeddings>,
 ) -> Result<(Tensor, LossParts)> {
     match batch {
-        Batch::Pairs(pairs) => pairs_loss(embedder, pairs, config, teacher),
+        Batch::Pairs(pairs) => pairs_loss(passes, pairs, config, teacher),
         Batch::Texts(texts) => {
-            let student = embed_tracked(embedder, texts)?;
+            let student = passes.embed(texts)?;
             let teacher = teacher.ok_or_else(|| {
                 Error::InvalidArgument("label-free distillation without a teacher".into())
             })?;
@@ -208,7 +247,7 @@ fn embedding_terms(
 /// the weighted KL to the teacher's scores over each query's own
 /// candidates, plus (`combined`) the label-free terms on every text.
 fn pairs_loss(
-    embedder: &Embedder,
+    passes: &mut Passes,
     batch: &[Sampled],
     config: &FinetuneConfig,
     teacher: Option<&TeacherEmbeddings>,
@@ -218,8 +257,8 @@ fn pairs_loss(
     for s in batch {
         docs.extend(s.negatives.iter().copied());
     }
-    let q = embed_tracked(embedder, &queries)?;
-    let d = embed_tracked(embedder, &docs)?;
+    let q = passes.embed(&queries)?;
+    let d = passes.embed(&docs)?;
     let nce = info_nce(&q, &d, config.temperature)?;
     let mut parts = LossParts {
         info_nce: Some(scalar(&nce)?),
@@ -286,7 +325,11 @@ pub fn loss_of_examples(
                 .collect(),
         })
         .collect();
-    Ok(pairs_loss(&embedder, &batch, config, None)?.0)
+    let mut passes = Passes {
+        embedder: &embedder,
+        checkpointed: None,
+    };
+    Ok(pairs_loss(&mut passes, &batch, config, None)?.0)
 }
 
 /// The label-free distillation loss of `texts` against the teacher's
@@ -300,7 +343,11 @@ pub fn distillation_loss_of_texts(
     config: &FinetuneConfig,
 ) -> Result<Tensor> {
     let embedder = embedder_with(model, tensors, config)?;
-    let student = embed_tracked(&embedder, texts)?;
+    let student = Passes {
+        embedder: &embedder,
+        checkpointed: None,
+    }
+    .embed(texts)?;
     embedding_terms(&student, teacher, config, &mut LossParts::default())
 }
 
@@ -732,16 +779,18 @@ fn accumulate_gradients(
             *total.get_or_insert(0.0) += v / micro_batches;
         }
     };
+    let parameters: Vec<&Tensor> = weights.vars.values().map(Var::as_tensor).collect();
     for _ in 0..config.gradient_accumulation {
         let batch = next_batch(data, config, state, order);
-        let (loss, parts) = batch_loss(embedder, &batch, config, teacher)?;
+        let mut passes = Passes::new(embedder, config);
+        let (loss, parts) = batch_loss(&mut passes, &batch, config, teacher)?;
         let scaled = (loss / micro_batches)?;
         step.loss += scaled.to_scalar::<f32>()? as f64;
         add(&mut step.parts.info_nce, parts.info_nce);
         add(&mut step.parts.distillation, parts.distillation);
         add(&mut step.parts.embedding_distance, parts.embedding_distance);
         add(&mut step.parts.similarity_kl, parts.similarity_kl);
-        let store = scaled.backward()?;
+        let store = passes.backward(&scaled, &parameters)?;
         for (name, var) in &weights.vars {
             if let Some(g) = store.get(var.as_tensor()) {
                 let g = g.detach();

@@ -9,8 +9,8 @@ use ndarray::Array2;
 use crate::error::{Error, Result};
 use crate::io::weights;
 use crate::model::arch::{
-    Architecture, Backbone, ForwardHooks, LayerParameters, ModelInput, SkippedSublayers,
-    WithSkipped,
+    Architecture, Backbone, ForwardHooks, LayerContext, LayerParameters, ModelInput,
+    SkippedSublayers, WithSkipped,
 };
 use crate::model::encoder_setup::{EncoderSetup, LoadOptions, Prompt};
 use crate::model::head::EmbeddingHead;
@@ -226,6 +226,37 @@ impl Embedder {
     /// Embeddings of one batch, `(B, D)`.
     pub fn embed_batch(&self, input: &ModelInput) -> Result<Tensor> {
         let hidden = self.hidden_states(input)?;
+        self.head.forward(&hidden, &input.attention_mask)
+    }
+
+    /// [`Embedder::embed_batch`] in pieces, for passes that keep only what
+    /// enters each layer (gradient checkpointing): the residual stream
+    /// entering layer 0 and what the batch's layers share. Then
+    /// [`Embedder::layer`] for each of [`Embedder::layer_count`] layers and
+    /// [`Embedder::finish`] give the same embeddings, operation for
+    /// operation.
+    pub fn begin(&self, input: &ModelInput) -> Result<(Tensor, LayerContext)> {
+        self.backbone.begin(input)
+    }
+
+    /// Layer `i` on the residual stream `x`, bypassing the embedder's
+    /// skipped sub-layers.
+    pub fn layer(&self, i: usize, x: Tensor, context: &LayerContext) -> Result<Tensor> {
+        self.backbone
+            .layer(i, x, context, &mut WithSkipped {
+                skipped: &self.skipped,
+                hooks: &mut crate::model::arch::NoHooks,
+            })
+    }
+
+    pub fn layer_count(&self) -> usize {
+        self.backbone.layer_count()
+    }
+
+    /// The embeddings `(B, D)` from the residual stream leaving the last
+    /// layer: final norm (decoders), pooling and the head.
+    pub fn finish(&self, x: Tensor, input: &ModelInput) -> Result<Tensor> {
+        let hidden = self.backbone.finish(x)?;
         self.head.forward(&hidden, &input.attention_mask)
     }
 

@@ -317,22 +317,46 @@ impl Model {
         hooks: &mut dyn ForwardHooks,
     ) -> CandleResult<Tensor> {
         let bias = padding_bias(&input.attention_mask)?;
-        let mut x = self.embeddings.forward(input)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let layer_in = x.clone();
-            if !hooks.skip(i, Sublayer::Attention) {
-                let out = layer.attention.forward(&x, bias.as_ref())?;
-                hooks.observe(i, Sublayer::Attention, &x, &out)?;
-                x = out;
-            }
-            if let Some(mlp) = layer.mlp.as_ref().filter(|_| !hooks.skip(i, Sublayer::Mlp)) {
-                let out = mlp.forward(&x, i, hooks)?;
-                hooks.observe(i, Sublayer::Mlp, &x, &out)?;
-                x = out;
-            }
-            hooks.observe(i, Sublayer::Block, &layer_in, &x)?;
+        let mut x = self.embed(input)?;
+        for i in 0..self.layers.len() {
+            x = self.layer_forward(i, x, bias.as_ref(), hooks)?;
         }
         Ok(x)
+    }
+
+    /// The residual stream entering layer 0 (embeddings and their norm).
+    pub(crate) fn embed(&self, input: &ModelInput) -> CandleResult<Tensor> {
+        self.embeddings.forward(input)
+    }
+
+    /// Runs layer `i` on the residual stream `x`; `bias` is the batch's
+    /// [`padding_bias`].
+    pub(crate) fn layer_forward(
+        &self,
+        i: usize,
+        x: Tensor,
+        bias: Option<&Tensor>,
+        hooks: &mut dyn ForwardHooks,
+    ) -> CandleResult<Tensor> {
+        let layer = &self.layers[i];
+        let layer_in = x.clone();
+        let mut x = x;
+        if !hooks.skip(i, Sublayer::Attention) {
+            let out = layer.attention.forward(&x, bias)?;
+            hooks.observe(i, Sublayer::Attention, &x, &out)?;
+            x = out;
+        }
+        if let Some(mlp) = layer.mlp.as_ref().filter(|_| !hooks.skip(i, Sublayer::Mlp)) {
+            let out = mlp.forward(&x, i, hooks)?;
+            hooks.observe(i, Sublayer::Mlp, &x, &out)?;
+            x = out;
+        }
+        hooks.observe(i, Sublayer::Block, &layer_in, &x)?;
+        Ok(x)
+    }
+
+    pub fn layer_count(&self) -> usize {
+        self.layers.len()
     }
 
     pub fn hidden_size(&self) -> usize {

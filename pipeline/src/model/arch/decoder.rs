@@ -488,15 +488,45 @@ impl Model {
     /// padding RoPE's relative form makes the result independent of the pad
     /// count.
     pub fn forward(&self, input: &ModelInput, hooks: &mut dyn ForwardHooks) -> Result<Tensor> {
+        let mut x = self.embed(input)?;
+        let context = self.parts.context(input)?;
+        for i in 0..self.layers.len() {
+            x = self.layer_forward(i, x, &context, hooks)?;
+        }
+        self.final_norm(&x)
+    }
+
+    /// The residual stream entering layer 0 (scaled token embeddings).
+    pub(crate) fn embed(&self, input: &ModelInput) -> Result<Tensor> {
         let rows = self
             .token_embeddings
             .index_select(&input.input_ids.flatten_all()?, 0)?;
-        let mut x = self.parts.embed(rows, input)?;
-        let context = self.parts.context(input)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(i, x, &context, hooks)?;
-        }
-        self.norm.forward(&x)
+        self.parts.embed(rows, input)
+    }
+
+    /// The masks and rotary tables the layers share for `input`.
+    pub(crate) fn context(&self, input: &ModelInput) -> Result<ForwardContext> {
+        self.parts.context(input)
+    }
+
+    /// Runs layer `i` on the residual stream `x`.
+    pub(crate) fn layer_forward(
+        &self,
+        i: usize,
+        x: Tensor,
+        context: &ForwardContext,
+        hooks: &mut dyn ForwardHooks,
+    ) -> Result<Tensor> {
+        self.layers[i].forward(i, x, context, hooks)
+    }
+
+    /// The norm after the last layer.
+    pub(crate) fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        self.norm.forward(x)
+    }
+
+    pub fn layer_count(&self) -> usize {
+        self.layers.len()
     }
 
     pub fn hidden_size(&self) -> usize {

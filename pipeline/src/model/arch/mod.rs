@@ -348,6 +348,13 @@ impl ModelConfig {
     }
 }
 
+/// What every layer of one batch's forward pass shares: BERT's padding
+/// bias, a decoder's masks and rotary tables.
+pub enum LayerContext {
+    Bert(Option<Tensor>),
+    Decoder(decoder::ForwardContext),
+}
+
 /// A loaded transformer stack.
 pub enum Backbone {
     Bert(bert::Model),
@@ -385,6 +392,61 @@ impl Backbone {
             Self::Bert(m) => m.forward(input, hooks)?,
             Self::Decoder(m) => m.forward(input, hooks)?,
         })
+    }
+
+    /// The forward pass in pieces, for passes that keep only what enters
+    /// each layer (gradient checkpointing): the residual stream entering
+    /// layer 0 and what every layer of this batch shares. Running
+    /// [`Backbone::layer`] over every layer and then [`Backbone::finish`]
+    /// computes what [`Backbone::forward_hooked`] does, operation for
+    /// operation.
+    pub fn begin(&self, input: &ModelInput) -> Result<(Tensor, LayerContext)> {
+        Ok(match self {
+            Self::Bert(m) => (
+                m.embed(input)?,
+                LayerContext::Bert(layers::padding_bias(&input.attention_mask)?),
+            ),
+            Self::Decoder(m) => (m.embed(input)?, LayerContext::Decoder(m.context(input)?)),
+        })
+    }
+
+    /// Layer `i` on the residual stream `x` (see [`Backbone::begin`]).
+    pub fn layer(
+        &self,
+        i: usize,
+        x: Tensor,
+        context: &LayerContext,
+        hooks: &mut dyn ForwardHooks,
+    ) -> Result<Tensor> {
+        Ok(match (self, context) {
+            (Self::Bert(m), LayerContext::Bert(bias)) => {
+                m.layer_forward(i, x, bias.as_ref(), hooks)?
+            }
+            (Self::Decoder(m), LayerContext::Decoder(context)) => {
+                m.layer_forward(i, x, context, hooks)?
+            }
+            _ => {
+                return Err(Error::InvalidArgument(
+                    "a layer context of another architecture".into(),
+                ))
+            }
+        })
+    }
+
+    /// The last hidden state from the residual stream leaving the last
+    /// layer: the final norm of a decoder; BERT has none.
+    pub fn finish(&self, x: Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::Bert(_) => x,
+            Self::Decoder(m) => m.final_norm(&x)?,
+        })
+    }
+
+    pub fn layer_count(&self) -> usize {
+        match self {
+            Self::Bert(m) => m.layer_count(),
+            Self::Decoder(m) => m.layer_count(),
+        }
     }
 
     pub fn hidden_size(&self) -> usize {
