@@ -51,7 +51,7 @@ stages="analyze prune export onnx-checker"
 if [ "$validate" = validate ]; then
   stage validate "$EFFIR" validate --reference "$work/pruned" --candidate "$work/onnx" \
     --data "$DATA" --gates configs/gates-parity.yaml --parity-texts 8 --batch-size 4 --max-length 256 \
-    --stream --no-card --quiet --out "$results/validation"
+    --stream --graph-optimization none --no-card --quiet --out "$results/validation"
   stages="$stages validate"
 fi
 cp "$work/analysis/importance.md" "$results/"

@@ -13,17 +13,14 @@ use common::{fixture, stderr, SAMPLE_TEXTS};
 
 /// Runs `config` twice, without and with checkpointing, and asserts that
 /// both runs log the same steps and write the same tensors.
-fn assert_checkpointing_changes_nothing(
-    model: &Path,
-    config: &str,
-    label_free: bool,
-) {
+fn assert_checkpointing_changes_nothing(model: &Path, config: &str, label_free: bool) {
     let work = tempfile::tempdir().unwrap();
     let mut outputs = Vec::new();
     for checkpointing in [false, true] {
         let dir = work.path().join(format!("run-{checkpointing}"));
         std::fs::create_dir_all(&dir).unwrap();
-        let yaml = format!("{config}checkpoint_every: 0\ngradient_checkpointing: {checkpointing}\n");
+        let yaml =
+            format!("{config}checkpoint_every: 0\ngradient_checkpointing: {checkpointing}\n");
         let (train, yaml) = common::tiny_finetune_inputs(&dir, &SAMPLE_TEXTS, &yaml);
         let out = dir.join("out");
         let o = if label_free {
@@ -53,7 +50,10 @@ fn assert_checkpointing_changes_nothing(
             .lines()
             .map(|l| {
                 let v: serde_json::Value = serde_json::from_str(l).unwrap();
-                (v["loss"].as_f64().unwrap(), v["grad_norm"].as_f64().unwrap())
+                (
+                    v["loss"].as_f64().unwrap(),
+                    v["grad_norm"].as_f64().unwrap(),
+                )
             })
             .collect()
     };
@@ -81,18 +81,19 @@ fn assert_checkpointing_changes_nothing(
     // The runs trained: the first step's weights moved.
     let original = common::load_tensors(&model.join("model.safetensors"));
     assert!(
-        a.iter().any(|(name, t)| original.get(name).is_some_and(|o| {
-            let (t, o): (Vec<f32>, Vec<f32>) = (
-                t.flatten_all().unwrap().to_vec1().unwrap(),
-                o.to_dtype(candle_core::DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap(),
-            );
-            common::max_abs_diff(&t, &o) > 0.0
-        })),
+        a.iter()
+            .any(|(name, t)| original.get(name).is_some_and(|o| {
+                let (t, o): (Vec<f32>, Vec<f32>) = (
+                    t.flatten_all().unwrap().to_vec1().unwrap(),
+                    o.to_dtype(candle_core::DType::F32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap(),
+                );
+                common::max_abs_diff(&t, &o) > 0.0
+            })),
         "nothing trained"
     );
 }
@@ -162,7 +163,13 @@ fn a_run_resumes_with_checkpointing_switched_on() {
     let o = common::finetune(&model, &train, &straight, &plain, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let resumed = work.path().join("resumed");
-    let o = common::finetune(&model, &train, &resumed, &plain, &["--abort-after-step", "2"]);
+    let o = common::finetune(
+        &model,
+        &train,
+        &resumed,
+        &plain,
+        &["--abort-after-step", "2"],
+    );
     assert!(!o.status.success() && !resumed.exists());
     let o = common::finetune(&model, &train, &resumed, &switched, &["--resume"]);
     assert!(o.status.success(), "{}", stderr(&o));

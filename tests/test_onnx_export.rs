@@ -19,7 +19,8 @@ use effir_onnx::emit::{EmitOptions, Profile};
 use effir_onnx::export::{export, ExportOptions, ExternalData, Layout, Target};
 use effir_onnx::graph::WeightStorage;
 use effir_onnx::graph_file::GraphFile;
-use effir_onnx::providers::{Provider, ProviderSettings};
+use effir_onnx::proto::tensor_proto::DataType;
+use effir_onnx::providers::{GraphOptimization, Provider, ProviderSettings};
 use effir_onnx::{GraphLocation, OnnxEncoder};
 use effir_pipeline::{Embedder, LoadOptions, TextEmbedder};
 
@@ -262,6 +263,80 @@ fn external_data_float16_storage_and_the_hub_layout_load_and_check() {
     for (got, want) in embed(&open(&dir16), &texts).iter().zip(&want) {
         let cos = common::cosine(got, want);
         assert!(cos > 0.999, "float16 cosine {cos}");
+    }
+}
+
+/// A graph with half-precision weights keeps them at that size when ONNX
+/// Runtime runs it as stored (`--graph-optimization none`): every weight's
+/// `Cast` leads the node list, so ONNX Runtime's default order runs each
+/// just before the product that reads it, and embedding tables are gathered
+/// before their rows are cast, never cast whole. Unoptimized, the graph
+/// computes what the optimized one does.
+#[test]
+fn half_precision_graphs_cast_each_weight_where_it_is_used() {
+    let work = tempfile::tempdir().unwrap();
+    for (arch, storage) in [
+        ("bert", WeightStorage::Float16),
+        ("llama", WeightStorage::BFloat16),
+        ("gemma3", WeightStorage::Float16),
+    ] {
+        let model = fixture(arch);
+        let mut half = options(Profile::SentenceTransformers);
+        half.emit.storage = storage;
+        let dir = export_to(&model, work.path(), arch, &half);
+        let file = GraphFile::read(&dir.join("model.onnx")).unwrap();
+        let graph = file.model.graph.as_ref().unwrap();
+        let initializers: std::collections::HashMap<&str, i32> = graph
+            .initializer
+            .iter()
+            .map(|t| (t.name.as_str(), t.data_type))
+            .collect();
+        let half_type = |name: &str| {
+            initializers
+                .get(name)
+                .is_some_and(|&t| t == DataType::Float16 as i32 || t == DataType::Bfloat16 as i32)
+        };
+        let casts_of_weights = graph
+            .node
+            .iter()
+            .take_while(|n| n.op_type == "Cast" && half_type(&n.input[0]))
+            .count();
+        assert!(
+            casts_of_weights > 0,
+            "{arch}: no weight casts lead the graph"
+        );
+        for (i, node) in graph.node.iter().enumerate().skip(casts_of_weights) {
+            assert!(
+                !(node.op_type == "Cast" && half_type(&node.input[0])),
+                "{arch}: node {i} casts the weight {} after the computation began",
+                node.input[0]
+            );
+        }
+        let gathers_of_half_tables = graph
+            .node
+            .iter()
+            .filter(|n| n.op_type == "Gather" && half_type(&n.input[0]))
+            .count();
+        assert!(
+            gathers_of_half_tables >= 1,
+            "{arch}: the token table is not gathered in half precision"
+        );
+        let texts = reference_texts(&model);
+        let optimized = embed(&open(&dir), &texts);
+        let as_stored = OnnxEncoder::load(
+            GraphLocation::resolve(&dir).unwrap(),
+            &LoadOptions::default(),
+            &ProviderSettings {
+                graph_optimization: GraphOptimization::None,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_rows_match(
+            &format!("{arch}, run as stored"),
+            &embed(&as_stored, &texts),
+            &optimized,
+        );
     }
 }
 

@@ -82,11 +82,33 @@ impl WeightStorage {
     }
 }
 
+/// A weight's initializer being filled ([`GraphBuilder::begin_weight`]):
+/// float32 values in, stored bytes out.
+pub struct StoredWeight {
+    name: String,
+    dims: Vec<i64>,
+    half: Option<HalfPrecision>,
+    raw: Vec<u8>,
+}
+
+impl StoredWeight {
+    /// Appends `values`, converted to the stored precision.
+    pub fn extend(&mut self, values: &[f32]) {
+        match self.half {
+            Some((_, _, convert)) => self.raw.extend(values.iter().flat_map(|&x| convert(x))),
+            None => self.raw.extend(values.iter().flat_map(|x| x.to_le_bytes())),
+        }
+    }
+}
+
 /// A graph under construction.
 pub struct GraphBuilder {
     opset: i64,
     storage: WeightStorage,
     nodes: Vec<NodeProto>,
+    /// The `Cast`s of half-precision weights, which lead the node list
+    /// (see [`GraphBuilder::weight`]).
+    weight_casts: Vec<NodeProto>,
     initializers: Vec<TensorProto>,
     inputs: Vec<ValueInfoProto>,
     outputs: Vec<ValueInfoProto>,
@@ -110,6 +132,7 @@ impl GraphBuilder {
             opset,
             storage,
             nodes: Vec::new(),
+            weight_casts: Vec::new(),
             initializers: Vec::new(),
             inputs: Vec::new(),
             outputs: Vec::new(),
@@ -267,28 +290,76 @@ impl GraphBuilder {
 
     /// A float32 weight called `name`, stored as the builder's
     /// [`WeightStorage`] says; returns the float32 value to use.
+    ///
+    /// A half-precision weight's `Cast` to float32 goes to the front of the
+    /// graph's node list. ONNX Runtime's default execution order is a
+    /// depth-first walk back from the outputs that visits a node's
+    /// higher-indexed inputs first; with every weight's `Cast` indexed
+    /// below the computation, each runs just before the product that reads
+    /// it, so the float32 copies exist one at a time instead of all from
+    /// the start (when the session keeps the graph as stored: ONNX
+    /// Runtime's optimizers fold the casts into float32 weights).
     pub fn weight(&mut self, name: &str, dims: &[usize], data: &[f32]) -> String {
-        let dims: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
-        let half = self.storage.half_precision();
-        match half {
-            Some((suffix, data_type, convert)) if dims.len() >= 2 => {
-                let stored = self.unique(&format!("{name}_{suffix}"));
-                let raw: Vec<u8> = data.iter().flat_map(|&x| convert(x)).collect();
-                self.push_initializer(&stored, data_type, dims, raw);
-                self.node_named(
-                    "Cast",
-                    &[&stored],
-                    name,
-                    vec![attr_int("to", DataType::Float as i64)],
-                )
-            }
-            _ => {
-                let name = self.unique(name);
-                let raw = data.iter().flat_map(|x| x.to_le_bytes()).collect();
-                self.push_initializer(&name, DataType::Float, dims, raw);
-                name
-            }
+        let mut stored = self.begin_weight(name, dims);
+        stored.extend(data);
+        let half = stored.half.is_some();
+        let stored = self.push_weight(stored);
+        if !half {
+            return stored;
         }
+        let value = self.node_named(
+            "Cast",
+            &[&stored],
+            name,
+            vec![attr_int("to", DataType::Float as i64)],
+        );
+        let cast = self.nodes.pop().expect("the cast was just added");
+        self.weight_casts.push(cast);
+        value
+    }
+
+    /// Rows `indices` of an embedding table, gathered along `axis`, as
+    /// float32; `stored` holds the whole table ([`GraphBuilder::begin_weight`],
+    /// filled block by block). A half-precision table is gathered first and
+    /// its rows cast, so no float32 copy of the whole table is made (the
+    /// values are the same: the cast is element by element).
+    pub fn embedding_rows(&mut self, stored: StoredWeight, indices: &str, axis: i64) -> String {
+        let half = stored.half.is_some();
+        let table = self.push_weight(stored);
+        let rows = self.gather(&table, indices, axis);
+        if half {
+            self.cast(&rows, DataType::Float)
+        } else {
+            rows
+        }
+    }
+
+    /// A float32 weight `name` of shape `dims` about to be stored as the
+    /// builder's [`WeightStorage`] says (half precision for matrices): its
+    /// values go in with [`StoredWeight::extend`], in order, in as many
+    /// pieces as the caller reads them.
+    pub fn begin_weight(&mut self, name: &str, dims: &[usize]) -> StoredWeight {
+        let dims: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
+        let half = self.storage.half_precision().filter(|_| dims.len() >= 2);
+        let name = match half {
+            Some((suffix, _, _)) => self.unique(&format!("{name}_{suffix}")),
+            None => self.unique(name),
+        };
+        let elements = dims.iter().product::<i64>().max(0) as usize;
+        let width = if half.is_some() { 2 } else { 4 };
+        StoredWeight {
+            name,
+            dims,
+            half,
+            raw: Vec::with_capacity(elements * width),
+        }
+    }
+
+    /// Adds a filled weight's initializer; returns its name.
+    fn push_weight(&mut self, stored: StoredWeight) -> String {
+        let data_type = stored.half.map_or(DataType::Float, |(_, t, _)| t);
+        self.push_initializer(&stored.name, data_type, stored.dims, stored.raw);
+        stored.name
     }
 
     /// An initializer stored as given (`raw` little-endian values of
@@ -455,16 +526,20 @@ impl GraphBuilder {
     /// (and shared constants and quantized activations) in place: for
     /// splicing into a graph being edited.
     pub fn take_built(&mut self) -> (Vec<NodeProto>, Vec<TensorProto>) {
-        (
-            std::mem::take(&mut self.nodes),
-            std::mem::take(&mut self.initializers),
-        )
+        (self.take_nodes(), std::mem::take(&mut self.initializers))
+    }
+
+    /// The nodes built so far: the weights' casts, then the rest.
+    fn take_nodes(&mut self) -> Vec<NodeProto> {
+        let mut nodes = std::mem::take(&mut self.weight_casts);
+        nodes.append(&mut self.nodes);
+        nodes
     }
 
     /// Finishes the graph.
-    pub fn finish(self, name: &str) -> GraphProto {
+    pub fn finish(mut self, name: &str) -> GraphProto {
         GraphProto {
-            node: self.nodes,
+            node: self.take_nodes(),
             name: name.to_string(),
             initializer: self.initializers,
             input: self.inputs,

@@ -173,11 +173,39 @@ pub struct CudaOptions {
     pub tf32: bool,
 }
 
+/// Whether ONNX Runtime optimizes the graph when it opens it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GraphOptimization {
+    /// Every optimization (ONNX Runtime's default): fusions, and constant
+    /// folding, which turns half-precision weights and their casts into
+    /// float32 weights on the CPU.
+    #[default]
+    All,
+    /// The graph runs as stored: half-precision weights stay half precision
+    /// in memory and are cast one product at a time (effir's graphs order
+    /// the casts for that), at the cost of the fusions.
+    None,
+}
+
+impl std::str::FromStr for GraphOptimization {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s {
+            "all" => Ok(Self::All),
+            "none" => Ok(Self::None),
+            other => Err(format!("`{other}`: expected all or none")),
+        }
+    }
+}
+
 /// Which providers to try, in order, and how strictly.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProviderSettings {
     pub order: Vec<Provider>,
+    pub graph_optimization: GraphOptimization,
     /// Fail when any requested provider cannot be registered, instead of
     /// falling back to the next.
     pub strict: bool,
@@ -191,6 +219,7 @@ impl Default for ProviderSettings {
     fn default() -> Self {
         Self {
             order: vec![Provider::Cpu],
+            graph_optimization: GraphOptimization::All,
             strict: false,
             tensorrt: TensorRtOptions::default(),
             cuda: CudaOptions::default(),
@@ -264,7 +293,10 @@ fn dispatch(
             }
             ep.build()
         }
-        Provider::Cpu => ort::ep::CPU::default().build(),
+        // With its arena, as ONNX Runtime's own default (Python's, Triton's)
+        // has it; the `ort` crate's default leaves it out, which costs
+        // memory (each activation a fresh allocation) and time.
+        Provider::Cpu => ort::ep::CPU::default().with_arena_allocator(true).build(),
     }
     .error_on_failure())
 }

@@ -21,7 +21,7 @@ use crate::graph_file::GraphFile;
 use crate::interface::{
     ATTENTION_MASK, INPUT_IDS, LAST_HIDDEN_STATE, SENTENCE_EMBEDDING, TOKEN_INPUTS, TOKEN_TYPE_IDS,
 };
-use crate::providers::{register, Provider, ProviderSettings};
+use crate::providers::{register, GraphOptimization, Provider, ProviderSettings};
 
 /// Opens `graph` under the execution providers of `settings` (and its
 /// thread count); `inputs` are the graph's input names, which TensorRT's
@@ -39,6 +39,12 @@ pub fn open_session(
             .with_intra_threads(settings.threads)
             .map_err(ort::Error::<()>::from)
             .map_err(|e| Error::runtime("setting threads", e))?;
+    }
+    if settings.graph_optimization == GraphOptimization::None {
+        builder = builder
+            .with_optimization_level(ort::session::builder::GraphOptimizationLevel::Disable)
+            .map_err(ort::Error::<()>::from)
+            .map_err(|e| Error::runtime("switching graph optimizations off", e))?;
     }
     let (mut builder, providers) = register(builder, settings, inputs)?;
     let session = builder

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use effir_onnx::providers::{parse_order, ProviderSettings};
+use effir_onnx::providers::{parse_order, GraphOptimization, ProviderSettings};
 
 #[derive(Debug, Clone, Args)]
 pub struct ProviderArgs {
@@ -21,6 +21,11 @@ pub struct ProviderArgs {
     /// ONNX Runtime intra-op threads [default: one per core].
     #[arg(long)]
     pub threads: Option<usize>,
+    /// `none` runs the graph as stored: a graph with half-precision weights
+    /// (`export --fp16`/`--bf16`) then holds them at that size instead of
+    /// ONNX Runtime's float32 copies, for less speed [default: all].
+    #[arg(long)]
+    pub graph_optimization: Option<GraphOptimization>,
 }
 
 impl ProviderArgs {
@@ -42,6 +47,9 @@ impl ProviderArgs {
         }
         if let Some(threads) = self.threads {
             settings.threads = threads;
+        }
+        if let Some(level) = self.graph_optimization {
+            settings.graph_optimization = level;
         }
         if settings.order.is_empty() {
             anyhow::bail!("the provider list is empty; expected some of tensorrt, cuda, cpu");

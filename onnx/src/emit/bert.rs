@@ -9,7 +9,7 @@ use effir_pipeline::model::arch::layers::Activation;
 use effir_pipeline::ModelShape;
 
 use super::layers::{
-    activation, attention, attention_bias, layer_norm, linear, merge_heads, split_heads, values,
+    activation, attention, attention_bias, layer_norm, linear, merge_heads, split_heads,
     BackboneInputs, SequenceInfo, Weights,
 };
 use crate::error::{Error, Result};
@@ -36,19 +36,17 @@ pub fn emit(
 
     // Embeddings: word + token type + position, then LayerNorm.
     let keys = &map.embeddings;
-    let mut table = |module: Option<&str>, rows: usize| -> Result<String> {
+    let mut rows_of = |module: Option<&str>, rows: usize, indices: &str| -> Result<String> {
         let module = module
             .ok_or_else(|| Error::Export("BERT has position and token-type embeddings".into()))?;
         let name = format!("{module}.weight");
-        let values = values(&w.get(&name, &[rows, h])?)?;
-        Ok(g.weight(&name, &[rows, h], &values))
+        let mut table = g.begin_weight(&name, &[rows, h]);
+        w.for_each_row_block(&name, &[rows, h], &mut |block| table.extend(block))?;
+        Ok(g.embedding_rows(table, indices, 0))
     };
-    let word = table(Some(keys.tokens), cfg.vocab_size)?;
-    let types = table(keys.token_types, cfg.type_vocab_size)?;
-    let positions = table(keys.positions, cfg.max_position_embeddings)?;
-    let x_words = g.gather(&word, &inputs.input_ids, 0);
-    let x_types = g.gather(&types, token_type_ids, 0);
-    let x_pos = g.gather(&positions, &seq.positions, 0); // (T, H)
+    let x_words = rows_of(Some(keys.tokens), cfg.vocab_size, &inputs.input_ids)?;
+    let x_types = rows_of(keys.token_types, cfg.type_vocab_size, token_type_ids)?;
+    let x_pos = rows_of(keys.positions, cfg.max_position_embeddings, &seq.positions)?; // (T, H)
     let x = g.add(&x_words, &x_types);
     let x = g.add(&x, &x_pos);
     let embedding_norm = keys.norm.unwrap_or_default();

@@ -9,7 +9,7 @@ use effir_pipeline::ModelShape;
 
 use super::layers::{
     activation, apply_rotary, attention, attention_bias, linear, merge_heads, rms_norm,
-    split_heads, values, BackboneInputs, SequenceInfo, Weights,
+    split_heads, BackboneInputs, SequenceInfo, Weights,
 };
 use crate::error::{Error, Result};
 use crate::graph::GraphBuilder;
@@ -30,9 +30,10 @@ pub fn emit(
     let seq = SequenceInfo::new(g, &inputs.input_ids, &inputs.attention_mask);
 
     let table_name = format!("{}.weight", map.embeddings.tokens);
-    let table = w.get(&table_name, &[spec.vocab_size, h])?;
-    let table = g.weight(&table_name, &[spec.vocab_size, h], &values(&table)?);
-    let mut x = g.gather(&table, &inputs.input_ids, 0);
+    let dims = [spec.vocab_size, h];
+    let mut table = g.begin_weight(&table_name, &dims);
+    w.for_each_row_block(&table_name, &dims, &mut |rows| table.extend(rows))?;
+    let mut x = g.embedding_rows(table, &inputs.input_ids, 0);
     if let Some(scale) = spec.embed_scale {
         let s = g.float_scalar(scale as f32);
         x = g.mul(&x, &s);

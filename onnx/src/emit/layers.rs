@@ -68,6 +68,48 @@ impl Weights {
 
     /// The tensor `prefix + name` as float32, with its shape checked.
     pub fn get(&self, name: &str, dims: &[usize]) -> Result<Tensor> {
+        let full = self.checked(name, dims)?;
+        Ok(match &self.tensors {
+            TensorSource::Loaded(tensors) => tensors[&full].to_dtype(DType::F32)?,
+            TensorSource::Streamed(store) => store.load(&full, DType::F32)?,
+        })
+    }
+
+    /// The 2-D tensor `prefix + name` (shape checked) as float32 values, a
+    /// block of rows at a time, in order: a streamed export reads an
+    /// embedding table this way instead of holding it as float32.
+    pub fn for_each_row_block(
+        &self,
+        name: &str,
+        dims: &[usize],
+        f: &mut dyn FnMut(&[f32]),
+    ) -> Result<()> {
+        /// Rows per block: 4,096 rows of a 4,096-wide table are 64 MiB.
+        const BLOCK_ROWS: usize = 4096;
+        let full = self.checked(name, dims)?;
+        match &self.tensors {
+            TensorSource::Loaded(tensors) => {
+                let table = &tensors[&full];
+                let rows = dims[0];
+                for first in (0..rows).step_by(BLOCK_ROWS) {
+                    let count = BLOCK_ROWS.min(rows - first);
+                    f(&values(
+                        &table.narrow(0, first, count)?.to_dtype(DType::F32)?,
+                    )?);
+                }
+            }
+            TensorSource::Streamed(store) => {
+                store.for_each_row_block(&full, BLOCK_ROWS, &mut |block| {
+                    f(&block.flatten_all()?.to_vec1::<f32>()?);
+                    Ok(())
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The full name of `name`, checked to exist with shape `dims`.
+    fn checked(&self, name: &str, dims: &[usize]) -> Result<String> {
         let full = format!("{}{name}", self.prefix);
         let missing = || PipelineError::MissingTensor {
             path: self.dir.clone(),
@@ -86,10 +128,7 @@ impl Weights {
             }
             .into());
         }
-        Ok(match &self.tensors {
-            TensorSource::Loaded(tensors) => tensors[&full].to_dtype(DType::F32)?,
-            TensorSource::Streamed(store) => store.load(&full, DType::F32)?,
-        })
+        Ok(full)
     }
 }
 

@@ -199,6 +199,49 @@ impl WeightStore {
         Tensor::stack(&rows_read?, 0).map_err(|e| Error::weights(&file.path, e))
     }
 
+    /// Calls `f` with the 2-D table `name` in consecutive blocks of at most
+    /// `block_rows` rows, each as float32 `(rows, columns)`, and hands each
+    /// block's pages back after it: a whole table read in order without
+    /// holding it converted.
+    pub fn for_each_row_block(
+        &self,
+        name: &str,
+        block_rows: usize,
+        f: &mut dyn FnMut(Tensor) -> Result<()>,
+    ) -> Result<()> {
+        let info = self.stored(name)?;
+        let file = &self.files[info.file];
+        let [rows, columns] = info.shape[..] else {
+            return Err(Error::Safetensors {
+                path: file.path.clone(),
+                message: format!("{name} is {:?}, not a table", info.shape),
+            });
+        };
+        let row_bytes = columns * info.dtype.size_in_bytes();
+        let mut first = 0;
+        while first < rows {
+            let count = block_rows.max(1).min(rows - first);
+            let start = info.start + first * row_bytes;
+            let end = start + count * row_bytes;
+            let block = safetensors::tensor::TensorView::new(
+                stored_dtype(info.dtype),
+                vec![count, columns],
+                &file.mmap[start..end],
+            )
+            .map_err(|e| Error::Safetensors {
+                path: file.path.clone(),
+                message: format!("{name}: {e}"),
+            })?
+            .load(&Device::Cpu)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .map_err(|e| Error::weights(&file.path, e))?;
+            self.release_range(info.file, start, end);
+            f(block)?;
+            first += count;
+        }
+        Ok(())
+    }
+
     fn read_rows(
         &self,
         name: &str,
@@ -239,16 +282,17 @@ impl WeightStore {
     /// Hands the pages of `info` back to the kernel: the file stays mapped,
     /// a later read faults them in again.
     fn release(&self, info: &StoredTensor) {
-        let file = &self.files[info.file];
+        self.release_range(info.file, info.start, info.end);
+    }
+
+    /// Hands back the pages of bytes `start..end` of file `file`.
+    fn release_range(&self, file: usize, start: usize, end: usize) {
         // SAFETY: the map is a read-only, shared file mapping, so dropping
         // its pages loses nothing: they are re-read from the file on access.
         unsafe {
-            file.mmap
-                .unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    info.start,
-                    info.end - info.start,
-                )
+            self.files[file]
+                .mmap
+                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
                 .ok();
         }
     }
@@ -371,6 +415,33 @@ mod tests {
         let stored = store.load_stored("bias").unwrap();
         assert_eq!(stored.dtype(), DType::F32);
         assert_eq!(stored.to_vec1::<f32>().unwrap(), vec![0.5, -1.25, 3.0]);
+    }
+
+    /// Blocks of 4 rows of the 6-row table (4, then 2), in order, are the
+    /// table; a 1-D tensor is refused.
+    #[test]
+    fn a_table_read_in_row_blocks_is_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let written = write_model(dir.path());
+        let store = WeightStore::open(dir.path()).unwrap();
+        let mut blocks = Vec::new();
+        store
+            .for_each_row_block("table", 4, &mut |block| {
+                blocks.push(block);
+                Ok(())
+            })
+            .unwrap();
+        let dims: Vec<Vec<usize>> = blocks.iter().map(|b| b.dims().to_vec()).collect();
+        assert_eq!(dims, vec![vec![4, 4], vec![2, 4]]);
+        let joined = Tensor::cat(&blocks, 0).unwrap();
+        let expected = written["table"].to_dtype(DType::F32).unwrap();
+        assert_eq!(
+            joined.to_vec2::<f32>().unwrap(),
+            expected.to_vec2::<f32>().unwrap()
+        );
+        assert!(store
+            .for_each_row_block("bias", 4, &mut |_| Ok(()))
+            .is_err());
     }
 
     #[test]

@@ -242,11 +242,15 @@ impl Embedder {
     /// Layer `i` on the residual stream `x`, bypassing the embedder's
     /// skipped sub-layers.
     pub fn layer(&self, i: usize, x: Tensor, context: &LayerContext) -> Result<Tensor> {
-        self.backbone
-            .layer(i, x, context, &mut WithSkipped {
+        self.backbone.layer(
+            i,
+            x,
+            context,
+            &mut WithSkipped {
                 skipped: &self.skipped,
                 hooks: &mut crate::model::arch::NoHooks,
-            })
+            },
+        )
     }
 
     pub fn layer_count(&self) -> usize {
