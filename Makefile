@@ -330,8 +330,8 @@ recover-minilm-query-text: build models onnxruntime $(RUNS)/scifact-train-querie
 # The labeled SciFact recipe (configs/finetune-minilm-2ep.yaml) and the same
 # combined with label-free embedding distillation
 # (configs/finetune-minilm-combined.yaml) on the refit plans, each exported
-# and validated on SciFact test (tuned on its train split) and Cranfield
-# (held out). Resumes when interrupted.
+# (fp32 and int8 u8s8) and validated on SciFact test (tuned on its train
+# split) and Cranfield (held out). Resumes when interrupted.
 LABELED_PLANS ?= 50-refit
 recover-minilm-labeled: build models onnxruntime
 	for p in $(LABELED_PLANS); do \
@@ -347,6 +347,10 @@ recover-minilm-labeled: build models onnxruntime
 	    $(EFFIR) export --model $(RUNS)/$$name --profile sentence-transformers --out $(RUNS)/onnx/$$name --overwrite || exit 1; \
 	    $(EFFIR) validate --reference $(MINILM) --candidate $(RUNS)/onnx/$$name --data $(DATA) --data $(HELDOUT) \
 	      --gates configs/gates.yaml --out $(RUNS)/validate-$$name || echo "$$name: gates failed (see its validation.md)"; \
+	    $(EFFIR) export --model $(RUNS)/$$name --profile sentence-transformers --precision int8 --int8-kernel u8s8 \
+	      --out $(RUNS)/onnx/$$name-int8 --overwrite || exit 1; \
+	    $(EFFIR) validate --reference $(MINILM) --candidate $(RUNS)/onnx/$$name-int8 --data $(DATA) --data $(HELDOUT) \
+	      --gates configs/gates.yaml --out $(RUNS)/validate-$$name-int8 || echo "$$name-int8: gates failed (see its validation.md)"; \
 	  done; \
 	done
 

@@ -10,6 +10,7 @@ use candle_onnx::onnx::{
     ValueInfoProto,
 };
 
+use crate::error::{Error, Result};
 use crate::graph_file::ExternalDataFile;
 use crate::precision::MatmulPrecision;
 
@@ -292,7 +293,9 @@ impl GraphBuilder {
     /// [`WeightStorage`] says; returns the float32 value to use.
     ///
     /// A half-precision weight's `Cast` to float32 goes to the front of the
-    /// graph's node list. ONNX Runtime's default execution order is a
+    /// graph's node list (reading only an initializer, it keeps the list in
+    /// topological order). ONNX Runtime's default execution order (its
+    /// `GraphViewer`, checked on 1.32: not a documented guarantee) is a
     /// depth-first walk back from the outputs that visits a node's
     /// higher-indexed inputs first; with every weight's `Cast` indexed
     /// below the computation, each runs just before the product that reads
@@ -303,35 +306,37 @@ impl GraphBuilder {
         let mut stored = self.begin_weight(name, dims);
         stored.extend(data);
         let half = stored.half.is_some();
-        let stored = self.push_weight(stored);
+        let stored = self.push_stored(stored);
         if !half {
             return stored;
         }
-        let value = self.node_named(
-            "Cast",
-            &[&stored],
-            name,
-            vec![attr_int("to", DataType::Float as i64)],
-        );
-        let cast = self.nodes.pop().expect("the cast was just added");
-        self.weight_casts.push(cast);
+        let value = self.unique(name);
+        let node_name = self.unique(&format!("{value}_node"));
+        self.weight_casts.push(NodeProto {
+            input: vec![stored],
+            output: vec![value.clone()],
+            name: node_name,
+            op_type: "Cast".to_string(),
+            attribute: vec![attr_int("to", DataType::Float as i64)],
+            ..Default::default()
+        });
         value
     }
 
-    /// Rows `indices` of an embedding table, gathered along `axis`, as
-    /// float32; `stored` holds the whole table ([`GraphBuilder::begin_weight`],
-    /// filled block by block). A half-precision table is gathered first and
-    /// its rows cast, so no float32 copy of the whole table is made (the
-    /// values are the same: the cast is element by element).
-    pub fn embedding_rows(&mut self, stored: StoredWeight, indices: &str, axis: i64) -> String {
+    /// Rows `indices` of an embedding table as float32; `stored` holds the
+    /// whole table ([`GraphBuilder::begin_weight`], filled block by block).
+    /// A half-precision table is gathered first and its rows cast, so no
+    /// float32 copy of the whole table is made (the values are the same:
+    /// the cast is element by element).
+    pub fn embedding_rows(&mut self, stored: StoredWeight, indices: &str) -> Result<String> {
         let half = stored.half.is_some();
-        let table = self.push_weight(stored);
-        let rows = self.gather(&table, indices, axis);
-        if half {
+        let table = self.push_weight(stored)?;
+        let rows = self.gather(&table, indices, 0);
+        Ok(if half {
             self.cast(&rows, DataType::Float)
         } else {
             rows
-        }
+        })
     }
 
     /// A float32 weight `name` of shape `dims` about to be stored as the
@@ -355,8 +360,24 @@ impl GraphBuilder {
         }
     }
 
-    /// Adds a filled weight's initializer; returns its name.
-    fn push_weight(&mut self, stored: StoredWeight) -> String {
+    /// Adds a filled weight's initializer, checked to hold as many values
+    /// as its shape says; returns its name.
+    fn push_weight(&mut self, stored: StoredWeight) -> Result<String> {
+        let width = if stored.half.is_some() { 2 } else { 4 };
+        let expected = stored.dims.iter().product::<i64>().max(0) as usize;
+        if stored.raw.len() != expected * width {
+            return Err(Error::Export(format!(
+                "{}: {} values for a {:?} tensor",
+                stored.name,
+                stored.raw.len() / width,
+                stored.dims
+            )));
+        }
+        Ok(self.push_stored(stored))
+    }
+
+    /// Adds a weight's initializer; returns its name.
+    fn push_stored(&mut self, stored: StoredWeight) -> String {
         let data_type = stored.half.map_or(DataType::Float, |(_, t, _)| t);
         self.push_initializer(&stored.name, data_type, stored.dims, stored.raw);
         stored.name

@@ -127,7 +127,8 @@ impl GraphFile {
             .iter()
             .find(|n| n.op_type == "Gather" && n.input.get(1).map(String::as_str) == Some(input))?;
         let table = node.input.first()?;
-        // Directly, or through a Cast (float16 storage).
+        // Directly (every graph effir writes now), or through a Cast of the
+        // whole table (half-precision graphs of earlier versions).
         let source = g
             .node
             .iter()

@@ -520,6 +520,8 @@ pub struct ValidationReport {
     pub reference: PathBuf,
     pub candidate: PathBuf,
     pub providers: Vec<String>,
+    /// Whether ONNX Runtime optimized the graph (`none`: run as stored).
+    pub graph_optimization: crate::providers::GraphOptimization,
     /// The candidate's arithmetic (`fp32`, `int8`), from its metadata.
     pub precision: String,
     pub int8_kernel: Option<String>,
@@ -599,7 +601,7 @@ impl ValidationReport {
 
     pub fn to_markdown(&self) -> String {
         let mut md = format!(
-            "# effir validate\n\n- reference: `{}`\n- candidate: `{}` ({}{})\n- execution providers: {}\n- CPU: {}\n- result: **{}**\n",
+            "# effir validate\n\n- reference: `{}`\n- candidate: `{}` ({}{})\n- execution providers: {}{}\n- CPU: {}\n- result: **{}**\n",
             self.reference.display(),
             self.candidate.display(),
             self.precision,
@@ -607,6 +609,10 @@ impl ValidationReport {
                 .as_deref()
                 .map_or(String::new(), |k| format!(", {k} kernel")),
             self.providers.join(", "),
+            match self.graph_optimization {
+                crate::providers::GraphOptimization::All => "",
+                crate::providers::GraphOptimization::None => " (graph run as stored, not optimized)",
+            },
             self.cpu_features,
             if self.passed { "PASS" } else { "FAIL" }
         );

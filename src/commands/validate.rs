@@ -256,6 +256,7 @@ pub fn validate(args: &ValidateArgs) -> anyhow::Result<ValidationReport> {
         reference: args.reference.clone(),
         candidate: candidate.graph().to_path_buf(),
         providers,
+        graph_optimization: settings.graph_optimization,
         precision,
         int8_kernel: candidate.metadata("effir.int8_kernel").map(str::to_string),
         cpu_features: effir_onnx::cpu_features::CpuFeatures::detect(),

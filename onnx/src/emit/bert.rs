@@ -42,7 +42,7 @@ pub fn emit(
         let name = format!("{module}.weight");
         let mut table = g.begin_weight(&name, &[rows, h]);
         w.for_each_row_block(&name, &[rows, h], &mut |block| table.extend(block))?;
-        Ok(g.embedding_rows(table, indices, 0))
+        g.embedding_rows(table, indices)
     };
     let x_words = rows_of(Some(keys.tokens), cfg.vocab_size, &inputs.input_ids)?;
     let x_types = rows_of(keys.token_types, cfg.type_vocab_size, token_type_ids)?;

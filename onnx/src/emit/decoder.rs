@@ -33,7 +33,7 @@ pub fn emit(
     let dims = [spec.vocab_size, h];
     let mut table = g.begin_weight(&table_name, &dims);
     w.for_each_row_block(&table_name, &dims, &mut |rows| table.extend(rows))?;
-    let mut x = g.embedding_rows(table, &inputs.input_ids, 0);
+    let mut x = g.embedding_rows(table, &inputs.input_ids)?;
     if let Some(scale) = spec.embed_scale {
         let s = g.float_scalar(scale as f32);
         x = g.mul(&x, &s);

@@ -21,7 +21,7 @@
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::arch::{LayerContext, ModelInput};
 use crate::model::embedder::Embedder;
 
@@ -45,7 +45,7 @@ pub fn embed_checkpointed(
     embedder: &Embedder,
     input: &ModelInput,
 ) -> Result<(Tensor, Checkpointed)> {
-    let (stem, context) = embedder.begin(input)?;
+    let (stem, context) = embedder.stem(input)?;
     let mut x = stem.detach();
     let mut layer_inputs = Vec::with_capacity(embedder.layer_count());
     for i in 0..embedder.layer_count() {
@@ -53,7 +53,7 @@ pub fn embed_checkpointed(
         x = embedder.layer(i, x, &context)?.detach();
     }
     let last = Var::from_tensor(&x)?;
-    let embeddings = embedder.finish(last.as_tensor().clone(), input)?;
+    let embeddings = embedder.embed_last_layer(last.as_tensor().clone(), input)?;
     Ok((
         embeddings,
         Checkpointed {
@@ -80,7 +80,10 @@ impl Checkpointed {
         parameters: &[&Tensor],
         grads: &mut GradStore,
     ) -> Result<Option<(Tensor, Tensor)>> {
-        let Some(mut upstream) = grads.remove(self.last.as_tensor()) else {
+        // Gradients are detached as they pass from one recomputed graph to
+        // the next: candle keeps the graph of a leaf's summed gradient, and
+        // a layer's backward pass must not walk into the one after it.
+        let Some(mut upstream) = grads.remove(self.last.as_tensor()).map(|g| g.detach()) else {
             return Ok(None);
         };
         for (i, x) in self.layer_inputs.into_iter().enumerate().rev() {
@@ -88,7 +91,12 @@ impl Checkpointed {
             let output = embedder.layer(i, x.as_tensor().clone(), &self.context)?;
             let layer_grads = surrogate(&output, &upstream)?.backward()?;
             upstream = add_parameter_gradients(layer_grads, parameters, grads, Some(&x))?
-                .expect("the layer's output depends on its input");
+                .ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "gradient checkpointing: layer {i}'s output does not depend on its input"
+                    ))
+                })?
+                .detach();
         }
         Ok(self.stem.track_op().then_some((self.stem, upstream)))
     }
@@ -134,7 +142,7 @@ fn add_parameter_gradients(
     input: Option<&Var>,
 ) -> Result<Option<Tensor>> {
     for p in parameters {
-        if let Some(g) = from.remove(p) {
+        if let Some(g) = from.remove(p).map(|g| g.detach()) {
             let sum = match into.remove(p) {
                 Some(existing) => (existing + g)?,
                 None => g,

@@ -143,18 +143,26 @@ fn prepare_weights(model: &Path, config: &FinetuneConfig) -> Result<Weights> {
 
 /// The forward passes of one micro-batch: ordinary ones, whose graphs the
 /// loss's backward pass walks whole, or checkpointed ones
-/// (`gradient_checkpointing`), kept for [`Passes::backward`] to recompute
+/// (`gradient_checkpointing`), kept for [`ForwardPasses::backward`] to recompute
 /// layer by layer.
-struct Passes<'a> {
+struct ForwardPasses<'a> {
     embedder: &'a Embedder,
     checkpointed: Option<Vec<Checkpointed>>,
 }
 
-impl<'a> Passes<'a> {
+impl<'a> ForwardPasses<'a> {
     fn new(embedder: &'a Embedder, config: &FinetuneConfig) -> Self {
         Self {
             embedder,
             checkpointed: config.gradient_checkpointing.then(Vec::new),
+        }
+    }
+
+    /// Ordinary passes (gradient checks).
+    fn plain(embedder: &'a Embedder) -> Self {
+        Self {
+            embedder,
+            checkpointed: None,
         }
     }
 
@@ -201,7 +209,7 @@ fn scalar(t: &Tensor) -> Result<f64> {
 
 /// The loss of one micro-batch and its parts.
 fn batch_loss(
-    passes: &mut Passes,
+    passes: &mut ForwardPasses,
     batch: &Batch,
     config: &FinetuneConfig,
     teacher: Option<&TeacherEmbeddings>,
@@ -247,7 +255,7 @@ fn embedding_terms(
 /// the weighted KL to the teacher's scores over each query's own
 /// candidates, plus (`combined`) the label-free terms on every text.
 fn pairs_loss(
-    passes: &mut Passes,
+    passes: &mut ForwardPasses,
     batch: &[Sampled],
     config: &FinetuneConfig,
     teacher: Option<&TeacherEmbeddings>,
@@ -325,11 +333,7 @@ pub fn loss_of_examples(
                 .collect(),
         })
         .collect();
-    let mut passes = Passes {
-        embedder: &embedder,
-        checkpointed: None,
-    };
-    Ok(pairs_loss(&mut passes, &batch, config, None)?.0)
+    Ok(pairs_loss(&mut ForwardPasses::plain(&embedder), &batch, config, None)?.0)
 }
 
 /// The label-free distillation loss of `texts` against the teacher's
@@ -343,11 +347,7 @@ pub fn distillation_loss_of_texts(
     config: &FinetuneConfig,
 ) -> Result<Tensor> {
     let embedder = embedder_with(model, tensors, config)?;
-    let student = Passes {
-        embedder: &embedder,
-        checkpointed: None,
-    }
-    .embed(texts)?;
+    let student = ForwardPasses::plain(&embedder).embed(texts)?;
     embedding_terms(&student, teacher, config, &mut LossParts::default())
 }
 
@@ -782,7 +782,7 @@ fn accumulate_gradients(
     let parameters: Vec<&Tensor> = weights.vars.values().map(Var::as_tensor).collect();
     for _ in 0..config.gradient_accumulation {
         let batch = next_batch(data, config, state, order);
-        let mut passes = Passes::new(embedder, config);
+        let mut passes = ForwardPasses::new(embedder, config);
         let (loss, parts) = batch_loss(&mut passes, &batch, config, teacher)?;
         let scaled = (loss / micro_batches)?;
         step.loss += scaled.to_scalar::<f32>()? as f64;

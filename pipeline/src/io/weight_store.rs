@@ -234,7 +234,10 @@ impl WeightStore {
             })?
             .load(&Device::Cpu)
             .and_then(|t| t.to_dtype(DType::F32))
-            .map_err(|e| Error::weights(&file.path, e))?;
+            .map_err(|e| Error::Safetensors {
+                path: file.path.clone(),
+                message: format!("{name}, rows {first}..{}: {e}", first + count),
+            })?;
             self.release_range(info.file, start, end);
             f(block)?;
             first += count;

@@ -233,10 +233,10 @@ impl Embedder {
     /// enters each layer (gradient checkpointing): the residual stream
     /// entering layer 0 and what the batch's layers share. Then
     /// [`Embedder::layer`] for each of [`Embedder::layer_count`] layers and
-    /// [`Embedder::finish`] give the same embeddings, operation for
-    /// operation.
-    pub fn begin(&self, input: &ModelInput) -> Result<(Tensor, LayerContext)> {
-        self.backbone.begin(input)
+    /// [`Embedder::embed_last_layer`] give the same embeddings, operation
+    /// for operation (the backbone's forward pass is these pieces).
+    pub fn stem(&self, input: &ModelInput) -> Result<(Tensor, LayerContext)> {
+        self.backbone.stem(input)
     }
 
     /// Layer `i` on the residual stream `x`, bypassing the embedder's
@@ -259,8 +259,8 @@ impl Embedder {
 
     /// The embeddings `(B, D)` from the residual stream leaving the last
     /// layer: final norm (decoders), pooling and the head.
-    pub fn finish(&self, x: Tensor, input: &ModelInput) -> Result<Tensor> {
-        let hidden = self.backbone.finish(x)?;
+    pub fn embed_last_layer(&self, x: Tensor, input: &ModelInput) -> Result<Tensor> {
+        let hidden = self.backbone.last_hidden(x)?;
         self.head.forward(&hidden, &input.attention_mask)
     }
 

@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 use super::checkpoint_map::CheckpointMap;
 use super::forward::{ForwardHooks, LayerParameters, ModelInput, Sublayer};
-use super::layers::{multi_head_attention, padding_bias, Activation, LayerNorm, Linear};
+use super::layers::{multi_head_attention, Activation, LayerNorm, Linear};
 use crate::error::{Error, Result};
 use crate::model::shape::{LayerShape, MlpShape, ModelShape};
 
@@ -307,21 +307,6 @@ impl Model {
             layers,
             hidden_size: cfg.hidden_size,
         })
-    }
-
-    /// Last hidden state, `(B, T, hidden_size)`; `hooks` may skip
-    /// sub-layers and observe the residual stream around each.
-    pub fn forward(
-        &self,
-        input: &ModelInput,
-        hooks: &mut dyn ForwardHooks,
-    ) -> CandleResult<Tensor> {
-        let bias = padding_bias(&input.attention_mask)?;
-        let mut x = self.embed(input)?;
-        for i in 0..self.layers.len() {
-            x = self.layer_forward(i, x, bias.as_ref(), hooks)?;
-        }
-        Ok(x)
     }
 
     /// The residual stream entering layer 0 (embeddings and their norm).

@@ -482,20 +482,6 @@ impl Model {
         })
     }
 
-    /// Last hidden state (after the final norm), `(B, T, hidden_size)`;
-    /// `hooks` may skip sub-layers and observe the residual stream.
-    /// Positions are `0..T` for every row, as in Hugging Face; with left
-    /// padding RoPE's relative form makes the result independent of the pad
-    /// count.
-    pub fn forward(&self, input: &ModelInput, hooks: &mut dyn ForwardHooks) -> Result<Tensor> {
-        let mut x = self.embed(input)?;
-        let context = self.parts.context(input)?;
-        for i in 0..self.layers.len() {
-            x = self.layer_forward(i, x, &context, hooks)?;
-        }
-        self.final_norm(&x)
-    }
-
     /// The residual stream entering layer 0 (scaled token embeddings).
     pub(crate) fn embed(&self, input: &ModelInput) -> Result<Tensor> {
         let rows = self
@@ -505,6 +491,9 @@ impl Model {
     }
 
     /// The masks and rotary tables the layers share for `input`.
+    /// Positions are `0..T` for every row, as in Hugging Face; with left
+    /// padding RoPE's relative form makes the result independent of the pad
+    /// count.
     pub(crate) fn context(&self, input: &ModelInput) -> Result<ForwardContext> {
         self.parts.context(input)
     }

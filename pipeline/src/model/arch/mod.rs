@@ -388,19 +388,19 @@ impl Backbone {
         input: &ModelInput,
         hooks: &mut dyn ForwardHooks,
     ) -> Result<Tensor> {
-        Ok(match self {
-            Self::Bert(m) => m.forward(input, hooks)?,
-            Self::Decoder(m) => m.forward(input, hooks)?,
-        })
+        let (mut x, context) = self.stem(input)?;
+        for i in 0..self.layer_count() {
+            x = self.layer(i, x, &context, hooks)?;
+        }
+        self.last_hidden(x)
     }
 
-    /// The forward pass in pieces, for passes that keep only what enters
-    /// each layer (gradient checkpointing): the residual stream entering
-    /// layer 0 and what every layer of this batch shares. Running
-    /// [`Backbone::layer`] over every layer and then [`Backbone::finish`]
-    /// computes what [`Backbone::forward_hooked`] does, operation for
-    /// operation.
-    pub fn begin(&self, input: &ModelInput) -> Result<(Tensor, LayerContext)> {
+    /// The forward pass in pieces (what [`Backbone::forward_hooked`] runs,
+    /// and what gradient checkpointing runs a layer at a time): the
+    /// residual stream entering layer 0 and what every layer of this batch
+    /// shares; then [`Backbone::layer`] for each layer and
+    /// [`Backbone::last_hidden`].
+    pub fn stem(&self, input: &ModelInput) -> Result<(Tensor, LayerContext)> {
         Ok(match self {
             Self::Bert(m) => (
                 m.embed(input)?,
@@ -410,7 +410,7 @@ impl Backbone {
         })
     }
 
-    /// Layer `i` on the residual stream `x` (see [`Backbone::begin`]).
+    /// Layer `i` on the residual stream `x` (see [`Backbone::stem`]).
     pub fn layer(
         &self,
         i: usize,
@@ -435,7 +435,7 @@ impl Backbone {
 
     /// The last hidden state from the residual stream leaving the last
     /// layer: the final norm of a decoder; BERT has none.
-    pub fn finish(&self, x: Tensor) -> Result<Tensor> {
+    pub fn last_hidden(&self, x: Tensor) -> Result<Tensor> {
         Ok(match self {
             Self::Bert(_) => x,
             Self::Decoder(m) => m.final_norm(&x)?,
