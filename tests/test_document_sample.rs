@@ -56,3 +56,51 @@ fn a_document_sample_keeps_every_judged_document_and_is_seeded() {
     let all = full.clone().with_document_sample(full.corpus.len(), 0);
     assert_eq!(ids(&all), ids(&full));
 }
+
+/// Every command that takes `--doc-sample` refuses an empty sample before
+/// any work, naming the flag, and writes nothing.
+#[test]
+fn every_command_refuses_an_empty_document_sample() {
+    let work = tempfile::tempdir().unwrap();
+    let model = common::fixture("bert");
+    let data = common::fixture("eval/tiny");
+    let (model, data) = (model.to_str().unwrap(), data.to_str().unwrap());
+    let gates = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/gates.yaml");
+    let gates = gates.to_str().unwrap();
+    let out = work.path().join("out");
+    let out = out.to_str().unwrap();
+    let runs: [&[&str]; 4] = [
+        &["eval", "--model", model, "--data", data, "--out", out],
+        &["encode", "--model", model, "--data", data, "--out", out],
+        &["drop-study", "--model", model, "--data", data, "--out", out],
+        &[
+            "validate",
+            "--reference",
+            model,
+            "--candidate",
+            model,
+            "--data",
+            data,
+            "--gates",
+            gates,
+            "--out",
+            out,
+        ],
+    ];
+    for args in runs {
+        let mut args = args.to_vec();
+        args.extend(["--doc-sample", "0"]);
+        let o = common::effir(&args);
+        let err = common::stderr(&o);
+        assert!(
+            !o.status.success() && err.contains("--doc-sample must be at least 1"),
+            "{}: {err}",
+            args[0]
+        );
+        assert!(
+            !work.path().join("out").exists(),
+            "{} wrote output",
+            args[0]
+        );
+    }
+}

@@ -1,6 +1,7 @@
 //! `effir drop-study`: retrieval quality after dropping the least important
 //! attention or MLP sub-layers (no fine-tuning).
 
+use super::document_sample::DocumentSampleArgs;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
@@ -32,12 +33,9 @@ pub struct DropStudyArgs {
     /// Numbers of sub-layers to drop, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,2,3,4")]
     pub k: Vec<usize>,
-    /// Evaluate on a fixed subset: every judged document plus random ones, this many in all.
-    #[arg(long)]
-    pub doc_sample: Option<usize>,
-    /// Seed of the document sample and the calibration sample.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// `--seed` also seeds the calibration sample.
+    #[command(flatten)]
+    pub sample: DocumentSampleArgs,
     /// Token budget of the calibration text.
     #[arg(long, default_value_t = 65_536)]
     pub calib_tokens: usize,
@@ -70,7 +68,7 @@ pub struct DropStudyArgs {
 fn calibration_budget(args: &DropStudyArgs) -> CalibrationBudget {
     CalibrationBudget {
         max_tokens: args.calib_tokens,
-        seed: args.seed,
+        seed: args.sample.seed,
         ..Default::default()
     }
 }
@@ -101,11 +99,10 @@ pub fn run(args: DropStudyArgs) -> anyhow::Result<()> {
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    let mut dataset = Dataset::load(&args.data, &args.split, DanglingPolicy::Warn)?;
+    args.sample.check()?;
+    let dataset = Dataset::load(&args.data, &args.split, DanglingPolicy::Warn)?;
     let full = dataset.corpus.len();
-    if let Some(n) = args.doc_sample {
-        dataset = dataset.with_document_sample(n, args.seed);
-    }
+    let dataset = args.sample.apply(dataset);
     let streamed = args
         .stream
         .then(|| streamed_importance(&args))
@@ -207,14 +204,7 @@ pub fn run(args: DropStudyArgs) -> anyhow::Result<()> {
         .model
         .file_name()
         .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned());
-    let subset = match args.doc_sample {
-        Some(_) if dataset.corpus.len() < full => format!(
-            "{} of {full} documents (every judged document plus a random sample, seed {})",
-            dataset.corpus.len(),
-            args.seed
-        ),
-        _ => format!("all {full} documents"),
-    };
+    let subset = args.sample.describe(dataset.corpus.len(), full);
     let title = format!("Drop study of {name} on {}", args.data.display());
     let json = serde_json::json!({
         "model": args.model.model,

@@ -2,6 +2,7 @@
 //! encoding can run as many processes (a Slurm array, a Kubernetes
 //! Indexed Job, Ray tasks); `effir eval --embeddings` merges the shards.
 
+use super::document_sample::DocumentSampleArgs;
 use std::path::PathBuf;
 
 use anyhow::bail;
@@ -41,12 +42,8 @@ pub struct EncodeArgs {
     /// Document text template: {title}, {text}, {title_or_none}, {prompt} [default: the model's].
     #[arg(long)]
     pub document_template: Option<String>,
-    /// Encode a fixed subset: every judged document plus random ones, this many in all (as eval --doc-sample).
-    #[arg(long)]
-    pub doc_sample: Option<usize>,
-    /// Seed of the document sample.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub sample: DocumentSampleArgs,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -56,13 +53,12 @@ pub fn run(args: EncodeArgs) -> anyhow::Result<()> {
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    if args.doc_sample == Some(0) {
-        bail!("--doc-sample must be at least 1");
-    }
-    let mut dataset = Dataset::load(&args.data, &args.split, DanglingPolicy::Warn)?;
-    if let Some(n) = args.doc_sample {
-        dataset = dataset.with_document_sample(n, args.seed);
-    }
+    args.sample.check()?;
+    let dataset = args.sample.apply(Dataset::load(
+        &args.data,
+        &args.split,
+        DanglingPolicy::Warn,
+    )?);
     let embedder = load_text_embedder(&args.model, args.onnx, &args.providers)?;
     let format = TextFormat::for_model(
         embedder.setup(),

@@ -1,5 +1,6 @@
 //! `effir eval`: retrieval quality of a model on a BEIR dataset.
 
+use super::document_sample::DocumentSampleArgs;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
@@ -59,12 +60,8 @@ pub struct EvalArgs {
     /// Prompt name for queries [default: the model's `query` prompt, if any].
     #[arg(long)]
     pub query_prompt: Option<String>,
-    /// Evaluate on a fixed subset: every judged document plus random ones, this many in all.
-    #[arg(long)]
-    pub doc_sample: Option<usize>,
-    /// Seed of the document sample.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub sample: DocumentSampleArgs,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -130,20 +127,15 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     } else {
         DanglingPolicy::Warn
     };
-    let mut dataset = Dataset::load(&args.data, &split, policy)?;
+    args.sample.check()?;
+    let dataset = Dataset::load(&args.data, &split, policy)?;
     let full = dataset.corpus.len();
-    if let Some(n) = args.doc_sample {
-        if n == 0 {
-            bail!("--doc-sample must be at least 1");
-        }
-        dataset = dataset.with_document_sample(n, args.seed);
-        if dataset.corpus.len() < full {
-            eprintln!(
-                "evaluating on {} of {full} documents (every judged document plus a random sample, seed {})",
-                dataset.corpus.len(),
-                args.seed
-            );
-        }
+    let dataset = args.sample.apply(dataset);
+    if dataset.corpus.len() < full {
+        eprintln!(
+            "evaluating on {}",
+            args.sample.describe(dataset.corpus.len(), full)
+        );
     }
     if !dataset.dangling.is_empty() {
         eprintln!(

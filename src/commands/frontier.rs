@@ -5,6 +5,7 @@
 //! .svg; with `--select DIR`, copies the fastest graph that passes the gates
 //! to DIR, which is what a CI job that ships the fastest passing graph runs.
 
+use super::document_sample::DocumentSampleArgs;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
@@ -51,11 +52,8 @@ pub struct FrontierArgs {
     pub runs: usize,
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
-    /// Evaluate on every judged document plus random ones, this many in all.
-    #[arg(long)]
-    pub doc_sample: Option<usize>,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub sample: DocumentSampleArgs,
     /// Maximum tokens per text [default: the model's own].
     #[arg(long)]
     pub max_length: Option<usize>,
@@ -157,8 +155,7 @@ pub fn run(args: FrontierArgs) -> anyhow::Result<()> {
             gates: args.gates.clone(),
             split: "test".into(),
             parity_texts: 64,
-            doc_sample: args.doc_sample,
-            seed: args.seed,
+            sample: args.sample.clone(),
             max_length: args.max_length,
             batch_size: 32,
             out: None,

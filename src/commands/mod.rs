@@ -2,6 +2,7 @@
 
 pub mod analyze;
 pub mod bench;
+pub mod document_sample;
 pub mod drop_study;
 pub mod embed;
 pub mod encode;

@@ -3,6 +3,7 @@
 //! by the gates of a YAML file. Exits non-zero, naming the gates, when any
 //! fails: this is what a CI job runs.
 
+use super::document_sample::DocumentSampleArgs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
@@ -50,11 +51,8 @@ pub struct ValidateArgs {
     /// Texts (queries and documents from the dataset) for the parity check.
     #[arg(long, default_value_t = 64)]
     pub parity_texts: usize,
-    /// Evaluate on every judged document plus random ones, this many in all.
-    #[arg(long)]
-    pub doc_sample: Option<usize>,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub sample: DocumentSampleArgs,
     /// Maximum tokens per text [default: the model's own].
     #[arg(long)]
     pub max_length: Option<usize>,
@@ -142,18 +140,14 @@ pub fn validate(args: &ValidateArgs) -> anyhow::Result<ValidationReport> {
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    if args.doc_sample == Some(0) {
-        bail!("--doc-sample must be at least 1");
-    }
+    args.sample.check()?;
     let datasets = args
         .data
         .iter()
         .map(|dir| {
-            let data = Dataset::load(dir, &args.split, DanglingPolicy::Warn)?;
-            Ok(match args.doc_sample {
-                Some(n) => data.with_document_sample(n, args.seed),
-                None => data,
-            })
+            Ok(args
+                .sample
+                .apply(Dataset::load(dir, &args.split, DanglingPolicy::Warn)?))
         })
         .collect::<anyhow::Result<Vec<Dataset>>>()?;
     let settings = args.providers.settings()?;
