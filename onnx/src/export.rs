@@ -271,17 +271,17 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
     // otherwise the graph is emitted first and staged once it exists.
     let (staging, mut model, streamed_bytes) = if options.stream {
         let staging = StagedDir::beside_existing(out)?;
-        let graph_dir = staging.path().join(&graph_rel);
-        std::fs::create_dir_all(&graph_dir).map_err(|e| Error::io(&graph_dir, e))?;
-        let data = ExternalDataFile::create(&graph_dir, "model.onnx")?;
+        let data =
+            ExternalDataFile::create(&staged_graph_dir(&staging, &graph_rel)?, "model.onnx")?;
         let (model, bytes) = emit_model_streamed(model_dir, &options.emit, data)?;
         (staging, model, Some(bytes))
     } else {
         let model = emit_model(model_dir, &options.emit)?;
-        (StagedDir::beside_existing(out)?, model, None)
+        let staging = StagedDir::beside_existing(out)?;
+        staged_graph_dir(&staging, &graph_rel)?;
+        (staging, model, None)
     };
     let graph_dir = staging.path().join(&graph_rel);
-    std::fs::create_dir_all(&graph_dir).map_err(|e| Error::io(&graph_dir, e))?;
     // Where the graph came from, relative to the graph's directory.
     let graph_dir_final = out.join(&graph_rel);
     set_metadata(
@@ -550,4 +550,11 @@ fn write_card(dir: &Path, model_dir: &Path, out: &Path, summary: &ExportSummary)
         .section("Made with", format!("```sh\n{}\n```", command_line(out)))
         .write(dir, model_dir, out)
         .map_err(Error::from)
+}
+
+/// The graph's directory (`graph_rel`) inside the staged export, created.
+fn staged_graph_dir(staging: &StagedDir, graph_rel: &Path) -> Result<PathBuf> {
+    let dir = staging.path().join(graph_rel);
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    Ok(dir)
 }
