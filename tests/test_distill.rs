@@ -513,3 +513,51 @@ fn the_combined_objective_trains_on_both_terms() {
     );
     assert!(!o.status.success() && stderr(&o).contains("--train-texts is for objective distill"));
 }
+
+/// A teacher of another architecture, tokenizer and embedding size (the
+/// BERT fixture teaching the Llama fixture, as all-MiniLM-L6-v2 would teach
+/// a decoder LLM) teaches the in-batch similarities alone (`weight: 0`): the
+/// run logs only the similarity term, and on texts it never saw the
+/// student's similarity distributions move toward the teacher's. With the
+/// embedding term the same teacher is refused (`bad_distillation_input…`).
+#[test]
+fn a_teacher_of_another_architecture_teaches_in_batch_similarities() {
+    use effir_pipeline::finetune::objective::similarity_kl;
+    let work = tempfile::tempdir().unwrap();
+    let (student, teacher) = (fixture("llama"), fixture("bert"));
+    let texts = train_texts(work.path());
+    let config = write(
+        work.path(),
+        "similarities.yaml",
+        &format!(
+            "objective: distill\nmax_steps: 8\nbatch_size: 6\nlearning_rate: 2.0e-3\n\
+             checkpoint_every: 0\nseed: 3\nembedding_distillation:\n  teacher: {}\n  \
+             weight: 0.0\n  similarity_weight: 1.0\n  similarity_temperature: 0.05\n",
+            teacher.display()
+        ),
+    );
+    let out = work.path().join("out");
+    let o = distill(&student, &[&texts], &out, &config, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for step in step_log(&out) {
+        assert!(step["embedding_distance"].is_null(), "{step}");
+        assert!(step["similarity_kl"].as_f64().unwrap() > 0.0, "{step}");
+    }
+    let matrix = |rows: Vec<Vec<f32>>| {
+        let d = rows[0].len();
+        let flat: Vec<f32> = rows.into_iter().flatten().collect();
+        Tensor::from_vec(flat, (HELD_OUT.len(), d), &Device::Cpu).unwrap()
+    };
+    let teacher_rows = matrix(embed(&teacher, HELD_OUT));
+    let kl = |model: &Path| -> f32 {
+        similarity_kl(&matrix(embed(model, HELD_OUT)), &teacher_rows, 0.05)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let (before, after) = (kl(&student), kl(&out));
+    assert!(
+        after < before,
+        "held-out similarity KL to the teacher: {before} before, {after} after"
+    );
+}

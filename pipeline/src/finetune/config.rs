@@ -249,6 +249,13 @@ impl FinetuneConfig {
                          similarity_weight above 0) and similarity_temperature > 0"
                         .into());
                 }
+                if e.weight == 0.0 && self.batch_size < 2 {
+                    return bad(
+                        "with embedding_distillation weight 0 only in-batch similarities \
+                         are learned: batch_size must be at least 2"
+                            .into(),
+                    );
+                }
             }
             (Objective::Contrastive, None) => {}
         }
@@ -370,6 +377,19 @@ mod tests {
                     }),
                 ),
                 "weights must be >= 0",
+            ),
+            (
+                FinetuneConfig {
+                    batch_size: 1,
+                    ..config(
+                        Objective::Distill,
+                        Some(EmbeddingDistillationSettings {
+                            weight: 0.0,
+                            ..teacher("t")
+                        }),
+                    )
+                },
+                "batch_size must be at least 2",
             ),
             (
                 FinetuneConfig {

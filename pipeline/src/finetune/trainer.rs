@@ -240,15 +240,28 @@ fn embedding_terms(
     let e = config.embedding_distillation.as_ref().ok_or_else(|| {
         Error::InvalidArgument("embedding distillation settings are missing".into())
     })?;
-    let distance = embedding_distance(student, teacher, e.loss)?;
-    parts.embedding_distance = Some(scalar(&distance)?);
-    let mut loss = (distance * e.weight)?;
+    let mut loss: Option<Tensor> = None;
+    // Without the embedding term the teacher may have another size: only
+    // the similarities of each batch's texts are compared.
+    if e.weight > 0.0 {
+        let distance = embedding_distance(student, teacher, e.loss)?;
+        parts.embedding_distance = Some(scalar(&distance)?);
+        loss = Some((distance * e.weight)?);
+    }
     if e.similarity_weight > 0.0 && student.dim(0)? >= 2 {
         let kl = similarity_kl(student, teacher, e.similarity_temperature)?;
         parts.similarity_kl = Some(scalar(&kl)?);
-        loss = (loss + (kl * e.similarity_weight)?)?;
+        let term = (kl * e.similarity_weight)?;
+        loss = Some(match loss {
+            Some(l) => (l + term)?,
+            None => term,
+        });
     }
-    Ok(loss)
+    // A batch of one text has no similarities to learn.
+    match loss {
+        Some(l) => Ok(l),
+        None => Ok(student.zeros_like()?.sum_all()?),
+    }
 }
 
 /// InfoNCE over in-batch positives and the batch's hard negatives, plus
@@ -648,9 +661,10 @@ fn resume(
 /// of distillation; cached by teacher weights and texts, so runs on the
 /// same data share them.
 ///
-/// Embedding distillation compares embeddings of the same text, so its
-/// teacher must share the student's tokenizer and embedding size. Score
-/// distillation compares only scores: a teacher of another architecture
+/// Embedding distillation's embedding term (`weight` above 0) compares
+/// embeddings of the same text, so its teacher must share the student's
+/// tokenizer and embedding size. Score distillation and the in-batch
+/// similarity term compare only scores: a teacher of another architecture
 /// (all-MiniLM-L6-v2 teaching a decoder LLM) reads each text as it formats
 /// text itself, its own query prompt in place of the student's; both must
 /// write documents the same way.
@@ -667,10 +681,17 @@ fn load_teacher(
     };
     let student_dir = student.dir();
     let same_tokenizer = same_tokenizer(student_dir, teacher_dir)?;
-    if !same_tokenizer && config.embedding_distillation.is_some() {
+    // The embedding term compares the two embeddings of each text directly.
+    let compares_embeddings = config
+        .embedding_distillation
+        .as_ref()
+        .is_some_and(|e| e.weight > 0.0);
+    if !same_tokenizer && compares_embeddings {
         return Err(Error::InvalidArgument(format!(
             "{}: the teacher's tokenizer.json differs from the student's ({}); \
-             embedding distillation needs a teacher that reads text the same way",
+             embedding distillation's embedding term needs a teacher that reads text the \
+             same way (with `weight: 0` only in-batch similarities are learned, which \
+             any teacher can teach)",
             teacher_dir.display(),
             student_dir.display()
         )));
@@ -687,7 +708,7 @@ fn load_teacher(
         let theirs = TextFormat::for_model(teacher.setup(), None, None)?;
         let view = texts_in_teacher_format(&texts, &ours, &theirs).map_err(|message| {
             Error::InvalidArgument(format!(
-                "{}: score distillation from a teacher with another tokenizer: {message} \
+                "{}: distillation from a teacher with another tokenizer: {message} \
                  (the student: {})",
                 teacher_dir.display(),
                 student_dir.display()
@@ -714,10 +735,10 @@ fn load_teacher(
         "teacher-{}.safetensors",
         &h.finalize().to_hex()[..32]
     ));
-    // Embedding distillation compares embeddings directly: the sizes must
+    // The embedding term compares embeddings directly: the sizes must
     // match, checked before any text is embedded. The teacher loaded for
     // the check embeds the texts too, if the cache lacks them.
-    if config.embedding_distillation.is_some() {
+    if compares_embeddings {
         let teacher = match loaded.take() {
             Some(t) => t,
             None => load()?,
