@@ -323,6 +323,40 @@ fn an_onnx_export_encodes_shards() {
         std::fs::read(single.join("metrics.json")).unwrap(),
         std::fs::read(merged.join("metrics.json")).unwrap()
     );
+    let shards = [
+        "--onnx",
+        "--embeddings",
+        s0.to_str().unwrap(),
+        "--embeddings",
+        s1.to_str().unwrap(),
+    ];
+    // The same graph run otherwise (here unoptimized; a GPU provider would
+    // be another) computes other last bits: its shards do not merge.
+    let other = work.path().join("unoptimized");
+    let mut args = eval_args(m, d, other.to_str().unwrap());
+    args.extend(shards);
+    args.extend(["--graph-optimization", "none"]);
+    let run = effir(&args);
+    assert!(
+        !run.status.success() && stderr(&run).contains("providers or optimization level"),
+        "{}",
+        stderr(&run)
+    );
+    assert!(!other.exists());
+    // Another batch size merges, and says the result is not the single
+    // run's exact bytes.
+    let rebatched = work.path().join("rebatched");
+    let mut args = eval_args(m, d, rebatched.to_str().unwrap());
+    args.extend(shards);
+    let at = args.iter().position(|a| *a == "--batch-size").unwrap();
+    args[at + 1] = "8";
+    let run = effir(&args);
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert!(
+        stderr(&run).contains("not bit-equal to a single run"),
+        "{}",
+        stderr(&run)
+    );
 }
 
 /// The batching rule the shards rely on: texts are batched within blocks

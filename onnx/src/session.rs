@@ -130,6 +130,9 @@ pub struct OnnxEncoder {
     head: Option<EmbeddingHead>,
     dimension: usize,
     providers: Vec<Provider>,
+    /// Whether ONNX Runtime optimized the graph (fusions change the last
+    /// bits of the embeddings).
+    graph_optimization: GraphOptimization,
     /// The graph's `metadata_props`.
     metadata: std::collections::BTreeMap<String, String>,
 }
@@ -179,6 +182,7 @@ impl OnnxEncoder {
             head,
             dimension,
             providers,
+            graph_optimization: settings.graph_optimization,
         };
         if encoder.dimension == 0 {
             // The graph does not declare the embedding size: run one text.
@@ -265,8 +269,15 @@ impl TextEmbedder for OnnxEncoder {
         })
     }
 
+    /// The output read, the providers registered and the optimization
+    /// level: each changes the embeddings (a CUDA run differs from a CPU
+    /// run in the last bits), so cached embeddings and corpus shards made
+    /// under one are not reused under another.
     fn variant(&self) -> String {
-        format!("onnx output={:?}", self.output)
+        format!(
+            "onnx output={:?} providers={:?} graph_optimization={:?}",
+            self.output, self.providers, self.graph_optimization
+        )
     }
 
     fn embed_texts(

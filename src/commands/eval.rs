@@ -155,8 +155,14 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             settings.query_prompt.clone(),
         )?;
         Some(
-            merge_shards(&args.embeddings, embedder, &dataset, &format)
-                .context("merging the corpus shards")?,
+            merge_shards(
+                &args.embeddings,
+                embedder,
+                &dataset,
+                &format,
+                settings.batch_size,
+            )
+            .context("merging the corpus shards")?,
         )
     };
     // The output is claimed before the work, so a clash shows at once.

@@ -231,13 +231,17 @@ pub fn encode_shard(
 /// Merges shard directories into corpus embeddings, rows in corpus order,
 /// after checking that they are every shard of one encoding of `dataset`
 /// by `embedder` (`format`): each shard exactly once, the same model,
-/// corpus and settings, and every row's document id where the corpus has
-/// it.
+/// corpus and settings (for an ONNX graph, the same execution providers and
+/// optimization level), and every row's document id where the corpus has
+/// it. Shards encoded in batches of another size than `batch_size` merge
+/// with a warning: the same embeddings up to the last bits, not the single
+/// run's exact bytes.
 pub fn merge_shards(
     dirs: &[PathBuf],
     embedder: &dyn TextEmbedder,
     dataset: &Dataset,
     format: &TextFormat,
+    batch_size: usize,
 ) -> Result<Array2<f32>> {
     let first = dirs
         .first()
@@ -302,7 +306,18 @@ pub fn merge_shards(
         return Err(mismatch("corpus file"));
     }
     if reference.settings != identity.settings || reference.documents != dataset.corpus.len() {
-        return Err(mismatch("document set or encoding settings"));
+        return Err(mismatch(
+            "document set or encoding settings (for a graph: providers or optimization level)",
+        ));
+    }
+    if reference.batch_size != batch_size {
+        tracing::warn!(
+            shards = %first.display(),
+            shard_batch_size = reference.batch_size,
+            batch_size,
+            "the shards were encoded in batches of another size than this evaluation's: \
+             the merged embeddings are not bit-equal to a single run's"
+        );
     }
     let documents = dataset.corpus.len();
     let mut matrix = Array2::<f32>::zeros((documents, reference.dimension));
