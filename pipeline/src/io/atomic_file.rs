@@ -16,7 +16,7 @@
 //! user reads what effir wrote.
 
 use std::io::{BufWriter, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
@@ -296,6 +296,39 @@ pub struct StagedDir {
     /// The staging directory itself, locked while this process uses it.
     _held: Option<std::fs::File>,
     _lock: OutputLock,
+    /// Dropped last: the parent directories made for this output.
+    _parents: CreatedParents,
+}
+
+/// Directories an output created above itself, deepest first. Dropped, it
+/// removes those that are empty: an output that was never published
+/// leaves no directories behind, and a published one keeps its parents
+/// (they hold it).
+struct CreatedParents(Vec<PathBuf>);
+
+impl CreatedParents {
+    /// Creates `dir` and its missing ancestors, remembering which.
+    fn create(dir: &Path) -> Result<Self> {
+        let mut missing = Vec::new();
+        let mut at = Some(dir);
+        while let Some(d) = at.filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+            missing.push(d.to_path_buf());
+            at = d.parent();
+        }
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        Ok(Self(missing))
+    }
+}
+
+impl Drop for CreatedParents {
+    fn drop(&mut self) {
+        for dir in &self.0 {
+            // Fails, leaving it, when anything is in it.
+            if std::fs::remove_dir(dir).is_err() {
+                break;
+            }
+        }
+    }
 }
 
 impl StagedDir {
@@ -332,7 +365,7 @@ impl StagedDir {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
         };
-        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        let parents = CreatedParents::create(parent)?;
         let lock = OutputLock::acquire(out, parent)?;
         remove_stale_temporaries(parent);
         let prefix = format!("{STAGING_PREFIX}{}-", std::process::id());
@@ -346,6 +379,7 @@ impl StagedDir {
             dir,
             _held: held,
             _lock: lock,
+            _parents: parents,
         })
     }
 
@@ -355,7 +389,12 @@ impl StagedDir {
 
     /// Renames the staged directory to `out`.
     pub fn publish(self, out: &Path) -> Result<()> {
-        let Self { dir, _held, _lock } = self;
+        let Self {
+            dir,
+            _held,
+            _lock,
+            _parents,
+        } = self;
         let staged = dir.keep();
         std::fs::rename(&staged, out).map_err(|e| Error::io(out, e))
     }
@@ -369,7 +408,12 @@ impl StagedDir {
         if !out.exists() {
             return self.publish(out);
         }
-        let Self { dir, _held, _lock } = self;
+        let Self {
+            dir,
+            _held,
+            _lock,
+            _parents,
+        } = self;
         let staged = dir.keep();
         if exchange(&staged, out).is_ok() {
             // `staged` now holds the old directory, named as a temporary
@@ -539,6 +583,34 @@ mod tests {
             vec![std::ffi::OsString::from("out")],
             "leftovers: {names:?}"
         );
+    }
+
+    /// An output under directories that did not exist creates them; if it
+    /// is never published they go again, and a published one keeps them.
+    /// Directories that existed, or that something else wrote into, stay.
+    #[test]
+    fn an_unpublished_output_leaves_no_parent_directories_behind() {
+        let work = tempfile::tempdir().unwrap();
+        let out = work.path().join("a/b/c/out");
+        let staged = StagedDir::beside(&out).unwrap();
+        std::fs::write(staged.path().join("x"), "1").unwrap();
+        assert!(work.path().join("a/b/c").is_dir());
+        drop(staged);
+        assert!(!work.path().join("a").exists(), "a/b/c left behind");
+
+        std::fs::create_dir(work.path().join("a")).unwrap();
+        let staged = StagedDir::beside(&out).unwrap();
+        std::fs::write(work.path().join("a/b/note"), "someone else's").unwrap();
+        drop(staged);
+        assert!(!work.path().join("a/b/c").exists());
+        assert!(
+            work.path().join("a/b/note").is_file(),
+            "a non-empty parent went"
+        );
+
+        let staged = StagedDir::beside(&out).unwrap();
+        staged.publish(&out).unwrap();
+        assert!(out.is_dir());
     }
 
     #[test]
