@@ -247,6 +247,27 @@ fn bad_model_directories_fail_cleanly() {
         &["tokenizer.json"],
     );
 
+    // A template naming a special token the file does not define: the
+    // tokenizers library accepts it and panics on the first encoding. The
+    // panic is caught and reported as an error about the file, and its
+    // message and backtrace are not printed (`assert_fails` checks).
+    let crashing_tokenizer = copy_model(&fixture("bert"));
+    let path = crashing_tokenizer.path().join("tokenizer.json");
+    let mut tokenizer: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    tokenizer["post_processor"] = serde_json::json!({
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "[UNDEFINED]", "type_id": 0}},
+                   {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}],
+        "special_tokens": {},
+    });
+    std::fs::write(&path, tokenizer.to_string()).unwrap();
+    assert_fails(
+        embed(crashing_tokenizer.path(), &input, &output),
+        &["tokenizer.json", "crashes on encoding"],
+    );
+
     let bad_shape = copy_model(&fixture("bert"));
     write(bad_shape.path(), "effir_shape.json", b"{\"layers\": []}");
     assert_fails(

@@ -118,7 +118,7 @@ impl TextEncoder {
         }
         // The tokenizers crate panics on some malformed files (an untagged
         // decoder it cannot read): those are errors naming the file too.
-        let mut tokenizer = std::panic::catch_unwind(|| Tokenizer::from_file(&path))
+        let mut tokenizer = catch_quietly(|| Tokenizer::from_file(&path))
             .map_err(|_| Error::Tokenizer {
                 path: path.clone(),
                 message:
@@ -147,7 +147,7 @@ impl TextEncoder {
         // The tokenizers crate accepts some inconsistent files (a template
         // naming a special token it does not define) and panics on the
         // first encoding: try one here, so such a file is an error naming it.
-        let probe = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let probe = catch_quietly(std::panic::AssertUnwindSafe(|| {
             tokenizer.encode("a", true).map(|_| ())
         }));
         match probe {
@@ -323,4 +323,29 @@ impl TextEncoder {
             },
         })
     }
+}
+
+thread_local! {
+    /// Set while [`catch_quietly`] runs its closure on this thread.
+    static CATCHING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// `catch_unwind`, without the panic message and backtrace the panic hook
+/// would print first: a panic caught here becomes an error that names the
+/// file, and that error is the whole report. Panics anywhere else still
+/// go to the hook that was installed before (the default one, normally).
+fn catch_quietly<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe) -> std::thread::Result<R> {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !CATCHING.with(std::cell::Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    CATCHING.with(|c| c.set(true));
+    let result = std::panic::catch_unwind(f);
+    CATCHING.with(|c| c.set(false));
+    result
 }
