@@ -343,6 +343,23 @@ fn graphs_that_cannot_be_mapped_are_refused_and_nothing_is_written() {
     );
     assert!(!out.exists());
 
+    // An int8 graph (here effir's own, its weights in external data): the
+    // float weights it would be mapped by are gone.
+    let int8 = work.path().join("int8");
+    common::export(
+        &fixture("bert"),
+        &int8,
+        &["--precision", "int8", "--external-data", "always"],
+    );
+    let o = rewrite(&int8.join("model.onnx"), &pruned, &out);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("computes in int8") && stderr(&o).contains("--precision int8"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!out.exists());
+
     // A truncated file.
     let bytes = std::fs::read(optimum_graph("bert")).unwrap();
     let cut = work.path().join("cut.onnx");

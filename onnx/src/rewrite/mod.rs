@@ -160,6 +160,18 @@ pub fn stage_rewrite(
         )));
     }
     let mut file = GraphFile::read(graph_path)?;
+    // Weights are found by their values; a quantized graph no longer holds
+    // the float values to find (nor would re-quantizing it be lossless).
+    if file.precision() != "fp32" {
+        return Err(Error::graph(
+            graph_path,
+            format!(
+                "the graph computes in {}: rewrite slims float32 graphs, whose weights it finds by value; \
+                 rewrite the float export and add --precision int8 instead; nothing written",
+                file.precision()
+            ),
+        ));
+    }
     let opset = file.opset().unwrap_or(0);
     if precision.int8_kernel().is_some() && opset < INT8_MIN_OPSET {
         return Err(Error::graph(
