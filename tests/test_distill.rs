@@ -292,9 +292,27 @@ fn a_killed_distillation_resumes_to_the_same_weights_bit_for_bit() {
         &["--abort-after-step", "3"],
     );
     assert!(!o.status.success() && !resumed.exists());
+    // A run killed later than its checkpoint has logged steps the resumed
+    // run repeats (here step 4, written as such a kill leaves it).
+    let log = work.path().join("resumed.checkpoints/train_log.jsonl");
+    let mut lines = std::fs::read_to_string(&log).unwrap();
+    lines.push_str("{\"step\":4,\"loss\":99.0}\n");
+    std::fs::write(&log, lines).unwrap();
     let o = distill(&pruned, &[&texts, &jsonl], &resumed, &config, &["--resume"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("resumed at 3"));
+    // The log holds each step once, as the straight run's does.
+    let steps = |out: &Path| -> Vec<u64> {
+        step_log(out)
+            .iter()
+            .map(|s| s["step"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(steps(&resumed), (1..=6).collect::<Vec<u64>>());
+    assert_eq!(steps(&resumed), steps(&straight));
+    assert!(step_log(&resumed)
+        .iter()
+        .all(|s| s["loss"].as_f64() != Some(99.0)));
     let a = common::load_tensors(&straight.join("model.safetensors"));
     let b = common::load_tensors(&resumed.join("model.safetensors"));
     assert_eq!(a.len(), b.len());

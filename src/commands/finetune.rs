@@ -9,6 +9,7 @@ use clap::Args;
 use effir_pipeline::data::beir::{DanglingPolicy, Dataset};
 use effir_pipeline::data::text_format::TextFormat;
 use effir_pipeline::eval::evaluation::{evaluate_model, EvalSettings};
+use effir_pipeline::finetune::checkpoint;
 use effir_pipeline::finetune::data::{load_examples, TrainingExample, TrainingSource};
 use effir_pipeline::finetune::record::write_model;
 use effir_pipeline::finetune::texts::load_texts;
@@ -146,6 +147,16 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&checkpoints)
         .with_context(|| format!("creating {}", checkpoints.display()))?;
     let log_path = checkpoints.join("train_log.jsonl");
+    // The log continues from the checkpoint the run resumes at (none: from
+    // the start), so each step is logged once.
+    let resumes_at = if args.resume {
+        checkpoint::list(&checkpoints)?
+            .last()
+            .map_or(0, |(step, _)| *step)
+    } else {
+        0
+    };
+    checkpoint::trim_step_log(&log_path, resumes_at)?;
     let mut log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

@@ -137,3 +137,63 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
         second,
     })
 }
+
+/// Rewrites the run's step log (`train_log.jsonl`, one JSON object with a
+/// `step` per line) as of checkpoint `through_step`: each step once, the
+/// latest line written for it, in order, and nothing after it. A killed
+/// run's steps past its last checkpoint, which the resumed run repeats, and
+/// the lines of an earlier run that never checkpointed go. A missing log
+/// is left missing.
+pub fn trim_step_log(path: &Path, through_step: usize) -> Result<()> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let mut by_step: BTreeMap<usize, &str> = BTreeMap::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let step = serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v.get("step")?.as_u64())
+            .ok_or_else(|| Error::config(path, format!("line {}: no step number", i + 1)))?;
+        if step as usize <= through_step {
+            by_step.insert(step as usize, line);
+        }
+    }
+    let mut kept = String::new();
+    for line in by_step.values() {
+        kept.push_str(line);
+        kept.push('\n');
+    }
+    crate::io::atomic_file::write_bytes_atomically(path, kept.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// After a kill at step 5 and a resume from the step-3 checkpoint, and
+    /// with two lines of an earlier run that never checkpointed, the log
+    /// holds steps 1 to 3 once each, the latest lines.
+    #[test]
+    fn a_resumed_runs_log_holds_each_step_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("train_log.jsonl");
+        let line = |step: usize, run: &str| format!("{{\"step\":{step},\"run\":\"{run}\"}}\n");
+        let mut text = line(1, "earlier") + &line(2, "earlier");
+        for step in 1..=5 {
+            text += &line(step, "killed");
+        }
+        std::fs::write(&log, text).unwrap();
+        trim_step_log(&log, 3).unwrap();
+        let expected = line(1, "killed") + &line(2, "killed") + &line(3, "killed");
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), expected);
+        trim_step_log(&dir.path().join("missing.jsonl"), 3).unwrap();
+        std::fs::write(&log, "{\"loss\": 1}\n").unwrap();
+        assert!(trim_step_log(&log, 3).is_err(), "a line without a step");
+    }
+}
