@@ -93,6 +93,12 @@ pub struct StoredWeight {
 }
 
 impl StoredWeight {
+    /// The bytes the whole tensor takes as stored.
+    fn stored_len(&self) -> usize {
+        let values = self.dims.iter().product::<i64>().max(0) as usize;
+        values * if self.half.is_some() { 2 } else { 4 }
+    }
+
     /// Appends `values`, converted to the stored precision.
     pub fn extend(&mut self, values: &[f32]) {
         match self.half {
@@ -278,15 +284,26 @@ impl GraphBuilder {
         outputs: &[&str],
         attribute: Vec<AttributeProto>,
     ) {
-        let name = self.unique(&format!("{}_node", outputs[0]));
-        self.nodes.push(NodeProto {
+        let node = self.new_node(op, inputs, outputs, attribute);
+        self.nodes.push(node);
+    }
+
+    /// A node named after its first output, not yet placed in the graph.
+    fn new_node(
+        &mut self,
+        op: &str,
+        inputs: &[&str],
+        outputs: &[&str],
+        attribute: Vec<AttributeProto>,
+    ) -> NodeProto {
+        NodeProto {
             input: inputs.iter().map(|s| s.to_string()).collect(),
             output: outputs.iter().map(|s| s.to_string()).collect(),
-            name,
+            name: self.unique(&format!("{}_node", outputs[0])),
             op_type: op.to_string(),
             attribute,
             ..Default::default()
-        });
+        }
     }
 
     /// A float32 weight called `name`, stored as the builder's
@@ -311,15 +328,13 @@ impl GraphBuilder {
             return stored;
         }
         let value = self.unique(name);
-        let node_name = self.unique(&format!("{value}_node"));
-        self.weight_casts.push(NodeProto {
-            input: vec![stored],
-            output: vec![value.clone()],
-            name: node_name,
-            op_type: "Cast".to_string(),
-            attribute: vec![attr_int("to", DataType::Float as i64)],
-            ..Default::default()
-        });
+        let cast = self.new_node(
+            "Cast",
+            &[&stored],
+            &[&value],
+            vec![attr_int("to", DataType::Float as i64)],
+        );
+        self.weight_casts.push(cast);
         value
     }
 
@@ -350,27 +365,26 @@ impl GraphBuilder {
             Some((suffix, _, _)) => self.unique(&format!("{name}_{suffix}")),
             None => self.unique(name),
         };
-        let elements = dims.iter().product::<i64>().max(0) as usize;
-        let width = if half.is_some() { 2 } else { 4 };
-        StoredWeight {
+        let mut stored = StoredWeight {
             name,
             dims,
             half,
-            raw: Vec::with_capacity(elements * width),
-        }
+            raw: Vec::new(),
+        };
+        stored.raw.reserve_exact(stored.stored_len());
+        stored
     }
 
     /// Adds a filled weight's initializer, checked to hold as many values
     /// as its shape says; returns its name.
     fn push_weight(&mut self, stored: StoredWeight) -> Result<String> {
-        let width = if stored.half.is_some() { 2 } else { 4 };
-        let expected = stored.dims.iter().product::<i64>().max(0) as usize;
-        if stored.raw.len() != expected * width {
+        if stored.raw.len() != stored.stored_len() {
             return Err(Error::Export(format!(
-                "{}: {} values for a {:?} tensor",
+                "{}: {} bytes stored for a {:?} tensor, which takes {}",
                 stored.name,
-                stored.raw.len() / width,
-                stored.dims
+                stored.raw.len(),
+                stored.dims,
+                stored.stored_len()
             )));
         }
         Ok(self.push_stored(stored))

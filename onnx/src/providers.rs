@@ -294,8 +294,8 @@ fn dispatch(
             ep.build()
         }
         // With its arena, as ONNX Runtime's own default (Python's, Triton's)
-        // has it; the `ort` crate's default leaves it out, which costs
-        // memory (each activation a fresh allocation) and time.
+        // has it; the `ort` crate's default leaves it out, which cost memory
+        // here (RESULTS.md, the 3B validation).
         Provider::Cpu => ort::ep::CPU::default().with_arena_allocator(true).build(),
     }
     .error_on_failure())

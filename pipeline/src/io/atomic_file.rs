@@ -389,13 +389,8 @@ impl StagedDir {
 
     /// Renames the staged directory to `out`.
     pub fn publish(self, out: &Path) -> Result<()> {
-        let Self {
-            dir,
-            _held,
-            _lock,
-            _parents,
-        } = self;
-        let staged = dir.keep();
+        // The locks and the created parents stay held until this returns.
+        let staged = self.dir.keep();
         std::fs::rename(&staged, out).map_err(|e| Error::io(out, e))
     }
 
@@ -408,13 +403,8 @@ impl StagedDir {
         if !out.exists() {
             return self.publish(out);
         }
-        let Self {
-            dir,
-            _held,
-            _lock,
-            _parents,
-        } = self;
-        let staged = dir.keep();
+        // The locks and the created parents stay held until this returns.
+        let staged = self.dir.keep();
         if exchange(&staged, out).is_ok() {
             // `staged` now holds the old directory, named as a temporary
             // of this process: removed here, or by a later run if this one

@@ -185,18 +185,21 @@ impl WeightStore {
     /// Rows `ids` of the 2-D table `name`, as float32 `(ids.len(), columns)`:
     /// an embedding lookup that reads only the rows it needs.
     pub fn rows(&self, name: &str, ids: &[u32]) -> Result<Tensor> {
-        let info = self.stored(name)?;
-        let file = &self.files[info.file];
-        let [rows, columns] = info.shape[..] else {
-            return Err(Error::Safetensors {
-                path: file.path.clone(),
-                message: format!("{name} is {:?}, not a table", info.shape),
-            });
-        };
-        let row_bytes = columns * info.dtype.size_in_bytes();
-        let rows_read = self.read_rows(name, info, rows, row_bytes, ids);
+        let (info, rows, columns) = self.table(name)?;
+        let rows_read: Result<Vec<Tensor>> = ids
+            .iter()
+            .map(|&id| {
+                let id = id as usize;
+                if id >= rows {
+                    return Err(Error::InvalidArgument(format!(
+                        "token id {id} is outside {name}'s {rows} rows"
+                    )));
+                }
+                self.rows_as_f32(name, info, id, 1, vec![columns])
+            })
+            .collect();
         self.release(info);
-        Tensor::stack(&rows_read?, 0).map_err(|e| Error::weights(&file.path, e))
+        Tensor::stack(&rows_read?, 0).map_err(|e| Error::weights(&self.files[info.file].path, e))
     }
 
     /// Calls `f` with the 2-D table `name` in consecutive blocks of at most
@@ -209,77 +212,55 @@ impl WeightStore {
         block_rows: usize,
         f: &mut dyn FnMut(Tensor) -> Result<()>,
     ) -> Result<()> {
-        let info = self.stored(name)?;
-        let file = &self.files[info.file];
-        let [rows, columns] = info.shape[..] else {
-            return Err(Error::Safetensors {
-                path: file.path.clone(),
-                message: format!("{name} is {:?}, not a table", info.shape),
-            });
-        };
-        let row_bytes = columns * info.dtype.size_in_bytes();
+        let (info, rows, columns) = self.table(name)?;
         let mut first = 0;
         while first < rows {
             let count = block_rows.max(1).min(rows - first);
-            let start = info.start + first * row_bytes;
-            let end = start + count * row_bytes;
-            let block = safetensors::tensor::TensorView::new(
-                stored_dtype(info.dtype),
-                vec![count, columns],
-                &file.mmap[start..end],
-            )
-            .map_err(|e| Error::Safetensors {
-                path: file.path.clone(),
-                message: format!("{name}: {e}"),
-            })?
-            .load(&Device::Cpu)
-            .and_then(|t| t.to_dtype(DType::F32))
-            .map_err(|e| Error::Safetensors {
-                path: file.path.clone(),
-                message: format!("{name}, rows {first}..{}: {e}", first + count),
-            })?;
-            self.release_range(info.file, start, end);
+            let block = self.rows_as_f32(name, info, first, count, vec![count, columns])?;
+            let bytes = row_bytes(info, first, count);
+            self.release_range(info.file, bytes.start, bytes.end);
             f(block)?;
             first += count;
         }
         Ok(())
     }
 
-    fn read_rows(
+    /// The 2-D tensor `name`: where it is stored, its rows and its columns.
+    fn table(&self, name: &str) -> Result<(&StoredTensor, usize, usize)> {
+        let info = self.stored(name)?;
+        match info.shape[..] {
+            [rows, columns] => Ok((info, rows, columns)),
+            _ => Err(Error::Safetensors {
+                path: self.files[info.file].path.clone(),
+                message: format!("{name} is {:?}, not a table", info.shape),
+            }),
+        }
+    }
+
+    /// Rows `first..first + count` of the table `name` (stored at `info`),
+    /// converted to float32 and shaped `shape`.
+    fn rows_as_f32(
         &self,
         name: &str,
         info: &StoredTensor,
-        rows: usize,
-        row_bytes: usize,
-        ids: &[u32],
-    ) -> Result<Vec<Tensor>> {
+        first: usize,
+        count: usize,
+        shape: Vec<usize>,
+    ) -> Result<Tensor> {
         let file = &self.files[info.file];
-        let columns = info.shape[1];
-        let mut out = Vec::with_capacity(ids.len());
-        for &id in ids {
-            let id = id as usize;
-            if id >= rows {
-                return Err(Error::InvalidArgument(format!(
-                    "token id {id} is outside {name}'s {rows} rows"
-                )));
-            }
-            let start = info.start + id * row_bytes;
-            let view = safetensors::tensor::TensorView::new(
-                stored_dtype(info.dtype),
-                vec![columns],
-                &file.mmap[start..start + row_bytes],
-            )
-            .map_err(|e| Error::Safetensors {
-                path: file.path.clone(),
-                message: format!("{name}: {e}"),
-            })?;
-            out.push(
-                view.load(&Device::Cpu)
-                    .and_then(|t| t.to_dtype(DType::F32))
-                    .map_err(|e| Error::weights(&file.path, e))?,
-            );
-        }
-        Ok(out)
+        let error = |e: &dyn std::fmt::Display| Error::Safetensors {
+            path: file.path.clone(),
+            message: format!("{name}, rows {first}..{}: {e}", first + count),
+        };
+        safetensors::tensor::TensorView::new(
+            stored_dtype(info.dtype),
+            shape,
+            &file.mmap[row_bytes(info, first, count)],
+        )
+        .map_err(|e| error(&e))?
+        .load(&Device::Cpu)
+        .and_then(|t| t.to_dtype(DType::F32))
+        .map_err(|e| error(&e))
     }
 
     /// Hands the pages of `info` back to the kernel: the file stays mapped,
@@ -328,6 +309,13 @@ pub(crate) fn safetensors_dtype(dtype: DType) -> Option<safetensors::Dtype> {
         DType::F8E8M0 => safetensors::Dtype::F8_E8M0,
         _ => return None,
     })
+}
+
+/// The byte range of rows `first..first + count` of the 2-D tensor at `info`.
+fn row_bytes(info: &StoredTensor, first: usize, count: usize) -> std::ops::Range<usize> {
+    let row = info.shape[1] * info.dtype.size_in_bytes();
+    let start = info.start + first * row;
+    start..start + count * row
 }
 
 /// The safetensors dtype of a tensor read from a safetensors header.
