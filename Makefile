@@ -429,7 +429,8 @@ rewrite-minilm: build models onnxruntime $(OPTIMUM_VENV)/bin/optimum-cli $(RUNS)
 	fi
 
 # ---- the speed/quality frontier (issue 13) ----------------------------------
-# Every MiniLM point as fp32 and int8 (both kernels): the full model and each
+# Every MiniLM point as fp32 and int8 (both kernels, and u8s8 smoothed with
+# strength INT8_SMOOTHING, calibrated on $(DATA)'s text): the full model and each
 # pruned or recovered model of FRONTIER_MODELS that exists under $(RUNS) (made
 # by prune-minilm, prune-minilm-narrow, recover-minilm, finetune-minilm; a
 # missing one is named and skipped), beside Optimum's fp32 export and its two
@@ -440,6 +441,8 @@ FRONTIER_MODELS ?= minilm-prune-50-narrow minilm-prune-50-narrow-distill minilm-
   minilm-prune-25-distill minilm-prune-50-distill minilm-prune-70-distill minilm-prune-50-ft
 FRONTIER_OUT ?= results/minilm/frontier
 FRONTIER_RUNS ?= 10
+INT8_SMOOTHING ?= 0.75
+SMOOTHED_INT8 = --precision int8 --int8-kernel u8s8 --int8-smoothing $(INT8_SMOOTHING) --calib-data $(DATA)
 frontier-minilm: build models onnxruntime $(OPTIMUM_VENV)/bin/optimum-cli
 	$(OPTIMUM_VENV)/bin/python benchmarks/optimum_peers.py --model $(MINILM) --out $(RUNS)/frontier/peers
 	set -e; points="--candidate full-fp32=$(RUNS)/frontier/full-fp32"; \
@@ -449,6 +452,9 @@ frontier-minilm: build models onnxruntime $(OPTIMUM_VENV)/bin/optimum-cli
 	    --out $(RUNS)/frontier/full-int8-$$k --overwrite; \
 	  points="$$points --candidate full-int8-$$k=$(RUNS)/frontier/full-int8-$$k"; \
 	done; \
+	$(EFFIR) export --model $(MINILM) --profile sentence-transformers $(SMOOTHED_INT8) \
+	  --out $(RUNS)/frontier/full-int8-u8s8-smooth --overwrite; \
+	points="$$points --candidate full-int8-u8s8-smooth=$(RUNS)/frontier/full-int8-u8s8-smooth"; \
 	for m in $(FRONTIER_MODELS); do \
 	  if [ ! -f $(RUNS)/$$m/config.json ]; then echo "frontier: $(RUNS)/$$m not built, skipped"; continue; fi; \
 	  $(EFFIR) export --model $(RUNS)/$$m --profile sentence-transformers --out $(RUNS)/frontier/$$m-fp32 --overwrite; \
@@ -458,6 +464,9 @@ frontier-minilm: build models onnxruntime $(OPTIMUM_VENV)/bin/optimum-cli
 	      --out $(RUNS)/frontier/$$m-int8-$$k --overwrite; \
 	    points="$$points --candidate $$m-int8-$$k=$(RUNS)/frontier/$$m-int8-$$k"; \
 	  done; \
+	  $(EFFIR) export --model $(RUNS)/$$m --profile sentence-transformers $(SMOOTHED_INT8) \
+	    --out $(RUNS)/frontier/$$m-int8-u8s8-smooth --overwrite; \
+	  points="$$points --candidate $$m-int8-u8s8-smooth=$(RUNS)/frontier/$$m-int8-u8s8-smooth"; \
 	done; \
 	$(EFFIR) frontier --reference $(MINILM) $$points \
 	  --peer $(RUNS)/frontier/peers/optimum-fp32 --peer $(RUNS)/frontier/peers/optimum-int8-avx2 \

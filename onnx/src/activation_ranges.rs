@@ -12,7 +12,10 @@
 //!
 //! and those scalars become its only outputs, so a batch costs one run of
 //! the graph and returns a few numbers per tensor, never the tensors.
-//! Used for fp16's range check and QDQ int8's activation scales (export)
+//! [`channel_maxima`] reduces over every axis but the last instead: one
+//! largest magnitude per channel.
+//! Used for fp16's range check, QDQ int8's activation scales and smoothed
+//! int8's channel factors (export)
 //! and to name the first node that produces a NaN or Inf (validate).
 
 use std::path::Path;
@@ -86,12 +89,26 @@ fn probe_model(
 }
 
 fn scalar_output(name: &str) -> ValueInfoProto {
+    float_output(name, Default::default())
+}
+
+fn vector_output(name: &str) -> ValueInfoProto {
+    use candle_onnx::onnx::{tensor_shape_proto::Dimension, TensorShapeProto};
+    float_output(
+        name,
+        TensorShapeProto {
+            dim: vec![Dimension::default()],
+        },
+    )
+}
+
+fn float_output(name: &str, shape: candle_onnx::onnx::TensorShapeProto) -> ValueInfoProto {
     ValueInfoProto {
         name: name.to_string(),
         r#type: Some(TypeProto {
             value: Some(type_proto::Value::TensorType(type_proto::Tensor {
                 elem_type: DataType::Float as i32,
-                shape: Some(Default::default()),
+                shape: Some(shape),
             })),
             ..Default::default()
         }),
@@ -123,6 +140,117 @@ pub fn measure(
         return Ok(ranges);
     }
     let (probe, outputs) = probe_model(model, tensors);
+    let names: Vec<String> = outputs
+        .iter()
+        .flat_map(|(max, count)| max.iter().chain([count]).cloned())
+        .collect();
+    run_probe(
+        probe,
+        weights_dir,
+        &names,
+        setup,
+        texts,
+        batch_size,
+        progress,
+        &mut |values| {
+            let mut values = values.iter().map(|v| v.first().copied().unwrap_or(0.0));
+            for (range, (max, _)) in ranges.iter_mut().zip(&outputs) {
+                if max.is_some() {
+                    let m = values.next().expect("one value per probe output");
+                    // ReduceMax of an all-NaN tensor is NaN: that is counted below.
+                    if m > range.max_abs {
+                        range.max_abs = m;
+                    }
+                }
+                range.non_finite += values.next().expect("one value per probe output") as u64;
+            }
+        },
+    )?;
+    Ok(ranges)
+}
+
+/// Runs `model` over `texts` as [`measure`] does and returns, for each
+/// `(tensor, channels)`, the largest magnitude of each of its `channels`
+/// last-axis channels (over every other axis: batch, position). The
+/// per-channel ranges behind smoothed int8 ([`crate::smoothing`]).
+pub fn channel_maxima(
+    model: &ModelProto,
+    weights_dir: Option<&Path>,
+    tensors: &[(String, usize)],
+    setup: &EncoderSetup,
+    texts: &[String],
+    batch_size: usize,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Vec<Vec<f32>>> {
+    if texts.is_empty() {
+        return Err(Error::InvalidArgument(
+            "no texts to measure activation ranges on".into(),
+        ));
+    }
+    let mut maxima: Vec<Vec<f32>> = tensors.iter().map(|(_, c)| vec![0.0; *c]).collect();
+    if tensors.is_empty() {
+        return Ok(maxima);
+    }
+    let mut probe = model.clone();
+    let opset = crate::graph_file::default_opset(&probe).unwrap_or(crate::emit::DEFAULT_OPSET);
+    let graph = probe.graph.as_mut().expect("a model with a graph");
+    let mut g = GraphBuilder::editing(graph, opset);
+    let names: Vec<String> = tensors
+        .iter()
+        .map(|(tensor, channels)| {
+            let x = g.cast(tensor, DataType::Float);
+            let abs = g.unary("Abs", &x);
+            let rows = g.reshape(&abs, &[-1, *channels as i64]);
+            g.reduce("ReduceMax", &rows, &[0], false)
+        })
+        .collect();
+    let (nodes, initializers) = g.take_built();
+    graph.node.extend(nodes);
+    graph.initializer.extend(initializers);
+    graph.output = names.iter().map(|name| vector_output(name)).collect();
+    let mut non_finite = None;
+    run_probe(
+        probe,
+        weights_dir,
+        &names,
+        setup,
+        texts,
+        batch_size,
+        progress,
+        &mut |values| {
+            for (i, (maximum, batch)) in maxima.iter_mut().zip(values).enumerate() {
+                for (m, &v) in maximum.iter_mut().zip(batch) {
+                    if !v.is_finite() {
+                        non_finite.get_or_insert(i);
+                    } else if v > *m {
+                        *m = v;
+                    }
+                }
+            }
+        },
+    )?;
+    if let Some(i) = non_finite {
+        return Err(Error::Export(format!(
+            "`{}` holds NaN or Inf on the calibration text; its channels cannot be measured",
+            tensors[i].0
+        )));
+    }
+    Ok(maxima)
+}
+
+/// Runs `probe` (whose outputs are `outputs`) over `texts` in batches and
+/// hands each batch's output values, in the order of `outputs`, to `on_batch`.
+#[allow(clippy::too_many_arguments)]
+fn run_probe(
+    probe: ModelProto,
+    weights_dir: Option<&Path>,
+    outputs: &[String],
+    setup: &EncoderSetup,
+    texts: &[String],
+    batch_size: usize,
+    progress: &mut dyn FnMut(usize),
+    on_batch: &mut dyn FnMut(&[Vec<f32>]),
+) -> Result<()> {
     let input_names: Vec<String> = {
         let graph = probe.graph.as_ref().expect("a model with a graph");
         graph
@@ -142,27 +270,21 @@ pub fn measure(
         let run = session
             .run(feeds)
             .map_err(|e| into_pipeline(Error::runtime("measuring activation ranges", e)))?;
-        let scalar = |name: &str| -> effir_pipeline::Result<f32> {
-            let view = run[name].try_extract_array::<f32>().map_err(|e| {
-                into_pipeline(Error::runtime(format!("reading the probe {name}"), e))
-            })?;
-            Ok(view.iter().copied().next().unwrap_or(0.0))
-        };
-        for (range, (max, count)) in ranges.iter_mut().zip(&outputs) {
-            if let Some(max) = max {
-                let m = scalar(max)?;
-                // ReduceMax of an all-NaN tensor is NaN: that is counted below.
-                if m > range.max_abs {
-                    range.max_abs = m;
-                }
-            }
-            range.non_finite += scalar(count)? as u64;
-        }
+        let values = outputs
+            .iter()
+            .map(|name| {
+                let view = run[name.as_str()].try_extract_array::<f32>().map_err(|e| {
+                    into_pipeline(Error::runtime(format!("reading the probe {name}"), e))
+                })?;
+                Ok(view.iter().copied().collect())
+            })
+            .collect::<effir_pipeline::Result<Vec<Vec<f32>>>>()?;
+        on_batch(&values);
         done += chunk.len();
         progress(done);
         Ok(())
     })?;
-    Ok(ranges)
+    Ok(())
 }
 
 fn probe_session(bytes: &[u8], weights_dir: Option<&Path>) -> Result<Session> {

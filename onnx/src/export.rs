@@ -3,6 +3,7 @@
 //! and sentence-transformers files beside it. The directory appears whole
 //! or not at all.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_onnx::onnx::ModelProto;
@@ -22,9 +23,10 @@ use crate::graph_file::{
     initializer_bytes, write_model, ExternalDataFile, GraphFile, EXTERNAL_DATA_THRESHOLD,
 };
 use crate::half_precision::{self, ProductRange, RangeCheck};
-use crate::projection_products::projection_products;
+use crate::projection_products::{projection_products, ProjectionProduct};
 use crate::qdq::{self, ActivationScale};
 use crate::quantize::{Int8Kernel, MatmulPrecision};
+use crate::smoothing::{self, SmoothedProduct};
 use crate::tensorrt::TensorRtSupport;
 use crate::triton::{model_config, Placement, TritonOptions};
 
@@ -125,6 +127,16 @@ pub struct CalibrationSummary {
     /// QDQ int8: each product's activation scale.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub activation_scales: Option<Vec<ActivationScale>>,
+    /// Smoothed dynamic int8: the strength and each product's factors.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub smoothing: Option<SmoothingSummary>,
+}
+
+/// Smoothed dynamic int8, in `effir_export.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct SmoothingSummary {
+    pub alpha: f32,
+    pub products: Vec<SmoothedProduct>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -232,13 +244,21 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
                 .into(),
         ));
     }
-    if precision.needs_calibration() {
+    let smoothing = options.emit.int8_smoothing;
+    let calibrated = precision.needs_calibration() || smoothing.is_some();
+    if calibrated {
         if options.calibration.is_none() {
             return Err(Error::InvalidArgument(format!(
                 "{} needs calibration text (--calib-data DIR or --calib FILE): {}",
-                precision.name(),
+                if smoothing.is_some() {
+                    "smoothed int8"
+                } else {
+                    precision.name()
+                },
                 if precision == MatmulPrecision::Float16 {
                     "the range check runs it through the model"
+                } else if smoothing.is_some() {
+                    "each input channel's range is measured on it"
                 } else {
                     "the activation scales are measured on it"
                 }
@@ -252,11 +272,15 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
         }
     }
     if options.stream {
-        if precision.needs_calibration() {
+        if calibrated {
             return Err(Error::InvalidArgument(format!(
                 "{} products are calibrated on the whole model in memory; they do not combine \
-                 with --stream (fp32 and dynamic int8 do)",
-                precision.name()
+                 with --stream (fp32 and unsmoothed dynamic int8 do)",
+                if smoothing.is_some() {
+                    "smoothed int8"
+                } else {
+                    precision.name()
+                }
             )));
         }
         if options.external_data == ExternalData::Never {
@@ -291,11 +315,12 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
     );
     let setup = EncoderSetup::load(model_dir, &LoadOptions::default())?;
     let calibration = match &options.calibration {
-        Some(c) if precision.needs_calibration() => Some(convert_products(
+        Some(c) if calibrated => Some(convert_products(
             &mut model,
             &setup,
             options.emit.opset,
             precision,
+            smoothing,
             c,
         )?),
         _ => None,
@@ -412,6 +437,7 @@ fn convert_products(
     setup: &EncoderSetup,
     opset: i64,
     precision: MatmulPrecision,
+    smoothing: Option<f32>,
     calibration: &Calibration,
 ) -> Result<CalibrationSummary> {
     let graph = model.graph.as_ref().expect("emitted with a graph");
@@ -420,6 +446,27 @@ fn convert_products(
         return Err(Error::Export(
             "the graph has no projection products to convert".into(),
         ));
+    }
+    let set = &calibration.set;
+    let mut summary = CalibrationSummary {
+        source: set.source.clone(),
+        texts: set.texts.len(),
+        tokens: set.tokens,
+        float16: None,
+        activation_scales: None,
+        smoothing: None,
+    };
+    if let (Some(alpha), Some(kernel)) = (smoothing, precision.int8_kernel()) {
+        summary.smoothing = Some(smooth_products(
+            model,
+            setup,
+            opset,
+            &products,
+            alpha,
+            kernel,
+            calibration,
+        )?);
+        return Ok(summary);
     }
     let fp16 = precision == MatmulPrecision::Float16;
     let tensors: Vec<(String, Statistic)> = products
@@ -430,7 +477,6 @@ fn convert_products(
         })
         .collect();
     let started = std::time::Instant::now();
-    let set = &calibration.set;
     let measured = activation_ranges::measure(
         model,
         None,
@@ -447,13 +493,6 @@ fn convert_products(
         "activation ranges measured"
     );
     let graph = model.graph.as_mut().expect("emitted with a graph");
-    let mut summary = CalibrationSummary {
-        source: set.source.clone(),
-        texts: set.texts.len(),
-        tokens: set.tokens,
-        float16: None,
-        activation_scales: None,
-    };
     if fp16 {
         let pairs: Vec<_> = measured.chunks_exact(2).map(|c| (c[0], c[1])).collect();
         let products = half_precision::convert_products(
@@ -482,6 +521,53 @@ fn convert_products(
         )?);
     }
     Ok(summary)
+}
+
+/// Measures each product input's channels on the calibration text and
+/// converts the products to smoothed dynamic int8 ([`crate::smoothing`]).
+fn smooth_products(
+    model: &mut ModelProto,
+    setup: &EncoderSetup,
+    opset: i64,
+    products: &[ProjectionProduct],
+    alpha: f32,
+    kernel: Int8Kernel,
+    calibration: &Calibration,
+) -> Result<SmoothingSummary> {
+    let graph = model.graph.as_ref().expect("emitted with a graph");
+    // One measurement per distinct input (Q, K and V share theirs).
+    let mut inputs: Vec<(String, usize)> = Vec::new();
+    for p in products {
+        if !inputs.iter().any(|(x, _)| *x == p.input) {
+            inputs.push((
+                p.input.clone(),
+                graph.initializer[p.weight].dims[0] as usize,
+            ));
+        }
+    }
+    let started = std::time::Instant::now();
+    let set = &calibration.set;
+    let maxima = activation_ranges::channel_maxima(
+        model,
+        None,
+        &inputs,
+        setup,
+        &set.texts,
+        calibration.batch_size,
+        &mut |_| {},
+    )?;
+    tracing::info!(
+        texts = set.texts.len(),
+        tokens = set.tokens,
+        inputs = inputs.len(),
+        seconds = started.elapsed().as_secs_f64(),
+        "input channel ranges measured"
+    );
+    let maxima: HashMap<String, Vec<f32>> =
+        inputs.into_iter().map(|(x, _)| x).zip(maxima).collect();
+    let graph = model.graph.as_mut().expect("emitted with a graph");
+    let products = smoothing::quantize_products(graph, opset, products, &maxima, alpha, kernel)?;
+    Ok(SmoothingSummary { alpha, products })
 }
 
 /// The export's model card: how the model was pruned and recovered (from
@@ -544,6 +630,13 @@ fn write_card(dir: &Path, model_dir: &Path, out: &Path, summary: &ExportSummary)
             c.tokens,
             effir_pipeline::io::recorded_path::relative_to(out, Path::new(&c.source)).display()
         );
+        if let Some(smoothing) = &c.smoothing {
+            export += &format!(
+                "- int8 inputs smoothed per channel (SmoothQuant, strength {}); \
+                 clients need nothing extra: the division is in the graph\n",
+                smoothing.alpha
+            );
+        }
     }
     export += "\nValidate it against its source model with `effir validate`.";
     card.section("ONNX export", export)

@@ -46,6 +46,7 @@ pub mod quantize;
 pub mod rewrite;
 pub mod runtime;
 pub mod session;
+pub mod smoothing;
 pub mod tensorrt;
 pub mod triton;
 pub mod validate;

@@ -104,6 +104,11 @@ pub struct ExportArgs {
     /// The ONNX Runtime integer kernel of --precision int8 [default: u8s8].
     #[arg(long, value_enum)]
     pub int8_kernel: Option<Int8KernelArg>,
+    /// Dynamic int8: divide each product's input channels by SmoothQuant
+    /// factors measured on --calib-data (strength in (0, 1]; 0.75 is a good
+    /// start), folding them into the weights. Off by default.
+    #[arg(long, value_name = "ALPHA")]
+    pub int8_smoothing: Option<f32>,
     /// Execution provider the graph must parse under [default: any].
     #[arg(long, value_enum)]
     pub target: Option<TargetArg>,
@@ -122,7 +127,7 @@ pub struct ExportArgs {
     /// Triton's max_batch_size (--layout triton) [default: 32].
     #[arg(long)]
     pub max_batch_size: Option<u32>,
-    /// Calibration text for fp16's range check and QDQ int8's scales: a BEIR dataset directory.
+    /// Calibration text for fp16's range check, QDQ int8's scales and int8 smoothing: a BEIR dataset directory.
     #[arg(long)]
     pub calib_data: Option<PathBuf>,
     /// Calibration text from a file (JSONL with `text`, or lines) instead of --calib-data.
@@ -157,6 +162,7 @@ pub struct ExportConfig {
     pub bf16: Option<bool>,
     pub precision: Option<PrecisionArg>,
     pub int8_kernel: Option<Int8KernelArg>,
+    pub int8_smoothing: Option<f32>,
     pub target: Option<TargetArg>,
     pub layout: Option<LayoutArg>,
     pub external_data: Option<ExternalDataArg>,
@@ -226,8 +232,12 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         }
         (_, None) => None,
     };
+    let int8_smoothing = args.int8_smoothing.or(config.int8_smoothing);
+    if int8_smoothing.is_some() && precision.int8_kernel().is_none() {
+        bail!("--int8-smoothing applies to dynamic int8 (--precision int8, not for --target tensorrt)");
+    }
     let calib_data = args.calib_data.clone().or(config.calib_data.clone());
-    let calibration = if precision.needs_calibration() {
+    let calibration = if precision.needs_calibration() || int8_smoothing.is_some() {
         let tokens = args.calib_tokens.or(config.calib_tokens).unwrap_or(16_384);
         let setup = EncoderSetup::load(&args.model, &LoadOptions::default())
             .with_context(|| format!("loading {}", args.model.display()))?;
@@ -241,10 +251,16 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
                     ..CalibrationBudget::default()
                 },
             )?,
-            (Some(_), Some(_)) => bail!("give calibration text with --calib or --calib-data, not both"),
+            (Some(_), Some(_)) => {
+                bail!("give calibration text with --calib or --calib-data, not both")
+            }
             (None, None) => bail!(
-                "--precision {} needs calibration text: --calib-data DIR (a BEIR dataset) or --calib FILE",
-                precision.name()
+                "{} needs calibration text: --calib-data DIR (a BEIR dataset) or --calib FILE",
+                if int8_smoothing.is_some() {
+                    "--int8-smoothing".to_string()
+                } else {
+                    format!("--precision {}", precision.name())
+                }
             ),
         };
         Some(Calibration {
@@ -266,7 +282,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
             || args.fp16_headroom.is_some()
             || args.qdq_all_products
         {
-            bail!("--calib, --calib-data, --strict, --fp16-headroom and --qdq-all-products apply to --precision fp16 and to int8 for --target tensorrt");
+            bail!("--calib, --calib-data, --strict, --fp16-headroom and --qdq-all-products apply to --precision fp16, to int8 for --target tensorrt and to --int8-smoothing");
         }
         None
     };
@@ -293,6 +309,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
                 (false, false) => WeightStorage::Float32,
             },
             precision,
+            int8_smoothing,
         },
         layout: match layout {
             LayoutArg::Flat => Layout::Flat,
@@ -359,6 +376,15 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
                 } else {
                     f.kept_float32.join(", ")
                 }
+            );
+        }
+        if let Some(smoothing) = &c.smoothing {
+            let (before, after) = smoothing.products.iter().fold((0f32, 0f32), |(b, a), p| {
+                (b.max(p.input_max_abs), a.max(p.smoothed_input_max_abs))
+            });
+            println!(
+                "  int8 inputs smoothed (strength {}): largest input value {before:.1} -> {after:.2}",
+                smoothing.alpha
             );
         }
     }

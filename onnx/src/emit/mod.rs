@@ -67,6 +67,10 @@ pub struct EmitOptions {
     /// The arithmetic of the transformer's linear layers; the embedding
     /// tables and the sentence-transformers head stay float32.
     pub precision: MatmulPrecision,
+    /// Dynamic int8 only: the smoothing strength α ([`crate::smoothing`]).
+    /// The products are emitted in float32 and converted once their input
+    /// channels are measured on calibration text (`export`).
+    pub int8_smoothing: Option<f32>,
 }
 
 impl Default for EmitOptions {
@@ -76,6 +80,7 @@ impl Default for EmitOptions {
             opset: DEFAULT_OPSET,
             storage: WeightStorage::Float32,
             precision: MatmulPrecision::Float32,
+            int8_smoothing: None,
         }
     }
 }
@@ -83,7 +88,7 @@ impl Default for EmitOptions {
 /// Emits the model in `dir` (unpruned or pruned: its `effir_shape.json`
 /// gives every layer's MLP width or its absence).
 pub fn emit_model(dir: &Path, options: &EmitOptions) -> Result<ModelProto> {
-    check_opset(options)?;
+    check_options(options)?;
     let setup = EncoderSetup::load(dir, &LoadOptions::default())?;
     let tensors = effir_pipeline::io::weights::load_all_tensors(dir)?;
     let prefix = setup.config.checkpoint().prefix(tensors.keys());
@@ -103,7 +108,7 @@ pub fn emit_model_streamed(
     options: &EmitOptions,
     data: ExternalDataFile,
 ) -> Result<(ModelProto, usize)> {
-    check_opset(options)?;
+    check_options(options)?;
     let setup = EncoderSetup::load(dir, &LoadOptions::default())?;
     let store = WeightStore::open(dir)?;
     let prefix = setup.config.checkpoint().prefix(store.names().iter());
@@ -117,12 +122,24 @@ pub fn emit_model_streamed(
     Ok((emitted.model, emitted.initializer_bytes))
 }
 
-fn check_opset(options: &EmitOptions) -> Result<()> {
+fn check_options(options: &EmitOptions) -> Result<()> {
     if !(MIN_OPSET..=MAX_OPSET).contains(&options.opset) {
         return Err(Error::InvalidArgument(format!(
             "opset {} is not supported; effir emits opsets {MIN_OPSET} to {MAX_OPSET}",
             options.opset
         )));
+    }
+    if let Some(alpha) = options.int8_smoothing {
+        if options.precision.int8_kernel().is_none() {
+            return Err(Error::InvalidArgument(format!(
+                "int8 smoothing applies to dynamic int8 products (--precision int8 for the CPU), not {}",
+                match options.precision {
+                    MatmulPrecision::Int8Qdq => "QDQ int8 (--target tensorrt)",
+                    other => other.name(),
+                }
+            )));
+        }
+        crate::smoothing::check_alpha(alpha)?;
     }
     Ok(())
 }
@@ -150,7 +167,11 @@ fn emit(
     let map = config.checkpoint();
     tracing::info!(architecture = %arch, layers = shape.layers.len(), mlps = shape.mlp_count(), profile = options.profile.name(), "emitting ONNX graph");
 
-    g.set_matmul_precision(options.precision);
+    // Smoothed int8 products are converted after emission (`export`).
+    g.set_matmul_precision(match options.int8_smoothing {
+        Some(_) => MatmulPrecision::Float32,
+        None => options.precision,
+    });
     let batch_seq = [
         Dim::Dynamic("batch_size".into()),
         Dim::Dynamic("sequence_length".into()),
@@ -223,6 +244,9 @@ fn emit(
     }
     if let Some(form) = options.precision.int8_form() {
         metadata.push(("effir.int8_form", form.to_string()));
+    }
+    if let Some(alpha) = options.int8_smoothing {
+        metadata.push(("effir.int8_smoothing", alpha.to_string()));
     }
     if let Ok(plan) = std::fs::read_to_string(dir.join(effir_pipeline::compress::prune::PLAN_FILE))
     {

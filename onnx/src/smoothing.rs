@@ -1,0 +1,202 @@
+//! Smoothed dynamic int8 (`--int8-smoothing ALPHA`): SmoothQuant's
+//! per-channel rescaling (Xiao et al., 2023) in front of the CPU's dynamic
+//! int8 products.
+//!
+//! ONNX Runtime's dynamic int8 quantizes each activation with one scale per
+//! tensor, so a few channels with large values (the outliers of
+//! transformer activations) set the step for every other channel, which
+//! then keep only a few levels. Smoothing divides each input channel `j`
+//! of a product by `s_j` and multiplies the weight's row `j` by the same
+//! factor, which leaves the float product unchanged:
+//!
+//! ```text
+//! x · W = (x / s) · (diag(s) W),   s_j = max|x_j|^α / max|W_j|^(1−α)
+//! ```
+//!
+//! `max|x_j|` is measured on calibration text ([`crate::activation_ranges::channel_maxima`])
+//! and `max|W_j|` is the largest magnitude of row `j` over every product
+//! that reads `x` (Q, K and V share one input, so one factor per channel
+//! serves the three). `α` moves the difficulty between the two: at 1 every
+//! input channel ends with range 1 and the weights' rows carry the
+//! activations' range; towards 0 the weights' rows are flattened instead.
+//! At 0.5 a channel's activation and weight ranges end equal.
+//!
+//! The graph divides by `s` with one `Mul` per distinct input, ahead of
+//! its `DynamicQuantizeLinear`:
+//!
+//! ```text
+//! x ─ Mul(1/s) ─ DynamicQuantizeLinear ─ MatMulInteger(·, diag(s) W quantized) ─ Cast ─ Mul(scales)
+//! ```
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_onnx::onnx::GraphProto;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::graph_file::float_values;
+use crate::precision::Int8Kernel;
+use crate::projection_products::{splice_products, ProjectionProduct};
+use crate::quantize::int8_matmul;
+
+/// Below this, a channel's or a row's largest magnitude counts as this (a
+/// channel that is always zero keeps a finite factor).
+const FLOOR: f32 = 1e-5;
+
+/// What smoothing did to one product, in `effir_export.json`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SmoothedProduct {
+    pub module: String,
+    pub layer: usize,
+    /// The largest input magnitude on the calibration text, before and
+    /// after the division: how much of the activations' range moved into
+    /// the weights.
+    pub input_max_abs: f32,
+    pub smoothed_input_max_abs: f32,
+    /// The smallest and largest factor `s_j`.
+    pub factor_range: (f32, f32),
+}
+
+/// `s_j = max|x_j|^α / max|W_j|^(1−α)` for each channel.
+pub fn smoothing_factors(input_max: &[f32], row_max: &[f32], alpha: f32) -> Vec<f32> {
+    assert_eq!(input_max.len(), row_max.len(), "one row per input channel");
+    input_max
+        .iter()
+        .zip(row_max)
+        .map(|(&x, &w)| x.max(FLOOR).powf(alpha) / w.max(FLOOR).powf(1.0 - alpha))
+        .collect()
+}
+
+/// Checks `alpha` is a smoothing strength: in (0, 1].
+pub fn check_alpha(alpha: f32) -> Result<()> {
+    if alpha.is_finite() && alpha > 0.0 && alpha <= 1.0 {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "the int8 smoothing strength must be in (0, 1] (0.75 is a good start), not {alpha}"
+        )))
+    }
+}
+
+/// Rewrites `products` of `graph` (float32, weights in the graph) into
+/// smoothed dynamic int8 products. `input_maxima` maps each product's
+/// input tensor to its per-channel largest magnitude on the calibration
+/// text. Nothing is changed when an error is returned.
+pub fn quantize_products(
+    graph: &mut GraphProto,
+    opset: i64,
+    products: &[ProjectionProduct],
+    input_maxima: &HashMap<String, Vec<f32>>,
+    alpha: f32,
+    kernel: Int8Kernel,
+) -> Result<Vec<SmoothedProduct>> {
+    check_alpha(alpha)?;
+    // Each input's largest weight magnitude per row, over every product
+    // that reads it.
+    let mut row_max: HashMap<&str, Vec<f32>> = HashMap::new();
+    for p in products {
+        let weight = &graph.initializer[p.weight];
+        let (rows, cols) = (weight.dims[0] as usize, weight.dims[1] as usize);
+        let values = float_values(weight, Path::new("."))?
+            .ok_or_else(|| Error::Export(format!("{}: not a float32 weight", weight.name)))?;
+        let maxima = input_maxima.get(&p.input).ok_or_else(|| {
+            Error::Export(format!("no channel ranges were measured for `{}`", p.input))
+        })?;
+        if maxima.len() != rows {
+            return Err(Error::Export(format!(
+                "`{}` has {} channels measured, but {} multiplies it by {rows} rows",
+                p.input,
+                maxima.len(),
+                weight.name
+            )));
+        }
+        let entry = row_max
+            .entry(p.input.as_str())
+            .or_insert_with(|| vec![0.0; rows]);
+        for (m, row) in entry.iter_mut().zip(values.chunks_exact(cols)) {
+            *m = row.iter().fold(*m, |m, v| m.max(v.abs()));
+        }
+    }
+    let factors: HashMap<String, Vec<f32>> = row_max
+        .iter()
+        .map(|(x, rows)| {
+            let s = smoothing_factors(&input_maxima[*x], rows, alpha);
+            (x.to_string(), s)
+        })
+        .collect();
+    let records = products
+        .iter()
+        .map(|p| {
+            let s = &factors[&p.input];
+            let x = &input_maxima[&p.input];
+            let max = |v: &mut dyn Iterator<Item = f32>| v.fold(0f32, f32::max);
+            SmoothedProduct {
+                module: p.module.clone(),
+                layer: p.layer,
+                input_max_abs: max(&mut x.iter().copied()),
+                smoothed_input_max_abs: max(&mut x.iter().zip(s).map(|(x, s)| x / s)),
+                factor_range: (
+                    s.iter().copied().fold(f32::INFINITY, f32::min),
+                    max(&mut s.iter().copied()),
+                ),
+            }
+        })
+        .collect();
+    let sites: HashMap<usize, usize> = products.iter().map(|p| (p.node, p.weight)).collect();
+    let mut smoothed: HashMap<String, String> = HashMap::new();
+    splice_products(graph, opset, &sites, &mut |g, x, weight| {
+        let s = &factors[x];
+        let xs = match smoothed.get(x) {
+            Some(xs) => xs.clone(),
+            None => {
+                let inverse: Vec<f32> = s.iter().map(|s| 1.0 / s).collect();
+                let inverse = g.floats(&inverse);
+                let xs = g.mul(x, &inverse);
+                smoothed.insert(x.to_string(), xs.clone());
+                xs
+            }
+        };
+        let (rows, cols) = (weight.dims[0] as usize, weight.dims[1] as usize);
+        let mut values = float_values(weight, Path::new("."))?.expect("checked above");
+        for (row, s) in values.chunks_exact_mut(cols).zip(s) {
+            row.iter_mut().for_each(|v| *v *= s);
+        }
+        let stem = format!("{}_int8", weight.name);
+        Ok(int8_matmul(g, &xs, &stem, &values, (rows, cols), kernel))
+    })?;
+    Ok(records)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// α = 1 flattens the activations (every channel's range becomes 1),
+    /// α = 0.5 makes a channel's activation and weight ranges equal, and a
+    /// channel that is always zero keeps a finite factor.
+    #[test]
+    fn factors_move_range_between_activations_and_weights() {
+        let x = [8.0, 0.5, 0.0];
+        let w = [0.1, 0.4, 0.2];
+        let s = smoothing_factors(&x, &w, 1.0);
+        assert_eq!(s[0], 8.0);
+        assert_eq!(s[1], 0.5);
+        assert!(s[2].is_finite() && s[2] > 0.0);
+        let s = smoothing_factors(&x, &w, 0.5);
+        // Activation and weight ranges end equal: x/s = w·s = sqrt(x·w).
+        for j in 0..2 {
+            let (a, b) = (x[j] / s[j], w[j] * s[j]);
+            assert!((a - b).abs() < 1e-6 * a.max(b), "{j}: {a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn alpha_outside_zero_to_one_is_refused() {
+        for alpha in [0.0, -0.5, 1.5, f32::NAN] {
+            assert!(check_alpha(alpha).is_err(), "{alpha}");
+        }
+        check_alpha(0.75).unwrap();
+        check_alpha(1.0).unwrap();
+    }
+}
