@@ -174,6 +174,109 @@ fn fine_tuned_weights_replace_every_matched_weight() {
     check_rewritten(&optimum_graph("bert"), &out, &tuned, "fine-tuned bert");
 }
 
+/// `--int8-smoothing` smooths the rewritten int8 products as `effir export`
+/// does: the same integer products plus one `Mul` per distinct product
+/// input, the interface kept, within the int8 gate of the pruned model.
+#[test]
+fn optimum_exports_are_rewritten_to_smoothed_int8() {
+    let work = tempfile::tempdir().unwrap();
+    let calib = work.path().join("calibration.txt");
+    std::fs::write(
+        &calib,
+        "Dense retrievers encode queries and documents.\nhello world\nNumbers 12 345 and symbols % & $.\n",
+    )
+    .unwrap();
+    let ops = |graph: &Path, op: &str| {
+        GraphFile::read(graph)
+            .unwrap()
+            .op_counts()
+            .get(op)
+            .copied()
+            .unwrap_or(0)
+    };
+    for arch in ["bert", "llama"] {
+        let pruned = prune(arch, work.path());
+        let plain = work.path().join(format!("{arch}-int8"));
+        let o = rewrite_with(
+            &optimum_graph(arch),
+            &pruned,
+            &plain,
+            &["--precision", "int8"],
+        );
+        assert!(o.status.success(), "{arch}: {}", stderr(&o));
+        let out = work.path().join(format!("{arch}-smoothed"));
+        let o = rewrite_with(
+            &optimum_graph(arch),
+            &pruned,
+            &out,
+            &[
+                "--precision",
+                "int8",
+                "--int8-smoothing",
+                "0.75",
+                "--calib",
+                calib.to_str().unwrap(),
+            ],
+        );
+        assert!(o.status.success(), "{arch}: {}", stderr(&o));
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            stdout.contains("smoothed, strength 0.75"),
+            "{arch}: {stdout}"
+        );
+        let (graph, plain) = (out.join("model.onnx"), plain.join("model.onnx"));
+        assert_eq!(interface(&graph), interface(&optimum_graph(arch)), "{arch}");
+        let products = ops(&plain, "MatMulInteger");
+        assert_eq!(ops(&graph, "MatMulInteger"), products, "{arch}");
+        let quantized_inputs = ops(&graph, "DynamicQuantizeLinear");
+        assert!(
+            quantized_inputs > 0 && quantized_inputs < products,
+            "{arch}"
+        );
+        assert_eq!(
+            ops(&graph, "Mul"),
+            ops(&plain, "Mul") + quantized_inputs,
+            "{arch}: one smoothing Mul per quantized input"
+        );
+        let candle = Embedder::load(&pruned, &LoadOptions::default()).unwrap();
+        for (i, (a, b)) in graph_embeddings(&graph)
+            .iter()
+            .zip(embed(&candle))
+            .enumerate()
+        {
+            let cos = common::cosine(a, &b);
+            assert!(cos >= 0.99, "{arch}: row {i}: cosine {cos}");
+        }
+        assert_onnx_checker_passes(&out, arch);
+    }
+    let pruned = work.path().join("bert-pruned");
+    let out = work.path().join("refused");
+    let c = calib.to_str().unwrap();
+    for (extra, needle) in [
+        (
+            vec!["--int8-smoothing", "0.75", "--calib", c],
+            "--int8-smoothing applies to --precision int8",
+        ),
+        (
+            vec!["--precision", "int8", "--int8-smoothing", "0.75"],
+            "calibration text",
+        ),
+        (
+            vec!["--precision", "int8", "--int8-smoothing", "2", "--calib", c],
+            "(0, 1]",
+        ),
+        (
+            vec!["--precision", "int8", "--calib", c],
+            "apply to --int8-smoothing",
+        ),
+    ] {
+        let o = rewrite_with(&optimum_graph("bert"), &pruned, &out, &extra);
+        assert!(!o.status.success(), "{extra:?}");
+        assert!(stderr(&o).contains(needle), "{extra:?}: {}", stderr(&o));
+        assert!(!out.exists(), "{extra:?} wrote output");
+    }
+}
+
 /// `--precision int8` turns every MatMul by a transformer projection of an
 /// Optimum export into the dynamic int8 chain (standard operators only),
 /// keeping the interface: the graph reads as int8, passes the ONNX checker,

@@ -3,7 +3,6 @@
 //! and sentence-transformers files beside it. The directory appears whole
 //! or not at all.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_onnx::onnx::ModelProto;
@@ -23,10 +22,10 @@ use crate::graph_file::{
     initializer_bytes, write_model, ExternalDataFile, GraphFile, EXTERNAL_DATA_THRESHOLD,
 };
 use crate::half_precision::{self, ProductRange, RangeCheck};
-use crate::projection_products::{projection_products, ProjectionProduct};
+use crate::projection_products::projection_products;
 use crate::qdq::{self, ActivationScale};
 use crate::quantize::{Int8Kernel, MatmulPrecision};
-use crate::smoothing::{self, SmoothedProduct};
+use crate::smoothing::{self, SmoothingSummary};
 use crate::tensorrt::TensorRtSupport;
 use crate::triton::{model_config, Placement, TritonOptions};
 
@@ -130,13 +129,6 @@ pub struct CalibrationSummary {
     /// Smoothed dynamic int8: the strength and each product's factors.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub smoothing: Option<SmoothingSummary>,
-}
-
-/// Smoothed dynamic int8, in `effir_export.json`.
-#[derive(Debug, Clone, Serialize)]
-pub struct SmoothingSummary {
-    pub alpha: f32,
-    pub products: Vec<SmoothedProduct>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -457,14 +449,15 @@ fn convert_products(
         smoothing: None,
     };
     if let (Some(alpha), Some(kernel)) = (smoothing, precision.int8_kernel()) {
-        summary.smoothing = Some(smooth_products(
+        summary.smoothing = Some(smoothing::smooth_products(
             model,
             setup,
             opset,
             &products,
             alpha,
             kernel,
-            calibration,
+            &calibration.set,
+            calibration.batch_size,
         )?);
         return Ok(summary);
     }
@@ -521,53 +514,6 @@ fn convert_products(
         )?);
     }
     Ok(summary)
-}
-
-/// Measures each product input's channels on the calibration text and
-/// converts the products to smoothed dynamic int8 ([`crate::smoothing`]).
-fn smooth_products(
-    model: &mut ModelProto,
-    setup: &EncoderSetup,
-    opset: i64,
-    products: &[ProjectionProduct],
-    alpha: f32,
-    kernel: Int8Kernel,
-    calibration: &Calibration,
-) -> Result<SmoothingSummary> {
-    let graph = model.graph.as_ref().expect("emitted with a graph");
-    // One measurement per distinct input (Q, K and V share theirs).
-    let mut inputs: Vec<(String, usize)> = Vec::new();
-    for p in products {
-        if !inputs.iter().any(|(x, _)| *x == p.input) {
-            inputs.push((
-                p.input.clone(),
-                graph.initializer[p.weight].dims[0] as usize,
-            ));
-        }
-    }
-    let started = std::time::Instant::now();
-    let set = &calibration.set;
-    let maxima = activation_ranges::channel_maxima(
-        model,
-        None,
-        &inputs,
-        setup,
-        &set.texts,
-        calibration.batch_size,
-        &mut |_| {},
-    )?;
-    tracing::info!(
-        texts = set.texts.len(),
-        tokens = set.tokens,
-        inputs = inputs.len(),
-        seconds = started.elapsed().as_secs_f64(),
-        "input channel ranges measured"
-    );
-    let maxima: HashMap<String, Vec<f32>> =
-        inputs.into_iter().map(|(x, _)| x).zip(maxima).collect();
-    let graph = model.graph.as_mut().expect("emitted with a graph");
-    let products = smoothing::quantize_products(graph, opset, products, &maxima, alpha, kernel)?;
-    Ok(SmoothingSummary { alpha, products })
 }
 
 /// The export's model card: how the model was pruned and recovered (from

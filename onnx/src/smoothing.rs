@@ -31,9 +31,12 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_onnx::onnx::GraphProto;
+use candle_onnx::onnx::{GraphProto, ModelProto};
+use effir_pipeline::data::calibration::CalibrationSet;
+use effir_pipeline::EncoderSetup;
 use serde::Serialize;
 
+use crate::activation_ranges::channel_maxima;
 use crate::error::{Error, Result};
 use crate::graph_file::float_values;
 use crate::precision::Int8Kernel;
@@ -58,6 +61,13 @@ pub struct SmoothedProduct {
     pub factor_range: (f32, f32),
 }
 
+/// Smoothed dynamic int8, in `effir_export.json` and rewrite's summary.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SmoothingSummary {
+    pub alpha: f32,
+    pub products: Vec<SmoothedProduct>,
+}
+
 /// `s_j = max|x_j|^α / max|W_j|^(1−α)` for each channel.
 pub fn smoothing_factors(input_max: &[f32], row_max: &[f32], alpha: f32) -> Vec<f32> {
     assert_eq!(input_max.len(), row_max.len(), "one row per input channel");
@@ -79,6 +89,55 @@ pub fn check_alpha(alpha: f32) -> Result<()> {
     }
 }
 
+/// Measures each product input's channels on the calibration text `set`
+/// (the float32 `model` run in ONNX Runtime, `batch_size` texts at a time)
+/// and converts `products` to smoothed dynamic int8.
+#[allow(clippy::too_many_arguments)]
+pub fn smooth_products(
+    model: &mut ModelProto,
+    setup: &EncoderSetup,
+    opset: i64,
+    products: &[ProjectionProduct],
+    alpha: f32,
+    kernel: Int8Kernel,
+    set: &CalibrationSet,
+    batch_size: usize,
+) -> Result<SmoothingSummary> {
+    check_alpha(alpha)?;
+    let graph = model.graph.as_ref().expect("a model with a graph");
+    // One measurement per distinct input (Q, K and V share theirs).
+    let mut inputs: Vec<(String, usize)> = Vec::new();
+    for p in products {
+        if !inputs.iter().any(|(x, _)| *x == p.input) {
+            inputs.push((
+                p.input.clone(),
+                graph.initializer[p.weight].dims[0] as usize,
+            ));
+        }
+    }
+    let started = std::time::Instant::now();
+    let maxima = channel_maxima(
+        model,
+        None,
+        &inputs,
+        setup,
+        &set.texts,
+        batch_size,
+        &mut |_| {},
+    )?;
+    tracing::info!(
+        texts = set.texts.len(),
+        tokens = set.tokens,
+        inputs = inputs.len(),
+        seconds = started.elapsed().as_secs_f64(),
+        "input channel ranges measured"
+    );
+    let maxima: HashMap<String, Vec<f32>> =
+        inputs.into_iter().map(|(x, _)| x).zip(maxima).collect();
+    let graph = model.graph.as_mut().expect("a model with a graph");
+    quantize_products(graph, opset, products, &maxima, alpha, kernel)
+}
+
 /// Rewrites `products` of `graph` (float32, weights in the graph) into
 /// smoothed dynamic int8 products. `input_maxima` maps each product's
 /// input tensor to its per-channel largest magnitude on the calibration
@@ -90,7 +149,7 @@ pub fn quantize_products(
     input_maxima: &HashMap<String, Vec<f32>>,
     alpha: f32,
     kernel: Int8Kernel,
-) -> Result<Vec<SmoothedProduct>> {
+) -> Result<SmoothingSummary> {
     check_alpha(alpha)?;
     // Each input's largest weight magnitude per row, over every product
     // that reads it.
@@ -125,7 +184,7 @@ pub fn quantize_products(
             (x.to_string(), s)
         })
         .collect();
-    let records = products
+    let records: Vec<SmoothedProduct> = products
         .iter()
         .map(|p| {
             let s = &factors[&p.input];
@@ -165,7 +224,10 @@ pub fn quantize_products(
         let stem = format!("{}_int8", weight.name);
         Ok(int8_matmul(g, &xs, &stem, &values, (rows, cols), kernel))
     })?;
-    Ok(records)
+    Ok(SmoothingSummary {
+        alpha,
+        products: records,
+    })
 }
 
 #[cfg(test)]

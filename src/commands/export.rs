@@ -1,7 +1,7 @@
 //! `effir export`: a model directory (unpruned, pruned or fine-tuned) to an
 //! ONNX serving directory.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
@@ -175,6 +175,36 @@ pub struct ExportConfig {
     pub qdq_all_products: Option<bool>,
 }
 
+/// The calibration text of `--calib FILE` or `--calib-data DIR` (one of
+/// them), cut to `tokens` [default: 16,384] as `model` tokenizes it; `needs`
+/// names the flag that asked for it, for the error when neither is given.
+pub(crate) fn calibration_set(
+    model: &Path,
+    file: Option<&Path>,
+    dataset: Option<&Path>,
+    tokens: Option<usize>,
+    needs: &str,
+) -> anyhow::Result<CalibrationSet> {
+    let tokens = tokens.unwrap_or(16_384);
+    let setup = EncoderSetup::load(model, &LoadOptions::default())
+        .with_context(|| format!("loading {}", model.display()))?;
+    Ok(match (file, dataset) {
+        (Some(file), None) => CalibrationSet::from_file(&setup, file, &Prompt::None, tokens)?,
+        (None, Some(dir)) => CalibrationSet::from_dataset(
+            &setup,
+            dir,
+            &CalibrationBudget {
+                max_tokens: tokens,
+                ..CalibrationBudget::default()
+            },
+        )?,
+        (Some(_), Some(_)) => bail!("give calibration text with --calib or --calib-data, not both"),
+        (None, None) => bail!(
+            "{needs} needs calibration text: --calib-data DIR (a BEIR dataset) or --calib FILE"
+        ),
+    })
+}
+
 /// The matrix-product arithmetic `--precision` and `--int8-kernel` ask for
 /// (`kernel_flag`: an --int8-kernel flag was given, which needs int8).
 pub(crate) fn matmul_precision(
@@ -238,31 +268,18 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
     }
     let calib_data = args.calib_data.clone().or(config.calib_data.clone());
     let calibration = if precision.needs_calibration() || int8_smoothing.is_some() {
-        let tokens = args.calib_tokens.or(config.calib_tokens).unwrap_or(16_384);
-        let setup = EncoderSetup::load(&args.model, &LoadOptions::default())
-            .with_context(|| format!("loading {}", args.model.display()))?;
-        let set = match (&args.calib, &calib_data) {
-            (Some(file), None) => CalibrationSet::from_file(&setup, file, &Prompt::None, tokens)?,
-            (None, Some(dir)) => CalibrationSet::from_dataset(
-                &setup,
-                dir,
-                &CalibrationBudget {
-                    max_tokens: tokens,
-                    ..CalibrationBudget::default()
-                },
-            )?,
-            (Some(_), Some(_)) => {
-                bail!("give calibration text with --calib or --calib-data, not both")
-            }
-            (None, None) => bail!(
-                "{} needs calibration text: --calib-data DIR (a BEIR dataset) or --calib FILE",
-                if int8_smoothing.is_some() {
-                    "--int8-smoothing".to_string()
-                } else {
-                    format!("--precision {}", precision.name())
-                }
-            ),
+        let needs = if int8_smoothing.is_some() {
+            "--int8-smoothing".to_string()
+        } else {
+            format!("--precision {}", precision.name())
         };
+        let set = calibration_set(
+            &args.model,
+            args.calib.as_deref(),
+            calib_data.as_deref(),
+            args.calib_tokens.or(config.calib_tokens),
+            &needs,
+        )?;
         Some(Calibration {
             set,
             batch_size: 8,

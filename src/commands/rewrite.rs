@@ -9,13 +9,13 @@ use anyhow::{bail, Context};
 use clap::Args;
 use effir_onnx::providers::ProviderSettings;
 use effir_onnx::quantize::MatmulPrecision;
-use effir_onnx::rewrite::stage_rewrite;
+use effir_onnx::rewrite::{stage_rewrite, RewriteSmoothing};
 use effir_onnx::validate::compare_embeddings;
 use effir_onnx::{GraphLocation, OnnxEncoder};
 use effir_pipeline::io::model_files::{copy_model_files, is_backbone_weights};
 use effir_pipeline::{Embedder, LoadOptions, TextEmbedder};
 
-use super::export::{matmul_precision, Int8KernelArg, PrecisionArg};
+use super::export::{calibration_set, matmul_precision, Int8KernelArg, PrecisionArg};
 
 #[derive(Debug, Args)]
 pub struct RewriteArgs {
@@ -41,6 +41,19 @@ pub struct RewriteArgs {
     /// The ONNX Runtime integer kernel of --precision int8 [default: u8s8].
     #[arg(long, value_enum)]
     pub int8_kernel: Option<Int8KernelArg>,
+    /// int8: smooth each product's input channels as `effir export
+    /// --int8-smoothing` does (strength in (0, 1]), measured on --calib-data.
+    #[arg(long, value_name = "ALPHA")]
+    pub int8_smoothing: Option<f32>,
+    /// Calibration text for --int8-smoothing: a BEIR dataset directory.
+    #[arg(long)]
+    pub calib_data: Option<PathBuf>,
+    /// Calibration text from a file (JSONL with `text`, or lines) instead of --calib-data.
+    #[arg(long)]
+    pub calib: Option<PathBuf>,
+    /// Token budget of the calibration text [default: 16384].
+    #[arg(long)]
+    pub calib_tokens: Option<usize>,
 }
 
 /// Lowest cosine to the model in candle a rewritten graph must reach: the
@@ -65,6 +78,30 @@ const CHECK_TEXTS: [&str; 6] = [
 
 pub fn run(args: RewriteArgs) -> anyhow::Result<()> {
     let precision = matmul_precision(args.precision, args.int8_kernel.is_some(), args.int8_kernel)?;
+    let calibration = match args.int8_smoothing {
+        Some(_) => {
+            if precision.int8_kernel().is_none() {
+                bail!("--int8-smoothing applies to --precision int8");
+            }
+            Some(calibration_set(
+                &args.model,
+                args.calib.as_deref(),
+                args.calib_data.as_deref(),
+                args.calib_tokens,
+                "--int8-smoothing",
+            )?)
+        }
+        None => {
+            if args.calib.is_some() || args.calib_data.is_some() || args.calib_tokens.is_some() {
+                bail!("--calib, --calib-data and --calib-tokens apply to --int8-smoothing");
+            }
+            None
+        }
+    };
+    let smoothing = args
+        .int8_smoothing
+        .zip(calibration.as_ref())
+        .map(|(alpha, calibration)| RewriteSmoothing { alpha, calibration });
     // The graph, the model files and the parity check all happen in a
     // staging directory that becomes `--out` only when they succeed.
     let staged = stage_rewrite(
@@ -73,6 +110,7 @@ pub fn run(args: RewriteArgs) -> anyhow::Result<()> {
         args.original.as_deref(),
         &args.out,
         precision,
+        smoothing,
     )
     .with_context(|| format!("rewriting {}", args.onnx.display()))?;
     let summary = &staged.summary;
@@ -111,9 +149,16 @@ pub fn run(args: RewriteArgs) -> anyhow::Result<()> {
     let summary = staged.publish(&args.out)?;
     let arithmetic = match summary.int8_kernel {
         Some(kernel) => format!(
-            "; {} projection products in int8 ({})",
+            "; {} projection products in int8 ({}{})",
             summary.quantized_products,
-            kernel.name()
+            kernel.name(),
+            summary
+                .int8_smoothing
+                .as_ref()
+                .map_or(String::new(), |s| format!(
+                    ", smoothed, strength {}",
+                    s.alpha
+                ))
         ),
         None => String::new(),
     };

@@ -32,9 +32,11 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::graph_file::{write_model, GraphFile, EXTERNAL_DATA_THRESHOLD};
 use crate::quantize::{Int8Kernel, MatmulPrecision};
+use crate::smoothing::SmoothingSummary;
+use effir_pipeline::data::calibration::CalibrationSet;
 use external_data::inline_external_data;
 use graph_index::index;
-use int8_products::quantize_projections;
+use int8_products::{projection_sites, quantize_projections};
 use mlp_surgery::{cut_out_mlps, locate_dropped_mlps};
 pub use weight_matching::Orientation;
 use weight_matching::{match_weights, Checkpoint};
@@ -61,6 +63,15 @@ pub struct RewriteSummary {
     pub int8_kernel: Option<Int8Kernel>,
     /// Projection `MatMul`s turned into int8 products.
     pub quantized_products: usize,
+    /// The smoothing of those products, when asked for.
+    pub int8_smoothing: Option<SmoothingSummary>,
+}
+
+/// `--int8-smoothing`: the strength and the text its factors are measured on.
+#[derive(Debug, Clone, Copy)]
+pub struct RewriteSmoothing<'a> {
+    pub alpha: f32,
+    pub calibration: &'a CalibrationSet,
 }
 
 /// The root model a pruned or fine-tuned directory descends from, following
@@ -95,8 +106,17 @@ pub fn rewrite(
     original_dir: Option<&Path>,
     out: &Path,
     precision: MatmulPrecision,
+    smoothing: Option<RewriteSmoothing>,
 ) -> Result<RewriteSummary> {
-    stage_rewrite(graph_path, model_dir, original_dir, out, precision)?.publish(out)
+    stage_rewrite(
+        graph_path,
+        model_dir,
+        original_dir,
+        out,
+        precision,
+        smoothing,
+    )?
+    .publish(out)
 }
 
 /// A rewritten graph staged beside its output, not yet published.
@@ -126,6 +146,7 @@ pub fn stage_rewrite(
     original_dir: Option<&Path>,
     out: &Path,
     precision: MatmulPrecision,
+    smoothing: Option<RewriteSmoothing>,
 ) -> Result<StagedRewrite> {
     if out.exists() {
         return Err(Error::InvalidArgument(format!(
@@ -158,6 +179,15 @@ pub fn stage_rewrite(
                 other => other.name(),
             }
         )));
+    }
+    if let Some(smoothing) = smoothing {
+        if precision.int8_kernel().is_none() {
+            return Err(Error::InvalidArgument(format!(
+                "int8 smoothing applies to int8 products (--precision int8), not {}",
+                precision.name()
+            )));
+        }
+        crate::smoothing::check_alpha(smoothing.alpha)?;
     }
     let mut file = GraphFile::read(graph_path)?;
     // Weights are found by their values; a quantized graph no longer holds
@@ -222,8 +252,30 @@ pub fn stage_rewrite(
             .count()
     };
     let integer_before = integer_products(graph);
+    let mut int8_smoothing = None;
     if let Some(kernel) = precision.int8_kernel() {
-        let n = quantize_projections(graph, opset, &weights.assigned, arch, kernel, &base)?;
+        let n = match smoothing {
+            None => quantize_projections(graph, opset, &weights.assigned, arch, kernel, &base)?,
+            Some(smoothing) => {
+                let products = projection_sites(graph, &weights.assigned, arch);
+                let setup = effir_pipeline::EncoderSetup::load(
+                    model_dir,
+                    &effir_pipeline::LoadOptions::default(),
+                )?;
+                let summary = crate::smoothing::smooth_products(
+                    &mut file.model,
+                    &setup,
+                    opset,
+                    &products,
+                    smoothing.alpha,
+                    kernel,
+                    smoothing.calibration,
+                    8,
+                )?;
+                int8_smoothing = Some(summary);
+                products.len()
+            }
+        };
         if n == 0 {
             return Err(Error::graph(
                     graph_path,
@@ -233,6 +285,7 @@ pub fn stage_rewrite(
             ));
         }
     }
+    let graph = file.model.graph.as_mut().expect("checked on read");
     // Dead nodes and initializers go; shape hints of changed tensors too.
     remove_dead(graph);
     graph.value_info.clear();
@@ -292,6 +345,7 @@ pub fn stage_rewrite(
             precision: precision.name(),
             int8_kernel: precision.int8_kernel(),
             quantized_products,
+            int8_smoothing,
         },
     })
 }
