@@ -130,6 +130,38 @@ fn smoothed_int8_exports_of_every_architecture_stay_within_the_int8_gate() {
             );
             assert!(lo > 0.0 && lo <= hi && hi.is_finite(), "{arch}: {p}");
         }
+        // Where each division went: BERT's norms also feed the residual
+        // stream, so its inputs keep a Mul; a pre-norm decoder's divisions
+        // fold into the norm scales (Q/K/V, gate/up) and the up projection's
+        // columns (down), leaving a Mul for the attention output only.
+        let mut divided_by_mul = std::collections::BTreeSet::new();
+        for p in recorded {
+            let module = p["module"].as_str().unwrap();
+            let division = p["division"].as_str().unwrap();
+            let attention_output = ["o_proj", "attention.output.dense"]
+                .iter()
+                .any(|o| module.ends_with(o));
+            if arch == "bert" || attention_output {
+                assert_eq!(division, "mul", "{arch}: {p}");
+            } else if module.ends_with("down_proj") {
+                assert!(division.contains("up_proj"), "{arch}: {p}");
+            } else {
+                assert!(division.contains("layernorm"), "{arch}: {p}");
+            }
+            if division == "mul" {
+                // Products sharing an input share its Mul.
+                let layer = p["layer"].as_u64().unwrap();
+                let group = ["query", "key", "value", "q_proj", "k_proj", "v_proj"]
+                    .iter()
+                    .any(|q| module.ends_with(q));
+                divided_by_mul.insert((layer, if group { "qkv" } else { module }));
+            }
+        }
+        assert_eq!(
+            op_count(&smoothed, "Mul"),
+            op_count(&plain, "Mul") + divided_by_mul.len(),
+            "{arch}: one Mul per input divided by a Mul, none for folded ones"
+        );
         assert_eq!(smoothed.metadata("effir.int8_smoothing"), Some("0.75"));
         assert_eq!(smoothed.metadata("effir.precision"), Some("int8"));
         python_client(&dir, &model, INT8_MIN_COSINE);

@@ -175,8 +175,9 @@ fn fine_tuned_weights_replace_every_matched_weight() {
 }
 
 /// `--int8-smoothing` smooths the rewritten int8 products as `effir export`
-/// does: the same integer products plus one `Mul` per distinct product
-/// input, the interface kept, within the int8 gate of the pruned model.
+/// does: the same integer products, each distinct input divided by a `Mul`
+/// or, where it can be, by a tensor upstream; the interface kept, within the
+/// int8 gate of the pruned model.
 #[test]
 fn optimum_exports_are_rewritten_to_smoothed_int8() {
     let work = tempfile::tempdir().unwrap();
@@ -233,11 +234,21 @@ fn optimum_exports_are_rewritten_to_smoothed_int8() {
             quantized_inputs > 0 && quantized_inputs < products,
             "{arch}"
         );
-        assert_eq!(
-            ops(&graph, "Mul"),
-            ops(&plain, "Mul") + quantized_inputs,
-            "{arch}: one smoothing Mul per quantized input"
-        );
+        // BERT divides each quantized input with a Mul of its own; the
+        // pre-norm Llama folds most divisions into its norm scales and up
+        // projections instead.
+        let added = ops(&graph, "Mul") - ops(&plain, "Mul");
+        if arch == "bert" {
+            assert_eq!(
+                added, quantized_inputs,
+                "{arch}: one Mul per quantized input"
+            );
+        } else {
+            assert!(
+                added < quantized_inputs,
+                "{arch}: {added} Muls added, none folded"
+            );
+        }
         let candle = Embedder::load(&pruned, &LoadOptions::default()).unwrap();
         for (i, (a, b)) in graph_embeddings(&graph)
             .iter()

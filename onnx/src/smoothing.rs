@@ -27,11 +27,18 @@
 //! ```text
 //! x ─ Mul(1/s) ─ DynamicQuantizeLinear ─ MatMulInteger(·, diag(s) W quantized) ─ Cast ─ Mul(scales)
 //! ```
+//!
+//! unless the division can be folded into a tensor upstream, which costs
+//! nothing at run time: the scale of a pre-norm decoder's RMSNorm (whose
+//! output only Q/K/V or gate/up read), or the output columns of a gated
+//! MLP's up projection (the down projection reads `act(gate) · up`). In
+//! post-norm BERT the norms' outputs also feed the residual stream, so its
+//! inputs keep their `Mul`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
-use candle_onnx::onnx::{GraphProto, ModelProto};
+use candle_onnx::onnx::{tensor_proto::DataType, GraphProto, ModelProto, TensorProto};
 use effir_pipeline::data::calibration::CalibrationSet;
 use effir_pipeline::EncoderSetup;
 use serde::Serialize;
@@ -59,6 +66,9 @@ pub struct SmoothedProduct {
     pub smoothed_input_max_abs: f32,
     /// The smallest and largest factor `s_j`.
     pub factor_range: (f32, f32),
+    /// Where the division by `s` went: `mul` (a `Mul` node ahead of the
+    /// quantization) or the initializer it was folded into.
+    pub division: String,
 }
 
 /// Smoothed dynamic int8, in `effir_export.json` and rewrite's summary.
@@ -184,6 +194,7 @@ pub fn quantize_products(
             (x.to_string(), s)
         })
         .collect();
+    let placements = division_placements(graph, products);
     let records: Vec<SmoothedProduct> = products
         .iter()
         .map(|p| {
@@ -199,35 +210,154 @@ pub fn quantize_products(
                     s.iter().copied().fold(f32::INFINITY, f32::min),
                     max(&mut s.iter().copied()),
                 ),
+                division: match &placements[&p.input] {
+                    Division::Mul => "mul".into(),
+                    Division::NormScale(name) | Division::Columns(name) => name.clone(),
+                },
             }
+        })
+        .collect();
+    // Weights whose output columns take a downstream input's division.
+    let column_divisors: HashMap<&str, &Vec<f32>> = placements
+        .iter()
+        .filter_map(|(x, d)| match d {
+            Division::Columns(weight) => Some((weight.as_str(), &factors[x])),
+            _ => None,
         })
         .collect();
     let sites: HashMap<usize, usize> = products.iter().map(|p| (p.node, p.weight)).collect();
     let mut smoothed: HashMap<String, String> = HashMap::new();
     splice_products(graph, opset, &sites, &mut |g, x, weight| {
         let s = &factors[x];
-        let xs = match smoothed.get(x) {
-            Some(xs) => xs.clone(),
-            None => {
+        let xs = match (smoothed.get(x), &placements[x]) {
+            (Some(xs), _) => xs.clone(),
+            (None, Division::Mul) => {
                 let inverse: Vec<f32> = s.iter().map(|s| 1.0 / s).collect();
                 let inverse = g.floats(&inverse);
                 let xs = g.mul(x, &inverse);
                 smoothed.insert(x.to_string(), xs.clone());
                 xs
             }
+            // Divided upstream already.
+            (None, _) => x.to_string(),
         };
         let (rows, cols) = (weight.dims[0] as usize, weight.dims[1] as usize);
         let mut values = float_values(weight, Path::new("."))?.expect("checked above");
         for (row, s) in values.chunks_exact_mut(cols).zip(s) {
             row.iter_mut().for_each(|v| *v *= s);
         }
+        if let Some(divisors) = column_divisors.get(weight.name.as_str()) {
+            for row in values.chunks_exact_mut(cols) {
+                row.iter_mut()
+                    .zip(divisors.iter())
+                    .for_each(|(v, d)| *v /= d);
+            }
+        }
         let stem = format!("{}_int8", weight.name);
         Ok(int8_matmul(g, &xs, &stem, &values, (rows, cols), kernel))
     })?;
+    for (x, division) in &placements {
+        if let Division::NormScale(name) = division {
+            let t = graph
+                .initializer
+                .iter_mut()
+                .find(|t| &t.name == name)
+                .expect("a norm scale read by its norm stays");
+            let values = float_values(t, Path::new("."))?.expect("checked float32");
+            let divided: Vec<f32> = values.iter().zip(&factors[x]).map(|(v, s)| v / s).collect();
+            set_float_values(t, &divided);
+        }
+    }
     Ok(SmoothingSummary {
         alpha,
         products: records,
     })
+}
+
+/// Where one product input's division by its factors goes.
+#[derive(Debug, Clone, PartialEq)]
+enum Division {
+    /// A `Mul` node ahead of the quantization.
+    Mul,
+    /// Into the per-channel scale of the norm that makes the input
+    /// (`normed · scale`, read by nothing but the products): free.
+    NormScale(String),
+    /// Into the output columns of the projection whose product is one
+    /// factor of the input (`act(gate) · up`, a gated MLP's down input):
+    /// free, as that projection is quantized per output column.
+    Columns(String),
+}
+
+/// For each distinct product input, where its division can go without a
+/// node of its own. Either fold needs every reader of the input to be a
+/// product being smoothed, and the folded tensor to be read by nothing but
+/// the node that makes the input (so nothing else sees the change).
+fn division_placements(
+    graph: &GraphProto,
+    products: &[ProjectionProduct],
+) -> HashMap<String, Division> {
+    let mut readers: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, n) in graph.node.iter().enumerate() {
+        for x in &n.input {
+            readers.entry(x.as_str()).or_default().push(i);
+        }
+    }
+    let outputs: HashSet<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
+    let producer: HashMap<&str, usize> = graph
+        .node
+        .iter()
+        .enumerate()
+        .flat_map(|(i, n)| n.output.iter().map(move |o| (o.as_str(), i)))
+        .collect();
+    let product_nodes: HashSet<usize> = products.iter().map(|p| p.node).collect();
+    let product_weight: HashMap<&str, &str> = products
+        .iter()
+        .map(|p| (p.output.as_str(), graph.initializer[p.weight].name.as_str()))
+        .collect();
+    // Read by exactly one node, `node`, and not a graph output.
+    let private_to = |name: &str, node: usize| {
+        !outputs.contains(name) && readers.get(name).is_some_and(|r| r == &[node])
+    };
+    let mut placements = HashMap::new();
+    for p in products {
+        if placements.contains_key(&p.input) {
+            continue;
+        }
+        let x = p.input.as_str();
+        let only_products = !outputs.contains(x)
+            && readers
+                .get(x)
+                .is_some_and(|r| r.iter().all(|n| product_nodes.contains(n)));
+        let channels = graph.initializer[p.weight].dims[0];
+        let folded = producer
+            .get(x)
+            .filter(|_| only_products)
+            .map(|&m| (m, &graph.node[m]))
+            .filter(|(_, n)| n.op_type == "Mul" && n.input.len() == 2)
+            .and_then(|(m, n)| {
+                n.input.iter().find_map(|factor| {
+                    let scale = graph.initializer.iter().find(|t| {
+                        t.name == *factor
+                            && t.data_type == DataType::Float as i32
+                            && t.dims == [channels]
+                    });
+                    if scale.is_some() && private_to(factor, m) {
+                        return Some(Division::NormScale(factor.clone()));
+                    }
+                    let weight = product_weight.get(factor.as_str())?;
+                    private_to(factor, m).then(|| Division::Columns(weight.to_string()))
+                })
+            });
+        placements.insert(p.input.clone(), folded.unwrap_or(Division::Mul));
+    }
+    placements
+}
+
+/// Replaces a float32 initializer's values (stored as raw little-endian
+/// bytes).
+fn set_float_values(t: &mut TensorProto, values: &[f32]) {
+    t.float_data.clear();
+    t.raw_data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
 }
 
 #[cfg(test)]
