@@ -436,8 +436,8 @@ rewrite-minilm: build models onnxruntime $(OPTIMUM_VENV)/bin/optimum-cli $(RUNS)
 # missing one is named and skipped), beside Optimum's fp32 export and its two
 # int8 presets; all validated on SciFact test and Cranfield, timed in one
 # interleaved run (batch 32 x 256 throughput, 1 x 32 latency).
-FRONTIER_MODELS ?= minilm-prune-50-narrow minilm-prune-50-narrow-distill minilm-prune-50-refit \
-  minilm-prune-25-refit-distill minilm-prune-50-refit-distill minilm-prune-70-refit-distill minilm-prune-25 minilm-prune-50 minilm-prune-70 \
+FRONTIER_MODELS ?= minilm-prune-50-narrow minilm-prune-50-narrow-distill minilm-prune-25-refit minilm-prune-50-refit \
+  minilm-prune-70-refit minilm-prune-25-refit-distill minilm-prune-50-refit-distill minilm-prune-70-refit-distill minilm-prune-25 minilm-prune-50 minilm-prune-70 \
   minilm-prune-25-distill minilm-prune-50-distill minilm-prune-70-distill minilm-prune-50-ft
 FRONTIER_OUT ?= results/minilm/frontier
 FRONTIER_RUNS ?= 10
@@ -476,7 +476,8 @@ frontier-minilm: build models onnxruntime $(OPTIMUM_VENV)/bin/optimum-cli
 # The EmbeddingGemma frontier (issue 13): the full model and every pruned
 # plan of GEMMA_FRONTIER_MODELS that exists under $(RUNS) (made by
 # prune-embeddinggemma, prune-embeddinggemma-refit, recover-embeddinggemma; a
-# missing one is named and skipped), each as fp32 and int8 (u8s8), plus the
+# missing one is named and skipped), each as fp32 and int8 (u8s8, plain and
+# smoothed), plus the
 # full model as fp16 (range-checked; its parity measured on the CPU, where
 # ONNX Runtime computes float16 products in float32). Scored on the
 # $(GEMMA_SAMPLE)-document SciFact sample and Cranfield, timed in one
@@ -501,6 +502,9 @@ frontier-embeddinggemma: build onnxruntime $(GEMMA)/model.safetensors
 	  $(EFFIR) export --model $$src --profile sentence-transformers --precision int8 --int8-kernel u8s8 \
 	    --out $(RUNS)/frontier-gemma/$$m-int8-u8s8 --overwrite; \
 	  points="$$points --candidate $$m-int8-u8s8=$(RUNS)/frontier-gemma/$$m-int8-u8s8"; \
+	  $(EFFIR) export --model $$src --profile sentence-transformers $(SMOOTHED_INT8) \
+	    --out $(RUNS)/frontier-gemma/$$m-int8-u8s8-smooth --overwrite; \
+	  points="$$points --candidate $$m-int8-u8s8-smooth=$(RUNS)/frontier-gemma/$$m-int8-u8s8-smooth"; \
 	done; \
 	$(EFFIR) frontier --reference $(GEMMA) $$points --baseline full-fp32 --data $(DATA) --data $(HELDOUT) \
 	  $(call sample_flag,$(GEMMA_SAMPLE)) --max-length 256 --gates configs/gates.yaml --runs 5 --out $(GEMMA_FRONTIER_OUT)
