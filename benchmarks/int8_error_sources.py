@@ -8,6 +8,7 @@ quantization, as ONNX Runtime's dynamic int8 computes it:
 - weights per output channel, symmetric int8 (effir's `quantize_columns`).
 
     runs/venv-transformers/bin/python benchmarks/int8_error_sources.py models/all-MiniLM-L6-v2
+    runs/venv-transformers/bin/python benchmarks/int8_error_sources.py models/all-MiniLM-L6-v2 --sweep 0.65 0.75 0.85 0.95
 
 Prints, for 256 SciFact abstracts and 256 queries not used for calibration
 (batches of 32, max length 256), the lowest and mean cosine of the
@@ -115,6 +116,7 @@ def quantized(base, quantize_kinds, smooth=None, alpha=0.5, maxima=None):
 
 def main():
     path = sys.argv[1]
+    sweep = [float(a) for a in sys.argv[3:]] if sys.argv[2:3] == ["--sweep"] else None
     tok = AutoTokenizer.from_pretrained(path)
     base = AutoModel.from_pretrained(path).eval()
     torch.set_num_threads(2)
@@ -130,6 +132,11 @@ def main():
         print(f"{label:48s} docs min {d.min():.5f} mean {d.mean():.5f}   queries min {q.min():.5f} mean {q.mean():.5f}", flush=True)
 
     every = set(KINDS)
+    if sweep:
+        # Only the strength of smoothing every product.
+        for alpha in sweep:
+            report(f"all int8, smooth all a={alpha}", quantized(base, every, every, alpha, maxima))
+        return
     report("all products int8", quantized(base, every))
     for kind in KINDS:
         report(f"only {kind} int8", quantized(base, {kind}))

@@ -14,48 +14,16 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
-use common::{copy_model, edit_weights, effir, fixture, python_client, read_json, stderr};
+use common::{
+    calibration_file, copy_model, edit_weights, effir, export_st, exported_st, fixture,
+    python_client, read_json, stderr,
+};
 use effir_onnx::graph_file::GraphFile;
 
 const ARCHITECTURES: [&str; 6] = ["bert", "gemma3", "llama", "mistral", "qwen2", "qwen3"];
 /// `configs/gates.yaml`'s `parity.fp16.min_cosine` and `parity.int8.min_cosine`.
 const FP16_MIN_COSINE: f64 = 0.9995;
 const INT8_MIN_COSINE: f64 = 0.99;
-
-/// Calibration text for the fixtures (their tokenizers split anything).
-fn calibration_file(dir: &Path) -> PathBuf {
-    let path = dir.join("calibration.txt");
-    let texts = [
-        "Dense retrievers encode queries and documents into one vector space.",
-        "MLP sub-layers of LLM retrievers are far more prunable than attention.",
-        "what is the boiling point of water at high altitude",
-        "Numbers 12 345 and symbols % & $ appear here too.",
-        "The quick brown fox jumps over the lazy dog near the river bank.",
-        "hello world",
-    ];
-    std::fs::write(&path, texts.join("\n")).unwrap();
-    path
-}
-
-fn export(model: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
-    let mut args = vec![
-        "export",
-        "--model",
-        model.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--profile",
-        "sentence-transformers",
-    ];
-    args.extend_from_slice(extra);
-    effir(&args)
-}
-
-fn exported(model: &Path, out: &Path, extra: &[&str]) -> GraphFile {
-    let run = export(model, out, extra);
-    assert!(run.status.success(), "export {extra:?}: {}", stderr(&run));
-    GraphFile::read(&out.join("model.onnx")).unwrap()
-}
 
 /// `effir validate` of `graph_dir` against `model` in candle with the
 /// gates file `gates`, on the tiny fixture dataset; returns
@@ -97,9 +65,9 @@ fn fp16_exports_of_every_architecture_stay_within_the_fp16_gate() {
     let calib = calibration_file(work.path());
     for arch in ARCHITECTURES {
         let model = fixture(arch);
-        let fp32 = exported(&model, &work.path().join(format!("{arch}-fp32")), &[]);
+        let fp32 = exported_st(&model, &work.path().join(format!("{arch}-fp32")), &[]);
         let dir = work.path().join(format!("{arch}-fp16"));
-        let fp16 = exported(
+        let fp16 = exported_st(
             &model,
             &dir,
             &["--precision", "fp16", "--calib", calib.to_str().unwrap()],
@@ -148,7 +116,7 @@ fn qdq_int8_exports_parse_in_tensorrt_and_stay_within_the_int8_gate() {
     for arch in ARCHITECTURES {
         let model = fixture(arch);
         let dir = work.path().join(format!("{arch}-qdq"));
-        let qdq = exported(
+        let qdq = exported_st(
             &model,
             &dir,
             &[
@@ -245,7 +213,7 @@ fn the_range_check_keeps_an_overflowing_product_in_float32_or_refuses_it() {
     let calib = calibration_file(work.path());
     let model = overflowing_fixture();
     let dir = work.path().join("fp16");
-    exported(
+    exported_st(
         model.path(),
         &dir,
         &["--precision", "fp16", "--calib", calib.to_str().unwrap()],
@@ -279,7 +247,7 @@ fn the_range_check_keeps_an_overflowing_product_in_float32_or_refuses_it() {
 
     // --strict refuses, naming the layer, and writes nothing.
     let strict = work.path().join("strict");
-    let run = export(
+    let run = export_st(
         model.path(),
         &strict,
         &[
@@ -312,7 +280,7 @@ fn validate_fails_a_graph_that_produces_nan_naming_where() {
         tensors.insert(name.into(), (w * f64::INFINITY).unwrap());
     });
     let dir = work.path().join("nan");
-    exported(model.path(), &dir, &[]);
+    exported_st(model.path(), &dir, &[]);
     let report = work.path().join("report");
     let gates = work.path().join("gates.yaml");
     std::fs::write(&gates, "parity:\n  min_cosine: 0.99\n").unwrap();
@@ -351,7 +319,7 @@ fn validate_applies_each_precisions_parity_gate() {
     ] {
         let dir = work.path().join(name);
         let args = [extra, &["--calib", calib.to_str().unwrap()]].concat();
-        exported(&fixture("bert"), &dir, &args);
+        exported_st(&fixture("bert"), &dir, &args);
         let report = validate(
             &fixture("bert"),
             &dir,
@@ -400,7 +368,7 @@ fn calibrated_precisions_refuse_bad_requests_before_writing() {
             "apply to --precision fp16",
         ),
     ] {
-        let run = export(&model, &out, extra);
+        let run = export_st(&model, &out, extra);
         assert!(!run.status.success(), "{extra:?} succeeded");
         assert!(
             stderr(&run).contains(needle),

@@ -13,49 +13,18 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use common::{copy_model, edit_weights, effir, fixture, python_client, read_json, stderr};
+use common::{
+    calibration_file, copy_model, edit_weights, export_st, exported_st, fixture, python_client,
+    read_json, stderr,
+};
 use effir_onnx::graph_file::GraphFile;
 
 const ARCHITECTURES: [&str; 6] = ["bert", "gemma3", "llama", "mistral", "qwen2", "qwen3"];
 /// `configs/gates.yaml`'s `parity.int8.min_cosine`.
 const INT8_MIN_COSINE: f64 = 0.99;
-
-fn calibration_file(dir: &Path) -> PathBuf {
-    let path = dir.join("calibration.txt");
-    let texts = [
-        "Dense retrievers encode queries and documents into one vector space.",
-        "MLP sub-layers of LLM retrievers are far more prunable than attention.",
-        "what is the boiling point of water at high altitude",
-        "Numbers 12 345 and symbols % & $ appear here too.",
-        "The quick brown fox jumps over the lazy dog near the river bank.",
-        "hello world",
-    ];
-    std::fs::write(&path, texts.join("\n")).unwrap();
-    path
-}
-
-fn export(model: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
-    let mut args = vec![
-        "export",
-        "--model",
-        model.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--profile",
-        "sentence-transformers",
-    ];
-    args.extend_from_slice(extra);
-    effir(&args)
-}
-
-fn exported(model: &Path, out: &Path, extra: &[&str]) -> GraphFile {
-    let run = export(model, out, extra);
-    assert!(run.status.success(), "export {extra:?}: {}", stderr(&run));
-    GraphFile::read(&out.join("model.onnx")).unwrap()
-}
 
 fn op_count(graph: &GraphFile, op: &str) -> usize {
     graph.op_counts().get(op).copied().unwrap_or(0)
@@ -79,13 +48,13 @@ fn smoothed_int8_exports_of_every_architecture_stay_within_the_int8_gate() {
     let calib = calib.to_str().unwrap();
     for arch in ARCHITECTURES {
         let model = fixture(arch);
-        let plain = exported(
+        let plain = exported_st(
             &model,
             &work.path().join(format!("{arch}-int8")),
             &["--precision", "int8"],
         );
         let dir = work.path().join(format!("{arch}-smoothed"));
-        let smoothed = exported(
+        let smoothed = exported_st(
             &model,
             &dir,
             &[
@@ -230,13 +199,13 @@ fn smoothing_gives_back_what_an_outlier_channel_costs_int8() {
     // The edit keeps the float function: the float32 export matches the
     // original fixture's reference embeddings.
     let fp32 = work.path().join("fp32");
-    exported(model.path(), &fp32, &[]);
+    exported_st(model.path(), &fp32, &[]);
     python_client(&fp32, &fixture("llama"), 0.99999);
 
     let plain = work.path().join("int8");
-    exported(model.path(), &plain, &["--precision", "int8"]);
+    exported_st(model.path(), &plain, &["--precision", "int8"]);
     let smoothed = work.path().join("int8-smoothed");
-    exported(
+    exported_st(
         model.path(),
         &smoothed,
         &[
@@ -347,7 +316,7 @@ fn smoothing_requests_that_cannot_be_met_are_refused_before_writing() {
             "--stream",
         ),
     ] {
-        let run = export(&model, &out, extra);
+        let run = export_st(&model, &out, extra);
         assert!(!run.status.success(), "{extra:?} succeeded");
         assert!(
             stderr(&run).contains(needle),

@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use candle_onnx::onnx::{tensor_proto::DataType, GraphProto, TensorProto};
+use candle_onnx::onnx::{tensor_proto::DataType, GraphProto, NodeProto, TensorProto};
 use effir_pipeline::model::arch::checkpoint_map::Projection;
 use effir_pipeline::Architecture;
 
@@ -35,7 +35,6 @@ pub struct ProjectionProduct {
 /// `arch`, in graph order. Their weights are float32 initializers named
 /// `{module}.weight_t`, as the emitter names them.
 pub fn projection_products(graph: &GraphProto, arch: Architecture) -> Vec<ProjectionProduct> {
-    let map = arch.checkpoint();
     let initializers: HashMap<&str, usize> = graph
         .initializer
         .iter()
@@ -51,18 +50,33 @@ pub fn projection_products(graph: &GraphProto, arch: Architecture) -> Vec<Projec
         .filter_map(|(i, n)| {
             let weight = *initializers.get(n.input[1].as_str())?;
             let module = n.input[1].strip_suffix(".weight_t")?;
-            let (layer, role) = map.locate_projection(module)?;
-            Some(ProjectionProduct {
-                node: i,
-                module: module.to_string(),
-                layer,
-                role,
-                input: n.input[0].clone(),
-                output: n.output[0].clone(),
-                weight,
-            })
+            ProjectionProduct::at(i, n, module, weight, arch)
         })
         .collect()
+}
+
+impl ProjectionProduct {
+    /// The product `MatMul` node `node` (index `index`) computes by the
+    /// matrix of checkpoint module `module` (initializer `weight`), if
+    /// `module` is one of `arch`'s layer projections.
+    pub fn at(
+        index: usize,
+        node: &NodeProto,
+        module: &str,
+        weight: usize,
+        arch: Architecture,
+    ) -> Option<Self> {
+        let (layer, role) = arch.checkpoint().locate_projection(module)?;
+        Some(Self {
+            node: index,
+            module: module.to_string(),
+            layer,
+            role,
+            input: node.input[0].clone(),
+            output: node.output[0].clone(),
+            weight,
+        })
+    }
 }
 
 /// Replaces each `MatMul` at a key of `products` (node index → index of its

@@ -22,6 +22,45 @@ pub const MIN_COSINE: f64 = 0.99999;
 /// Maximum absolute difference of any embedding or hidden-state component.
 pub const MAX_ABS_DIFF: f32 = 1e-4;
 
+/// Calibration text for the fixtures (their tokenizers split anything),
+/// written to `dir/calibration.txt`.
+pub fn calibration_file(dir: &Path) -> PathBuf {
+    let path = dir.join("calibration.txt");
+    let texts = [
+        "Dense retrievers encode queries and documents into one vector space.",
+        "MLP sub-layers of LLM retrievers are far more prunable than attention.",
+        "what is the boiling point of water at high altitude",
+        "Numbers 12 345 and symbols % & $ appear here too.",
+        "The quick brown fox jumps over the lazy dog near the river bank.",
+        "hello world",
+    ];
+    std::fs::write(&path, texts.join("\n")).unwrap();
+    path
+}
+
+/// `effir export` of `model` into `out` with the sentence-transformers
+/// profile and `extra` flags.
+pub fn export_st(model: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "export",
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--profile",
+        "sentence-transformers",
+    ];
+    args.extend_from_slice(extra);
+    effir(&args)
+}
+
+/// [`export_st`], which must succeed; the graph it wrote.
+pub fn exported_st(model: &Path, out: &Path, extra: &[&str]) -> effir_onnx::graph_file::GraphFile {
+    let run = export_st(model, out, extra);
+    assert!(run.status.success(), "export {extra:?}: {}", stderr(&run));
+    effir_onnx::graph_file::GraphFile::read(&out.join("model.onnx")).unwrap()
+}
+
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")

@@ -57,16 +57,7 @@ pub(super) fn projection_sites(
         .filter(|(_, n)| n.op_type == "MatMul" && n.input.len() == 2)
         .filter_map(|(i, n)| {
             let &(weight, module) = projections.get(n.input[1].as_str())?;
-            let (layer, role) = map.locate_projection(module)?;
-            Some(ProjectionProduct {
-                node: i,
-                module: module.to_string(),
-                layer,
-                role,
-                input: n.input[0].clone(),
-                output: n.output[0].clone(),
-                weight,
-            })
+            ProjectionProduct::at(i, n, module, weight, arch)
         })
         .collect()
 }
