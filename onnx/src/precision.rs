@@ -82,3 +82,15 @@ impl MatmulPrecision {
         matches!(self, Self::Int8Qdq | Self::Float16)
     }
 }
+
+/// Checks `alpha` is a smoothing strength for smoothed int8
+/// (`crate::smoothing`): in (0, 1].
+pub fn check_alpha(alpha: f32) -> crate::error::Result<()> {
+    if alpha.is_finite() && alpha > 0.0 && alpha <= 1.0 {
+        Ok(())
+    } else {
+        Err(crate::error::Error::InvalidArgument(format!(
+            "the int8 smoothing strength must be in (0, 1] (0.75 is a good start), not {alpha}"
+        )))
+    }
+}

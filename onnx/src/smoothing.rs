@@ -46,6 +46,7 @@ use serde::Serialize;
 use crate::activation_ranges::channel_maxima;
 use crate::error::{Error, Result};
 use crate::graph_file::float_values;
+pub use crate::precision::check_alpha;
 use crate::precision::Int8Kernel;
 use crate::projection_products::{splice_products, ProjectionProduct};
 use crate::quantize::int8_matmul;
@@ -86,17 +87,6 @@ pub fn smoothing_factors(input_max: &[f32], row_max: &[f32], alpha: f32) -> Vec<
         .zip(row_max)
         .map(|(&x, &w)| x.max(FLOOR).powf(alpha) / w.max(FLOOR).powf(1.0 - alpha))
         .collect()
-}
-
-/// Checks `alpha` is a smoothing strength: in (0, 1].
-pub fn check_alpha(alpha: f32) -> Result<()> {
-    if alpha.is_finite() && alpha > 0.0 && alpha <= 1.0 {
-        Ok(())
-    } else {
-        Err(Error::InvalidArgument(format!(
-            "the int8 smoothing strength must be in (0, 1] (0.75 is a good start), not {alpha}"
-        )))
-    }
 }
 
 /// Measures each product input's channels on the calibration text `set`

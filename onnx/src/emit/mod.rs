@@ -139,7 +139,7 @@ fn check_options(options: &EmitOptions) -> Result<()> {
                 }
             )));
         }
-        crate::smoothing::check_alpha(alpha)?;
+        crate::precision::check_alpha(alpha)?;
     }
     Ok(())
 }
