@@ -384,19 +384,14 @@ pub fn first_non_finite(
 /// The matrices (initializers of rank ≥ 2) node `start` reads, or the
 /// nearest ones upstream, breadth first.
 fn nearest_weights(graph: &candle_onnx::onnx::GraphProto, start: usize) -> Vec<String> {
-    use std::collections::{HashMap, HashSet, VecDeque};
+    use std::collections::{HashSet, VecDeque};
     let matrices: HashSet<&str> = graph
         .initializer
         .iter()
         .filter(|t| t.dims.len() >= 2)
         .map(|t| t.name.as_str())
         .collect();
-    let producer: HashMap<&str, usize> = graph
-        .node
-        .iter()
-        .enumerate()
-        .flat_map(|(i, n)| n.output.iter().map(move |o| (o.as_str(), i)))
-        .collect();
+    let producer = crate::node_index::NodeIndex::new(&graph.node).producer;
     let mut queue = VecDeque::from([start]);
     let mut seen = HashSet::from([start]);
     while !queue.is_empty() {
@@ -413,7 +408,7 @@ fn nearest_weights(graph: &candle_onnx::onnx::GraphProto, start: usize) -> Vec<S
         }
         for i in level {
             for x in &graph.node[i].input {
-                if let Some(&p) = producer.get(x.as_str()) {
+                if let Some(&p) = producer.get(x) {
                     if seen.insert(p) {
                         queue.push_back(p);
                     }

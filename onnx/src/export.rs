@@ -237,16 +237,15 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
         ));
     }
     let smoothing = options.emit.int8_smoothing;
-    let calibrated = precision.needs_calibration() || smoothing.is_some();
-    if calibrated {
+    // What measures the graph on calibration text first, if anything does.
+    let calibrated = match smoothing {
+        Some(_) => Some("smoothed int8"),
+        None => precision.needs_calibration().then(|| precision.name()),
+    };
+    if let Some(what) = calibrated {
         if options.calibration.is_none() {
             return Err(Error::InvalidArgument(format!(
-                "{} needs calibration text (--calib-data DIR or --calib FILE): {}",
-                if smoothing.is_some() {
-                    "smoothed int8"
-                } else {
-                    precision.name()
-                },
+                "{what} needs calibration text (--calib-data DIR or --calib FILE): {}",
                 if precision == MatmulPrecision::Float16 {
                     "the range check runs it through the model"
                 } else if smoothing.is_some() {
@@ -264,15 +263,10 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
         }
     }
     if options.stream {
-        if calibrated {
+        if let Some(what) = calibrated {
             return Err(Error::InvalidArgument(format!(
-                "{} products are calibrated on the whole model in memory; they do not combine \
-                 with --stream (fp32 and unsmoothed dynamic int8 do)",
-                if smoothing.is_some() {
-                    "smoothed int8"
-                } else {
-                    precision.name()
-                }
+                "{what} products are calibrated on the whole model in memory; they do not combine \
+                 with --stream (fp32 and unsmoothed dynamic int8 do)"
             )));
         }
         if options.external_data == ExternalData::Never {
@@ -307,7 +301,7 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
     );
     let setup = EncoderSetup::load(model_dir, &LoadOptions::default())?;
     let calibration = match &options.calibration {
-        Some(c) if calibrated => Some(convert_products(
+        Some(c) if calibrated.is_some() => Some(convert_products(
             &mut model,
             &setup,
             options.emit.opset,
@@ -456,7 +450,7 @@ fn convert_products(
             &products,
             alpha,
             kernel,
-            &calibration.set,
+            set,
             calibration.batch_size,
         )?);
         return Ok(summary);

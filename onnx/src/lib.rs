@@ -38,6 +38,7 @@ pub mod graph;
 pub mod graph_file;
 pub mod half_precision;
 pub mod interface;
+pub mod node_index;
 pub mod precision;
 pub mod projection_products;
 pub mod providers;

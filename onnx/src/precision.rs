@@ -83,8 +83,22 @@ impl MatmulPrecision {
     }
 }
 
-/// Checks `alpha` is a smoothing strength for smoothed int8
-/// (`crate::smoothing`): in (0, 1].
+/// Checks that `alpha` may smooth the products of `precision`
+/// (`crate::smoothing`): dynamic int8 only, a strength in (0, 1].
+pub fn check_int8_smoothing(precision: MatmulPrecision, alpha: f32) -> crate::error::Result<()> {
+    if precision.int8_kernel().is_none() {
+        return Err(crate::error::Error::InvalidArgument(format!(
+            "int8 smoothing applies to dynamic int8 products (--precision int8 for the CPU), not {}",
+            match precision {
+                MatmulPrecision::Int8Qdq => "QDQ int8 (--target tensorrt)",
+                other => other.name(),
+            }
+        )));
+    }
+    check_alpha(alpha)
+}
+
+/// Checks `alpha` is a smoothing strength: in (0, 1].
 pub fn check_alpha(alpha: f32) -> crate::error::Result<()> {
     if alpha.is_finite() && alpha > 0.0 && alpha <= 1.0 {
         Ok(())
@@ -92,5 +106,29 @@ pub fn check_alpha(alpha: f32) -> crate::error::Result<()> {
         Err(crate::error::Error::InvalidArgument(format!(
             "the int8 smoothing strength must be in (0, 1] (0.75 is a good start), not {alpha}"
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smoothing_needs_dynamic_int8_and_a_strength_in_zero_to_one() {
+        for alpha in [0.0, -0.5, 1.5, f32::NAN] {
+            assert!(check_alpha(alpha).is_err(), "{alpha}");
+        }
+        check_alpha(0.75).unwrap();
+        check_alpha(1.0).unwrap();
+        let int8 = MatmulPrecision::Int8(Int8Kernel::U8s8);
+        check_int8_smoothing(int8, 0.75).unwrap();
+        assert!(check_int8_smoothing(int8, 1.5).is_err());
+        for other in [
+            MatmulPrecision::Float32,
+            MatmulPrecision::Float16,
+            MatmulPrecision::Int8Qdq,
+        ] {
+            assert!(check_int8_smoothing(other, 0.75).is_err(), "{other:?}");
+        }
     }
 }

@@ -46,8 +46,8 @@ use serde::Serialize;
 use crate::activation_ranges::channel_maxima;
 use crate::error::{Error, Result};
 use crate::graph_file::float_values;
-pub use crate::precision::check_alpha;
-use crate::precision::Int8Kernel;
+use crate::node_index::NodeIndex;
+use crate::precision::{check_alpha, Int8Kernel};
 use crate::projection_products::{splice_products, ProjectionProduct};
 use crate::quantize::int8_matmul;
 
@@ -141,8 +141,9 @@ pub fn smooth_products(
 /// Rewrites `products` of `graph` (float32, weights in the graph) into
 /// smoothed dynamic int8 products. `input_maxima` maps each product's
 /// input tensor to its per-channel largest magnitude on the calibration
-/// text. Nothing is changed when an error is returned.
-pub fn quantize_products(
+/// text; `alpha` is checked by the caller. Nothing is changed when an
+/// error is returned.
+fn quantize_products(
     graph: &mut GraphProto,
     opset: i64,
     products: &[ProjectionProduct],
@@ -150,7 +151,6 @@ pub fn quantize_products(
     alpha: f32,
     kernel: Int8Kernel,
 ) -> Result<SmoothingSummary> {
-    check_alpha(alpha)?;
     // Each input's largest weight magnitude per row, over every product
     // that reads it.
     let mut row_max: HashMap<&str, Vec<f32>> = HashMap::new();
@@ -286,19 +286,8 @@ fn division_placements(
     graph: &GraphProto,
     products: &[ProjectionProduct],
 ) -> HashMap<String, Division> {
-    let mut readers: HashMap<&str, Vec<usize>> = HashMap::new();
-    for (i, n) in graph.node.iter().enumerate() {
-        for x in &n.input {
-            readers.entry(x.as_str()).or_default().push(i);
-        }
-    }
+    let index = NodeIndex::new(&graph.node);
     let outputs: HashSet<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
-    let producer: HashMap<&str, usize> = graph
-        .node
-        .iter()
-        .enumerate()
-        .flat_map(|(i, n)| n.output.iter().map(move |o| (o.as_str(), i)))
-        .collect();
     let product_nodes: HashSet<usize> = products.iter().map(|p| p.node).collect();
     let product_weight: HashMap<&str, &str> = products
         .iter()
@@ -306,7 +295,7 @@ fn division_placements(
         .collect();
     // Read by exactly one node, `node`, and not a graph output.
     let private_to = |name: &str, node: usize| {
-        !outputs.contains(name) && readers.get(name).is_some_and(|r| r == &[node])
+        !outputs.contains(name) && index.consumers.get(name).is_some_and(|r| r == &[node])
     };
     let mut placements = HashMap::new();
     for p in products {
@@ -315,11 +304,13 @@ fn division_placements(
         }
         let x = p.input.as_str();
         let only_products = !outputs.contains(x)
-            && readers
+            && index
+                .consumers
                 .get(x)
                 .is_some_and(|r| r.iter().all(|n| product_nodes.contains(n)));
         let channels = graph.initializer[p.weight].dims[0];
-        let folded = producer
+        let folded = index
+            .producer
             .get(x)
             .filter(|_| only_products)
             .map(|&m| (m, &graph.node[m]))
@@ -371,14 +362,5 @@ mod tests {
             let (a, b) = (x[j] / s[j], w[j] * s[j]);
             assert!((a - b).abs() < 1e-6 * a.max(b), "{j}: {a} vs {b}");
         }
-    }
-
-    #[test]
-    fn alpha_outside_zero_to_one_is_refused() {
-        for alpha in [0.0, -0.5, 1.5, f32::NAN] {
-            assert!(check_alpha(alpha).is_err(), "{alpha}");
-        }
-        check_alpha(0.75).unwrap();
-        check_alpha(1.0).unwrap();
     }
 }

@@ -127,15 +127,8 @@ pub struct ExportArgs {
     /// Triton's max_batch_size (--layout triton) [default: 32].
     #[arg(long)]
     pub max_batch_size: Option<u32>,
-    /// Calibration text for fp16's range check, QDQ int8's scales and int8 smoothing: a BEIR dataset directory.
-    #[arg(long)]
-    pub calib_data: Option<PathBuf>,
-    /// Calibration text from a file (JSONL with `text`, or lines) instead of --calib-data.
-    #[arg(long)]
-    pub calib: Option<PathBuf>,
-    /// Token budget of the calibration text [default: 16384].
-    #[arg(long)]
-    pub calib_tokens: Option<usize>,
+    #[command(flatten)]
+    pub calibration: CalibrationArgs,
     /// fp16: a product stays float16 only if its largest calibration value times this fits float16 [default: 4].
     #[arg(long)]
     pub fp16_headroom: Option<f32>,
@@ -150,6 +143,21 @@ pub struct ExportArgs {
     /// dynamic int8 products).
     #[arg(long)]
     pub stream: bool,
+}
+
+/// The text that fp16's range check, QDQ int8's scales and int8 smoothing
+/// measure the graph on (`export`, `rewrite`).
+#[derive(Debug, Args)]
+pub struct CalibrationArgs {
+    /// Calibration text the graph is measured on before conversion (fp16's range check, QDQ int8's scales, int8 smoothing): a BEIR dataset directory.
+    #[arg(long)]
+    pub calib_data: Option<PathBuf>,
+    /// Calibration text from a file (JSONL with `text`, or lines) instead of --calib-data.
+    #[arg(long)]
+    pub calib: Option<PathBuf>,
+    /// Token budget of the calibration text [default: 16384].
+    #[arg(long)]
+    pub calib_tokens: Option<usize>,
 }
 
 /// `configs/export.yaml`.
@@ -266,7 +274,11 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
     if int8_smoothing.is_some() && precision.int8_kernel().is_none() {
         bail!("--int8-smoothing applies to dynamic int8 (--precision int8, not for --target tensorrt)");
     }
-    let calib_data = args.calib_data.clone().or(config.calib_data.clone());
+    let calib_data = args
+        .calibration
+        .calib_data
+        .clone()
+        .or(config.calib_data.clone());
     let calibration = if precision.needs_calibration() || int8_smoothing.is_some() {
         let needs = if int8_smoothing.is_some() {
             "--int8-smoothing".to_string()
@@ -275,9 +287,9 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         };
         let set = calibration_set(
             &args.model,
-            args.calib.as_deref(),
+            args.calibration.calib.as_deref(),
             calib_data.as_deref(),
-            args.calib_tokens.or(config.calib_tokens),
+            args.calibration.calib_tokens.or(config.calib_tokens),
             &needs,
         )?;
         Some(Calibration {
@@ -293,7 +305,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
             qdq_all_products: args.qdq_all_products || config.qdq_all_products.unwrap_or(false),
         })
     } else {
-        if args.calib.is_some()
+        if args.calibration.calib.is_some()
             || calib_data.is_some()
             || args.strict
             || args.fp16_headroom.is_some()

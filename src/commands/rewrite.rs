@@ -15,7 +15,9 @@ use effir_onnx::{GraphLocation, OnnxEncoder};
 use effir_pipeline::io::model_files::{copy_model_files, is_backbone_weights};
 use effir_pipeline::{Embedder, LoadOptions, TextEmbedder};
 
-use super::export::{calibration_set, matmul_precision, Int8KernelArg, PrecisionArg};
+use super::export::{
+    calibration_set, matmul_precision, CalibrationArgs, Int8KernelArg, PrecisionArg,
+};
 
 #[derive(Debug, Args)]
 pub struct RewriteArgs {
@@ -45,15 +47,8 @@ pub struct RewriteArgs {
     /// --int8-smoothing` does (strength in (0, 1]), measured on --calib-data.
     #[arg(long, value_name = "ALPHA")]
     pub int8_smoothing: Option<f32>,
-    /// Calibration text for --int8-smoothing: a BEIR dataset directory.
-    #[arg(long)]
-    pub calib_data: Option<PathBuf>,
-    /// Calibration text from a file (JSONL with `text`, or lines) instead of --calib-data.
-    #[arg(long)]
-    pub calib: Option<PathBuf>,
-    /// Token budget of the calibration text [default: 16384].
-    #[arg(long)]
-    pub calib_tokens: Option<usize>,
+    #[command(flatten)]
+    pub calibration: CalibrationArgs,
 }
 
 /// Lowest cosine to the model in candle a rewritten graph must reach: the
@@ -85,14 +80,15 @@ pub fn run(args: RewriteArgs) -> anyhow::Result<()> {
             }
             Some(calibration_set(
                 &args.model,
-                args.calib.as_deref(),
-                args.calib_data.as_deref(),
-                args.calib_tokens,
+                args.calibration.calib.as_deref(),
+                args.calibration.calib_data.as_deref(),
+                args.calibration.calib_tokens,
                 "--int8-smoothing",
             )?)
         }
         None => {
-            if args.calib.is_some() || args.calib_data.is_some() || args.calib_tokens.is_some() {
+            let c = &args.calibration;
+            if c.calib.is_some() || c.calib_data.is_some() || c.calib_tokens.is_some() {
                 bail!("--calib, --calib-data and --calib-tokens apply to --int8-smoothing");
             }
             None

@@ -130,16 +130,7 @@ fn check_options(options: &EmitOptions) -> Result<()> {
         )));
     }
     if let Some(alpha) = options.int8_smoothing {
-        if options.precision.int8_kernel().is_none() {
-            return Err(Error::InvalidArgument(format!(
-                "int8 smoothing applies to dynamic int8 products (--precision int8 for the CPU), not {}",
-                match options.precision {
-                    MatmulPrecision::Int8Qdq => "QDQ int8 (--target tensorrt)",
-                    other => other.name(),
-                }
-            )));
-        }
-        crate::precision::check_alpha(alpha)?;
+        crate::precision::check_int8_smoothing(options.precision, alpha)?;
     }
     Ok(())
 }

@@ -6,8 +6,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use candle_onnx::onnx::{GraphProto, NodeProto};
 use effir_pipeline::{Architecture, ModelShape};
 
-use super::graph_index::{value_of, Index, Source};
+use super::graph_index::{value_of, Source};
 use super::weight_matching::WeightMatch;
+use crate::node_index::NodeIndex;
 
 /// For each layer whose MLP the pruned model dropped, the value the MLP
 /// block outputs and the value entering it (block output, block input),
@@ -16,7 +17,7 @@ use super::weight_matching::WeightMatch;
 /// only, so that a graph this code does not understand is refused.
 pub(super) fn locate_dropped_mlps(
     graph: &GraphProto,
-    idx: &Index,
+    idx: &NodeIndex,
     arch: Architecture,
     shape: &ModelShape,
     weights: &WeightMatch,
@@ -77,7 +78,7 @@ pub(super) fn locate_dropped_mlps(
 /// (block output, block input).
 pub(super) fn dropped_mlp_block(
     graph: &GraphProto,
-    idx: &Index,
+    idx: &NodeIndex,
     arch: Architecture,
     by_value: &HashMap<String, Source>,
     down_users: &[usize],
@@ -136,7 +137,7 @@ pub(super) fn dropped_mlp_block(
 /// Cuts dropped MLP blocks out: each block's output becomes its input.
 pub(super) fn cut_out_mlps(
     graph: &mut GraphProto,
-    idx: &Index,
+    idx: &NodeIndex,
     blocks: &BTreeMap<usize, (String, String)>,
 ) {
     for (block_output, block_input) in blocks.values() {

@@ -35,7 +35,6 @@ use crate::quantize::{Int8Kernel, MatmulPrecision};
 use crate::smoothing::SmoothingSummary;
 use effir_pipeline::data::calibration::CalibrationSet;
 use external_data::inline_external_data;
-use graph_index::index;
 use int8_products::{projection_sites, quantize_projections};
 use mlp_surgery::{cut_out_mlps, locate_dropped_mlps};
 pub use weight_matching::Orientation;
@@ -181,13 +180,7 @@ pub fn stage_rewrite(
         )));
     }
     if let Some(smoothing) = smoothing {
-        if precision.int8_kernel().is_none() {
-            return Err(Error::InvalidArgument(format!(
-                "int8 smoothing applies to int8 products (--precision int8), not {}",
-                precision.name()
-            )));
-        }
-        crate::smoothing::check_alpha(smoothing.alpha)?;
+        crate::precision::check_int8_smoothing(precision, smoothing.alpha)?;
     }
     let mut file = GraphFile::read(graph_path)?;
     // Weights are found by their values; a quantized graph no longer holds
@@ -217,7 +210,7 @@ pub fn stage_rewrite(
     let target = Checkpoint::load(model_dir, arch)?;
     let nodes_before = graph.node.len();
 
-    let idx = index(&graph.node);
+    let idx = crate::node_index::NodeIndex::new(&graph.node);
     let weights = match_weights(graph, &idx, &base, arch, &original, &target)?;
     let (mlp_blocks, missing) = locate_dropped_mlps(graph, &idx, arch, &shape, &weights);
     if !missing.is_empty() || !weights.unresolved.is_empty() {

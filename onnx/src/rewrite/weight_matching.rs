@@ -10,9 +10,10 @@ use effir_pipeline::model::arch::checkpoint_map::{CheckpointMap, NormPlacement};
 use effir_pipeline::Architecture;
 use serde::Serialize;
 
-use super::graph_index::{hash, value_of, Index, Source};
+use super::graph_index::{hash, value_of, Source};
 use crate::error::Result;
 use crate::graph_file::float_values;
+use crate::node_index::NodeIndex;
 
 /// How a graph weight relates to a checkpoint tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -87,7 +88,7 @@ pub(super) struct WeightMatch {
 /// then what is left when the names other weights took are set aside.
 pub(super) fn match_weights(
     graph: &GraphProto,
-    idx: &Index,
+    idx: &NodeIndex,
     base: &Path,
     arch: Architecture,
     original: &Checkpoint,
@@ -217,7 +218,7 @@ pub(super) fn match_weights(
 /// residual Add that follows one (BERT).
 pub(super) fn structural_matches(
     graph: &GraphProto,
-    idx: &Index,
+    idx: &NodeIndex,
     arch: Architecture,
     assigned: &HashMap<Source, (String, Orientation)>,
     by_value: &HashMap<String, Source>,
