@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
 use common::{
-    calibration_file, copy_model, edit_weights, effir, export_st, exported_st, fixture,
-    python_client, read_json, stderr,
+    assert_refused, calibration_file, copy_model, edit_weights, effir, export_st, exported_st,
+    fixture, python_client, read_json, stderr,
 };
 use effir_onnx::graph_file::GraphFile;
 
@@ -369,12 +369,6 @@ fn calibrated_precisions_refuse_bad_requests_before_writing() {
         ),
     ] {
         let run = export_st(&model, &out, extra);
-        assert!(!run.status.success(), "{extra:?} succeeded");
-        assert!(
-            stderr(&run).contains(needle),
-            "{extra:?}: `{needle}` not in {}",
-            stderr(&run)
-        );
-        assert!(!out.exists(), "{extra:?} wrote output");
+        assert_refused(&run, &extra, needle, &out);
     }
 }

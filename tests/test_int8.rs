@@ -8,7 +8,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{effir, fixture, minilm_dir, python_client, read_json, stderr};
+use common::{
+    assert_refused, effir, export_output, fixture, minilm_dir, python_client, read_json, stderr,
+};
 use effir_onnx::graph_file::GraphFile;
 
 const ARCHITECTURES: [&str; 6] = ["bert", "gemma3", "llama", "mistral", "qwen2", "qwen3"];
@@ -157,22 +159,8 @@ fn int8_requests_that_cannot_be_met_fail_before_writing() {
             "QDQ",
         ),
     ] {
-        let mut args = vec![
-            "export",
-            "--model",
-            model.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        let run = effir(&args);
-        assert!(!run.status.success(), "{extra:?} succeeded");
-        assert!(
-            stderr(&run).contains(needle),
-            "{extra:?}: `{needle}` not in {}",
-            stderr(&run)
-        );
-        assert!(!out.exists(), "{extra:?} wrote output");
+        let run = export_output(&model, &out, extra);
+        assert_refused(&run, &extra, needle, &out);
     }
 }
 

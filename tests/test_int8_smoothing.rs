@@ -17,8 +17,8 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use common::{
-    calibration_file, copy_model, edit_weights, export_st, exported_st, fixture, python_client,
-    read_json, stderr,
+    assert_refused, calibration_file, copy_model, edit_weights, export_st, exported_st, fixture,
+    python_client, read_json,
 };
 use effir_onnx::graph_file::GraphFile;
 
@@ -317,12 +317,6 @@ fn smoothing_requests_that_cannot_be_met_are_refused_before_writing() {
         ),
     ] {
         let run = export_st(&model, &out, extra);
-        assert!(!run.status.success(), "{extra:?} succeeded");
-        assert!(
-            stderr(&run).contains(needle),
-            "{extra:?}: `{needle}` not in {}",
-            stderr(&run)
-        );
-        assert!(!out.exists(), "{extra:?} wrote output");
+        assert_refused(&run, &extra, needle, &out);
     }
 }

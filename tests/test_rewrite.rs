@@ -9,7 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{effir, stderr};
+use common::{assert_refused, effir, stderr};
 
 use common::{assert_rows_match, fixture};
 use effir_onnx::graph_file::GraphFile;
@@ -282,9 +282,7 @@ fn optimum_exports_are_rewritten_to_smoothed_int8() {
         ),
     ] {
         let o = rewrite_with(&optimum_graph("bert"), &pruned, &out, &extra);
-        assert!(!o.status.success(), "{extra:?}");
-        assert!(stderr(&o).contains(needle), "{extra:?}: {}", stderr(&o));
-        assert!(!out.exists(), "{extra:?} wrote output");
+        assert_refused(&o, &extra, needle, &out);
     }
 }
 
@@ -377,9 +375,7 @@ fn optimum_exports_are_rewritten_to_int8_keeping_their_interface() {
         ),
     ] {
         let o = rewrite_with(&optimum_graph("bert"), &pruned, &out, &extra);
-        assert!(!o.status.success(), "{extra:?}");
-        assert!(stderr(&o).contains(needle), "{extra:?}: {}", stderr(&o));
-        assert!(!out.exists());
+        assert_refused(&o, &extra, needle, &out);
     }
     // A graph older than the int8 operators (opset 10).
     let mut file = GraphFile::read(&optimum_graph("bert")).unwrap();

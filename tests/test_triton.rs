@@ -9,21 +9,14 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{effir, fixture, read_json, stderr};
+use common::{assert_refused, export_output, fixture, read_json, stderr};
 
 fn export(out: &Path, extra: &[&str]) -> std::process::Output {
-    let model = fixture("bert");
-    let mut args = vec![
-        "export",
-        "--model",
-        model.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--layout",
-        "triton",
-    ];
-    args.extend_from_slice(extra);
-    effir(&args)
+    export_output(
+        &fixture("bert"),
+        out,
+        &[&["--layout", "triton"], extra].concat(),
+    )
 }
 
 /// Runs the schema check on a model directory; returns whether it passed
@@ -148,27 +141,15 @@ fn triton_requests_that_cannot_be_met_fail_before_writing() {
         ),
     ] {
         let run = export(&out, extra);
-        assert!(!run.status.success(), "{extra:?} succeeded");
-        assert!(stderr(&run).contains(needle), "{extra:?}: {}", stderr(&run));
-        assert!(!out.exists(), "{extra:?} wrote output");
+        assert_refused(&run, &extra, needle, &out);
     }
     let model = fixture("bert");
     for (extra, needle) in [
         (&["--name", "bert"][..], "--name applies to --layout triton"),
         (&["--max-batch-size", "8"][..], "--max-batch-size applies"),
     ] {
-        let mut args = vec![
-            "export",
-            "--model",
-            model.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        let run = effir(&args);
-        assert!(!run.status.success(), "{extra:?} succeeded");
-        assert!(stderr(&run).contains(needle), "{extra:?}: {}", stderr(&run));
-        assert!(!out.exists(), "{extra:?} wrote output");
+        let run = export_output(&model, &out, extra);
+        assert_refused(&run, &extra, needle, &out);
     }
 }
 

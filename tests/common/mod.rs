@@ -41,17 +41,11 @@ pub fn calibration_file(dir: &Path) -> PathBuf {
 /// `effir export` of `model` into `out` with the sentence-transformers
 /// profile and `extra` flags.
 pub fn export_st(model: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
-    let mut args = vec![
-        "export",
-        "--model",
-        model.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--profile",
-        "sentence-transformers",
-    ];
-    args.extend_from_slice(extra);
-    effir(&args)
+    export_output(
+        model,
+        out,
+        &[&["--profile", "sentence-transformers"], extra].concat(),
+    )
 }
 
 /// [`export_st`], which must succeed; the graph it wrote.
@@ -387,8 +381,8 @@ pub fn finetune(
     effir(&args)
 }
 
-/// `effir export --model MODEL --out OUT EXTRA...`, which must succeed.
-pub fn export(model: &Path, out: &Path, extra: &[&str]) {
+/// `effir export --model MODEL --out OUT EXTRA...`.
+pub fn export_output(model: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
     let mut args = vec![
         "export",
         "--model",
@@ -397,8 +391,35 @@ pub fn export(model: &Path, out: &Path, extra: &[&str]) {
         out.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    let run = effir(&args);
-    assert!(run.status.success(), "export {args:?}: {}", stderr(&run));
+    effir(&args)
+}
+
+/// [`export_output`], which must succeed.
+pub fn export(model: &Path, out: &Path, extra: &[&str]) {
+    let run = export_output(model, out, extra);
+    assert!(
+        run.status.success(),
+        "export {} {extra:?}: {}",
+        model.display(),
+        stderr(&run)
+    );
+}
+
+/// A request that must be refused before writing anything: a failed run
+/// (`what` names the request), `needle` in its stderr, nothing at `out`.
+pub fn assert_refused(
+    run: &std::process::Output,
+    what: &dyn std::fmt::Debug,
+    needle: &str,
+    out: &Path,
+) {
+    assert!(!run.status.success(), "{what:?} succeeded");
+    assert!(
+        stderr(run).contains(needle),
+        "{what:?}: `{needle}` not in {}",
+        stderr(run)
+    );
+    assert!(!out.exists(), "{what:?} wrote output");
 }
 
 /// `effir validate --quiet --no-cache` of the graph `candidate` against
