@@ -76,7 +76,8 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         name.push(".checkpoints");
         PathBuf::from(name)
     });
-    if !args.resume && !effir_pipeline::finetune::checkpoint::list(&checkpoints)?.is_empty() {
+    let existing = checkpoint::list(&checkpoints)?;
+    if !args.resume && !existing.is_empty() {
         bail!(
             "{}: holds checkpoints of an earlier run; pass --resume to continue it or remove it",
             checkpoints.display()
@@ -148,14 +149,9 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", checkpoints.display()))?;
     let log_path = checkpoints.join("train_log.jsonl");
     // The log continues from the checkpoint the run resumes at (none: from
-    // the start), so each step is logged once.
-    let resumes_at = if args.resume {
-        checkpoint::list(&checkpoints)?
-            .last()
-            .map_or(0, |(step, _)| *step)
-    } else {
-        0
-    };
+    // the start), so each step is logged once. Without --resume there are
+    // no checkpoints (refused above).
+    let resumes_at = existing.last().map_or(0, |(step, _)| *step);
     checkpoint::trim_step_log(&log_path, resumes_at)?;
     let mut log = std::fs::OpenOptions::new()
         .create(true)
