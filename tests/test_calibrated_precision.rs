@@ -367,6 +367,11 @@ fn calibrated_precisions_refuse_bad_requests_before_writing() {
             &["--precision", "int8", "--strict"][..],
             "apply to --precision fp16",
         ),
+        // A token budget for a calibration that does not happen.
+        (
+            &["--precision", "int8", "--calib-tokens", "4096"][..],
+            "--calib-tokens, --strict",
+        ),
     ] {
         let run = export_st(&model, &out, extra);
         assert_refused(&run, &extra, needle, &out);

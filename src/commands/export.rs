@@ -307,11 +307,12 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
     } else {
         if args.calibration.calib.is_some()
             || calib_data.is_some()
+            || args.calibration.calib_tokens.is_some()
             || args.strict
             || args.fp16_headroom.is_some()
             || args.qdq_all_products
         {
-            bail!("--calib, --calib-data, --strict, --fp16-headroom and --qdq-all-products apply to --precision fp16, to int8 for --target tensorrt and to --int8-smoothing");
+            bail!("--calib, --calib-data, --calib-tokens, --strict, --fp16-headroom and --qdq-all-products apply to --precision fp16, to int8 for --target tensorrt and to --int8-smoothing");
         }
         None
     };
