@@ -15,7 +15,7 @@ PYTHON  ?= python3
 .PHONY: all system-deps build models test lint fuzz embed eval eval-scifact python-deps \
         fixtures metric-references bench-embed profile-embed bench-analyze parity-embeddinggemma \
         onnxruntime export export-pruned validate validate-pruned validate-prune-minilm bench-onnx parity-embeddinggemma-onnx \
-        finetune-minilm finetune-minilm-2ep recover-minilm frontier-minilm frontier-embeddinggemma precision-checks prune-minilm-narrow prune-minilm-refit prune-embeddinggemma-refit recover-embeddinggemma gguf-parity smollm2-st smollm2-retriever results-smollm2 bench-training-memory recover-minilm-labeled recover-minilm-query-text shard-scifact scale-7b scale-3b finetune-minilm-unpruned finetune-minilm-unpruned-2ep bench-finetune profile-finetune optimum-fixtures rewrite-minilm \
+        finetune-minilm finetune-minilm-2ep recover-minilm frontier-minilm frontier-embeddinggemma precision-checks prune-minilm-narrow prune-minilm-refit prune-embeddinggemma-refit recover-embeddinggemma gguf-parity smollm2-st smollm2-retriever results-smollm2 bench-training-memory recover-minilm-labeled recover-minilm-query-text shard-scifact scale-7b scale-3b finetune-minilm-unpruned finetune-minilm-unpruned-2ep recover-minilm-tokens bench-finetune profile-finetune optimum-fixtures rewrite-minilm \
         analyze-minilm drop-study-minilm prune-minilm results-minilm \
         analyze-embeddinggemma drop-study-embeddinggemma results-embeddinggemma clean
 
@@ -303,6 +303,26 @@ recover-minilm: build models onnxruntime
 	  $(EFFIR) validate --reference $(MINILM) --candidate $(RUNS)/onnx/minilm-prune-$$p-distill --data $(DATA) --data $(HELDOUT) \
 	    --gates configs/gates.yaml --out $(RUNS)/validate-minilm-prune-$$p-distill \
 	    || echo "minilm-prune-$$p-distill: gates failed (see its validation.md)"; \
+	done
+
+# The label-free recipe with the token term (configs/recover-minilm-tokens.yaml):
+# the student also learns the teacher's last hidden state of every token.
+# Same text (SciFact corpus), same plans' starts, scored like recover-minilm.
+TOKEN_PLANS ?= 50-refit 70-refit
+recover-minilm-tokens: build models onnxruntime
+	for p in $(TOKEN_PLANS); do \
+	  test -f $(RUNS)/minilm-prune-$$p/config.json || \
+	    $(EFFIR) prune --model $(MINILM) --plan configs/prune-minilm-$$p.yaml --data $(DATA) --out $(RUNS)/minilm-prune-$$p || exit 1; \
+	  name=minilm-prune-$$p-distill-tokens; \
+	  if [ ! -f $(RUNS)/$$name/config.json ]; then \
+	    resume=; [ -d $(RUNS)/$$name.checkpoints ] && resume=--resume; \
+	    $(EFFIR) finetune --model $(RUNS)/minilm-prune-$$p --train-texts $(DATA) --config configs/recover-minilm-tokens.yaml \
+	      --out $(RUNS)/$$name $$resume || exit 1; \
+	  fi; \
+	  $(EFFIR) export --model $(RUNS)/$$name --profile sentence-transformers --out $(RUNS)/onnx/$$name --overwrite || exit 1; \
+	  $(EFFIR) validate --reference $(MINILM) --candidate $(RUNS)/onnx/$$name --data $(DATA) --data $(HELDOUT) \
+	    --gates configs/gates.yaml --out $(RUNS)/validate-$$name \
+	    || echo "$$name: gates failed (see its validation.md)"; \
 	done
 
 # The label-free recipe on SciFact corpus text plus the text of SciFact's

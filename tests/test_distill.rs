@@ -1,9 +1,10 @@
 //! Label-free recovery (`effir finetune` with `objective: distill`): the
 //! student learns the teacher's embeddings of unlabeled text. A model
 //! distilled from itself has nothing to learn, the loss's gradient is
-//! right, a pruned model moves toward its teacher on texts it never saw,
-//! a killed run resumes bit for bit, and bad input fails before training
-//! with nothing written.
+//! right, a pruned model moves toward its teacher on texts it never saw
+//! (through its embeddings, or token by token through its last hidden
+//! states), a killed run resumes bit for bit, and bad input fails before
+//! training with nothing written.
 
 mod common;
 
@@ -15,6 +16,7 @@ use candle_core::{Device, Tensor, Var};
 use common::{effir, fixture, stderr};
 use effir_pipeline::finetune::trainer::distillation_loss_of_texts;
 use effir_pipeline::finetune::{EmbeddingDistillationSettings, FinetuneConfig, Objective};
+use effir_pipeline::model::synthetic::{write_synthetic_model, SyntheticShape};
 use effir_pipeline::{Embedder, LoadOptions};
 
 /// Unlabeled training text: no queries, no judgments.
@@ -172,7 +174,9 @@ fn distillation_gradients_match_finite_differences() {
         .clone();
     // Start away from the teacher, where the loss has a gradient.
     let start = (&base[&name] * 1.5).unwrap();
-    for loss in ["cosine", "mse"] {
+    // The teacher model, for the token term (the unmodified fixture).
+    let teacher_model = Embedder::load(&dir, &LoadOptions::default()).unwrap();
+    for (loss, token_weight) in [("cosine", 0.0), ("mse", 0.0), ("cosine", 2.0)] {
         let config = FinetuneConfig {
             objective: Objective::Distill,
             embedding_distillation: Some(EmbeddingDistillationSettings {
@@ -182,13 +186,23 @@ fn distillation_gradients_match_finite_differences() {
                 similarity_weight: 0.5,
                 similarity_temperature: 0.1,
                 contrastive_weight: 1.0,
+                token_weight,
             }),
             ..Default::default()
         };
+        let loss = format!("{loss}, token weight {token_weight}");
         let loss_with = |weight: Tensor| -> Tensor {
             let mut t = base.clone();
             t.insert(name.clone(), weight);
-            distillation_loss_of_texts(&dir, t, teacher_texts, &teacher, &config).unwrap()
+            distillation_loss_of_texts(
+                &dir,
+                t,
+                teacher_texts,
+                &teacher,
+                Some(&teacher_model),
+                &config,
+            )
+            .unwrap()
         };
         let var = Var::from_tensor(&start).unwrap();
         let grads = loss_with(var.as_tensor().clone()).backward().unwrap();
@@ -261,6 +275,112 @@ fn a_pruned_model_moves_toward_its_teacher_on_texts_it_never_saw() {
         w.into_iter().map(|(_, d)| d).collect()
     };
     assert_eq!(widths(&out), widths(&pruned));
+}
+
+/// The token term alone (`token_weight`, the other terms off): nothing to
+/// learn from the teacher itself, and a pruned model pulled toward the
+/// teacher's hidden states ends closer to its embeddings on unseen texts.
+#[test]
+fn the_token_term_is_zero_for_the_teacher_itself_and_pulls_a_pruned_model_closer() {
+    let work = tempfile::tempdir().unwrap();
+    let teacher = fixture("bert");
+    let texts = train_texts(work.path());
+    let config = |name: &str, extra: &str| {
+        write(
+            work.path(),
+            name,
+            &format!(
+                "objective: distill\nbatch_size: 4\nseed: 3\n{extra}\
+                 embedding_distillation:\n  teacher: {}\n  weight: 0.0\n  \
+                 similarity_weight: 0.0\n  token_weight: 1.0\n",
+                teacher.display()
+            ),
+        )
+    };
+    let out = work.path().join("self");
+    let self_config = config(
+        "self.yaml",
+        "max_steps: 2\nlearning_rate: 1.0e-6\nweight_decay: 0.0\n",
+    );
+    let o = distill(&teacher, &[&texts], &out, &self_config, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for step in step_log(&out) {
+        let d = step["token_distance"].as_f64().expect("token_distance");
+        assert!(d.abs() < 1e-5, "step {}: token distance {d}", step["step"]);
+        assert!(step["loss"].as_f64().unwrap().abs() < 1e-5, "{step}");
+        assert!(step["embedding_distance"].is_null(), "{step}");
+    }
+    let record = common::read_json(&out.join("effir_finetune.json"));
+    assert_eq!(
+        record["config"]["embedding_distillation"]["token_weight"],
+        1.0
+    );
+
+    let pruned = common::prune_fixture(
+        "bert",
+        work.path(),
+        TRAIN_TEXTS,
+        &["--drop-layers", "1", "--mlp-keep", "0.5"],
+    );
+    let out = work.path().join("distilled");
+    let train = config(
+        "pruned.yaml",
+        "epochs: 6\nlearning_rate: 2.0e-3\nwarmup_steps: 2\n",
+    );
+    let o = distill(&pruned, &[&texts], &out, &train, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let log = step_log(&out);
+    let first = log[0]["token_distance"].as_f64().unwrap();
+    let last = log.last().unwrap()["token_distance"].as_f64().unwrap();
+    assert!(first > 1e-3, "a pruned model starts away: {first}");
+    assert!(last < first, "token distance {first} -> {last}");
+    let want = embed(&teacher, HELD_OUT);
+    let before = mean_distance(&embed(&pruned, HELD_OUT), &want);
+    let after = mean_distance(&embed(&out, HELD_OUT), &want);
+    assert!(
+        after < before,
+        "held-out 1 - cos to the teacher: {before:.5} before, {after:.5} after"
+    );
+}
+
+/// The token term compares hidden states directly: a teacher that reads
+/// text the same way but has a wider residual stream is refused before
+/// training, naming both sizes, with nothing written.
+#[test]
+fn a_token_term_teacher_of_another_hidden_size_is_refused() {
+    let work = tempfile::tempdir().unwrap();
+    let tiny = SyntheticShape::named("tiny").unwrap();
+    let student = work.path().join("student");
+    let teacher = work.path().join("teacher");
+    let narrow = SyntheticShape {
+        hidden: 64,
+        intermediate: 192,
+        ..tiny
+    };
+    write_synthetic_model(&narrow, &student, 256 << 10, 1).unwrap();
+    write_synthetic_model(&tiny, &teacher, 256 << 10, 1).unwrap();
+    let read = |dir: &Path| std::fs::read(dir.join("tokenizer.json")).unwrap();
+    assert_eq!(read(&student), read(&teacher), "one tokenizer for both");
+    let texts = train_texts(work.path());
+    let config = write(
+        work.path(),
+        "wider.yaml",
+        &format!(
+            "objective: distill\nmax_steps: 1\nbatch_size: 2\nembedding_distillation:\n  \
+             teacher: {}\n  weight: 0.0\n  token_weight: 1.0\n",
+            teacher.display()
+        ),
+    );
+    let out = work.path().join("out");
+    let o = distill(&student, &[&texts], &out, &config, &[]);
+    assert!(!o.status.success(), "accepted");
+    let err = stderr(&o);
+    assert!(
+        err.contains("the teacher's hidden states have 128 dimensions")
+            && err.contains(") 64; the token term"),
+        "{err}"
+    );
+    assert!(!out.exists(), "wrote {}", out.display());
 }
 
 #[test]
@@ -404,6 +524,34 @@ fn bad_distillation_input_fails_before_training_and_writes_nothing() {
                 ),
             ),
             "96 dimensions",
+        ),
+        (
+            "a token term with a teacher of another tokenizer",
+            vec![&texts],
+            write(
+                work.path(),
+                "token-other-tokenizer.yaml",
+                &format!(
+                    "objective: distill\nmax_steps: 1\nembedding_distillation:\n  teacher: {}\n  \
+                     weight: 0.0\n  token_weight: 1.0\n",
+                    fixture("llama").display()
+                ),
+            ),
+            "the token term (token_weight) compares hidden states of the same tokens",
+        ),
+        (
+            "a token term in a combined run",
+            vec![&texts],
+            write(
+                work.path(),
+                "token-combined.yaml",
+                &format!(
+                    "objective: combined\nmax_steps: 1\nembedding_distillation:\n  teacher: {}\n  \
+                     token_weight: 1.0\n",
+                    model.display()
+                ),
+            ),
+            "token_weight trains on unlabeled text",
         ),
         (
             "a distill objective without a teacher",

@@ -75,6 +75,18 @@ pub struct EmbeddingDistillationSettings {
     /// Weight of the contrastive loss beside these terms (`combined` only).
     #[serde(default = "one")]
     pub contrastive_weight: f64,
+    /// Weight of the token term: the mean over every text's tokens of
+    /// `1 − cos` between the student's and the teacher's last hidden states,
+    /// so the student learns the teacher's function token by token, not
+    /// only its pooled embedding. It needs a teacher with the student's
+    /// tokenizer and hidden size, `objective: distill` and no gradient
+    /// checkpointing. 0 (the default) leaves it out.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub token_weight: f64,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 /// Evaluation on a development split every `every` steps; the best
@@ -240,16 +252,35 @@ impl FinetuneConfig {
                 );
             }
             (_, Some(e)) => {
-                let weights = [e.weight, e.similarity_weight, e.contrastive_weight];
+                let weights = [
+                    e.weight,
+                    e.similarity_weight,
+                    e.contrastive_weight,
+                    e.token_weight,
+                ];
                 if weights.iter().any(|w| !(w.is_finite() && *w >= 0.0))
-                    || e.weight + e.similarity_weight <= 0.0
+                    || e.weight + e.similarity_weight + e.token_weight <= 0.0
                     || !positive(e.similarity_temperature)
                 {
-                    return bad("embedding_distillation weights must be >= 0 (weight or \
-                         similarity_weight above 0) and similarity_temperature > 0"
+                    return bad("embedding_distillation weights must be >= 0 (weight, \
+                         similarity_weight or token_weight above 0) and similarity_temperature > 0"
                         .into());
                 }
-                if e.weight == 0.0 && self.batch_size < 2 {
+                if e.token_weight > 0.0 && self.objective != Objective::Distill {
+                    return bad(format!(
+                        "embedding_distillation token_weight trains on unlabeled text: it needs \
+                         objective distill, not {:?}",
+                        self.objective
+                    ));
+                }
+                if e.token_weight > 0.0 && self.gradient_checkpointing {
+                    return bad(
+                        "embedding_distillation token_weight needs every token's last hidden \
+                         state, which gradient_checkpointing does not keep; switch one off"
+                            .into(),
+                    );
+                }
+                if e.weight == 0.0 && e.token_weight == 0.0 && self.batch_size < 2 {
                     return bad(
                         "with embedding_distillation weight 0 only in-batch similarities \
                          are learned: batch_size must be at least 2"
@@ -309,6 +340,7 @@ mod tests {
             similarity_weight: 1.0,
             similarity_temperature: 0.05,
             contrastive_weight: 1.0,
+            token_weight: 0.0,
         }
     }
 
@@ -329,6 +361,18 @@ mod tests {
         config(Objective::Combined, Some(teacher("t")))
             .validate()
             .unwrap();
+        // The token term alone is an objective too.
+        config(
+            Objective::Distill,
+            Some(EmbeddingDistillationSettings {
+                weight: 0.0,
+                similarity_weight: 0.0,
+                token_weight: 1.0,
+                ..teacher("t")
+            }),
+        )
+        .validate()
+        .unwrap();
         let scores = |dir: &str| DistillationSettings {
             teacher: dir.into(),
             weight: 1.0,
@@ -356,7 +400,7 @@ mod tests {
                         ..teacher("t")
                     }),
                 ),
-                "weight or similarity_weight above 0",
+                "weight, similarity_weight or token_weight above 0",
             ),
             (
                 config(
@@ -373,6 +417,39 @@ mod tests {
                     Objective::Combined,
                     Some(EmbeddingDistillationSettings {
                         contrastive_weight: -1.0,
+                        ..teacher("t")
+                    }),
+                ),
+                "weights must be >= 0",
+            ),
+            (
+                config(
+                    Objective::Combined,
+                    Some(EmbeddingDistillationSettings {
+                        token_weight: 1.0,
+                        ..teacher("t")
+                    }),
+                ),
+                "token_weight trains on unlabeled text",
+            ),
+            (
+                FinetuneConfig {
+                    gradient_checkpointing: true,
+                    ..config(
+                        Objective::Distill,
+                        Some(EmbeddingDistillationSettings {
+                            token_weight: 1.0,
+                            ..teacher("t")
+                        }),
+                    )
+                },
+                "which gradient_checkpointing does not keep",
+            ),
+            (
+                config(
+                    Objective::Distill,
+                    Some(EmbeddingDistillationSettings {
+                        token_weight: f64::NAN,
                         ..teacher("t")
                     }),
                 ),

@@ -1,8 +1,9 @@
 //! Retrieval training objectives: InfoNCE over in-batch and hard negatives,
 //! KL distillation from a teacher's scores over each query's own
 //! candidates, and the label-free terms: the distance between the student's
-//! and the teacher's embeddings of a text, and the KL between their in-batch
-//! similarity distributions.
+//! and the teacher's embeddings of a text, the KL between their in-batch
+//! similarity distributions, and the distance between their last hidden
+//! states token by token.
 
 use candle_core::{Result, Tensor, D};
 
@@ -62,6 +63,24 @@ pub fn embedding_distance(
     }
 }
 
+/// How far the student's hidden states `(B, T, H)` are from the teacher's,
+/// token by token: the mean of `1 − cos` over the tokens `mask` `(B, T)`
+/// marks (1 for a token, 0 for padding, which is left out).
+pub fn token_distance(student: &Tensor, teacher: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let unit = |x: &Tensor| -> Result<Tensor> {
+        x.broadcast_div(
+            &x.sqr()?
+                .sum_keepdim(D::Minus1)?
+                .sqrt()?
+                .clamp(1e-12, f64::INFINITY)?,
+        )
+    };
+    let cos = (unit(student)? * unit(teacher)?)?.sum(D::Minus1)?;
+    let mask = mask.to_dtype(cos.dtype())?;
+    let tokens = mask.sum_all()?.clamp(1.0, f64::INFINITY)?;
+    ((1.0 - cos)? * mask)?.sum_all()?.div(&tokens)
+}
+
 /// KL(teacher ‖ student) of each text's similarities to the other texts of
 /// the batch (cosine, at `temperature`; a text's similarity to itself is
 /// left out), mean over texts. `student`, `teacher`: `(N, D)`, N ≥ 2.
@@ -116,6 +135,50 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!(same.abs() < 1e-6 && diff > 0.1, "{same} {diff}");
+    }
+
+    #[test]
+    fn the_token_distance_is_zero_for_the_teacher_itself_and_ignores_padding() {
+        let dev = Device::Cpu;
+        // Two texts of three positions; the second has one padding position.
+        let teacher = Tensor::new(
+            &[
+                [[1.0f32, 0.0], [0.0, 2.0], [3.0, 3.0]],
+                [[1.0, 1.0], [2.0, 0.0], [5.0, -1.0]],
+            ],
+            &dev,
+        )
+        .unwrap();
+        let mask = Tensor::new(&[[1u32, 1, 1], [1, 1, 0]], &dev).unwrap();
+        let d = |s: &Tensor| {
+            token_distance(s, &teacher, &mask)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert!(d(&teacher).abs() < 1e-6);
+        // Scale does not count, direction does.
+        assert!(d(&(&teacher * 3.0).unwrap()).abs() < 1e-6);
+        // Anything at the padding position is ignored.
+        let padded = Tensor::new(
+            &[
+                [[1.0f32, 0.0], [0.0, 2.0], [3.0, 3.0]],
+                [[1.0, 1.0], [2.0, 0.0], [-7.0, 40.0]],
+            ],
+            &dev,
+        )
+        .unwrap();
+        assert!(d(&padded).abs() < 1e-6);
+        // One of the five tokens turned by 90°: 1 − cos = 1, mean 1/5.
+        let turned = Tensor::new(
+            &[
+                [[0.0f32, 1.0], [0.0, 2.0], [3.0, 3.0]],
+                [[1.0, 1.0], [2.0, 0.0], [5.0, -1.0]],
+            ],
+            &dev,
+        )
+        .unwrap();
+        assert!((d(&turned) - 0.2).abs() < 1e-6, "{}", d(&turned));
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! [`Embedder`], so the model code is the one inference uses; every step
 //! samples a batch (seeded), computes its objective (InfoNCE, with
 //! distillation of the teacher's scores; or label-free distillation of the
-//! teacher's embeddings; or both), accumulates
+//! teacher's embeddings, and optionally of its last hidden states token by
+//! token; or both), accumulates
 //! gradients over micro-batches, clips them and takes an AdamW step.
 //! Checkpoints hold everything the next step depends on, so a resumed run
 //! continues bit for bit.
@@ -21,13 +22,14 @@ use super::data::TrainingExample;
 use super::gradient_checkpointing::{backpropagate_stems, embed_checkpointed, Checkpointed};
 use super::objective::{
     candidate_scores, distillation_kl, embedding_distance, info_nce, similarity_kl,
+    token_distance,
 };
 use super::optimizer::{clip_grad_norm, learning_rate, AdamW, AdamWSettings};
 use super::teacher::{texts_in_teacher_format, TeacherEmbeddings};
 use crate::data::sampling::{shuffled_indices, SplitMix64};
 use crate::data::text_format::TextFormat;
 use crate::error::{Error, Result};
-use crate::model::arch::ModelConfig;
+use crate::model::arch::{ModelConfig, ModelInput};
 use crate::model::embedder::Embedder;
 use crate::model::encoder_setup::LoadOptions;
 use crate::model::text_encoder::EncodedText;
@@ -46,6 +48,9 @@ pub struct StepReport {
     pub embedding_distance: Option<f64>,
     /// KL of the in-batch similarity distributions.
     pub similarity_kl: Option<f64>,
+    /// Mean `1 − cos` to the teacher's last hidden states, token by token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_distance: Option<f64>,
     pub learning_rate: f64,
     pub grad_norm: f64,
     pub examples_per_second: f64,
@@ -168,9 +173,7 @@ impl<'a> ForwardPasses<'a> {
 
     /// Embeddings `(N, D)` of already formatted texts, tracked for gradients.
     fn embed(&mut self, texts: &[&str]) -> Result<Tensor> {
-        let encoded = self.embedder.encode_texts(texts, "")?;
-        let refs: Vec<&EncodedText> = encoded.iter().collect();
-        let input = self.embedder.batch(&refs)?;
+        let input = self.batch(texts)?;
         match &mut self.checkpointed {
             None => self.embedder.embed_batch(&input),
             Some(kept) => {
@@ -179,6 +182,33 @@ impl<'a> ForwardPasses<'a> {
                 Ok(embeddings)
             }
         }
+    }
+
+    /// Embeddings `(N, D)` of already formatted texts with the last hidden
+    /// states `(N, T, H)` they were pooled from and the batch they were
+    /// computed on, tracked for gradients. Ordinary passes only (the token
+    /// term is refused with gradient checkpointing).
+    fn embed_with_hidden(&mut self, texts: &[&str]) -> Result<(Tensor, Tensor, ModelInput)> {
+        if self.checkpointed.is_some() {
+            return Err(Error::InvalidArgument(
+                "the token term needs every hidden state, which gradient checkpointing drops"
+                    .into(),
+            ));
+        }
+        let input = self.batch(texts)?;
+        let hidden = self.embedder.hidden_states(&input)?;
+        let embeddings = self
+            .embedder
+            .head()
+            .forward(&hidden, &input.attention_mask)?;
+        Ok((embeddings, hidden, input))
+    }
+
+    /// The padded model input of already formatted texts.
+    fn batch(&self, texts: &[&str]) -> Result<ModelInput> {
+        let encoded = self.embedder.encode_texts(texts, "")?;
+        let refs: Vec<&EncodedText> = encoded.iter().collect();
+        self.embedder.batch(&refs)
     }
 
     /// The gradients of `loss` with respect to `parameters` (and, without
@@ -201,32 +231,66 @@ struct LossParts {
     distillation: Option<f64>,
     embedding_distance: Option<f64>,
     similarity_kl: Option<f64>,
+    token_distance: Option<f64>,
 }
 
 fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_scalar::<f32>()? as f64)
 }
 
-/// The loss of one micro-batch and its parts.
+/// The loss of one micro-batch and its parts. `teacher_model` is the
+/// teacher itself, for the token term.
 fn batch_loss(
     passes: &mut ForwardPasses,
     batch: &Batch,
     config: &FinetuneConfig,
     teacher: Option<&TeacherEmbeddings>,
+    teacher_model: Option<&Embedder>,
 ) -> Result<(Tensor, LossParts)> {
     match batch {
         Batch::Pairs(pairs) => pairs_loss(passes, pairs, config, teacher),
         Batch::Texts(texts) => {
-            let student = passes.embed(texts)?;
             let teacher = teacher.ok_or_else(|| {
                 Error::InvalidArgument("label-free distillation without a teacher".into())
             })?;
             let target = teacher.embeddings(texts.iter().copied())?;
-            let mut parts = LossParts::default();
-            let loss = embedding_terms(&student, &target, config, &mut parts)?;
-            Ok((loss, parts))
+            texts_loss(passes, texts, &target, teacher_model, config)
         }
     }
+}
+
+/// The label-free loss of some texts: the embedding terms against the
+/// teacher's embeddings `target` `(N, D)`, plus, with `teacher_model`, the
+/// token term against the teacher's last hidden states of the same batch.
+fn texts_loss(
+    passes: &mut ForwardPasses,
+    texts: &[&str],
+    target: &Tensor,
+    teacher_model: Option<&Embedder>,
+    config: &FinetuneConfig,
+) -> Result<(Tensor, LossParts)> {
+    let mut parts = LossParts::default();
+    let token_weight = config
+        .embedding_distillation
+        .as_ref()
+        .map_or(0.0, |e| e.token_weight);
+    let (student, token_term) = match teacher_model.filter(|_| token_weight > 0.0) {
+        Some(model) => {
+            let (student, hidden, input) = passes.embed_with_hidden(texts)?;
+            // The teacher reads the student's batch: same tokenizer (checked
+            // at load), same truncation and padding.
+            let want = model.hidden_states(&input)?.detach();
+            let distance = token_distance(&hidden, &want, &input.attention_mask)?;
+            parts.token_distance = Some(scalar(&distance)?);
+            (student, Some((distance * token_weight)?))
+        }
+        None => (passes.embed(texts)?, None),
+    };
+    let mut loss = embedding_terms(&student, target, config, &mut parts)?;
+    if let Some(term) = token_term {
+        loss = (loss + term)?;
+    }
+    Ok((loss, parts))
 }
 
 /// The label-free terms (`embedding_distillation`) for the student's
@@ -350,18 +414,20 @@ pub fn loss_of_examples(
 }
 
 /// The label-free distillation loss of `texts` against the teacher's
-/// embeddings `teacher` (`(N, D)`) with the model's weights replaced by
+/// embeddings `teacher` (`(N, D)`), and with a token term the teacher model
+/// `teacher_model`'s hidden states, with the model's weights replaced by
 /// `tensors`: for gradient checks.
 pub fn distillation_loss_of_texts(
     model: &Path,
     tensors: HashMap<String, Tensor>,
     texts: &[&str],
     teacher: &Tensor,
+    teacher_model: Option<&Embedder>,
     config: &FinetuneConfig,
 ) -> Result<Tensor> {
     let embedder = embedder_with(model, tensors, config)?;
-    let student = ForwardPasses::plain(&embedder).embed(texts)?;
-    embedding_terms(&student, teacher, config, &mut LossParts::default())
+    let mut passes = ForwardPasses::plain(&embedder);
+    Ok(texts_loss(&mut passes, texts, teacher, teacher_model, config)?.0)
 }
 
 /// The model in `model` with its weights replaced by `tensors`, encoding
@@ -517,6 +583,7 @@ pub fn finetune(
         ),
     };
     let embedder = embedder_with(run.model, weights.all.clone(), config)?;
+    let teacher_model = load_token_teacher(&embedder, config)?;
     let teacher = load_teacher(&embedder, config, data, teacher_progress)?;
     let mut order = epoch_order(data.len(), config.seed, state.epoch);
     let start = Instant::now();
@@ -531,6 +598,7 @@ pub fn finetune(
             data,
             config,
             teacher.as_ref(),
+            teacher_model.as_ref(),
             &mut state,
             &mut order,
         )?;
@@ -555,6 +623,7 @@ pub fn finetune(
             distillation: step.parts.distillation,
             embedding_distance: step.parts.embedding_distance,
             similarity_kl: step.parts.similarity_kl,
+            token_distance: step.parts.token_distance,
             learning_rate: lr,
             grad_norm,
             examples_per_second: (config.batch_size * config.gradient_accumulation) as f64
@@ -763,6 +832,43 @@ fn load_teacher(
     )?))
 }
 
+/// The teacher model itself, for the token term (`token_weight` above 0),
+/// which compares hidden states of the same tokens: it must read text as
+/// the student does and have the student's hidden size. `None` without a
+/// token term.
+fn load_token_teacher(student: &Embedder, config: &FinetuneConfig) -> Result<Option<Embedder>> {
+    let Some(e) = config
+        .embedding_distillation
+        .as_ref()
+        .filter(|e| e.token_weight > 0.0)
+    else {
+        return Ok(None);
+    };
+    if !same_tokenizer(student.dir(), &e.teacher)? {
+        return Err(Error::InvalidArgument(format!(
+            "{}: the teacher's tokenizer.json differs from the student's ({}); the token term \
+             (token_weight) compares hidden states of the same tokens",
+            e.teacher.display(),
+            student.dir().display()
+        )));
+    }
+    let options = LoadOptions {
+        max_length: config.max_length,
+        ..Default::default()
+    };
+    let teacher = Embedder::load(&e.teacher, &options)?;
+    let (theirs, ours) = (teacher.hidden_size(), student.hidden_size());
+    if theirs != ours {
+        return Err(Error::InvalidArgument(format!(
+            "{}: the teacher's hidden states have {theirs} dimensions, the student's ({}) {ours}; \
+             the token term (token_weight) compares them directly",
+            e.teacher.display(),
+            student.dir().display()
+        )));
+    }
+    Ok(Some(teacher))
+}
+
 /// Whether the teacher reads text as the student does: the same `tokenizer.json`.
 fn same_tokenizer(student: &Path, teacher: &Path) -> Result<bool> {
     let read = |dir: &Path| -> Result<Vec<u8>> {
@@ -786,6 +892,7 @@ fn accumulate_gradients(
     data: TrainingData,
     config: &FinetuneConfig,
     teacher: Option<&TeacherEmbeddings>,
+    teacher_model: Option<&Embedder>,
     state: &mut LoopState,
     order: &mut Vec<usize>,
 ) -> Result<AccumulatedStep> {
@@ -804,13 +911,14 @@ fn accumulate_gradients(
     for _ in 0..config.gradient_accumulation {
         let batch = next_batch(data, config, state, order);
         let mut passes = ForwardPasses::new(embedder, config);
-        let (loss, parts) = batch_loss(&mut passes, &batch, config, teacher)?;
+        let (loss, parts) = batch_loss(&mut passes, &batch, config, teacher, teacher_model)?;
         let scaled = (loss / micro_batches)?;
         step.loss += scaled.to_scalar::<f32>()? as f64;
         add(&mut step.parts.info_nce, parts.info_nce);
         add(&mut step.parts.distillation, parts.distillation);
         add(&mut step.parts.embedding_distance, parts.embedding_distance);
         add(&mut step.parts.similarity_kl, parts.similarity_kl);
+        add(&mut step.parts.token_distance, parts.token_distance);
         let store = passes.backward(&scaled, &parameters)?;
         for (name, var) in &weights.vars {
             if let Some(g) = store.get(var.as_tensor()) {

@@ -257,6 +257,11 @@ impl Embedder {
         self.backbone.layer_count()
     }
 
+    /// Width of the residual stream (the last hidden state's last axis).
+    pub fn hidden_size(&self) -> usize {
+        self.backbone.hidden_size()
+    }
+
     /// The embeddings `(B, D)` from the residual stream leaving the last
     /// layer: final norm (decoders), pooling and the head.
     pub fn embed_last_layer(&self, x: Tensor, input: &ModelInput) -> Result<Tensor> {
