@@ -262,9 +262,11 @@ impl FinetuneConfig {
                     || e.weight + e.similarity_weight + e.token_weight <= 0.0
                     || !positive(e.similarity_temperature)
                 {
-                    return bad("embedding_distillation weights must be >= 0 (weight, \
+                    return bad(
+                        "embedding_distillation weights must be >= 0 (weight, \
                          similarity_weight or token_weight above 0) and similarity_temperature > 0"
-                        .into());
+                            .into(),
+                    );
                 }
                 if e.token_weight > 0.0 && self.objective != Objective::Distill {
                     return bad(format!(

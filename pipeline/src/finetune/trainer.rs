@@ -21,8 +21,7 @@ use super::config::{FinetuneConfig, Objective};
 use super::data::TrainingExample;
 use super::gradient_checkpointing::{backpropagate_stems, embed_checkpointed, Checkpointed};
 use super::objective::{
-    candidate_scores, distillation_kl, embedding_distance, info_nce, similarity_kl,
-    token_distance,
+    candidate_scores, distillation_kl, embedding_distance, info_nce, similarity_kl, token_distance,
 };
 use super::optimizer::{clip_grad_norm, learning_rate, AdamW, AdamWSettings};
 use super::teacher::{texts_in_teacher_format, TeacherEmbeddings};
