@@ -12,6 +12,7 @@ use candle_core::DType;
 
 use serde_json::{json, Map, Value};
 
+use crate::data::sampling::SplitMix64;
 use crate::error::Result;
 use crate::io::atomic_file::{write_bytes_atomically, StagedDir};
 use crate::io::safetensors_shards::{PlannedTensor, ShardedWriter};
@@ -204,19 +205,6 @@ fn byte_tokenizer() -> Value {
     })
 }
 
-/// SplitMix64: a fast, seedable source of the weights.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-}
-
 /// Writes a random-weight model of `shape` into the new directory `out`,
 /// in shards of at most `shard_bytes` (a tensor larger than that gets a
 /// shard of its own). Returns the bytes of weights written.
@@ -244,7 +232,8 @@ pub fn write_synthetic_model(
     for (i, (name, dims, is_norm)) in tensors.iter().enumerate() {
         let n = dims.iter().product::<usize>();
         total += 2 * n as u64;
-        let mut rng = SplitMix64(seed ^ (i as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407));
+        // SplitMix64: a fast, seedable source of the weights.
+        let mut rng = SplitMix64::new(seed ^ (i as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407));
         let mut chunk = Vec::with_capacity(2 * n.min(1 << 20));
         writer.write_with(name, DType::BF16, dims, &mut |w| {
             let mut left = n;
@@ -255,7 +244,7 @@ pub fn write_synthetic_model(
                     let value = if *is_norm {
                         1.0f32
                     } else {
-                        let u = (rng.next() >> 40) as f32 / (1u64 << 24) as f32;
+                        let u = (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
                         (2.0 * u - 1.0) * half_width
                     };
                     // bf16: the top half of the f32, rounded to nearest even.
