@@ -319,7 +319,17 @@ impl GraphBuilder {
     /// it, so the float32 copies exist one at a time instead of all from
     /// the start (when the session keeps the graph as stored: ONNX
     /// Runtime's optimizers fold the casts into float32 weights).
+    ///
+    /// Panics when `data` does not hold `dims`' element count: callers pass
+    /// tensors they built to that shape, so a mismatch is a bug here, not
+    /// bad input.
     pub fn weight(&mut self, name: &str, dims: &[usize], data: &[f32]) -> String {
+        assert_eq!(
+            data.len(),
+            dims.iter().product::<usize>(),
+            "{name}: {} values for a {dims:?} weight",
+            data.len()
+        );
         let mut stored = self.begin_weight(name, dims);
         stored.extend(data);
         let half = stored.half.is_some();

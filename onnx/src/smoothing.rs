@@ -152,7 +152,9 @@ fn quantize_products(
     kernel: Int8Kernel,
 ) -> Result<SmoothingSummary> {
     // Each input's largest weight magnitude per row, over every product
-    // that reads it.
+    // that reads it. Each weight is decoded here and again when it is
+    // rewritten below: twice the decoding, but one float32 weight in memory
+    // at a time instead of every product's.
     let mut row_max: HashMap<&str, Vec<f32>> = HashMap::new();
     for p in products {
         let weight = &graph.initializer[p.weight];
