@@ -288,42 +288,36 @@ finetune-minilm-unpruned-2ep: build models onnxruntime
 # sentence-transformers profile and validated on SciFact test (whose corpus
 # text it saw) and Cranfield (never seen). An interrupted run resumes from
 # its checkpoints when the target is run again.
-RECOVER_PLANS ?= 25-refit 50-refit 70-refit
-recover-minilm: build models onnxruntime
-	for p in $(RECOVER_PLANS); do \
+# $(call recover_plans,PLANS,SUFFIX,TEXT FLAGS,CONFIG): for each plan, its
+# start (pruned when missing), distilled label-free into
+# runs/minilm-prune-PLAN-SUFFIX (resuming from its checkpoints), exported with
+# the sentence-transformers profile and validated on SciFact and Cranfield.
+define recover_plans
+	for p in $(1); do \
 	  test -f $(RUNS)/minilm-prune-$$p/config.json || \
 	    $(EFFIR) prune --model $(MINILM) --plan configs/prune-minilm-$$p.yaml --data $(DATA) --out $(RUNS)/minilm-prune-$$p || exit 1; \
-	  if [ ! -f $(RUNS)/minilm-prune-$$p-distill/config.json ]; then \
-	    resume=; [ -d $(RUNS)/minilm-prune-$$p-distill.checkpoints ] && resume=--resume; \
-	    $(EFFIR) finetune --model $(RUNS)/minilm-prune-$$p --train-texts $(DATA) --config configs/recover-minilm.yaml \
-	      --out $(RUNS)/minilm-prune-$$p-distill $$resume || exit 1; \
-	  fi; \
-	  $(EFFIR) export --model $(RUNS)/minilm-prune-$$p-distill --profile sentence-transformers \
-	    --out $(RUNS)/onnx/minilm-prune-$$p-distill --overwrite || exit 1; \
-	  $(EFFIR) validate --reference $(MINILM) --candidate $(RUNS)/onnx/minilm-prune-$$p-distill --data $(DATA) --data $(HELDOUT) \
-	    --gates configs/gates.yaml --out $(RUNS)/validate-minilm-prune-$$p-distill \
-	    || echo "minilm-prune-$$p-distill: gates failed (see its validation.md)"; \
-	done
-
-# The label-free recipe with the token term (configs/recover-minilm-tokens.yaml):
-# the student also learns the teacher's last hidden state of every token.
-# Same text (SciFact corpus), same plans' starts, scored like recover-minilm.
-TOKEN_PLANS ?= 50-refit 70-refit
-recover-minilm-tokens: build models onnxruntime
-	for p in $(TOKEN_PLANS); do \
-	  test -f $(RUNS)/minilm-prune-$$p/config.json || \
-	    $(EFFIR) prune --model $(MINILM) --plan configs/prune-minilm-$$p.yaml --data $(DATA) --out $(RUNS)/minilm-prune-$$p || exit 1; \
-	  name=minilm-prune-$$p-distill-tokens; \
+	  name=minilm-prune-$$p-$(2); \
 	  if [ ! -f $(RUNS)/$$name/config.json ]; then \
 	    resume=; [ -d $(RUNS)/$$name.checkpoints ] && resume=--resume; \
-	    $(EFFIR) finetune --model $(RUNS)/minilm-prune-$$p --train-texts $(DATA) --config configs/recover-minilm-tokens.yaml \
-	      --out $(RUNS)/$$name $$resume || exit 1; \
+	    $(EFFIR) finetune --model $(RUNS)/minilm-prune-$$p $(3) --config $(4) --out $(RUNS)/$$name $$resume || exit 1; \
 	  fi; \
 	  $(EFFIR) export --model $(RUNS)/$$name --profile sentence-transformers --out $(RUNS)/onnx/$$name --overwrite || exit 1; \
 	  $(EFFIR) validate --reference $(MINILM) --candidate $(RUNS)/onnx/$$name --data $(DATA) --data $(HELDOUT) \
 	    --gates configs/gates.yaml --out $(RUNS)/validate-$$name \
 	    || echo "$$name: gates failed (see its validation.md)"; \
 	done
+endef
+
+RECOVER_PLANS ?= 25-refit 50-refit 70-refit
+recover-minilm: build models onnxruntime
+	$(call recover_plans,$(RECOVER_PLANS),distill,--train-texts $(DATA),configs/recover-minilm.yaml)
+
+# The label-free recipe with the token term (configs/recover-minilm-tokens.yaml):
+# the student also learns the teacher's last hidden state of every token.
+# Same text (SciFact corpus), same plans' starts, scored like recover-minilm.
+TOKEN_PLANS ?= 50-refit 70-refit
+recover-minilm-tokens: build models onnxruntime
+	$(call recover_plans,$(TOKEN_PLANS),distill-tokens,--train-texts $(DATA),configs/recover-minilm-tokens.yaml)
 
 # The label-free recipe on SciFact corpus text plus the text of SciFact's
 # train queries (never their judgements): the student also learns the
@@ -333,19 +327,7 @@ $(RUNS)/scifact-train-queries.jsonl:
 
 QUERY_TEXT_PLANS ?= 50-refit 70-refit
 recover-minilm-query-text: build models onnxruntime $(RUNS)/scifact-train-queries.jsonl
-	for p in $(QUERY_TEXT_PLANS); do \
-	  test -f $(RUNS)/minilm-prune-$$p/config.json || \
-	    $(EFFIR) prune --model $(MINILM) --plan configs/prune-minilm-$$p.yaml --data $(DATA) --out $(RUNS)/minilm-prune-$$p || exit 1; \
-	  name=minilm-prune-$$p-distill-queries; \
-	  if [ ! -f $(RUNS)/$$name/config.json ]; then \
-	    resume=; [ -d $(RUNS)/$$name.checkpoints ] && resume=--resume; \
-	    $(EFFIR) finetune --model $(RUNS)/minilm-prune-$$p --train-texts $(DATA) --train-texts $(RUNS)/scifact-train-queries.jsonl \
-	      --config configs/recover-minilm.yaml --out $(RUNS)/$$name $$resume || exit 1; \
-	  fi; \
-	  $(EFFIR) export --model $(RUNS)/$$name --profile sentence-transformers --out $(RUNS)/onnx/$$name --overwrite || exit 1; \
-	  $(EFFIR) validate --reference $(MINILM) --candidate $(RUNS)/onnx/$$name --data $(DATA) --data $(HELDOUT) \
-	    --gates configs/gates.yaml --out $(RUNS)/validate-$$name || echo "$$name: gates failed (see its validation.md)"; \
-	done
+	$(call recover_plans,$(QUERY_TEXT_PLANS),distill-queries,--train-texts $(DATA) --train-texts $(RUNS)/scifact-train-queries.jsonl,configs/recover-minilm.yaml)
 
 # The labeled SciFact recipe (configs/finetune-minilm-2ep.yaml) and the same
 # combined with label-free embedding distillation

@@ -111,6 +111,18 @@ fn mean_distance(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
         / a.len() as f64
 }
 
+/// `distilled` is closer than `start` to the teacher's embeddings of the
+/// texts no run trains on (mean `1 − cos`).
+fn assert_closer_on_held_out(teacher: &Path, start: &Path, distilled: &Path) {
+    let want = embed(teacher, HELD_OUT);
+    let before = mean_distance(&embed(start, HELD_OUT), &want);
+    let after = mean_distance(&embed(distilled, HELD_OUT), &want);
+    assert!(
+        after < before,
+        "held-out 1 - cos to the teacher: {before:.5} before, {after:.5} after"
+    );
+}
+
 #[test]
 fn a_model_distilled_from_itself_starts_at_zero_loss_and_stays_there() {
     let work = tempfile::tempdir().unwrap();
@@ -257,13 +269,7 @@ fn a_pruned_model_moves_toward_its_teacher_on_texts_it_never_saw() {
     let out = work.path().join("distilled");
     let o = distill(&pruned, &[&texts], &out, &config, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let want = embed(&teacher, HELD_OUT);
-    let before = mean_distance(&embed(&pruned, HELD_OUT), &want);
-    let after = mean_distance(&embed(&out, HELD_OUT), &want);
-    assert!(
-        after < before,
-        "held-out 1 - cos to the teacher: {before:.5} before, {after:.5} after"
-    );
+    assert_closer_on_held_out(&teacher, &pruned, &out);
     // The pruned shape is kept.
     let widths = |dir: &Path| -> Vec<usize> {
         let mut w: Vec<(String, usize)> = common::load_tensors(&dir.join("model.safetensors"))
@@ -334,13 +340,7 @@ fn the_token_term_is_zero_for_the_teacher_itself_and_pulls_a_pruned_model_closer
     let last = log.last().unwrap()["token_distance"].as_f64().unwrap();
     assert!(first > 1e-3, "a pruned model starts away: {first}");
     assert!(last < first, "token distance {first} -> {last}");
-    let want = embed(&teacher, HELD_OUT);
-    let before = mean_distance(&embed(&pruned, HELD_OUT), &want);
-    let after = mean_distance(&embed(&out, HELD_OUT), &want);
-    assert!(
-        after < before,
-        "held-out 1 - cos to the teacher: {before:.5} before, {after:.5} after"
-    );
+    assert_closer_on_held_out(&teacher, &pruned, &out);
 }
 
 /// The token term compares hidden states directly: a teacher that reads
