@@ -1,6 +1,7 @@
 """Parity of the embeddings benchmarks/gpu_checks.sh made on a GPU with those made on this CPU.
 
   gpu_parity.py GPU_OUT CPU_REF > parity.json
+  gpu_parity.py --pair LABEL GPU_SHARD REF_SHARD [--pair ...] > parity.json
 
 GPU_OUT holds {queries,docs}-<graph>/ shards (effir encode) from the GPU run;
 CPU_REF holds the same texts encoded here: {queries,docs}-fp32/ by the float32
@@ -38,6 +39,17 @@ def compare(a, b):
     }
 
 
+if sys.argv[1] == "--pair":
+    # gpu_parity.py --pair LABEL GPU_SHARD REF_SHARD [--pair ...]: any pairs.
+    args = sys.argv[1:]
+    report = {}
+    while args:
+        assert args[0] == "--pair" and len(args) >= 4, "--pair LABEL GPU_SHARD REF_SHARD"
+        report[args[1]] = compare(load(args[2]), load(args[3]))
+        args = args[4:]
+    json.dump(report, sys.stdout, indent=1)
+    print()
+    sys.exit(0)
 gpu, cpu = sys.argv[1], sys.argv[2]
 report = {}
 for graph in ["minilm-fp32-w16", "minilm-fp16", "minilm-qdq"]:
