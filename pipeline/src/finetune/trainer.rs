@@ -237,23 +237,29 @@ fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_scalar::<f32>()? as f64)
 }
 
-/// The loss of one micro-batch and its parts. `teacher_model` is the
-/// teacher itself, for the token term.
+/// What a run's teacher gives each step: its cached embeddings (either
+/// kind of distillation) and the model itself (the token term).
+#[derive(Clone, Copy, Default)]
+struct Teacher<'a> {
+    embeddings: Option<&'a TeacherEmbeddings>,
+    model: Option<&'a Embedder>,
+}
+
+/// The loss of one micro-batch and its parts.
 fn batch_loss(
     passes: &mut ForwardPasses,
     batch: &Batch,
     config: &FinetuneConfig,
-    teacher: Option<&TeacherEmbeddings>,
-    teacher_model: Option<&Embedder>,
+    teacher: Teacher,
 ) -> Result<(Tensor, LossParts)> {
     match batch {
-        Batch::Pairs(pairs) => pairs_loss(passes, pairs, config, teacher),
+        Batch::Pairs(pairs) => pairs_loss(passes, pairs, config, teacher.embeddings),
         Batch::Texts(texts) => {
-            let teacher = teacher.ok_or_else(|| {
+            let embeddings = teacher.embeddings.ok_or_else(|| {
                 Error::InvalidArgument("label-free distillation without a teacher".into())
             })?;
-            let target = teacher.embeddings(texts.iter().copied())?;
-            texts_loss(passes, texts, &target, teacher_model, config)
+            let target = embeddings.embeddings(texts.iter().copied())?;
+            texts_loss(passes, texts, &target, teacher.model, config)
         }
     }
 }
@@ -596,8 +602,10 @@ pub fn finetune(
             &weights,
             data,
             config,
-            teacher.as_ref(),
-            teacher_model.as_ref(),
+            Teacher {
+                embeddings: teacher.as_ref(),
+                model: teacher_model.as_ref(),
+            },
             &mut state,
             &mut order,
         )?;
@@ -890,8 +898,7 @@ fn accumulate_gradients(
     weights: &Weights,
     data: TrainingData,
     config: &FinetuneConfig,
-    teacher: Option<&TeacherEmbeddings>,
-    teacher_model: Option<&Embedder>,
+    teacher: Teacher,
     state: &mut LoopState,
     order: &mut Vec<usize>,
 ) -> Result<AccumulatedStep> {
@@ -910,7 +917,7 @@ fn accumulate_gradients(
     for _ in 0..config.gradient_accumulation {
         let batch = next_batch(data, config, state, order);
         let mut passes = ForwardPasses::new(embedder, config);
-        let (loss, parts) = batch_loss(&mut passes, &batch, config, teacher, teacher_model)?;
+        let (loss, parts) = batch_loss(&mut passes, &batch, config, teacher)?;
         let scaled = (loss / micro_batches)?;
         step.loss += scaled.to_scalar::<f32>()? as f64;
         add(&mut step.parts.info_nce, parts.info_nce);
