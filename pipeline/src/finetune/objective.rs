@@ -9,11 +9,13 @@ use candle_core::{Result, Tensor, D};
 
 use super::config::EmbeddingLoss;
 
-/// Rows scaled to unit length (cosine similarity by dot product).
+/// Vectors along the last axis scaled to unit length (cosine similarity by
+/// dot product): the rows of `(N, D)` embeddings, the tokens of `(B, T, H)`
+/// hidden states.
 pub fn normalize(x: &Tensor) -> Result<Tensor> {
     x.broadcast_div(
         &x.sqr()?
-            .sum_keepdim(1)?
+            .sum_keepdim(D::Minus1)?
             .sqrt()?
             .clamp(1e-12, f64::INFINITY)?,
     )
@@ -67,15 +69,7 @@ pub fn embedding_distance(
 /// token by token: the mean of `1 − cos` over the tokens `mask` `(B, T)`
 /// marks (1 for a token, 0 for padding, which is left out).
 pub fn token_distance(student: &Tensor, teacher: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    let unit = |x: &Tensor| -> Result<Tensor> {
-        x.broadcast_div(
-            &x.sqr()?
-                .sum_keepdim(D::Minus1)?
-                .sqrt()?
-                .clamp(1e-12, f64::INFINITY)?,
-        )
-    };
-    let cos = (unit(student)? * unit(teacher)?)?.sum(D::Minus1)?;
+    let cos = (normalize(student)? * normalize(teacher)?)?.sum(D::Minus1)?;
     let mask = mask.to_dtype(cos.dtype())?;
     let tokens = mask.sum_all()?.clamp(1.0, f64::INFINITY)?;
     ((1.0 - cos)? * mask)?.sum_all()?.div(&tokens)

@@ -185,15 +185,10 @@ impl<'a> ForwardPasses<'a> {
 
     /// Embeddings `(N, D)` of already formatted texts with the last hidden
     /// states `(N, T, H)` they were pooled from and the batch they were
-    /// computed on, tracked for gradients. Ordinary passes only (the token
-    /// term is refused with gradient checkpointing).
+    /// computed on, tracked for gradients. Always an ordinary pass, whose
+    /// graph the loss's backward pass walks whole (the config refuses the
+    /// token term with gradient checkpointing, which would keep less).
     fn embed_with_hidden(&mut self, texts: &[&str]) -> Result<(Tensor, Tensor, ModelInput)> {
-        if self.checkpointed.is_some() {
-            return Err(Error::InvalidArgument(
-                "the token term needs every hidden state, which gradient checkpointing drops"
-                    .into(),
-            ));
-        }
         let input = self.batch(texts)?;
         let hidden = self.embedder.hidden_states(&input)?;
         let embeddings = self
