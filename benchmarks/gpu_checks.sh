@@ -36,13 +36,8 @@ step() { # step NAME COMMAND...: run, log to OUT/NAME.log, remember the status
     echo "== $name: exit $rc"; tail -n 15 "$OUT/$name.log"
 }
 
-# CUDA, cuBLAS, cuFFT, cuRAND and cuDNN from the Python packages (PyTorch's)
-# and the toolkit, wherever this machine has them.
-libdirs=$(find / \( -path /proc -o -path /sys -o -path /dev -o -path /tmp -o -path "$PWD" \) -prune -o \
-    \( -name 'libcudnn.so.9*' -o -name 'libcublasLt.so.*' -o -name 'libcudart.so.*' -o -name 'libcufft.so.*' \
-    -o -name 'libcurand.so.*' -o -name 'libnvinfer.so*' \) -printf '%h\n' 2>/dev/null | sort -u | paste -sd:)
-export LD_LIBRARY_PATH="$LIB:$libdirs:${LD_LIBRARY_PATH:-}"
-export ORT_DYLIB_PATH="$LIB/libonnxruntime.so"
+# shellcheck source=benchmarks/gpu_onnxruntime_env.sh
+. "$(dirname "$0")/gpu_onnxruntime_env.sh"
 EFFIR=target/release/effir
 
 {

@@ -14,11 +14,8 @@
 set -u
 LIB=$1 GRAPH=$2 TEXTS=$3 OUT=$4
 mkdir -p "$OUT"
-libdirs=$(find / \( -path /proc -o -path /sys -o -path /dev -o -path /tmp -o -path "$PWD" \) -prune -o \
-    \( -name 'libcudnn.so.9*' -o -name 'libcublasLt.so.*' -o -name 'libcudart.so.*' -o -name 'libcufft.so.*' \
-    -o -name 'libcurand.so.*' \) -printf '%h\n' 2>/dev/null | sort -u | paste -sd:)
-export LD_LIBRARY_PATH="$LIB:$libdirs:${LD_LIBRARY_PATH:-}"
-export ORT_DYLIB_PATH="$LIB/libonnxruntime.so"
+# shellcheck source=benchmarks/gpu_onnxruntime_env.sh
+. "$(dirname "$0")/gpu_onnxruntime_env.sh"
 EFFIR=target/release/effir
 nvidia-smi --query-gpu=name,driver_version --format=csv >"$OUT/machine.txt" 2>&1
 $EFFIR encode --onnx --model "$GRAPH" --providers cuda --strict-providers --data "$TEXTS" --shard 0/1 \
