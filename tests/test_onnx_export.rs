@@ -15,12 +15,13 @@ use std::process::Command;
 use common::{effir, stderr};
 
 use common::{assert_rows_match, fixture, minilm_dir, python_client, MIN_COSINE};
-use effir_onnx::emit::{EmitOptions, Profile};
+use effir_onnx::emit::{AttentionMask, EmitOptions, Profile};
 use effir_onnx::export::{export, ExportOptions, ExternalData, Layout, Target};
 use effir_onnx::graph::WeightStorage;
 use effir_onnx::graph_file::GraphFile;
 use effir_onnx::proto::tensor_proto::DataType;
 use effir_onnx::providers::{GraphOptimization, Provider, ProviderSettings};
+use effir_onnx::quantize::{Int8Kernel, MatmulPrecision};
 use effir_onnx::{GraphLocation, OnnxEncoder};
 use effir_pipeline::{Embedder, LoadOptions, TextEmbedder};
 
@@ -480,5 +481,181 @@ fn execution_providers_fall_back_or_fail_strictly_when_unavailable() {
         stderr(&out).contains("unknown execution provider `tpu`"),
         "{}",
         stderr(&out)
+    );
+}
+
+/// Texts of every length the fixtures' batches pad: empty, one word, long.
+fn padded_batch_texts(model: &Path) -> Vec<String> {
+    let mut texts = reference_texts(model);
+    texts.push(String::new());
+    texts.push("x".into());
+    texts.push("a longer text that makes every other text in its batch padding-heavy ".repeat(4));
+    texts
+}
+
+fn export_bert(
+    work: &Path,
+    name: &str,
+    precision: MatmulPrecision,
+    mask: Option<AttentionMask>,
+) -> PathBuf {
+    let mut opts = options(Profile::SentenceTransformers);
+    opts.target = Target::Any;
+    opts.emit.precision = precision;
+    opts.emit.attention_mask = mask;
+    export_to(&fixture("bert"), work, name, &opts)
+}
+
+#[test]
+fn bert_graphs_fold_the_padding_mask_into_the_score_product_and_compute_the_same_embeddings() {
+    let work = tempfile::tempdir().unwrap();
+    let model = fixture("bert");
+    let layers = common::read_json(&model.join("config.json"))["num_hidden_layers"]
+        .as_u64()
+        .unwrap() as usize;
+    let texts = padded_batch_texts(&model);
+    let want = embed(
+        &Embedder::load(&model, &LoadOptions::default()).unwrap(),
+        &texts,
+    );
+    for precision in [
+        MatmulPrecision::Float32,
+        MatmulPrecision::Int8(Int8Kernel::U8s8),
+    ] {
+        // fp32 and dynamic int8 fold by default; `added` is the other form.
+        let folded = export_bert(
+            work.path(),
+            &format!("{}-default", precision.name()),
+            precision,
+            None,
+        );
+        let added = export_bert(
+            work.path(),
+            &format!("{}-added", precision.name()),
+            precision,
+            Some(AttentionMask::Added),
+        );
+        let summary = |dir: &Path| common::read_json(&dir.join("effir_export.json"));
+        assert_eq!(summary(&folded)["attention_mask"], "folded");
+        assert_eq!(summary(&added)["attention_mask"], "added");
+        let ops = |dir: &Path| {
+            GraphFile::read(&dir.join("model.onnx"))
+                .unwrap()
+                .op_counts()
+        };
+        let (f, a) = (ops(&folded), ops(&added));
+        let count = |ops: &std::collections::BTreeMap<String, usize>, op: &str| {
+            ops.get(op).copied().unwrap_or(0)
+        };
+        // One (B, H, T, T) Add fewer per layer, two Concats more.
+        assert_eq!(count(&a, "Add") - count(&f, "Add"), layers, "{f:?}\n{a:?}");
+        assert_eq!(count(&f, "Concat") - count(&a, "Concat"), 2 * layers);
+        // The same embeddings on padded batches, empty and one-token texts
+        // included: against each other, and the float graph against candle.
+        let got_folded = embed(&open(&folded), &texts);
+        let got_added = embed(&open(&added), &texts);
+        for (i, (x, y)) in got_folded.iter().zip(&got_added).enumerate() {
+            let diff = x
+                .iter()
+                .zip(y)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                diff <= 1e-5,
+                "{}: text {i} differs by {diff}",
+                precision.name()
+            );
+        }
+        if precision == MatmulPrecision::Float32 {
+            assert_rows_match("folded fp32", &got_folded, &want);
+        }
+        python_check(&folded);
+    }
+}
+
+#[test]
+fn onnx_runtime_runs_the_emitted_gelu_as_one_fused_operator() {
+    let work = tempfile::tempdir().unwrap();
+    // BERT's erf GELU (fp32 and dynamic int8) and Gemma's tanh GELU.
+    let bert = export_bert(work.path(), "bert-fp32", MatmulPrecision::Float32, None);
+    let bert_int8 = export_bert(
+        work.path(),
+        "bert-int8",
+        MatmulPrecision::Int8(Int8Kernel::U8s8),
+        None,
+    );
+    let mut opts = options(Profile::Optimum);
+    opts.target = Target::Any;
+    let gemma = export_to(&fixture("gemma3"), work.path(), "gemma3", &opts);
+    for (dir, fused) in [
+        (&bert, ["com.microsoft::Gelu", "com.microsoft::BiasGelu"]),
+        (
+            &bert_int8,
+            ["com.microsoft::Gelu", "com.microsoft::BiasGelu"],
+        ),
+        (
+            &gemma,
+            ["com.microsoft::FastGelu", "com.microsoft::FastGelu"],
+        ),
+    ] {
+        let written = GraphFile::read(&dir.join("model.onnx"))
+            .unwrap()
+            .op_counts();
+        let run = effir_onnx::session::runtime_operators(&dir.join("model.onnx")).unwrap();
+        let activations = written.get("Erf").or(written.get("Tanh")).copied().unwrap();
+        let fused_count: usize = fused
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .iter()
+            .map(|op| run.get(**op).copied().unwrap_or(0))
+            .sum();
+        assert_eq!(fused_count, activations, "{}: {run:?}", dir.display());
+        for gone in ["Erf", "Tanh", "Pow"] {
+            assert!(
+                !run.contains_key(gone),
+                "{}: {gone} left unfused: {run:?}",
+                dir.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn the_folded_mask_is_refused_where_it_cannot_work_and_nothing_is_written() {
+    let work = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "bert",
+            Target::TensorRt,
+            MatmulPrecision::Float32,
+            "TensorRT",
+        ),
+        ("bert", Target::Any, MatmulPrecision::Float16, "float16"),
+        (
+            "llama",
+            Target::Any,
+            MatmulPrecision::Float32,
+            "depends on the query",
+        ),
+    ];
+    for (arch, target, precision, message) in cases {
+        let mut opts = options(Profile::Optimum);
+        opts.target = target;
+        opts.emit.precision = precision;
+        opts.emit.attention_mask = Some(AttentionMask::Folded);
+        let out = work.path().join(format!("{arch}-{}", precision.name()));
+        let err = export(&fixture(arch), &out, &opts)
+            .expect_err(message)
+            .to_string();
+        assert!(err.contains(message), "{err}");
+        assert!(!out.exists(), "{}", out.display());
+    }
+    // TensorRT's default is the added form.
+    let mut opts = options(Profile::Optimum);
+    opts.target = Target::TensorRt;
+    let dir = export_to(&fixture("bert"), work.path(), "bert-tensorrt", &opts);
+    assert_eq!(
+        common::read_json(&dir.join("effir_export.json"))["attention_mask"],
+        "added"
     );
 }

@@ -16,7 +16,9 @@ use serde::Serialize;
 
 use crate::activation_ranges::{self, Statistic};
 use crate::cpu_features::CpuFeatures;
-use crate::emit::{emit_model, emit_model_streamed, EmitOptions};
+use crate::emit::{
+    emit_model, emit_model_streamed, AttentionMask, EmitOptions, ATTENTION_MASK_KEY,
+};
 use crate::error::{Error, Result};
 use crate::graph_file::{
     initializer_bytes, write_model, ExternalDataFile, GraphFile, EXTERNAL_DATA_THRESHOLD,
@@ -162,6 +164,9 @@ pub struct ExportSummary {
     pub int8_kernel: Option<Int8Kernel>,
     /// `dynamic` (CPU) or `qdq` (TensorRT), for int8.
     pub int8_form: Option<&'static str>,
+    /// How the padding mask reaches the attention scores (BERT graphs fold
+    /// it into the score product unless asked not to).
+    pub attention_mask: AttentionMask,
     /// fp16 and QDQ int8: the calibration behind the conversion.
     pub calibration: Option<CalibrationSummary>,
     /// The CPU the graph was exported on.
@@ -236,6 +241,22 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
                 .into(),
         ));
     }
+    // TensorRT's attention fusion matches the added mask.
+    let mut emit_options = options.emit.clone();
+    if options.target == Target::TensorRt {
+        if emit_options.attention_mask == Some(AttentionMask::Folded) {
+            return Err(Error::InvalidArgument(
+                "--attention-mask folded is for ONNX Runtime's CPU provider; TensorRT's attention \
+                 fusion matches the added mask (--attention-mask added, the default with \
+                 --target tensorrt)"
+                    .into(),
+            ));
+        }
+        emit_options.attention_mask = Some(AttentionMask::Added);
+    }
+    if let Some(mask) = emit_options.attention_mask {
+        mask.check(precision)?;
+    }
     let smoothing = options.emit.int8_smoothing;
     // What measures the graph on calibration text first, if anything does.
     let calibrated = match smoothing {
@@ -283,10 +304,10 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
         let staging = StagedDir::beside_existing(out)?;
         let data =
             ExternalDataFile::create(&staged_graph_dir(&staging, &graph_rel)?, "model.onnx")?;
-        let (model, bytes) = emit_model_streamed(model_dir, &options.emit, data)?;
+        let (model, bytes) = emit_model_streamed(model_dir, &emit_options, data)?;
         (staging, model, Some(bytes))
     } else {
-        let model = emit_model(model_dir, &options.emit)?;
+        let model = emit_model(model_dir, &emit_options)?;
         let staging = StagedDir::beside_existing(out)?;
         staged_graph_dir(&staging, &graph_rel)?;
         (staging, model, None)
@@ -338,6 +359,12 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
         .text
         .save_serving_tokenizer(&files_dir.join("tokenizer.json"))?;
     let nodes = model.graph.as_ref().map_or(0, |g| g.node.len());
+    let attention_mask = model
+        .metadata_props
+        .iter()
+        .find(|p| p.key == ATTENTION_MASK_KEY)
+        .and_then(|p| AttentionMask::from_name(&p.value))
+        .expect("emitted graphs record their attention mask");
     // A streamed graph's weights are in model.onnx_data already.
     write_model(
         model,
@@ -398,6 +425,7 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
         precision: options.emit.precision.name(),
         int8_kernel: options.emit.precision.int8_kernel(),
         int8_form: options.emit.precision.int8_form(),
+        attention_mask,
         // The calibration text's path, relative to the summary like the source model's.
         calibration: calibration.map(|c| CalibrationSummary {
             source: relative_to(out, Path::new(&c.source)).display().to_string(),

@@ -53,6 +53,26 @@ pub fn open_session(
     Ok((session, providers))
 }
 
+/// The operators ONNX Runtime runs for `graph` on the CPU after its graph
+/// optimizations, keyed as [`GraphFile::op_counts`] keys them
+/// (`com.microsoft::Gelu` for a fusion's operator): what a serving session
+/// executes, which the file alone does not show. ONNX Runtime writes the
+/// optimized graph to a temporary file, read back and removed.
+pub fn runtime_operators(graph: &Path) -> Result<std::collections::BTreeMap<String, usize>> {
+    let env = crate::runtime::environment()?;
+    let dir = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
+    let optimized = dir.path().join("optimized.onnx");
+    let mut builder = Session::builder(env)
+        .map_err(|e| Error::runtime("creating a session", e))?
+        .with_optimized_model_path(&optimized)
+        .map_err(ort::Error::<()>::from)
+        .map_err(|e| Error::runtime("asking for the optimized graph", e))?;
+    builder
+        .commit_from_file(graph)
+        .map_err(|e| Error::runtime(format!("loading {}", graph.display()), e))?;
+    Ok(GraphFile::read(&optimized)?.op_counts())
+}
+
 /// What the graph returns that effir turns into embeddings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum EmbeddingOutput {

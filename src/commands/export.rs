@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use effir_onnx::emit::{EmitOptions, Profile, DEFAULT_OPSET};
+use effir_onnx::emit::{AttentionMask, EmitOptions, Profile, DEFAULT_OPSET};
 use effir_onnx::export::{export, Calibration, ExportOptions, ExternalData, Layout, Target};
 use effir_onnx::graph::WeightStorage;
 use effir_onnx::half_precision::RangeCheck;
@@ -67,6 +67,15 @@ pub enum Int8KernelArg {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+pub enum AttentionMaskArg {
+    /// scores + mask: the form TensorRT's attention fusion and the fp16 and QDQ conversions expect.
+    Added,
+    /// The padding mask folded into the score product: one (B, H, T, T) pass fewer per layer (BERT; fp32 and dynamic int8).
+    Folded,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum ExternalDataArg {
     Auto,
     Always,
@@ -109,6 +118,11 @@ pub struct ExportArgs {
     /// start), folding them into the weights. Off by default.
     #[arg(long, value_name = "ALPHA")]
     pub int8_smoothing: Option<f32>,
+    /// How a BERT graph's padding mask reaches the attention scores
+    /// [default: folded for fp32 and dynamic int8, added for fp16, QDQ int8
+    /// and --target tensorrt].
+    #[arg(long, value_enum)]
+    pub attention_mask: Option<AttentionMaskArg>,
     /// Execution provider the graph must parse under [default: any].
     #[arg(long, value_enum)]
     pub target: Option<TargetArg>,
@@ -171,6 +185,7 @@ pub struct ExportConfig {
     pub precision: Option<PrecisionArg>,
     pub int8_kernel: Option<Int8KernelArg>,
     pub int8_smoothing: Option<f32>,
+    pub attention_mask: Option<AttentionMaskArg>,
     pub target: Option<TargetArg>,
     pub layout: Option<LayoutArg>,
     pub external_data: Option<ExternalDataArg>,
@@ -340,6 +355,13 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
             },
             precision,
             int8_smoothing,
+            attention_mask: args
+                .attention_mask
+                .or(config.attention_mask)
+                .map(|mask| match mask {
+                    AttentionMaskArg::Added => AttentionMask::Added,
+                    AttentionMaskArg::Folded => AttentionMask::Folded,
+                }),
         },
         layout: match layout {
             LayoutArg::Flat => Layout::Flat,

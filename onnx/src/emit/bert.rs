@@ -10,7 +10,7 @@ use effir_pipeline::ModelShape;
 
 use super::layers::{
     activation, attention, attention_bias, layer_norm, linear, merge_heads, split_heads,
-    BackboneInputs, SequenceInfo, Weights,
+    AttentionMask, BackboneInputs, FoldedKeyBias, ScoreBias, SequenceInfo, Weights,
 };
 use crate::error::{Error, Result};
 use crate::graph::GraphBuilder;
@@ -24,6 +24,7 @@ pub fn emit(
     map: &CheckpointMap,
     shape: &ModelShape,
     inputs: &BackboneInputs,
+    mask: AttentionMask,
 ) -> Result<String> {
     let h = cfg.hidden_size;
     let act = Activation::from_hf(&cfg.hidden_act)
@@ -58,6 +59,7 @@ pub fn emit(
     };
 
     let bias = attention_bias(g, &seq, AttentionPattern::Bidirectional);
+    let mut folded = (mask == AttentionMask::Folded).then(|| FoldedKeyBias::new(g, &bias));
     for (i, layer) in shape.layers.iter().enumerate() {
         let module = |path: &str| map.layer_module(i, path);
         let inner = layer.num_heads * layer.head_dim;
@@ -69,12 +71,16 @@ pub fn emit(
         let k = split_heads(g, &k, layer.num_heads, layer.head_dim);
         let v = split_heads(g, &v, layer.num_heads, layer.head_dim);
         let scale = 1.0 / (layer.head_dim as f64).sqrt();
+        let score_bias = match folded.as_mut() {
+            Some(folded) => folded.columns(g, layer.num_heads),
+            None => ScoreBias::Added(&bias),
+        };
         let context = attention(
             g,
             &q,
             &k,
             &v,
-            &bias,
+            score_bias,
             layer.num_heads,
             layer.num_heads,
             layer.head_dim,

@@ -9,7 +9,7 @@ use effir_pipeline::ModelShape;
 
 use super::layers::{
     activation, apply_rotary, attention, attention_bias, linear, merge_heads, rms_norm,
-    split_heads, BackboneInputs, SequenceInfo, Weights,
+    split_heads, BackboneInputs, ScoreBias, SequenceInfo, Weights,
 };
 use crate::error::{Error, Result};
 use crate::graph::GraphBuilder;
@@ -112,7 +112,7 @@ pub fn emit(
             &q,
             &k,
             &v,
-            &bias,
+            ScoreBias::Added(&bias),
             heads,
             kv_heads,
             d,

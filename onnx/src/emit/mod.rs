@@ -21,6 +21,7 @@ use crate::interface::{
 };
 use crate::quantize::MatmulPrecision;
 use effir_pipeline::io::weight_store::WeightStore;
+pub use layers::AttentionMask;
 use layers::{BackboneInputs, Weights};
 
 /// The opsets effir emits: 17 (LayerNormalization) and later.
@@ -71,6 +72,9 @@ pub struct EmitOptions {
     /// The products are emitted in float32 and converted once their input
     /// channels are measured on calibration text (`export`).
     pub int8_smoothing: Option<f32>,
+    /// BERT only: how the padding mask reaches the scores; `None` is
+    /// [`AttentionMask::default_for`] the precision.
+    pub attention_mask: Option<AttentionMask>,
 }
 
 impl Default for EmitOptions {
@@ -81,9 +85,13 @@ impl Default for EmitOptions {
             storage: WeightStorage::Float32,
             precision: MatmulPrecision::Float32,
             int8_smoothing: None,
+            attention_mask: None,
         }
     }
 }
+
+/// The graph metadata entry naming the [`AttentionMask`] form.
+pub const ATTENTION_MASK_KEY: &str = "effir.attention_mask";
 
 /// Emits the model in `dir` (unpruned or pruned: its `effir_shape.json`
 /// gives every layer's MLP width or its absence).
@@ -132,6 +140,9 @@ fn check_options(options: &EmitOptions) -> Result<()> {
     if let Some(alpha) = options.int8_smoothing {
         crate::precision::check_int8_smoothing(options.precision, alpha)?;
     }
+    if let Some(mask) = options.attention_mask {
+        mask.check(options.precision)?;
+    }
     Ok(())
 }
 
@@ -176,15 +187,31 @@ fn emit(
             .is_some()
             .then(|| g.input(TOKEN_TYPE_IDS, ElementType::Int64, &batch_seq)),
     };
-    let (hidden, hidden_size) = match &config.backbone {
-        BackboneConfig::Bert(cfg) => (
-            bert::emit(&mut g, weights, cfg, map, &shape, &inputs)?,
-            cfg.hidden_size,
-        ),
-        BackboneConfig::Decoder(spec) => (
-            decoder::emit(&mut g, weights, spec, &shape, &inputs)?,
-            spec.hidden_size,
-        ),
+    let (hidden, hidden_size, attention_mask) = match &config.backbone {
+        BackboneConfig::Bert(cfg) => {
+            let mask = options
+                .attention_mask
+                .unwrap_or_else(|| AttentionMask::default_for(options.precision));
+            (
+                bert::emit(&mut g, weights, cfg, map, &shape, &inputs, mask)?,
+                cfg.hidden_size,
+                mask,
+            )
+        }
+        BackboneConfig::Decoder(spec) => {
+            if options.attention_mask == Some(AttentionMask::Folded) {
+                return Err(Error::InvalidArgument(format!(
+                    "--attention-mask folded applies to BERT-style encoders; {}'s attention mask \
+                     depends on the query as well as the key (causal or windowed), so it stays added",
+                    arch.model_type()
+                )));
+            }
+            (
+                decoder::emit(&mut g, weights, spec, &shape, &inputs)?,
+                spec.hidden_size,
+                AttentionMask::Added,
+            )
+        }
     };
     let hidden_dims = [
         Dim::Dynamic("batch_size".into()),
@@ -230,6 +257,7 @@ fn emit(
         ("effir.weights", options.storage.name().to_string()),
     ];
     metadata.push(("effir.precision", options.precision.name().to_string()));
+    metadata.push((ATTENTION_MASK_KEY, attention_mask.name().to_string()));
     if let Some(kernel) = options.precision.int8_kernel() {
         metadata.push(("effir.int8_kernel", kernel.name().to_string()));
     }
