@@ -587,27 +587,22 @@ fn onnx_runtime_runs_the_emitted_gelu_as_one_fused_operator() {
     let mut opts = options(Profile::Optimum);
     opts.target = Target::Any;
     let gemma = export_to(&fixture("gemma3"), work.path(), "gemma3", &opts);
+    let erf_fusions: &[&str] = &["com.microsoft::Gelu", "com.microsoft::BiasGelu"];
+    let tanh_fusions: &[&str] = &["com.microsoft::FastGelu"];
     for (dir, fused) in [
-        (&bert, ["com.microsoft::Gelu", "com.microsoft::BiasGelu"]),
-        (
-            &bert_int8,
-            ["com.microsoft::Gelu", "com.microsoft::BiasGelu"],
-        ),
-        (
-            &gemma,
-            ["com.microsoft::FastGelu", "com.microsoft::FastGelu"],
-        ),
+        (&bert, erf_fusions),
+        (&bert_int8, erf_fusions),
+        (&gemma, tanh_fusions),
     ] {
         let written = GraphFile::read(&dir.join("model.onnx"))
             .unwrap()
             .op_counts();
         let run = effir_onnx::session::runtime_operators(&dir.join("model.onnx")).unwrap();
+        // One fused operator per activation the file writes.
         let activations = written.get("Erf").or(written.get("Tanh")).copied().unwrap();
         let fused_count: usize = fused
             .iter()
-            .collect::<std::collections::BTreeSet<_>>()
-            .iter()
-            .map(|op| run.get(**op).copied().unwrap_or(0))
+            .map(|op| run.get(*op).copied().unwrap_or(0))
             .sum();
         assert_eq!(fused_count, activations, "{}: {run:?}", dir.display());
         for gone in ["Erf", "Tanh", "Pow"] {
