@@ -17,7 +17,7 @@ use serde::Serialize;
 use crate::activation_ranges::{self, Statistic};
 use crate::cpu_features::CpuFeatures;
 use crate::emit::{
-    emit_model, emit_model_streamed, AttentionMask, EmitOptions, ATTENTION_MASK_KEY,
+    check_options, emit_model, emit_model_streamed, AttentionMask, EmitOptions, ATTENTION_MASK_KEY,
 };
 use crate::error::{Error, Result};
 use crate::graph_file::{
@@ -254,9 +254,8 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
         }
         emit_options.attention_mask = Some(AttentionMask::Added);
     }
-    if let Some(mask) = emit_options.attention_mask {
-        mask.check(precision)?;
-    }
+    // The emission's own checks, before calibration asks for text.
+    check_options(&emit_options)?;
     let smoothing = options.emit.int8_smoothing;
     // What measures the graph on calibration text first, if anything does.
     let calibrated = match smoothing {
@@ -359,12 +358,6 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
         .text
         .save_serving_tokenizer(&files_dir.join("tokenizer.json"))?;
     let nodes = model.graph.as_ref().map_or(0, |g| g.node.len());
-    let attention_mask = model
-        .metadata_props
-        .iter()
-        .find(|p| p.key == ATTENTION_MASK_KEY)
-        .and_then(|p| AttentionMask::from_name(&p.value))
-        .expect("emitted graphs record their attention mask");
     // A streamed graph's weights are in model.onnx_data already.
     write_model(
         model,
@@ -425,7 +418,10 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
         precision: options.emit.precision.name(),
         int8_kernel: options.emit.precision.int8_kernel(),
         int8_form: options.emit.precision.int8_form(),
-        attention_mask,
+        attention_mask: file
+            .metadata(ATTENTION_MASK_KEY)
+            .and_then(AttentionMask::from_name)
+            .expect("emitted graphs record their attention mask"),
         // The calibration text's path, relative to the summary like the source model's.
         calibration: calibration.map(|c| CalibrationSummary {
             source: relative_to(out, Path::new(&c.source)).display().to_string(),

@@ -441,12 +441,11 @@ pub enum AttentionMask {
 }
 
 impl AttentionMask {
-    pub const NAMES: &'static str = "added, folded";
-
+    /// The form [`Self::name`] names (as graph metadata records it).
     pub fn from_name(name: &str) -> Option<Self> {
         match name {
-            "added" | "add" => Some(Self::Added),
-            "folded" | "fold" => Some(Self::Folded),
+            "added" => Some(Self::Added),
+            "folded" => Some(Self::Folded),
             _ => None,
         }
     }

@@ -130,7 +130,9 @@ pub fn emit_model_streamed(
     Ok((emitted.model, emitted.initializer_bytes))
 }
 
-fn check_options(options: &EmitOptions) -> Result<()> {
+/// Refuses options no emission can honour (also run by `export` before
+/// it asks for calibration text).
+pub(crate) fn check_options(options: &EmitOptions) -> Result<()> {
     if !(MIN_OPSET..=MAX_OPSET).contains(&options.opset) {
         return Err(Error::InvalidArgument(format!(
             "opset {} is not supported; effir emits opsets {MIN_OPSET} to {MAX_OPSET}",
