@@ -88,6 +88,10 @@ fn distill(model: &Path, texts: &[&Path], out: &Path, config: &Path, extra: &[&s
     effir(&refs)
 }
 
+fn as_strs(texts: &[String]) -> Vec<&str> {
+    texts.iter().map(String::as_str).collect()
+}
+
 fn step_log(out: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(out.join("train_log.jsonl"))
         .unwrap()
@@ -586,6 +590,36 @@ fn bad_distillation_input_fails_before_training_and_writes_nothing() {
             "{what}: trained"
         );
     }
+    // Query sources are checked the same way.
+    let titled = write(
+        work.path(),
+        "titled.jsonl",
+        "{\"title\": \"T\", \"text\": \"q\"}\n",
+    );
+    for (what, queries, message) in [
+        (
+            "an empty query file",
+            &empty,
+            "empty.txt: no training queries",
+        ),
+        (
+            "a query with a title",
+            &titled,
+            "titled.jsonl:1: a query has no title",
+        ),
+    ] {
+        let out = work.path().join("out");
+        let o = distill(
+            &model,
+            &[&texts],
+            &out,
+            &good,
+            &["--train-queries", queries.to_str().unwrap()],
+        );
+        assert!(!o.status.success(), "{what}: accepted");
+        assert!(stderr(&o).contains(message), "{what}: {}", stderr(&o));
+        assert!(!out.exists(), "{what}: wrote {}", out.display());
+    }
     // Labeled data is refused for the label-free objective.
     let o = effir(&[
         "finetune",
@@ -598,7 +632,10 @@ fn bad_distillation_input_fails_before_training_and_writes_nothing() {
         "--config",
         good.to_str().unwrap(),
     ]);
-    assert!(!o.status.success() && stderr(&o).contains("pass --train-texts instead"));
+    assert!(
+        !o.status.success()
+            && stderr(&o).contains("pass --train-texts (or --train-queries) instead")
+    );
 }
 
 /// Every committed fine-tuning config parses and passes its checks; the
@@ -677,7 +714,10 @@ fn the_combined_objective_trains_on_both_terms() {
         &config,
         &["--train", train.to_str().unwrap()],
     );
-    assert!(!o.status.success() && stderr(&o).contains("--train-texts is for objective distill"));
+    assert!(
+        !o.status.success()
+            && stderr(&o).contains("--train-texts and --train-queries are for objective distill")
+    );
 }
 
 /// A teacher of another architecture, tokenizer and embedding size (the
@@ -725,5 +765,99 @@ fn a_teacher_of_another_architecture_teaches_in_batch_similarities() {
     assert!(
         after < before,
         "held-out similarity KL to the teacher: {before} before, {after} after"
+    );
+}
+
+/// `--train-queries`: query text is written with the student's query prompt
+/// (an instruction-following retriever such as the SmolLM2 one asks for it),
+/// and a teacher that formats text its own way reads it with its own prompt
+/// (the BERT fixture: none). With every text in one batch, the first step's
+/// similarity term is the KL between the student's embeddings of the
+/// prompted queries and the teacher's of the bare ones; the record lists
+/// where the queries came from.
+#[test]
+fn training_queries_carry_the_students_prompt_and_the_teacher_reads_them_bare() {
+    use effir_pipeline::finetune::objective::similarity_kl;
+    // Long enough to change the teacher's similarities if it read it.
+    const PROMPT: &str = "Instruct: given a question, retrieve the passage that answers it; \
+                          the passage may be long or short, plain or technical\nQuery: ";
+    let work = tempfile::tempdir().unwrap();
+    let student = common::copy_model(&fixture("llama"));
+    let st_config = student.path().join("config_sentence_transformers.json");
+    let mut st = common::read_json(&st_config);
+    st["prompts"]["query"] = PROMPT.into();
+    std::fs::write(&st_config, st.to_string()).unwrap();
+    let teacher = fixture("bert");
+    let documents = &TRAIN_TEXTS[..6];
+    let queries = HELD_OUT;
+    let documents_file = write(work.path(), "documents.txt", &documents.join("\n"));
+    let queries_file = write(
+        work.path(),
+        "queries.jsonl",
+        &queries
+            .iter()
+            .map(|q| serde_json::json!(q).to_string() + "\n")
+            .collect::<String>(),
+    );
+    let config = write(
+        work.path(),
+        "similarities.yaml",
+        &format!(
+            "objective: distill\nmax_steps: 1\nbatch_size: {}\ncheckpoint_every: 0\n\
+             embedding_distillation:\n  teacher: {}\n  weight: 0.0\n  similarity_weight: 1.0\n  \
+             similarity_temperature: 0.05\n",
+            documents.len() + queries.len(),
+            teacher.display()
+        ),
+    );
+    let out = work.path().join("out");
+    let o = distill(
+        student.path(),
+        &[&documents_file],
+        &out,
+        &config,
+        &["--train-queries", queries_file.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let logged = step_log(&out)[0]["similarity_kl"].as_f64().unwrap();
+
+    let bare: Vec<String> = documents
+        .iter()
+        .chain(queries)
+        .map(|t| t.to_string())
+        .collect();
+    let prompted: Vec<String> = documents
+        .iter()
+        .map(|d| d.to_string())
+        .chain(queries.iter().map(|q| format!("{PROMPT}{q}")))
+        .collect();
+    let matrix = |rows: Vec<Vec<f32>>| {
+        let (n, d) = (rows.len(), rows[0].len());
+        Tensor::from_vec(rows.concat(), (n, d), &Device::Cpu).unwrap()
+    };
+    let student_rows = matrix(embed(student.path(), &as_strs(&prompted)));
+    let kl = |teacher_texts: &[String]| -> f64 {
+        let teacher_rows = matrix(embed(&teacher, &as_strs(teacher_texts)));
+        let kl = similarity_kl(&student_rows, &teacher_rows, 0.05).unwrap();
+        kl.to_scalar::<f32>().unwrap() as f64
+    };
+    let (teacher_bare, teacher_prompted) = (kl(&bare), kl(&prompted));
+    // The random fixture teacher's similarities move little with the
+    // prompt, so the bound is relative: the logged term is ten times closer
+    // to the bare reading than the two readings are to each other.
+    let separation = (teacher_bare - teacher_prompted).abs();
+    assert!(
+        (logged - teacher_bare).abs() < 0.1 * separation,
+        "logged similarity KL {logged}: the teacher reading bare queries gives {teacher_bare}, \
+         reading them prompted {teacher_prompted}"
+    );
+    let record = common::read_json(&out.join("effir_finetune.json"));
+    assert_eq!(
+        record["train_texts"],
+        serde_json::json!(["../documents.txt"])
+    );
+    assert_eq!(
+        record["train_queries"],
+        serde_json::json!(["../queries.jsonl"])
     );
 }

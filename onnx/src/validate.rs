@@ -479,7 +479,7 @@ pub struct Provenance {
     /// layer's MLP width and the share of MLP neurons kept.
     pub pruning: Option<PruningProvenance>,
     /// The data the candidate was fine-tuned on, labeled (`--train`) or not
-    /// (`--train-texts`): quality measured on it is not held out.
+    /// (`--train-texts`, `--train-queries`): quality measured on it is not held out.
     pub tuned_on: Vec<PathBuf>,
 }
 
@@ -499,7 +499,13 @@ impl Provenance {
             mlp_keep: r.mlp_keep_achieved,
         });
         let tuned_on = FinetuneRecord::read(model_dir)?
-            .map(|r| r.train.into_iter().chain(r.train_texts).collect())
+            .map(|r| {
+                r.train
+                    .into_iter()
+                    .chain(r.train_texts)
+                    .chain(r.train_queries)
+                    .collect()
+            })
             .unwrap_or_default();
         Ok(Self { pruning, tuned_on })
     }

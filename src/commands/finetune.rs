@@ -12,7 +12,7 @@ use effir_pipeline::eval::evaluation::{evaluate_model, EvalSettings};
 use effir_pipeline::finetune::checkpoint;
 use effir_pipeline::finetune::data::{load_examples, TrainingExample, TrainingSource};
 use effir_pipeline::finetune::record::write_model;
-use effir_pipeline::finetune::texts::load_texts;
+use effir_pipeline::finetune::texts::{load_texts, TextSources, UnlabeledText};
 use effir_pipeline::finetune::trainer::{TrainingData, TrainingRun};
 use effir_pipeline::finetune::{finetune, FinetuneConfig, FinetuneRecord, Objective};
 use effir_pipeline::{EncoderSetup, LoadOptions};
@@ -31,7 +31,13 @@ pub struct FinetuneArgs {
     /// a text file with one text per line. No qrels are read.
     #[arg(long = "train-texts", value_name = "PATH")]
     pub train_texts: Vec<PathBuf>,
-    /// Qrels split of a BEIR --train directory.
+    /// Unlabeled query text for `objective: distill` (repeatable), written
+    /// with the model's query prompt: a BEIR directory (the text of the
+    /// queries of --split; never their judgements), a JSONL of strings or
+    /// {text} objects, or a text file with one query per line.
+    #[arg(long = "train-queries", value_name = "PATH")]
+    pub train_queries: Vec<PathBuf>,
+    /// Qrels split of a BEIR --train or --train-queries directory.
     #[arg(long, default_value = "train")]
     pub split: String,
     /// Hard negatives (JSONL of query_id, query, pos_ids, neg_ids) for a BEIR --train directory.
@@ -219,6 +225,7 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         source_model: args.model.clone(),
         train: args.train.clone(),
         train_texts: args.train_texts.clone(),
+        train_queries: args.train_queries.clone(),
     };
     write_model(&args.model, &args.out, &weights, &record, Some(&log_path))?;
     println!(
@@ -247,27 +254,37 @@ fn training_data(
     args: &FinetuneArgs,
     config: &FinetuneConfig,
     format: &TextFormat,
-) -> anyhow::Result<(Vec<TrainingExample>, Vec<String>)> {
+) -> anyhow::Result<(Vec<TrainingExample>, Vec<UnlabeledText>)> {
+    let unlabeled = !args.train_texts.is_empty() || !args.train_queries.is_empty();
     match (config.objective, &args.train) {
         (Objective::Distill, Some(train)) => bail!(
-            "--train {}: objective distill trains on unlabeled text; pass --train-texts instead",
+            "--train {}: objective distill trains on unlabeled text; pass --train-texts \
+             (or --train-queries) instead",
             train.display()
         ),
         (Objective::Distill, None) => {
-            if args.train_texts.is_empty() {
-                bail!("objective distill needs unlabeled text: pass --train-texts PATH");
+            if !unlabeled {
+                bail!(
+                    "objective distill needs unlabeled text: pass --train-texts PATH \
+                     (or --train-queries PATH)"
+                );
             }
-            Ok((Vec::new(), load_texts(&args.train_texts, format)?))
+            let sources = TextSources {
+                documents: &args.train_texts,
+                queries: &args.train_queries,
+                query_split: &args.split,
+            };
+            Ok((Vec::new(), load_texts(&sources, format)?))
         }
         (objective, None) => bail!(
             "objective {objective:?} trains on labeled examples: pass --train (or set \
              objective: distill in the config for --train-texts)"
         ),
         (objective, Some(train)) => {
-            if !args.train_texts.is_empty() {
+            if unlabeled {
                 bail!(
-                    "--train-texts is for objective distill; objective {objective:?} distills \
-                     on the texts of its labeled batches"
+                    "--train-texts and --train-queries are for objective distill; objective \
+                     {objective:?} distills on the texts of its labeled batches"
                 );
             }
             let source = if train.is_dir() {

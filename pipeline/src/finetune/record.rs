@@ -34,6 +34,9 @@ pub struct FinetuneRecord {
     /// Unlabeled text (`--train-texts`), for label-free distillation.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub train_texts: Vec<PathBuf>,
+    /// Unlabeled query text (`--train-queries`), for label-free distillation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub train_queries: Vec<PathBuf>,
 }
 
 impl FinetuneRecord {
@@ -57,6 +60,7 @@ impl FinetuneRecord {
         self.hard_negatives = self.hard_negatives.as_deref().map(map);
         self.train = self.train.as_deref().map(map);
         self.train_texts = self.train_texts.iter().map(|p| map(p)).collect();
+        self.train_queries = self.train_queries.iter().map(|p| map(p)).collect();
         if let Some(d) = self.config.distillation.as_mut() {
             d.teacher = map(&d.teacher);
         }
@@ -81,6 +85,11 @@ impl FinetuneRecord {
             self.train_texts
                 .iter()
                 .map(|p| format!("unlabeled text: `{}`", relative(p))),
+        );
+        data.extend(
+            self.train_queries
+                .iter()
+                .map(|p| format!("unlabeled queries: `{}`", relative(p))),
         );
         let c = &self.config;
         format!(

@@ -25,6 +25,7 @@ use super::objective::{
 };
 use super::optimizer::{clip_grad_norm, learning_rate, AdamW, AdamWSettings};
 use super::teacher::{texts_in_teacher_format, TeacherEmbeddings};
+use super::texts::UnlabeledText;
 use crate::data::sampling::{shuffled_indices, SplitMix64};
 use crate::data::text_format::TextFormat;
 use crate::error::{Error, Result};
@@ -84,7 +85,7 @@ pub struct TrainingRun<'a> {
 #[derive(Debug, Clone, Copy)]
 pub enum TrainingData<'a> {
     Pairs(&'a [TrainingExample]),
-    Texts(&'a [String]),
+    Texts(&'a [UnlabeledText]),
 }
 
 impl TrainingData<'_> {
@@ -465,7 +466,7 @@ fn next_batch<'a>(
     let batch = match data {
         TrainingData::Texts(texts) => Batch::Texts(
             (0..config.batch_size)
-                .map(|_| texts[next_index(state)].as_str())
+                .map(|_| texts[next_index(state)].text.as_str())
                 .collect(),
         ),
         TrainingData::Pairs(examples) => {
@@ -501,7 +502,7 @@ fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
 /// with whether it is a query.
 fn teacher_texts(data: TrainingData, config: &FinetuneConfig) -> BTreeMap<String, bool> {
     match data {
-        TrainingData::Texts(texts) => texts.iter().map(|t| (t.clone(), false)).collect(),
+        TrainingData::Texts(texts) => texts.iter().map(|t| (t.text.clone(), t.is_query)).collect(),
         TrainingData::Pairs(examples) => {
             let mut texts = BTreeMap::new();
             for e in examples {
@@ -553,7 +554,7 @@ pub fn finetune(
             return Err(Error::InvalidArgument(format!(
                 "objective {objective:?} trains on {}",
                 if objective == Objective::Distill {
-                    "unlabeled text (--train-texts)"
+                    "unlabeled text (--train-texts, --train-queries)"
                 } else {
                     "labeled examples (--train)"
                 }
