@@ -9,7 +9,8 @@
 //! sentence-transformers files (`modules.json`, the pooling config,
 //! `sentence_bert_config.json`, `config_sentence_transformers.json`),
 //! effir's records (`effir_shape.json`, `effir_prune.json`), BEIR corpus,
-//! queries and qrels, pruning plans, fine-tuning configs, gates YAML.
+//! queries and qrels, unlabeled training text (`--train-texts`,
+//! `--train-queries`), pruning plans, fine-tuning configs, gates YAML.
 //!
 //! In CI each reader gets [`ITERATIONS`] mutations from a fixed seed.
 //! `make fuzz FUZZ_SECONDS=600` sets `EFFIR_FUZZ_SECONDS` (shared by the
@@ -30,6 +31,8 @@ use effir_onnx::graph_file::GraphFile;
 use effir_onnx::validate::Gates;
 use effir_pipeline::compress::prune::{PrunePlan, PruneRecord};
 use effir_pipeline::data::beir::{load_corpus, load_qrels, load_queries};
+use effir_pipeline::data::text_format::{DocumentTemplate, TextFormat};
+use effir_pipeline::finetune::texts::{load_texts, TextSources};
 use effir_pipeline::finetune::FinetuneConfig;
 use effir_pipeline::import::gguf_file::GgufFile;
 use effir_pipeline::import::gguf_model::{check_tensors, GgufModel};
@@ -356,6 +359,27 @@ fn repo_file_dir(files: &[&str]) -> PathBuf {
     dir.to_path_buf()
 }
 
+/// Unlabeled training text from `path`, as documents or as queries.
+fn read_unlabeled(path: &Path, as_queries: bool) -> Result<(), String> {
+    let format = TextFormat {
+        template: DocumentTemplate(DocumentTemplate::TITLE_TEXT.into()),
+        document_prompt: String::new(),
+        query_prefix: "query: ".into(),
+    };
+    let paths = [path.to_path_buf()];
+    let (documents, queries): (&[PathBuf], &[PathBuf]) = if as_queries {
+        (&[], &paths)
+    } else {
+        (&paths, &[])
+    };
+    let sources = TextSources {
+        documents,
+        queries,
+        query_split: "test",
+    };
+    load_texts(&sources, &format).map(|_| ()).map_err(err)
+}
+
 /// Every reader and its seed.
 fn reader(name: &str) -> Reader {
     let tiny = fixture("eval/tiny");
@@ -498,6 +522,20 @@ fn reader(name: &str) -> Reader {
             "qrels/test.tsv",
             Box::new(|d| load_qrels(d, "test").map(|_| ()).map_err(err)),
         ),
+        // JSONL lines as `--train-texts` and `--train-queries` read them
+        // (the corpus's {_id, title, text} objects are texts with titles).
+        "train-texts" => r(
+            "train-texts",
+            tiny,
+            "corpus.jsonl",
+            Box::new(|d| read_unlabeled(&d.join("corpus.jsonl"), false)),
+        ),
+        "train-queries" => r(
+            "train-queries",
+            fixture("eval/tiny"),
+            "queries.jsonl",
+            Box::new(|d| read_unlabeled(&d.join("queries.jsonl"), true)),
+        ),
         "plan" => r(
             "plan",
             repo_file_dir(&["configs/prune-minilm-50.yaml"]),
@@ -531,7 +569,7 @@ fn reader(name: &str) -> Reader {
 }
 
 /// Every reader with a target; `make fuzz` shares its time among them.
-const ALL_READERS: [&str; 15] = [
+const ALL_READERS: [&str; 17] = [
     "onnx",
     "config",
     "safetensors",
@@ -542,6 +580,8 @@ const ALL_READERS: [&str; 15] = [
     "corpus",
     "queries",
     "qrels",
+    "train-texts",
+    "train-queries",
     "plan",
     "finetune-config",
     "gates",
@@ -594,6 +634,12 @@ fn beir_files() {
     fuzz(&reader("corpus"));
     fuzz(&reader("queries"));
     fuzz(&reader("qrels"));
+}
+
+#[test]
+fn unlabeled_training_text() {
+    fuzz(&reader("train-texts"));
+    fuzz(&reader("train-queries"));
 }
 
 #[test]
