@@ -15,7 +15,7 @@ PYTHON  ?= python3
 .PHONY: all system-deps build models test lint fuzz embed eval eval-scifact python-deps \
         fixtures metric-references bench-embed profile-embed bench-analyze parity-embeddinggemma \
         onnxruntime export export-pruned validate validate-pruned validate-prune-minilm bench-onnx parity-embeddinggemma-onnx \
-        finetune-minilm finetune-minilm-2ep recover-minilm frontier-minilm frontier-embeddinggemma precision-checks prune-minilm-narrow prune-minilm-refit prune-embeddinggemma-refit recover-embeddinggemma gguf-parity smollm2-st smollm2-retriever results-smollm2 bench-training-memory recover-minilm-labeled recover-minilm-query-text shard-scifact scale-7b scale-3b finetune-minilm-unpruned finetune-minilm-unpruned-2ep recover-minilm-tokens bench-finetune profile-finetune optimum-fixtures rewrite-minilm \
+        finetune-minilm finetune-minilm-2ep recover-minilm frontier-minilm frontier-embeddinggemma precision-checks prune-minilm-narrow prune-minilm-refit prune-embeddinggemma-refit recover-embeddinggemma gguf-parity smollm2-st smollm2-distill smollm2-retriever results-smollm2 bench-training-memory recover-minilm-labeled recover-minilm-query-text shard-scifact scale-7b scale-3b finetune-minilm-unpruned finetune-minilm-unpruned-2ep recover-minilm-tokens bench-finetune profile-finetune optimum-fixtures rewrite-minilm \
         analyze-minilm drop-study-minilm prune-minilm results-minilm \
         analyze-embeddinggemma drop-study-embeddinggemma results-embeddinggemma clean
 
@@ -110,7 +110,8 @@ gguf-parity: build $(TRANSFORMERS_VENV)/.installed $(SMOLLM2)/config.json $(QWEN
 # SmolLM2-135M-Instruct made a causal, last-token retriever: the imported
 # model with sentence-transformers files (configs/smollm2-retriever/: last-
 # token pooling, normalisation, an instruction before each query), trained
-# on SciFact train (configs/finetune-smollm2-retriever.yaml: InfoNCE with a
+# without labels first (smollm2-distill, below), then on SciFact train
+# (configs/finetune-smollm2-retriever.yaml: InfoNCE with a
 # BM25 hard negative, KL to all-MiniLM-L6-v2's scores), scored like the
 # EmbeddingGemma runs: the $(SMOLLM2_SAMPLE)-document SciFact sample (every
 # judged document plus random others, seed 0; SMOLLM2_SAMPLE= for the full
@@ -122,10 +123,25 @@ smollm2-st: $(SMOLLM2)/config.json
 	test -d $(SMOLLM2)-st || { rm -rf $(SMOLLM2)-st.tmp && cp -r $(SMOLLM2) $(SMOLLM2)-st.tmp && \
 	  cp -r configs/smollm2-retriever/. $(SMOLLM2)-st.tmp/ && mv $(SMOLLM2)-st.tmp $(SMOLLM2)-st; }
 
-smollm2-retriever: build smollm2-st
+# Stage 1, label-free (configs/distill-smollm2-from-minilm.yaml): the
+# imported model learns all-MiniLM-L6-v2's in-batch similarities on SciFact
+# corpus text and the text of SciFact's train queries (--train-queries:
+# written with the retriever's instruction, read bare by MiniLM; never their
+# judgements), one epoch, scored like the retriever. About 2 hours on 2 cores.
+SMOLLM2_DISTILLED ?= $(RUNS)/smollm2-135m-distill-minilm-queries
+smollm2-distill: build smollm2-st
+	if [ ! -f $(SMOLLM2_DISTILLED)/config.json ]; then \
+	  resume=; [ -d $(SMOLLM2_DISTILLED).checkpoints ] && resume=--resume; \
+	  $(EFFIR) finetune --model $(SMOLLM2)-st --train-texts $(DATA) --train-queries $(DATA) \
+	    --config configs/distill-smollm2-from-minilm.yaml --out $(SMOLLM2_DISTILLED) $$resume || exit 1; \
+	fi
+	$(call smollm2_eval,$(SMOLLM2_DISTILLED))
+
+# Stage 2, labeled: the retriever recipe from the label-free stage.
+smollm2-retriever: build smollm2-distill
 	if [ ! -f $(SMOLLM2_RETRIEVER)/config.json ]; then \
 	  resume=; [ -d $(SMOLLM2_RETRIEVER).checkpoints ] && resume=--resume; \
-	  $(EFFIR) finetune --model $(SMOLLM2)-st --train $(DATA) --hard-negatives $(DATA)/train_hard_negatives.jsonl.gz \
+	  $(EFFIR) finetune --model $(SMOLLM2_DISTILLED) --train $(DATA) --hard-negatives $(DATA)/train_hard_negatives.jsonl.gz \
 	    --config configs/finetune-smollm2-retriever.yaml --out $(SMOLLM2_RETRIEVER) $$resume || exit 1; \
 	fi
 	$(EFFIR) eval --model $(SMOLLM2_RETRIEVER) --max-length 256 --data $(DATA) $(call sample_flag,$(SMOLLM2_SAMPLE)) \
