@@ -15,7 +15,7 @@ PYTHON  ?= python3
 .PHONY: all system-deps build models test lint fuzz embed eval eval-scifact python-deps \
         fixtures metric-references bench-embed profile-embed bench-analyze parity-embeddinggemma \
         onnxruntime export export-pruned validate validate-pruned validate-prune-minilm bench-onnx parity-embeddinggemma-onnx \
-        finetune-minilm finetune-minilm-2ep recover-minilm frontier-minilm frontier-embeddinggemma precision-checks prune-minilm-narrow prune-minilm-refit prune-embeddinggemma-refit recover-embeddinggemma gguf-parity smollm2-st smollm2-distill smollm2-retriever results-smollm2 bench-training-memory recover-minilm-labeled recover-minilm-query-text shard-scifact scale-7b scale-3b finetune-minilm-unpruned finetune-minilm-unpruned-2ep recover-minilm-tokens bench-finetune profile-finetune optimum-fixtures rewrite-minilm \
+        finetune-minilm finetune-minilm-2ep recover-minilm frontier-minilm frontier-embeddinggemma precision-checks prune-minilm-narrow prune-minilm-refit prune-embeddinggemma-refit recover-embeddinggemma gguf-parity smollm2-st smollm2-distill smollm2-retriever results-smollm2 bench-training-memory recover-minilm-labeled recover-minilm-query-text shard-scifact scale-7b scale-3b finetune-minilm-unpruned finetune-minilm-unpruned-2ep recover-minilm-tokens recover-minilm-seeds bench-finetune profile-finetune optimum-fixtures rewrite-minilm \
         analyze-minilm drop-study-minilm prune-minilm results-minilm \
         analyze-embeddinggemma drop-study-embeddinggemma results-embeddinggemma clean
 
@@ -327,6 +327,18 @@ endef
 RECOVER_PLANS ?= 25-refit 50-refit 70-refit
 recover-minilm: build models onnxruntime
 	$(call recover_plans,$(RECOVER_PLANS),distill,--train-texts $(DATA),configs/recover-minilm.yaml)
+
+# The label-free recipe's spread across seeds: the seed orders the texts, and
+# so decides which share a batch (the similarity term compares each with its
+# batch). SEED_PLANS distilled again with each of RECOVER_SEEDS (seed 0 is
+# recover-minilm's run) into runs/minilm-prune-PLAN-distill-seedS, each
+# exported and validated as recover-minilm does.
+SEED_PLANS ?= 50-refit
+RECOVER_SEEDS ?= 1 2
+recover-minilm-seeds: build models onnxruntime
+	for s in $(RECOVER_SEEDS); do \
+	  $(call recover_plans,$(SEED_PLANS),distill-seed$$s,--train-texts $(DATA) --seed $$s,configs/recover-minilm.yaml); \
+	done
 
 # The label-free recipe with the token term (configs/recover-minilm-tokens.yaml):
 # the student also learns the teacher's last hidden state of every token.

@@ -287,6 +287,36 @@ fn a_pruned_model_moves_toward_its_teacher_on_texts_it_never_saw() {
     assert_eq!(widths(&out), widths(&pruned));
 }
 
+/// `--seed` overrides the config's seed (the data order, so which texts
+/// share a batch): the run records it, and its first batch is another one.
+#[test]
+fn the_seed_flag_overrides_the_configs_seed() {
+    let work = tempfile::tempdir().unwrap();
+    let teacher = fixture("bert");
+    let pruned = common::prune_fixture(
+        "bert",
+        work.path(),
+        TRAIN_TEXTS,
+        &["--drop-layers", "1", "--mlp-keep", "0.5"],
+    );
+    let texts = train_texts(work.path());
+    // distill_config's seed is 3.
+    let config = distill_config(work.path(), &teacher, "max_steps: 2\ncheckpoint_every: 0\n");
+    let run = |name: &str, extra: &[&str]| {
+        let out = work.path().join(name);
+        let o = distill(&pruned, &[&texts], &out, &config, extra);
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        out
+    };
+    let (by_config, by_flag) = (run("seed-3", &[]), run("seed-5", &["--seed", "5"]));
+    let seed =
+        |dir: &Path| common::read_json(&dir.join("effir_finetune.json"))["config"]["seed"].clone();
+    assert_eq!(seed(&by_config), 3);
+    assert_eq!(seed(&by_flag), 5);
+    let first_loss = |dir: &Path| step_log(dir)[0]["loss"].as_f64().unwrap();
+    assert_ne!(first_loss(&by_config), first_loss(&by_flag));
+}
+
 /// The token term alone (`token_weight`, the other terms off): nothing to
 /// learn from the teacher itself, and a pruned model pulled toward the
 /// teacher's hidden states ends closer to its embeddings on unseen texts.

@@ -55,6 +55,10 @@ pub struct FinetuneArgs {
     /// Continue from the newest checkpoint.
     #[arg(long)]
     pub resume: bool,
+    /// Override the config's seed (the order of the training data, and so
+    /// which texts share a batch).
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Override the config's max_steps.
     #[arg(long)]
     pub max_steps: Option<usize>,
@@ -69,6 +73,9 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
     let mut config: FinetuneConfig = crate::stage_config::load(args.config.as_deref())?;
     if let Some(n) = args.max_steps {
         config.max_steps = Some(n);
+    }
+    if let Some(seed) = args.seed {
+        config.seed = seed;
     }
     config.validate()?;
     if args.out.exists() {
