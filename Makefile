@@ -129,13 +129,13 @@ smollm2-st: $(SMOLLM2)/config.json
 # written with the retriever's instruction, read bare by MiniLM; never their
 # judgements), one epoch, scored like the retriever. About 2 hours on 2 cores.
 SMOLLM2_DISTILLED ?= $(RUNS)/smollm2-135m-distill-minilm-queries
-smollm2-distill: build smollm2-st
+smollm2-distill: build models smollm2-st
 	if [ ! -f $(SMOLLM2_DISTILLED)/config.json ]; then \
 	  resume=; [ -d $(SMOLLM2_DISTILLED).checkpoints ] && resume=--resume; \
 	  $(EFFIR) finetune --model $(SMOLLM2)-st --train-texts $(DATA) --train-queries $(DATA) \
 	    --config configs/distill-smollm2-from-minilm.yaml --out $(SMOLLM2_DISTILLED) $$resume || exit 1; \
 	fi
-	$(call smollm2_eval,$(SMOLLM2_DISTILLED))
+	test -f $(SMOLLM2_DISTILLED).heldout-eval/metrics.json || { $(call smollm2_eval,$(SMOLLM2_DISTILLED)); }
 
 # Stage 2, labeled: the retriever recipe from the label-free stage.
 smollm2-retriever: build smollm2-distill
@@ -350,6 +350,8 @@ recover-minilm-tokens: build models onnxruntime
 # The label-free recipe on SciFact corpus text plus the text of SciFact's
 # train queries (never their judgements): the student also learns the
 # teacher's embeddings of query-like text. Scored like recover-minilm.
+# (MiniLM has no query prompt, so the query text is the same read as
+# documents; the runs predate --train-queries and keep their command.)
 $(RUNS)/scifact-train-queries.jsonl:
 	$(PYTHON) scripts/beir-query-texts.py $(DATA) train $@
 

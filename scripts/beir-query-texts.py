@@ -1,6 +1,9 @@
 """The texts of one split's queries of a BEIR dataset, as JSONL
-({"text": ...} per line), for label-free distillation on query text
-(`effir finetune --train-texts`): only the queries, never their judgements.
+({"text": ...} per line): only the queries, never their judgements.
+`make recover-minilm-query-text` passes the file to `effir finetune
+--train-texts` (read as documents: MiniLM has no query prompt). For a model
+with a query prompt, `effir finetune --train-queries DATASET --split SPLIT`
+reads the same queries itself and writes them with the prompt.
 
     python3 scripts/beir-query-texts.py DATASET SPLIT OUT.jsonl
 """

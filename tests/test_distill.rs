@@ -3,8 +3,10 @@
 //! distilled from itself has nothing to learn, the loss's gradient is
 //! right, a pruned model moves toward its teacher on texts it never saw
 //! (through its embeddings, or token by token through its last hidden
-//! states), a killed run resumes bit for bit, and bad input fails before
-//! training with nothing written.
+//! states), query text keeps the student's prompt while a teacher of
+//! another tokenizer reads it with its own, `--seed` overrides the config's,
+//! a killed run resumes bit for bit, and bad input fails before training
+//! with nothing written.
 
 mod common;
 
@@ -33,6 +35,16 @@ const TRAIN_TEXTS: &[&str] = &[
     "Gradient descent follows the slope downhill.",
     "Vectors close in angle have similar meaning.",
     "Compression trades quality for speed.",
+];
+
+/// Unlabeled query text (`--train-queries`).
+const TRAIN_QUERIES: &[&str] = &[
+    "which animal jumps over the dog",
+    "what do pruned layers keep",
+    "how are vectors compared",
+    "where did the cat sit",
+    "what does compression trade",
+    "why does gradient descent go downhill",
 ];
 
 /// Texts the distillation never sees.
@@ -819,7 +831,7 @@ fn training_queries_carry_the_students_prompt_and_the_teacher_reads_them_bare() 
     std::fs::write(&st_config, st.to_string()).unwrap();
     let teacher = fixture("bert");
     let documents = &TRAIN_TEXTS[..6];
-    let queries = HELD_OUT;
+    let queries = TRAIN_QUERIES;
     let documents_file = write(work.path(), "documents.txt", &documents.join("\n"));
     let queries_file = write(
         work.path(),
@@ -890,4 +902,18 @@ fn training_queries_carry_the_students_prompt_and_the_teacher_reads_them_bare() 
         record["train_queries"],
         serde_json::json!(["../queries.jsonl"])
     );
+    assert!(record["train_queries_split"].is_null(), "{record}");
+    // A BEIR directory's queries come from --split, which is recorded.
+    let beir = fixture("eval/tiny");
+    let out = work.path().join("from-beir");
+    let o = distill(
+        student.path(),
+        &[&documents_file],
+        &out,
+        &config,
+        &["--train-queries", beir.to_str().unwrap(), "--split", "test"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let record = common::read_json(&out.join("effir_finetune.json"));
+    assert_eq!(record["train_queries_split"], "test", "{record}");
 }

@@ -532,7 +532,7 @@ fn reader(name: &str) -> Reader {
         ),
         "train-queries" => r(
             "train-queries",
-            fixture("eval/tiny"),
+            tiny,
             "queries.jsonl",
             Box::new(|d| read_unlabeled(&d.join("queries.jsonl"), true)),
         ),

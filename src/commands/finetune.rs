@@ -27,8 +27,8 @@ pub struct FinetuneArgs {
     #[arg(long)]
     pub train: Option<PathBuf>,
     /// Unlabeled text for `objective: distill` (repeatable): a BEIR directory
-    /// (its corpus; not its queries), a JSONL of strings or {text, title} objects, or
-    /// a text file with one text per line. No qrels are read.
+    /// (its corpus; for its queries see --train-queries), a JSONL of strings or
+    /// {text, title} objects, or a text file with one text per line. No qrels are read.
     #[arg(long = "train-texts", value_name = "PATH")]
     pub train_texts: Vec<PathBuf>,
     /// Unlabeled query text for `objective: distill` (repeatable), written
@@ -55,8 +55,9 @@ pub struct FinetuneArgs {
     /// Continue from the newest checkpoint.
     #[arg(long)]
     pub resume: bool,
-    /// Override the config's seed (the order of the training data, and so
-    /// which texts share a batch).
+    /// Override the config's seed: the order of the training data (and so
+    /// which texts share a batch), the sampling of positives and negatives,
+    /// LoRA's initialisation and the dev set's document sample.
     #[arg(long)]
     pub seed: Option<u64>,
     /// Override the config's max_steps.
@@ -233,6 +234,11 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         train: args.train.clone(),
         train_texts: args.train_texts.clone(),
         train_queries: args.train_queries.clone(),
+        train_queries_split: args
+            .train_queries
+            .iter()
+            .any(|p| p.is_dir())
+            .then(|| args.split.clone()),
     };
     write_model(&args.model, &args.out, &weights, &record, Some(&log_path))?;
     println!(
@@ -262,7 +268,7 @@ fn training_data(
     config: &FinetuneConfig,
     format: &TextFormat,
 ) -> anyhow::Result<(Vec<TrainingExample>, Vec<UnlabeledText>)> {
-    let unlabeled = !args.train_texts.is_empty() || !args.train_queries.is_empty();
+    let has_unlabeled = !args.train_texts.is_empty() || !args.train_queries.is_empty();
     match (config.objective, &args.train) {
         (Objective::Distill, Some(train)) => bail!(
             "--train {}: objective distill trains on unlabeled text; pass --train-texts \
@@ -270,7 +276,7 @@ fn training_data(
             train.display()
         ),
         (Objective::Distill, None) => {
-            if !unlabeled {
+            if !has_unlabeled {
                 bail!(
                     "objective distill needs unlabeled text: pass --train-texts PATH \
                      (or --train-queries PATH)"
@@ -285,10 +291,10 @@ fn training_data(
         }
         (objective, None) => bail!(
             "objective {objective:?} trains on labeled examples: pass --train (or set \
-             objective: distill in the config for --train-texts)"
+             objective: distill in the config for --train-texts and --train-queries)"
         ),
         (objective, Some(train)) => {
-            if unlabeled {
+            if has_unlabeled {
                 bail!(
                     "--train-texts and --train-queries are for objective distill; objective \
                      {objective:?} distills on the texts of its labeled batches"

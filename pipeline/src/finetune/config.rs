@@ -33,7 +33,8 @@ pub enum Objective {
     #[default]
     Contrastive,
     /// Label-free: the student's embeddings of unlabeled text
-    /// (`--train-texts`) match the teacher's (`embedding_distillation`).
+    /// (`--train-texts`, `--train-queries`) match the teacher's
+    /// (`embedding_distillation`).
     Distill,
     /// Both: the contrastive loss, plus the embedding-distillation terms on
     /// every text of the contrastive batch, so in-domain gains stay anchored

@@ -37,6 +37,10 @@ pub struct FinetuneRecord {
     /// Unlabeled query text (`--train-queries`), for label-free distillation.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub train_queries: Vec<PathBuf>,
+    /// The qrels split whose queries a BEIR directory in `train_queries`
+    /// gave (`--split`); none when no directory was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_queries_split: Option<String>,
 }
 
 impl FinetuneRecord {
@@ -86,11 +90,14 @@ impl FinetuneRecord {
                 .iter()
                 .map(|p| format!("unlabeled text: `{}`", relative(p))),
         );
-        data.extend(
-            self.train_queries
-                .iter()
-                .map(|p| format!("unlabeled queries: `{}`", relative(p))),
-        );
+        data.extend(self.train_queries.iter().map(|p| {
+            match (&self.train_queries_split, p.is_dir()) {
+                (Some(split), true) => {
+                    format!("unlabeled queries: `{}` (split {split})", relative(p))
+                }
+                _ => format!("unlabeled queries: `{}`", relative(p)),
+            }
+        }));
         let c = &self.config;
         format!(
             "- objective: {:?}{}\n- data: {}\n- {} epochs, {} steps, batch {} × {} accumulation, learning rate {:e}, seed {}\n- {}\n- final loss {:.4}; {:.0} s ({:.2} examples/s)\n",

@@ -11,7 +11,7 @@
 //!
 //! Queries (`--train-queries`), with the model's query prompt (an
 //! instruction-following retriever asks for it; a teacher with another
-//! format reads them with its own):
+//! tokenizer reads them with its own prompt):
 //! - a BEIR directory: the text of the queries its qrels list for one split
 //!   (only which queries the split has is read, never their judgements);
 //! - a JSONL or text file, as above (a title is refused: queries have none).
@@ -39,13 +39,21 @@ enum TextLine {
     },
 }
 
+/// What an unlabeled text stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextRole {
+    /// A document (`--train-texts`), through the document template.
+    Document,
+    /// A query (`--train-queries`), with the model's query prompt; a
+    /// teacher with another tokenizer reads it with its own prompt.
+    Query,
+}
+
 /// One unlabeled training text, written as the model encodes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnlabeledText {
     pub text: String,
-    /// Written with the model's query prompt (`--train-queries`); a teacher
-    /// that formats text its own way reads it with its query prompt.
-    pub is_query: bool,
+    pub role: TextRole,
 }
 
 /// Where the unlabeled texts come from.
@@ -60,9 +68,10 @@ pub struct TextSources<'a> {
 }
 
 /// The distinct texts of every source, formatted as the model encodes them,
-/// documents first, each in the order first seen (a text written the same
-/// way in both roles keeps its first). Each source must hold at least one
-/// text.
+/// documents first, each in the order first seen. A text written the same
+/// way in both roles (a model without a query prompt) is kept once, as a
+/// document: the teacher's embeddings are looked up by the student's text.
+/// Each source must hold at least one text.
 pub fn load_texts(sources: &TextSources, format: &TextFormat) -> Result<Vec<UnlabeledText>> {
     if sources.documents.is_empty() && sources.queries.is_empty() {
         return Err(Error::InvalidArgument(
@@ -74,27 +83,26 @@ pub fn load_texts(sources: &TextSources, format: &TextFormat) -> Result<Vec<Unla
     let roles = sources
         .documents
         .iter()
-        .map(|p| (p, false))
-        .chain(sources.queries.iter().map(|p| (p, true)));
-    for (path, is_query) in roles {
-        let found = match (path.is_dir(), is_query) {
-            (true, false) => beir_texts(path, format)?,
-            (true, true) => beir_queries(path, sources.query_split, format)?,
-            (false, _) => file_texts(path, format, is_query)?,
+        .map(|p| (p, TextRole::Document))
+        .chain(sources.queries.iter().map(|p| (p, TextRole::Query)));
+    for (path, role) in roles {
+        let found = match (path.is_dir(), role) {
+            (true, TextRole::Document) => beir_documents(path, format)?,
+            (true, TextRole::Query) => beir_queries(path, sources.query_split, format)?,
+            (false, _) => file_texts(path, format, role)?,
         };
         if found.is_empty() {
             return Err(Error::EmptyInput {
                 path: path.clone(),
-                message: if is_query {
-                    "no training queries".into()
-                } else {
-                    "no training text".into()
+                message: match role {
+                    TextRole::Document => "no training text".into(),
+                    TextRole::Query => "no training queries".into(),
                 },
             });
         }
         for text in found {
             if seen.insert(text.clone()) {
-                texts.push(UnlabeledText { text, is_query });
+                texts.push(UnlabeledText { text, role });
             }
         }
     }
@@ -107,7 +115,7 @@ pub fn fingerprint(texts: &[UnlabeledText]) -> String {
     let mut h = blake3::Hasher::new();
     for t in texts {
         h.update(t.text.as_bytes());
-        if t.is_query {
+        if t.role == TextRole::Query {
             h.update(b"\0query");
         }
         h.update(&[0]);
@@ -115,7 +123,7 @@ pub fn fingerprint(texts: &[UnlabeledText]) -> String {
     h.finalize().to_hex().to_string()
 }
 
-fn beir_texts(dir: &Path, format: &TextFormat) -> Result<Vec<String>> {
+fn beir_documents(dir: &Path, format: &TextFormat) -> Result<Vec<String>> {
     Ok(load_corpus(dir)?
         .iter()
         .map(|d| format.document(d).trim().to_string())
@@ -133,7 +141,7 @@ fn beir_queries(dir: &Path, split: &str, format: &TextFormat) -> Result<Vec<Stri
         .collect())
 }
 
-fn file_texts(path: &Path, format: &TextFormat, is_query: bool) -> Result<Vec<String>> {
+fn file_texts(path: &Path, format: &TextFormat, role: TextRole) -> Result<Vec<String>> {
     let name = path.file_name().map(|n| n.to_string_lossy().to_string());
     let jsonl = name.is_some_and(|n| n.ends_with(".jsonl") || n.ends_with(".jsonl.gz"));
     let bytes = read_maybe_gzip(path)?;
@@ -164,7 +172,7 @@ fn file_texts(path: &Path, format: &TextFormat, is_query: bool) -> Result<Vec<St
         } else {
             (String::new(), text.to_string())
         };
-        let formatted = if is_query {
+        let formatted = if role == TextRole::Query {
             if !title.is_empty() {
                 return Err(input_error(
                     "a query has no title; give {\"text\": ...} only".into(),
@@ -247,19 +255,19 @@ mod tests {
             query_split: "train",
         };
         let texts = load_texts(&sources, &format()).unwrap();
-        let got: Vec<(&str, bool)> = texts
-            .iter()
-            .map(|t| (t.text.as_str(), t.is_query))
-            .collect();
+        let got: Vec<(&str, TextRole)> = texts.iter().map(|t| (t.text.as_str(), t.role)).collect();
         assert_eq!(
             got,
             vec![
-                ("Cats Cats purr.", false),
-                ("Dogs bark.", false),
+                ("Cats Cats purr.", TextRole::Document),
+                ("Dogs bark.", TextRole::Document),
                 // The train split's query with text; q2 is a test query.
-                ("Instruct: find it\nQuery: do cats purr", true),
-                ("Instruct: find it\nQuery: what is a dog", true),
-                ("Instruct: find it\nQuery: why do cats purr", true),
+                ("Instruct: find it\nQuery: do cats purr", TextRole::Query),
+                ("Instruct: find it\nQuery: what is a dog", TextRole::Query),
+                (
+                    "Instruct: find it\nQuery: why do cats purr",
+                    TextRole::Query
+                ),
             ]
         );
     }
@@ -268,7 +276,7 @@ mod tests {
     fn the_fingerprint_of_documents_is_their_text_and_a_role_changes_it() {
         let doc = |text: &str| UnlabeledText {
             text: text.into(),
-            is_query: false,
+            role: TextRole::Document,
         };
         let texts = vec![doc("a"), doc("b")];
         // As before texts had roles: each text and a zero byte.
@@ -276,8 +284,34 @@ mod tests {
         h.update(b"a\0b\0");
         assert_eq!(fingerprint(&texts), h.finalize().to_hex().to_string());
         let mut as_query = texts.clone();
-        as_query[1].is_query = true;
+        as_query[1].role = TextRole::Query;
         assert_ne!(fingerprint(&texts), fingerprint(&as_query));
+    }
+
+    #[test]
+    fn a_text_in_both_roles_is_kept_once_as_a_document() {
+        let work = tempfile::tempdir().unwrap();
+        let (documents, queries) = (work.path().join("d.txt"), work.path().join("q.txt"));
+        std::fs::write(&documents, "same text\n").unwrap();
+        std::fs::write(&queries, "same text\nonly a query\n").unwrap();
+        let unprompted = TextFormat {
+            query_prefix: String::new(),
+            ..format()
+        };
+        let sources = TextSources {
+            documents: std::slice::from_ref(&documents),
+            queries: std::slice::from_ref(&queries),
+            query_split: "train",
+        };
+        let texts = load_texts(&sources, &unprompted).unwrap();
+        let got: Vec<(&str, TextRole)> = texts.iter().map(|t| (t.text.as_str(), t.role)).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("same text", TextRole::Document),
+                ("only a query", TextRole::Query)
+            ]
+        );
     }
 
     #[test]

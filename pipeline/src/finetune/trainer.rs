@@ -25,7 +25,7 @@ use super::objective::{
 };
 use super::optimizer::{clip_grad_norm, learning_rate, AdamW, AdamWSettings};
 use super::teacher::{texts_in_teacher_format, TeacherEmbeddings};
-use super::texts::UnlabeledText;
+use super::texts::{TextRole, UnlabeledText};
 use crate::data::sampling::{shuffled_indices, SplitMix64};
 use crate::data::text_format::TextFormat;
 use crate::error::{Error, Result};
@@ -502,7 +502,10 @@ fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
 /// with whether it is a query.
 fn teacher_texts(data: TrainingData, config: &FinetuneConfig) -> BTreeMap<String, bool> {
     match data {
-        TrainingData::Texts(texts) => texts.iter().map(|t| (t.text.clone(), t.is_query)).collect(),
+        TrainingData::Texts(texts) => texts
+            .iter()
+            .map(|t| (t.text.clone(), t.role == TextRole::Query))
+            .collect(),
         TrainingData::Pairs(examples) => {
             let mut texts = BTreeMap::new();
             for e in examples {
