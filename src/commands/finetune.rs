@@ -63,6 +63,7 @@ pub struct FinetuneArgs {
     /// Override the config's max_steps.
     #[arg(long)]
     pub max_steps: Option<usize>,
+    /// No progress bars (the step log, train_log.jsonl, is written either way).
     #[arg(long)]
     pub quiet: bool,
     /// Crash on purpose (abort, no clean-up) after checkpointing this step: for resume tests.
