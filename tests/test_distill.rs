@@ -321,6 +321,28 @@ fn a_pruned_gemma3_moves_toward_its_teacher_on_texts_it_never_saw() {
     assert_closer_on_held_out(&teacher, &pruned, &out);
 }
 
+/// The teacher reads each text only as far as the student does
+/// (`max_length`): a model distilled from itself at 4 tokens, on texts
+/// longer than that, starts at zero distance. A teacher embedding whole
+/// texts would set targets the truncated student cannot reach.
+#[test]
+fn the_teacher_truncates_texts_at_the_runs_max_length() {
+    let work = tempfile::tempdir().unwrap();
+    let model = fixture("bert");
+    let texts = train_texts(work.path());
+    let config = distill_config(
+        work.path(),
+        &model,
+        "max_steps: 1\nmax_length: 4\ncheckpoint_every: 0\n",
+    );
+    let out = work.path().join("out");
+    let o = distill(&model, &[&texts], &out, &config, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let first = &step_log(&out)[0];
+    let distance = first["embedding_distance"].as_f64().unwrap();
+    assert!(distance.abs() < 1e-6, "{first}");
+}
+
 /// `--seed` overrides the config's seed (the data order, so which texts
 /// share a batch): the run records it, and its first batch is another one.
 #[test]

@@ -733,8 +733,9 @@ fn resume(
 }
 
 /// The teacher's embeddings of every text the run scores, with either kind
-/// of distillation; cached by teacher weights and texts, so runs on the
-/// same data share them.
+/// of distillation, each text truncated at the run's `max_length` as the
+/// student's is; cached by teacher weights, length and texts, so runs on
+/// the same data share them.
 ///
 /// Embedding distillation's embedding term (`weight` above 0) compares
 /// embeddings of the same text, so its teacher must share the student's
@@ -771,7 +772,14 @@ fn load_teacher(
             student_dir.display()
         )));
     }
-    let load = || Embedder::load(teacher_dir, &LoadOptions::default());
+    // The teacher reads each text as far as the student does: a target
+    // computed from tokens the student never sees (EmbeddingGemma's own
+    // limit is 2,048 tokens, a run's often 256) cannot be matched.
+    let options = LoadOptions {
+        max_length: config.max_length,
+        ..Default::default()
+    };
+    let load = || Embedder::load(teacher_dir, &options);
     let mut loaded = None;
     let texts = teacher_texts(data, config);
     // What the teacher embeds for each student text.
@@ -798,6 +806,9 @@ fn load_teacher(
             .0
             .as_bytes(),
     );
+    if let Some(n) = config.max_length {
+        h.update(format!("max_length {n}\0").as_bytes());
+    }
     for (text, view) in &teacher_view {
         h.update(text.as_bytes());
         h.update(&[0]);
