@@ -49,6 +49,24 @@ pub fn texts_in_teacher_format(
         .collect()
 }
 
+/// The teacher model: the one the run already holds for the token term, or
+/// one loaded for the embeddings alone.
+pub enum TeacherModel<'a> {
+    Shared(&'a Embedder),
+    Loaded(Embedder),
+}
+
+impl std::ops::Deref for TeacherModel<'_> {
+    type Target = Embedder;
+
+    fn deref(&self) -> &Embedder {
+        match self {
+            Self::Shared(e) => e,
+            Self::Loaded(e) => e,
+        }
+    }
+}
+
 /// Teacher embeddings by text.
 pub struct TeacherEmbeddings {
     index: HashMap<String, usize>,
@@ -66,8 +84,8 @@ impl TeacherEmbeddings {
     /// the cache. `texts` maps each text the student scores to the text the
     /// teacher embeds for it (the same text, or the text in the teacher's
     /// own format).
-    pub fn load_or_compute(
-        load_teacher: impl FnOnce() -> Result<Embedder>,
+    pub fn load_or_compute<'a>(
+        load_teacher: impl FnOnce() -> Result<TeacherModel<'a>>,
         texts: &BTreeMap<String, String>,
         cache: &Path,
         batch_size: usize,

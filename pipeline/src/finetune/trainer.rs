@@ -24,7 +24,7 @@ use super::objective::{
     candidate_scores, distillation_kl, embedding_distance, info_nce, similarity_kl, token_distance,
 };
 use super::optimizer::{clip_grad_norm, learning_rate, AdamW, AdamWSettings};
-use super::teacher::{texts_in_teacher_format, TeacherEmbeddings};
+use super::teacher::{texts_in_teacher_format, TeacherEmbeddings, TeacherModel};
 use super::texts::{TextRole, UnlabeledText};
 use crate::data::sampling::{shuffled_indices, SplitMix64};
 use crate::data::text_format::TextFormat;
@@ -588,7 +588,13 @@ pub fn finetune(
     };
     let embedder = embedder_with(run.model, weights.all.clone(), config)?;
     let teacher_model = load_token_teacher(&embedder, config)?;
-    let teacher = load_teacher(&embedder, config, data, teacher_progress)?;
+    let teacher = load_teacher(
+        &embedder,
+        config,
+        data,
+        teacher_model.as_ref(),
+        teacher_progress,
+    )?;
     let mut order = epoch_order(data.len(), config.seed, state.epoch);
     let start = Instant::now();
     let steps_at_start = state.step;
@@ -744,10 +750,14 @@ fn resume(
 /// (all-MiniLM-L6-v2 teaching a decoder LLM) reads each text as it formats
 /// text itself, its own query prompt in place of the student's; both must
 /// write documents the same way.
+///
+/// `token_teacher`, the teacher the token term already loaded (the same
+/// directory, at the same length), embeds the texts instead of a second copy.
 fn load_teacher(
     student: &Embedder,
     config: &FinetuneConfig,
     data: TrainingData,
+    token_teacher: Option<&Embedder>,
     teacher_progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Option<TeacherEmbeddings>> {
     let teacher_dir = match (&config.distillation, &config.embedding_distillation) {
@@ -779,7 +789,12 @@ fn load_teacher(
         max_length: config.max_length,
         ..Default::default()
     };
-    let load = || Embedder::load(teacher_dir, &options);
+    let load = || -> Result<TeacherModel> {
+        Ok(match token_teacher {
+            Some(teacher) => TeacherModel::Shared(teacher),
+            None => TeacherModel::Loaded(Embedder::load(teacher_dir, &options)?),
+        })
+    };
     let mut loaded = None;
     let texts = teacher_texts(data, config);
     // What the teacher embeds for each student text.
