@@ -53,7 +53,7 @@ pub fn texts_in_teacher_format(
 /// one loaded for the embeddings alone.
 pub enum TeacherModel<'a> {
     Shared(&'a Embedder),
-    Loaded(Embedder),
+    Loaded(Box<Embedder>),
 }
 
 impl std::ops::Deref for TeacherModel<'_> {

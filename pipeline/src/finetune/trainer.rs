@@ -792,7 +792,7 @@ fn load_teacher(
     let load = || -> Result<TeacherModel> {
         Ok(match token_teacher {
             Some(teacher) => TeacherModel::Shared(teacher),
-            None => TeacherModel::Loaded(Embedder::load(teacher_dir, &options)?),
+            None => TeacherModel::Loaded(Box::new(Embedder::load(teacher_dir, &options)?)),
         })
     };
     let mut loaded = None;
