@@ -5,7 +5,8 @@
 //! (through its embeddings, or token by token through its last hidden
 //! states), query text keeps the student's prompt while a teacher of
 //! another tokenizer reads it with its own, `--seed` overrides the config's,
-//! a killed run resumes bit for bit, and bad input fails before training
+//! a killed run resumes bit for bit (killed while its teacher embeds, too,
+//! after the teacher's saved parts), and bad input fails before training
 //! with nothing written.
 
 mod common;
@@ -547,6 +548,108 @@ fn a_killed_distillation_resumes_to_the_same_weights_bit_for_bit() {
     assert!(!o.status.success(), "resumed with other text");
     assert!(stderr(&o).contains("other training data"), "{}", stderr(&o));
     assert!(!other.exists());
+}
+
+/// The one teacher cache file (`teacher-*.safetensors`) in `dir`, and the
+/// unfinished parts directories there.
+fn teacher_cache(dir: &Path) -> (Option<PathBuf>, Vec<PathBuf>) {
+    let mut cache = None;
+    let mut parts = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if name.starts_with("teacher-") && name.ends_with(".safetensors") {
+            assert!(cache.is_none(), "two teacher caches in {}", dir.display());
+            cache = Some(path);
+        } else if name.contains(".parts-") {
+            parts.push(path);
+        }
+    }
+    (cache, parts)
+}
+
+#[test]
+fn a_run_killed_while_its_teacher_embeds_resumes_after_the_saved_parts() {
+    let work = tempfile::tempdir().unwrap();
+    let teacher = fixture("bert");
+    let pruned = common::prune_fixture("bert", work.path(), TRAIN_TEXTS, &["--mlp-keep", "0.5"]);
+    let texts = train_texts(work.path());
+    let config = distill_config(
+        work.path(),
+        &teacher,
+        "max_steps: 1
+",
+    );
+    let run = |out: &Path, cache: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "finetune",
+            "--quiet",
+            "--model",
+            pruned.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+            "--train-texts",
+            texts.to_str().unwrap(),
+            "--teacher-save-every",
+            "4",
+        ];
+        args.extend_from_slice(extra);
+        common::effir_env(
+            &args,
+            &[
+                ("EFFIR_CACHE_DIR", cache.to_str().unwrap()),
+                ("EFFIR_LOG", "info"),
+            ],
+        )
+    };
+    // Uninterrupted: the 12 texts in parts of 4, then one cache file and
+    // no parts left behind.
+    let straight_cache = work.path().join("cache-straight");
+    let o = run(&work.path().join("straight"), &straight_cache, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (straight, parts) = teacher_cache(&straight_cache);
+    assert!(parts.is_empty(), "parts left: {parts:?}");
+    let straight = straight.expect("a teacher cache");
+
+    // Killed once 10 texts are embedded: the first two parts (8 texts) are
+    // saved, the third was not, and there is no cache yet.
+    let cache = work.path().join("cache-killed");
+    let out = work.path().join("resumed");
+    let o = run(&out, &cache, &["--abort-after-teacher-texts", "10"]);
+    assert!(!o.status.success(), "the abort did not happen");
+    assert!(!out.exists());
+    let (none, parts) = teacher_cache(&cache);
+    assert!(none.is_none(), "a cache after the kill");
+    assert_eq!(parts.len(), 1, "{parts:?}");
+    let mut saved: Vec<String> = std::fs::read_dir(&parts[0])
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    saved.sort();
+    assert_eq!(
+        saved,
+        ["part-000000.safetensors", "part-000001.safetensors"]
+    );
+
+    // Run again: the teacher starts after the 8 saved texts, and the cache
+    // equals the uninterrupted run's bit for bit.
+    let o = run(&out, &cache, &["--resume"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("resuming after the saved parts") && err.contains("saved=8"),
+        "{err}"
+    );
+    let (resumed, parts) = teacher_cache(&cache);
+    assert!(parts.is_empty(), "parts left: {parts:?}");
+    let resumed = resumed.expect("a teacher cache");
+    assert_eq!(resumed.file_name(), straight.file_name());
+    assert_eq!(
+        std::fs::read(&resumed).unwrap(),
+        std::fs::read(&straight).unwrap()
+    );
 }
 
 #[test]

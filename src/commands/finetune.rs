@@ -66,9 +66,18 @@ pub struct FinetuneArgs {
     /// No progress bars (the step log, train_log.jsonl, is written either way).
     #[arg(long)]
     pub quiet: bool,
+    /// Save the distillation teacher's embeddings every N texts while they
+    /// are computed, so a run interrupted then resumes there instead of
+    /// starting the teacher over (hours for an LLM teacher on a CPU).
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
+    pub teacher_save_every: u64,
     /// Crash on purpose (abort, no clean-up) after checkpointing this step: for resume tests.
     #[arg(long, hide = true)]
     pub abort_after_step: Option<usize>,
+    /// Crash on purpose once the teacher has embedded this many texts
+    /// (before saving the part in progress): for resume tests.
+    #[arg(long, hide = true)]
+    pub abort_after_teacher_texts: Option<usize>,
 }
 
 pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
@@ -179,6 +188,7 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         checkpoints: &checkpoints,
         resume: args.resume,
         data_fingerprint: fingerprint,
+        teacher_part_texts: args.teacher_save_every as usize,
     };
     let metric = config
         .dev
@@ -207,6 +217,10 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
             }
         },
         &mut |done, total| {
+            if args.abort_after_teacher_texts.is_some_and(|n| done >= n) {
+                eprintln!("aborting after {done} teacher texts (--abort-after-teacher-texts)");
+                std::process::abort();
+            }
             bar.set_message(format!("teacher embeddings {done}/{total}"));
         },
         &mut |embedder| {

@@ -78,48 +78,97 @@ fn key(text: &str) -> String {
     blake3::hash(text.as_bytes()).to_hex().to_string()
 }
 
+/// Where the parts of an unfinished teacher computation are saved: the
+/// part size is in the name, so parts of another size are never mixed in.
+pub fn parts_dir(cache: &Path, part_texts: usize) -> std::path::PathBuf {
+    cache.with_extension(format!("parts-{part_texts}"))
+}
+
+/// A saved part's embeddings, if it is complete (`rows` rows); a missing
+/// or unreadable part is computed again.
+fn read_part(path: &Path, rows: usize) -> Result<Option<Tensor>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let part = match candle_core::safetensors::load(path, &Device::Cpu) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "an unreadable teacher part is computed again");
+            return Ok(None);
+        }
+    };
+    Ok(part
+        .get("embeddings")
+        .filter(|m| m.dims().first() == Some(&rows))
+        .cloned())
+}
+
 impl TeacherEmbeddings {
     /// Loads `cache` if it holds every text of `texts`, else embeds them
     /// with the teacher `load_teacher` gives (called only then) and writes
     /// the cache. `texts` maps each text the student scores to the text the
     /// teacher embeds for it (the same text, or the text in the teacher's
     /// own format).
+    ///
+    /// The texts are embedded in parts of `part_texts`, each saved as it is
+    /// done (beside the cache, in `<cache>.parts-<part_texts>/`), so a run
+    /// interrupted while its teacher embeds picks up at the first missing
+    /// part; the parts are removed once the cache is written. Each part is
+    /// embedded alone, so a resumed computation gives the uninterrupted
+    /// one's embeddings bit for bit. `progress` gets texts done and total,
+    /// counting those of saved parts.
     pub fn load_or_compute<'a>(
         load_teacher: impl FnOnce() -> Result<TeacherModel<'a>>,
         texts: &BTreeMap<String, String>,
         cache: &Path,
         batch_size: usize,
+        part_texts: usize,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
         let keys: Vec<String> = texts.keys().map(|t| key(t)).collect();
-        if cache.is_file() {
-            let tensors = candle_core::safetensors::load(cache, &Device::Cpu)
-                .map_err(|e| Error::weights(cache, e))?;
-            let names_path = cache.with_extension("keys.json");
-            let names: Vec<String> = crate::io::json_file::read_json(&names_path)?;
-            if let Some(matrix) = tensors.get("embeddings") {
-                let index: HashMap<String, usize> =
-                    names.into_iter().enumerate().map(|(i, k)| (k, i)).collect();
-                if keys.iter().all(|k| index.contains_key(k)) {
-                    tracing::info!(path = %cache.display(), "teacher embeddings from the cache");
-                    return Ok(Self {
-                        index,
-                        matrix: matrix.clone(),
-                    });
-                }
-            }
+        if let Some(cached) = Self::load_cache(cache, &keys)? {
+            return Ok(cached);
         }
-        let teacher = load_teacher()?;
         let list: Vec<&str> = texts.values().map(String::as_str).collect();
         let total = list.len();
-        let m = teacher.embed(&list, "", batch_size, &mut |done| progress(done, total))?;
-        let (n, d) = m.dim();
-        let matrix = Tensor::from_vec(m.into_raw_vec_and_offset().0, (n, d), &Device::Cpu)?;
-        let matrix = super::objective::normalize(&matrix)?;
-        let map = HashMap::from([("embeddings".to_string(), matrix.clone())]);
-        if let Some(parent) = cache.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        let part_texts = part_texts.max(1);
+        let parts_dir = parts_dir(cache, part_texts);
+        std::fs::create_dir_all(&parts_dir).map_err(|e| Error::io(&parts_dir, e))?;
+        let mut teacher = Some(load_teacher);
+        let mut model: Option<TeacherModel<'a>> = None;
+        let mut rows = Vec::with_capacity(list.len().div_ceil(part_texts));
+        let mut saved = 0;
+        for (i, part) in list.chunks(part_texts).enumerate() {
+            let done = i * part_texts;
+            let path = parts_dir.join(format!("part-{i:06}.safetensors"));
+            if let Some(m) = read_part(&path, part.len())? {
+                saved += part.len();
+                progress(done + part.len(), total);
+                rows.push(m);
+                continue;
+            }
+            if model.is_none() {
+                if saved > 0 {
+                    tracing::info!(
+                        saved,
+                        total,
+                        path = %parts_dir.display(),
+                        "teacher embeddings: resuming after the saved parts"
+                    );
+                }
+                model = Some((teacher.take().expect("loaded once"))()?);
+            }
+            let teacher = model.as_ref().expect("loaded");
+            let m = teacher.embed(part, "", batch_size, &mut |n| progress(done + n, total))?;
+            let (n, d) = m.dim();
+            let m = Tensor::from_vec(m.into_raw_vec_and_offset().0, (n, d), &Device::Cpu)?;
+            let m = super::objective::normalize(&m)?;
+            let map = HashMap::from([("embeddings".to_string(), m.clone())]);
+            crate::io::atomic_file::save_safetensors(&map, &path)?;
+            rows.push(m);
         }
+        let matrix = Tensor::cat(&rows, 0)?;
+        let map = HashMap::from([("embeddings".to_string(), matrix.clone())]);
         // The keys first, then the embeddings written beside the cache and
         // renamed into place: a killed run leaves no half-written cache,
         // and a cache file always has its keys.
@@ -131,10 +180,35 @@ impl TeacherEmbeddings {
         let partial = cache.with_extension("safetensors.partial");
         crate::io::atomic_file::save_safetensors(&map, &partial)?;
         std::fs::rename(&partial, cache).map_err(|e| Error::io(cache, e))?;
+        std::fs::remove_dir_all(&parts_dir).map_err(|e| Error::io(&parts_dir, e))?;
         Ok(Self {
             index: keys.into_iter().enumerate().map(|(i, k)| (k, i)).collect(),
             matrix,
         })
+    }
+
+    /// The cache at `cache`, if it holds every one of `keys`.
+    fn load_cache(cache: &Path, keys: &[String]) -> Result<Option<Self>> {
+        if !cache.is_file() {
+            return Ok(None);
+        }
+        let tensors = candle_core::safetensors::load(cache, &Device::Cpu)
+            .map_err(|e| Error::weights(cache, e))?;
+        let names_path = cache.with_extension("keys.json");
+        let names: Vec<String> = crate::io::json_file::read_json(&names_path)?;
+        let Some(matrix) = tensors.get("embeddings") else {
+            return Ok(None);
+        };
+        let index: HashMap<String, usize> =
+            names.into_iter().enumerate().map(|(i, k)| (k, i)).collect();
+        if !keys.iter().all(|k| index.contains_key(k)) {
+            return Ok(None);
+        }
+        tracing::info!(path = %cache.display(), "teacher embeddings from the cache");
+        Ok(Some(Self {
+            index,
+            matrix: matrix.clone(),
+        }))
     }
 
     /// The teacher's unit embeddings `(N, D)` of `texts`, in order.

@@ -78,6 +78,10 @@ pub struct TrainingRun<'a> {
     pub resume: bool,
     /// A hash of the data and settings; a resumed run must match it.
     pub data_fingerprint: String,
+    /// The teacher's embeddings are saved every this many texts while they
+    /// are computed, so a run interrupted then resumes there
+    /// ([`TeacherEmbeddings::load_or_compute`]).
+    pub teacher_part_texts: usize,
 }
 
 /// What a run trains on: labeled query–document examples, or unlabeled
@@ -593,6 +597,7 @@ pub fn finetune(
         config,
         data,
         teacher_model.as_ref(),
+        run.teacher_part_texts,
         teacher_progress,
     )?;
     let mut order = epoch_order(data.len(), config.seed, state.epoch);
@@ -758,6 +763,7 @@ fn load_teacher(
     config: &FinetuneConfig,
     data: TrainingData,
     token_teacher: Option<&Embedder>,
+    part_texts: usize,
     teacher_progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Option<TeacherEmbeddings>> {
     let teacher_dir = match (&config.distillation, &config.embedding_distillation) {
@@ -860,6 +866,7 @@ fn load_teacher(
         &teacher_view,
         &cache,
         32,
+        part_texts,
         teacher_progress,
     )?))
 }
