@@ -616,6 +616,135 @@ fn onnx_runtime_runs_the_emitted_gelu_as_one_fused_operator() {
 }
 
 #[test]
+fn the_attention_operator_form_computes_the_same_embeddings_as_one_kernel_per_layer() {
+    let work = tempfile::tempdir().unwrap();
+    let model = fixture("bert");
+    let layers = common::read_json(&model.join("config.json"))["num_hidden_layers"]
+        .as_u64()
+        .unwrap() as usize;
+    let texts = padded_batch_texts(&model);
+    let want = embed(
+        &Embedder::load(&model, &LoadOptions::default()).unwrap(),
+        &texts,
+    );
+    for precision in [
+        MatmulPrecision::Float32,
+        MatmulPrecision::Int8(Int8Kernel::U8s8),
+    ] {
+        let mut opts = options(Profile::SentenceTransformers);
+        opts.target = Target::Any;
+        opts.emit.precision = precision;
+        opts.emit.attention_mask = Some(AttentionMask::Operator);
+        opts.emit.opset = 23;
+        let dir = export_to(
+            &model,
+            work.path(),
+            &format!("{}-operator", precision.name()),
+            &opts,
+        );
+        let summary = common::read_json(&dir.join("effir_export.json"));
+        assert_eq!(summary["attention_mask"], "operator");
+        assert_eq!(summary["opset"], 23);
+        // One standard Attention node per layer, no Softmax or head
+        // transposes around it, and ONNX Runtime keeps it as one kernel.
+        let written = GraphFile::read(&dir.join("model.onnx"))
+            .unwrap()
+            .op_counts();
+        assert_eq!(written.get("Attention"), Some(&layers), "{written:?}");
+        assert!(!written.contains_key("Softmax"), "{written:?}");
+        assert!(!written.contains_key("Transpose"), "{written:?}");
+        let run = effir_onnx::session::runtime_operators(&dir.join("model.onnx")).unwrap();
+        assert_eq!(run.get("Attention"), Some(&layers), "{run:?}");
+        // The folded graph's embeddings on padded batches (empty and
+        // one-token texts included); in fp32, candle's.
+        let folded = export_bert(
+            work.path(),
+            &format!("{}-folded", precision.name()),
+            precision,
+            None,
+        );
+        let got = embed(&open(&dir), &texts);
+        let got_folded = embed(&open(&folded), &texts);
+        for (i, (x, y)) in got.iter().zip(&got_folded).enumerate() {
+            let diff = x
+                .iter()
+                .zip(y)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                diff <= 1e-5,
+                "{}: text {i} differs by {diff}",
+                precision.name()
+            );
+        }
+        if precision == MatmulPrecision::Float32 {
+            assert_rows_match("operator fp32", &got, &want);
+        }
+        python_check(&dir);
+    }
+}
+
+#[test]
+fn the_attention_operator_form_needs_opset_23_and_is_refused_where_it_cannot_work() {
+    let work = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "bert",
+            Target::TensorRt,
+            MatmulPrecision::Float32,
+            23,
+            "TensorRT",
+        ),
+        ("bert", Target::Any, MatmulPrecision::Float16, 23, "fp16"),
+        (
+            "bert",
+            Target::Any,
+            MatmulPrecision::Float32,
+            17,
+            "needs opset 23 or later (asked: 17)",
+        ),
+        (
+            "gemma3",
+            Target::Any,
+            MatmulPrecision::Float32,
+            23,
+            "depends on the query",
+        ),
+    ];
+    for (arch, target, precision, opset, message) in cases {
+        let mut opts = options(Profile::Optimum);
+        opts.target = target;
+        opts.emit.precision = precision;
+        opts.emit.opset = opset;
+        opts.emit.attention_mask = Some(AttentionMask::Operator);
+        let out = work
+            .path()
+            .join(format!("{arch}-{}-{opset}", precision.name()));
+        let err = export(&fixture(arch), &out, &opts)
+            .expect_err(message)
+            .to_string();
+        assert!(err.contains(message), "{err}");
+        assert!(!out.exists(), "{}", out.display());
+    }
+    // The command line sets opset 23 itself when none is given.
+    let out = work.path().join("cli");
+    let o = common::effir(&[
+        "export",
+        "--model",
+        fixture("bert").to_str().unwrap(),
+        "--attention-mask",
+        "operator",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        common::read_json(&out.join("effir_export.json"))["opset"],
+        23
+    );
+}
+
+#[test]
 fn the_folded_mask_is_refused_where_it_cannot_work_and_nothing_is_written() {
     let work = tempfile::tempdir().unwrap();
     let cases = [

@@ -244,13 +244,15 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
     // TensorRT's attention fusion matches the added mask.
     let mut emit_options = options.emit.clone();
     if options.target == Target::TensorRt {
-        if emit_options.attention_mask == Some(AttentionMask::Folded) {
-            return Err(Error::InvalidArgument(
-                "--attention-mask folded is for ONNX Runtime's CPU provider; TensorRT's attention \
+        if let Some(mask @ (AttentionMask::Folded | AttentionMask::Operator)) =
+            emit_options.attention_mask
+        {
+            return Err(Error::InvalidArgument(format!(
+                "--attention-mask {} is for ONNX Runtime's CPU provider; TensorRT's attention \
                  fusion matches the added mask (--attention-mask added, the default with \
-                 --target tensorrt)"
-                    .into(),
-            ));
+                 --target tensorrt)",
+                mask.name()
+            )));
         }
         emit_options.attention_mask = Some(AttentionMask::Added);
     }
