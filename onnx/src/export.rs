@@ -244,15 +244,13 @@ pub fn export(model_dir: &Path, out: &Path, options: &ExportOptions) -> Result<E
     // TensorRT's attention fusion matches the added mask.
     let mut emit_options = options.emit.clone();
     if options.target == Target::TensorRt {
-        if let Some(mask @ (AttentionMask::Folded | AttentionMask::Operator)) =
-            emit_options.attention_mask
-        {
-            return Err(Error::InvalidArgument(format!(
-                "--attention-mask {} is for ONNX Runtime's CPU provider; TensorRT's attention \
+        if emit_options.attention_mask == Some(AttentionMask::Folded) {
+            return Err(Error::InvalidArgument(
+                "--attention-mask folded is for ONNX Runtime's CPU provider; TensorRT's attention \
                  fusion matches the added mask (--attention-mask added, the default with \
-                 --target tensorrt)",
-                mask.name()
-            )));
+                 --target tensorrt)"
+                    .into(),
+            ));
         }
         emit_options.attention_mask = Some(AttentionMask::Added);
     }

@@ -72,8 +72,6 @@ pub enum AttentionMaskArg {
     Added,
     /// The padding mask folded into the score product: one (B, H, T, T) pass fewer per layer (BERT; fp32 and dynamic int8).
     Folded,
-    /// The standard Attention operator (opset 23, set when --opset is not given): one kernel per layer in ONNX Runtime 1.23+ (BERT; fp32 and dynamic int8).
-    Operator,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -98,7 +96,7 @@ pub struct ExportArgs {
     /// Interface profile [default: optimum].
     #[arg(long, value_enum)]
     pub profile: Option<ProfileArg>,
-    /// ONNX opset, 17 to 23 [default: 17; 23 with --attention-mask operator].
+    /// ONNX opset, 17 to 21 [default: 17].
     #[arg(long)]
     pub opset: Option<i64>,
     /// Store weight matrices as float16 (half the size; computed in float32).
@@ -333,14 +331,6 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         }
         None
     };
-    let attention_mask = args
-        .attention_mask
-        .or(config.attention_mask)
-        .map(|mask| match mask {
-            AttentionMaskArg::Added => AttentionMask::Added,
-            AttentionMaskArg::Folded => AttentionMask::Folded,
-            AttentionMaskArg::Operator => AttentionMask::Operator,
-        });
     let options = ExportOptions {
         emit: EmitOptions {
             profile: match args
@@ -351,10 +341,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
                 ProfileArg::Optimum => Profile::Optimum,
                 ProfileArg::SentenceTransformers => Profile::SentenceTransformers,
             },
-            opset: args.opset.or(config.opset).unwrap_or(match attention_mask {
-                Some(mask) => mask.min_opset().max(DEFAULT_OPSET),
-                None => DEFAULT_OPSET,
-            }),
+            opset: args.opset.or(config.opset).unwrap_or(DEFAULT_OPSET),
             storage: match (
                 args.fp16 || config.fp16.unwrap_or(false),
                 args.bf16 || config.bf16.unwrap_or(false),
@@ -368,7 +355,13 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
             },
             precision,
             int8_smoothing,
-            attention_mask,
+            attention_mask: args
+                .attention_mask
+                .or(config.attention_mask)
+                .map(|mask| match mask {
+                    AttentionMaskArg::Added => AttentionMask::Added,
+                    AttentionMaskArg::Folded => AttentionMask::Folded,
+                }),
         },
         layout: match layout {
             LayoutArg::Flat => Layout::Flat,

@@ -9,9 +9,8 @@ use effir_pipeline::model::arch::layers::Activation;
 use effir_pipeline::ModelShape;
 
 use super::layers::{
-    activation, attention, attention_bias, layer_norm, linear, merge_heads, operator_attention,
-    query_spread_bias, split_heads, AttentionMask, BackboneInputs, FoldedKeyBias, ScoreBias,
-    SequenceInfo, Weights,
+    activation, attention, attention_bias, layer_norm, linear, merge_heads, split_heads,
+    AttentionMask, BackboneInputs, FoldedKeyBias, ScoreBias, SequenceInfo, Weights,
 };
 use crate::error::{Error, Result};
 use crate::graph::GraphBuilder;
@@ -61,7 +60,6 @@ pub fn emit(
 
     let bias = attention_bias(g, &seq, AttentionPattern::Bidirectional);
     let mut folded = (mask == AttentionMask::Folded).then(|| FoldedKeyBias::new(g, &bias));
-    let spread = (mask == AttentionMask::Operator).then(|| query_spread_bias(g, &seq, &bias));
     for (i, layer) in shape.layers.iter().enumerate() {
         let module = |path: &str| map.layer_module(i, path);
         let inner = layer.num_heads * layer.head_dim;
@@ -69,40 +67,26 @@ pub fn emit(
         let q = linear(g, w, &x, &module(attn_keys.query), h, inner, true)?;
         let k = linear(g, w, &x, &module(attn_keys.key), h, inner, true)?;
         let v = linear(g, w, &x, &module(attn_keys.value), h, inner, true)?;
+        let q = split_heads(g, &q, layer.num_heads, layer.head_dim);
+        let k = split_heads(g, &k, layer.num_heads, layer.head_dim);
+        let v = split_heads(g, &v, layer.num_heads, layer.head_dim);
         let scale = 1.0 / (layer.head_dim as f64).sqrt();
-        let merged = match &spread {
-            Some(spread) => operator_attention(
-                g,
-                &q,
-                &k,
-                &v,
-                spread,
-                layer.num_heads,
-                layer.num_heads,
-                scale,
-            ),
-            None => {
-                let q = split_heads(g, &q, layer.num_heads, layer.head_dim);
-                let k = split_heads(g, &k, layer.num_heads, layer.head_dim);
-                let v = split_heads(g, &v, layer.num_heads, layer.head_dim);
-                let score_bias = match folded.as_mut() {
-                    Some(folded) => folded.columns(g, layer.num_heads),
-                    None => ScoreBias::Added(&bias),
-                };
-                let context = attention(
-                    g,
-                    &q,
-                    &k,
-                    &v,
-                    score_bias,
-                    layer.num_heads,
-                    layer.num_heads,
-                    layer.head_dim,
-                    scale,
-                );
-                merge_heads(g, &context, layer.num_heads, layer.head_dim)
-            }
+        let score_bias = match folded.as_mut() {
+            Some(folded) => folded.columns(g, layer.num_heads),
+            None => ScoreBias::Added(&bias),
         };
+        let context = attention(
+            g,
+            &q,
+            &k,
+            &v,
+            score_bias,
+            layer.num_heads,
+            layer.num_heads,
+            layer.head_dim,
+            scale,
+        );
+        let merged = merge_heads(g, &context, layer.num_heads, layer.head_dim);
         let out = linear(g, w, &merged, &module(attn_keys.output), inner, h, true)?;
         let residual = g.add(&out, &x);
         x = layer_norm(

@@ -3,8 +3,7 @@
 //! rotary embeddings, attention masks and attention. Every block computes
 //! what the candle block computes, with standard opset-17 operators only
 //! (no contrib ops), so ONNX Runtime's CPU, CUDA and TensorRT providers all
-//! take the graph; the one exception, asked for by name, is the opset-23
-//! `Attention` operator ([`AttentionMask::Operator`]).
+//! take the graph.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -439,12 +438,6 @@ pub enum AttentionMask {
     /// graphs: the fold puts float32's lowest value into the product's
     /// operands, which float16 cannot hold and a QDQ scale cannot cover.
     Folded,
-    /// The standard `Attention` operator (opset 23) takes the projections
-    /// and the mask as its `attn_mask` ([`operator_attention`]): ONNX
-    /// Runtime runs each layer's scores, softmax and product by V as one
-    /// kernel, with no head transposes. BERT graphs, fp32 and dynamic int8;
-    /// a runtime must implement opset 23 (ONNX Runtime 1.23 and later).
-    Operator,
 }
 
 impl AttentionMask {
@@ -453,7 +446,6 @@ impl AttentionMask {
         match name {
             "added" => Some(Self::Added),
             "folded" => Some(Self::Folded),
-            "operator" => Some(Self::Operator),
             _ => None,
         }
     }
@@ -462,15 +454,6 @@ impl AttentionMask {
         match self {
             Self::Added => "added",
             Self::Folded => "folded",
-            Self::Operator => "operator",
-        }
-    }
-
-    /// The lowest opset the form's operators exist in.
-    pub fn min_opset(self) -> i64 {
-        match self {
-            Self::Added | Self::Folded => 17,
-            Self::Operator => 23,
         }
     }
 
@@ -496,54 +479,9 @@ impl AttentionMask {
                     }
                 )))
             }
-            (Self::Operator, MatmulPrecision::Float16 | MatmulPrecision::Int8Qdq) => {
-                Err(Error::InvalidArgument(format!(
-                    "--attention-mask operator is for fp32 and dynamic int8 graphs; {} graphs \
-                     keep their softmax in float32 outside an operator, so use --attention-mask added",
-                    if precision == MatmulPrecision::Float16 {
-                        "fp16"
-                    } else {
-                        "QDQ int8"
-                    }
-                )))
-            }
             _ => Ok(()),
         }
     }
-}
-
-/// The `(B, 1, 1, T)` key bias [`attention_bias`] makes, spread over the
-/// query axis to `(B, 1, T, T)`: ONNX Runtime's `Attention` kernel wants
-/// the mask's query axis spelled out (it refuses a broadcast one).
-pub fn query_spread_bias(g: &mut GraphBuilder, seq: &SequenceInfo, key_bias: &str) -> String {
-    let column = g.unsqueeze(&seq.positions, &[0, 1, 3]); // (1, 1, T, 1)
-    let shape = g.unary("Shape", &column);
-    g.node("Expand", &[key_bias, &shape], vec![])
-}
-
-/// Softmax attention as the standard `Attention` operator (opset 23) over
-/// `(B, T, H*D)` projections: `q`, `k`, `v` as the linear layers give them
-/// and `bias` `(B, 1, T, T)` ([`query_spread_bias`]) as its additive
-/// `attn_mask`. Returns the merged heads, `(B, T, H*D)`.
-pub fn operator_attention(
-    g: &mut GraphBuilder,
-    q: &str,
-    k: &str,
-    v: &str,
-    bias: &str,
-    heads: usize,
-    kv_heads: usize,
-    scale: f64,
-) -> String {
-    g.node(
-        "Attention",
-        &[q, k, v, bias],
-        vec![
-            attr_int("q_num_heads", heads as i64),
-            attr_int("kv_num_heads", kv_heads as i64),
-            attr_float("scale", scale as f32),
-        ],
-    )
 }
 
 /// Softmax attention with grouped K/V heads. `q` `(B, Hq, T, D)`, `k`/`v`

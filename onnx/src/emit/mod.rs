@@ -24,10 +24,9 @@ use effir_pipeline::io::weight_store::WeightStore;
 pub use layers::AttentionMask;
 use layers::{BackboneInputs, Weights};
 
-/// The opsets effir emits: 17 (LayerNormalization) and later; 23 for the
-/// `Attention` operator ([`AttentionMask::Operator`]).
+/// The opsets effir emits: 17 (LayerNormalization) and later.
 pub const MIN_OPSET: i64 = 17;
-pub const MAX_OPSET: i64 = 23;
+pub const MAX_OPSET: i64 = 21;
 pub const DEFAULT_OPSET: i64 = 17;
 
 /// Which inputs and outputs the graph has.
@@ -145,14 +144,6 @@ pub(crate) fn check_options(options: &EmitOptions) -> Result<()> {
     }
     if let Some(mask) = options.attention_mask {
         mask.check(options.precision)?;
-        if options.opset < mask.min_opset() {
-            return Err(Error::InvalidArgument(format!(
-                "--attention-mask {} needs opset {} or later (asked: {})",
-                mask.name(),
-                mask.min_opset(),
-                options.opset
-            )));
-        }
     }
     Ok(())
 }
@@ -210,13 +201,10 @@ fn emit(
             )
         }
         BackboneConfig::Decoder(spec) => {
-            if let Some(mask @ (AttentionMask::Folded | AttentionMask::Operator)) =
-                options.attention_mask
-            {
+            if options.attention_mask == Some(AttentionMask::Folded) {
                 return Err(Error::InvalidArgument(format!(
-                    "--attention-mask {} applies to BERT-style encoders; {}'s attention mask \
+                    "--attention-mask folded applies to BERT-style encoders; {}'s attention mask \
                      depends on the query as well as the key (causal or windowed), so it stays added",
-                    mask.name(),
                     arch.model_type()
                 )));
             }
@@ -322,7 +310,6 @@ fn ir_version(opset: i64) -> i64 {
     match opset {
         ..=18 => 8,
         19 | 20 => 9,
-        21 | 22 => 10,
-        _ => 11,
+        _ => 10,
     }
 }
