@@ -13,7 +13,9 @@ Each with every key attended, and with padding (random lengths 32..T, the
 masked keys' bias f32::MIN as effir writes it). Shapes as MiniLM at batch
 32 × 256; medians of interleaved runs.
 
-    runs/venv-optimum/bin/python benchmarks/attention_forms.py [--runs 7]
+    runs/venv-optimum/bin/python benchmarks/attention_forms.py [--runs 7] [--mask-value V]
+
+`--mask-value` replaces f32::MIN as the masked keys' bias.
 """
 
 import argparse
@@ -97,6 +99,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--mask-value", type=float, default=float(MASKED))
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((B, S, E), dtype=np.float32) for _ in range(3))
@@ -104,8 +107,8 @@ def main():
     masks = {"all attended": np.zeros((B, 1, 1, S), np.float32)}
     padded = np.zeros((B, 1, 1, S), np.float32)
     for b, n in enumerate(lengths):
-        padded[b, ..., n:] = MASKED
-    masks[f"padded (mean length {lengths.mean():.0f})"] = padded
+        padded[b, ..., n:] = args.mask_value
+    masks[f"padded (mean length {lengths.mean():.0f}, bias {args.mask_value:g})"] = padded
     so = ort.SessionOptions()
     so.intra_op_num_threads = args.threads
     forms = ["added", "folded", "attention-op"]
