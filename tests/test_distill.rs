@@ -573,13 +573,18 @@ fn a_run_killed_while_its_teacher_embeds_resumes_after_the_saved_parts() {
     let work = tempfile::tempdir().unwrap();
     let teacher = fixture("bert");
     let pruned = common::prune_fixture("bert", work.path(), TRAIN_TEXTS, &["--mlp-keep", "0.5"]);
-    let texts = train_texts(work.path());
-    let config = distill_config(
-        work.path(),
-        &teacher,
-        "max_steps: 1
-",
-    );
+    // Parts are whole blocks of 1,024 texts (the embedder's batching
+    // block): 2,600 texts make three, the last of 552.
+    let many: Vec<String> = (0..2600)
+        .map(|i| {
+            format!(
+                "text {i}: {}",
+                TRAIN_TEXTS[i % TRAIN_TEXTS.len()].repeat(1 + i % 3)
+            )
+        })
+        .collect();
+    let texts = write(work.path(), "many.txt", &many.join("\n"));
+    let config = distill_config(work.path(), &teacher, "max_steps: 1\n");
     let run = |out: &Path, cache: &Path, extra: &[&str]| {
         let mut args = vec![
             "finetune",
@@ -592,10 +597,10 @@ fn a_run_killed_while_its_teacher_embeds_resumes_after_the_saved_parts() {
             config.to_str().unwrap(),
             "--train-texts",
             texts.to_str().unwrap(),
-            "--teacher-save-every",
-            "4",
         ];
         args.extend_from_slice(extra);
+        // EFFIR_LOG=info for the resume message; effir writes no colour
+        // codes into a pipe, so it reads as plain `saved=N`.
         common::effir_env(
             &args,
             &[
@@ -604,42 +609,48 @@ fn a_run_killed_while_its_teacher_embeds_resumes_after_the_saved_parts() {
             ],
         )
     };
-    // Uninterrupted: the 12 texts in parts of 4, then one cache file and
+    // Uninterrupted, in one part (5,000 texts a part): one cache file and
     // no parts left behind.
     let straight_cache = work.path().join("cache-straight");
-    let o = run(&work.path().join("straight"), &straight_cache, &[]);
+    let o = run(
+        &work.path().join("straight"),
+        &straight_cache,
+        &["--teacher-save-every", "5000"],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let (straight, parts) = teacher_cache(&straight_cache);
     assert!(parts.is_empty(), "parts left: {parts:?}");
     let straight = straight.expect("a teacher cache");
 
-    // Killed once 10 texts are embedded: the first two parts (8 texts) are
-    // saved, the third was not, and there is no cache yet.
+    // Parts of 1 text are parts of 1,024. Killed 1,100 texts in: the first
+    // part is saved, the second was not, the third never started; no cache.
     let cache = work.path().join("cache-killed");
     let out = work.path().join("resumed");
-    let o = run(&out, &cache, &["--abort-after-teacher-texts", "10"]);
+    let small_parts = ["--teacher-save-every", "1"];
+    let o = run(
+        &out,
+        &cache,
+        &[&small_parts[..], &["--abort-after-teacher-texts", "1100"]].concat(),
+    );
     assert!(!o.status.success(), "the abort did not happen");
     assert!(!out.exists());
     let (none, parts) = teacher_cache(&cache);
     assert!(none.is_none(), "a cache after the kill");
     assert_eq!(parts.len(), 1, "{parts:?}");
-    let mut saved: Vec<String> = std::fs::read_dir(&parts[0])
+    assert!(parts[0].to_string_lossy().ends_with(".parts-1024"));
+    let saved: Vec<String> = std::fs::read_dir(&parts[0])
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
         .collect();
-    saved.sort();
-    assert_eq!(
-        saved,
-        ["part-000000.safetensors", "part-000001.safetensors"]
-    );
+    assert_eq!(saved, ["part-000000.safetensors"]);
 
-    // Run again: the teacher starts after the 8 saved texts, and the cache
-    // equals the uninterrupted run's bit for bit.
-    let o = run(&out, &cache, &["--resume"]);
+    // Run again: the teacher starts after the 1,024 saved texts, and the
+    // cache equals the one-part run's bit for bit.
+    let o = run(&out, &cache, &[&small_parts[..], &["--resume"]].concat());
     assert!(o.status.success(), "{}", stderr(&o));
     let err = stderr(&o);
     assert!(
-        err.contains("resuming after the saved parts") && err.contains("saved=8"),
+        err.contains("resuming after the saved parts") && err.contains("saved=1024"),
         "{err}"
     );
     let (resumed, parts) = teacher_cache(&cache);

@@ -66,10 +66,11 @@ pub struct FinetuneArgs {
     /// No progress bars (the step log, train_log.jsonl, is written either way).
     #[arg(long)]
     pub quiet: bool,
-    /// Save the distillation teacher's embeddings every N texts while they
-    /// are computed, so a run interrupted then resumes there instead of
-    /// starting the teacher over (hours for an LLM teacher on a CPU).
-    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Save the distillation teacher's embeddings every N texts (rounded up
+    /// to a multiple of 1,024, the embedder's batching block, so the
+    /// embeddings do not depend on it) while they are computed: a run
+    /// interrupted then resumes there instead of starting the teacher over.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
     pub teacher_save_every: u64,
     /// Crash on purpose (abort, no clean-up) after checkpointing this step: for resume tests.
     #[arg(long, hide = true)]

@@ -3,13 +3,14 @@
 //! step's teacher scores are dot products.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::data::text_format::TextFormat;
 use crate::error::{Error, Result};
 use crate::model::embedder::Embedder;
+use crate::model::encoder_setup::BATCHING_BLOCK;
 
 /// What a teacher that formats text its own way embeds for each student
 /// text (`true`: a query): queries lose the student's query prefix and get
@@ -80,27 +81,95 @@ fn key(text: &str) -> String {
 
 /// Where the parts of an unfinished teacher computation are saved: the
 /// part size is in the name, so parts of another size are never mixed in.
-pub fn parts_dir(cache: &Path, part_texts: usize) -> std::path::PathBuf {
+pub fn parts_dir(cache: &Path, part_texts: usize) -> PathBuf {
     cache.with_extension(format!("parts-{part_texts}"))
 }
 
-/// A saved part's embeddings, if it is complete (`rows` rows); a missing
-/// or unreadable part is computed again.
-fn read_part(path: &Path, rows: usize) -> Result<Option<Tensor>> {
+/// Texts a saved part holds for `asked`: rounded up to whole blocks of
+/// [`BATCHING_BLOCK`], the blocks the embedder sorts and batches texts in,
+/// so a part's batches are those of the whole list and the embeddings do
+/// not depend on the part size.
+pub fn part_size(asked: usize) -> usize {
+    asked.max(1).div_ceil(BATCHING_BLOCK) * BATCHING_BLOCK
+}
+
+/// A saved part's unit embeddings, if it is whole: `rows` float32 rows of
+/// `width` (the first part's, when known). Anything else is computed again,
+/// with a warning naming the file.
+fn read_part(path: &Path, rows: usize, width: Option<usize>) -> Option<Tensor> {
     if !path.is_file() {
-        return Ok(None);
+        return None;
     }
-    let part = match candle_core::safetensors::load(path, &Device::Cpu) {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "an unreadable teacher part is computed again");
-            return Ok(None);
-        }
+    let problem = match candle_core::safetensors::load(path, &Device::Cpu) {
+        Ok(part) => match part.get("embeddings") {
+            Some(m)
+                if m.dtype() == DType::F32
+                    && m.dims().len() == 2
+                    && m.dims()[0] == rows
+                    && width.is_none_or(|w| m.dims()[1] == w) =>
+            {
+                return Some(m.clone())
+            }
+            Some(m) => format!(
+                "{:?} {:?}, expected {rows} float32 rows{}",
+                m.dtype(),
+                m.dims(),
+                width.map(|w| format!(" of {w}")).unwrap_or_default()
+            ),
+            None => "no `embeddings` tensor".into(),
+        },
+        Err(e) => e.to_string(),
     };
-    Ok(part
-        .get("embeddings")
-        .filter(|m| m.dims().first() == Some(&rows))
-        .cloned())
+    tracing::warn!(path = %path.display(), problem, "a saved teacher part is computed again");
+    None
+}
+
+/// Writes a part: serialized whole, then written and synced through
+/// [`write_bytes_atomically`](crate::io::atomic_file::write_bytes_atomically),
+/// so a part on disk is complete.
+fn save_part(path: &Path, m: &Tensor) -> Result<()> {
+    let bytes = safetensors::serialize([("embeddings", m)], None)
+        .map_err(|e| Error::weights(path, e.into()))?;
+    crate::io::atomic_file::write_bytes_atomically(path, &bytes)
+}
+
+/// Removes the parts directories of `cache` (of every part size).
+fn remove_parts(cache: &Path) {
+    let (Some(dir), Some(stem)) = (cache.parent(), cache.file_stem()) else {
+        return;
+    };
+    let prefix = format!("{}.parts-", stem.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            let path = entry.path();
+            if let Err(e) = std::fs::remove_dir_all(&path) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(path = %path.display(), error = %e, "could not remove saved teacher parts");
+                }
+            }
+        }
+    }
+}
+
+/// An exclusive lock on a teacher cache while it is computed
+/// (`<cache>.lock`, `flock`, released by the kernel however the process
+/// ends): a second run on the same texts waits, then reads the cache.
+fn lock_cache(cache: &Path) -> Result<std::fs::File> {
+    let path = cache.with_extension("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io(&path, e))?;
+    if file.try_lock().is_err() {
+        tracing::info!(path = %path.display(), "another run computes these teacher embeddings; waiting for it");
+        file.lock().map_err(|e| Error::io(&path, e))?;
+    }
+    Ok(file)
 }
 
 impl TeacherEmbeddings {
@@ -110,13 +179,13 @@ impl TeacherEmbeddings {
     /// teacher embeds for it (the same text, or the text in the teacher's
     /// own format).
     ///
-    /// The texts are embedded in parts of `part_texts`, each saved as it is
-    /// done (beside the cache, in `<cache>.parts-<part_texts>/`), so a run
-    /// interrupted while its teacher embeds picks up at the first missing
-    /// part; the parts are removed once the cache is written. Each part is
-    /// embedded alone, so a resumed computation gives the uninterrupted
-    /// one's embeddings bit for bit. `progress` gets texts done and total,
-    /// counting those of saved parts.
+    /// The texts are embedded in parts of [`part_size`]`(part_texts)`, each
+    /// saved as it is done (beside the cache, in `<cache>.parts-<size>/`),
+    /// so a run interrupted while its teacher embeds picks up at the first
+    /// missing part; the parts are removed once the cache is written. The
+    /// embeddings are the same bit for bit whatever the part size and
+    /// however often the computation was interrupted. `progress` gets texts
+    /// done and total, counting those of saved parts.
     pub fn load_or_compute<'a>(
         load_teacher: impl FnOnce() -> Result<TeacherModel<'a>>,
         texts: &BTreeMap<String, String>,
@@ -129,19 +198,28 @@ impl TeacherEmbeddings {
         if let Some(cached) = Self::load_cache(cache, &keys)? {
             return Ok(cached);
         }
+        if let Some(parent) = cache.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        }
+        let _lock = lock_cache(cache)?;
+        // Written by the run that held the lock before us?
+        if let Some(cached) = Self::load_cache(cache, &keys)? {
+            return Ok(cached);
+        }
         let list: Vec<&str> = texts.values().map(String::as_str).collect();
         let total = list.len();
-        let part_texts = part_texts.max(1);
+        let part_texts = part_size(part_texts);
         let parts_dir = parts_dir(cache, part_texts);
         std::fs::create_dir_all(&parts_dir).map_err(|e| Error::io(&parts_dir, e))?;
         let mut teacher = Some(load_teacher);
         let mut model: Option<TeacherModel<'a>> = None;
-        let mut rows = Vec::with_capacity(list.len().div_ceil(part_texts));
+        let mut rows: Vec<Tensor> = Vec::with_capacity(list.len().div_ceil(part_texts));
         let mut saved = 0;
         for (i, part) in list.chunks(part_texts).enumerate() {
             let done = i * part_texts;
             let path = parts_dir.join(format!("part-{i:06}.safetensors"));
-            if let Some(m) = read_part(&path, part.len())? {
+            let width = rows.first().map(|m| m.dims()[1]);
+            if let Some(m) = read_part(&path, part.len(), width) {
                 saved += part.len();
                 progress(done + part.len(), total);
                 rows.push(m);
@@ -163,11 +241,10 @@ impl TeacherEmbeddings {
             let (n, d) = m.dim();
             let m = Tensor::from_vec(m.into_raw_vec_and_offset().0, (n, d), &Device::Cpu)?;
             let m = super::objective::normalize(&m)?;
-            let map = HashMap::from([("embeddings".to_string(), m.clone())]);
-            crate::io::atomic_file::save_safetensors(&map, &path)?;
+            save_part(&path, &m)?;
             rows.push(m);
         }
-        let matrix = Tensor::cat(&rows, 0)?;
+        let matrix = Tensor::cat(&rows, 0).map_err(|e| Error::weights(&parts_dir, e))?;
         let map = HashMap::from([("embeddings".to_string(), matrix.clone())]);
         // The keys first, then the embeddings written beside the cache and
         // renamed into place: a killed run leaves no half-written cache,
@@ -180,7 +257,7 @@ impl TeacherEmbeddings {
         let partial = cache.with_extension("safetensors.partial");
         crate::io::atomic_file::save_safetensors(&map, &partial)?;
         std::fs::rename(&partial, cache).map_err(|e| Error::io(cache, e))?;
-        std::fs::remove_dir_all(&parts_dir).map_err(|e| Error::io(&parts_dir, e))?;
+        remove_parts(cache);
         Ok(Self {
             index: keys.into_iter().enumerate().map(|(i, k)| (k, i)).collect(),
             matrix,
