@@ -318,6 +318,48 @@ mod tests {
     use super::*;
     use crate::data::text_format::DocumentTemplate;
 
+    #[test]
+    fn a_second_run_waits_for_the_first_and_reads_its_cache_without_a_teacher() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("teacher-x.safetensors");
+        let texts = BTreeMap::from([
+            ("one".to_string(), "one".to_string()),
+            ("two".to_string(), "two".to_string()),
+        ]);
+        // The first run holds the lock while it computes.
+        let first = lock_cache(&cache).unwrap();
+        let waiting = {
+            let (cache, texts) = (cache.clone(), texts.clone());
+            std::thread::spawn(move || {
+                TeacherEmbeddings::load_or_compute(
+                    || -> Result<TeacherModel<'static>> {
+                        panic!("the teacher was loaded: the run did not wait for the cache")
+                    },
+                    &texts,
+                    &cache,
+                    32,
+                    1024,
+                    &mut |_, _| {},
+                )
+                .map(|t| t.matrix.dims().to_vec())
+            })
+        };
+        // Give the second run time to reach the lock, then finish the
+        // first: its cache, then the lock released.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let keys: Vec<String> = texts.keys().map(|t| key(t)).collect();
+        crate::io::atomic_file::write_bytes_atomically(
+            &cache.with_extension("keys.json"),
+            serde_json::to_string(&keys).unwrap().as_bytes(),
+        )
+        .unwrap();
+        let m = Tensor::new(&[[1f32, 0.0], [0.0, 1.0]], &Device::Cpu).unwrap();
+        crate::io::atomic_file::save_safetensors(&HashMap::from([("embeddings", m)]), &cache)
+            .unwrap();
+        drop(first);
+        assert_eq!(waiting.join().unwrap().unwrap(), vec![2, 2]);
+    }
+
     fn format(template: &str, document_prompt: &str, query_prefix: &str) -> TextFormat {
         TextFormat {
             template: DocumentTemplate(template.into()),
