@@ -13,6 +13,8 @@
 //! the weight's norm: how far the loss stays linear, which is what a
 //! learning rate has to respect.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -86,30 +88,14 @@ fn distillation_gradients_on_a_real_model_match_finite_differences() {
         };
         let var = Var::from_tensor(&start).unwrap();
         let loss = loss_with(var.as_tensor().clone());
-        let grad: Vec<f32> = loss
-            .backward()
-            .unwrap()
-            .get(var.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let norm = grad.iter().map(|g| (*g as f64).powi(2)).sum::<f64>().sqrt();
-        let values: Vec<f32> = start.flatten_all().unwrap().to_vec1().unwrap();
-        let weight_norm = values
-            .iter()
-            .map(|v| (*v as f64).powi(2))
-            .sum::<f64>()
-            .sqrt();
+        let grad = common::gradient(&loss, &var);
+        let norm = common::norm(&grad);
+        let weight_norm = common::norm(&start.flatten_all().unwrap().to_vec1().unwrap());
+        let direction: Vec<f64> = grad.iter().map(|g| *g as f64 / norm).collect();
         let at = |step: f64| -> f64 {
-            let moved: Vec<f32> = values
-                .iter()
-                .zip(&grad)
-                .map(|(w, g)| (*w as f64 + step * *g as f64 / norm) as f32)
-                .collect();
-            let moved = Tensor::from_vec(moved, start.shape().clone(), &Device::Cpu).unwrap();
-            loss_with(moved).to_scalar::<f32>().unwrap() as f64
+            loss_with(common::moved_along(&start, &direction, step))
+                .to_scalar::<f32>()
+                .unwrap() as f64
         };
         let loss = loss.to_scalar::<f32>().unwrap();
         for share in [1e-3, 1e-2] {

@@ -234,28 +234,16 @@ fn distillation_gradients_match_finite_differences() {
             .unwrap()
         };
         let var = Var::from_tensor(&start).unwrap();
-        let grads = loss_with(var.as_tensor().clone()).backward().unwrap();
-        let grad: Vec<f32> = grads
-            .get(var.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let norm = grad.iter().map(|g| (*g as f64).powi(2)).sum::<f64>().sqrt();
+        let grad = common::gradient(&loss_with(var.as_tensor().clone()), &var);
+        let norm = common::norm(&grad);
         assert!(norm > 0.0, "{loss}: zero gradient");
         // The derivative along the gradient's direction, numerically.
         let direction: Vec<f64> = grad.iter().map(|g| *g as f64 / norm).collect();
-        let values: Vec<f32> = start.flatten_all().unwrap().to_vec1().unwrap();
         let eps = (1e-2 / norm).clamp(1e-4, 5e-2);
         let at = |step: f64| -> f64 {
-            let v: Vec<f32> = values
-                .iter()
-                .zip(&direction)
-                .map(|(w, u)| (*w as f64 + step * u) as f32)
-                .collect();
-            let t = Tensor::from_vec(v, start.shape().clone(), &Device::Cpu).unwrap();
-            loss_with(t).to_scalar::<f32>().unwrap() as f64
+            loss_with(common::moved_along(&start, &direction, step))
+                .to_scalar::<f32>()
+                .unwrap() as f64
         };
         let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
         // Along the unit gradient the analytic derivative is the norm itself.

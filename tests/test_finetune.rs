@@ -88,20 +88,11 @@ fn loss_gradients_match_finite_differences() {
         let mut tensors = base.clone();
         tensors.insert(name.clone(), var.as_tensor().clone());
         let loss = loss_of_examples(&dir, tensors, &examples(), &config).unwrap();
-        let grads = loss.backward().unwrap();
-        let grad: Vec<f32> = grads
-            .get(var.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let grad = common::gradient(&loss, &var);
         // Directional derivatives: along the gradient itself (where the
         // loss changes most, well above float32 noise) and along a fixed
         // pseudo-random direction.
-        let values: Vec<f32> = base[&name].flatten_all().unwrap().to_vec1().unwrap();
-        let shape = base[&name].shape().clone();
-        let norm = grad.iter().map(|g| (*g as f64).powi(2)).sum::<f64>().sqrt();
+        let norm = common::norm(&grad);
         assert!(norm > 0.0, "{arch} {name}: zero gradient");
         let mut state = 12345u64;
         let random: Vec<f64> = (0..grad.len())
@@ -124,15 +115,10 @@ fn loss_gradients_match_finite_differences() {
             // enough for the linear term to dominate.
             let eps = (1e-2 / norm).clamp(1e-4, 5e-2);
             let loss_at = |step: f64| -> f64 {
-                let v: Vec<f32> = values
-                    .iter()
-                    .zip(&direction)
-                    .map(|(w, u)| (*w as f64 + step * u) as f32)
-                    .collect();
                 let mut t = base.clone();
                 t.insert(
                     name.clone(),
-                    Tensor::from_vec(v, shape.clone(), &candle_core::Device::Cpu).unwrap(),
+                    common::moved_along(&base[&name], &direction, step),
                 );
                 loss_of_examples(&dir, t, &examples(), &config)
                     .unwrap()

@@ -451,3 +451,32 @@ pub fn validate_on_tiny(
     }
     effir(&args)
 }
+
+/// The gradient of `loss` with respect to `var`, flattened.
+pub fn gradient(loss: &Tensor, var: &candle_core::Var) -> Vec<f32> {
+    loss.backward()
+        .unwrap()
+        .get(var.as_tensor())
+        .expect("the loss depends on the variable")
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// The Euclidean norm of `v`, in f64.
+pub fn norm(v: &[f32]) -> f64 {
+    v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt()
+}
+
+/// `start` moved by `step` along `direction` (one entry per element), for
+/// finite differences.
+pub fn moved_along(start: &Tensor, direction: &[f64], step: f64) -> Tensor {
+    let values: Vec<f32> = start.flatten_all().unwrap().to_vec1().unwrap();
+    let moved: Vec<f32> = values
+        .iter()
+        .zip(direction)
+        .map(|(w, u)| (*w as f64 + step * u) as f32)
+        .collect();
+    Tensor::from_vec(moved, start.shape().clone(), &Device::Cpu).unwrap()
+}

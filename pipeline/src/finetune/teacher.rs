@@ -159,12 +159,7 @@ fn remove_parts(cache: &Path) {
 /// ends): a second run on the same texts waits, then reads the cache.
 fn lock_cache(cache: &Path) -> Result<std::fs::File> {
     let path = cache.with_extension("lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| Error::io(&path, e))?;
+    let file = crate::io::atomic_file::open_lock_file(&path)?;
     if file.try_lock().is_err() {
         tracing::info!(path = %path.display(), "another run computes these teacher embeddings; waiting for it");
         file.lock().map_err(|e| Error::io(&path, e))?;

@@ -224,6 +224,17 @@ fn process_runs(pid: u32) -> bool {
     }
 }
 
+/// Opens (creating it if needed) a file that is only ever locked, never
+/// written: its content is left as it is.
+pub(crate) fn open_lock_file(path: &Path) -> Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))
+}
+
 /// An exclusive lock on an output path, held while it is being written:
 /// `.NAME.effir-lock` beside it, locked with `flock` (released by the
 /// kernel when the process dies, however it dies).
@@ -239,12 +250,7 @@ impl OutputLock {
             .map_or_else(|| "output".into(), |n| n.to_string_lossy().into_owned());
         let path = parent.join(format!(".{name}{LOCK_SUFFIX}"));
         loop {
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)
-                .map_err(|e| Error::io(&path, e))?;
+            let file = open_lock_file(&path)?;
             match file.try_lock() {
                 Ok(()) => {}
                 // Held by a cleanup that is removing it: try a new one.
