@@ -67,21 +67,40 @@ where
     Ok(())
 }
 
-/// Saves `tensors` to `path` as safetensors. The safetensors crate writes
-/// through an owner-only temporary file; the result gets the mode an
-/// ordinary file gets (0666 less the umask).
+/// Saves `tensors` to `path` as safetensors, atomically and synced like
+/// [`write_atomically`]. The safetensors crate streams the tensors into an
+/// owner-only file of its own and renames it onto an effir temporary beside
+/// `path`; that file is synced and given the mode an ordinary file gets
+/// (0666 less the umask) before it takes `path`'s name.
 pub fn save_safetensors<K: AsRef<str> + Ord + std::fmt::Display>(
     tensors: &std::collections::HashMap<K, candle_core::Tensor>,
     path: &Path,
 ) -> Result<()> {
-    candle_core::safetensors::save(tensors, path).map_err(|e| Error::weights(path, e))?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    remove_stale_temporaries(dir);
+    let prefix = format!("{FILE_PREFIX}{}-", std::process::id());
+    let tmp = output_builder(&prefix, false)
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(|e| Error::io(dir, e))?;
+    candle_core::safetensors::save(tensors, tmp.path()).map_err(|e| Error::weights(path, e))?;
+    let written = std::fs::File::open(tmp.path()).map_err(|e| Error::io(path, e))?;
+    written.sync_all().map_err(|e| Error::io(path, e))?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         let mode = 0o666 & !process_umask();
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        written
+            .set_permissions(std::fs::Permissions::from_mode(mode))
             .map_err(|e| Error::io(path, e))?;
     }
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
     Ok(())
 }
 
@@ -579,6 +598,36 @@ mod tests {
             vec![std::ffi::OsString::from("out")],
             "leftovers: {names:?}"
         );
+    }
+
+    /// A weight file replaces the old one whole, loads back equal, gets an
+    /// ordinary file's mode (others may read it) and leaves nothing else.
+    #[cfg(unix)]
+    #[test]
+    fn a_saved_weight_file_replaces_the_old_one_readable_with_nothing_left_over() {
+        use std::os::unix::fs::PermissionsExt;
+        let work = tempfile::tempdir().unwrap();
+        let path = work.path().join("model.safetensors");
+        std::fs::write(&path, "old").unwrap();
+        let weights = candle_core::Tensor::arange(0f32, 6.0, &candle_core::Device::Cpu)
+            .unwrap()
+            .reshape((2, 3))
+            .unwrap();
+        let tensors = std::collections::HashMap::from([("w".to_string(), weights.clone())]);
+        save_safetensors(&tensors, &path).unwrap();
+        let loaded = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap();
+        assert_eq!(
+            loaded["w"].to_vec2::<f32>().unwrap(),
+            weights.to_vec2::<f32>().unwrap()
+        );
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o666 & !process_umask(), "mode {mode:o}");
+        let names: Vec<_> = std::fs::read_dir(work.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("model.safetensors")]);
     }
 
     /// An output under directories that did not exist creates them; if it
