@@ -310,6 +310,96 @@ fn a_pruned_gemma3_moves_toward_its_teacher_on_texts_it_never_saw() {
     assert_closer_on_held_out(&teacher, &pruned, &out);
 }
 
+/// `trained: mlp` repairs only what pruning narrowed: after distillation
+/// every attention, embedding and non-MLP norm weight is bit-identical to
+/// the pruned start, every kept MLP has moved, and the model is still
+/// closer to its teacher on texts it never saw. For the BERT fixture
+/// (post-norm, `intermediate`/`output` names) and the Gemma3 one (gated
+/// MLP, four norms a layer).
+#[test]
+fn trained_mlp_moves_only_the_mlp_weights_toward_the_teacher() {
+    for (arch, rate, mlp_names) in [
+        ("bert", "2.0e-3", &["intermediate.", "output."][..]),
+        ("gemma3", "2.0e-4", &["mlp.", "feedforward_layernorm"][..]),
+    ] {
+        let work = tempfile::tempdir().unwrap();
+        let teacher = fixture(arch);
+        let pruned = common::prune_fixture(arch, work.path(), TRAIN_TEXTS, &["--mlp-keep", "0.5"]);
+        let texts = train_texts(work.path());
+        let config = distill_config(
+            work.path(),
+            &teacher,
+            &format!("epochs: 6\nlearning_rate: {rate}\nwarmup_steps: 2\ntrained: mlp\n"),
+        );
+        let out = work.path().join("distilled");
+        let o = distill(&pruned, &[&texts], &out, &config, &[]);
+        assert!(o.status.success(), "{arch}: {}", stderr(&o));
+        assert_closer_on_held_out(&teacher, &pruned, &out);
+        let before = common::load_tensors(&pruned.join("model.safetensors"));
+        let after = common::load_tensors(&out.join("model.safetensors"));
+        let (mut moved, mut kept) = (0, 0);
+        for (name, start) in &before {
+            let same = start
+                .to_dtype(candle_core::DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                == after[name]
+                    .to_dtype(candle_core::DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+            // BERT's attention block also has an `output.` module
+            // (`attention.output.dense`): it is attention's.
+            let mlp = name.contains("layer")
+                && !name.contains("attention")
+                && mlp_names.iter().any(|m| name.contains(m));
+            if mlp {
+                moved += usize::from(!same);
+            } else {
+                assert!(same, "{arch}: {name} is not an MLP weight but changed");
+                kept += 1;
+            }
+        }
+        assert!(kept > 0, "{arch}: no frozen weight was checked");
+        let mlp_weights = before
+            .keys()
+            .filter(|n| {
+                n.contains("layer")
+                    && !n.contains("attention")
+                    && mlp_names.iter().any(|m| n.contains(m))
+            })
+            .count();
+        assert_eq!(moved, mlp_weights, "{arch}: every MLP weight should move");
+    }
+}
+
+/// LoRA chooses its own weights: `trained: mlp` beside it is refused.
+#[test]
+fn trained_mlp_with_lora_is_refused() {
+    let work = tempfile::tempdir().unwrap();
+    let teacher = fixture("bert");
+    let texts = train_texts(work.path());
+    let config = distill_config(
+        work.path(),
+        &teacher,
+        "trained: mlp\nlora:\n  rank: 4\n  alpha: 8\n  targets: [query, value]\n",
+    );
+    let out = work.path().join("distilled");
+    let o = distill(&teacher, &[&texts], &out, &config, &[]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("trained: mlp is for full fine-tuning"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!out.exists());
+}
+
 /// The teacher reads each text only as far as the student does
 /// (`max_length`): a model distilled from itself at 4 tokens, on texts
 /// longer than that, starts at zero distance. A teacher embedding whole

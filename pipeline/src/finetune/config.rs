@@ -120,6 +120,25 @@ fn default_metric() -> String {
     "ndcg@10".into()
 }
 
+/// Which weights full fine-tuning trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainedWeights {
+    /// Every float weight (less the token embeddings when frozen).
+    #[default]
+    All,
+    /// Only the MLP sub-layers' weights (projections, biases, the residual
+    /// block's norms): what pruning narrowed. Attention and embeddings keep
+    /// the source model's values.
+    Mlp,
+}
+
+impl TrainedWeights {
+    fn is_all(&self) -> bool {
+        *self == Self::All
+    }
+}
+
 /// `configs/finetune*.yaml`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -152,6 +171,10 @@ pub struct FinetuneConfig {
     pub keep_checkpoints: usize,
     /// Token embeddings stay frozen (full fine-tuning).
     pub freeze_embeddings: bool,
+    /// Which weights full fine-tuning updates (`all` or `mlp`); LoRA
+    /// chooses its own (`lora.targets`).
+    #[serde(skip_serializing_if = "TrainedWeights::is_all")]
+    pub trained: TrainedWeights,
     /// Keep only each layer's input during the forward pass and recompute
     /// the layer in the backward pass: one more forward pass of compute for
     /// activation memory of one layer instead of all
@@ -186,6 +209,7 @@ impl Default for FinetuneConfig {
             checkpoint_every: 50,
             keep_checkpoints: 2,
             freeze_embeddings: true,
+            trained: TrainedWeights::All,
             gradient_checkpointing: false,
             lora: None,
             distillation: None,
@@ -226,6 +250,12 @@ impl FinetuneConfig {
         }
         if self.max_grad_norm < 0.0 || self.weight_decay < 0.0 {
             return bad("max_grad_norm and weight_decay must be >= 0".into());
+        }
+        if self.lora.is_some() && self.trained != TrainedWeights::All {
+            return bad(
+                "trained: mlp is for full fine-tuning; with LoRA, lora.targets chooses the adapted projections"
+                    .into(),
+            );
         }
         if self.hard_negatives > self.negative_pool {
             return bad(format!(

@@ -31,7 +31,7 @@ pub mod trainer;
 
 pub use config::{
     DevSettings, DistillationSettings, EmbeddingDistillationSettings, EmbeddingLoss,
-    FinetuneConfig, Objective,
+    FinetuneConfig, Objective, TrainedWeights,
 };
 pub use lora::LoraSettings;
 pub use optimizer::Decay;

@@ -17,7 +17,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use serde::Serialize;
 
 use super::checkpoint::{self, LoopState};
-use super::config::{FinetuneConfig, Objective};
+use super::config::{FinetuneConfig, Objective, TrainedWeights};
 use super::data::TrainingExample;
 use super::gradient_checkpointing::{backpropagate_stems, embed_checkpointed, Checkpointed};
 use super::objective::{
@@ -133,13 +133,29 @@ fn prepare_weights(model: &Path, config: &FinetuneConfig) -> Result<Weights> {
         .collect::<Result<_>>()?;
     let trainable: Vec<String> = match &config.lora {
         Some(lora) => super::lora::add_adapters(&mut all, map, lora, config.seed)?,
-        None => all
-            .iter()
-            .filter(|(name, t)| {
-                t.dtype() == DType::F32 && !(config.freeze_embeddings && map.is_embedding(name))
-            })
-            .map(|(name, _)| name.clone())
-            .collect(),
+        None => {
+            let prefix = map.prefix(all.keys());
+            let trainable: Vec<String> = all
+                .iter()
+                .filter(|(name, t)| {
+                    t.dtype() == DType::F32
+                        && !(config.freeze_embeddings && map.is_embedding(name))
+                        && match config.trained {
+                            TrainedWeights::All => true,
+                            TrainedWeights::Mlp => map.is_mlp_tensor(prefix, name),
+                        }
+                })
+                .map(|(name, _)| name.clone())
+                .collect();
+            if trainable.is_empty() {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: no weights to train (trained: {:?}; every MLP dropped?)",
+                    model.display(),
+                    config.trained
+                )));
+            }
+            trainable
+        }
     };
     let mut vars = BTreeMap::new();
     for name in trainable {

@@ -247,6 +247,25 @@ impl CheckpointMap {
         }
     }
 
+    /// Whether `name`, a tensor of a checkpoint whose keys carry `prefix`,
+    /// belongs to a layer's MLP sub-layer: its projections, their biases
+    /// and the residual block's norms ([`Self::mlp_tensors`]).
+    pub fn is_mlp_tensor(&self, prefix: &str, name: &str) -> bool {
+        let Some(rest) = name
+            .strip_prefix(prefix)
+            .and_then(|r| r.strip_prefix(self.layers))
+            .and_then(|r| r.strip_prefix('.'))
+        else {
+            return false;
+        };
+        let Some(Ok(layer)) = rest.split_once('.').map(|(i, _)| i.parse::<usize>()) else {
+            return false;
+        };
+        let mlp = self.mlp_tensors(prefix, layer);
+        let in_mlp = mlp.down == name || mlp.rows.iter().chain(&mlp.others).any(|n| n == name);
+        in_mlp
+    }
+
     /// Whether `name` (a tensor name, with or without prefix) is an embedding table.
     pub fn is_embedding(&self, name: &str) -> bool {
         let e = &self.embeddings;
