@@ -15,7 +15,7 @@ PYTHON  ?= python3
 .PHONY: all system-deps build models test lint fuzz embed eval eval-scifact python-deps \
         fixtures metric-references bench-embed profile-embed bench-analyze parity-embeddinggemma \
         onnxruntime export export-pruned validate validate-pruned validate-prune-minilm bench-onnx parity-embeddinggemma-onnx \
-        finetune-minilm finetune-minilm-2ep recover-minilm frontier-minilm frontier-embeddinggemma precision-checks prune-minilm-narrow prune-minilm-refit prune-embeddinggemma-refit recover-embeddinggemma gguf-parity smollm2-st smollm2-distill smollm2-retriever results-smollm2 bench-training-memory recover-minilm-labeled recover-minilm-query-text shard-scifact scale-7b scale-3b finetune-minilm-unpruned finetune-minilm-unpruned-2ep recover-minilm-tokens recover-minilm-seeds bench-finetune profile-finetune optimum-fixtures rewrite-minilm \
+        finetune-minilm finetune-minilm-2ep recover-minilm frontier-minilm frontier-embeddinggemma precision-checks prune-minilm-narrow prune-minilm-refit prune-embeddinggemma-refit recover-embeddinggemma gguf-parity smollm2-st smollm2-distill smollm2-retriever results-smollm2 bench-training-memory recover-minilm-labeled recover-minilm-query-text recover-minilm-spans recover-minilm-variant shard-scifact scale-7b scale-3b finetune-minilm-unpruned finetune-minilm-unpruned-2ep recover-minilm-tokens recover-minilm-seeds bench-finetune profile-finetune optimum-fixtures rewrite-minilm \
         analyze-minilm drop-study-minilm prune-minilm results-minilm \
         analyze-embeddinggemma drop-study-embeddinggemma results-embeddinggemma clean
 
@@ -328,6 +328,15 @@ RECOVER_PLANS ?= 25-refit 50-refit 70-refit
 recover-minilm: build models onnxruntime
 	$(call recover_plans,$(RECOVER_PLANS),distill,--train-texts $(DATA),configs/recover-minilm.yaml)
 
+# A variant of the label-free recipe, RECOVER_VARIANT=NAME: the same text
+# and plans with configs/recover-minilm-NAME.yaml (lr3e-5: a third of the
+# learning rate; mlp-only: only the MLP sub-layers trained), into
+# runs/minilm-prune-PLAN-distill-NAME, scored like recover-minilm.
+VARIANT_PLANS ?= 50-refit
+recover-minilm-variant: build models onnxruntime
+	@test -n "$(RECOVER_VARIANT)" || { echo "recover-minilm-variant: set RECOVER_VARIANT=NAME (configs/recover-minilm-NAME.yaml)"; exit 2; }
+	$(call recover_plans,$(VARIANT_PLANS),distill-$(RECOVER_VARIANT),--train-texts $(DATA),configs/recover-minilm-$(RECOVER_VARIANT).yaml)
+
 # The label-free recipe's spread across seeds: the seed orders the texts, and
 # so decides which share a batch (the similarity term compares each with its
 # batch). SEED_PLANS distilled again with each of RECOVER_SEEDS (seed 0 is
@@ -358,6 +367,23 @@ $(RUNS)/scifact-train-queries.jsonl:
 QUERY_TEXT_PLANS ?= 50-refit 70-refit
 recover-minilm-query-text: build models onnxruntime $(RUNS)/scifact-train-queries.jsonl
 	$(call recover_plans,$(QUERY_TEXT_PLANS),distill-queries,--train-texts $(DATA) --train-texts $(RUNS)/scifact-train-queries.jsonl,configs/recover-minilm.yaml)
+
+# The label-free recipe on SciFact corpus text plus SPANS_PER_DOCUMENT random
+# spans of 1-3 consecutive sentences of each abstract
+# (scripts/beir-corpus-spans.py, seed 0): Contriever-style crops,
+# query-length text from the same corpus, no queries, no judgements. Into
+# runs/minilm-prune-PLAN-distill-spans (one span a document) or
+# -distill-spansN; RECOVER_SEED=S (not 0) adds -seedS. Scored like
+# recover-minilm.
+SPANS_PER_DOCUMENT ?= 1
+RECOVER_SEED ?= 0
+$(RUNS)/scifact-corpus-spans-%.jsonl:
+	$(PYTHON) scripts/beir-corpus-spans.py $(DATA) $@ --per-document $*
+
+SPAN_PLANS ?= 50-refit
+SPAN_RUN = distill-spans$(filter-out 1,$(SPANS_PER_DOCUMENT))$(addprefix -seed,$(filter-out 0,$(RECOVER_SEED)))
+recover-minilm-spans: build models onnxruntime $(RUNS)/scifact-corpus-spans-$(SPANS_PER_DOCUMENT).jsonl
+	$(call recover_plans,$(SPAN_PLANS),$(SPAN_RUN),--train-texts $(DATA) --train-texts $(RUNS)/scifact-corpus-spans-$(SPANS_PER_DOCUMENT).jsonl --seed $(RECOVER_SEED),configs/recover-minilm.yaml)
 
 # The labeled SciFact recipe (configs/finetune-minilm-2ep.yaml) and the same
 # combined with label-free embedding distillation
