@@ -378,26 +378,31 @@ fn trained_mlp_moves_only_the_mlp_weights_toward_the_teacher() {
     }
 }
 
-/// LoRA chooses its own weights: `trained: mlp` beside it is refused.
+/// `trained: mlp` beside LoRA (which chooses its own weights) or beside
+/// trainable embeddings is refused, naming the contradiction, with nothing
+/// written.
 #[test]
-fn trained_mlp_with_lora_is_refused() {
-    let work = tempfile::tempdir().unwrap();
-    let teacher = fixture("bert");
-    let texts = train_texts(work.path());
-    let config = distill_config(
-        work.path(),
-        &teacher,
-        "trained: mlp\nlora:\n  rank: 4\n  alpha: 8\n  targets: [query, value]\n",
-    );
-    let out = work.path().join("distilled");
-    let o = distill(&teacher, &[&texts], &out, &config, &[]);
-    assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("trained: mlp is for full fine-tuning"),
-        "{}",
-        stderr(&o)
-    );
-    assert!(!out.exists());
+fn trained_mlp_beside_lora_or_trainable_embeddings_is_refused() {
+    for (extra, message) in [
+        (
+            "trained: mlp\nlora:\n  rank: 4\n  alpha: 8\n  targets: [query, value]\n",
+            "trained: mlp is for full fine-tuning",
+        ),
+        (
+            "trained: mlp\nfreeze_embeddings: false\n",
+            "freeze_embeddings: false contradicts it",
+        ),
+    ] {
+        let work = tempfile::tempdir().unwrap();
+        let teacher = fixture("bert");
+        let texts = train_texts(work.path());
+        let config = distill_config(work.path(), &teacher, extra);
+        let out = work.path().join("distilled");
+        let o = distill(&teacher, &[&texts], &out, &config, &[]);
+        assert!(!o.status.success());
+        assert!(stderr(&o).contains(message), "{}", stderr(&o));
+        assert!(!out.exists());
+    }
 }
 
 /// The teacher reads each text only as far as the student does

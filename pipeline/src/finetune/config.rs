@@ -251,6 +251,12 @@ impl FinetuneConfig {
         if self.max_grad_norm < 0.0 || self.weight_decay < 0.0 {
             return bad("max_grad_norm and weight_decay must be >= 0".into());
         }
+        if self.trained == TrainedWeights::Mlp && !self.freeze_embeddings {
+            return bad(
+                "trained: mlp keeps the embeddings as they are; freeze_embeddings: false contradicts it"
+                    .into(),
+            );
+        }
         if self.lora.is_some() && self.trained != TrainedWeights::All {
             return bad(
                 "trained: mlp is for full fine-tuning; with LoRA, lora.targets chooses the adapted projections"

@@ -148,10 +148,13 @@ fn prepare_weights(model: &Path, config: &FinetuneConfig) -> Result<Weights> {
                 .map(|(name, _)| name.clone())
                 .collect();
             if trainable.is_empty() {
+                let why = match config.trained {
+                    TrainedWeights::All => "no float weight outside the frozen embeddings",
+                    TrainedWeights::Mlp => "trained: mlp, but the model has no MLP weights left",
+                };
                 return Err(Error::InvalidArgument(format!(
-                    "{}: no weights to train (trained: {:?}; every MLP dropped?)",
-                    model.display(),
-                    config.trained
+                    "{}: nothing to train ({why})",
+                    model.display()
                 )));
             }
             trainable

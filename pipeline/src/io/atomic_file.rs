@@ -91,7 +91,9 @@ pub fn save_safetensors<K: AsRef<str> + Ord + std::fmt::Display>(
         .map_err(|e| Error::io(dir, e))?;
     candle_core::safetensors::save(tensors, tmp.path()).map_err(|e| Error::weights(path, e))?;
     let written = std::fs::File::open(tmp.path()).map_err(|e| Error::io(path, e))?;
-    written.sync_all().map_err(|e| Error::io(path, e))?;
+    // Held until renamed, as write_atomically holds its temporaries: a
+    // cleanup by another process sees it alive.
+    let _ = written.try_lock();
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -100,6 +102,7 @@ pub fn save_safetensors<K: AsRef<str> + Ord + std::fmt::Display>(
             .set_permissions(std::fs::Permissions::from_mode(mode))
             .map_err(|e| Error::io(path, e))?;
     }
+    written.sync_all().map_err(|e| Error::io(path, e))?;
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
     Ok(())
 }

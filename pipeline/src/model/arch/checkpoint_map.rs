@@ -262,8 +262,9 @@ impl CheckpointMap {
             return false;
         };
         let mlp = self.mlp_tensors(prefix, layer);
-        let in_mlp = mlp.down == name || mlp.rows.iter().chain(&mlp.others).any(|n| n == name);
-        in_mlp
+        mlp.down == name
+            || mlp.rows.iter().any(|n| n == name)
+            || mlp.others.iter().any(|n| n == name)
     }
 
     /// Whether `name` (a tensor name, with or without prefix) is an embedding table.
@@ -408,6 +409,86 @@ mod tests {
             None
         );
         assert_eq!(LLAMA.locate_projection("layers.x.mlp.up_proj"), None);
+    }
+
+    /// What `trained: mlp` trains: each MLP's projections, biases and
+    /// norms, under either key prefix, and nothing of attention (BERT's
+    /// `attention.output.*` included), the embeddings or the final norm.
+    #[test]
+    fn mlp_tensors_are_told_from_the_rest_for_every_layout() {
+        let cases: [(&CheckpointMap, &[&str], &[&str]); 4] = [
+            (
+                &BERT,
+                &[
+                    "encoder.layer.0.intermediate.dense.weight",
+                    "encoder.layer.0.intermediate.dense.bias",
+                    "encoder.layer.5.output.dense.weight",
+                    "encoder.layer.5.output.dense.bias",
+                    "encoder.layer.5.output.LayerNorm.weight",
+                    "encoder.layer.5.output.LayerNorm.bias",
+                ],
+                &[
+                    "encoder.layer.5.attention.output.dense.weight",
+                    "encoder.layer.5.attention.output.LayerNorm.weight",
+                    "encoder.layer.5.attention.self.query.weight",
+                    "embeddings.LayerNorm.weight",
+                    "embeddings.word_embeddings.weight",
+                    "pooler.dense.weight",
+                ],
+            ),
+            (
+                &LLAMA,
+                &[
+                    "layers.2.mlp.gate_proj.weight",
+                    "layers.2.mlp.up_proj.weight",
+                    "layers.2.mlp.down_proj.weight",
+                    "layers.2.post_attention_layernorm.weight",
+                ],
+                &[
+                    "layers.2.input_layernorm.weight",
+                    "layers.2.self_attn.o_proj.weight",
+                    "norm.weight",
+                    "embed_tokens.weight",
+                    "lm_head.weight",
+                ],
+            ),
+            (
+                &QWEN3,
+                &["layers.0.mlp.down_proj.weight"],
+                &[
+                    "layers.0.self_attn.q_norm.weight",
+                    "layers.0.self_attn.k_norm.weight",
+                ],
+            ),
+            (
+                &GEMMA3,
+                &[
+                    "layers.1.mlp.up_proj.weight",
+                    "layers.1.pre_feedforward_layernorm.weight",
+                    "layers.1.post_feedforward_layernorm.weight",
+                ],
+                &[
+                    "layers.1.post_attention_layernorm.weight",
+                    "layers.1.input_layernorm.weight",
+                    "layers.1.self_attn.v_proj.weight",
+                ],
+            ),
+        ];
+        for (map, mlp, others) in cases {
+            for prefix in ["", map.nested_prefix] {
+                for name in mlp {
+                    let name = format!("{prefix}{name}");
+                    assert!(map.is_mlp_tensor(prefix, &name), "{name} is an MLP tensor");
+                }
+                for name in others {
+                    let name = format!("{prefix}{name}");
+                    assert!(
+                        !map.is_mlp_tensor(prefix, &name),
+                        "{name} is not an MLP tensor"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
