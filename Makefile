@@ -15,7 +15,7 @@ PYTHON  ?= python3
 .PHONY: all system-deps build models test lint fuzz embed eval eval-scifact python-deps \
         fixtures metric-references bench-embed profile-embed bench-analyze parity-embeddinggemma \
         onnxruntime export export-pruned validate validate-pruned validate-prune-minilm bench-onnx parity-embeddinggemma-onnx \
-        finetune-minilm finetune-minilm-2ep recover-minilm frontier-minilm frontier-embeddinggemma precision-checks prune-minilm-narrow prune-minilm-refit prune-embeddinggemma-refit recover-embeddinggemma gguf-parity smollm2-st smollm2-distill smollm2-retriever results-smollm2 bench-training-memory recover-minilm-labeled recover-minilm-query-text recover-minilm-spans recover-minilm-variant shard-scifact scale-7b scale-3b finetune-minilm-unpruned finetune-minilm-unpruned-2ep recover-minilm-tokens recover-minilm-seeds bench-finetune profile-finetune optimum-fixtures rewrite-minilm \
+        finetune-minilm finetune-minilm-2ep recover-minilm frontier-minilm frontier-embeddinggemma precision-checks prune-minilm-narrow prune-minilm-refit prune-embeddinggemma-refit recover-embeddinggemma gguf-parity smollm2-st smollm2-distill smollm2-retriever results-smollm2 bench-training-memory recover-minilm-labeled recover-minilm-query-text recover-minilm-spans recover-minilm-variant recover-minilm-gradual recover-minilm-gradual-70 int8-validate-minilm bench-gradual shard-scifact scale-7b scale-3b finetune-minilm-unpruned finetune-minilm-unpruned-2ep recover-minilm-tokens recover-minilm-seeds bench-finetune profile-finetune optimum-fixtures rewrite-minilm \
         analyze-minilm drop-study-minilm prune-minilm results-minilm \
         analyze-embeddinggemma drop-study-embeddinggemma results-embeddinggemma clean
 
@@ -330,12 +330,81 @@ recover-minilm: build models onnxruntime
 
 # A variant of the label-free recipe, RECOVER_VARIANT=NAME: the same text
 # and plans with configs/recover-minilm-NAME.yaml (lr3e-5: a third of the
-# learning rate; mlp-only: only the MLP sub-layers trained), into
-# runs/minilm-prune-PLAN-distill-NAME, scored like recover-minilm.
+# learning rate; mlp-only: only the MLP sub-layers trained; 1ep: one epoch), into
+# runs/minilm-prune-PLAN-distill-NAME (-seedS with RECOVER_SEED=S, not 0),
+# scored like recover-minilm.
 VARIANT_PLANS ?= 50-refit
 recover-minilm-variant: build models onnxruntime
 	@test -n "$(RECOVER_VARIANT)" || { echo "recover-minilm-variant: set RECOVER_VARIANT=NAME (configs/recover-minilm-NAME.yaml)"; exit 2; }
-	$(call recover_plans,$(VARIANT_PLANS),distill-$(RECOVER_VARIANT),--train-texts $(DATA),configs/recover-minilm-$(RECOVER_VARIANT).yaml)
+	$(call recover_plans,$(VARIANT_PLANS),distill-$(RECOVER_VARIANT)$(SEED_SUFFIX),--train-texts $(DATA) --seed $(RECOVER_SEED),configs/recover-minilm-$(RECOVER_VARIANT).yaml)
+
+# $(call int8_validate,NAME): runs/NAME exported as int8 (u8s8, plain and
+# SmoothQuant-smoothed as the frontier exports it) and each validated like
+# the fp32 export, into runs/validate-NAME-int8[-smooth].
+define int8_validate
+	for v in int8:"--precision int8 --int8-kernel u8s8" int8-smooth:"$(SMOOTHED_INT8)"; do \
+	  $(EFFIR) export --model $(RUNS)/$(1) --profile sentence-transformers $${v#*:} --out $(RUNS)/onnx/$(1)-$${v%%:*} --overwrite || exit 1; \
+	  $(EFFIR) validate --reference $(MINILM) --candidate $(RUNS)/onnx/$(1)-$${v%%:*} --data $(DATA) --data $(HELDOUT) \
+	    --gates configs/gates.yaml --out $(RUNS)/validate-$(1)-$${v%%:*} || echo "$(1)-$${v%%:*}: gates failed (see its validation.md)"; \
+	done
+endef
+
+# int8 exports of any MiniLM model under runs/ (NAME=...), validated as
+# int8_validate does.
+int8-validate-minilm: build onnxruntime
+	@test -n "$(NAME)" || { echo "int8-validate-minilm: set NAME=DIR (a model under $(RUNS)/)"; exit 2; }
+	$(call int8_validate,$(NAME))
+
+# Gradual label-free recovery of the 50 % plan: the 25 % plan
+# (configs/prune-minilm-25-refit.yaml) distilled for one epoch, narrowed
+# again to half the full model's MLP neurons and reconstructed
+# (configs/prune-minilm-50-from-25.yaml), then distilled for one more epoch
+# (configs/recover-minilm-1ep.yaml): the same two epochs of the full model's
+# embeddings of SciFact corpus text as recover-minilm's one-shot 50 % run,
+# into runs/minilm-prune-50-gradual-distill-1ep, scored like it, and as int8
+# (int8_validate).
+# RECOVER_SEED=S (not 0) runs both stages with --seed S, into names ending
+# -seedS.
+SEED_SUFFIX = $(addprefix -seed,$(filter-out 0,$(RECOVER_SEED)))
+GRADUAL_25 = minilm-prune-25-refit-distill-1ep$(SEED_SUFFIX)
+recover-minilm-gradual: build models onnxruntime
+	test -f $(RUNS)/minilm-prune-25-refit/config.json || \
+	  $(EFFIR) prune --model $(MINILM) --plan configs/prune-minilm-25-refit.yaml --data $(DATA) --out $(RUNS)/minilm-prune-25-refit
+	if [ ! -f $(RUNS)/$(GRADUAL_25)/config.json ]; then \
+	  resume=; [ -d $(RUNS)/$(GRADUAL_25).checkpoints ] && resume=--resume; \
+	  $(EFFIR) finetune --model $(RUNS)/minilm-prune-25-refit --train-texts $(DATA) --seed $(RECOVER_SEED) \
+	    --config configs/recover-minilm-1ep.yaml --out $(RUNS)/$(GRADUAL_25) $$resume; \
+	fi
+	test -f $(RUNS)/minilm-prune-50-gradual$(SEED_SUFFIX)/config.json || \
+	  $(EFFIR) prune --model $(RUNS)/$(GRADUAL_25) --plan configs/prune-minilm-50-from-25.yaml --data $(DATA) \
+	    --out $(RUNS)/minilm-prune-50-gradual$(SEED_SUFFIX)
+	$(call recover_plans,50-gradual$(SEED_SUFFIX),distill-1ep,--train-texts $(DATA) --seed $(RECOVER_SEED),configs/recover-minilm-1ep.yaml)
+	$(call int8_validate,minilm-prune-50-gradual$(SEED_SUFFIX)-distill-1ep)
+
+# The same carried one stage further, to the 70 % plan: the gradual 50 %
+# model narrowed again to 30 % of the full model's MLP neurons and
+# reconstructed (configs/prune-minilm-70-from-50.yaml), distilled for a third
+# epoch, into runs/minilm-prune-70-gradual-distill-1ep (three epochs in all,
+# one more than recover-minilm's one-shot 70 % run).
+recover-minilm-gradual-70: recover-minilm-gradual
+	test -f $(RUNS)/minilm-prune-70-gradual$(SEED_SUFFIX)/config.json || \
+	  $(EFFIR) prune --model $(RUNS)/minilm-prune-50-gradual$(SEED_SUFFIX)-distill-1ep --plan configs/prune-minilm-70-from-50.yaml \
+	    --data $(DATA) --out $(RUNS)/minilm-prune-70-gradual$(SEED_SUFFIX)
+	$(call recover_plans,70-gradual$(SEED_SUFFIX),distill-1ep,--train-texts $(DATA) --seed $(RECOVER_SEED),configs/recover-minilm-1ep.yaml)
+	$(call int8_validate,minilm-prune-70-gradual$(SEED_SUFFIX)-distill-1ep)
+
+# Speed of the gradual 50 % model's int8 graphs against effir's fp32 export
+# of the full model, the full model's smoothed int8 graph and the 25 %
+# reconstructed plan's (the fastest point that passed before): one
+# interleaved `effir bench` at batch 32 x 256 (needs recover-minilm-gradual).
+bench-gradual: build models onnxruntime
+	$(EFFIR) export --model $(MINILM) --profile sentence-transformers --out $(RUNS)/onnx/minilm-fp32 --overwrite
+	$(EFFIR) export --model $(MINILM) --profile sentence-transformers $(SMOOTHED_INT8) --out $(RUNS)/onnx/minilm-int8-smooth --overwrite
+	$(call int8_validate,minilm-prune-25-refit)
+	$(EFFIR) bench --graph $(RUNS)/onnx/minilm-fp32 --graph $(RUNS)/onnx/minilm-int8-smooth \
+	  --graph $(RUNS)/onnx/minilm-prune-25-refit-int8-smooth --graph $(RUNS)/onnx/minilm-prune-50-gradual-distill-1ep-int8 \
+	  --graph $(RUNS)/onnx/minilm-prune-50-gradual-distill-1ep-int8-smooth --batch 32 --length 256 --runs 10 \
+	  --out results/minilm/recover/gradual/bench.json
 
 # The label-free recipe's spread across seeds: the seed orders the texts, and
 # so decides which share a batch (the similarity term compares each with its
