@@ -395,15 +395,17 @@ recover-minilm-gradual-70: recover-minilm-gradual
 
 # Speed of the gradual 50 % model's int8 graphs against effir's fp32 export
 # of the full model, the full model's smoothed int8 graph and the 25 %
-# reconstructed plan's (the fastest point that passed before): one
-# interleaved `effir bench` at batch 32 x 256 (needs recover-minilm-gradual).
+# reconstructed plan's (the fastest point that passed before), and the
+# gradual 70 % model's: one interleaved `effir bench` at batch 32 x 256
+# (needs recover-minilm-gradual-70).
 bench-gradual: build models onnxruntime
 	$(EFFIR) export --model $(MINILM) --profile sentence-transformers --out $(RUNS)/onnx/minilm-fp32 --overwrite
 	$(EFFIR) export --model $(MINILM) --profile sentence-transformers $(SMOOTHED_INT8) --out $(RUNS)/onnx/minilm-int8-smooth --overwrite
 	$(call int8_validate,minilm-prune-25-refit)
 	$(EFFIR) bench --graph $(RUNS)/onnx/minilm-fp32 --graph $(RUNS)/onnx/minilm-int8-smooth \
 	  --graph $(RUNS)/onnx/minilm-prune-25-refit-int8-smooth --graph $(RUNS)/onnx/minilm-prune-50-gradual-distill-1ep-int8 \
-	  --graph $(RUNS)/onnx/minilm-prune-50-gradual-distill-1ep-int8-smooth --batch 32 --length 256 --runs 10 \
+	  --graph $(RUNS)/onnx/minilm-prune-50-gradual-distill-1ep-int8-smooth \
+	  --graph $(RUNS)/onnx/minilm-prune-70-gradual-distill-1ep-int8-smooth --batch 32 --length 256 --runs 10 \
 	  --out results/minilm/recover/gradual/bench.json
 
 # The label-free recipe's spread across seeds: the seed orders the texts, and
