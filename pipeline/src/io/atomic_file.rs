@@ -36,12 +36,9 @@ pub fn output_builder<'a>(prefix: &'a str, directory: bool) -> tempfile::Builder
     builder
 }
 
-/// Writes `path` through `write`, atomically. The closure's error aborts the
-/// write and the destination is left untouched.
-pub fn write_atomically<F>(path: &Path, write: F) -> Result<()>
-where
-    F: FnOnce(&mut dyn Write) -> Result<()>,
-{
+/// A new temporary file in `path`'s directory (created if need be), named
+/// for this process, after removing what dead writers left there.
+fn temporary_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -51,10 +48,19 @@ where
     }
     remove_stale_temporaries(dir);
     let prefix = format!("{FILE_PREFIX}{}-", std::process::id());
-    let tmp = output_builder(&prefix, false)
+    output_builder(&prefix, false)
         .suffix(".tmp")
         .tempfile_in(dir)
-        .map_err(|e| Error::io(dir, e))?;
+        .map_err(|e| Error::io(dir, e))
+}
+
+/// Writes `path` through `write`, atomically. The closure's error aborts the
+/// write and the destination is left untouched.
+pub fn write_atomically<F>(path: &Path, write: F) -> Result<()>
+where
+    F: FnOnce(&mut dyn Write) -> Result<()>,
+{
+    let tmp = temporary_beside(path)?;
     // Held while it is written: a cleanup by another process sees it alive.
     let _ = tmp.as_file().try_lock();
     {
@@ -76,19 +82,7 @@ pub fn save_safetensors<K: AsRef<str> + Ord + std::fmt::Display>(
     tensors: &std::collections::HashMap<K, candle_core::Tensor>,
     path: &Path,
 ) -> Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    if !dir.is_dir() {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    }
-    remove_stale_temporaries(dir);
-    let prefix = format!("{FILE_PREFIX}{}-", std::process::id());
-    let tmp = output_builder(&prefix, false)
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .map_err(|e| Error::io(dir, e))?;
+    let tmp = temporary_beside(path)?;
     candle_core::safetensors::save(tensors, tmp.path()).map_err(|e| Error::weights(path, e))?;
     let written = std::fs::File::open(tmp.path()).map_err(|e| Error::io(path, e))?;
     // Held until renamed, as write_atomically holds its temporaries: a
