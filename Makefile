@@ -129,21 +129,20 @@ smollm2-st: $(SMOLLM2)/config.json
 # written with the retriever's instruction, read bare by MiniLM; never their
 # judgements), one epoch, scored like the retriever. About 2 hours on 2 cores.
 SMOLLM2_DISTILLED ?= $(RUNS)/smollm2-135m-distill-minilm-queries
+# $(call resumable_finetune,MODEL,OUT,FLAGS,CONFIG): `effir finetune` of MODEL
+# into OUT unless OUT is done, resuming from OUT's checkpoints where a run
+# was interrupted (one shell command; a failure exits the recipe line).
+resumable_finetune = if [ ! -f $(2)/config.json ]; then \
+  resume=; [ -d $(2).checkpoints ] && resume=--resume; \
+  $(EFFIR) finetune --model $(1) $(3) --config $(4) --out $(2) $$resume || exit 1; \
+  fi
 smollm2-distill: build models smollm2-st
-	if [ ! -f $(SMOLLM2_DISTILLED)/config.json ]; then \
-	  resume=; [ -d $(SMOLLM2_DISTILLED).checkpoints ] && resume=--resume; \
-	  $(EFFIR) finetune --model $(SMOLLM2)-st --train-texts $(DATA) --train-queries $(DATA) \
-	    --config configs/distill-smollm2-from-minilm.yaml --out $(SMOLLM2_DISTILLED) $$resume || exit 1; \
-	fi
+	$(call resumable_finetune,$(SMOLLM2)-st,$(SMOLLM2_DISTILLED),--train-texts $(DATA) --train-queries $(DATA),configs/distill-smollm2-from-minilm.yaml)
 	test -f $(SMOLLM2_DISTILLED).heldout-eval/metrics.json || { $(call smollm2_eval,$(SMOLLM2_DISTILLED)); }
 
 # Stage 2, labeled: the retriever recipe from the label-free stage.
 smollm2-retriever: build smollm2-distill
-	if [ ! -f $(SMOLLM2_RETRIEVER)/config.json ]; then \
-	  resume=; [ -d $(SMOLLM2_RETRIEVER).checkpoints ] && resume=--resume; \
-	  $(EFFIR) finetune --model $(SMOLLM2_DISTILLED) --train $(DATA) --hard-negatives $(DATA)/train_hard_negatives.jsonl.gz \
-	    --config configs/finetune-smollm2-retriever.yaml --out $(SMOLLM2_RETRIEVER) $$resume || exit 1; \
-	fi
+	$(call resumable_finetune,$(SMOLLM2_DISTILLED),$(SMOLLM2_RETRIEVER),--train $(DATA) --hard-negatives $(DATA)/train_hard_negatives.jsonl.gz,configs/finetune-smollm2-retriever.yaml)
 	$(EFFIR) eval --model $(SMOLLM2_RETRIEVER) --max-length 256 --data $(DATA) $(call sample_flag,$(SMOLLM2_SAMPLE)) \
 	  --batch-size 16 --out $(SMOLLM2_RETRIEVER).eval
 	$(EFFIR) eval --model $(SMOLLM2_RETRIEVER) --max-length 256 --data $(HELDOUT) --batch-size 16 --out $(SMOLLM2_RETRIEVER).heldout-eval
@@ -169,10 +168,7 @@ results-smollm2: smollm2-retriever
 	  test -f $$m/config.json || $(EFFIR) prune --model $(SMOLLM2_RETRIEVER) --max-length 256 --plan configs/prune-smollm2-$$p.yaml \
 	    --data $(DATA) --calib-tokens 16384 --batch-size 16 --out $$m || exit 1; \
 	  $(call smollm2_eval,$$m) || exit 1; \
-	  if [ ! -f $$m-distill/config.json ]; then \
-	    resume=; [ -d $$m-distill.checkpoints ] && resume=--resume; \
-	    $(EFFIR) finetune --model $$m --train-texts $(DATA) --config configs/recover-smollm2.yaml --out $$m-distill $$resume || exit 1; \
-	  fi; \
+	  $(call resumable_finetune,$$m,$$m-distill,--train-texts $(DATA),configs/recover-smollm2.yaml); \
 	  $(call smollm2_eval,$$m-distill) || exit 1; \
 	done
 
@@ -313,10 +309,7 @@ define recover_plans
 	  test -f $(RUNS)/minilm-prune-$$p/config.json || \
 	    $(EFFIR) prune --model $(MINILM) --plan configs/prune-minilm-$$p.yaml --data $(DATA) --out $(RUNS)/minilm-prune-$$p || exit 1; \
 	  name=minilm-prune-$$p-$(2); \
-	  if [ ! -f $(RUNS)/$$name/config.json ]; then \
-	    resume=; [ -d $(RUNS)/$$name.checkpoints ] && resume=--resume; \
-	    $(EFFIR) finetune --model $(RUNS)/minilm-prune-$$p $(3) --config $(4) --out $(RUNS)/$$name $$resume || exit 1; \
-	  fi; \
+	  $(call resumable_finetune,$(RUNS)/minilm-prune-$$p,$(RUNS)/$$name,$(3),$(4)); \
 	  $(EFFIR) export --model $(RUNS)/$$name --profile sentence-transformers --out $(RUNS)/onnx/$$name --overwrite || exit 1; \
 	  $(EFFIR) validate --reference $(MINILM) --candidate $(RUNS)/onnx/$$name --data $(DATA) --data $(HELDOUT) \
 	    --gates configs/gates.yaml --out $(RUNS)/validate-$$name \
@@ -333,6 +326,8 @@ recover-minilm: build models onnxruntime
 # learning rate; mlp-only: only the MLP sub-layers trained; 1ep: one epoch), into
 # runs/minilm-prune-PLAN-distill-NAME (-seedS with RECOVER_SEED=S, not 0),
 # scored like recover-minilm.
+RECOVER_SEED ?= 0
+SEED_SUFFIX = $(addprefix -seed,$(filter-out 0,$(RECOVER_SEED)))
 VARIANT_PLANS ?= 50-refit
 recover-minilm-variant: build models onnxruntime
 	@test -n "$(RECOVER_VARIANT)" || { echo "recover-minilm-variant: set RECOVER_VARIANT=NAME (configs/recover-minilm-NAME.yaml)"; exit 2; }
@@ -365,16 +360,11 @@ int8-validate-minilm: build onnxruntime
 # (int8_validate).
 # RECOVER_SEED=S (not 0) runs both stages with --seed S, into names ending
 # -seedS.
-SEED_SUFFIX = $(addprefix -seed,$(filter-out 0,$(RECOVER_SEED)))
 GRADUAL_25 = minilm-prune-25-refit-distill-1ep$(SEED_SUFFIX)
 recover-minilm-gradual: build models onnxruntime
 	test -f $(RUNS)/minilm-prune-25-refit/config.json || \
 	  $(EFFIR) prune --model $(MINILM) --plan configs/prune-minilm-25-refit.yaml --data $(DATA) --out $(RUNS)/minilm-prune-25-refit
-	if [ ! -f $(RUNS)/$(GRADUAL_25)/config.json ]; then \
-	  resume=; [ -d $(RUNS)/$(GRADUAL_25).checkpoints ] && resume=--resume; \
-	  $(EFFIR) finetune --model $(RUNS)/minilm-prune-25-refit --train-texts $(DATA) --seed $(RECOVER_SEED) \
-	    --config configs/recover-minilm-1ep.yaml --out $(RUNS)/$(GRADUAL_25) $$resume; \
-	fi
+	$(call resumable_finetune,$(RUNS)/minilm-prune-25-refit,$(RUNS)/$(GRADUAL_25),--train-texts $(DATA) --seed $(RECOVER_SEED),configs/recover-minilm-1ep.yaml)
 	test -f $(RUNS)/minilm-prune-50-gradual$(SEED_SUFFIX)/config.json || \
 	  $(EFFIR) prune --model $(RUNS)/$(GRADUAL_25) --plan configs/prune-minilm-50-from-25.yaml --data $(DATA) \
 	    --out $(RUNS)/minilm-prune-50-gradual$(SEED_SUFFIX)
@@ -447,12 +437,11 @@ recover-minilm-query-text: build models onnxruntime $(RUNS)/scifact-train-querie
 # -distill-spansN; RECOVER_SEED=S (not 0) adds -seedS. Scored like
 # recover-minilm.
 SPANS_PER_DOCUMENT ?= 1
-RECOVER_SEED ?= 0
 $(RUNS)/scifact-corpus-spans-%.jsonl:
 	$(PYTHON) scripts/beir-corpus-spans.py $(DATA) $@ --per-document $*
 
 SPAN_PLANS ?= 50-refit
-SPAN_RUN = distill-spans$(filter-out 1,$(SPANS_PER_DOCUMENT))$(addprefix -seed,$(filter-out 0,$(RECOVER_SEED)))
+SPAN_RUN = distill-spans$(filter-out 1,$(SPANS_PER_DOCUMENT))$(SEED_SUFFIX)
 recover-minilm-spans: build models onnxruntime $(RUNS)/scifact-corpus-spans-$(SPANS_PER_DOCUMENT).jsonl
 	$(call recover_plans,$(SPAN_PLANS),$(SPAN_RUN),--train-texts $(DATA) --train-texts $(RUNS)/scifact-corpus-spans-$(SPANS_PER_DOCUMENT).jsonl --seed $(RECOVER_SEED),configs/recover-minilm.yaml)
 
@@ -468,11 +457,7 @@ recover-minilm-labeled: build models onnxruntime
 	    $(EFFIR) prune --model $(MINILM) --plan configs/prune-minilm-$$p.yaml --data $(DATA) --out $(RUNS)/minilm-prune-$$p || exit 1; \
 	  for recipe in ft2ep:finetune-minilm-2ep combined:finetune-minilm-combined; do \
 	    name=minilm-prune-$$p-$${recipe%%:*}; \
-	    if [ ! -f $(RUNS)/$$name/config.json ]; then \
-	      resume=; [ -d $(RUNS)/$$name.checkpoints ] && resume=--resume; \
-	      $(EFFIR) finetune --model $(RUNS)/minilm-prune-$$p --train $(DATA) --hard-negatives $(DATA)/train_hard_negatives.jsonl.gz \
-	        --config configs/$${recipe#*:}.yaml --out $(RUNS)/$$name $$resume || exit 1; \
-	    fi; \
+	    $(call resumable_finetune,$(RUNS)/minilm-prune-$$p,$(RUNS)/$$name,--train $(DATA) --hard-negatives $(DATA)/train_hard_negatives.jsonl.gz,configs/$${recipe#*:}.yaml); \
 	    $(EFFIR) export --model $(RUNS)/$$name --profile sentence-transformers --out $(RUNS)/onnx/$$name --overwrite || exit 1; \
 	    $(EFFIR) validate --reference $(MINILM) --candidate $(RUNS)/onnx/$$name --data $(DATA) --data $(HELDOUT) \
 	      --gates configs/gates.yaml --out $(RUNS)/validate-$$name || echo "$$name: gates failed (see its validation.md)"; \
@@ -755,11 +740,7 @@ GEMMA_RECOVER_PLANS ?= 25-refit 50-refit
 recover-embeddinggemma: build $(GEMMA)/model.safetensors
 	for p in $(GEMMA_RECOVER_PLANS); do \
 	  test -f $(RUNS)/embeddinggemma-prune-$$p/config.json || $(call gemma_prune,$$p) || exit 1; \
-	  if [ ! -f $(RUNS)/embeddinggemma-prune-$$p-distill/config.json ]; then \
-	    resume=; [ -d $(RUNS)/embeddinggemma-prune-$$p-distill.checkpoints ] && resume=--resume; \
-	    $(EFFIR) finetune --model $(RUNS)/embeddinggemma-prune-$$p --train-texts $(DATA) --config configs/recover-embeddinggemma.yaml \
-	      --out $(RUNS)/embeddinggemma-prune-$$p-distill $$resume || exit 1; \
-	  fi; \
+	  $(call resumable_finetune,$(RUNS)/embeddinggemma-prune-$$p,$(RUNS)/embeddinggemma-prune-$$p-distill,--train-texts $(DATA),configs/recover-embeddinggemma.yaml); \
 	  $(call gemma_eval,$(RUNS)/embeddinggemma-prune-$$p-distill) || exit 1; \
 	done
 
