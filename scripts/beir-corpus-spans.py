@@ -10,26 +10,19 @@ texts drawn from the same corpus, with no queries and no judgements.
     python3 scripts/beir-corpus-spans.py DATASET OUT.jsonl [--per-document N] [--seed S]
 """
 import argparse
-import gzip
 import json
 import os
 import random
 import re
 import sys
 
+from beir_text_files import open_text, write_texts
+
 # A sentence ends at . ! or ? followed by white space and a capital letter,
 # a digit or an opening bracket; abbreviations such as "e.g. the" stay whole.
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9(\[])")
 MIN_WORDS = 6
 MAX_SENTENCES = 3
-
-
-def open_text(path):
-    if os.path.exists(path):
-        return open(path, encoding="utf-8")
-    if os.path.exists(path + ".gz"):
-        return gzip.open(path + ".gz", "rt", encoding="utf-8")
-    sys.exit(f"{path}: no such file (nor {path}.gz): not a BEIR dataset")
 
 
 def sentences(text):
@@ -65,11 +58,7 @@ def main():
                 spans.append(" ".join(parts[start : start + length]))
     if not spans:
         sys.exit(f"{dataset}: no document has a sentence of {MIN_WORDS} words or more")
-    tmp = out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for span in spans:
-            f.write(json.dumps({"text": span}) + "\n")
-    os.replace(tmp, out)
+    write_texts(out, spans)
     words = sum(len(s.split()) for s in spans) / len(spans)
     print(f"{out}: {len(spans)} spans of {documents} documents of {dataset}, {words:.1f} words on average")
 

@@ -8,16 +8,11 @@ reads the same queries itself and writes them with the prompt.
     python3 scripts/beir-query-texts.py DATASET SPLIT OUT.jsonl
 """
 import csv
-import gzip
 import json
 import os
 import sys
 
-
-def open_text(path):
-    if os.path.exists(path):
-        return open(path, encoding="utf-8")
-    return gzip.open(path + ".gz", "rt", encoding="utf-8")
+from beir_text_files import open_text, write_texts
 
 
 def main():
@@ -35,11 +30,7 @@ def main():
                 texts.append(query["text"])
     if not texts:
         sys.exit(f"{dataset}: no queries of split {split}")
-    tmp = out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for text in texts:
-            f.write(json.dumps({"text": text}) + "\n")
-    os.replace(tmp, out)
+    write_texts(out, texts)
     print(f"{out}: {len(texts)} queries of {dataset} {split}")
 
 
