@@ -74,20 +74,35 @@ where
 }
 
 /// Saves `tensors` to `path` as safetensors, atomically and synced like
-/// [`write_atomically`]. The safetensors crate streams the tensors into an
-/// owner-only file of its own and renames it onto an effir temporary beside
-/// `path`; that file is synced and given the mode an ordinary file gets
-/// (0666 less the umask) before it takes `path`'s name.
+/// [`write_atomically`]. The safetensors crate streams the tensors into a
+/// temporary file of its own, in the directory it writes to: that directory
+/// is an effir staging directory beside `path` (locked, named for this
+/// process), so what a killed run leaves there is removed by a later one
+/// ([`remove_stale_temporaries`]). The finished file is synced and given the
+/// mode an ordinary file gets (0666 less the umask) before it takes
+/// `path`'s name.
 pub fn save_safetensors<K: AsRef<str> + Ord + std::fmt::Display>(
     tensors: &std::collections::HashMap<K, candle_core::Tensor>,
     path: &Path,
 ) -> Result<()> {
-    let tmp = temporary_beside(path)?;
-    candle_core::safetensors::save(tensors, tmp.path()).map_err(|e| Error::weights(path, e))?;
-    let written = std::fs::File::open(tmp.path()).map_err(|e| Error::io(path, e))?;
-    // Held until renamed, as write_atomically holds its temporaries: a
-    // cleanup by another process sees it alive.
-    let _ = written.try_lock();
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    remove_stale_temporaries(dir);
+    let staging = output_builder(&format!("{STAGING_PREFIX}{}-", std::process::id()), true)
+        .tempdir_in(dir)
+        .map_err(|e| Error::io(dir, e))?;
+    // Held while it is used: a cleanup by another process sees it alive.
+    let _held = std::fs::File::open(staging.path())
+        .ok()
+        .filter(|f| f.try_lock().is_ok());
+    let staged = staging.path().join("weights.safetensors");
+    candle_core::safetensors::save(tensors, &staged).map_err(|e| Error::weights(path, e))?;
+    let written = std::fs::File::open(&staged).map_err(|e| Error::io(path, e))?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -97,7 +112,7 @@ pub fn save_safetensors<K: AsRef<str> + Ord + std::fmt::Display>(
             .map_err(|e| Error::io(path, e))?;
     }
     written.sync_all().map_err(|e| Error::io(path, e))?;
-    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    std::fs::rename(&staged, path).map_err(|e| Error::io(path, e))?;
     Ok(())
 }
 
@@ -619,6 +634,31 @@ mod tests {
         );
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o666 & !process_umask(), "mode {mode:o}");
+        let names: Vec<_> = std::fs::read_dir(work.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("model.safetensors")]);
+    }
+
+    /// What a weight file write killed half-way leaves: the safetensors
+    /// crate's own temporary, inside a staging directory named for the dead
+    /// process (where [`save_safetensors`] has the crate write). The next
+    /// weight file saved in that directory removes it.
+    #[test]
+    fn a_dead_writers_staging_directory_with_a_partial_weight_file_is_removed_by_the_next_save() {
+        let work = tempfile::tempdir().unwrap();
+        let killed = work
+            .path()
+            .join(format!("{STAGING_PREFIX}{}-abc", u32::MAX));
+        std::fs::create_dir_all(&killed).unwrap();
+        std::fs::write(killed.join(".tmpXyZ123"), "half a weight file").unwrap();
+        let weights =
+            candle_core::Tensor::zeros((2, 2), candle_core::DType::F32, &candle_core::Device::Cpu)
+                .unwrap();
+        let tensors = std::collections::HashMap::from([("w".to_string(), weights)]);
+        save_safetensors(&tensors, &work.path().join("model.safetensors")).unwrap();
         let names: Vec<_> = std::fs::read_dir(work.path())
             .unwrap()
             .flatten()
