@@ -631,6 +631,27 @@ fn a_killed_distillation_resumes_to_the_same_weights_bit_for_bit() {
     assert!(!o.status.success(), "resumed with other text");
     assert!(stderr(&o).contains("other training data"), "{}", stderr(&o));
     assert!(!other.exists());
+    // So is resuming them with other trained tensors (`trained: mlp`): the
+    // message names the setting, beside a model shape.
+    let mlp_only = distill_config(
+        work.path(),
+        &teacher,
+        "max_steps: 6\nlearning_rate: 1.0e-3\ncheckpoint_every: 3\ntrained: mlp\n",
+    );
+    let o = distill(
+        &pruned,
+        &[&texts, &jsonl],
+        &other,
+        &mlp_only,
+        &["--resume", "--checkpoints", checkpoints.to_str().unwrap()],
+    );
+    assert!(!o.status.success(), "resumed with other settings");
+    assert!(
+        stderr(&o).contains("or other trained tensors (`trained:`, `lora:`)"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!other.exists());
 }
 
 /// The one teacher cache file (`teacher-*.safetensors`) in `dir`, and the

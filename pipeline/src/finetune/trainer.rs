@@ -728,10 +728,12 @@ fn resume(
         path: dir.clone(),
         message,
     };
+    // Everything is checked before any weight is set.
     for (name, var) in &weights.vars {
         let saved = ckpt.weights.get(name).ok_or_else(|| {
             mismatch(format!(
-                "checkpoint has no tensor `{name}`: it was made for a different model shape"
+                "checkpoint has no tensor `{name}`: it was made for a different model shape, \
+                 or with other trained tensors (`trained:`, `lora:`)"
             ))
         })?;
         if saved.dims() != var.dims() {
@@ -741,11 +743,11 @@ fn resume(
                 var.dims()
             )));
         }
-        var.set(saved)?;
     }
     if ckpt.weights.len() != weights.vars.len() {
         return Err(mismatch(format!(
-            "checkpoint holds {} trainable tensors, the model {}: a different model shape",
+            "checkpoint holds {} trainable tensors, the model {}: a different model shape, \
+             or other trained tensors (`trained:`, `lora:`)",
             ckpt.weights.len(),
             weights.vars.len()
         )));
@@ -754,6 +756,9 @@ fn resume(
         return Err(mismatch(
             "checkpoint was made with other training data or settings; start a new run".into(),
         ));
+    }
+    for (name, var) in &weights.vars {
+        var.set(&ckpt.weights[name])?;
     }
     adam.first = ckpt.first;
     adam.second = ckpt.second;
