@@ -125,7 +125,7 @@ fn flops_per_token(p: &ParameterReport, attention_width: &[usize], seq_len: usiz
 fn reconstruction_table(fits: &[LayerFit]) -> String {
     let mut md = String::from(
         "\nReconstruction (least-squares re-fit of each narrowed MLP's output projection; \
-         relative error of its output against the full MLP's on the calibration tokens):\n\n\
+         relative error of its output against the source model's MLP (all of its neurons) on the calibration tokens):\n\n\
          | layer | neurons kept | tokens | error, sliced | error, re-fitted |\n|---:|---:|---:|---:|---:|\n",
     );
     for f in fits {
