@@ -15,7 +15,7 @@ PYTHON  ?= python3
 .PHONY: all system-deps build models test lint fuzz embed eval eval-scifact python-deps \
         fixtures metric-references bench-embed profile-embed bench-analyze parity-embeddinggemma \
         onnxruntime export export-pruned validate validate-pruned validate-prune-minilm bench-onnx parity-embeddinggemma-onnx \
-        finetune-minilm finetune-minilm-2ep recover-minilm frontier-minilm frontier-embeddinggemma precision-checks prune-minilm-narrow prune-minilm-refit prune-embeddinggemma-refit recover-embeddinggemma gguf-parity smollm2-st smollm2-distill smollm2-retriever results-smollm2 bench-training-memory recover-minilm-labeled recover-minilm-query-text recover-minilm-spans recover-minilm-variant recover-minilm-gradual recover-minilm-gradual-70 int8-validate-minilm bench-gradual shard-scifact scale-7b scale-3b finetune-minilm-unpruned finetune-minilm-unpruned-2ep recover-minilm-tokens recover-minilm-seeds bench-finetune profile-finetune optimum-fixtures rewrite-minilm \
+        finetune-minilm finetune-minilm-2ep recover-minilm frontier-minilm frontier-embeddinggemma precision-checks prune-minilm-narrow prune-minilm-refit prune-embeddinggemma-refit recover-embeddinggemma gguf-parity smollm2-st smollm2-distill smollm2-retriever results-smollm2 bench-training-memory recover-minilm-labeled recover-minilm-query-text recover-minilm-spans recover-minilm-variant recover-minilm-gradual recover-minilm-gradual-70 recover-minilm-gradual-combined int8-validate-minilm bench-gradual shard-scifact scale-7b scale-3b finetune-minilm-unpruned finetune-minilm-unpruned-2ep recover-minilm-tokens recover-minilm-seeds bench-finetune profile-finetune optimum-fixtures rewrite-minilm \
         analyze-minilm drop-study-minilm prune-minilm results-minilm \
         analyze-embeddinggemma drop-study-embeddinggemma results-embeddinggemma clean
 
@@ -383,6 +383,20 @@ recover-minilm-gradual-70: recover-minilm-gradual
 	$(call recover_plans,70-gradual$(SEED_SUFFIX),distill-1ep,--train-texts $(DATA) --seed $(RECOVER_SEED),configs/recover-minilm-1ep.yaml)
 	$(call int8_validate,minilm-prune-70-gradual$(SEED_SUFFIX)-distill-1ep)
 
+# Issue 14's combined target from the gradual start: the gradual 50 % model
+# (label-free) given a light labeled stage
+# (configs/finetune-minilm-combined-light.yaml: the combined recipe for one
+# epoch at a fifth of its learning rate) on SciFact train, into
+# runs/minilm-prune-50-gradual-distill-1ep-combined-light (-seedS), scored
+# like recover-minilm (SciFact test in-domain, Cranfield held out), and as
+# int8 (int8_validate).
+GRADUAL_COMBINED = minilm-prune-50-gradual$(SEED_SUFFIX)-distill-1ep-combined-light
+recover-minilm-gradual-combined: build models onnxruntime
+	test -f $(RUNS)/minilm-prune-50-gradual$(SEED_SUFFIX)-distill-1ep/config.json || $(MAKE) recover-minilm-gradual
+	$(call recover_plans,50-gradual$(SEED_SUFFIX)-distill-1ep,combined-light,--train $(DATA) \
+	  --hard-negatives $(DATA)/train_hard_negatives.jsonl.gz --seed $(RECOVER_SEED),configs/finetune-minilm-combined-light.yaml)
+	$(call int8_validate,$(GRADUAL_COMBINED))
+
 # Speed of the gradual 50 % model's int8 graphs against effir's fp32 export
 # of the full model, the full model's smoothed int8 graph and the 25 %
 # reconstructed plan's (the fastest point that passed before), and the
@@ -546,13 +560,15 @@ rewrite-minilm: build models onnxruntime $(OPTIMUM_VENV)/bin/optimum-cli $(RUNS)
 # Every MiniLM point as fp32 and int8 (both kernels, and u8s8 smoothed with
 # strength INT8_SMOOTHING, calibrated on $(DATA)'s text): the full model and each
 # pruned or recovered model of FRONTIER_MODELS that exists under $(RUNS) (made
-# by prune-minilm, prune-minilm-narrow, recover-minilm, finetune-minilm; a
+# by prune-minilm, prune-minilm-narrow, recover-minilm, finetune-minilm,
+# recover-minilm-gradual(-70, -combined); a
 # missing one is named and skipped), beside Optimum's fp32 export and its two
 # int8 presets; all validated on SciFact test and Cranfield, timed in one
 # interleaved run (batch 32 x 256 throughput, 1 x 32 latency).
 FRONTIER_MODELS ?= minilm-prune-50-narrow minilm-prune-50-narrow-distill minilm-prune-25-refit minilm-prune-50-refit \
   minilm-prune-70-refit minilm-prune-25-refit-distill minilm-prune-50-refit-distill minilm-prune-70-refit-distill minilm-prune-25 minilm-prune-50 minilm-prune-70 \
-  minilm-prune-25-distill minilm-prune-50-distill minilm-prune-70-distill minilm-prune-50-ft
+  minilm-prune-25-distill minilm-prune-50-distill minilm-prune-70-distill minilm-prune-50-ft \
+  minilm-prune-50-gradual-distill-1ep minilm-prune-70-gradual-distill-1ep minilm-prune-50-gradual-distill-1ep-combined-light
 FRONTIER_OUT ?= results/minilm/frontier
 FRONTIER_RUNS ?= 10
 INT8_SMOOTHING ?= 0.75
