@@ -36,9 +36,9 @@ pub fn output_builder<'a>(prefix: &'a str, directory: bool) -> tempfile::Builder
     builder
 }
 
-/// A new temporary file in `path`'s directory (created if need be), named
-/// for this process, after removing what dead writers left there.
-fn temporary_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
+/// The directory `path` is written in (created if need be), with what dead
+/// writers left there removed.
+fn writable_parent(path: &Path) -> Result<&Path> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -47,6 +47,13 @@ fn temporary_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
     remove_stale_temporaries(dir);
+    Ok(dir)
+}
+
+/// A new temporary file in `path`'s directory (created if need be), named
+/// for this process, after removing what dead writers left there.
+fn temporary_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
+    let dir = writable_parent(path)?;
     let prefix = format!("{FILE_PREFIX}{}-", std::process::id());
     output_builder(&prefix, false)
         .suffix(".tmp")
@@ -85,14 +92,7 @@ pub fn save_safetensors<K: AsRef<str> + Ord + std::fmt::Display>(
     tensors: &std::collections::HashMap<K, candle_core::Tensor>,
     path: &Path,
 ) -> Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    if !dir.is_dir() {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    }
-    remove_stale_temporaries(dir);
+    let dir = writable_parent(path)?;
     let staging = output_builder(&format!("{STAGING_PREFIX}{}-", std::process::id()), true)
         .tempdir_in(dir)
         .map_err(|e| Error::io(dir, e))?;
@@ -580,6 +580,15 @@ fn exchange(_: &Path, _: &Path) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
+    /// The names in `dir`.
+    fn entry_names(dir: &Path) -> Vec<std::ffi::OsString> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect()
+    }
+
     #[test]
     fn a_second_writer_of_the_same_output_is_refused_until_the_first_is_done() {
         let work = tempfile::tempdir().unwrap();
@@ -600,11 +609,7 @@ mod tests {
         std::fs::write(next.path().join("b"), "2").unwrap();
         next.replace(&out).unwrap();
         assert!(out.join("b").is_file() && !out.join("a").exists());
-        let names: Vec<_> = std::fs::read_dir(work.path())
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name())
-            .collect();
+        let names = entry_names(work.path());
         assert_eq!(
             names,
             vec![std::ffi::OsString::from("out")],
@@ -634,11 +639,7 @@ mod tests {
         );
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o666 & !process_umask(), "mode {mode:o}");
-        let names: Vec<_> = std::fs::read_dir(work.path())
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name())
-            .collect();
+        let names = entry_names(work.path());
         assert_eq!(names, vec![std::ffi::OsString::from("model.safetensors")]);
     }
 
@@ -659,11 +660,7 @@ mod tests {
                 .unwrap();
         let tensors = std::collections::HashMap::from([("w".to_string(), weights)]);
         save_safetensors(&tensors, &work.path().join("model.safetensors")).unwrap();
-        let names: Vec<_> = std::fs::read_dir(work.path())
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name())
-            .collect();
+        let names = entry_names(work.path());
         assert_eq!(names, vec![std::ffi::OsString::from("model.safetensors")]);
     }
 
