@@ -643,25 +643,85 @@ mod tests {
         assert_eq!(names, vec![std::ffi::OsString::from("model.safetensors")]);
     }
 
-    /// What a weight file write killed half-way leaves: the safetensors
-    /// crate's own temporary, inside a staging directory named for the dead
-    /// process (where [`save_safetensors`] has the crate write). The next
-    /// weight file saved in that directory removes it.
+    /// Run only as the child of the next test: saves a 64 MB weight file
+    /// into `$EFFIR_SAVE_UNTIL_KILLED` over and over until it is killed.
     #[test]
-    fn a_dead_writers_staging_directory_with_a_partial_weight_file_is_removed_by_the_next_save() {
+    #[ignore = "the writer a_weight_file_write_killed_half_way_leaves_nothing_behind kills"]
+    fn saves_weight_files_until_killed() {
+        let Some(dir) = std::env::var_os("EFFIR_SAVE_UNTIL_KILLED") else {
+            return;
+        };
+        let weights = candle_core::Tensor::zeros(
+            (4096, 4096),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let tensors = std::collections::HashMap::from([("w".to_string(), weights)]);
+        let path = Path::new(&dir).join("model.safetensors");
+        loop {
+            save_safetensors(&tensors, &path).unwrap();
+        }
+    }
+
+    /// Whether the safetensors crate's own temporary (`.tmp…`) is anywhere
+    /// in `dir` or one level below it.
+    fn holds_crate_temporary(dir: &Path) -> bool {
+        entry_names(dir).iter().any(|name| {
+            let name = name.to_string_lossy();
+            name.starts_with(".tmp")
+                || (name.starts_with(STAGING_PREFIX)
+                    && std::fs::read_dir(dir.join(&*name)).is_ok_and(|inner| {
+                        inner
+                            .flatten()
+                            .any(|e| e.file_name().to_string_lossy().starts_with(".tmp"))
+                    }))
+        })
+    }
+
+    /// A writer killed while the safetensors crate streams a weight file
+    /// leaves the crate's temporary behind; the next weight file saved in
+    /// that directory removes it (it was written inside a staging
+    /// directory of the dead process), and nothing else is left.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_weight_file_write_killed_half_way_leaves_nothing_behind() {
         let work = tempfile::tempdir().unwrap();
-        let killed = work
-            .path()
-            .join(format!("{STAGING_PREFIX}{}-abc", u32::MAX));
-        std::fs::create_dir_all(&killed).unwrap();
-        std::fs::write(killed.join(".tmpXyZ123"), "half a weight file").unwrap();
+        for _attempt in 0..20 {
+            let mut writer = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--ignored",
+                    "--exact",
+                    "io::atomic_file::tests::saves_weight_files_until_killed",
+                    "--test-threads=1",
+                ])
+                .env("EFFIR_SAVE_UNTIL_KILLED", work.path())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while !holds_crate_temporary(work.path()) && std::time::Instant::now() < deadline {}
+            writer.kill().unwrap();
+            writer.wait().unwrap();
+            if holds_crate_temporary(work.path()) {
+                break;
+            }
+        }
+        assert!(
+            holds_crate_temporary(work.path()),
+            "the writer was never killed in the middle of a write"
+        );
         let weights =
             candle_core::Tensor::zeros((2, 2), candle_core::DType::F32, &candle_core::Device::Cpu)
                 .unwrap();
         let tensors = std::collections::HashMap::from([("w".to_string(), weights)]);
-        save_safetensors(&tensors, &work.path().join("model.safetensors")).unwrap();
-        let names = entry_names(work.path());
-        assert_eq!(names, vec![std::ffi::OsString::from("model.safetensors")]);
+        save_safetensors(&tensors, &work.path().join("other.safetensors")).unwrap();
+        let left: Vec<_> = entry_names(work.path())
+            .into_iter()
+            .filter(|n| n != "model.safetensors" && n != "other.safetensors")
+            .collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
     }
 
     /// An output under directories that did not exist creates them; if it
