@@ -15,7 +15,7 @@ PYTHON  ?= python3
 .PHONY: all system-deps build models test lint fuzz embed eval eval-scifact python-deps \
         fixtures metric-references bench-embed profile-embed bench-analyze parity-embeddinggemma \
         onnxruntime export export-pruned validate validate-pruned validate-prune-minilm bench-onnx parity-embeddinggemma-onnx \
-        finetune-minilm finetune-minilm-2ep recover-minilm frontier-minilm frontier-embeddinggemma precision-checks prune-minilm-narrow prune-minilm-refit prune-embeddinggemma-refit recover-embeddinggemma gguf-parity smollm2-st smollm2-distill smollm2-retriever results-smollm2 bench-training-memory recover-minilm-labeled recover-minilm-query-text recover-minilm-spans recover-minilm-variant recover-minilm-gradual recover-minilm-gradual-70 recover-minilm-gradual-combined int8-validate-minilm bench-gradual shard-scifact scale-7b scale-3b finetune-minilm-unpruned finetune-minilm-unpruned-2ep recover-minilm-tokens recover-minilm-seeds bench-finetune profile-finetune optimum-fixtures rewrite-minilm \
+        finetune-minilm finetune-minilm-2ep recover-minilm frontier-minilm frontier-embeddinggemma precision-checks prune-minilm-narrow prune-minilm-refit prune-embeddinggemma-refit recover-embeddinggemma gguf-parity smollm2-st smollm2-distill smollm2-retriever results-smollm2 bench-training-memory recover-minilm-labeled recover-minilm-query-text recover-minilm-spans recover-minilm-variant recover-minilm-gradual recover-minilm-gradual-70 recover-minilm-gradual-combined frontier-minilm-gradual int8-validate-minilm bench-gradual shard-scifact scale-7b scale-3b finetune-minilm-unpruned finetune-minilm-unpruned-2ep recover-minilm-tokens recover-minilm-seeds bench-finetune profile-finetune optimum-fixtures rewrite-minilm \
         analyze-minilm drop-study-minilm prune-minilm results-minilm \
         analyze-embeddinggemma drop-study-embeddinggemma results-embeddinggemma clean
 
@@ -614,7 +614,7 @@ GRADUAL_50 = $(RUNS)/minilm-prune-50-gradual-distill-1ep
 comma := ,
 space := $(subst ,, )
 frontier-minilm-gradual: build models onnxruntime $(OPTIMUM_VENV)/bin/optimum-cli
-	test -f $(RUNS)/frontier/peers/optimum-fp32/model.onnx || \
+	test -f $(RUNS)/frontier/peers/optimum-int8-avx512-vnni/model.onnx || \
 	  $(OPTIMUM_VENV)/bin/python benchmarks/optimum_peers.py --model $(MINILM) --out $(RUNS)/frontier/peers
 	set -e; points=; \
 	for m in full=$(MINILM) gradual50=$(GRADUAL_50) gradual70=$(RUNS)/minilm-prune-70-gradual-distill-1ep \
