@@ -80,6 +80,20 @@ where
     Ok(())
 }
 
+/// A new staging directory in `parent`, named for this process, and the
+/// handle that holds it locked while it is used: a cleanup by another
+/// process sees it alive ([`remove_stale_temporaries`]). The lock is `None`
+/// where the file system refuses it.
+fn locked_staging_dir(parent: &Path) -> Result<(tempfile::TempDir, Option<std::fs::File>)> {
+    let dir = output_builder(&format!("{STAGING_PREFIX}{}-", std::process::id()), true)
+        .tempdir_in(parent)
+        .map_err(|e| Error::io(parent, e))?;
+    let held = std::fs::File::open(dir.path())
+        .ok()
+        .filter(|f| f.try_lock().is_ok());
+    Ok((dir, held))
+}
+
 /// Saves `tensors` to `path` as safetensors, atomically and synced like
 /// [`write_atomically`]. The safetensors crate streams the tensors into a
 /// temporary file of its own, in the directory it writes to: that directory
@@ -93,13 +107,7 @@ pub fn save_safetensors<K: AsRef<str> + Ord + std::fmt::Display>(
     path: &Path,
 ) -> Result<()> {
     let dir = writable_parent(path)?;
-    let staging = output_builder(&format!("{STAGING_PREFIX}{}-", std::process::id()), true)
-        .tempdir_in(dir)
-        .map_err(|e| Error::io(dir, e))?;
-    // Held while it is used: a cleanup by another process sees it alive.
-    let _held = std::fs::File::open(staging.path())
-        .ok()
-        .filter(|f| f.try_lock().is_ok());
+    let (staging, _held) = locked_staging_dir(dir)?;
     let staged = staging.path().join("weights.safetensors");
     candle_core::safetensors::save(tensors, &staged).map_err(|e| Error::weights(path, e))?;
     let written = std::fs::File::open(&staged).map_err(|e| Error::io(path, e))?;
@@ -405,13 +413,7 @@ impl StagedDir {
         let parents = CreatedParents::create(parent)?;
         let lock = OutputLock::acquire(out, parent)?;
         remove_stale_temporaries(parent);
-        let prefix = format!("{STAGING_PREFIX}{}-", std::process::id());
-        let dir = output_builder(&prefix, true)
-            .tempdir_in(parent)
-            .map_err(|e| Error::io(parent, e))?;
-        let held = std::fs::File::open(dir.path())
-            .ok()
-            .filter(|f| f.try_lock().is_ok());
+        let (dir, held) = locked_staging_dir(parent)?;
         Ok(Self {
             dir,
             _held: held,
