@@ -573,6 +573,10 @@ FRONTIER_OUT ?= results/minilm/frontier
 FRONTIER_RUNS ?= 10
 INT8_SMOOTHING ?= 0.75
 SMOOTHED_INT8 = --precision int8 --int8-kernel u8s8 --int8-smoothing $(INT8_SMOOTHING) --calib-data $(DATA)
+# Optimum's three MiniLM exports (benchmarks/optimum_peers.py), its fp32 one
+# the baseline speed-ups are measured against.
+OPTIMUM_PEERS = --peer $(RUNS)/frontier/peers/optimum-fp32 --peer $(RUNS)/frontier/peers/optimum-int8-avx2 \
+  --peer $(RUNS)/frontier/peers/optimum-int8-avx512-vnni --baseline optimum-fp32
 frontier-minilm: build models onnxruntime $(OPTIMUM_VENV)/bin/optimum-cli
 	$(OPTIMUM_VENV)/bin/python benchmarks/optimum_peers.py --model $(MINILM) --out $(RUNS)/frontier/peers
 	set -e; points="--candidate full-fp32=$(RUNS)/frontier/full-fp32"; \
@@ -598,10 +602,8 @@ frontier-minilm: build models onnxruntime $(OPTIMUM_VENV)/bin/optimum-cli
 	    --out $(RUNS)/frontier/$$m-int8-u8s8-smooth --overwrite; \
 	  points="$$points --candidate $$m-int8-u8s8-smooth=$(RUNS)/frontier/$$m-int8-u8s8-smooth"; \
 	done; \
-	$(EFFIR) frontier --reference $(MINILM) $$points \
-	  --peer $(RUNS)/frontier/peers/optimum-fp32 --peer $(RUNS)/frontier/peers/optimum-int8-avx2 \
-	  --peer $(RUNS)/frontier/peers/optimum-int8-avx512-vnni \
-	  --baseline optimum-fp32 --data $(DATA) --data $(HELDOUT) --gates configs/gates.yaml --runs $(FRONTIER_RUNS) --out $(FRONTIER_OUT)
+	$(EFFIR) frontier --reference $(MINILM) $$points $(OPTIMUM_PEERS) \
+	  --data $(DATA) --data $(HELDOUT) --gates configs/gates.yaml --runs $(FRONTIER_RUNS) --out $(FRONTIER_OUT)
 
 # The part of frontier-minilm that decides the issue's target, in minutes
 # rather than hours: the full model (fp32, int8 u8s8 plain and smoothed), the
@@ -611,27 +613,25 @@ frontier-minilm: build models onnxruntime $(OPTIMUM_VENV)/bin/optimum-cli
 # recover-minilm-gradual-70 and recover-minilm-gradual-combined.
 FRONTIER_GRADUAL_OUT ?= results/minilm/frontier-gradual
 GRADUAL_50 = $(RUNS)/minilm-prune-50-gradual-distill-1ep
-comma := ,
-space := $(subst ,, )
+INT8_U8S8 = --precision int8 --int8-kernel u8s8
+# $(call gradual_point,NAME,MODEL,EXPORT FLAGS): MODEL exported into
+# runs/frontier-gradual/NAME and added to the shell's $$points.
+gradual_point = $(EFFIR) export --model $(2) --profile sentence-transformers $(3) --out $(RUNS)/frontier-gradual/$(1) --overwrite; \
+  points="$$points --candidate $(1)=$(RUNS)/frontier-gradual/$(1)";
 frontier-minilm-gradual: build models onnxruntime $(OPTIMUM_VENV)/bin/optimum-cli
 	test -f $(RUNS)/frontier/peers/optimum-int8-avx512-vnni/model.onnx || \
 	  $(OPTIMUM_VENV)/bin/python benchmarks/optimum_peers.py --model $(MINILM) --out $(RUNS)/frontier/peers
 	set -e; points=; \
-	for m in full=$(MINILM) gradual50=$(GRADUAL_50) gradual70=$(RUNS)/minilm-prune-70-gradual-distill-1ep \
-	    gradual50-combined-light=$(GRADUAL_50)-combined-light; do \
-	  name=$${m%%=*}; src=$${m#*=}; \
-	  variants="int8-u8s8-smooth:$(subst $(space),$(comma),$(strip $(SMOOTHED_INT8)))"; \
-	  case $$name in full|gradual50) variants="fp32: int8-u8s8:--precision,int8,--int8-kernel,u8s8 $$variants";; esac; \
-	  for v in $$variants; do \
-	    $(EFFIR) export --model $$src --profile sentence-transformers $$(echo $${v#*:} | tr , ' ') \
-	      --out $(RUNS)/frontier-gradual/$$name-$${v%%:*} --overwrite; \
-	    points="$$points --candidate $$name-$${v%%:*}=$(RUNS)/frontier-gradual/$$name-$${v%%:*}"; \
-	  done; \
-	done; \
-	$(EFFIR) frontier --reference $(MINILM) $$points \
-	  --peer $(RUNS)/frontier/peers/optimum-fp32 --peer $(RUNS)/frontier/peers/optimum-int8-avx2 \
-	  --peer $(RUNS)/frontier/peers/optimum-int8-avx512-vnni \
-	  --baseline optimum-fp32 --data $(DATA) --data $(HELDOUT) --gates configs/gates.yaml --runs $(FRONTIER_RUNS) --out $(FRONTIER_GRADUAL_OUT)
+	$(call gradual_point,full-fp32,$(MINILM),) \
+	$(call gradual_point,full-int8-u8s8,$(MINILM),$(INT8_U8S8)) \
+	$(call gradual_point,full-int8-u8s8-smooth,$(MINILM),$(SMOOTHED_INT8)) \
+	$(call gradual_point,gradual50-fp32,$(GRADUAL_50),) \
+	$(call gradual_point,gradual50-int8-u8s8,$(GRADUAL_50),$(INT8_U8S8)) \
+	$(call gradual_point,gradual50-int8-u8s8-smooth,$(GRADUAL_50),$(SMOOTHED_INT8)) \
+	$(call gradual_point,gradual70-int8-u8s8-smooth,$(RUNS)/minilm-prune-70-gradual-distill-1ep,$(SMOOTHED_INT8)) \
+	$(call gradual_point,gradual50-combined-light-int8-u8s8-smooth,$(GRADUAL_50)-combined-light,$(SMOOTHED_INT8)) \
+	$(EFFIR) frontier --reference $(MINILM) $$points $(OPTIMUM_PEERS) \
+	  --data $(DATA) --data $(HELDOUT) --gates configs/gates.yaml --runs $(FRONTIER_RUNS) --out $(FRONTIER_GRADUAL_OUT)
 
 # The EmbeddingGemma frontier (issue 13): the full model and every pruned
 # plan of GEMMA_FRONTIER_MODELS that exists under $(RUNS) (made by
