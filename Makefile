@@ -15,7 +15,7 @@ PYTHON  ?= python3
 .PHONY: all system-deps build models test lint fuzz embed eval eval-scifact python-deps \
         fixtures metric-references bench-embed profile-embed bench-analyze parity-embeddinggemma \
         onnxruntime export export-pruned validate validate-pruned validate-prune-minilm bench-onnx parity-embeddinggemma-onnx \
-        finetune-minilm finetune-minilm-2ep recover-minilm frontier-minilm frontier-embeddinggemma precision-checks prune-minilm-narrow prune-minilm-refit prune-embeddinggemma-refit recover-embeddinggemma gguf-parity smollm2-st smollm2-distill smollm2-retriever results-smollm2 bench-training-memory recover-minilm-labeled recover-minilm-query-text recover-minilm-spans recover-minilm-variant recover-minilm-gradual recover-minilm-gradual-70 recover-minilm-gradual-combined frontier-minilm-gradual int8-validate-minilm bench-gradual shard-scifact scale-7b scale-3b finetune-minilm-unpruned finetune-minilm-unpruned-2ep recover-minilm-tokens recover-minilm-seeds bench-finetune profile-finetune optimum-fixtures rewrite-minilm \
+        finetune-minilm finetune-minilm-2ep recover-minilm frontier-minilm frontier-embeddinggemma precision-checks prune-minilm-narrow prune-minilm-refit prune-embeddinggemma-refit recover-embeddinggemma gguf-parity smollm2-st smollm2-distill smollm2-retriever drop-study-smollm2 prune-smollm2 results-smollm2 bench-training-memory recover-minilm-labeled recover-minilm-query-text recover-minilm-spans recover-minilm-variant recover-minilm-gradual recover-minilm-gradual-70 recover-minilm-gradual-combined frontier-minilm-gradual int8-validate-minilm bench-gradual shard-scifact scale-7b scale-3b finetune-minilm-unpruned finetune-minilm-unpruned-2ep recover-minilm-tokens recover-minilm-seeds bench-finetune profile-finetune optimum-fixtures rewrite-minilm \
         analyze-minilm drop-study-minilm prune-minilm results-minilm \
         analyze-embeddinggemma drop-study-embeddinggemma results-embeddinggemma clean
 
@@ -154,15 +154,25 @@ smollm2-retriever: build smollm2-distill
 # 25/50/70 % (configs/prune-smollm2-*-refit.yaml), each scored, then
 # recovered by label-free distillation from the retriever on SciFact corpus
 # text (configs/recover-smollm2.yaml) and scored again. Hours on 2 cores.
+# The analysis and drop study run on SMOLLM2_STUDY (the labeled retriever
+# by default; `make drop-study-smollm2 SMOLLM2_STUDY=$(SMOLLM2_DISTILLED)`
+# studies the label-free stage), into $(RUNS)/{analyze,drop-study}-NAME.
 SMOLLM2_PLANS ?= 25-refit 50-refit 70-refit
+SMOLLM2_STUDY ?= $(SMOLLM2_RETRIEVER)
+smollm2_study_name = $(notdir $(SMOLLM2_STUDY))
 smollm2_eval = $(EFFIR) eval --model $(1) --max-length 256 --data $(DATA) $(call sample_flag,$(SMOLLM2_SAMPLE)) --batch-size 16 --out $(1).eval && \
   $(EFFIR) eval --model $(1) --max-length 256 --data $(HELDOUT) --batch-size 16 --out $(1).heldout-eval
-results-smollm2: smollm2-retriever
-	$(EFFIR) analyze --model $(SMOLLM2_RETRIEVER) --data $(DATA) --max-length 256 --calib-tokens 8192 --out $(RUNS)/analyze-smollm2
-	$(EFFIR) drop-study --model $(SMOLLM2_RETRIEVER) --data $(DATA) --max-length 256 --k 2,4,8,12 --calib-tokens 8192 \
-	  $(call sample_flag,$(SMOLLM2_SAMPLE)) --batch-size 16 --out $(RUNS)/drop-study-smollm2
-	$(EFFIR) drop-study --model $(SMOLLM2_RETRIEVER) --data $(HELDOUT) --max-length 256 --k 2,4,8,12 \
-	  --importance $(RUNS)/drop-study-smollm2/importance.json --batch-size 16 --out $(RUNS)/drop-study-smollm2-heldout
+drop-study-smollm2: build
+	test -f $(SMOLLM2_STUDY)/config.json || { echo "$(SMOLLM2_STUDY): no model (make smollm2-retriever, or set SMOLLM2_STUDY)" >&2; exit 1; }
+	$(EFFIR) analyze --model $(SMOLLM2_STUDY) --data $(DATA) --max-length 256 --calib-tokens 8192 --out $(RUNS)/analyze-$(smollm2_study_name)
+	$(EFFIR) drop-study --model $(SMOLLM2_STUDY) --data $(DATA) --max-length 256 --k 2,4,8,12 --calib-tokens 8192 \
+	  $(call sample_flag,$(SMOLLM2_SAMPLE)) --batch-size 16 --out $(RUNS)/drop-study-$(smollm2_study_name)
+	$(EFFIR) drop-study --model $(SMOLLM2_STUDY) --data $(HELDOUT) --max-length 256 --k 2,4,8,12 \
+	  --importance $(RUNS)/drop-study-$(smollm2_study_name)/importance.json --batch-size 16 --out $(RUNS)/drop-study-$(smollm2_study_name)-heldout
+
+# The refit plans of the labeled retriever, each scored, recovered and
+# scored again (resumes: a pruned or recovered model already there is kept).
+prune-smollm2: build
 	for p in $(SMOLLM2_PLANS); do \
 	  m=$(RUNS)/smollm2-retriever-prune-$$p; \
 	  test -f $$m/config.json || $(EFFIR) prune --model $(SMOLLM2_RETRIEVER) --max-length 256 --plan configs/prune-smollm2-$$p.yaml \
@@ -171,6 +181,10 @@ results-smollm2: smollm2-retriever
 	  $(call resumable_finetune,$$m,$$m-distill,--train-texts $(DATA),configs/recover-smollm2.yaml); \
 	  $(call smollm2_eval,$$m-distill) || exit 1; \
 	done
+
+results-smollm2: smollm2-retriever
+	$(MAKE) drop-study-smollm2 SMOLLM2_STUDY=$(SMOLLM2_RETRIEVER)
+	$(MAKE) prune-smollm2
 
 lint:
 	cargo fmt --all --check
