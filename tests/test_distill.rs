@@ -886,12 +886,8 @@ fn bad_distillation_input_fails_before_training_and_writes_nothing() {
         assert!(err.contains(message), "{what}: {err}");
         assert!(!out.exists(), "{what}: wrote {}", out.display());
         assert!(
-            !work
-                .path()
-                .join("out.checkpoints")
-                .join("step-0000001")
-                .exists(),
-            "{what}: trained"
+            !work.path().join("out.checkpoints").exists(),
+            "{what}: left a checkpoint directory"
         );
     }
     // Query sources are checked the same way.

@@ -2,7 +2,7 @@
 //! not) into a new model directory: contrastive on labeled pairs, label-free
 //! distillation from the unpruned model on unlabeled text, or both.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::Args;
@@ -170,6 +170,7 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
 
     let bar =
         super::progress::progress_bar(args.quiet, total as u64, super::progress::PHASE_TEMPLATE);
+    let created_checkpoints = !checkpoints.exists();
     std::fs::create_dir_all(&checkpoints)
         .with_context(|| format!("creating {}", checkpoints.display()))?;
     let log_path = checkpoints.join("train_log.jsonl");
@@ -196,7 +197,7 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         .as_ref()
         .map(|d| d.metric.clone())
         .unwrap_or_default();
-    let (outcome, weights) = finetune(
+    let trained = finetune(
         &run,
         data,
         &mut |r| {
@@ -238,7 +239,21 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
                 .copied()
                 .unwrap_or(f64::NAN))
         },
-    )?;
+    );
+    let (outcome, weights) = match trained {
+        Ok(trained) => trained,
+        Err(e) => {
+            // A run refused before its first step (a teacher that does not
+            // fit the student, say) leaves nothing behind: the checkpoint
+            // directory it made holds no checkpoint and an empty log. A run
+            // that trained keeps its log and checkpoints for --resume.
+            drop(log);
+            if created_checkpoints && nothing_trained(&checkpoints, &log_path) {
+                let _ = std::fs::remove_dir_all(&checkpoints);
+            }
+            return Err(e.into());
+        }
+    };
     bar.finish_and_clear();
     let record = FinetuneRecord {
         config: config.clone(),
@@ -275,6 +290,12 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
     );
     crate::peak_memory::report("finetune");
     Ok(())
+}
+
+/// Whether `checkpoints` holds no checkpoint and its step log is empty.
+fn nothing_trained(checkpoints: &Path, log_path: &Path) -> bool {
+    checkpoint::list(checkpoints).is_ok_and(|c| c.is_empty())
+        && std::fs::metadata(log_path).map_or(true, |m| m.len() == 0)
 }
 
 /// The labeled examples (contrastive, combined) or the unlabeled texts
