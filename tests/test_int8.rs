@@ -70,6 +70,59 @@ fn int8_exports_of_every_architecture_stay_within_the_int8_gate() {
     }
 }
 
+/// Pruned models export to int8 as whole ones do: a drop + narrow plan of
+/// every architecture, exported with `--precision int8`, stays within the
+/// int8 parity gate of the *pruned* model run in candle (the graph names
+/// its source model; `validate` is given the unpruned one as reference),
+/// and only the linear layers that pruning kept become integer products.
+#[test]
+fn int8_exports_of_pruned_models_stay_within_the_int8_gate() {
+    let work = tempfile::tempdir().unwrap();
+    let gates = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/gates.yaml");
+    let calibration = [
+        "Pruned projections are quantized per output channel.",
+        "A dropped MLP has no weights left to quantize.",
+        "Calibration text decides which neurons stay.",
+    ];
+    for arch in ARCHITECTURES {
+        let pruned = common::prune_fixture(
+            arch,
+            work.path(),
+            &calibration,
+            &["--drop-layers", "1", "--mlp-keep", "0.5"],
+        );
+        let fp32_dir = work.path().join(format!("{arch}-pruned-fp32"));
+        export(&pruned, &fp32_dir, &[]);
+        let dir = work.path().join(format!("{arch}-pruned-int8"));
+        export(&pruned, &dir, &["--precision", "int8"]);
+        let fp32 = GraphFile::read(&fp32_dir.join("model.onnx")).unwrap();
+        let int8 = GraphFile::read(&dir.join("model.onnx")).unwrap();
+        let integer = op_count(&int8, "MatMulInteger");
+        assert!(integer > 0, "{arch}: no MatMulInteger");
+        assert_eq!(
+            op_count(&fp32, "MatMul"),
+            op_count(&int8, "MatMul") + integer,
+            "{arch}: the pruned graph's float products replaced one for one"
+        );
+        let report = work.path().join(format!("{arch}-report"));
+        let _ = common::validate_on_tiny(&fixture(arch), &dir, &gates, Some(&report));
+        let json = read_json(&report.join("validation.json"));
+        assert_eq!(json["precision"], "int8", "{arch}");
+        let candle_model = json["parity"]["candle_model"].as_str().unwrap_or_default();
+        assert!(
+            candle_model.ends_with(&format!("{arch}-pruned")),
+            "{arch}: parity against {candle_model}, not the pruned model"
+        );
+        let min_cosine = json["parity"]["min_cosine"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{arch}: no parity in {json}"));
+        assert!(
+            min_cosine >= INT8_MIN_COSINE,
+            "{arch}: pruned int8 parity {min_cosine} under {INT8_MIN_COSINE}"
+        );
+    }
+}
+
 /// The two kernels a user chooses between on x86 rank Cranfield alike, and
 /// `validate` judges int8 graphs by the int8 parity gate and says which
 /// kernel and CPU it measured.

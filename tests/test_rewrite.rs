@@ -434,24 +434,31 @@ fn graphs_that_cannot_be_mapped_are_refused_and_nothing_is_written() {
     let odd = work.path().join("odd.onnx");
     std::fs::write(&odd, prost::Message::encode_to_vec(&file.model)).unwrap();
     let out = work.path().join("refused");
-    let o = rewrite(&odd, &pruned, &out);
-    assert!(!o.status.success());
-    let err = stderr(&o);
-    assert!(
-        err.contains("layer 1") && err.contains("com.microsoft::FusedMatMul"),
-        "{err}"
-    );
-    assert!(!out.exists());
+    // Refused the same way whether the rewrite keeps float32 or is asked
+    // for int8: the graph is mapped before anything is quantized.
+    for precision in [&[][..], &["--precision", "int8"][..]] {
+        let o = rewrite_with(&odd, &pruned, &out, precision);
+        assert!(!o.status.success(), "{precision:?}");
+        let err = stderr(&o);
+        assert!(
+            err.contains("layer 1") && err.contains("com.microsoft::FusedMatMul"),
+            "{precision:?}: {err}"
+        );
+        assert!(!out.exists(), "{precision:?}");
+    }
 
     // A graph of another model: its weights match nothing of this one.
-    let o = rewrite(&optimum_graph("bert"), &prune("qwen2", work.path()), &out);
-    assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("no graph weight equals"),
-        "{}",
-        stderr(&o)
-    );
-    assert!(!out.exists());
+    let other = prune("qwen2", work.path());
+    for precision in [&[][..], &["--precision", "int8"][..]] {
+        let o = rewrite_with(&optimum_graph("bert"), &other, &out, precision);
+        assert!(!o.status.success(), "{precision:?}");
+        assert!(
+            stderr(&o).contains("no graph weight equals"),
+            "{precision:?}: {}",
+            stderr(&o)
+        );
+        assert!(!out.exists(), "{precision:?}");
+    }
 
     // An int8 graph (here effir's own, its weights in external data): the
     // float weights it would be mapped by are gone.
