@@ -199,11 +199,11 @@ impl Frontier {
             self.baseline
         );
         for d in &datasets {
-            md += &format!(" {d} nDCG@10 (retention) |");
+            md += &format!(" {d} nDCG@10 (retention) | {d} Recall@100 |");
         }
         md += " worst | parity min cos | gates | speed-up | texts/s | latency ms |\n|---|---|---|---:|";
         for _ in &datasets {
-            md += "---:|";
+            md += "---:|---:|";
         }
         md += "---:|---:|---|---:|---:|---:|\n";
         for p in &self.points {
@@ -223,10 +223,11 @@ impl Frontier {
             );
             for s in &p.scores {
                 md += &format!(
-                    " {:.4} ({:.1} %{}) |",
+                    " {:.4} ({:.1} %{}) | {:.4} |",
                     s.ndcg_at_10,
                     100.0 * s.ndcg_retention,
-                    if s.tuned_on { ", tuned" } else { "" }
+                    if s.tuned_on { ", tuned" } else { "" },
+                    s.recall_at_100
                 );
             }
             md += &format!(
@@ -414,6 +415,12 @@ mod tests {
         );
         let md = f.to_markdown("effir frontier ...");
         assert!(md.contains("| ★ peer-int8 | peer |"), "{md}");
+        // Each dataset's nDCG@10 with its retention, then its Recall@100.
+        assert!(
+            md.contains("| d nDCG@10 (retention) | d Recall@100 |"),
+            "{md}"
+        );
+        assert!(md.contains("| 0.4975 (99.5 %) | 0.9000 |"), "{md}");
         assert!(md.contains("Fastest point passing the gates: **peer-int8**"));
         assert!(md.contains("**A peer wins:** peer-int8 beats effir's int8"));
         let svg = f.to_svg();
