@@ -160,8 +160,12 @@ smollm2-retriever: build smollm2-distill
 SMOLLM2_PLANS ?= 25-refit 50-refit 70-refit
 SMOLLM2_STUDY ?= $(SMOLLM2_RETRIEVER)
 smollm2_study_name = $(notdir $(SMOLLM2_STUDY))
-smollm2_eval = $(EFFIR) eval --model $(1) --max-length 256 --data $(DATA) $(call sample_flag,$(SMOLLM2_SAMPLE)) --batch-size 16 --out $(1).eval && \
-  $(EFFIR) eval --model $(1) --max-length 256 --data $(HELDOUT) --batch-size 16 --out $(1).heldout-eval
+# $(call smollm2_eval,MODEL): MODEL scored on the SciFact sample and on
+# Cranfield, each skipped when its metrics are already there.
+smollm2_eval = { test -f $(1).eval/metrics.json || \
+  $(EFFIR) eval --model $(1) --max-length 256 --data $(DATA) $(call sample_flag,$(SMOLLM2_SAMPLE)) --batch-size 16 --out $(1).eval; } && \
+  { test -f $(1).heldout-eval/metrics.json || \
+  $(EFFIR) eval --model $(1) --max-length 256 --data $(HELDOUT) --batch-size 16 --out $(1).heldout-eval; }
 drop-study-smollm2: build
 	test -f $(SMOLLM2_STUDY)/config.json || { echo "$(SMOLLM2_STUDY): no model (make smollm2-retriever, or set SMOLLM2_STUDY)" >&2; exit 1; }
 	$(EFFIR) analyze --model $(SMOLLM2_STUDY) --data $(DATA) --max-length 256 --calib-tokens 8192 --out $(RUNS)/analyze-$(smollm2_study_name)
@@ -170,14 +174,19 @@ drop-study-smollm2: build
 	$(EFFIR) drop-study --model $(SMOLLM2_STUDY) --data $(HELDOUT) --max-length 256 --k 2,4,8,12 \
 	  --importance $(RUNS)/drop-study-$(smollm2_study_name)/importance.json --batch-size 16 --out $(RUNS)/drop-study-$(smollm2_study_name)-heldout
 
-# The refit plans of the labeled retriever, each scored, recovered and
-# scored again (resumes: a pruned or recovered model already there is kept).
+# The refit plans of the labeled retriever: every plan pruned and scored
+# first (minutes each), then each recovered and scored again (about an hour
+# each). Resumes: a pruned or recovered model or a score already there is
+# kept.
 prune-smollm2: build
 	for p in $(SMOLLM2_PLANS); do \
 	  m=$(RUNS)/smollm2-retriever-prune-$$p; \
 	  test -f $$m/config.json || $(EFFIR) prune --model $(SMOLLM2_RETRIEVER) --max-length 256 --plan configs/prune-smollm2-$$p.yaml \
 	    --data $(DATA) --calib-tokens 16384 --batch-size 16 --out $$m || exit 1; \
 	  $(call smollm2_eval,$$m) || exit 1; \
+	done
+	for p in $(SMOLLM2_PLANS); do \
+	  m=$(RUNS)/smollm2-retriever-prune-$$p; \
 	  $(call resumable_finetune,$$m,$$m-distill,--train-texts $(DATA),configs/recover-smollm2.yaml); \
 	  $(call smollm2_eval,$$m-distill) || exit 1; \
 	done
