@@ -4,9 +4,12 @@
 
 mod common;
 
-use common::{copy_model, edit_weights, effir, fixture};
-use effir_pipeline::compress::analysis::measure_importance;
-use effir_pipeline::{Embedder, LoadOptions};
+use common::{copy_model, edit_weights, effir, fixture, read_json, stderr};
+use effir_pipeline::compress::analysis::{
+    measure_importance, measure_importance_at, MeasuredPositions,
+};
+use effir_pipeline::model::arch::{ForwardHooks, Sublayer};
+use effir_pipeline::{Embedder, LoadOptions, Pooling};
 
 const TEXTS: [&str; 6] = [
     "The quick brown fox jumps over the lazy dog near the river bank today.",
@@ -67,6 +70,125 @@ fn an_mlp_that_adds_nothing_has_zero_importance() {
         1,
         "the zeroed MLP ranks least important"
     );
+}
+
+/// The reference for pooled importance, computed apart from the meter: each
+/// text run alone (no padding), `1 - cos` read at one position of each
+/// sub-layer's input and output with plain arithmetic, averaged over texts.
+struct OnePositionDistances {
+    position: fn(usize) -> usize,
+    sums: std::collections::HashMap<(usize, Sublayer), f64>,
+}
+
+impl ForwardHooks for OnePositionDistances {
+    fn observe(
+        &mut self,
+        layer: usize,
+        sublayer: Sublayer,
+        input: &candle_core::Tensor,
+        output: &candle_core::Tensor,
+    ) -> candle_core::Result<()> {
+        let at = |x: &candle_core::Tensor| -> candle_core::Result<Vec<f64>> {
+            let t = x.dim(1)?;
+            let row: Vec<f32> = x.get(0)?.get((self.position)(t))?.to_vec1()?;
+            Ok(row.into_iter().map(f64::from).collect())
+        };
+        let (x, y) = (at(input)?, at(output)?);
+        let dot: f64 = x.iter().zip(&y).map(|(a, b)| a * b).sum();
+        let norm = |v: &[f64]| v.iter().map(|a| a * a).sum::<f64>().sqrt();
+        *self.sums.entry((layer, sublayer)).or_default() += 1.0 - dot / (norm(&x) * norm(&y));
+        Ok(())
+    }
+}
+
+fn importance_at_one_position(embedder: &Embedder, position: fn(usize) -> usize) -> Vec<[f64; 3]> {
+    let mut hooks = OnePositionDistances {
+        position,
+        sums: Default::default(),
+    };
+    embedder
+        .for_each_batch(&TEXTS, "", 1, &mut |input, _| {
+            embedder.hidden_states_hooked(input, &mut hooks).map(|_| ())
+        })
+        .unwrap();
+    (0..embedder.layer_count())
+        .map(|l| {
+            [Sublayer::Attention, Sublayer::Mlp, Sublayer::Block]
+                .map(|s| hooks.sums[&(l, s)] / TEXTS.len() as f64)
+        })
+        .collect()
+}
+
+/// `MeasuredPositions::ReadBy(pooling)` averages over the positions the
+/// pooling reads: a last-token retriever's last token, a CLS model's first,
+/// every token for mean pooling; padded batches give the same numbers.
+#[test]
+fn pooled_importance_is_measured_where_the_pooling_reads() {
+    // (fixture, pooling asked for, the position it reads in a text of t tokens)
+    type Case = (&'static str, Option<Pooling>, fn(usize) -> usize);
+    let cases: [Case; 3] = [
+        ("llama", None, |t| t - 1),
+        ("qwen2", None, |t| t - 1),
+        ("bert", Some(Pooling::Cls), |_| 0),
+    ];
+    for (arch, pooling, position) in cases {
+        let options = LoadOptions {
+            pooling,
+            ..LoadOptions::default()
+        };
+        let embedder = Embedder::load(&fixture(arch), &options).unwrap();
+        let positions = MeasuredPositions::ReadBy(embedder.pooling());
+        let expected = importance_at_one_position(&embedder, position);
+        let all = measure_importance(&embedder, &TEXTS, TEXTS.len(), &mut |_| {}).unwrap();
+        for batch_size in [1, TEXTS.len()] {
+            let report =
+                measure_importance_at(&embedder, &TEXTS, batch_size, positions, &mut |_| {})
+                    .unwrap();
+            assert_eq!(report.tokens, TEXTS.len(), "{arch}: one position a text");
+            assert_eq!(report.texts, TEXTS.len());
+            assert_eq!(report.pooled_positions, Some(embedder.pooling()));
+            for (l, (got, want)) in report.layers.iter().zip(&expected).enumerate() {
+                let got = [got.attention.unwrap(), got.mlp.unwrap(), got.block];
+                for (g, w) in got.iter().zip(want) {
+                    assert!(
+                        (g - w).abs() < 1e-5,
+                        "{arch} layer {l}, batch {batch_size}: {got:?} against {want:?}"
+                    );
+                }
+            }
+        }
+        // Not the all-token measure by another name: some sub-layer differs
+        // by more than the tolerance the equality above allowed.
+        assert!(all.tokens > TEXTS.len(), "{arch}: {} tokens", all.tokens);
+        let largest_gap = all
+            .layers
+            .iter()
+            .zip(&expected)
+            .flat_map(|(a, e)| {
+                [a.attention.unwrap(), a.mlp.unwrap(), a.block]
+                    .into_iter()
+                    .zip(*e)
+                    .map(|(a, e)| (a - e).abs())
+            })
+            .fold(0.0, f64::max);
+        assert!(
+            largest_gap > 1e-4,
+            "{arch}: pooled = all tokens ({largest_gap:e})"
+        );
+    }
+
+    // Mean pooling reads every real token: the same report as all tokens.
+    let embedder = Embedder::load(&fixture("bert"), &LoadOptions::default()).unwrap();
+    let all = measure_importance(&embedder, &TEXTS, 3, &mut |_| {}).unwrap();
+    let pooled = measure_importance_at(
+        &embedder,
+        &TEXTS,
+        3,
+        MeasuredPositions::ReadBy(Pooling::Mean),
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!((all.layers, all.tokens), (pooled.layers, pooled.tokens));
 }
 
 #[test]
@@ -267,4 +389,82 @@ fn a_drop_study_can_rank_by_an_earlier_importance_report() {
         );
         assert!(!bad.exists());
     }
+}
+
+/// `effir analyze --positions pooled` writes which positions it measured;
+/// a drop study ranked by that report carries it into its own
+/// importance.json, which reads back the same.
+#[test]
+fn analyze_at_pooled_positions_says_so_in_its_reports() {
+    let work = tempfile::tempdir().unwrap();
+    let calib = work.path().join("calib.txt");
+    std::fs::write(&calib, TEXTS.join("\n")).unwrap();
+    let model = fixture("llama");
+    let analyze = |positions: &str, out: &std::path::Path| {
+        let run = effir(&[
+            "analyze",
+            "--quiet",
+            "--model",
+            model.to_str().unwrap(),
+            "--calib",
+            calib.to_str().unwrap(),
+            "--positions",
+            positions,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(run.status.success(), "{}", stderr(&run));
+        (
+            read_json(&out.join("importance.json")),
+            std::fs::read_to_string(out.join("importance.md")).unwrap(),
+        )
+    };
+    let (all, _) = analyze("all", &work.path().join("all"));
+    assert!(all["calibration"]["pooled_positions"].is_null());
+    let pooled_dir = work.path().join("pooled");
+    let (pooled, md) = analyze("pooled", &pooled_dir);
+    assert_eq!(pooled["calibration"]["pooled_positions"], "last_token");
+    assert_eq!(pooled["calibration"]["tokens"], TEXTS.len());
+    assert!(
+        all["calibration"]["tokens"].as_u64().unwrap() > TEXTS.len() as u64,
+        "{all}"
+    );
+    assert!(
+        md.contains("the 6 positions last_token pooling reads in 6 texts"),
+        "{md}"
+    );
+    // Every token still runs through the model: the cost (and the speed
+    // figure) counts them all, whichever positions the importance reads.
+    assert_eq!(
+        pooled["calibration"]["tokens_run"], all["calibration"]["tokens"],
+        "{pooled}"
+    );
+
+    let study = work.path().join("study");
+    let run = effir(&[
+        "drop-study",
+        "--quiet",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        fixture("eval/tiny").to_str().unwrap(),
+        "--k",
+        "1",
+        "--importance",
+        pooled_dir.join("importance.json").to_str().unwrap(),
+        "--out",
+        study.to_str().unwrap(),
+        "--cache-dir",
+        work.path().join("cache").to_str().unwrap(),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let carried =
+        effir_pipeline::compress::analysis::ImportanceReport::read(&study.join("importance.json"))
+            .unwrap();
+    assert_eq!(carried.pooled_positions, Some(Pooling::LastToken));
+    assert_eq!(carried.tokens, TEXTS.len());
 }

@@ -10,7 +10,10 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{effir, fixture, load_tensors, stderr};
-use effir_pipeline::compress::analysis::{measure_importance, measure_importance_streamed};
+use effir_pipeline::compress::analysis::{
+    measure_importance, measure_importance_at, measure_importance_streamed,
+    measure_importance_streamed_at, MeasuredPositions,
+};
 use effir_pipeline::compress::prune::{
     plan_pruning, stage_pruned_model, CoarsePlan, FinePlan, NeuronScore, PruneInputs, PrunePlan,
     SourceWeights,
@@ -64,6 +67,11 @@ fn a_streamed_analysis_is_the_whole_model_analysis_bit_for_bit() {
             layers_done,
             (1..=whole.shape().layers.len()).collect::<Vec<_>>()
         );
+        // Likewise at the positions the pooling reads.
+        let at = MeasuredPositions::ReadBy(whole.pooling());
+        let expected = measure_importance_at(&whole, &texts(), 3, at, &mut |_| {}).unwrap();
+        let got = measure_importance_streamed_at(&stream, &texts(), 3, at, &mut |_| {}).unwrap();
+        assert_eq!(got, expected, "{} at pooled positions", dir.display());
     }
 }
 

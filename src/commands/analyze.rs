@@ -4,8 +4,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::bail;
-use clap::Args;
-use effir_pipeline::compress::analysis::{measure_importance, measure_importance_streamed};
+use clap::{Args, ValueEnum};
+use effir_pipeline::compress::analysis::{
+    measure_importance_at, measure_importance_streamed_at, MeasuredPositions,
+};
 use effir_pipeline::data::calibration::{CalibrationBudget, CalibrationSet};
 use effir_pipeline::io::atomic_file::write_bytes_atomically;
 use effir_pipeline::Prompt;
@@ -51,6 +53,19 @@ pub struct AnalyzeArgs {
     /// (decoders; models larger than memory). Same report, bit for bit.
     #[arg(long)]
     pub stream: bool,
+    /// Positions the importance averages over: every real token (the
+    /// paper's measure, which drop-study and prune use) or only those the
+    /// model's pooling reads (a last-token retriever: the last token) [default: all].
+    #[arg(long, value_enum)]
+    pub positions: Option<Positions>,
+}
+
+/// `--positions`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Positions {
+    All,
+    Pooled,
 }
 
 /// `configs/analyze.yaml`.
@@ -62,6 +77,7 @@ pub struct AnalyzeConfig {
     pub calib_tokens: Option<usize>,
     pub seed: Option<u64>,
     pub batch_size: Option<usize>,
+    pub positions: Option<Positions>,
 }
 
 pub fn run(args: AnalyzeArgs) -> anyhow::Result<()> {
@@ -78,6 +94,14 @@ pub fn run(args: AnalyzeArgs) -> anyhow::Result<()> {
     }
     let model = OpenedModel::open(&args.model, args.stream)?;
     let setup = model.setup();
+    let positions = match args
+        .positions
+        .or(config.positions)
+        .unwrap_or(Positions::All)
+    {
+        Positions::All => MeasuredPositions::AllTokens,
+        Positions::Pooled => MeasuredPositions::ReadBy(setup.pooling),
+    };
     let calibration = match (&args.calib, &args.data) {
         (Some(file), None) => {
             CalibrationSet::from_file(setup, file, &Prompt::None, budget.max_tokens)?
@@ -93,9 +117,13 @@ pub fn run(args: AnalyzeArgs) -> anyhow::Result<()> {
                 calibration.texts.len() as u64,
                 "{spinner} analyzing {pos}/{len} texts [{elapsed_precise}<{eta_precise}]",
             );
-            let report = measure_importance(embedder, &calibration.texts, batch_size, &mut |d| {
-                bar.set_position(d as u64)
-            })?;
+            let report = measure_importance_at(
+                embedder,
+                &calibration.texts,
+                batch_size,
+                positions,
+                &mut |d| bar.set_position(d as u64),
+            )?;
             bar.finish_and_clear();
             report
         }
@@ -105,10 +133,13 @@ pub fn run(args: AnalyzeArgs) -> anyhow::Result<()> {
                 stream.shape().layers.len() as u64,
                 "{spinner} analyzing layer {pos}/{len} [{elapsed_precise}<{eta_precise}]",
             );
-            let report =
-                measure_importance_streamed(stream, &calibration.texts, batch_size, &mut |d| {
-                    bar.set_position(d as u64)
-                })?;
+            let report = measure_importance_streamed_at(
+                stream,
+                &calibration.texts,
+                batch_size,
+                positions,
+                &mut |d| bar.set_position(d as u64),
+            )?;
             bar.finish_and_clear();
             report
         }
@@ -121,11 +152,17 @@ pub fn run(args: AnalyzeArgs) -> anyhow::Result<()> {
         .file_name()
         .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned());
     let title = format!("Sub-layer importance of {name}");
+    // The speed is per token run through the model: every calibration token,
+    // whichever positions the importance averages over.
+    let tokens_run = match positions {
+        MeasuredPositions::AllTokens => report.tokens,
+        MeasuredPositions::ReadBy(_) => calibration.tokens,
+    };
     let json = serde_json::json!({
         "model": args.model.model,
-        "calibration": { "source": calibration.source, "texts": report.texts, "tokens": report.tokens, "seed": budget.seed },
+        "calibration": { "source": calibration.source, "texts": report.texts, "tokens": report.tokens, "seed": budget.seed, "pooled_positions": report.pooled_positions, "tokens_run": tokens_run },
         "seconds": seconds,
-        "seconds_per_1000_tokens": seconds * 1000.0 / report.tokens as f64,
+        "seconds_per_1000_tokens": seconds * 1000.0 / tokens_run as f64,
         "layers": report.layers,
         "mlps_least_important_first": report.mlps_by_importance().iter().map(|(l, _)| *l).collect::<Vec<_>>(),
     });
@@ -138,10 +175,12 @@ pub fn run(args: AnalyzeArgs) -> anyhow::Result<()> {
     write("importance.svg", report.svg(&title).as_bytes())?;
     print!("{}", report.markdown(&title));
     println!(
-        "\n{:.1}s for {} tokens ({:.3}s per 1,000 tokens); wrote {}/importance.{{json,md,svg}}",
+        "\n{:.1}s for {} texts, {} tokens ({:.3}s per 1,000 tokens), importance over {} positions; wrote {}/importance.{{json,md,svg}}",
         seconds,
+        report.texts,
+        tokens_run,
+        seconds * 1000.0 / tokens_run as f64,
         report.tokens,
-        seconds * 1000.0 / report.tokens as f64,
         args.out.display()
     );
     crate::peak_memory::report("analyze");

@@ -231,7 +231,7 @@ pub fn run(args: DropStudyArgs) -> anyhow::Result<()> {
     write("drop_study.md", md.clone())?;
     let importance_json = serde_json::json!({
         "model": args.model.model,
-        "calibration": { "source": importance_source, "texts": importance.texts, "tokens": importance.tokens },
+        "calibration": { "source": importance_source, "texts": importance.texts, "tokens": importance.tokens, "pooled_positions": importance.pooled_positions },
         "layers": importance.layers,
     });
     write(

@@ -3,6 +3,9 @@
 //! the residual stream, as `1 - cos(x_in, x_out)` averaged over the
 //! non-padding tokens of calibration text. A sub-layer that barely turns the
 //! stream is redundant: the paper finds MLPs far more so than attention.
+//! [`measure_importance_at`] can average over the positions the model's
+//! pooling reads instead (a last-token retriever's embedding is the last
+//! token's stream alone).
 
 use candle_core::{DType, Tensor, D};
 use serde::Serialize;
@@ -11,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::model::arch::{ForwardHooks, ModelInput, Sublayer};
 use crate::model::embedder::Embedder;
 use crate::model::layer_stream::{LayerStream, StreamBatch};
+use crate::model::pooling::Pooling;
 
 /// Importance of one layer's parts; `None` for a sub-layer that is absent or
 /// skipped.
@@ -28,6 +32,35 @@ pub struct ImportanceReport {
     pub layers: Vec<LayerImportance>,
     pub texts: usize,
     pub tokens: usize,
+    /// `None`: every real token was measured; `Some(p)`: only the
+    /// positions pooling `p` reads ([`Pooling::read_positions`]).
+    pub pooled_positions: Option<Pooling>,
+}
+
+/// Which positions of the calibration text an importance averages over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MeasuredPositions {
+    /// Every real (non-padding) token, as the paper measures.
+    AllTokens,
+    /// Only the positions this pooling reads: the last real token for a
+    /// last-token retriever, the first for CLS, every real token for mean.
+    ReadBy(Pooling),
+}
+
+impl MeasuredPositions {
+    fn weights(self, attention_mask: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::AllTokens => attention_mask.to_dtype(DType::F32),
+            Self::ReadBy(pooling) => pooling.read_positions(attention_mask),
+        }
+    }
+
+    fn pooling(self) -> Option<Pooling> {
+        match self {
+            Self::AllTokens => None,
+            Self::ReadBy(pooling) => Some(pooling),
+        }
+    }
 }
 
 /// How `importance.json` (written by `effir analyze` and `effir drop-study`)
@@ -42,6 +75,8 @@ struct ImportanceFile {
 struct CalibrationSummary {
     texts: usize,
     tokens: usize,
+    #[serde(default)]
+    pooled_positions: Option<Pooling>,
 }
 
 impl ImportanceReport {
@@ -68,6 +103,7 @@ impl ImportanceReport {
             layers: file.layers,
             texts: file.calibration.texts,
             tokens: file.calibration.tokens,
+            pooled_positions: file.calibration.pooled_positions,
         })
     }
 
@@ -94,9 +130,10 @@ impl ImportanceReport {
     }
 }
 
-/// Sums of `1 - cos` over real tokens, per layer and sub-layer.
+/// Sums of `1 - cos` over the measured positions, per layer and sub-layer.
 struct CosineDistanceMeter {
-    /// `(B, T)` f32 mask of the current batch.
+    positions: MeasuredPositions,
+    /// `(B, T)` f32 weights of the current batch's measured positions.
     mask: Option<Tensor>,
     sums: Vec<[f64; 3]>,
     seen: Vec<[bool; 3]>,
@@ -111,8 +148,9 @@ fn slot(sublayer: Sublayer) -> usize {
 }
 
 impl CosineDistanceMeter {
-    fn new(layers: usize) -> Self {
+    fn new(layers: usize, positions: MeasuredPositions) -> Self {
         Self {
+            positions,
             mask: None,
             sums: vec![[0.0; 3]; layers],
             seen: vec![[false; 3]; layers],
@@ -140,15 +178,15 @@ impl CosineDistanceMeter {
                 .collect(),
             texts,
             tokens,
+            pooled_positions: self.positions.pooling(),
         })
     }
 }
 
-/// Real tokens and non-empty texts of a batch.
-fn count_tokens(input: &ModelInput) -> Result<(usize, usize)> {
-    let lengths: Vec<f32> = input
-        .attention_mask
-        .to_dtype(DType::F32)?
+/// Measured positions and texts with at least one of them, in a batch.
+fn count_tokens(input: &ModelInput, positions: MeasuredPositions) -> Result<(usize, usize)> {
+    let lengths: Vec<f32> = positions
+        .weights(&input.attention_mask)?
         .sum(1)?
         .to_vec1()?;
     Ok((
@@ -159,7 +197,7 @@ fn count_tokens(input: &ModelInput) -> Result<(usize, usize)> {
 
 impl ForwardHooks for CosineDistanceMeter {
     fn begin_batch(&mut self, input: &ModelInput) -> candle_core::Result<()> {
-        self.mask = Some(input.attention_mask.to_dtype(DType::F32)?);
+        self.mask = Some(self.positions.weights(&input.attention_mask)?);
         Ok(())
     }
 
@@ -188,18 +226,36 @@ impl ForwardHooks for CosineDistanceMeter {
 }
 
 /// Measures every sub-layer's importance on `texts` (already prompted or
-/// plain), in batches of `batch_size`. `progress` gets texts done.
+/// plain), in batches of `batch_size`, over every real token. `progress`
+/// gets texts done.
 pub fn measure_importance<S: AsRef<str>>(
     embedder: &Embedder,
     texts: &[S],
     batch_size: usize,
     progress: &mut dyn FnMut(usize),
 ) -> Result<ImportanceReport> {
+    measure_importance_at(
+        embedder,
+        texts,
+        batch_size,
+        MeasuredPositions::AllTokens,
+        progress,
+    )
+}
+
+/// [`measure_importance`] averaged over `positions` only.
+pub fn measure_importance_at<S: AsRef<str>>(
+    embedder: &Embedder,
+    texts: &[S],
+    batch_size: usize,
+    positions: MeasuredPositions,
+    progress: &mut dyn FnMut(usize),
+) -> Result<ImportanceReport> {
     let _span = tracing::info_span!("analyze", texts = texts.len()).entered();
-    let mut meter = CosineDistanceMeter::new(embedder.shape().layers.len());
+    let mut meter = CosineDistanceMeter::new(embedder.shape().layers.len(), positions);
     let (mut done, mut tokens, mut used_texts) = (0, 0, 0);
     embedder.for_each_batch(texts, "", batch_size, &mut |input, indices| {
-        let (batch_tokens, batch_texts) = count_tokens(input)?;
+        let (batch_tokens, batch_texts) = count_tokens(input, positions)?;
         tokens += batch_tokens;
         used_texts += batch_texts;
         meter.begin_batch(input)?;
@@ -219,9 +275,26 @@ pub fn measure_importance_streamed<S: AsRef<str>>(
     batch_size: usize,
     progress: &mut dyn FnMut(usize),
 ) -> Result<ImportanceReport> {
+    measure_importance_streamed_at(
+        stream,
+        texts,
+        batch_size,
+        MeasuredPositions::AllTokens,
+        progress,
+    )
+}
+
+/// [`measure_importance_streamed`] averaged over `positions` only.
+pub fn measure_importance_streamed_at<S: AsRef<str>>(
+    stream: &LayerStream,
+    texts: &[S],
+    batch_size: usize,
+    positions: MeasuredPositions,
+    progress: &mut dyn FnMut(usize),
+) -> Result<ImportanceReport> {
     let _span = tracing::info_span!("analyze (streamed)", texts = texts.len()).entered();
     let batches = stream.batches(texts, "", batch_size)?;
-    importance_of_batches(stream, &batches, progress)
+    importance_of_batches_at(stream, &batches, positions, progress)
 }
 
 /// [`measure_importance_streamed`] on texts already batched by
@@ -231,13 +304,22 @@ pub fn importance_of_batches(
     batches: &[StreamBatch],
     progress: &mut dyn FnMut(usize),
 ) -> Result<ImportanceReport> {
+    importance_of_batches_at(stream, batches, MeasuredPositions::AllTokens, progress)
+}
+
+fn importance_of_batches_at(
+    stream: &LayerStream,
+    batches: &[StreamBatch],
+    positions: MeasuredPositions,
+    progress: &mut dyn FnMut(usize),
+) -> Result<ImportanceReport> {
     let (mut tokens, mut used_texts) = (0, 0);
     for batch in batches {
-        let (batch_tokens, batch_texts) = count_tokens(&batch.input)?;
+        let (batch_tokens, batch_texts) = count_tokens(&batch.input, positions)?;
         tokens += batch_tokens;
         used_texts += batch_texts;
     }
-    let mut meter = CosineDistanceMeter::new(stream.shape().layers.len());
+    let mut meter = CosineDistanceMeter::new(stream.shape().layers.len(), positions);
     stream.hidden_states(batches, &mut meter, progress)?;
     meter.report(used_texts, tokens)
 }
@@ -246,9 +328,15 @@ impl ImportanceReport {
     /// A Markdown table: one row per layer.
     pub fn markdown(&self, title: &str) -> String {
         let cell = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{v:.4}"));
+        let over = match self.pooled_positions {
+            None => format!("{} tokens of {} texts", self.tokens, self.texts),
+            Some(pooling) => format!(
+                "the {} positions {pooling} pooling reads in {} texts",
+                self.tokens, self.texts
+            ),
+        };
         let mut md = format!(
-            "# {title}\n\nImportance = 1 − cos(x_in, x_out) of the residual stream, mean over {} tokens of {} texts.\n\n| layer | attention | MLP | block |\n|---:|---:|---:|---:|\n",
-            self.tokens, self.texts
+            "# {title}\n\nImportance = 1 − cos(x_in, x_out) of the residual stream, mean over {over}.\n\n| layer | attention | MLP | block |\n|---:|---:|---:|---:|\n"
         );
         for l in &self.layers {
             md.push_str(&format!(

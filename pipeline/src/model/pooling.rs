@@ -75,6 +75,36 @@ impl Pooling {
     }
 }
 
+impl Pooling {
+    /// `(B, T)` f32: 1 at each position whose final hidden state this pooling
+    /// reads, 0 elsewhere: every real token for mean, max and
+    /// mean-sqrt-len, the first token for CLS, the last real token for
+    /// last-token pooling (left or right padding). A text with no tokens
+    /// has no position.
+    pub fn read_positions(self, attention_mask: &Tensor) -> Result<Tensor> {
+        let mask = attention_mask.to_dtype(DType::F32)?; // (B, T)
+        let t = mask.dim(1)?;
+        let positions = Tensor::arange(0u32, t as u32, mask.device())?
+            .to_dtype(DType::F32)?
+            .unsqueeze(0)?; // (1, T)
+        let chosen = match self {
+            Self::Mean | Self::Max | Self::MeanSqrtLen => return Ok(mask),
+            Self::Cls => Tensor::zeros((1, 1), DType::F32, mask.device())?,
+            Self::LastToken => {
+                // As `pool`: argmax of mask * (position + 1).
+                (mask
+                    .broadcast_mul(&(&positions + 1.0)?)?
+                    .argmax_keepdim(D::Minus1)?)
+                .to_dtype(DType::F32)?
+            }
+        };
+        positions
+            .broadcast_eq(&chosen)?
+            .to_dtype(DType::F32)?
+            .broadcast_mul(&mask)
+    }
+}
+
 impl std::fmt::Display for Pooling {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -84,5 +114,41 @@ impl std::fmt::Display for Pooling {
             Self::MeanSqrtLen => "mean_sqrt_len",
             Self::LastToken => "last_token",
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn positions(pooling: Pooling, mask: &[[u32; 4]; 3]) -> Vec<Vec<f32>> {
+        let mask = Tensor::new(mask, &Device::Cpu).unwrap();
+        pooling.read_positions(&mask).unwrap().to_vec2().unwrap()
+    }
+
+    /// Rows: right padding, left padding, an empty text.
+    const MASK: [[u32; 4]; 3] = [[1, 1, 1, 0], [0, 1, 1, 1], [0, 0, 0, 0]];
+
+    #[test]
+    fn last_token_pooling_reads_the_last_real_token_on_either_padding_side() {
+        assert_eq!(
+            positions(Pooling::LastToken, &MASK),
+            [[0., 0., 1., 0.], [0., 0., 0., 1.], [0.; 4]]
+        );
+    }
+
+    #[test]
+    fn cls_reads_the_first_position_and_mean_every_real_token() {
+        assert_eq!(
+            positions(Pooling::Cls, &MASK),
+            [[1., 0., 0., 0.], [0.; 4], [0.; 4]]
+        );
+        for pooling in [Pooling::Mean, Pooling::Max, Pooling::MeanSqrtLen] {
+            assert_eq!(
+                positions(pooling, &MASK),
+                [[1., 1., 1., 0.], [0., 1., 1., 1.], [0.; 4]]
+            );
+        }
     }
 }
