@@ -9,7 +9,8 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{
-    assert_refused, effir, export_output, fixture, minilm_dir, python_client, read_json, stderr,
+    assert_refused, effir, export_output, fixture, gated_int8_kernel, minilm_dir, python_client,
+    read_json, stderr, u8s8_can_saturate,
 };
 use effir_onnx::cpu_features::CpuFeatures;
 use effir_onnx::graph_file::GraphFile;
@@ -18,14 +19,6 @@ const ARCHITECTURES: [&str; 6] = ["bert", "gemma3", "llama", "mistral", "qwen2",
 const KERNELS: [&str; 3] = ["u8s8", "u8u8", "reduce-range"];
 /// `configs/gates.yaml`'s `parity.int8.min_cosine`.
 const INT8_MIN_COSINE: f64 = 0.99;
-
-/// Whether ONNX Runtime's u8×s8 products can saturate on this CPU: x86
-/// without VNNI sums pairs of 8-bit products in 16 bits (`VPMADDUBSW`). There
-/// a u8s8 graph can leave the int8 gate (measured: RESULTS.md, the AVX2
-/// frontier), so the kernels that cannot saturate carry the gate's checks.
-fn u8s8_can_saturate() -> bool {
-    cfg!(target_arch = "x86_64") && !CpuFeatures::detect().vnni
-}
 
 /// An export with the sentence-transformers profile (the head in the graph).
 fn export(model: &Path, out: &Path, extra: &[&str]) {
@@ -111,7 +104,7 @@ fn int8_exports_of_pruned_models_stay_within_the_int8_gate() {
         export(&pruned, &fp32_dir, &[]);
         let dir = work.path().join(format!("{arch}-pruned-int8"));
         // The default kernel (u8s8), or u8u8 where u8s8 can saturate.
-        let kernel = if u8s8_can_saturate() { "u8u8" } else { "u8s8" };
+        let kernel = gated_int8_kernel();
         export(
             &pruned,
             &dir,

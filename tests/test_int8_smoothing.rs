@@ -48,10 +48,12 @@ fn smoothed_int8_exports_of_every_architecture_stay_within_the_int8_gate() {
     let calib = calib.to_str().unwrap();
     for arch in ARCHITECTURES {
         let model = fixture(arch);
+        // u8s8, or u8u8 where u8s8 can saturate (common::u8s8_can_saturate).
+        let kernel = common::gated_int8_kernel();
         let plain = exported_st(
             &model,
             &work.path().join(format!("{arch}-int8")),
-            &["--precision", "int8"],
+            &["--precision", "int8", "--int8-kernel", kernel],
         );
         let dir = work.path().join(format!("{arch}-smoothed"));
         let smoothed = exported_st(
@@ -60,6 +62,8 @@ fn smoothed_int8_exports_of_every_architecture_stay_within_the_int8_gate() {
             &[
                 "--precision",
                 "int8",
+                "--int8-kernel",
+                kernel,
                 "--int8-smoothing",
                 "0.75",
                 "--calib",

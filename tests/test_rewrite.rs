@@ -304,6 +304,16 @@ fn optimum_exports_are_rewritten_to_int8_keeping_their_interface() {
                 &out,
                 &["--precision", "int8", "--int8-kernel", kernel],
             );
+            // Where u8s8 can saturate, rewrite may refuse it by its own
+            // parity check, writing nothing; the safe kernel must pass.
+            if kernel == "u8s8" && common::u8s8_can_saturate() && !o.status.success() {
+                assert!(
+                    stderr(&o).contains("does not compute") && !out.exists(),
+                    "{arch} {kernel}: {}",
+                    stderr(&o)
+                );
+                continue;
+            }
             assert!(o.status.success(), "{arch} {kernel}: {}", stderr(&o));
             let stdout = String::from_utf8_lossy(&o.stdout);
             assert!(
