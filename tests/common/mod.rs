@@ -485,14 +485,12 @@ pub fn moved_along(start: &Tensor, direction: &[f64], step: f64) -> Tensor {
 /// without VNNI sums pairs of 8-bit products in 16 bits (`VPMADDUBSW`). There
 /// a u8s8 graph can leave the int8 gate (measured: RESULTS.md, the AVX2
 /// frontier), so the kernels that cannot saturate carry the gate's checks.
-#[allow(dead_code)]
 pub fn u8s8_can_saturate() -> bool {
-    cfg!(target_arch = "x86_64") && !effir_onnx::cpu_features::CpuFeatures::detect().vnni
+    effir_onnx::cpu_features::CpuFeatures::detect().u8s8_may_saturate()
 }
 
 /// The int8 kernel the gate tests use: u8s8 (the default), or u8u8 where
 /// u8s8 can saturate.
-#[allow(dead_code)]
 pub fn gated_int8_kernel() -> &'static str {
     if u8s8_can_saturate() {
         "u8u8"
