@@ -208,6 +208,60 @@ fn both_int8_kernels_rank_cranfield_alike_and_validate_records_them() {
     assert!(!gates.contains(&"parity.max_abs_diff"), "{gates:?}");
 }
 
+/// Without `--int8-kernel` (or with `auto`) the kernel is chosen for the
+/// CPU that exports: u8s8 where its products cannot saturate, reduce-range
+/// (the same fast instructions, 7-bit weights) where they can. The choice
+/// and the CPU are recorded, and no saturation warning is printed.
+#[test]
+fn the_default_int8_kernel_is_the_fast_one_that_cannot_saturate_on_this_cpu() {
+    let work = tempfile::tempdir().unwrap();
+    let cpu = CpuFeatures::detect();
+    let expected = effir_onnx::quantize::Int8Kernel::for_cpu(&cpu).name();
+    let fast_and_safe = if cpu.u8s8_may_saturate() {
+        "reduce-range"
+    } else {
+        "u8s8"
+    };
+    assert_eq!(expected, fast_and_safe);
+    for (name, extra) in [
+        ("default", &["--precision", "int8"][..]),
+        (
+            "auto",
+            &["--precision", "int8", "--int8-kernel", "auto"][..],
+        ),
+    ] {
+        let dir = work.path().join(name);
+        let run = export_output(&fixture("bert"), &dir, extra);
+        assert!(run.status.success(), "{name}: {}", stderr(&run));
+        let int8 = GraphFile::read(&dir.join("model.onnx")).unwrap();
+        assert_eq!(int8.metadata("effir.int8_kernel"), Some(expected), "{name}");
+        let summary = read_json(&dir.join("effir_export.json"));
+        assert_eq!(summary["int8_kernel"], expected, "{name}");
+        assert_eq!(summary["cpu_features"]["vnni"], cpu.vnni, "{name}");
+        assert!(
+            !stderr(&run).contains("can saturate here"),
+            "{name}: the chosen kernel is not the one the warning is about: {}",
+            stderr(&run)
+        );
+    }
+    // Asking for u8s8 on a CPU where it can saturate still gets it, with
+    // the warning.
+    if cpu.u8s8_may_saturate() {
+        let dir = work.path().join("u8s8");
+        let run = export_output(
+            &fixture("bert"),
+            &dir,
+            &["--precision", "int8", "--int8-kernel", "u8s8"],
+        );
+        assert!(run.status.success(), "{}", stderr(&run));
+        assert!(
+            stderr(&run).contains("can saturate here"),
+            "{}",
+            stderr(&run)
+        );
+    }
+}
+
 #[test]
 fn int8_requests_that_cannot_be_met_fail_before_writing() {
     let work = tempfile::tempdir().unwrap();

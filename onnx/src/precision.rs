@@ -25,6 +25,19 @@ impl Int8Kernel {
         }
     }
 
+    /// The kernel `--int8-kernel auto` picks for a CPU: u8s8 where its
+    /// products cannot saturate (VNNI, or not x86), otherwise
+    /// reduce-range: the same u8×s8 instructions with 7-bit weights, whose
+    /// pairwise sums (at most 2 × 255 × 63) fit the 16 bits that AVX2's
+    /// `VPMADDUBSW` keeps, so nothing saturates and nothing slows down.
+    pub fn for_cpu(cpu: &crate::cpu_features::CpuFeatures) -> Self {
+        if cpu.u8s8_may_saturate() {
+            Self::ReduceRange
+        } else {
+            Self::U8s8
+        }
+    }
+
     /// The largest quantized magnitude of a weight.
     pub(crate) fn levels(self) -> f32 {
         match self {
@@ -112,6 +125,38 @@ pub fn check_alpha(alpha: f32) -> crate::error::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auto_picks_the_fast_kernel_that_cannot_saturate_on_the_cpu() {
+        use crate::cpu_features::CpuFeatures;
+        let avx2 = CpuFeatures {
+            avx2: true,
+            avx512: false,
+            vnni: false,
+            neon: false,
+        };
+        assert_eq!(Int8Kernel::for_cpu(&avx2), Int8Kernel::ReduceRange);
+        let avx512 = CpuFeatures {
+            avx512: true,
+            ..avx2
+        };
+        assert_eq!(Int8Kernel::for_cpu(&avx512), Int8Kernel::ReduceRange);
+        let vnni = CpuFeatures {
+            vnni: true,
+            ..avx512
+        };
+        assert_eq!(Int8Kernel::for_cpu(&vnni), Int8Kernel::U8s8);
+        let arm = CpuFeatures {
+            avx2: false,
+            neon: true,
+            ..avx2
+        };
+        assert_eq!(Int8Kernel::for_cpu(&arm), Int8Kernel::U8s8);
+        // reduce-range's largest pair sum fits a signed 16-bit lane; u8s8's does not.
+        let pair = |levels: f32| 2.0 * 255.0 * levels;
+        assert!(pair(Int8Kernel::ReduceRange.levels()) <= i16::MAX as f32);
+        assert!(pair(Int8Kernel::U8s8.levels()) > i16::MAX as f32);
+    }
 
     #[test]
     fn smoothing_needs_dynamic_int8_and_a_strength_in_zero_to_one() {

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
+use effir_onnx::cpu_features::CpuFeatures;
 use effir_onnx::emit::{AttentionMask, EmitOptions, Profile, DEFAULT_OPSET};
 use effir_onnx::export::{export, Calibration, ExportOptions, ExternalData, Layout, Target};
 use effir_onnx::graph::WeightStorage;
@@ -57,6 +58,10 @@ pub enum PrecisionArg {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Int8KernelArg {
+    /// u8s8 where this CPU's int8 products cannot saturate (VNNI, or not
+    /// x86), reduce-range where they can: the fast kernel that is safe on
+    /// the CPU that exports.
+    Auto,
     /// uint8 activations x int8 weights: fastest; can saturate on x86 without VNNI.
     U8s8,
     /// uint8 x uint8: no saturation, slower.
@@ -110,7 +115,7 @@ pub struct ExportArgs {
     /// embedding tables and the pooling/Dense head stay float32.
     #[arg(long, value_enum)]
     pub precision: Option<PrecisionArg>,
-    /// The ONNX Runtime integer kernel of --precision int8 [default: u8s8].
+    /// The ONNX Runtime integer kernel of --precision int8 [default: auto].
     #[arg(long, value_enum)]
     pub int8_kernel: Option<Int8KernelArg>,
     /// Dynamic int8: divide each product's input channels by SmoothQuant
@@ -242,7 +247,21 @@ pub(crate) fn matmul_precision(
         None | Some(PrecisionArg::Fp32) => MatmulPrecision::Float32,
         Some(PrecisionArg::Fp16) => MatmulPrecision::Float16,
         Some(PrecisionArg::Int8) => MatmulPrecision::Int8(match kernel {
-            None | Some(Int8KernelArg::U8s8) => Int8Kernel::U8s8,
+            None | Some(Int8KernelArg::Auto) => {
+                let cpu = CpuFeatures::detect();
+                let chosen = Int8Kernel::for_cpu(&cpu);
+                tracing::info!(
+                    "int8 kernel {} (auto, for this CPU: {cpu}{})",
+                    chosen.name(),
+                    if cpu.u8s8_may_saturate() {
+                        "; without VNNI u8s8 can saturate"
+                    } else {
+                        ""
+                    }
+                );
+                chosen
+            }
+            Some(Int8KernelArg::U8s8) => Int8Kernel::U8s8,
             Some(Int8KernelArg::U8u8) => Int8Kernel::U8u8,
             Some(Int8KernelArg::ReduceRange) => Int8Kernel::ReduceRange,
         }),

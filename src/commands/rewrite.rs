@@ -40,7 +40,7 @@ pub struct RewriteArgs {
     /// has it) or int8 (dynamic quantization, standard operators).
     #[arg(long, value_enum)]
     pub precision: Option<PrecisionArg>,
-    /// The ONNX Runtime integer kernel of --precision int8 [default: u8s8].
+    /// The ONNX Runtime integer kernel of --precision int8 [default: auto].
     #[arg(long, value_enum)]
     pub int8_kernel: Option<Int8KernelArg>,
     /// int8: smooth each product's input channels as `effir export
