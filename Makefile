@@ -580,7 +580,7 @@ rewrite-minilm: build models onnxruntime $(OPTIMUM_VENV)/bin/optimum-cli $(RUNS)
 	fi
 
 # ---- the speed/quality frontier (issue 13) ----------------------------------
-# Every MiniLM point as fp32 and int8 (both kernels, and u8s8 smoothed with
+# Every MiniLM point as fp32 and int8 (kernels u8s8, u8u8 and reduce-range, and u8s8 smoothed with
 # strength INT8_SMOOTHING, calibrated on $(DATA)'s text): the full model and each
 # pruned or recovered model of FRONTIER_MODELS that exists under $(RUNS) (made
 # by prune-minilm, prune-minilm-narrow, recover-minilm, finetune-minilm,
@@ -604,7 +604,7 @@ frontier-minilm: build models onnxruntime $(OPTIMUM_VENV)/bin/optimum-cli
 	$(OPTIMUM_VENV)/bin/python benchmarks/optimum_peers.py --model $(MINILM) --out $(RUNS)/frontier/peers
 	set -e; points="--candidate full-fp32=$(RUNS)/frontier/full-fp32"; \
 	$(EFFIR) export --model $(MINILM) --profile sentence-transformers --out $(RUNS)/frontier/full-fp32 --overwrite; \
-	for k in u8s8 u8u8; do \
+	for k in u8s8 u8u8 reduce-range; do \
 	  $(EFFIR) export --model $(MINILM) --profile sentence-transformers --precision int8 --int8-kernel $$k \
 	    --out $(RUNS)/frontier/full-int8-$$k --overwrite; \
 	  points="$$points --candidate full-int8-$$k=$(RUNS)/frontier/full-int8-$$k"; \
@@ -616,7 +616,7 @@ frontier-minilm: build models onnxruntime $(OPTIMUM_VENV)/bin/optimum-cli
 	  if [ ! -f $(RUNS)/$$m/config.json ]; then echo "frontier: $(RUNS)/$$m not built, skipped"; continue; fi; \
 	  $(EFFIR) export --model $(RUNS)/$$m --profile sentence-transformers --out $(RUNS)/frontier/$$m-fp32 --overwrite; \
 	  points="$$points --candidate $$m-fp32=$(RUNS)/frontier/$$m-fp32"; \
-	  for k in u8s8 u8u8; do \
+	  for k in u8s8 u8u8 reduce-range; do \
 	    $(EFFIR) export --model $(RUNS)/$$m --profile sentence-transformers --precision int8 --int8-kernel $$k \
 	      --out $(RUNS)/frontier/$$m-int8-$$k --overwrite; \
 	    points="$$points --candidate $$m-int8-$$k=$(RUNS)/frontier/$$m-int8-$$k"; \
@@ -629,9 +629,11 @@ frontier-minilm: build models onnxruntime $(OPTIMUM_VENV)/bin/optimum-cli
 	  --data $(DATA) --data $(HELDOUT) --gates configs/gates.yaml --runs $(FRONTIER_RUNS) --out $(FRONTIER_OUT)
 
 # The part of frontier-minilm that decides the issue's target, in minutes
-# rather than hours: the full model (fp32, int8 u8s8 plain and smoothed), the
-# gradual 50 % model (the same three), the gradual 70 % model and the light
-# combined stage (smoothed int8), beside Optimum's three peers; validated on
+# rather than hours: the full model (fp32, int8 u8s8 plain and smoothed,
+# reduce-range), the gradual 50 % model (fp32, u8s8 and reduce-range, each
+# plain and smoothed; reduce-range is the kernel that cannot saturate on x86
+# without VNNI), the gradual 70 % model and the light combined stage
+# (smoothed int8), beside Optimum's three peers; validated on
 # SciFact and Cranfield and timed in one interleaved run. The gradual 50 %
 # model comes from recover-minilm-gradual, the 70 % one from
 # recover-minilm-gradual-70, the combined stage from
@@ -640,6 +642,9 @@ frontier-minilm: build models onnxruntime $(OPTIMUM_VENV)/bin/optimum-cli
 FRONTIER_GRADUAL_OUT ?= results/minilm/frontier-gradual
 GRADUAL_50 = $(RUNS)/minilm-prune-50-gradual-distill-1ep
 INT8_U8S8 = --precision int8 --int8-kernel u8s8
+# The fast kernel with 7-bit weights, which cannot saturate without VNNI.
+INT8_REDUCE_RANGE = --precision int8 --int8-kernel reduce-range
+SMOOTHED_REDUCE_RANGE = --precision int8 --int8-kernel reduce-range --int8-smoothing $(INT8_SMOOTHING) --calib-data $(DATA)
 # $(call gradual_point,NAME,MODEL,EXPORT FLAGS): MODEL exported into
 # runs/frontier-gradual/NAME and added to the shell's $$points (named and
 # skipped when MODEL is missing).
@@ -657,6 +662,9 @@ frontier-minilm-gradual: build models onnxruntime $(OPTIMUM_VENV)/bin/optimum-cl
 	$(call gradual_point,gradual50-fp32,$(GRADUAL_50),) \
 	$(call gradual_point,gradual50-int8-u8s8,$(GRADUAL_50),$(INT8_U8S8)) \
 	$(call gradual_point,gradual50-int8-u8s8-smooth,$(GRADUAL_50),$(SMOOTHED_INT8)) \
+	$(call gradual_point,full-int8-reduce-range,$(MINILM),$(INT8_REDUCE_RANGE)) \
+	$(call gradual_point,gradual50-int8-reduce-range,$(GRADUAL_50),$(INT8_REDUCE_RANGE)) \
+	$(call gradual_point,gradual50-int8-reduce-range-smooth,$(GRADUAL_50),$(SMOOTHED_REDUCE_RANGE)) \
 	$(call gradual_point,gradual70-int8-u8s8-smooth,$(RUNS)/minilm-prune-70-gradual-distill-1ep,$(SMOOTHED_INT8)) \
 	$(call gradual_point,gradual50-combined-light-int8-u8s8-smooth,$(GRADUAL_50)-combined-light,$(SMOOTHED_INT8)) \
 	$(EFFIR) frontier --reference $(MINILM) $$points $(OPTIMUM_PEERS) \
