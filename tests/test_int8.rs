@@ -244,20 +244,36 @@ fn the_default_int8_kernel_is_the_fast_one_that_cannot_saturate_on_this_cpu() {
             stderr(&run)
         );
     }
-    // Asking for u8s8 on a CPU where it can saturate still gets it, with
-    // the warning.
-    if cpu.u8s8_may_saturate() {
-        let dir = work.path().join("u8s8");
-        let run = export_output(
+    // Asking for u8s8 gets it, with the export's warning where it can
+    // saturate; validation on such a CPU notes it in its report too.
+    let dir = work.path().join("u8s8");
+    let run = export_output(
+        &fixture("bert"),
+        &dir,
+        &["--precision", "int8", "--int8-kernel", "u8s8"],
+    );
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert_eq!(
+        stderr(&run).contains("can saturate here"),
+        cpu.u8s8_may_saturate(),
+        "{}",
+        stderr(&run)
+    );
+    let gates = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/gates.yaml");
+    for name in ["u8s8", "auto"] {
+        let report = work.path().join(format!("report-{name}"));
+        let _ = common::validate_on_tiny(
             &fixture("bert"),
-            &dir,
-            &["--precision", "int8", "--int8-kernel", "u8s8"],
+            &work.path().join(name),
+            &gates,
+            Some(&report),
         );
-        assert!(run.status.success(), "{}", stderr(&run));
-        assert!(
-            stderr(&run).contains("can saturate here"),
-            "{}",
-            stderr(&run)
+        let markdown = std::fs::read_to_string(report.join("validation.md")).unwrap();
+        let noted = markdown.contains("u8s8 products can saturate here");
+        assert_eq!(
+            noted,
+            name == "u8s8" && cpu.u8s8_may_saturate(),
+            "{name}: {markdown}"
         );
     }
 }

@@ -543,6 +543,15 @@ pub struct ValidationReport {
 }
 
 impl ValidationReport {
+    /// Whether the candidate's int8 products can saturate where it was
+    /// validated: the u8s8 kernel, run by ONNX Runtime's CPU provider on an
+    /// x86 CPU without VNNI.
+    pub fn int8_may_saturate(&self) -> bool {
+        self.int8_kernel.as_deref() == Some(crate::precision::Int8Kernel::U8s8.name())
+            && self.providers.first().map(String::as_str) == Some("cpu")
+            && self.cpu_features.u8s8_may_saturate()
+    }
+
     pub fn failed_gates(&self) -> Vec<&GateResult> {
         self.gates.iter().filter(|g| !g.passed).collect()
     }
@@ -622,6 +631,10 @@ impl ValidationReport {
             self.cpu_features,
             if self.passed { "PASS" } else { "FAIL" }
         );
+        if self.int8_may_saturate() {
+            md += "- note: this CPU has no VNNI, so the graph's u8s8 products can saturate here; \
+                   a graph exported on it with `--int8-kernel auto` (or `reduce-range`) cannot\n";
+        }
         if let Some(p) = &self.provenance.pruning {
             md += &format!(
                 "- pruned: MLPs {:?} dropped, {:.1} % of the MLP neurons kept (widths {:?})\n",
