@@ -595,7 +595,8 @@ FRONTIER_MODELS ?= minilm-prune-50-narrow minilm-prune-50-narrow-distill minilm-
 FRONTIER_OUT ?= results/minilm/frontier
 FRONTIER_RUNS ?= 10
 INT8_SMOOTHING ?= 0.75
-SMOOTHED_INT8 = --precision int8 --int8-kernel u8s8 --int8-smoothing $(INT8_SMOOTHING) --calib-data $(DATA)
+INT8_SMOOTHING_FLAGS = --int8-smoothing $(INT8_SMOOTHING) --calib-data $(DATA)
+SMOOTHED_INT8 = --precision int8 --int8-kernel u8s8 $(INT8_SMOOTHING_FLAGS)
 # Optimum's three MiniLM exports (benchmarks/optimum_peers.py), its fp32 one
 # the baseline speed-ups are measured against.
 OPTIMUM_PEERS = --peer $(RUNS)/frontier/peers/optimum-fp32 --peer $(RUNS)/frontier/peers/optimum-int8-avx2 \
@@ -644,7 +645,7 @@ GRADUAL_50 = $(RUNS)/minilm-prune-50-gradual-distill-1ep
 INT8_U8S8 = --precision int8 --int8-kernel u8s8
 # The fast kernel with 7-bit weights, which cannot saturate without VNNI.
 INT8_REDUCE_RANGE = --precision int8 --int8-kernel reduce-range
-SMOOTHED_REDUCE_RANGE = --precision int8 --int8-kernel reduce-range --int8-smoothing $(INT8_SMOOTHING) --calib-data $(DATA)
+SMOOTHED_REDUCE_RANGE = $(INT8_REDUCE_RANGE) $(INT8_SMOOTHING_FLAGS)
 # $(call gradual_point,NAME,MODEL,EXPORT FLAGS): MODEL exported into
 # runs/frontier-gradual/NAME and added to the shell's $$points (named and
 # skipped when MODEL is missing).

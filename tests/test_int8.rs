@@ -216,13 +216,11 @@ fn both_int8_kernels_rank_cranfield_alike_and_validate_records_them() {
 fn the_default_int8_kernel_is_the_fast_one_that_cannot_saturate_on_this_cpu() {
     let work = tempfile::tempdir().unwrap();
     let cpu = CpuFeatures::detect();
-    let expected = effir_onnx::quantize::Int8Kernel::for_cpu(&cpu).name();
-    let fast_and_safe = if cpu.u8s8_may_saturate() {
+    let expected = if cpu.u8s8_may_saturate() {
         "reduce-range"
     } else {
         "u8s8"
     };
-    assert_eq!(expected, fast_and_safe);
     for (name, extra) in [
         ("default", &["--precision", "int8"][..]),
         (

@@ -247,20 +247,9 @@ pub(crate) fn matmul_precision(
         None | Some(PrecisionArg::Fp32) => MatmulPrecision::Float32,
         Some(PrecisionArg::Fp16) => MatmulPrecision::Float16,
         Some(PrecisionArg::Int8) => MatmulPrecision::Int8(match kernel {
-            None | Some(Int8KernelArg::Auto) => {
-                let cpu = CpuFeatures::detect();
-                let chosen = Int8Kernel::for_cpu(&cpu);
-                tracing::info!(
-                    "int8 kernel {} (auto, for this CPU: {cpu}{})",
-                    chosen.name(),
-                    if cpu.u8s8_may_saturate() {
-                        "; without VNNI u8s8 can saturate"
-                    } else {
-                        ""
-                    }
-                );
-                chosen
-            }
+            // The summary line prints the kernel; effir_export.json records
+            // the CPU it was chosen for.
+            None | Some(Int8KernelArg::Auto) => Int8Kernel::for_cpu(&CpuFeatures::detect()),
             Some(Int8KernelArg::U8s8) => Int8Kernel::U8s8,
             Some(Int8KernelArg::U8u8) => Int8Kernel::U8u8,
             Some(Int8KernelArg::ReduceRange) => Int8Kernel::ReduceRange,
