@@ -15,7 +15,7 @@ PYTHON  ?= python3
 .PHONY: all system-deps build models test lint fuzz embed eval eval-scifact python-deps \
         fixtures metric-references bench-embed profile-embed bench-analyze parity-embeddinggemma \
         onnxruntime export export-pruned validate validate-pruned validate-prune-minilm bench-onnx parity-embeddinggemma-onnx \
-        finetune-minilm finetune-minilm-2ep recover-minilm frontier-minilm frontier-embeddinggemma precision-checks prune-minilm-narrow prune-minilm-refit prune-embeddinggemma-refit recover-embeddinggemma gguf-parity smollm2-st smollm2-distill smollm2-retriever drop-study-smollm2 prune-smollm2 results-smollm2 bench-training-memory recover-minilm-labeled recover-minilm-query-text recover-minilm-spans recover-minilm-variant recover-minilm-gradual recover-minilm-gradual-70 recover-minilm-gradual-combined frontier-minilm-gradual int8-validate-minilm bench-gradual shard-scifact scale-7b scale-3b finetune-minilm-unpruned finetune-minilm-unpruned-2ep recover-minilm-tokens recover-minilm-seeds bench-finetune profile-finetune optimum-fixtures rewrite-minilm \
+        finetune-minilm finetune-minilm-2ep recover-minilm frontier-minilm frontier-embeddinggemma precision-checks prune-minilm-narrow prune-minilm-refit prune-embeddinggemma-refit recover-embeddinggemma gguf-parity smollm2-st smollm2-distill smollm2-retriever drop-study-smollm2 prune-smollm2 results-smollm2 bench-training-memory recover-minilm-labeled recover-minilm-query-text recover-minilm-spans recover-minilm-variant recover-minilm-gradual recover-minilm-gradual-70 recover-minilm-gradual-combined recover-minilm-gradual-combined-replay frontier-minilm-gradual int8-validate-minilm bench-gradual shard-scifact scale-7b scale-3b finetune-minilm-unpruned finetune-minilm-unpruned-2ep recover-minilm-tokens recover-minilm-seeds bench-finetune profile-finetune optimum-fixtures rewrite-minilm \
         analyze-minilm drop-study-minilm prune-minilm results-minilm \
         analyze-embeddinggemma drop-study-embeddinggemma results-embeddinggemma clean
 
@@ -419,6 +419,19 @@ recover-minilm-gradual-combined: build models onnxruntime
 	$(call recover_plans,50-gradual$(SEED_SUFFIX)-distill-1ep,combined-light,--train $(DATA) \
 	  --hard-negatives $(DATA)/train_hard_negatives.jsonl.gz --seed $(RECOVER_SEED),configs/finetune-minilm-combined-light.yaml)
 	$(call int8_validate,$(GRADUAL_COMBINED))
+
+# The same light stage replaying the label-free recipe's text
+# (configs/finetune-minilm-combined-light-replay.yaml: 32 SciFact corpus
+# texts, --train-texts, beside each labeled batch, with the label-free terms
+# on them too), into
+# runs/minilm-prune-50-gradual-distill-1ep-combined-light-replay (-seedS),
+# scored the same way.
+GRADUAL_REPLAY = minilm-prune-50-gradual$(SEED_SUFFIX)-distill-1ep-combined-light-replay
+recover-minilm-gradual-combined-replay: build models onnxruntime
+	test -f $(RUNS)/minilm-prune-50-gradual$(SEED_SUFFIX)-distill-1ep/config.json || $(MAKE) recover-minilm-gradual
+	$(call recover_plans,50-gradual$(SEED_SUFFIX)-distill-1ep,combined-light-replay,--train $(DATA) \
+	  --hard-negatives $(DATA)/train_hard_negatives.jsonl.gz --train-texts $(DATA) --seed $(RECOVER_SEED),configs/finetune-minilm-combined-light-replay.yaml)
+	$(call int8_validate,$(GRADUAL_REPLAY))
 
 # Speed of the gradual 50 % model's int8 graphs against effir's fp32 export
 # of the full model, the full model's smoothed int8 graph and the 25 %

@@ -71,6 +71,7 @@ fn distillation_gradients_on_a_real_model_match_finite_differences() {
             similarity_temperature: 0.05,
             contrastive_weight: 1.0,
             token_weight: 0.0,
+            text_batch_size: 0,
         }),
         ..Default::default()
     };

@@ -6,8 +6,9 @@
 //! states), query text keeps the student's prompt while a teacher of
 //! another tokenizer reads it with its own, `--seed` overrides the config's,
 //! a killed run resumes bit for bit (killed while its teacher embeds, too,
-//! after the teacher's saved parts), and bad input fails before training
-//! with nothing written.
+//! after the teacher's saved parts), a combined run can replay unlabeled
+//! texts beside its labeled batches (`text_batch_size`), and bad input
+//! fails before training with nothing written.
 
 mod common;
 
@@ -216,6 +217,7 @@ fn distillation_gradients_match_finite_differences() {
                 similarity_temperature: 0.1,
                 contrastive_weight: 1.0,
                 token_weight,
+                text_batch_size: 0,
             }),
             ..Default::default()
         };
@@ -961,12 +963,9 @@ fn the_committed_finetune_configs_parse() {
     assert!(seen >= 3, "found {seen} configs");
 }
 
-/// `objective: combined`: the labeled loss plus the label-free terms on the
-/// batch's own texts, each logged every step.
-#[test]
-fn the_combined_objective_trains_on_both_terms() {
-    let work = tempfile::tempdir().unwrap();
-    let model = fixture("bert");
+/// Labeled examples (JSONL) over the training texts: query i's positive is
+/// text i, its negative text i + 5.
+fn labeled_pairs(dir: &Path) -> PathBuf {
     let mut pairs = String::new();
     for (i, t) in TRAIN_TEXTS.iter().enumerate() {
         pairs += &serde_json::json!({
@@ -977,7 +976,16 @@ fn the_combined_objective_trains_on_both_terms() {
         .to_string();
         pairs.push('\n');
     }
-    let train = write(work.path(), "pairs.jsonl", &pairs);
+    write(dir, "pairs.jsonl", &pairs)
+}
+
+/// `objective: combined`: the labeled loss plus the label-free terms on the
+/// batch's own texts, each logged every step.
+#[test]
+fn the_combined_objective_trains_on_both_terms() {
+    let work = tempfile::tempdir().unwrap();
+    let model = fixture("bert");
+    let train = labeled_pairs(work.path());
     let config = write(
         work.path(),
         "combined.yaml",
@@ -1018,6 +1026,178 @@ fn the_combined_objective_trains_on_both_terms() {
         !o.status.success()
             && stderr(&o).contains("--train-texts and --train-queries are for objective distill")
     );
+}
+
+/// A combined config whose batches carry `text_batch_size` unlabeled texts
+/// beside 4 labeled queries (`text_batch_size: 0`: none).
+fn replay_config(dir: &Path, name: &str, teacher: &Path, text_batch_size: usize) -> PathBuf {
+    write(
+        dir,
+        name,
+        &format!(
+            "objective: combined\nmax_steps: 4\nbatch_size: 4\nlearning_rate: 1.0e-3\n\
+             checkpoint_every: 2\nseed: 5\nembedding_distillation:\n  teacher: {}\n  \
+             contrastive_weight: 0.5\n  text_batch_size: {text_batch_size}\n",
+            teacher.display()
+        ),
+    )
+}
+
+/// `objective: combined` with `text_batch_size`: each labeled batch also
+/// carries unlabeled texts (`--train-texts`) on which the label-free terms
+/// are computed, logged as `unlabeled_distillation` and added to the loss.
+/// From the teacher itself that term is zero; from a pruned student it is
+/// not, it changes what the run learns, and a killed run resumes to the
+/// same weights bit for bit (the texts' own order is in the checkpoint).
+#[test]
+fn a_combined_run_replays_unlabeled_texts_beside_its_labeled_batches() {
+    let work = tempfile::tempdir().unwrap();
+    let teacher = fixture("bert");
+    let train = labeled_pairs(work.path());
+    // Texts of their own, 6 of them: 4 steps of 3 go through them twice
+    // (a second epoch of their own within the run's first).
+    let unlabeled = write(work.path(), "unlabeled.txt", &HELD_OUT[..6].join("\n"));
+    let replay = replay_config(work.path(), "replay.yaml", &teacher, 3);
+    let texts_flag = ["--train-texts", unlabeled.to_str().unwrap()];
+
+    let itself = work.path().join("itself");
+    let o = common::finetune(&teacher, &train, &itself, &replay, &texts_flag);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let first = &step_log(&itself)[0];
+    let term = |step: &serde_json::Value, k: &str| {
+        step[k].as_f64().unwrap_or_else(|| panic!("{k}: {step}"))
+    };
+    assert!(
+        term(first, "unlabeled_distillation").abs() < 1e-5,
+        "{first}"
+    );
+
+    let pruned = common::prune_fixture("bert", work.path(), TRAIN_TEXTS, &["--mlp-keep", "0.5"]);
+    let straight = work.path().join("straight");
+    let o = common::finetune(&pruned, &train, &straight, &replay, &texts_flag);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let log = step_log(&straight);
+    assert_eq!(log.len(), 4);
+    for step in &log {
+        let unlabeled = term(step, "unlabeled_distillation");
+        assert!(unlabeled > 1e-4, "{step}");
+        let expected = 0.5 * term(step, "info_nce")
+            + term(step, "embedding_distance")
+            + term(step, "similarity_kl")
+            + unlabeled;
+        assert!(
+            (term(step, "loss") - expected).abs() < 1e-4,
+            "loss is not 0.5 x InfoNCE + the labeled texts' terms + the unlabeled texts': {step}"
+        );
+    }
+
+    // Without the unlabeled texts the same run learns something else.
+    let plain = work.path().join("plain");
+    let o = common::finetune(
+        &pruned,
+        &train,
+        &plain,
+        &replay_config(work.path(), "plain.yaml", &teacher, 0),
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(step_log(&plain)[0].get("unlabeled_distillation").is_none());
+    let weights = |out: &Path| common::load_tensors(&out.join("model.safetensors"));
+    let bits = |t: &Tensor| -> Vec<u32> {
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        v.iter().map(|x| x.to_bits()).collect()
+    };
+    let (a, b) = (weights(&straight), weights(&plain));
+    assert!(
+        a.iter().any(|(name, t)| bits(t) != bits(&b[name])),
+        "the unlabeled texts changed no weight"
+    );
+
+    // Killed after step 2, resumed: the same weights as the straight run.
+    let resumed = work.path().join("resumed");
+    let mut flags = texts_flag.to_vec();
+    flags.extend(["--abort-after-step", "2"]);
+    let o = common::finetune(&pruned, &train, &resumed, &replay, &flags);
+    assert!(!o.status.success() && !resumed.exists());
+    let mut flags = texts_flag.to_vec();
+    flags.push("--resume");
+    let o = common::finetune(&pruned, &train, &resumed, &replay, &flags);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("resumed at 2"));
+    let c = weights(&resumed);
+    assert_eq!(a.len(), c.len());
+    for (name, t) in &a {
+        assert!(bits(t) == bits(&c[name]), "{name} differs after resume");
+    }
+    // The record names the unlabeled texts beside the labeled data.
+    let record = common::read_json(&straight.join("effir_finetune.json"));
+    assert!(
+        record["train_texts"].to_string().contains("unlabeled.txt"),
+        "{record}"
+    );
+}
+
+/// Unlabeled texts and `text_batch_size` must come together, in a combined
+/// run: each half alone is refused before training, naming what is
+/// missing, with nothing written.
+#[test]
+fn unlabeled_texts_beside_labeled_data_need_text_batch_size_and_back() {
+    let work = tempfile::tempdir().unwrap();
+    let model = fixture("bert");
+    let train = labeled_pairs(work.path());
+    let texts = train_texts(work.path());
+    let empty = write(work.path(), "empty.txt", "\n");
+    let with_texts = ["--train-texts", texts.to_str().unwrap()];
+    let cases: Vec<(&str, PathBuf, Vec<&str>, &str)> = vec![
+        (
+            "texts without text_batch_size",
+            replay_config(work.path(), "zero.yaml", &model, 0),
+            with_texts.to_vec(),
+            "objective combined with embedding_distillation.text_batch_size",
+        ),
+        (
+            "text_batch_size without texts",
+            replay_config(work.path(), "three.yaml", &model, 3),
+            vec![],
+            "embedding_distillation.text_batch_size is 3: pass the unlabeled texts",
+        ),
+        (
+            "an empty text file",
+            replay_config(work.path(), "three.yaml", &model, 3),
+            vec!["--train-texts", empty.to_str().unwrap()],
+            "empty.txt: no training text",
+        ),
+    ];
+    for (what, config, flags, message) in cases {
+        let out = work.path().join("out");
+        let o = common::finetune(&model, &train, &out, &config, &flags);
+        assert!(!o.status.success(), "{what}: accepted");
+        assert!(stderr(&o).contains(message), "{what}: {}", stderr(&o));
+        assert!(!out.exists(), "{what}: wrote {}", out.display());
+        assert!(
+            !work.path().join("out.checkpoints").exists(),
+            "{what}: left a checkpoint directory"
+        );
+    }
+    // text_batch_size is for combined runs only.
+    let label_free = write(
+        work.path(),
+        "distill-texts.yaml",
+        &format!(
+            "objective: distill\nmax_steps: 1\nembedding_distillation:\n  teacher: {}\n  \
+             text_batch_size: 3\n",
+            model.display()
+        ),
+    );
+    let out = work.path().join("out");
+    let o = distill(&model, &[&texts], &out, &label_free, &[]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("text_batch_size adds unlabeled texts to the labeled batches"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!out.exists());
 }
 
 /// A teacher of another architecture, tokenizer and embedding size (the

@@ -26,12 +26,14 @@ pub struct FinetuneArgs {
     /// directory (train qrels) or a JSONL of {query, pos, neg}.
     #[arg(long)]
     pub train: Option<PathBuf>,
-    /// Unlabeled text for `objective: distill` (repeatable): a BEIR directory
+    /// Unlabeled text (repeatable) for `objective: distill`, or beside --train
+    /// for `objective: combined` with `embedding_distillation.text_batch_size`
+    /// (that many added to each labeled batch): a BEIR directory
     /// (its corpus; for its queries see --train-queries), a JSONL of strings or
     /// {text, title} objects, or a text file with one text per line. No qrels are read.
     #[arg(long = "train-texts", value_name = "PATH")]
     pub train_texts: Vec<PathBuf>,
-    /// Unlabeled query text for `objective: distill` (repeatable), written
+    /// Unlabeled query text (repeatable; used as --train-texts is), written
     /// with the model's query prompt: a BEIR directory (the text of the
     /// queries of --split; never their judgements), a JSONL of strings or
     /// {text} objects, or a text file with one query per line.
@@ -122,7 +124,13 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
     let (examples, texts) = training_data(&args, &config, &format)?;
     let data = match config.objective {
         Objective::Distill => TrainingData::Texts(&texts),
-        Objective::Contrastive | Objective::Combined => TrainingData::Pairs(&examples),
+        Objective::Contrastive | Objective::Combined if texts.is_empty() => {
+            TrainingData::Pairs(&examples)
+        }
+        Objective::Contrastive | Objective::Combined => TrainingData::PairsWithTexts {
+            pairs: &examples,
+            texts: &texts,
+        },
     };
     let dev = match &config.dev {
         Some(dev) => {
@@ -138,6 +146,11 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         let mut h = match data {
             TrainingData::Pairs(e) => effir_pipeline::finetune::data::fingerprint(e),
             TrainingData::Texts(t) => effir_pipeline::finetune::texts::fingerprint(t),
+            TrainingData::PairsWithTexts { pairs, texts } => format!(
+                "{}|{}",
+                effir_pipeline::finetune::data::fingerprint(pairs),
+                effir_pipeline::finetune::texts::fingerprint(texts)
+            ),
         };
         // Gradient checkpointing changes memory, not results: a run that
         // ran out of memory resumes with it switched on.
@@ -157,10 +170,11 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
     eprintln!(
         "{} training {}, {} steps of {} x {}{}",
         data.len(),
-        if texts.is_empty() {
-            "examples"
-        } else {
-            "texts"
+        match data {
+            TrainingData::Pairs(_) => "examples".to_string(),
+            TrainingData::Texts(_) => "texts".to_string(),
+            TrainingData::PairsWithTexts { texts, .. } =>
+                format!("examples (and {} unlabeled texts beside them)", texts.len()),
         },
         total,
         config.batch_size,
@@ -299,7 +313,9 @@ fn nothing_trained(checkpoints: &Path, log_path: &Path) -> bool {
 }
 
 /// The labeled examples (contrastive, combined) or the unlabeled texts
-/// (distill) the objective trains on; the other source is refused.
+/// (distill) the objective trains on, or both for a combined run that adds
+/// `text_batch_size` unlabeled texts to each batch; any other source is
+/// refused.
 fn training_data(
     args: &FinetuneArgs,
     config: &FinetuneConfig,
@@ -331,10 +347,23 @@ fn training_data(
              objective: distill in the config for --train-texts and --train-queries)"
         ),
         (objective, Some(train)) => {
-            if has_unlabeled {
+            let text_batch_size = config
+                .embedding_distillation
+                .as_ref()
+                .map_or(0, |e| e.text_batch_size);
+            if has_unlabeled && text_batch_size == 0 {
                 bail!(
-                    "--train-texts and --train-queries are for objective distill; objective \
-                     {objective:?} distills on the texts of its labeled batches"
+                    "--train-texts and --train-queries are for objective distill, or for \
+                     objective combined with embedding_distillation.text_batch_size (unlabeled \
+                     texts added to each labeled batch) in the config; objective {objective:?} \
+                     without it distills on the texts of its labeled batches"
+                );
+            }
+            if text_batch_size > 0 && !has_unlabeled {
+                bail!(
+                    "embedding_distillation.text_batch_size is {text_batch_size}: pass the \
+                     unlabeled texts to add to each batch with --train-texts PATH (or \
+                     --train-queries PATH)"
                 );
             }
             let source = if train.is_dir() {
@@ -346,7 +375,18 @@ fn training_data(
             } else {
                 TrainingSource::Jsonl(train)
             };
-            Ok((load_examples(&source, format)?, Vec::new()))
+            let examples = load_examples(&source, format)?;
+            let texts = if has_unlabeled {
+                let sources = TextSources {
+                    documents: &args.train_texts,
+                    queries: &args.train_queries,
+                    query_split: &args.split,
+                };
+                load_texts(&sources, format)?
+            } else {
+                Vec::new()
+            };
+            Ok((examples, texts))
         }
     }
 }

@@ -22,6 +22,12 @@ pub struct LoopState {
     pub position: usize,
     /// The sampler's random state.
     pub rng: u64,
+    /// Where the unlabeled texts a combined run adds to its labeled batches
+    /// (`text_batch_size`) stand: their own epochs and order.
+    #[serde(default)]
+    pub text_epoch: usize,
+    #[serde(default)]
+    pub text_position: usize,
     pub adam_step: u64,
     /// Best development score so far and its step.
     pub best: Option<(f64, usize)>,

@@ -84,10 +84,22 @@ pub struct EmbeddingDistillationSettings {
     /// checkpointing. 0 (the default) leaves it out.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub token_weight: f64,
+    /// Unlabeled texts (`--train-texts`, `--train-queries`) added to each
+    /// micro-batch of a `combined` run: the embedding and similarity terms
+    /// are computed on them too (the similarities among themselves), so the
+    /// labeled stage keeps the teacher's embeddings of text beyond its own
+    /// batches (replay of the label-free recipe's text). 0 (the default):
+    /// the terms see the labeled batch's texts only.
+    #[serde(default, skip_serializing_if = "is_zero_count")]
+    pub text_batch_size: usize,
 }
 
 fn is_zero(x: &f64) -> bool {
     *x == 0.0
+}
+
+fn is_zero_count(n: &usize) -> bool {
+    *n == 0
 }
 
 /// Evaluation on a development split every `every` steps; the best
@@ -312,6 +324,14 @@ impl FinetuneConfig {
                         self.objective
                     ));
                 }
+                if e.text_batch_size > 0 && self.objective != Objective::Combined {
+                    return bad(format!(
+                        "embedding_distillation text_batch_size adds unlabeled texts to the \
+                         labeled batches of objective combined; objective {:?} has none (distill \
+                         trains on unlabeled texts alone, batch_size of them a batch)",
+                        self.objective
+                    ));
+                }
                 if e.token_weight > 0.0 && self.gradient_checkpointing {
                     return bad(
                         "embedding_distillation token_weight needs every token's last hidden \
@@ -380,6 +400,7 @@ mod tests {
             similarity_temperature: 0.05,
             contrastive_weight: 1.0,
             token_weight: 0.0,
+            text_batch_size: 0,
         }
     }
 
@@ -400,6 +421,16 @@ mod tests {
         config(Objective::Combined, Some(teacher("t")))
             .validate()
             .unwrap();
+        // Unlabeled texts beside a combined run's labeled batches.
+        config(
+            Objective::Combined,
+            Some(EmbeddingDistillationSettings {
+                text_batch_size: 8,
+                ..teacher("t")
+            }),
+        )
+        .validate()
+        .unwrap();
         // The token term alone is an objective too.
         config(
             Objective::Distill,
@@ -470,6 +501,16 @@ mod tests {
                     }),
                 ),
                 "token_weight trains on unlabeled text",
+            ),
+            (
+                config(
+                    Objective::Distill,
+                    Some(EmbeddingDistillationSettings {
+                        text_batch_size: 8,
+                        ..teacher("t")
+                    }),
+                ),
+                "text_batch_size adds unlabeled texts to the labeled batches of objective combined",
             ),
             (
                 FinetuneConfig {

@@ -3,7 +3,8 @@
 //! samples a batch (seeded), computes its objective (InfoNCE, with
 //! distillation of the teacher's scores; or label-free distillation of the
 //! teacher's embeddings, and optionally of its last hidden states token by
-//! token; or both), accumulates
+//! token; or both, with unlabeled texts replayed beside the labeled ones
+//! if the run has them), accumulates
 //! gradients over micro-batches, clips them and takes an AdamW step.
 //! Checkpoints hold everything the next step depends on, so a resumed run
 //! continues bit for bit.
@@ -51,6 +52,10 @@ pub struct StepReport {
     /// Mean `1 − cos` to the teacher's last hidden states, token by token.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_distance: Option<f64>,
+    /// The label-free terms (weighted sum) on the unlabeled texts a combined
+    /// run adds to each batch (`text_batch_size`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unlabeled_distillation: Option<f64>,
     pub learning_rate: f64,
     pub grad_norm: f64,
     pub examples_per_second: f64,
@@ -85,18 +90,24 @@ pub struct TrainingRun<'a> {
 }
 
 /// What a run trains on: labeled query–document examples, or unlabeled
-/// text for label-free distillation.
+/// text for label-free distillation, or both (a combined run whose batches
+/// take `text_batch_size` unlabeled texts beside the labeled examples).
 #[derive(Debug, Clone, Copy)]
 pub enum TrainingData<'a> {
     Pairs(&'a [TrainingExample]),
     Texts(&'a [UnlabeledText]),
+    PairsWithTexts {
+        pairs: &'a [TrainingExample],
+        texts: &'a [UnlabeledText],
+    },
 }
 
 impl TrainingData<'_> {
-    /// Examples (or texts) in one epoch.
+    /// Examples (or texts) in one epoch: the labeled examples where there
+    /// are any, the unlabeled texts cycling beside them.
     pub fn len(&self) -> usize {
         match self {
-            Self::Pairs(e) => e.len(),
+            Self::Pairs(e) | Self::PairsWithTexts { pairs: e, .. } => e.len(),
             Self::Texts(t) => t.len(),
         }
     }
@@ -106,9 +117,13 @@ impl TrainingData<'_> {
     }
 }
 
-/// One micro-batch.
+/// One micro-batch: labeled examples (with the unlabeled texts a combined
+/// run adds, possibly none), or unlabeled texts alone.
 enum Batch<'a> {
-    Pairs(Vec<Sampled<'a>>),
+    Pairs {
+        pairs: Vec<Sampled<'a>>,
+        texts: Vec<&'a str>,
+    },
     Texts(Vec<&'a str>),
 }
 
@@ -250,6 +265,7 @@ struct LossParts {
     embedding_distance: Option<f64>,
     similarity_kl: Option<f64>,
     token_distance: Option<f64>,
+    unlabeled_distillation: Option<f64>,
 }
 
 fn scalar(t: &Tensor) -> Result<f64> {
@@ -272,7 +288,9 @@ fn batch_loss(
     teacher: Teacher,
 ) -> Result<(Tensor, LossParts)> {
     match batch {
-        Batch::Pairs(pairs) => pairs_loss(passes, pairs, config, teacher.embeddings),
+        Batch::Pairs { pairs, texts } => {
+            pairs_loss(passes, pairs, texts, config, teacher.embeddings)
+        }
         Batch::Texts(texts) => {
             let embeddings = teacher.embeddings.ok_or_else(|| {
                 Error::InvalidArgument("label-free distillation without a teacher".into())
@@ -354,10 +372,12 @@ fn embedding_terms(
 
 /// InfoNCE over in-batch positives and the batch's hard negatives, plus
 /// the weighted KL to the teacher's scores over each query's own
-/// candidates, plus (`combined`) the label-free terms on every text.
+/// candidates, plus (`combined`) the label-free terms on every text, and
+/// on the unlabeled `texts` the batch carries beside them, if any.
 fn pairs_loss(
     passes: &mut ForwardPasses,
     batch: &[Sampled],
+    texts: &[&str],
     config: &FinetuneConfig,
     teacher: Option<&TeacherEmbeddings>,
 ) -> Result<(Tensor, LossParts)> {
@@ -408,6 +428,15 @@ fn pairs_loss(
         let target = teacher.embeddings(queries.iter().chain(&docs).copied())?;
         let terms = embedding_terms(&student, &target, config, &mut parts)?;
         loss = ((loss * e.contrastive_weight)? + terms)?;
+        if !texts.is_empty() {
+            // The same terms on the unlabeled texts, compared among
+            // themselves; their values are logged as one sum.
+            let student = passes.embed(texts)?;
+            let target = teacher.embeddings(texts.iter().copied())?;
+            let term = embedding_terms(&student, &target, config, &mut LossParts::default())?;
+            parts.unlabeled_distillation = Some(scalar(&term)?);
+            loss = (loss + term)?;
+        }
     }
     Ok((loss, parts))
 }
@@ -434,7 +463,14 @@ pub fn loss_of_examples(
                 .collect(),
         })
         .collect();
-    Ok(pairs_loss(&mut ForwardPasses::plain(&embedder), &batch, config, None)?.0)
+    Ok(pairs_loss(
+        &mut ForwardPasses::plain(&embedder),
+        &batch,
+        &[],
+        config,
+        None,
+    )?
+    .0)
 }
 
 /// The label-free distillation loss of `texts` against the teacher's
@@ -468,23 +504,47 @@ fn embedder_with(
     Embedder::load_with_tensors(model, &options, tensors, &Device::Cpu)
 }
 
+/// The shuffled orders a run draws its batches from: the main data's
+/// (labeled examples, or unlabeled texts alone) and, in a combined run with
+/// unlabeled texts, theirs; each is shuffled again when its epoch ends.
+struct Orders {
+    main: Vec<usize>,
+    texts: Vec<usize>,
+}
+
+impl Orders {
+    /// The orders of the epochs `state` stands in.
+    fn at(data: TrainingData, seed: u64, state: &LoopState) -> Self {
+        let texts = match data {
+            TrainingData::PairsWithTexts { texts, .. } => {
+                text_order(texts.len(), seed, state.text_epoch)
+            }
+            _ => Vec::new(),
+        };
+        Self {
+            main: epoch_order(data.len(), seed, state.epoch),
+            texts,
+        }
+    }
+}
+
 /// Draws the next micro-batch of the data order, moving to the next
 /// epoch's order when one ends.
 fn next_batch<'a>(
     data: TrainingData<'a>,
     config: &FinetuneConfig,
     state: &mut LoopState,
-    order: &mut Vec<usize>,
+    orders: &mut Orders,
 ) -> Batch<'a> {
     let mut rng = SplitMix64::new(state.rng);
     let mut next_index = |state: &mut LoopState| {
-        if state.position >= order.len() {
+        if state.position >= orders.main.len() {
             state.epoch += 1;
             state.position = 0;
-            *order = epoch_order(data.len(), config.seed, state.epoch);
+            orders.main = epoch_order(data.len(), config.seed, state.epoch);
         }
         state.position += 1;
-        order[state.position - 1]
+        orders.main[state.position - 1]
     };
     let batch = match data {
         TrainingData::Texts(texts) => Batch::Texts(
@@ -492,7 +552,10 @@ fn next_batch<'a>(
                 .map(|_| texts[next_index(state)].text.as_str())
                 .collect(),
         ),
-        TrainingData::Pairs(examples) => {
+        TrainingData::Pairs(examples)
+        | TrainingData::PairsWithTexts {
+            pairs: examples, ..
+        } => {
             let mut batch = Vec::with_capacity(config.batch_size);
             while batch.len() < config.batch_size {
                 let e = &examples[next_index(state)];
@@ -510,15 +573,55 @@ fn next_batch<'a>(
                     negatives,
                 });
             }
-            Batch::Pairs(batch)
+            let texts = match data {
+                TrainingData::PairsWithTexts { texts, .. } => {
+                    next_texts(texts, config, state, &mut orders.texts)
+                }
+                _ => Vec::new(),
+            };
+            Batch::Pairs {
+                pairs: batch,
+                texts,
+            }
         }
     };
     state.rng = rng.next_u64();
     batch
 }
 
+/// The next `text_batch_size` unlabeled texts of a combined run, in their
+/// own order.
+fn next_texts<'a>(
+    texts: &'a [UnlabeledText],
+    config: &FinetuneConfig,
+    state: &mut LoopState,
+    order: &mut Vec<usize>,
+) -> Vec<&'a str> {
+    let n = config
+        .embedding_distillation
+        .as_ref()
+        .map_or(0, |e| e.text_batch_size);
+    (0..n)
+        .map(|_| {
+            if state.text_position >= order.len() {
+                state.text_epoch += 1;
+                state.text_position = 0;
+                *order = text_order(texts.len(), config.seed, state.text_epoch);
+            }
+            state.text_position += 1;
+            texts[order[state.text_position - 1]].text.as_str()
+        })
+        .collect()
+}
+
 fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     shuffled_indices(n, seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
+/// The unlabeled texts' order in a combined run: a stream of its own, so
+/// it does not follow the labeled examples' order.
+fn text_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    epoch_order(n, seed ^ 0x5445_5854_5445_5854, epoch)
 }
 
 /// Every text a run with a teacher may score (as the student reads it),
@@ -529,6 +632,14 @@ fn teacher_texts(data: TrainingData, config: &FinetuneConfig) -> BTreeMap<String
             .iter()
             .map(|t| (t.text.clone(), t.role == TextRole::Query))
             .collect(),
+        TrainingData::PairsWithTexts { pairs, texts } => {
+            let mut all = teacher_texts(TrainingData::Pairs(pairs), config);
+            for t in texts {
+                all.entry(t.text.clone())
+                    .or_insert(t.role == TextRole::Query);
+            }
+            all
+        }
         TrainingData::Pairs(examples) => {
             let mut texts = BTreeMap::new();
             for e in examples {
@@ -573,7 +684,26 @@ pub fn finetune(
 ) -> Result<(TrainingOutcome, HashMap<String, Tensor>)> {
     let config = run.config;
     config.validate()?;
+    let text_batch_size = config
+        .embedding_distillation
+        .as_ref()
+        .map_or(0, |e| e.text_batch_size);
     match (config.objective, data) {
+        (Objective::Combined, TrainingData::PairsWithTexts { texts, .. }) => {
+            if text_batch_size == 0 || texts.is_empty() {
+                return Err(Error::InvalidArgument(
+                    "unlabeled texts beside labeled examples need \
+                     embedding_distillation.text_batch_size (texts a batch) above 0"
+                        .into(),
+                ));
+            }
+        }
+        (Objective::Combined, TrainingData::Pairs(_)) if text_batch_size > 0 => {
+            return Err(Error::InvalidArgument(format!(
+                "embedding_distillation.text_batch_size is {text_batch_size}, but the run has \
+                 no unlabeled texts (--train-texts, --train-queries)"
+            )))
+        }
         (Objective::Distill, TrainingData::Texts(_))
         | (Objective::Contrastive | Objective::Combined, TrainingData::Pairs(_)) => {}
         (objective, _) => {
@@ -602,6 +732,8 @@ pub fn finetune(
                 epoch: 0,
                 position: 0,
                 rng: config.seed,
+                text_epoch: 0,
+                text_position: 0,
                 adam_step: 0,
                 best: None,
                 data_fingerprint: run.data_fingerprint.clone(),
@@ -619,7 +751,7 @@ pub fn finetune(
         run.teacher_part_texts,
         teacher_progress,
     )?;
-    let mut order = epoch_order(data.len(), config.seed, state.epoch);
+    let mut orders = Orders::at(data, config.seed, &state);
     let start = Instant::now();
     let steps_at_start = state.step;
     let mut final_loss = f64::NAN;
@@ -636,7 +768,7 @@ pub fn finetune(
                 model: teacher_model.as_ref(),
             },
             &mut state,
-            &mut order,
+            &mut orders,
         )?;
         let mut grads = step.grads;
         let grad_norm = clip_grad_norm(&mut grads, config.max_grad_norm)?;
@@ -660,6 +792,7 @@ pub fn finetune(
             embedding_distance: step.parts.embedding_distance,
             similarity_kl: step.parts.similarity_kl,
             token_distance: step.parts.token_distance,
+            unlabeled_distillation: step.parts.unlabeled_distillation,
             learning_rate: lr,
             grad_norm,
             examples_per_second: (config.batch_size * config.gradient_accumulation) as f64
@@ -956,7 +1089,7 @@ fn accumulate_gradients(
     config: &FinetuneConfig,
     teacher: Teacher,
     state: &mut LoopState,
-    order: &mut Vec<usize>,
+    orders: &mut Orders,
 ) -> Result<AccumulatedStep> {
     let micro_batches = config.gradient_accumulation as f64;
     let mut step = AccumulatedStep {
@@ -971,7 +1104,7 @@ fn accumulate_gradients(
     };
     let parameters: Vec<&Tensor> = weights.vars.values().map(Var::as_tensor).collect();
     for _ in 0..config.gradient_accumulation {
-        let batch = next_batch(data, config, state, order);
+        let batch = next_batch(data, config, state, orders);
         let mut passes = ForwardPasses::new(embedder, config);
         let (loss, parts) = batch_loss(&mut passes, &batch, config, teacher)?;
         let scaled = (loss / micro_batches)?;
@@ -981,6 +1114,10 @@ fn accumulate_gradients(
         add(&mut step.parts.embedding_distance, parts.embedding_distance);
         add(&mut step.parts.similarity_kl, parts.similarity_kl);
         add(&mut step.parts.token_distance, parts.token_distance);
+        add(
+            &mut step.parts.unlabeled_distillation,
+            parts.unlabeled_distillation,
+        );
         let store = passes.backward(&scaled, &parameters)?;
         for (name, var) in &weights.vars {
             if let Some(g) = store.get(var.as_tensor()) {
