@@ -1054,9 +1054,10 @@ fn a_combined_run_replays_unlabeled_texts_beside_its_labeled_batches() {
     let work = tempfile::tempdir().unwrap();
     let teacher = fixture("bert");
     let train = labeled_pairs(work.path());
-    // Texts of their own, 6 of them: 4 steps of 3 go through them twice
-    // (a second epoch of their own within the run's first).
-    let unlabeled = write(work.path(), "unlabeled.txt", &HELD_OUT[..6].join("\n"));
+    // Texts of their own, 5 of them: 4 steps of 3 go through them more than
+    // twice, and the checkpoint at step 2 stands in their second epoch
+    // (epoch 1, one text in), which the resumed run must pick up.
+    let unlabeled = write(work.path(), "unlabeled.txt", &HELD_OUT[..5].join("\n"));
     let replay = replay_config(work.path(), "replay.yaml", &teacher, 3);
     let texts_flag = ["--train-texts", unlabeled.to_str().unwrap()];
 

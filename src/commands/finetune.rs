@@ -352,11 +352,15 @@ fn training_data(
                 .as_ref()
                 .map_or(0, |e| e.text_batch_size);
             if has_unlabeled && text_batch_size == 0 {
+                let without = match objective {
+                    Objective::Combined => "distills on the texts of its labeled batches only",
+                    _ => "learns from the labeled examples only",
+                };
                 bail!(
                     "--train-texts and --train-queries are for objective distill, or for \
                      objective combined with embedding_distillation.text_batch_size (unlabeled \
                      texts added to each labeled batch) in the config; objective {objective:?} \
-                     without it distills on the texts of its labeled batches"
+                     without it {without}"
                 );
             }
             if text_batch_size > 0 && !has_unlabeled {

@@ -182,6 +182,17 @@ pub fn trim_step_log(path: &Path, through_step: usize) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// A checkpoint written before combined runs could carry unlabeled
+    /// texts has no place among them: it resumes there at the start.
+    #[test]
+    fn an_older_loop_state_without_the_texts_place_still_loads() {
+        let old = r#"{"step": 3, "epoch": 0, "position": 48, "rng": 7, "adam_step": 3,
+                      "best": null, "data_fingerprint": "abc"}"#;
+        let state: LoopState = serde_json::from_str(old).unwrap();
+        assert_eq!((state.step, state.position), (3, 48));
+        assert_eq!((state.text_epoch, state.text_position), (0, 0));
+    }
+
     /// After a kill at step 5 and a resume from the step-3 checkpoint, and
     /// with two lines of an earlier run that never checkpointed, the log
     /// holds steps 1 to 3 once each, the latest lines.

@@ -339,6 +339,14 @@ impl FinetuneConfig {
                             .into(),
                     );
                 }
+                if e.weight == 0.0 && e.token_weight == 0.0 && e.text_batch_size == 1 {
+                    return bad(
+                        "with embedding_distillation weight 0 only in-batch similarities \
+                         are learned: text_batch_size must be 0 or at least 2 (one unlabeled \
+                         text a batch has no similarities)"
+                            .into(),
+                    );
+                }
                 if e.weight == 0.0 && e.token_weight == 0.0 && self.batch_size < 2 {
                     return bad(
                         "with embedding_distillation weight 0 only in-batch similarities \
@@ -511,6 +519,17 @@ mod tests {
                     }),
                 ),
                 "text_batch_size adds unlabeled texts to the labeled batches of objective combined",
+            ),
+            (
+                config(
+                    Objective::Combined,
+                    Some(EmbeddingDistillationSettings {
+                        weight: 0.0,
+                        text_batch_size: 1,
+                        ..teacher("t")
+                    }),
+                ),
+                "text_batch_size must be 0 or at least 2",
             ),
             (
                 FinetuneConfig {

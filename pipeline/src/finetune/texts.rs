@@ -1,6 +1,7 @@
 //! Unlabeled text for label-free embedding distillation (`objective:
-//! distill`): no queries paired with documents, no judgements, just text the
-//! student should embed as the teacher does. Each text has a role.
+//! distill`, or beside a combined run's labeled batches with
+//! `text_batch_size`): no queries paired with documents, no judgements, just
+//! text the student should embed as the teacher does. Each text has a role.
 //!
 //! Documents (`--train-texts`), through the model's document template:
 //! - a BEIR directory: its corpus (not its queries: they are what evaluation
@@ -75,7 +76,7 @@ pub struct TextSources<'a> {
 pub fn load_texts(sources: &TextSources, format: &TextFormat) -> Result<Vec<UnlabeledText>> {
     if sources.documents.is_empty() && sources.queries.is_empty() {
         return Err(Error::InvalidArgument(
-            "label-free distillation needs text: pass --train-texts or --train-queries".into(),
+            "unlabeled text is missing: pass --train-texts or --train-queries".into(),
         ));
     }
     let mut seen = HashSet::new();
